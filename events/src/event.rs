@@ -1,0 +1,247 @@
+//! Typed events. Names are past tense; each has a schema version.
+//!
+//! [`Event::from_parts`] is the one place that turns a stored `(type, v,
+//! payload)` into a typed event. When a payload changes shape, bump its
+//! version, keep a golden JSON of the old one under test, and upcast here.
+
+use crate::device::DeviceKind;
+use crate::protocol::AckStatus;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HouseholdCreated {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceRegistered {
+    pub device_id: Uuid,
+    pub kind: DeviceKind,
+    pub name: String,
+    #[serde(default)]
+    pub room: Option<String>,
+}
+
+/// A state report a device published and the bridge accepted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceStateReported {
+    pub device_id: Uuid,
+    pub seq: u64,
+    /// The device's own clock; informative, never used for ordering.
+    #[serde(default)]
+    pub device_ts: Option<DateTime<Utc>>,
+    pub state: Map<String, Value>,
+    #[serde(default)]
+    pub battery: Option<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceStatusChanged {
+    pub device_id: Uuid,
+    pub online: bool,
+}
+
+/// A user asked a device to change state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceCommandRequested {
+    pub command_id: Uuid,
+    pub device_id: Uuid,
+    pub set: Map<String, Value>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A device answered a command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceCommandAcked {
+    pub command_id: Uuid,
+    pub device_id: Uuid,
+    pub status: AckStatus,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+macro_rules! events {
+    ($($name:ident = $v:literal),* $(,)?) => {
+        /// Every event HomeLink stores.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum Event {
+            $($name($name),)*
+        }
+
+        impl Event {
+            /// Type name, current schema version and payload JSON.
+            pub fn to_parts(&self) -> (&'static str, u16, Value) {
+                match self {
+                    // Plain data structs always serialize.
+                    $(Event::$name(p) => (stringify!($name), $v, serde_json::to_value(p).unwrap_or(Value::Null)),)*
+                }
+            }
+
+            /// Decodes a stored payload; versions older than the current one
+            /// are upcast here (none exist yet).
+            pub fn from_parts(event_type: &str, v: u16, payload: Value) -> Result<Self, DecodeError> {
+                match event_type {
+                    $(stringify!($name) => {
+                        if v != $v {
+                            return Err(DecodeError::UnknownVersion(event_type.to_owned(), v));
+                        }
+                        serde_json::from_value(payload)
+                            .map(Event::$name)
+                            .map_err(|e| DecodeError::Json(e.to_string()))
+                    })*
+                    other => Err(DecodeError::UnknownType(other.to_owned())),
+                }
+            }
+
+            pub fn type_name(&self) -> &'static str {
+                match self {
+                    $(Event::$name(_) => stringify!($name),)*
+                }
+            }
+        }
+    };
+}
+
+events! {
+    HouseholdCreated = 1,
+    DeviceRegistered = 1,
+    DeviceStateReported = 1,
+    DeviceStatusChanged = 1,
+    DeviceCommandRequested = 1,
+    DeviceCommandAcked = 1,
+}
+
+impl Event {
+    /// The device this event is about, if any.
+    pub fn device_id(&self) -> Option<Uuid> {
+        match self {
+            Event::HouseholdCreated(_) => None,
+            Event::DeviceRegistered(e) => Some(e.device_id),
+            Event::DeviceStateReported(e) => Some(e.device_id),
+            Event::DeviceStatusChanged(e) => Some(e.device_id),
+            Event::DeviceCommandRequested(e) => Some(e.device_id),
+            Event::DeviceCommandAcked(e) => Some(e.device_id),
+        }
+    }
+
+    /// The stream inside the household: the device, or the household itself.
+    pub fn stream(&self) -> String {
+        match self.device_id() {
+            Some(d) => format!("device/{d}"),
+            None => "household".to_owned(),
+        }
+    }
+
+    /// The position in the stream when the producer knows it.
+    pub fn stream_seq(&self) -> Option<u64> {
+        match self {
+            Event::DeviceStateReported(e) => Some(e.seq),
+            _ => None,
+        }
+    }
+}
+
+/// Why stored bytes are not a usable event.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record of {0} bytes is larger than allowed")]
+    TooLarge(usize),
+    #[error("malformed JSON: {0}")]
+    Json(String),
+    #[error("unknown event type `{0}`")]
+    UnknownType(String),
+    #[error("unknown version {1} of event type `{0}`")]
+    UnknownVersion(String, u16),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    /// Golden files: the JSON of every event as v1 stored it must keep decoding.
+    #[test]
+    fn golden_v1_payloads_decode() {
+        let d = "6f1c1a2e-0000-4000-8000-000000000001";
+        let cases = [
+            ("HouseholdCreated", json!({"name": "Home"})),
+            (
+                "DeviceRegistered",
+                json!({"deviceId": d, "kind": "light", "name": "Lamp", "room": null}),
+            ),
+            (
+                "DeviceStateReported",
+                json!({"deviceId": d, "seq": 7, "deviceTs": null, "state": {"on": true}, "battery": null}),
+            ),
+            (
+                "DeviceStatusChanged",
+                json!({"deviceId": d, "online": false}),
+            ),
+            (
+                "DeviceCommandRequested",
+                json!({"commandId": d, "deviceId": d, "set": {"on": false}, "expiresAt": "2026-11-25T12:00:05Z"}),
+            ),
+            (
+                "DeviceCommandAcked",
+                json!({"commandId": d, "deviceId": d, "status": "rejected", "reason": "busy"}),
+            ),
+        ];
+        for (t, payload) in cases {
+            let e =
+                Event::from_parts(t, 1, payload.clone()).unwrap_or_else(|err| panic!("{t}: {err}"));
+            assert_eq!(e.type_name(), t);
+            assert_eq!(e.to_parts().2, payload, "{t} re-encodes to the same JSON");
+        }
+    }
+
+    #[test]
+    fn unknown_types_and_versions_are_errors() {
+        assert!(matches!(
+            Event::from_parts("Nope", 1, json!({})),
+            Err(DecodeError::UnknownType(_))
+        ));
+        assert!(matches!(
+            Event::from_parts("HouseholdCreated", 9, json!({"name": "x"})),
+            Err(DecodeError::UnknownVersion(_, 9))
+        ));
+        assert!(matches!(
+            Event::from_parts("HouseholdCreated", 1, json!({"name": 3})),
+            Err(DecodeError::Json(_))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn state_reports_round_trip(seq in any::<u64>(), on in any::<bool>(), b in proptest::option::of(0u8..=100), id in any::<u128>()) {
+            let mut state = Map::new();
+            state.insert("on".into(), Value::Bool(on));
+            let e = Event::DeviceStateReported(DeviceStateReported { device_id: Uuid::from_u128(id), seq, device_ts: None, state, battery: b });
+            let (t, v, p) = e.to_parts();
+            prop_assert_eq!(Event::from_parts(t, v, p).unwrap(), e);
+        }
+
+        #[test]
+        fn envelopes_round_trip(h in any::<u128>(), name in ".{0,40}") {
+            let env = crate::Envelope::new(Uuid::from_u128(h), crate::Actor::System("seed".into()),
+                &Event::HouseholdCreated(HouseholdCreated { name }), DateTime::from_timestamp(1_700_000_000, 0).unwrap());
+            let back = crate::Envelope::from_json(&env.to_json()).unwrap();
+            prop_assert_eq!(back.event().unwrap(), env.event().unwrap());
+            prop_assert_eq!(back, env);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = crate::Envelope::from_json(&bytes);
+        }
+    }
+}

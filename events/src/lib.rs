@@ -1,0 +1,27 @@
+//! HomeLink's event and message types: pure data and pure logic, no I/O.
+//!
+//! Layout:
+//! - [`envelope`]: the stored event envelope (`Envelope`) and its JSON encoding;
+//!   every record on a HomeLink Kafka topic is one envelope.
+//! - [`event`]: the typed events (`Event`) and the one place that maps a stored
+//!   `(type, v, payload)` back to a typed event (upcasting lives there).
+//! - [`protocol`]: the MQTT device protocol (topics and message bodies) and its
+//!   validation, so the bridge and the simulator agree byte for byte.
+//! - [`device`]: device kinds and their capabilities.
+//! - [`shadow`]: how a device shadow evolves from events (`Shadow::apply`).
+//! - [`topics`]: topic names (with a deployment prefix) and the household key.
+//!
+//! **Invariant**: this crate does no I/O and knows nothing of tokio, Kafka,
+//! Postgres or MQTT clients.
+
+pub mod device;
+pub mod envelope;
+pub mod event;
+pub mod protocol;
+pub mod shadow;
+pub mod topics;
+
+pub use device::DeviceKind;
+pub use envelope::{Actor, Envelope};
+pub use event::Event;
+pub use topics::Topics;

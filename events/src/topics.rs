@@ -1,0 +1,91 @@
+//! Topic names and record keys.
+//!
+//! Every topic name starts with a deployment prefix so several stacks (the dev
+//! stack and each test) can share one broker without seeing each other.
+
+use uuid::Uuid;
+
+/// The topic names of one deployment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    prefix: String,
+}
+
+impl Topics {
+    /// `prefix` is used verbatim; by convention it ends with a dot (`homelink.`).
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Household lifecycle and registry events (household created, device registered).
+    pub fn households(&self) -> String {
+        format!("{}households", self.prefix)
+    }
+
+    /// Everything a device sent: state reports, command acks, online/offline.
+    pub fn telemetry(&self) -> String {
+        format!("{}telemetry", self.prefix)
+    }
+
+    /// Commands requested by users, to be delivered to devices.
+    pub fn commands(&self) -> String {
+        format!("{}commands", self.prefix)
+    }
+
+    /// Device messages the bridge could not accept, with the reason.
+    pub fn dead_letter(&self) -> String {
+        format!("{}dead-letter", self.prefix)
+    }
+
+    /// The topics the projector folds into read models.
+    pub fn projected(&self) -> [String; 3] {
+        [self.households(), self.telemetry(), self.commands()]
+    }
+
+    /// Every topic of a deployment, for creating them.
+    pub fn all(&self) -> [String; 4] {
+        [
+            self.households(),
+            self.telemetry(),
+            self.commands(),
+            self.dead_letter(),
+        ]
+    }
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Self::new("homelink.")
+    }
+}
+
+/// The record key of every HomeLink event: the household id, so one household's
+/// history is ordered within one partition.
+pub fn household_key(household_id: Uuid) -> String {
+    household_id.hyphenated().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_carry_the_prefix() {
+        let t = Topics::new("t1.");
+        assert_eq!(t.telemetry(), "t1.telemetry");
+        assert_eq!(t.all().len(), 4);
+        assert!(t.all().iter().all(|n| n.starts_with("t1.")));
+    }
+
+    #[test]
+    fn key_is_the_hyphenated_household_id() {
+        let id = Uuid::nil();
+        assert_eq!(household_key(id), "00000000-0000-0000-0000-000000000000");
+    }
+}

@@ -1,0 +1,166 @@
+//! Kafka clients configured for HomeLink's delivery guarantees (quality.md):
+//! producers with `acks=all`, idempotence and bounded retries; consumers that
+//! never auto-commit. Only the bootstrap address differs between the local
+//! broker (tansu) and Apache Kafka / Redpanda in production.
+
+use homelink_events::topics::household_key;
+use homelink_events::Envelope;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use std::time::Duration;
+
+/// Where an appended record landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Position {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// Producer settings.
+#[derive(Debug, Clone)]
+pub struct ProducerConfig {
+    pub bootstrap: String,
+    /// How long records wait to be batched; small, since taps are latency-bound.
+    pub linger: Duration,
+    /// How long an append may take before the caller gets an error
+    /// (APIs answer 503 instead of hanging when the broker is down).
+    pub delivery_timeout: Duration,
+}
+
+impl ProducerConfig {
+    pub fn new(bootstrap: impl Into<String>) -> Self {
+        Self {
+            bootstrap: bootstrap.into(),
+            linger: Duration::from_millis(1),
+            delivery_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Appends envelopes to topics, keyed by household.
+#[derive(Clone)]
+pub struct Appender {
+    producer: FutureProducer,
+}
+
+impl Appender {
+    pub fn new(cfg: &ProducerConfig) -> Result<Self, crate::Error> {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &cfg.bootstrap)
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("linger.ms", cfg.linger.as_millis().to_string())
+            .set(
+                "message.timeout.ms",
+                cfg.delivery_timeout.as_millis().max(1).to_string(),
+            )
+            .set("retry.backoff.ms", "100")
+            .set("retry.backoff.max.ms", "1000")
+            .set("socket.nagle.disable", "true")
+            .create()?;
+        Ok(Self { producer })
+    }
+
+    /// Appends one envelope and waits for the broker's acknowledgement.
+    pub async fn append(&self, topic: &str, envelope: &Envelope) -> Result<Position, crate::Error> {
+        let key = household_key(envelope.household_id);
+        self.append_raw(topic, &key, &envelope.to_json()).await
+    }
+
+    /// Appends raw bytes under `key` (dead-letter records).
+    pub async fn append_raw(
+        &self,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+    ) -> Result<Position, crate::Error> {
+        let record = FutureRecord::to(topic).key(key).payload(payload);
+        match self.producer.send(record, Duration::from_secs(0)).await {
+            Ok(d) => Ok(Position {
+                partition: d.partition,
+                offset: d.offset,
+            }),
+            Err((e, _)) => Err(e.into()),
+        }
+    }
+
+    /// Waits for queued records (used at shutdown).
+    pub fn flush(&self, timeout: Duration) {
+        let _ = self.producer.flush(timeout);
+    }
+}
+
+/// A consumer that never commits on its own. `group` is used for group
+/// membership when `subscribe` is called; read-model builders `assign` instead
+/// and keep their offsets in Postgres.
+pub fn consumer(
+    bootstrap: &str,
+    group: &str,
+    fetch_wait: Duration,
+) -> Result<StreamConsumer, crate::Error> {
+    let c: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", fetch_wait.as_millis().to_string())
+        .set("fetch.min.bytes", "1")
+        .set("socket.nagle.disable", "true")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .create()?;
+    Ok(c)
+}
+
+/// Creates the topics that do not exist yet, each with `partitions` partitions.
+pub async fn ensure_topics(
+    bootstrap: &str,
+    topics: &[String],
+    partitions: i32,
+) -> Result<(), crate::Error> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()?;
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.create_topics(&new, &opts).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(crate::Error::Other(format!(
+                    "creating topic {topic}: {code}"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The partitions of `topic` as the broker reports them.
+pub fn partitions_of(
+    consumer: &StreamConsumer,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<i32>, crate::Error> {
+    let md = consumer.fetch_metadata(Some(topic), timeout)?;
+    let parts: Vec<i32> = md
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if parts.is_empty() {
+        return Err(crate::Error::Other(format!(
+            "topic {topic} has no partitions (not created?)"
+        )));
+    }
+    Ok(parts)
+}
