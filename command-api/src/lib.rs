@@ -1,1 +1,127 @@
-//! stub
+//! command-api: the HTTP JSON API for every write. It validates, appends
+//! events to Kafka (keyed by household) and answers once the append is
+//! acknowledged; then it hands the event to the device bridge's push channel
+//! so a tap reaches the device without waiting on a Kafka consumer.
+//!
+//! Layout: [`commands`] (device commands: the handler and its pure
+//! validation), [`problem`] (the error type and its problem+json form), this
+//! file (configuration and the router).
+
+pub mod commands;
+pub mod problem;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::post;
+use axum::Router;
+use homelink_events::{Envelope, Topics};
+use homelink_kit::kafka::{Appender, ProducerConfig};
+use homelink_kit::metrics::ServiceMetrics;
+use homelink_kit::push::{Located, Pusher};
+use homelink_kit::shutdown::CancellationToken;
+use sqlx::PgPool;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Largest request body accepted; larger ones get 413 before any parsing.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database_url: String,
+    pub kafka_bootstrap: String,
+    pub topics: Topics,
+    pub listen: String,
+    /// The bridge's command push endpoint; `None` leaves delivery to its catch-up consumer.
+    pub bridge_push_url: Option<String>,
+    /// The projector's push endpoint, so a command's lifecycle is readable at once.
+    pub projector_push_url: Option<String>,
+    /// Longest wait for Kafka's acknowledgement before answering 503.
+    pub append_timeout: Duration,
+}
+
+impl Config {
+    pub fn new(
+        database_url: impl Into<String>,
+        kafka_bootstrap: impl Into<String>,
+        topics: Topics,
+    ) -> Self {
+        Self {
+            database_url: database_url.into(),
+            kafka_bootstrap: kafka_bootstrap.into(),
+            topics,
+            listen: "127.0.0.1:0".into(),
+            bridge_push_url: None,
+            projector_push_url: None,
+            append_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What handlers share.
+pub struct AppState {
+    pub pool: PgPool,
+    pub appender: Appender,
+    pub topics: Topics,
+    pub metrics: ServiceMetrics,
+    pub bridge: Pusher<Envelope>,
+    pub projector: Pusher<Located>,
+    pub append_timeout: Duration,
+}
+
+pub struct Application {
+    listener: tokio::net::TcpListener,
+    router: Router,
+    metrics: ServiceMetrics,
+}
+
+impl Application {
+    pub async fn build(cfg: Config) -> anyhow::Result<Self> {
+        let metrics = ServiceMetrics::new("command_api");
+        let pool =
+            homelink_kit::db::connect_with_retry(&cfg.database_url, 16, Duration::from_secs(30))
+                .await?;
+        let mut pc = ProducerConfig::new(&cfg.kafka_bootstrap);
+        pc.delivery_timeout = cfg.append_timeout;
+        let state = Arc::new(AppState {
+            appender: Appender::new(&pc)?,
+            topics: cfg.topics.clone(),
+            metrics: metrics.clone(),
+            bridge: Pusher::spawn(cfg.bridge_push_url.clone(), "bridge", metrics.clone()),
+            projector: Pusher::spawn(cfg.projector_push_url.clone(), "projector", metrics.clone()),
+            append_timeout: cfg.append_timeout,
+            pool: pool.clone(),
+        });
+        let router = Router::new()
+            .route(
+                "/v1/households/{household_id}/devices/{device_id}/commands",
+                post(commands::request),
+            )
+            .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+            .with_state(state)
+            .merge(homelink_kit::ops::router(
+                metrics.clone(),
+                homelink_kit::ops::postgres_ready(pool),
+            ));
+        let listener = homelink_kit::ops::bind(&cfg.listen).await?;
+        Ok(Self {
+            listener,
+            router,
+            metrics,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    pub fn metrics(&self) -> ServiceMetrics {
+        self.metrics.clone()
+    }
+
+    pub async fn run_until_stopped(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(async move { cancel.cancelled().await })
+            .await?;
+        Ok(())
+    }
+}

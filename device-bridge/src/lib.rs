@@ -1,1 +1,272 @@
-//! stub
+//! The device bridge: MQTT ⇄ Kafka.
+//!
+//! Layout:
+//! - [`ingest`]: device messages in — topic, owner and payload checks, append
+//!   to the telemetry topic, PUBACK only after Kafka acknowledged, then hand
+//!   the located event to the projector's push channel.
+//! - [`deliver`]: commands out — from command-api's push and from the commands
+//!   topic (catch-up), published on the device's `cmd` topic.
+//! - [`registry`]: who owns which device (cached read of the registry).
+//!
+//! The bridge joins a shared subscription (`$share/<group>/…`), so several
+//! bridges split the device traffic, and a Kafka consumer group, so they split
+//! the command catch-up.
+
+pub mod deliver;
+pub mod ingest;
+pub mod registry;
+
+use axum::extract::State;
+use axum::routing::post;
+use axum::{Json, Router};
+use deliver::Deliverer;
+use homelink_events::{Envelope, Topics};
+use homelink_kit::kafka::{Appender, ProducerConfig};
+use homelink_kit::metrics::ServiceMetrics;
+use homelink_kit::push::{Located, Pusher};
+use homelink_kit::shutdown::CancellationToken;
+use rdkafka::consumer::Consumer;
+use registry::Registry;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Bridge settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database_url: String,
+    pub kafka_bootstrap: String,
+    pub topics: Topics,
+    pub mqtt_host: String,
+    pub mqtt_port: u16,
+    pub mqtt_username: String,
+    pub mqtt_password: String,
+    /// Stable per bridge instance: the broker keeps its session (and the
+    /// unacknowledged messages) across a restart under this id.
+    pub client_id: String,
+    /// Shared-subscription group: all bridges of a deployment use the same one.
+    pub share_group: String,
+    pub listen: String,
+    /// The projector's push endpoint; `None` leaves everything to its catch-up consumer.
+    pub projector_push_url: Option<String>,
+    pub command_fetch_wait: Duration,
+}
+
+impl Config {
+    pub fn new(
+        database_url: impl Into<String>,
+        kafka_bootstrap: impl Into<String>,
+        topics: Topics,
+        mqtt_host: impl Into<String>,
+        mqtt_port: u16,
+    ) -> Self {
+        Self {
+            database_url: database_url.into(),
+            kafka_bootstrap: kafka_bootstrap.into(),
+            topics,
+            mqtt_host: mqtt_host.into(),
+            mqtt_port,
+            mqtt_username: "homelink-bridge".into(),
+            mqtt_password: String::new(),
+            client_id: "homelink-bridge-0".into(),
+            share_group: "homelink-bridge".into(),
+            listen: "127.0.0.1:0".into(),
+            projector_push_url: None,
+            command_fetch_wait: Duration::from_millis(500),
+        }
+    }
+}
+
+/// What the bridge's tasks share.
+pub struct Shared {
+    pub metrics: ServiceMetrics,
+    pub topics: Topics,
+    pub appender: Appender,
+    pub registry: Registry,
+    pub projector: Pusher<Located>,
+    pub deliverer: Deliverer,
+    subscribed: AtomicBool,
+}
+
+pub struct Application {
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shared: Arc<Shared>,
+    client: AsyncClient,
+    eventloop: EventLoop,
+    commands: rdkafka::consumer::StreamConsumer,
+    cfg: Config,
+}
+
+impl Application {
+    pub async fn build(cfg: Config) -> anyhow::Result<Self> {
+        let metrics = ServiceMetrics::new("bridge");
+        let pool =
+            homelink_kit::db::connect_with_retry(&cfg.database_url, 8, Duration::from_secs(30))
+                .await?;
+        let appender = Appender::new(&ProducerConfig::new(&cfg.kafka_bootstrap))?;
+
+        let mut opts = MqttOptions::new(&cfg.client_id, &cfg.mqtt_host, cfg.mqtt_port);
+        opts.set_credentials(&cfg.mqtt_username, &cfg.mqtt_password)
+            .set_keep_alive(Duration::from_secs(10))
+            .set_clean_start(false)
+            .set_session_expiry_interval(Some(3600))
+            .set_manual_acks(true)
+            .set_receive_maximum(Some(4096))
+            .set_max_packet_size(Some(1 << 20));
+        let (client, eventloop) = AsyncClient::new(opts, 8192);
+
+        let commands = homelink_kit::kafka::consumer(
+            &cfg.kafka_bootstrap,
+            &format!("{}-commands", cfg.share_group),
+            cfg.command_fetch_wait,
+        )?;
+        commands.subscribe(&[&cfg.topics.commands()])?;
+
+        let shared = Arc::new(Shared {
+            projector: Pusher::spawn(cfg.projector_push_url.clone(), "projector", metrics.clone()),
+            metrics: metrics.clone(),
+            topics: cfg.topics.clone(),
+            appender,
+            registry: Registry::new(pool.clone()),
+            deliverer: Deliverer::new(client.clone()),
+            subscribed: AtomicBool::new(false),
+        });
+        let s = shared.clone();
+        let ready: homelink_kit::ops::ReadyCheck = Arc::new(move || {
+            let s = s.clone();
+            let pg = homelink_kit::ops::postgres_ready(pool.clone());
+            Box::pin(async move {
+                if !s.subscribed.load(Ordering::Relaxed) {
+                    return Err("mqtt: not subscribed".into());
+                }
+                pg().await
+            })
+        });
+        let router = Router::new()
+            .route("/internal/v1/commands", post(push_commands))
+            .with_state(shared.clone())
+            .merge(homelink_kit::ops::router(metrics, ready));
+        let listener = homelink_kit::ops::bind(&cfg.listen).await?;
+        Ok(Self {
+            listener,
+            router,
+            shared,
+            client,
+            eventloop,
+            commands,
+            cfg,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    pub fn metrics(&self) -> ServiceMetrics {
+        self.shared.metrics.clone()
+    }
+
+    pub async fn run_until_stopped(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        let (tx, rx) = mpsc::channel(4096);
+        let ingest = tokio::spawn(ingest::run(
+            self.shared.clone(),
+            self.client.clone(),
+            rx,
+            cancel.clone(),
+        ));
+        let catch_up = tokio::spawn(deliver::catch_up(
+            self.shared.clone(),
+            self.commands,
+            cancel.clone(),
+        ));
+        let filters: Vec<String> = ["state", "ack", "status"]
+            .iter()
+            .map(|c| format!("$share/{}/home/+/device/+/{c}", self.cfg.share_group))
+            .collect();
+        let mqtt = tokio::spawn(poll_mqtt(
+            self.eventloop,
+            self.client.clone(),
+            filters,
+            tx,
+            self.shared.clone(),
+            cancel.clone(),
+        ));
+        let c = cancel.clone();
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(async move { c.cancelled().await })
+            .await?;
+        let _ = ingest.await;
+        let _ = catch_up.await;
+        let _ = self.client.disconnect().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), mqtt).await;
+        self.shared.appender.flush(Duration::from_secs(2));
+        Ok(())
+    }
+}
+
+/// Drives the MQTT connection: reconnects, (re)subscribes on every CONNACK,
+/// and forwards incoming publishes to the ingest pipeline.
+async fn poll_mqtt(
+    mut eventloop: EventLoop,
+    client: AsyncClient,
+    filters: Vec<String>,
+    tx: mpsc::Sender<rumqttc::v5::mqttbytes::v5::Publish>,
+    s: Arc<Shared>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let ev = tokio::select! {
+            _ = cancel.cancelled() => return,
+            ev = eventloop.poll() => ev,
+        };
+        match ev {
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                if tx.send(p).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                tracing::info!("connected to the MQTT broker");
+                let client = client.clone();
+                let filters = filters.clone();
+                tokio::spawn(async move {
+                    for f in filters {
+                        if let Err(e) = client.subscribe(f, QoS::AtLeastOnce).await {
+                            tracing::warn!(error = %e, "subscribe failed");
+                        }
+                    }
+                });
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => s.subscribed.store(true, Ordering::Relaxed),
+            Ok(_) => {}
+            Err(e) => {
+                s.subscribed.store(false, Ordering::Relaxed);
+                s.metrics
+                    .errors
+                    .with_label_values(&["mqtt_connection"])
+                    .inc();
+                tracing::warn!(error = %e, "mqtt connection error, reconnecting");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+        }
+    }
+}
+
+/// `POST /internal/v1/commands`: command-api hands over commands it appended.
+async fn push_commands(
+    State(s): State<Arc<Shared>>,
+    Json(envelopes): Json<Vec<Envelope>>,
+) -> Json<serde_json::Value> {
+    for env in &envelopes {
+        deliver::deliver_counted(&s, env, "command_push").await;
+    }
+    Json(serde_json::json!({"received": envelopes.len()}))
+}

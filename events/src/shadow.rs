@@ -8,6 +8,36 @@ use crate::event::Event;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
+/// What the projector announces after committing a changed shadow, and what
+/// query-api pushes to subscribers (the wire type of that notification).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShadowChanged {
+    pub household_id: uuid::Uuid,
+    pub device_id: uuid::Uuid,
+    pub reported: Map<String, Value>,
+    pub seq: u64,
+    pub version: u64,
+    pub battery: Option<u8>,
+    pub online: bool,
+    pub last_seen: Option<DateTime<Utc>>,
+}
+
+impl ShadowChanged {
+    pub fn new(household_id: uuid::Uuid, device_id: uuid::Uuid, s: &Shadow) -> Self {
+        Self {
+            household_id,
+            device_id,
+            reported: s.reported.clone(),
+            seq: s.seq,
+            version: s.version,
+            battery: s.battery,
+            online: s.online,
+            last_seen: s.last_seen,
+        }
+    }
+}
+
 /// The last known state of one device.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Shadow {

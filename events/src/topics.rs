@@ -65,6 +65,10 @@ impl Default for Topics {
     }
 }
 
+/// The Postgres notification channel on which the projector announces
+/// committed shadow changes ([`crate::shadow::ShadowChanged`] as JSON).
+pub const SHADOW_CHANGED_CHANNEL: &str = "homelink_shadow_changed";
+
 /// The record key of every HomeLink event: the household id, so one household's
 /// history is ordered within one partition.
 pub fn household_key(household_id: Uuid) -> String {

@@ -1,1 +1,275 @@
-//! stub
+//! The projector: folds the Kafka log into the Postgres read models (registry,
+//! device shadows, command lifecycle, per-household event counts).
+//!
+//! Layout:
+//! - [`apply`]: the single writer; one transaction per batch with offsets and
+//!   dedup bookkeeping. Start reading here.
+//! - [`consume`]: the catch-up path, a Kafka consumer with partitions assigned
+//!   from the offsets stored in Postgres (never Kafka's committed offsets).
+//! - this file: configuration, the HTTP routes (push channel, ops) and wiring.
+//!
+//! Two inputs feed the applier: the catch-up consumer (bulk, long fetch wait)
+//! and the push channel `POST /internal/v1/events`, on which the device bridge
+//! hands over events right after Kafka acknowledged them. Committed shadow
+//! changes are announced with `pg_notify` on [`apply::SHADOW_CHANGED_CHANNEL`] inside
+//! the same transaction, so a listener hears only committed state.
+
+pub mod apply;
+pub mod consume;
+
+use anyhow::Context;
+use apply::{Applier, Batch, Outcome, Source};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::{Json, Router};
+use homelink_events::Topics;
+use homelink_kit::metrics::ServiceMetrics;
+use homelink_kit::push::Located;
+use homelink_kit::shutdown::CancellationToken;
+use sqlx::PgPool;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// Projector settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database_url: String,
+    pub kafka_bootstrap: String,
+    pub topics: Topics,
+    /// Address of the HTTP listener (push channel and ops routes).
+    pub listen: String,
+    /// Fetch wait of the catch-up consumer: long, it is the bulk path.
+    pub fetch_wait: Duration,
+    /// Most records per catch-up batch.
+    pub batch_max: usize,
+}
+
+impl Config {
+    pub fn new(
+        database_url: impl Into<String>,
+        kafka_bootstrap: impl Into<String>,
+        topics: Topics,
+    ) -> Self {
+        Self {
+            database_url: database_url.into(),
+            kafka_bootstrap: kafka_bootstrap.into(),
+            topics,
+            listen: "127.0.0.1:0".into(),
+            fetch_wait: Duration::from_millis(500),
+            batch_max: 5_000,
+        }
+    }
+}
+
+/// A job for the single writer.
+pub(crate) struct Job {
+    pub batch: Batch,
+    pub reply: Option<oneshot::Sender<Result<Outcome, String>>>,
+}
+
+/// Positions the applier has committed, shared with the lag reporter.
+pub(crate) type Positions = Arc<Mutex<HashMap<(String, i32), i64>>>;
+
+#[derive(Clone)]
+struct AppState {
+    jobs: mpsc::Sender<Job>,
+}
+
+/// A built projector, ready to run.
+pub struct Application {
+    listener: tokio::net::TcpListener,
+    router: Router,
+    pool: PgPool,
+    metrics: ServiceMetrics,
+    applier: Applier,
+    jobs_rx: mpsc::Receiver<Job>,
+    jobs_tx: mpsc::Sender<Job>,
+    consumer: consume::CatchUp,
+}
+
+impl Application {
+    /// Connects to Postgres (applying migrations) and Kafka and binds the listener.
+    pub async fn build(cfg: Config) -> anyhow::Result<Self> {
+        let metrics = ServiceMetrics::new("projector");
+        let pool =
+            homelink_kit::db::connect_with_retry(&cfg.database_url, 8, Duration::from_secs(30))
+                .await?;
+        sqlx::migrate!("./migrations")
+            .run(&pool)
+            .await
+            .context("migrating read models")?;
+        let applier = Applier::load(pool.clone(), metrics.clone()).await?;
+        let consumer = consume::CatchUp::assign(&cfg, &applier, metrics.clone()).await?;
+        let (jobs_tx, jobs_rx) = mpsc::channel(64);
+        let router = Router::new()
+            .route("/internal/v1/events", post(push_events))
+            .with_state(AppState {
+                jobs: jobs_tx.clone(),
+            })
+            .merge(homelink_kit::ops::router(
+                metrics.clone(),
+                homelink_kit::ops::postgres_ready(pool.clone()),
+            ));
+        let listener = homelink_kit::ops::bind(&cfg.listen).await?;
+        Ok(Self {
+            listener,
+            router,
+            pool,
+            metrics,
+            applier,
+            jobs_rx,
+            jobs_tx,
+            consumer,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    pub fn metrics(&self) -> ServiceMetrics {
+        self.metrics.clone()
+    }
+
+    pub fn pool(&self) -> PgPool {
+        self.pool.clone()
+    }
+
+    /// Runs until `cancel` fires; an in-flight batch is committed or rolled back, never half-applied.
+    pub async fn run_until_stopped(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        let positions: Positions = Arc::default();
+        let writer = tokio::spawn(run_applier(
+            self.applier,
+            self.jobs_rx,
+            self.metrics.clone(),
+            positions.clone(),
+            cancel.clone(),
+        ));
+        let catch_up = tokio::spawn(self.consumer.run(self.jobs_tx, positions, cancel.clone()));
+        let c = cancel.clone();
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(async move { c.cancelled().await })
+            .await?;
+        let _ = catch_up.await;
+        let _ = writer.await;
+        Ok(())
+    }
+}
+
+/// `POST /internal/v1/events`: events the bridge appended, applied ahead of
+/// the catch-up consumer. Answers after the transaction committed.
+async fn push_events(
+    State(s): State<AppState>,
+    Json(events): Json<Vec<Located>>,
+) -> (StatusCode, Json<serde_json::Value>) {
+    let (reply, rx) = oneshot::channel();
+    let job = Job {
+        batch: Batch {
+            source: Source::Push,
+            events,
+            next_offsets: Vec::new(),
+        },
+        reply: Some(reply),
+    };
+    if s.jobs.send(job).await.is_err() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"error": "shutting down"})),
+        );
+    }
+    match rx.await {
+        Ok(Ok(o)) => (
+            StatusCode::OK,
+            Json(serde_json::json!({"applied": o.applied, "skipped": o.skipped})),
+        ),
+        Ok(Err(e)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"error": e})),
+        ),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"error": "shutting down"})),
+        ),
+    }
+}
+
+/// The single writer's loop: takes every queued job, applies them in one
+/// transaction. Log batches are retried until they commit (they must not be
+/// lost); push batches fail fast, the catch-up path has them.
+async fn run_applier(
+    mut applier: Applier,
+    mut rx: mpsc::Receiver<Job>,
+    metrics: ServiceMetrics,
+    positions: Positions,
+    cancel: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let first = tokio::select! {
+            _ = cancel.cancelled() => return,
+            j = rx.recv() => match j { Some(j) => j, None => return },
+        };
+        let mut jobs = vec![first];
+        while jobs.len() < 64 {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        loop {
+            let started = std::time::Instant::now();
+            let batches: Vec<&Batch> = jobs.iter().map(|j| &j.batch).collect();
+            match applier.apply(&batches).await {
+                Ok(outcome) => {
+                    metrics
+                        .latency
+                        .with_label_values(&["apply_batch"])
+                        .observe(started.elapsed().as_secs_f64());
+                    {
+                        let mut p = positions.lock().unwrap_or_else(|e| e.into_inner());
+                        for b in &batches {
+                            for (t, part, n) in &b.next_offsets {
+                                p.insert((t.clone(), *part), *n);
+                            }
+                        }
+                    }
+                    for j in jobs.drain(..) {
+                        if let Some(r) = j.reply {
+                            let _ = r.send(Ok(outcome.clone()));
+                        }
+                    }
+                    backoff = Duration::from_millis(100);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "applying a batch failed");
+                    metrics.errors.with_label_values(&["apply"]).inc();
+                    let mut keep = Vec::new();
+                    for j in jobs.drain(..) {
+                        match j.reply {
+                            Some(r) if j.batch.source == Source::Push => {
+                                let _ = r.send(Err("read model store unavailable".into()));
+                            }
+                            reply => keep.push(Job {
+                                batch: j.batch,
+                                reply,
+                            }),
+                        }
+                    }
+                    jobs = keep;
+                    if jobs.is_empty() {
+                        break;
+                    }
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! Device → Kafka. Each MQTT publish is checked (topic, owner, payload),
+//! appended to the telemetry topic, and only then acknowledged (PUBACK), in
+//! the order received. A message that cannot be appended is retried, never
+//! dropped: while Kafka is down the bridge stops acknowledging.
+
+use crate::Shared;
+use chrono::Utc;
+use futures::stream::FuturesOrdered;
+use futures::StreamExt;
+use homelink_events::event::{DeviceCommandAcked, DeviceStateReported, DeviceStatusChanged};
+use homelink_events::protocol::{
+    decode_device_message, parse_device_topic, DeviceMessage, Presence,
+};
+use homelink_events::{Actor, Envelope, Event};
+use homelink_kit::push::Located;
+use homelink_kit::shutdown::CancellationToken;
+use rumqttc::v5::mqttbytes::v5::Publish;
+use rumqttc::v5::AsyncClient;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// What became of one device message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    Appended,
+    DeadLettered,
+    Dropped,
+}
+
+/// Handles publishes in order of arrival, many at a time, and acknowledges
+/// each one once its fate is durable.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    client: AsyncClient,
+    mut rx: mpsc::Receiver<Publish>,
+    cancel: CancellationToken,
+) {
+    let mut inflight = FuturesOrdered::new();
+    let max_inflight = 4_096;
+    loop {
+        tokio::select! {
+            biased;
+            Some((publish, _fate)) = inflight.next(), if !inflight.is_empty() => {
+                let publish: Publish = publish;
+                // A message abandoned at shutdown is not acknowledged: the broker redelivers it.
+                if cancel.is_cancelled() {
+                    break;
+                }
+                if let Err(e) = client.ack(&publish).await {
+                    tracing::warn!(error = %e, "puback failed");
+                }
+            }
+            p = rx.recv(), if inflight.len() < max_inflight => match p {
+                Some(p) => {
+                    let s = shared.clone();
+                    let c = cancel.clone();
+                    inflight.push_back(async move {
+                        let fate = handle(&s, &p, &c).await;
+                        (p, fate)
+                    });
+                }
+                None => break,
+            },
+            _ = cancel.cancelled() => break,
+        }
+    }
+}
+
+async fn handle(s: &Shared, p: &Publish, cancel: &CancellationToken) -> Fate {
+    let started = Instant::now();
+    let topic = String::from_utf8_lossy(&p.topic).into_owned();
+    let Some(t) = parse_device_topic(&topic) else {
+        return dead_letter(
+            s,
+            &topic,
+            "bad_topic",
+            "not a device topic",
+            &p.payload,
+            cancel,
+        )
+        .await;
+    };
+    s.metrics
+        .messages_in
+        .with_label_values(&[t.channel.as_str()])
+        .inc();
+    let owner = loop {
+        match s.registry.owner(t.device_id).await {
+            Ok(o) => break o,
+            Err(e) => {
+                tracing::warn!(error = %e, "registry lookup failed, retrying");
+                s.metrics.errors.with_label_values(&["registry"]).inc();
+                if sleep_or_cancel(cancel, Duration::from_millis(500)).await {
+                    return Fate::Dropped;
+                }
+            }
+        }
+    };
+    let Some(owner) = owner else {
+        s.metrics
+            .errors
+            .with_label_values(&["unknown_device"])
+            .inc();
+        return Fate::Dropped;
+    };
+    if owner.household_id != t.household_id {
+        tracing::warn!(device = %t.device_id, claimed = %t.household_id, "report names a household that does not own the device");
+        s.metrics
+            .errors
+            .with_label_values(&["foreign_household"])
+            .inc();
+        return Fate::Dropped;
+    }
+    let msg = match decode_device_message(owner.kind, t.channel, &p.payload) {
+        Ok(m) => m,
+        Err(e) => {
+            return dead_letter(s, &topic, e.kind(), &e.to_string(), &p.payload, cancel).await
+        }
+    };
+    let event = match msg {
+        DeviceMessage::State(m) => Event::DeviceStateReported(DeviceStateReported {
+            device_id: t.device_id,
+            seq: m.seq,
+            device_ts: m.ts,
+            state: m.state,
+            battery: m.battery,
+        }),
+        DeviceMessage::Ack(m) => Event::DeviceCommandAcked(DeviceCommandAcked {
+            command_id: m.command_id,
+            device_id: t.device_id,
+            status: m.status,
+            reason: m.reason,
+        }),
+        DeviceMessage::Status(m) => Event::DeviceStatusChanged(DeviceStatusChanged {
+            device_id: t.device_id,
+            online: m.status == Presence::Online,
+        }),
+    };
+    let mut envelope = Envelope::new(
+        t.household_id,
+        Actor::Device(t.device_id),
+        &event,
+        Utc::now(),
+    );
+    if let Event::DeviceCommandAcked(a) = &event {
+        envelope = envelope.with_correlation(a.command_id);
+    }
+    let telemetry = s.topics.telemetry();
+    let Some(pos) = append_until_done(s, &telemetry, &envelope, cancel).await else {
+        return Fate::Dropped;
+    };
+    s.metrics
+        .messages_out
+        .with_label_values(&["telemetry"])
+        .inc();
+    s.metrics
+        .latency
+        .with_label_values(&["report_appended"])
+        .observe(started.elapsed().as_secs_f64());
+    s.projector.push(Located {
+        topic: telemetry,
+        partition: pos.partition,
+        offset: pos.offset,
+        envelope,
+    });
+    Fate::Appended
+}
+
+/// Appends, retrying with backoff while Kafka refuses. `None` only when shutting
+/// down, and then the message is not acknowledged (the broker redelivers it).
+async fn append_until_done(
+    s: &Shared,
+    topic: &str,
+    envelope: &Envelope,
+    cancel: &CancellationToken,
+) -> Option<homelink_kit::kafka::Position> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match s.appender.append(topic, envelope).await {
+            Ok(p) => return Some(p),
+            Err(e) => {
+                tracing::warn!(error = %e, "append failed, retrying");
+                s.metrics.errors.with_label_values(&["kafka_produce"]).inc();
+                if sleep_or_cancel(cancel, backoff).await {
+                    return None;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn dead_letter(
+    s: &Shared,
+    topic: &str,
+    kind: &str,
+    reason: &str,
+    payload: &[u8],
+    cancel: &CancellationToken,
+) -> Fate {
+    s.metrics
+        .errors
+        .with_label_values(&[&format!("invalid_{kind}")])
+        .inc();
+    let shown = String::from_utf8_lossy(&payload[..payload.len().min(4096)]).into_owned();
+    let record = json!({
+        "at": Utc::now(),
+        "source": "mqtt",
+        "mqttTopic": topic,
+        "reason": kind,
+        "detail": reason,
+        "payloadBytes": payload.len(),
+        "payload": shown,
+    });
+    let body = serde_json::to_vec(&record).unwrap_or_default();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match s
+            .appender
+            .append_raw(&s.topics.dead_letter(), "mqtt", &body)
+            .await
+        {
+            Ok(_) => {
+                s.metrics
+                    .messages_out
+                    .with_label_values(&["dead_letter"])
+                    .inc();
+                return Fate::DeadLettered;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "dead-letter append failed, retrying");
+                if sleep_or_cancel(cancel, backoff).await {
+                    return Fate::Dropped;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Sleeps; `true` when cancelled first.
+pub(crate) async fn sleep_or_cancel(cancel: &CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        _ = cancel.cancelled() => true,
+        _ = tokio::time::sleep(d) => false,
+    }
+}

@@ -1,0 +1,64 @@
+//! `homelink-device-bridge`: MQTT ⇄ Kafka.
+
+use clap::Parser;
+use homelink_device_bridge::{Application, Config};
+use homelink_events::Topics;
+
+#[derive(Parser)]
+#[command(version, about = "HomeLink device bridge: MQTT <-> Kafka")]
+struct Args {
+    #[arg(long, env = "HOMELINK_DATABASE_URL")]
+    database_url: String,
+    #[arg(
+        long,
+        env = "HOMELINK_KAFKA_BOOTSTRAP",
+        default_value = "127.0.0.1:9092"
+    )]
+    kafka_bootstrap: String,
+    #[arg(long, env = "HOMELINK_TOPIC_PREFIX", default_value = "homelink.")]
+    topic_prefix: String,
+    #[arg(long, env = "HOMELINK_MQTT_HOST", default_value = "127.0.0.1")]
+    mqtt_host: String,
+    #[arg(long, env = "HOMELINK_MQTT_BRIDGE_PORT", default_value_t = 1884)]
+    mqtt_port: u16,
+    #[arg(
+        long,
+        env = "HOMELINK_MQTT_BRIDGE_USERNAME",
+        default_value = "homelink-bridge"
+    )]
+    mqtt_username: String,
+    #[arg(long, env = "HOMELINK_MQTT_BRIDGE_PASSWORD", hide_env_values = true)]
+    mqtt_password: String,
+    #[arg(
+        long,
+        env = "HOMELINK_BRIDGE_CLIENT_ID",
+        default_value = "homelink-bridge-0"
+    )]
+    client_id: String,
+    #[arg(long, env = "HOMELINK_BRIDGE_LISTEN", default_value = "127.0.0.1:8082")]
+    listen: String,
+    #[arg(long, env = "HOMELINK_PROJECTOR_PUSH_URL")]
+    projector_push_url: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    homelink_kit::telemetry::init("info");
+    let a = Args::parse();
+    let mut cfg = Config::new(
+        a.database_url,
+        a.kafka_bootstrap,
+        Topics::new(a.topic_prefix),
+        a.mqtt_host,
+        a.mqtt_port,
+    );
+    cfg.mqtt_username = a.mqtt_username;
+    cfg.mqtt_password = a.mqtt_password;
+    cfg.client_id = a.client_id;
+    cfg.listen = a.listen;
+    cfg.projector_push_url = a.projector_push_url;
+    let app = Application::build(cfg).await?;
+    tracing::info!(port = app.port(), "device bridge listening");
+    app.run_until_stopped(homelink_kit::shutdown::on_signal())
+        .await
+}

@@ -1,0 +1,323 @@
+//! The test stack: real Postgres, real Kafka protocol broker (tansu), real
+//! Mosquitto, started by `infra/dev test`, which passes their addresses in
+//! `HOMELINK_TEST_*` variables. Each test gets a fresh database and a fresh
+//! topic prefix, and runs the services in-process on port 0.
+#![allow(dead_code)]
+
+use homelink_events::{DeviceKind, Topics};
+use homelink_kit::kafka::{Appender, ProducerConfig};
+use homelink_kit::shutdown::CancellationToken;
+use homelink_tools::pki::PkiDir;
+use homelink_tools::seed::{self, SeededHousehold};
+use homelink_tools::sim::{DeviceSpec, Target};
+use serde_json::Value;
+use std::future::Future;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+/// Addresses of the real components.
+#[derive(Debug, Clone)]
+pub struct Env {
+    pub admin_db_url: String,
+    pub kafka: String,
+    pub mqtt_host: String,
+    pub device_port: u16,
+    pub bridge_port: u16,
+    pub bridge_password: String,
+    pub pki: PkiDir,
+    pub bin_dir: std::path::PathBuf,
+}
+
+fn var(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run the tests with `infra/dev test`, which starts Postgres, tansu and Mosquitto for them"))
+}
+
+impl Env {
+    pub fn from_env() -> Self {
+        Self {
+            admin_db_url: var("HOMELINK_TEST_DATABASE_URL"),
+            kafka: var("HOMELINK_TEST_KAFKA"),
+            mqtt_host: var("HOMELINK_TEST_MQTT_HOST"),
+            device_port: var("HOMELINK_TEST_MQTT_DEVICE_PORT").parse().expect("port"),
+            bridge_port: var("HOMELINK_TEST_MQTT_BRIDGE_PORT").parse().expect("port"),
+            bridge_password: var("HOMELINK_TEST_MQTT_BRIDGE_PASSWORD"),
+            pki: PkiDir(var("HOMELINK_TEST_PKI_DIR").into()),
+            bin_dir: std::env::var("HOMELINK_TEST_BIN_DIR")
+                .map(Into::into)
+                .unwrap_or_else(|_| {
+                    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug")
+                }),
+        }
+    }
+
+    /// A fresh, empty database; returns its URL.
+    pub async fn fresh_database(&self) -> String {
+        let name = format!("t_{}", Uuid::new_v4().simple());
+        let admin = sqlx::PgPool::connect(&self.admin_db_url)
+            .await
+            .expect("admin connection");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await
+            .expect("create database");
+        admin.close().await;
+        let base = self
+            .admin_db_url
+            .rsplit_once('/')
+            .expect("url with a database")
+            .0;
+        format!("{base}/{name}")
+    }
+
+    pub fn target(&self) -> Target {
+        Target {
+            host: self.mqtt_host.clone(),
+            port: self.device_port,
+            ca_pem: std::fs::read_to_string(self.pki.ca_cert()).expect("CA certificate"),
+        }
+    }
+}
+
+/// One isolated HomeLink deployment.
+pub struct Stack {
+    pub env: Env,
+    pub topics: Topics,
+    pub db_url: String,
+    pub pool: sqlx::PgPool,
+    pub appender: Appender,
+    pub http: reqwest::Client,
+    pub cancel: CancellationToken,
+    pub projector_port: u16,
+    pub query_port: u16,
+    pub bridge_port: u16,
+    pub command_port: u16,
+}
+
+/// A fresh prefix and database with the topics created.
+pub async fn isolated() -> (Env, Topics, String) {
+    let env = Env::from_env();
+    let topics = Topics::new(format!("t{}.", Uuid::new_v4().simple()));
+    homelink_kit::kafka::ensure_topics(&env.kafka, &topics.all(), 2)
+        .await
+        .expect("create topics");
+    let db_url = env.fresh_database().await;
+    (env, topics, db_url)
+}
+
+impl Stack {
+    /// Every service, wired together as the run command wires them.
+    pub async fn start() -> Self {
+        let (env, topics, db_url) = isolated().await;
+        let cancel = CancellationToken::new();
+
+        let projector = homelink_projector::Application::build(homelink_projector::Config::new(
+            &db_url,
+            &env.kafka,
+            topics.clone(),
+        ))
+        .await
+        .expect("projector");
+        let projector_port = projector.port();
+        tokio::spawn(projector.run_until_stopped(cancel.clone()));
+
+        let query =
+            homelink_query_api::Application::build(homelink_query_api::Config::new(&db_url))
+                .await
+                .expect("query-api");
+        let query_port = query.port();
+        tokio::spawn(query.run_until_stopped(cancel.clone()));
+
+        let mut bc = homelink_device_bridge::Config::new(
+            &db_url,
+            &env.kafka,
+            topics.clone(),
+            &env.mqtt_host,
+            env.bridge_port,
+        );
+        bc.mqtt_password = env.bridge_password.clone();
+        // Each test is its own deployment: its own shared-subscription group and client id.
+        bc.share_group = format!("hl-{}", Uuid::new_v4().simple());
+        bc.client_id = format!("bridge-{}", Uuid::new_v4().simple());
+        bc.projector_push_url = Some(format!(
+            "http://127.0.0.1:{projector_port}/internal/v1/events"
+        ));
+        let bridge = homelink_device_bridge::Application::build(bc)
+            .await
+            .expect("bridge");
+        let bridge_port = bridge.port();
+        tokio::spawn(bridge.run_until_stopped(cancel.clone()));
+
+        let mut cc = homelink_command_api::Config::new(&db_url, &env.kafka, topics.clone());
+        cc.bridge_push_url = Some(format!(
+            "http://127.0.0.1:{bridge_port}/internal/v1/commands"
+        ));
+        cc.projector_push_url = Some(format!(
+            "http://127.0.0.1:{projector_port}/internal/v1/events"
+        ));
+        let command = homelink_command_api::Application::build(cc)
+            .await
+            .expect("command-api");
+        let command_port = command.port();
+        tokio::spawn(command.run_until_stopped(cancel.clone()));
+
+        let stack = Self {
+            pool: sqlx::PgPool::connect(&db_url).await.expect("pool"),
+            appender: Appender::new(&ProducerConfig::new(&env.kafka)).expect("producer"),
+            http: reqwest::Client::new(),
+            env,
+            topics,
+            db_url,
+            cancel,
+            projector_port,
+            query_port,
+            bridge_port,
+            command_port,
+        };
+        for port in [projector_port, query_port, bridge_port, command_port] {
+            let url = format!("http://127.0.0.1:{port}/readyz");
+            let http = stack.http.clone();
+            eventually(Duration::from_secs(30), &format!("{url} ready"), || {
+                let (http, url) = (http.clone(), url.clone());
+                async move {
+                    http.get(&url)
+                        .send()
+                        .await
+                        .ok()
+                        .filter(|r| r.status().is_success())
+                        .map(|_| ())
+                }
+            })
+            .await;
+        }
+        stack
+    }
+
+    pub fn graphql_url(&self) -> String {
+        format!("http://127.0.0.1:{}/graphql", self.query_port)
+    }
+
+    pub fn graphql_ws(&self) -> String {
+        format!("ws://127.0.0.1:{}/graphql", self.query_port)
+    }
+
+    pub fn command_url(&self, household: Uuid, device: Uuid) -> String {
+        format!(
+            "http://127.0.0.1:{}/v1/households/{household}/devices/{device}/commands",
+            self.command_port
+        )
+    }
+
+    pub async fn gql(&self, query: &str, variables: Value) -> Value {
+        homelink_tools::gql::query(&self.http, &self.graphql_url(), query, variables)
+            .await
+            .expect("graphql request")
+    }
+
+    /// Seeds a household and waits until its devices are in the registry.
+    pub async fn seed(&self, devices: &[(DeviceKind, &str, &str)]) -> SeededHousehold {
+        let home = seed::household(
+            &self.appender,
+            &self.topics,
+            &self.env.pki,
+            "Test home",
+            devices,
+        )
+        .await
+        .expect("seed");
+        let ids: Vec<Uuid> = home.devices.iter().map(|d| d.id).collect();
+        let pool = self.pool.clone();
+        eventually(Duration::from_secs(30), "devices registered", || {
+            let (pool, ids) = (pool.clone(), ids.clone());
+            async move {
+                let n: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM devices WHERE device_id = ANY($1)")
+                        .bind(&ids)
+                        .fetch_one(&pool)
+                        .await
+                        .ok()?;
+                (n == ids.len() as i64).then_some(())
+            }
+        })
+        .await;
+        home
+    }
+
+    /// A metric line's value from a service's `/metrics`, 0 when absent.
+    pub async fn metric(&self, port: u16, series: &str) -> f64 {
+        let text = self
+            .http
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics body");
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.trim().parse().ok())
+            })
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+pub fn spec(home: &SeededHousehold, index: usize, interval: Option<Duration>) -> DeviceSpec {
+    let d = &home.devices[index];
+    DeviceSpec {
+        household_id: home.household_id,
+        device_id: d.id,
+        kind: d.kind,
+        cert_pem: d.cert_pem.clone(),
+        key_pem: d.key_pem.clone(),
+        interval,
+    }
+}
+
+/// Polls `f` until it yields a value or `timeout` passes (then fails the test
+/// naming `what`). Waiting is not a timing assertion: the deadline is generous.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits for the next subscription payload matching `pred`.
+pub async fn next_matching(
+    sub: &mut homelink_tools::gql::Subscription,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let v = sub.next().await.expect("subscription payload");
+            if pred(&v) {
+                return v;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting on the subscription for: {what}"))
+}
+
+pub fn light_and_sensor() -> Vec<(DeviceKind, &'static str, &'static str)> {
+    vec![
+        (DeviceKind::Light, "Lamp", "Living room"),
+        (DeviceKind::Sensor, "Climate", "Bedroom"),
+    ]
+}

@@ -1,0 +1,494 @@
+//! The applier: the projector's single writer. Every batch, from the catch-up
+//! consumer or the push channel, is applied in one Postgres transaction
+//! together with the consumer offsets and the push bookkeeping, so a crash at
+//! any point leaves either all of a batch or none of it.
+//!
+//! Deduplication is by log position `(topic, partition, offset)`:
+//! - an event below the committed `next_offset` of its partition was applied;
+//! - an event applied through the push channel is recorded in
+//!   `projector_pushed` and skipped (and forgotten) when the consumer passes it.
+//!
+//! Semantic guards come on top: a device report applies only if its `seq` is
+//! higher than the shadow's, a status only if its offset is, and a command's
+//! status only moves forward. So a duplicate record (a producer retry at a
+//! new offset) changes nothing either.
+
+use chrono::{DateTime, Utc};
+use homelink_events::event::{DeviceCommandAcked, DeviceCommandRequested};
+use homelink_events::shadow::{Shadow, ShadowChanged};
+use homelink_events::Event;
+use homelink_kit::metrics::ServiceMetrics;
+use homelink_kit::push::Located;
+use serde_json::{Map, Value};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use uuid::Uuid;
+
+pub use homelink_events::topics::SHADOW_CHANGED_CHANNEL;
+
+/// Where a batch came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The catch-up consumer: contiguous, advances the offsets.
+    Log,
+    /// The push channel: ahead of the consumer, recorded in `projector_pushed`.
+    Push,
+}
+
+/// A batch of located events from one source.
+#[derive(Debug)]
+pub struct Batch {
+    pub source: Source,
+    pub events: Vec<Located>,
+    /// For `Source::Log`: the next offset per `(topic, partition)` once this
+    /// batch is applied (it also covers undecodable records that were skipped).
+    pub next_offsets: Vec<(String, i32, i64)>,
+}
+
+/// What a batch did, for the caller and for tests.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub applied: usize,
+    pub skipped: usize,
+}
+
+/// The single writer of the read models.
+pub struct Applier {
+    pool: PgPool,
+    metrics: ServiceMetrics,
+    /// Mirror of `projector_offsets`, valid because this is the only writer.
+    next_offsets: HashMap<(String, i32), i64>,
+}
+
+type Key = (String, i32, i64);
+
+impl Applier {
+    pub async fn load(pool: PgPool, metrics: ServiceMetrics) -> Result<Self, sqlx::Error> {
+        let rows = sqlx::query("SELECT topic, partition, next_offset FROM projector_offsets")
+            .fetch_all(&pool)
+            .await?;
+        let next_offsets = rows
+            .into_iter()
+            .map(|r| {
+                (
+                    (r.get::<String, _>(0), r.get::<i32, _>(1)),
+                    r.get::<i64, _>(2),
+                )
+            })
+            .collect();
+        Ok(Self {
+            pool,
+            metrics,
+            next_offsets,
+        })
+    }
+
+    pub fn next_offset(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.next_offsets
+            .get(&(topic.to_owned(), partition))
+            .copied()
+    }
+
+    /// Applies several batches in one transaction. All or nothing.
+    pub async fn apply(&mut self, batches: &[&Batch]) -> Result<Outcome, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+
+        // Collect events by position; the same event may come by both paths.
+        let mut by_pos: BTreeMap<Key, (&Located, Source)> = BTreeMap::new();
+        let mut new_offsets: HashMap<(String, i32), i64> = HashMap::new();
+        for b in batches {
+            for e in &b.events {
+                let k = (e.topic.clone(), e.partition, e.offset);
+                let below = self
+                    .next_offset(&e.topic, e.partition)
+                    .is_some_and(|n| e.offset < n);
+                if below {
+                    continue;
+                }
+                by_pos
+                    .entry(k)
+                    .and_modify(|s| {
+                        if b.source == Source::Log {
+                            s.1 = Source::Log
+                        }
+                    })
+                    .or_insert((e, b.source));
+            }
+            for (t, p, n) in &b.next_offsets {
+                let cur = new_offsets.entry((t.clone(), *p)).or_insert(*n);
+                *cur = (*cur).max(*n);
+            }
+        }
+        let total: usize = batches.iter().map(|b| b.events.len()).sum();
+
+        // Events the consumer reaches that the push channel applied already.
+        let mut already: HashSet<Key> = HashSet::new();
+        if !new_offsets.is_empty() {
+            let (t, p, n) = unzip3(new_offsets.iter().map(|((t, p), n)| (t.clone(), *p, *n)));
+            let rows = sqlx::query(
+                r#"DELETE FROM projector_pushed a USING UNNEST($1::text[], $2::int[], $3::bigint[]) AS u(t, p, n)
+                   WHERE a.topic = u.t AND a.partition = u.p AND a."offset" < u.n
+                   RETURNING a.topic, a.partition, a."offset""#,
+            )
+            .bind(&t)
+            .bind(&p)
+            .bind(&n)
+            .fetch_all(&mut *tx)
+            .await?;
+            already.extend(rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2))));
+        }
+        // Pushed events: record them; a conflict means an earlier push applied it.
+        let pushed: Vec<&Key> = by_pos
+            .iter()
+            .filter(|(k, (_, s))| *s == Source::Push && !already.contains(*k))
+            .map(|(k, _)| k)
+            .collect();
+        if !pushed.is_empty() {
+            let (t, p, o) = unzip3(pushed.iter().map(|(t, p, o)| (t.clone(), *p, *o)));
+            let rows = sqlx::query(
+                r#"INSERT INTO projector_pushed (topic, partition, "offset")
+                   SELECT * FROM UNNEST($1::text[], $2::int[], $3::bigint[])
+                   ON CONFLICT DO NOTHING RETURNING topic, partition, "offset""#,
+            )
+            .bind(&t)
+            .bind(&p)
+            .bind(&o)
+            .fetch_all(&mut *tx)
+            .await?;
+            let inserted: HashSet<Key> = rows
+                .into_iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect();
+            for k in pushed {
+                if !inserted.contains(k) {
+                    already.insert(k.clone());
+                }
+            }
+        }
+
+        let mut work = Vec::new();
+        for (k, (located, _)) in &by_pos {
+            if already.contains(k) {
+                continue;
+            }
+            match located.envelope.event() {
+                Ok(ev) => work.push((*located, ev)),
+                Err(e) => {
+                    tracing::warn!(error = %e, topic = %k.0, offset = k.2, "undecodable event skipped");
+                    self.metrics
+                        .errors
+                        .with_label_values(&["undecodable_event"])
+                        .inc();
+                }
+            }
+        }
+
+        let notifications = apply_events(&mut tx, &work).await?;
+
+        if !new_offsets.is_empty() {
+            let (t, p, n) = unzip3(new_offsets.iter().map(|((t, p), n)| (t.clone(), *p, *n)));
+            sqlx::query(
+                r#"INSERT INTO projector_offsets (topic, partition, next_offset)
+                   SELECT * FROM UNNEST($1::text[], $2::int[], $3::bigint[])
+                   ON CONFLICT (topic, partition) DO UPDATE SET next_offset = GREATEST(projector_offsets.next_offset, EXCLUDED.next_offset)"#,
+            )
+            .bind(&t)
+            .bind(&p)
+            .bind(&n)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !notifications.is_empty() {
+            sqlx::query("SELECT pg_notify($1, n) FROM UNNEST($2::text[]) AS n")
+                .bind(SHADOW_CHANGED_CHANNEL)
+                .bind(&notifications)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+
+        for ((t, p), n) in new_offsets {
+            let cur = self.next_offsets.entry((t, p)).or_insert(n);
+            *cur = (*cur).max(n);
+        }
+        let applied = work.len();
+        self.metrics
+            .messages_out
+            .with_label_values(&["applied"])
+            .inc_by(applied as u64);
+        Ok(Outcome {
+            applied,
+            skipped: total - applied,
+        })
+    }
+}
+
+fn unzip3<A, B, C>(it: impl Iterator<Item = (A, B, C)>) -> (Vec<A>, Vec<B>, Vec<C>) {
+    let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+    for (x, y, z) in it {
+        a.push(x);
+        b.push(y);
+        c.push(z);
+    }
+    (a, b, c)
+}
+
+/// Applies decoded events in log order; returns the shadow-change notifications.
+async fn apply_events(
+    tx: &mut Transaction<'_, Postgres>,
+    work: &[(&Located, Event)],
+) -> Result<Vec<String>, sqlx::Error> {
+    registry(tx, work).await?;
+    let notes = shadows(tx, work).await?;
+    commands(tx, work).await?;
+    counts(tx, work).await?;
+    Ok(notes)
+}
+
+async fn registry(
+    tx: &mut Transaction<'_, Postgres>,
+    work: &[(&Located, Event)],
+) -> Result<(), sqlx::Error> {
+    for (l, ev) in work {
+        let env = &l.envelope;
+        match ev {
+            Event::HouseholdCreated(h) => {
+                sqlx::query("INSERT INTO households (household_id, name, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+                    .bind(env.household_id)
+                    .bind(&h.name)
+                    .bind(env.occurred_at)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+            Event::DeviceRegistered(d) => {
+                sqlx::query(
+                    "INSERT INTO devices (device_id, household_id, kind, name, room, registered_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                )
+                .bind(d.device_id)
+                .bind(env.household_id)
+                .bind(d.kind.as_str())
+                .bind(&d.name)
+                .bind(&d.room)
+                .bind(env.occurred_at)
+                .execute(&mut **tx)
+                .await?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Loads the shadows the batch touches, folds the events in log order with
+/// [`Shadow::apply`], and writes the changed ones back in one statement.
+async fn shadows(
+    tx: &mut Transaction<'_, Postgres>,
+    work: &[(&Located, Event)],
+) -> Result<Vec<String>, sqlx::Error> {
+    let touched: Vec<Uuid> = work
+        .iter()
+        .filter(|(_, e)| {
+            matches!(
+                e,
+                Event::DeviceStateReported(_) | Event::DeviceStatusChanged(_)
+            )
+        })
+        .filter_map(|(_, e)| e.device_id())
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    if touched.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = sqlx::query(
+        "SELECT device_id, reported, seq, version, battery, online, last_seen, status_offset FROM device_shadows WHERE device_id = ANY($1)",
+    )
+    .bind(&touched)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut current: HashMap<Uuid, Shadow> = HashMap::new();
+    for r in rows {
+        let reported: Value = r.get(1);
+        current.insert(
+            r.get(0),
+            Shadow {
+                reported: match reported {
+                    Value::Object(m) => m,
+                    _ => Map::new(),
+                },
+                seq: r.get::<i64, _>(2) as u64,
+                version: r.get::<i64, _>(3) as u64,
+                battery: r.get::<Option<i16>, _>(4).map(|b| b as u8),
+                online: r.get(5),
+                last_seen: r.get(6),
+                status_offset: r.get(7),
+            },
+        );
+    }
+    let mut changed: HashMap<Uuid, Uuid> = HashMap::new(); // device -> household
+    for (l, ev) in work {
+        let Some(device) = ev.device_id() else {
+            continue;
+        };
+        if !matches!(
+            ev,
+            Event::DeviceStateReported(_) | Event::DeviceStatusChanged(_)
+        ) {
+            continue;
+        }
+        let shadow = current.entry(device).or_default();
+        if shadow.apply(ev, l.envelope.occurred_at, l.offset) {
+            changed.insert(device, l.envelope.household_id);
+        }
+    }
+    if changed.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut cols = ShadowColumns::default();
+    let mut notes = Vec::with_capacity(changed.len());
+    for (device, household) in &changed {
+        let s = &current[device];
+        cols.push(*device, *household, s);
+        notes.push(
+            serde_json::to_string(&ShadowChanged::new(*household, *device, s)).unwrap_or_default(),
+        );
+    }
+    sqlx::query(
+        r#"INSERT INTO device_shadows (device_id, household_id, reported, seq, version, battery, online, last_seen, status_offset, updated_at)
+           SELECT d, h, r, s, v, b, o, l, so, now()
+           FROM UNNEST($1::uuid[], $2::uuid[], $3::jsonb[], $4::bigint[], $5::bigint[], $6::smallint[], $7::bool[], $8::timestamptz[], $9::bigint[])
+             AS u(d, h, r, s, v, b, o, l, so)
+           ON CONFLICT (device_id) DO UPDATE SET
+             reported = EXCLUDED.reported, seq = EXCLUDED.seq, version = EXCLUDED.version, battery = EXCLUDED.battery,
+             online = EXCLUDED.online, last_seen = EXCLUDED.last_seen, status_offset = EXCLUDED.status_offset, updated_at = now()"#,
+    )
+    .bind(&cols.device)
+    .bind(&cols.household)
+    .bind(&cols.reported)
+    .bind(&cols.seq)
+    .bind(&cols.version)
+    .bind(&cols.battery)
+    .bind(&cols.online)
+    .bind(&cols.last_seen)
+    .bind(&cols.status_offset)
+    .execute(&mut **tx)
+    .await?;
+    Ok(notes)
+}
+
+#[derive(Default)]
+struct ShadowColumns {
+    device: Vec<Uuid>,
+    household: Vec<Uuid>,
+    reported: Vec<Value>,
+    seq: Vec<i64>,
+    version: Vec<i64>,
+    battery: Vec<Option<i16>>,
+    online: Vec<bool>,
+    last_seen: Vec<Option<DateTime<Utc>>>,
+    status_offset: Vec<i64>,
+}
+
+impl ShadowColumns {
+    fn push(&mut self, device: Uuid, household: Uuid, s: &Shadow) {
+        self.device.push(device);
+        self.household.push(household);
+        self.reported.push(Value::Object(s.reported.clone()));
+        // `seq` is validated at the edge to fit an i64 (protocol::MAX_SEQ).
+        self.seq.push(s.seq as i64);
+        self.version.push(s.version as i64);
+        self.battery.push(s.battery.map(i16::from));
+        self.online.push(s.online);
+        self.last_seen.push(s.last_seen);
+        self.status_offset.push(s.status_offset);
+    }
+}
+
+/// Command lifecycle: requested (rank 0) → acked ok / rejected / failed (rank 2).
+/// Status only moves forward, whatever order the two paths deliver in.
+async fn commands(
+    tx: &mut Transaction<'_, Postgres>,
+    work: &[(&Located, Event)],
+) -> Result<(), sqlx::Error> {
+    for (l, ev) in work {
+        let env = &l.envelope;
+        match ev {
+            Event::DeviceCommandRequested(DeviceCommandRequested {
+                command_id,
+                device_id,
+                set,
+                expires_at,
+            }) => {
+                sqlx::query(
+                    r#"INSERT INTO device_commands (command_id, household_id, device_id, set_values, status, status_rank, actor, requested_at, expires_at)
+                       VALUES ($1, $2, $3, $4, 'requested', 0, $5, $6, $7)
+                       ON CONFLICT (command_id) DO UPDATE SET set_values = EXCLUDED.set_values, actor = EXCLUDED.actor,
+                         requested_at = EXCLUDED.requested_at, expires_at = EXCLUDED.expires_at"#,
+                )
+                .bind(command_id)
+                .bind(env.household_id)
+                .bind(device_id)
+                .bind(Value::Object(set.clone()))
+                .bind(serde_json::to_value(&env.actor).unwrap_or(Value::Null))
+                .bind(env.occurred_at)
+                .bind(expires_at)
+                .execute(&mut **tx)
+                .await?;
+            }
+            Event::DeviceCommandAcked(DeviceCommandAcked {
+                command_id,
+                device_id,
+                status,
+                reason,
+            }) => {
+                sqlx::query(
+                    r#"INSERT INTO device_commands (command_id, household_id, device_id, status, status_rank, reason, acked_at)
+                       VALUES ($1, $2, $3, $4, 2, $5, $6)
+                       ON CONFLICT (command_id) DO UPDATE SET status = EXCLUDED.status, status_rank = 2, reason = EXCLUDED.reason, acked_at = EXCLUDED.acked_at
+                       WHERE device_commands.status_rank < 2 AND device_commands.device_id = EXCLUDED.device_id"#,
+                )
+                .bind(command_id)
+                .bind(env.household_id)
+                .bind(device_id)
+                .bind(status.as_str())
+                .bind(reason)
+                .bind(env.occurred_at)
+                .execute(&mut **tx)
+                .await?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+async fn counts(
+    tx: &mut Transaction<'_, Postgres>,
+    work: &[(&Located, Event)],
+) -> Result<(), sqlx::Error> {
+    let mut n: HashMap<(Uuid, &'static str), i64> = HashMap::new();
+    for (l, ev) in work {
+        *n.entry((l.envelope.household_id, ev.type_name()))
+            .or_default() += 1;
+    }
+    let (mut h, mut t, mut c) = (Vec::new(), Vec::new(), Vec::new());
+    for ((hh, tt), cc) in n {
+        h.push(hh);
+        t.push(tt.to_owned());
+        c.push(cc);
+    }
+    if h.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        r#"INSERT INTO household_event_counts (household_id, event_type, applied)
+           SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::bigint[])
+           ON CONFLICT (household_id, event_type) DO UPDATE SET applied = household_event_counts.applied + EXCLUDED.applied"#,
+    )
+    .bind(&h)
+    .bind(&t)
+    .bind(&c)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

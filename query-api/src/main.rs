@@ -1,0 +1,33 @@
+//! `homelink-query-api`: GraphQL queries and subscriptions for the app.
+
+use clap::Parser;
+use homelink_query_api::{Application, Config};
+
+#[derive(Parser)]
+#[command(version, about = "HomeLink query API (GraphQL)")]
+struct Args {
+    #[arg(long, env = "HOMELINK_DATABASE_URL")]
+    database_url: String,
+    #[arg(
+        long,
+        env = "HOMELINK_QUERY_API_LISTEN",
+        default_value = "127.0.0.1:8081"
+    )]
+    listen: String,
+    /// Serve the schema to introspection queries (turn off in production if wanted).
+    #[arg(long, env = "HOMELINK_GRAPHQL_INTROSPECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    introspection: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    homelink_kit::telemetry::init("info");
+    let a = Args::parse();
+    let mut cfg = Config::new(a.database_url);
+    cfg.listen = a.listen;
+    cfg.introspection = a.introspection;
+    let app = Application::build(cfg).await?;
+    tracing::info!(port = app.port(), "query API listening");
+    app.run_until_stopped(homelink_kit::shutdown::on_signal())
+        .await
+}

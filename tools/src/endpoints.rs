@@ -1,0 +1,45 @@
+//! `endpoints.json`: where a running stack's services are (product.md,
+//! "Where clients find things").
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoints {
+    pub command_api: String,
+    pub graphql: String,
+    pub graphql_ws: String,
+    pub metrics: Vec<String>,
+    pub prometheus: Option<String>,
+    pub mqtt_device: MqttListener,
+    pub kafka_bootstrap: String,
+    pub topic_prefix: String,
+    /// Development only: where the device CA (and its key) live.
+    pub pki_dir: String,
+    pub demo: Demo,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MqttListener {
+    pub host: String,
+    pub port: u16,
+    pub ca_cert: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Demo {
+    pub household_id: Uuid,
+    /// Device ids, kinds and the paths of their certificates.
+    pub devices_file: String,
+    /// Accounts arrive with user identity; none exist yet.
+    pub accounts: Vec<serde_json::Value>,
+}
+
+impl Endpoints {
+    pub fn load(path: &std::path::Path) -> anyhow::Result<Self> {
+        Ok(serde_json::from_slice(&std::fs::read(path)?)?)
+    }
+}

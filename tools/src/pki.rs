@@ -1,0 +1,123 @@
+//! The development PKI: a device CA, the MQTT broker's server certificate and
+//! device certificates (CN = device id), made with rcgen. Generated on first
+//! run under the state folder, never committed.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType, SerialNumber,
+};
+use std::path::{Path, PathBuf};
+use uuid::Uuid;
+
+/// A certificate and its private key, both PEM.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// The files of a PKI folder.
+#[derive(Debug, Clone)]
+pub struct PkiDir(pub PathBuf);
+
+impl PkiDir {
+    pub fn ca_cert(&self) -> PathBuf {
+        self.0.join("ca.pem")
+    }
+    pub fn ca_key(&self) -> PathBuf {
+        self.0.join("ca.key")
+    }
+    pub fn server_cert(&self) -> PathBuf {
+        self.0.join("server.pem")
+    }
+    pub fn server_key(&self) -> PathBuf {
+        self.0.join("server.key")
+    }
+    pub fn device_dir(&self) -> PathBuf {
+        self.0.join("devices")
+    }
+}
+
+fn serial() -> SerialNumber {
+    SerialNumber::from_slice(&Uuid::new_v4().as_bytes()[..])
+}
+
+/// Creates the CA and the server certificate unless they exist.
+pub fn init(dir: &Path) -> anyhow::Result<PkiDir> {
+    let pki = PkiDir(dir.to_owned());
+    std::fs::create_dir_all(pki.device_dir())?;
+    if pki.ca_cert().exists() && pki.ca_key().exists() && pki.server_cert().exists() {
+        return Ok(pki);
+    }
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.distinguished_name
+        .push(DnType::CommonName, "HomeLink development device CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    ca.serial_number = Some(serial());
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca, &ca_key);
+
+    let server_key = KeyPair::generate()?;
+    let mut server = CertificateParams::new(vec!["localhost".to_owned()])?;
+    server
+        .subject_alt_names
+        .push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
+    server
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
+    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    server.serial_number = Some(serial());
+    let server_cert = server.signed_by(&server_key, &issuer)?;
+
+    write_private(&pki.ca_key(), &ca_key.serialize_pem())?;
+    std::fs::write(pki.ca_cert(), ca_cert.pem())?;
+    write_private(&pki.server_key(), &server_key.serialize_pem())?;
+    std::fs::write(pki.server_cert(), server_cert.pem())?;
+    Ok(pki)
+}
+
+/// Issues a device certificate (CN = device id) signed by the CA in `pki`.
+pub fn issue_device(pki: &PkiDir, device_id: Uuid) -> anyhow::Result<Issued> {
+    let ca_key = KeyPair::from_pem(&std::fs::read_to_string(pki.ca_key())?)?;
+    let issuer = Issuer::from_ca_cert_pem(&std::fs::read_to_string(pki.ca_cert())?, &ca_key)?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, device_id.to_string());
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.serial_number = Some(serial());
+    let cert = params.signed_by(&key, &issuer)?;
+    let issued = Issued {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    };
+    std::fs::create_dir_all(pki.device_dir())?;
+    std::fs::write(
+        pki.device_dir().join(format!("{device_id}.pem")),
+        &issued.cert_pem,
+    )?;
+    write_private(
+        &pki.device_dir().join(format!("{device_id}.key")),
+        &issued.key_pem,
+    )?;
+    Ok(issued)
+}
+
+/// Development keys: readable by the owner and its group (the broker's user
+/// reads the server key through the group the run command sets).
+fn write_private(path: &Path, pem: &str) -> anyhow::Result<()> {
+    std::fs::write(path, pem)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o640))?;
+    }
+    Ok(())
+}
