@@ -40,20 +40,12 @@ const DEFAULT_TTL: u32 = 10;
 const MAX_TTL: u32 = 300;
 
 /// Pure decision: the event for a valid request to a device of `kind`.
-pub fn decide(
-    kind: DeviceKind,
-    device_id: Uuid,
-    req: CommandRequest,
-    now: DateTime<Utc>,
-) -> Result<DeviceCommandRequested, ApiError> {
+pub fn decide(kind: DeviceKind, device_id: Uuid, req: CommandRequest, now: DateTime<Utc>) -> Result<DeviceCommandRequested, ApiError> {
     let ttl = req.ttl_seconds.unwrap_or(DEFAULT_TTL);
     if ttl == 0 || ttl > MAX_TTL {
-        return Err(ApiError::BadRequest(format!(
-            "ttlSeconds must be between 1 and {MAX_TTL}"
-        )));
+        return Err(ApiError::BadRequest(format!("ttlSeconds must be between 1 and {MAX_TTL}")));
     }
-    kind.validate_set(&req.set)
-        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    kind.validate_set(&req.set).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     Ok(DeviceCommandRequested {
         command_id: Uuid::now_v7(),
         device_id,
@@ -96,52 +88,27 @@ pub async fn request_command(
         .await
         .map_err(|e| ApiError::Unavailable(format!("registry: {e}")))?;
     // A device of another household answers exactly like one that does not exist.
-    let kind: DeviceKind = row
-        .and_then(|r| r.get::<String, _>(0).parse().ok())
-        .ok_or(ApiError::NotFound)?;
-    let cmd = decide(kind, device_id, req, Utc::now()).inspect_err(|_| {
-        s.metrics
-            .errors
-            .with_label_values(&["invalid_command"])
-            .inc()
-    })?;
-    let accepted = CommandAccepted {
-        command_id: cmd.command_id,
-        status: "requested".into(),
-        expires_at: cmd.expires_at,
-    };
-    let envelope = Envelope::new(
-        household_id,
-        actor,
-        &Event::DeviceCommandRequested(cmd),
-        Utc::now(),
-    )
-    .with_correlation(accepted.command_id);
+    let kind: DeviceKind = row.and_then(|r| r.get::<String, _>(0).parse().ok()).ok_or(ApiError::NotFound)?;
+    let cmd = decide(kind, device_id, req, Utc::now()).inspect_err(|_| s.metrics.errors.with_label_values(&["invalid_command"]).inc())?;
+    let accepted = CommandAccepted { command_id: cmd.command_id, status: "requested".into(), expires_at: cmd.expires_at };
+    let envelope =
+        Envelope::new(household_id, actor, &Event::DeviceCommandRequested(cmd), Utc::now()).with_correlation(accepted.command_id);
     let topic = s.topics.commands();
-    let pos =
-        match tokio::time::timeout(s.append_timeout, s.appender.append(&topic, &envelope)).await {
-            Ok(Ok(pos)) => pos,
-            Ok(Err(e)) => {
-                s.metrics.errors.with_label_values(&["kafka_produce"]).inc();
-                return Err(ApiError::Unavailable(format!("kafka: {e}")));
-            }
-            Err(_) => {
-                s.metrics.errors.with_label_values(&["kafka_timeout"]).inc();
-                return Err(ApiError::Unavailable("kafka: append timed out".into()));
-            }
-        };
+    let pos = match tokio::time::timeout(s.append_timeout, s.appender.append(&topic, &envelope)).await {
+        Ok(Ok(pos)) => pos,
+        Ok(Err(e)) => {
+            s.metrics.errors.with_label_values(&["kafka_produce"]).inc();
+            return Err(ApiError::Unavailable(format!("kafka: {e}")));
+        }
+        Err(_) => {
+            s.metrics.errors.with_label_values(&["kafka_timeout"]).inc();
+            return Err(ApiError::Unavailable("kafka: append timed out".into()));
+        }
+    };
     s.bridge.push(envelope.clone());
-    s.projector.push(Located {
-        topic,
-        partition: pos.partition,
-        offset: pos.offset,
-        envelope,
-    });
+    s.projector.push(Located { topic, partition: pos.partition, offset: pos.offset, envelope });
     s.metrics.messages_out.with_label_values(&["command"]).inc();
-    s.metrics
-        .latency
-        .with_label_values(&["command_accepted"])
-        .observe(started.elapsed().as_secs_f64());
+    s.metrics.latency.with_label_values(&["command_accepted"]).observe(started.elapsed().as_secs_f64());
     Ok((StatusCode::ACCEPTED, Json(accepted)))
 }
 
@@ -157,13 +124,7 @@ mod tests {
     #[test]
     fn given_a_light_when_brightness_is_set_then_a_command_is_requested() {
         let now = Utc::now();
-        let c = decide(
-            DeviceKind::Light,
-            Uuid::nil(),
-            req(json!({"set": {"brightness": 50}})),
-            now,
-        )
-        .unwrap();
+        let c = decide(DeviceKind::Light, Uuid::nil(), req(json!({"set": {"brightness": 50}})), now).unwrap();
         assert_eq!(c.set["brightness"], 50);
         assert_eq!(c.expires_at, now + ChronoDuration::seconds(10));
     }
@@ -171,33 +132,14 @@ mod tests {
     #[test]
     fn out_of_range_values_and_ttls_are_refused() {
         let now = Utc::now();
-        assert!(decide(
-            DeviceKind::Light,
-            Uuid::nil(),
-            req(json!({"set": {"brightness": 101}})),
-            now
-        )
-        .is_err());
-        assert!(decide(
-            DeviceKind::Thermostat,
-            Uuid::nil(),
-            req(json!({"set": {"targetTemp": 80}})),
-            now
-        )
-        .is_err());
-        assert!(decide(
-            DeviceKind::Light,
-            Uuid::nil(),
-            req(json!({"set": {"on": true}, "ttlSeconds": 0})),
-            now
-        )
-        .is_err());
+        assert!(decide(DeviceKind::Light, Uuid::nil(), req(json!({"set": {"brightness": 101}})), now).is_err());
+        assert!(decide(DeviceKind::Thermostat, Uuid::nil(), req(json!({"set": {"targetTemp": 80}})), now).is_err());
+        assert!(decide(DeviceKind::Light, Uuid::nil(), req(json!({"set": {"on": true}, "ttlSeconds": 0})), now).is_err());
     }
 
     #[test]
     fn a_body_with_fields_it_does_not_own_is_refused() {
-        let r: Result<CommandRequest, _> =
-            serde_json::from_value(json!({"set": {"on": true}, "householdId": Uuid::nil()}));
+        let r: Result<CommandRequest, _> = serde_json::from_value(json!({"set": {"on": true}, "householdId": Uuid::nil()}));
         assert!(r.is_err());
     }
 }

@@ -40,11 +40,7 @@ pub struct Config {
 }
 
 impl Config {
-    pub fn new(
-        database_url: impl Into<String>,
-        kafka_bootstrap: impl Into<String>,
-        topics: Topics,
-    ) -> Self {
+    pub fn new(database_url: impl Into<String>, kafka_bootstrap: impl Into<String>, topics: Topics) -> Self {
         Self {
             database_url: database_url.into(),
             kafka_bootstrap: kafka_bootstrap.into(),
@@ -77,9 +73,7 @@ pub struct Application {
 impl Application {
     pub async fn build(cfg: Config) -> anyhow::Result<Self> {
         let metrics = ServiceMetrics::new("command_api");
-        let pool =
-            homelink_kit::db::connect_with_retry(&cfg.database_url, 16, Duration::from_secs(30))
-                .await?;
+        let pool = homelink_kit::db::connect_with_retry(&cfg.database_url, 16, Duration::from_secs(30)).await?;
         let mut pc = ProducerConfig::new(&cfg.kafka_bootstrap);
         pc.delivery_timeout = cfg.append_timeout;
         let state = Arc::new(AppState {
@@ -92,22 +86,12 @@ impl Application {
             pool: pool.clone(),
         });
         let router = Router::new()
-            .route(
-                "/v1/households/{household_id}/devices/{device_id}/commands",
-                post(commands::request),
-            )
+            .route("/v1/households/{household_id}/devices/{device_id}/commands", post(commands::request))
             .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
             .with_state(state)
-            .merge(homelink_kit::ops::router(
-                metrics.clone(),
-                homelink_kit::ops::postgres_ready(pool),
-            ));
+            .merge(homelink_kit::ops::router(metrics.clone(), homelink_kit::ops::postgres_ready(pool)));
         let listener = homelink_kit::ops::bind(&cfg.listen).await?;
-        Ok(Self {
-            listener,
-            router,
-            metrics,
-        })
+        Ok(Self { listener, router, metrics })
     }
 
     pub fn port(&self) -> u16 {
@@ -119,9 +103,7 @@ impl Application {
     }
 
     pub async fn run_until_stopped(self, cancel: CancellationToken) -> anyhow::Result<()> {
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(async move { cancel.cancelled().await })
-            .await?;
+        homelink_kit::ops::serve(self.listener, self.router, cancel).await?;
         Ok(())
     }
 }

@@ -9,19 +9,11 @@ use homelink_events::Topics;
 struct Args {
     #[arg(long, env = "HOMELINK_DATABASE_URL")]
     database_url: String,
-    #[arg(
-        long,
-        env = "HOMELINK_KAFKA_BOOTSTRAP",
-        default_value = "127.0.0.1:9092"
-    )]
+    #[arg(long, env = "HOMELINK_KAFKA_BOOTSTRAP", default_value = "127.0.0.1:9092")]
     kafka_bootstrap: String,
     #[arg(long, env = "HOMELINK_TOPIC_PREFIX", default_value = "homelink.")]
     topic_prefix: String,
-    #[arg(
-        long,
-        env = "HOMELINK_COMMAND_API_LISTEN",
-        default_value = "127.0.0.1:8080"
-    )]
+    #[arg(long, env = "HOMELINK_COMMAND_API_LISTEN", default_value = "127.0.0.1:8080")]
     listen: String,
     #[arg(long, env = "HOMELINK_BRIDGE_PUSH_URL")]
     bridge_push_url: Option<String>,
@@ -33,16 +25,11 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     homelink_kit::telemetry::init("info");
     let a = Args::parse();
-    let mut cfg = Config::new(
-        a.database_url,
-        a.kafka_bootstrap,
-        Topics::new(a.topic_prefix),
-    );
+    let mut cfg = Config::new(a.database_url, a.kafka_bootstrap, Topics::new(a.topic_prefix));
     cfg.listen = a.listen;
     cfg.bridge_push_url = a.bridge_push_url;
     cfg.projector_push_url = a.projector_push_url;
     let app = Application::build(cfg).await?;
     tracing::info!(port = app.port(), "command API listening");
-    app.run_until_stopped(homelink_kit::shutdown::on_signal())
-        .await
+    app.run_until_stopped(homelink_kit::shutdown::on_signal()).await
 }

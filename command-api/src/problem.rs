@@ -20,22 +20,10 @@ pub enum ApiError {
 impl ApiError {
     fn parts(&self) -> (StatusCode, &'static str, &'static str) {
         match self {
-            ApiError::BadRequest(_) => (
-                StatusCode::BAD_REQUEST,
-                "invalid-request",
-                "The request is invalid",
-            ),
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid-request", "The request is invalid"),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not-found", "Not found"),
-            ApiError::TooLarge(_) => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload-too-large",
-                "The request body is too large",
-            ),
-            ApiError::Unavailable(_) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "Temporarily unavailable",
-            ),
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large", "The request body is too large"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Temporarily unavailable"),
         }
     }
 }
@@ -47,8 +35,7 @@ impl IntoResponse for ApiError {
             // Infrastructure detail stays in the logs.
             ApiError::Unavailable(why) => {
                 tracing::warn!(%why, "answering 503");
-                "A dependency did not answer in time; retry with the same Idempotency-Key."
-                    .to_owned()
+                "A dependency did not answer in time; retry with the same Idempotency-Key.".to_owned()
             }
             other => other.to_string(),
         };
@@ -58,11 +45,6 @@ impl IntoResponse for ApiError {
             "status": status.as_u16(),
             "detail": detail,
         });
-        (
-            status,
-            [(header::CONTENT_TYPE, "application/problem+json")],
-            body.to_string(),
-        )
-            .into_response()
+        (status, [(header::CONTENT_TYPE, "application/problem+json")], body.to_string()).into_response()
     }
 }

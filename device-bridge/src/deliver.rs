@@ -41,10 +41,7 @@ pub enum Delivery {
 
 impl Deliverer {
     pub fn new(client: AsyncClient) -> Self {
-        Self {
-            client,
-            seen: Mutex::new((HashSet::new(), VecDeque::new())),
-        }
+        Self { client, seen: Mutex::new((HashSet::new(), VecDeque::new())) }
     }
 
     fn first_time(&self, id: Uuid) -> bool {
@@ -64,13 +61,7 @@ impl Deliverer {
 
     /// Publishes the command in `envelope` unless it expired or went out already.
     pub async fn deliver(&self, envelope: &Envelope) -> Result<Delivery, rumqttc::v5::ClientError> {
-        let Ok(Event::DeviceCommandRequested(DeviceCommandRequested {
-            command_id,
-            device_id,
-            set,
-            expires_at,
-        })) = envelope.event()
-        else {
+        let Ok(Event::DeviceCommandRequested(DeviceCommandRequested { command_id, device_id, set, expires_at })) = envelope.event() else {
             return Ok(Delivery::NotACommand);
         };
         if expires_at <= Utc::now() {
@@ -79,17 +70,10 @@ impl Deliverer {
         if !self.first_time(command_id) {
             return Ok(Delivery::Duplicate);
         }
-        let msg = CmdMsg {
-            v: PROTOCOL_VERSION,
-            command_id,
-            set,
-            expires_at,
-        };
+        let msg = CmdMsg { v: PROTOCOL_VERSION, command_id, set, expires_at };
         let body = serde_json::to_vec(&msg).unwrap_or_default();
         let topic = device_topic(envelope.household_id, device_id, Channel::Cmd);
-        self.client
-            .publish(topic, QoS::AtLeastOnce, false, body)
-            .await?;
+        self.client.publish(topic, QoS::AtLeastOnce, false, body).await?;
         Ok(Delivery::Published)
     }
 }
@@ -101,39 +85,21 @@ pub(crate) async fn deliver_counted(s: &Shared, envelope: &Envelope, path: &str)
     match s.deliverer.deliver(envelope).await {
         Ok(Delivery::Published) => {
             s.metrics.messages_out.with_label_values(&["cmd"]).inc();
-            s.metrics
-                .latency
-                .with_label_values(&["command_publish"])
-                .observe(started.elapsed().as_secs_f64());
+            s.metrics.latency.with_label_values(&["command_publish"]).observe(started.elapsed().as_secs_f64());
         }
-        Ok(Delivery::Duplicate) => s
-            .metrics
-            .errors
-            .with_label_values(&["command_duplicate"])
-            .inc(),
-        Ok(Delivery::Expired) => s
-            .metrics
-            .errors
-            .with_label_values(&["command_expired"])
-            .inc(),
+        Ok(Delivery::Duplicate) => s.metrics.errors.with_label_values(&["command_duplicate"]).inc(),
+        Ok(Delivery::Expired) => s.metrics.errors.with_label_values(&["command_expired"]).inc(),
         Ok(Delivery::NotACommand) => s.metrics.errors.with_label_values(&["not_a_command"]).inc(),
         Err(e) => {
             tracing::warn!(error = %e, "publishing a command failed");
-            s.metrics
-                .errors
-                .with_label_values(&["command_publish"])
-                .inc();
+            s.metrics.errors.with_label_values(&["command_publish"]).inc();
         }
     }
 }
 
 /// The catch-up path: the commands topic through a consumer group, offsets
 /// committed to Kafka after the commands were handed to the MQTT client.
-pub(crate) async fn catch_up(
-    s: std::sync::Arc<Shared>,
-    consumer: StreamConsumer,
-    cancel: CancellationToken,
-) {
+pub(crate) async fn catch_up(s: std::sync::Arc<Shared>, consumer: StreamConsumer, cancel: CancellationToken) {
     let mut stream = consumer.stream();
     loop {
         let m = tokio::select! {
@@ -154,10 +120,7 @@ pub(crate) async fn catch_up(
             Ok(env) => deliver_counted(&s, &env, "command_log").await,
             Err(e) => {
                 tracing::warn!(error = %e, "undecodable command record skipped");
-                s.metrics
-                    .errors
-                    .with_label_values(&["undecodable_record"])
-                    .inc();
+                s.metrics.errors.with_label_values(&["undecodable_record"]).inc();
             }
         }
         if let Err(e) = consumer.commit_message(&m, CommitMode::Async) {

@@ -8,9 +8,7 @@ use chrono::Utc;
 use futures::stream::FuturesOrdered;
 use futures::StreamExt;
 use homelink_events::event::{DeviceCommandAcked, DeviceStateReported, DeviceStatusChanged};
-use homelink_events::protocol::{
-    decode_device_message, parse_device_topic, DeviceMessage, Presence,
-};
+use homelink_events::protocol::{decode_device_message, parse_device_topic, DeviceMessage, Presence};
 use homelink_events::{Actor, Envelope, Event};
 use homelink_kit::push::Located;
 use homelink_kit::shutdown::CancellationToken;
@@ -31,12 +29,7 @@ pub enum Fate {
 
 /// Handles publishes in order of arrival, many at a time, and acknowledges
 /// each one once its fate is durable.
-pub(crate) async fn run(
-    shared: Arc<Shared>,
-    client: AsyncClient,
-    mut rx: mpsc::Receiver<Publish>,
-    cancel: CancellationToken,
-) {
+pub(crate) async fn run(shared: Arc<Shared>, client: AsyncClient, mut rx: mpsc::Receiver<Publish>, cancel: CancellationToken) {
     let mut inflight = FuturesOrdered::new();
     let max_inflight = 4_096;
     loop {
@@ -72,20 +65,9 @@ async fn handle(s: &Shared, p: &Publish, cancel: &CancellationToken) -> Fate {
     let started = Instant::now();
     let topic = String::from_utf8_lossy(&p.topic).into_owned();
     let Some(t) = parse_device_topic(&topic) else {
-        return dead_letter(
-            s,
-            &topic,
-            "bad_topic",
-            "not a device topic",
-            &p.payload,
-            cancel,
-        )
-        .await;
+        return dead_letter(s, &topic, "bad_topic", "not a device topic", &p.payload, cancel).await;
     };
-    s.metrics
-        .messages_in
-        .with_label_values(&[t.channel.as_str()])
-        .inc();
+    s.metrics.messages_in.with_label_values(&[t.channel.as_str()]).inc();
     let owner = loop {
         match s.registry.owner(t.device_id).await {
             Ok(o) => break o,
@@ -99,25 +81,17 @@ async fn handle(s: &Shared, p: &Publish, cancel: &CancellationToken) -> Fate {
         }
     };
     let Some(owner) = owner else {
-        s.metrics
-            .errors
-            .with_label_values(&["unknown_device"])
-            .inc();
+        s.metrics.errors.with_label_values(&["unknown_device"]).inc();
         return Fate::Dropped;
     };
     if owner.household_id != t.household_id {
         tracing::warn!(device = %t.device_id, claimed = %t.household_id, "report names a household that does not own the device");
-        s.metrics
-            .errors
-            .with_label_values(&["foreign_household"])
-            .inc();
+        s.metrics.errors.with_label_values(&["foreign_household"]).inc();
         return Fate::Dropped;
     }
     let msg = match decode_device_message(owner.kind, t.channel, &p.payload) {
         Ok(m) => m,
-        Err(e) => {
-            return dead_letter(s, &topic, e.kind(), &e.to_string(), &p.payload, cancel).await
-        }
+        Err(e) => return dead_letter(s, &topic, e.kind(), &e.to_string(), &p.payload, cancel).await,
     };
     let event = match msg {
         DeviceMessage::State(m) => Event::DeviceStateReported(DeviceStateReported {
@@ -133,17 +107,11 @@ async fn handle(s: &Shared, p: &Publish, cancel: &CancellationToken) -> Fate {
             status: m.status,
             reason: m.reason,
         }),
-        DeviceMessage::Status(m) => Event::DeviceStatusChanged(DeviceStatusChanged {
-            device_id: t.device_id,
-            online: m.status == Presence::Online,
-        }),
+        DeviceMessage::Status(m) => {
+            Event::DeviceStatusChanged(DeviceStatusChanged { device_id: t.device_id, online: m.status == Presence::Online })
+        }
     };
-    let mut envelope = Envelope::new(
-        t.household_id,
-        Actor::Device(t.device_id),
-        &event,
-        Utc::now(),
-    );
+    let mut envelope = Envelope::new(t.household_id, Actor::Device(t.device_id), &event, Utc::now());
     if let Event::DeviceCommandAcked(a) = &event {
         envelope = envelope.with_correlation(a.command_id);
     }
@@ -151,20 +119,9 @@ async fn handle(s: &Shared, p: &Publish, cancel: &CancellationToken) -> Fate {
     let Some(pos) = append_until_done(s, &telemetry, &envelope, cancel).await else {
         return Fate::Dropped;
     };
-    s.metrics
-        .messages_out
-        .with_label_values(&["telemetry"])
-        .inc();
-    s.metrics
-        .latency
-        .with_label_values(&["report_appended"])
-        .observe(started.elapsed().as_secs_f64());
-    s.projector.push(Located {
-        topic: telemetry,
-        partition: pos.partition,
-        offset: pos.offset,
-        envelope,
-    });
+    s.metrics.messages_out.with_label_values(&["telemetry"]).inc();
+    s.metrics.latency.with_label_values(&["report_appended"]).observe(started.elapsed().as_secs_f64());
+    s.projector.push(Located { topic: telemetry, partition: pos.partition, offset: pos.offset, envelope });
     Fate::Appended
 }
 
@@ -192,18 +149,8 @@ async fn append_until_done(
     }
 }
 
-async fn dead_letter(
-    s: &Shared,
-    topic: &str,
-    kind: &str,
-    reason: &str,
-    payload: &[u8],
-    cancel: &CancellationToken,
-) -> Fate {
-    s.metrics
-        .errors
-        .with_label_values(&[&format!("invalid_{kind}")])
-        .inc();
+async fn dead_letter(s: &Shared, topic: &str, kind: &str, reason: &str, payload: &[u8], cancel: &CancellationToken) -> Fate {
+    s.metrics.errors.with_label_values(&[&format!("invalid_{kind}")]).inc();
     let shown = String::from_utf8_lossy(&payload[..payload.len().min(4096)]).into_owned();
     let record = json!({
         "at": Utc::now(),
@@ -217,16 +164,9 @@ async fn dead_letter(
     let body = serde_json::to_vec(&record).unwrap_or_default();
     let mut backoff = Duration::from_millis(100);
     loop {
-        match s
-            .appender
-            .append_raw(&s.topics.dead_letter(), "mqtt", &body)
-            .await
-        {
+        match s.appender.append_raw(&s.topics.dead_letter(), "mqtt", &body).await {
             Ok(_) => {
-                s.metrics
-                    .messages_out
-                    .with_label_values(&["dead_letter"])
-                    .inc();
+                s.metrics.messages_out.with_label_values(&["dead_letter"]).inc();
                 return Fate::DeadLettered;
             }
             Err(e) => {

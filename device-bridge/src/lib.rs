@@ -105,9 +105,7 @@ pub struct Application {
 impl Application {
     pub async fn build(cfg: Config) -> anyhow::Result<Self> {
         let metrics = ServiceMetrics::new("bridge");
-        let pool =
-            homelink_kit::db::connect_with_retry(&cfg.database_url, 8, Duration::from_secs(30))
-                .await?;
+        let pool = homelink_kit::db::connect_with_retry(&cfg.database_url, 8, Duration::from_secs(30)).await?;
         let appender = Appender::new(&ProducerConfig::new(&cfg.kafka_bootstrap))?;
 
         let mut opts = MqttOptions::new(&cfg.client_id, &cfg.mqtt_host, cfg.mqtt_port);
@@ -118,13 +116,13 @@ impl Application {
             .set_manual_acks(true)
             .set_receive_maximum(Some(4096))
             .set_max_packet_size(Some(1 << 20));
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        opts.set_network_options(net);
         let (client, eventloop) = AsyncClient::new(opts, 8192);
 
-        let commands = homelink_kit::kafka::consumer(
-            &cfg.kafka_bootstrap,
-            &format!("{}-commands", cfg.share_group),
-            cfg.command_fetch_wait,
-        )?;
+        let commands =
+            homelink_kit::kafka::consumer(&cfg.kafka_bootstrap, &format!("{}-commands", cfg.share_group), cfg.command_fetch_wait)?;
         commands.subscribe(&[&cfg.topics.commands()])?;
 
         let shared = Arc::new(Shared {
@@ -152,15 +150,7 @@ impl Application {
             .with_state(shared.clone())
             .merge(homelink_kit::ops::router(metrics, ready));
         let listener = homelink_kit::ops::bind(&cfg.listen).await?;
-        Ok(Self {
-            listener,
-            router,
-            shared,
-            client,
-            eventloop,
-            commands,
-            cfg,
-        })
+        Ok(Self { listener, router, shared, client, eventloop, commands, cfg })
     }
 
     pub fn port(&self) -> u16 {
@@ -173,33 +163,12 @@ impl Application {
 
     pub async fn run_until_stopped(self, cancel: CancellationToken) -> anyhow::Result<()> {
         let (tx, rx) = mpsc::channel(4096);
-        let ingest = tokio::spawn(ingest::run(
-            self.shared.clone(),
-            self.client.clone(),
-            rx,
-            cancel.clone(),
-        ));
-        let catch_up = tokio::spawn(deliver::catch_up(
-            self.shared.clone(),
-            self.commands,
-            cancel.clone(),
-        ));
-        let filters: Vec<String> = ["state", "ack", "status"]
-            .iter()
-            .map(|c| format!("$share/{}/home/+/device/+/{c}", self.cfg.share_group))
-            .collect();
-        let mqtt = tokio::spawn(poll_mqtt(
-            self.eventloop,
-            self.client.clone(),
-            filters,
-            tx,
-            self.shared.clone(),
-            cancel.clone(),
-        ));
-        let c = cancel.clone();
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(async move { c.cancelled().await })
-            .await?;
+        let ingest = tokio::spawn(ingest::run(self.shared.clone(), self.client.clone(), rx, cancel.clone()));
+        let catch_up = tokio::spawn(deliver::catch_up(self.shared.clone(), self.commands, cancel.clone()));
+        let filters: Vec<String> =
+            ["state", "ack", "status"].iter().map(|c| format!("$share/{}/home/+/device/+/{c}", self.cfg.share_group)).collect();
+        let mqtt = tokio::spawn(poll_mqtt(self.eventloop, self.client.clone(), filters, tx, self.shared.clone(), cancel.clone()));
+        homelink_kit::ops::serve(self.listener, self.router, cancel.clone()).await?;
         let _ = ingest.await;
         let _ = catch_up.await;
         let _ = self.client.disconnect().await;
@@ -246,10 +215,7 @@ async fn poll_mqtt(
             Ok(_) => {}
             Err(e) => {
                 s.subscribed.store(false, Ordering::Relaxed);
-                s.metrics
-                    .errors
-                    .with_label_values(&["mqtt_connection"])
-                    .inc();
+                s.metrics.errors.with_label_values(&["mqtt_connection"]).inc();
                 tracing::warn!(error = %e, "mqtt connection error, reconnecting");
                 tokio::select! {
                     _ = cancel.cancelled() => return,
@@ -261,10 +227,7 @@ async fn poll_mqtt(
 }
 
 /// `POST /internal/v1/commands`: command-api hands over commands it appended.
-async fn push_commands(
-    State(s): State<Arc<Shared>>,
-    Json(envelopes): Json<Vec<Envelope>>,
-) -> Json<serde_json::Value> {
+async fn push_commands(State(s): State<Arc<Shared>>, Json(envelopes): Json<Vec<Envelope>>) -> Json<serde_json::Value> {
     for env in &envelopes {
         deliver::deliver_counted(&s, env, "command_push").await;
     }

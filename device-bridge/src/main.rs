@@ -9,11 +9,7 @@ use homelink_events::Topics;
 struct Args {
     #[arg(long, env = "HOMELINK_DATABASE_URL")]
     database_url: String,
-    #[arg(
-        long,
-        env = "HOMELINK_KAFKA_BOOTSTRAP",
-        default_value = "127.0.0.1:9092"
-    )]
+    #[arg(long, env = "HOMELINK_KAFKA_BOOTSTRAP", default_value = "127.0.0.1:9092")]
     kafka_bootstrap: String,
     #[arg(long, env = "HOMELINK_TOPIC_PREFIX", default_value = "homelink.")]
     topic_prefix: String,
@@ -21,19 +17,11 @@ struct Args {
     mqtt_host: String,
     #[arg(long, env = "HOMELINK_MQTT_BRIDGE_PORT", default_value_t = 1884)]
     mqtt_port: u16,
-    #[arg(
-        long,
-        env = "HOMELINK_MQTT_BRIDGE_USERNAME",
-        default_value = "homelink-bridge"
-    )]
+    #[arg(long, env = "HOMELINK_MQTT_BRIDGE_USERNAME", default_value = "homelink-bridge")]
     mqtt_username: String,
     #[arg(long, env = "HOMELINK_MQTT_BRIDGE_PASSWORD", hide_env_values = true)]
     mqtt_password: String,
-    #[arg(
-        long,
-        env = "HOMELINK_BRIDGE_CLIENT_ID",
-        default_value = "homelink-bridge-0"
-    )]
+    #[arg(long, env = "HOMELINK_BRIDGE_CLIENT_ID", default_value = "homelink-bridge-0")]
     client_id: String,
     #[arg(long, env = "HOMELINK_BRIDGE_LISTEN", default_value = "127.0.0.1:8082")]
     listen: String,
@@ -45,13 +33,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     homelink_kit::telemetry::init("info");
     let a = Args::parse();
-    let mut cfg = Config::new(
-        a.database_url,
-        a.kafka_bootstrap,
-        Topics::new(a.topic_prefix),
-        a.mqtt_host,
-        a.mqtt_port,
-    );
+    let mut cfg = Config::new(a.database_url, a.kafka_bootstrap, Topics::new(a.topic_prefix), a.mqtt_host, a.mqtt_port);
     cfg.mqtt_username = a.mqtt_username;
     cfg.mqtt_password = a.mqtt_password;
     cfg.client_id = a.client_id;
@@ -59,6 +41,5 @@ async fn main() -> anyhow::Result<()> {
     cfg.projector_push_url = a.projector_push_url;
     let app = Application::build(cfg).await?;
     tracing::info!(port = app.port(), "device bridge listening");
-    app.run_until_stopped(homelink_kit::shutdown::on_signal())
-        .await
+    app.run_until_stopped(homelink_kit::shutdown::on_signal()).await
 }

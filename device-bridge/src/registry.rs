@@ -28,35 +28,22 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(pool: PgPool) -> Self {
-        Self {
-            pool,
-            cache: Mutex::new(HashMap::new()),
-        }
+        Self { pool, cache: Mutex::new(HashMap::new()) }
     }
 
     /// The owner of `device`, `None` when it is not registered.
     pub async fn owner(&self, device: Uuid) -> Result<Option<Owner>, sqlx::Error> {
-        if let Some((hit, at)) = self
-            .cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&device)
-        {
+        if let Some((hit, at)) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(&device) {
             let ttl = if hit.is_some() { HIT_TTL } else { MISS_TTL };
             if at.elapsed() < ttl {
                 return Ok(*hit);
             }
         }
-        let row = sqlx::query("SELECT household_id, kind FROM devices WHERE device_id = $1")
-            .bind(device)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT household_id, kind FROM devices WHERE device_id = $1").bind(device).fetch_optional(&self.pool).await?;
         let owner = row.and_then(|r| {
             let kind: String = r.get(1);
-            kind.parse().ok().map(|kind| Owner {
-                household_id: r.get(0),
-                kind,
-            })
+            kind.parse().ok().map(|kind| Owner { household_id: r.get(0), kind })
         });
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if cache.len() >= MAX_ENTRIES {

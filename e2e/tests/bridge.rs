@@ -15,12 +15,7 @@ use serde_json::{json, Value};
 use std::time::Duration;
 
 /// Connects as the device (its own certificate) and publishes `payload` on `topic`; waits for the PUBACK.
-async fn publish_as(
-    stack: &Stack,
-    spec: &homelink_tools::sim::DeviceSpec,
-    topic: String,
-    payload: Vec<u8>,
-) {
+async fn publish_as(stack: &Stack, spec: &homelink_tools::sim::DeviceSpec, topic: String, payload: Vec<u8>) {
     let (client, mut ev) = AsyncClient::new(sim::mqtt_options(spec, &stack.env.target()), 10);
     let mut sent = false;
     tokio::time::timeout(Duration::from_secs(20), async {
@@ -28,10 +23,7 @@ async fn publish_as(
             match ev.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) if !sent => {
                     sent = true;
-                    client
-                        .publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone())
-                        .await
-                        .expect("publish");
+                    client.publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone()).await.expect("publish");
                 }
                 Ok(Event::Incoming(Packet::PubAck(_))) => return,
                 Ok(_) => {}
@@ -45,8 +37,7 @@ async fn publish_as(
 }
 
 fn state(seq: u64, brightness: i64) -> Vec<u8> {
-    serde_json::to_vec(&json!({"v": 1, "seq": seq, "state": {"brightness": brightness}}))
-        .expect("json")
+    serde_json::to_vec(&json!({"v": 1, "seq": seq, "state": {"brightness": brightness}})).expect("json")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -58,61 +49,27 @@ async fn a_report_naming_a_household_that_does_not_own_the_device_is_dropped_and
     let light = spec.device_id;
 
     // The broker's ACL lets the device write under its own id in any household tree; the bridge must refuse.
-    publish_as(
-        &stack,
-        &spec,
-        format!("home/{}/device/{light}/state", other.household_id),
-        state(5, 11),
-    )
-    .await;
+    publish_as(&stack, &spec, format!("home/{}/device/{light}/state", other.household_id), state(5, 11)).await;
     // Then a valid report on its own topic, which must be applied.
-    publish_as(
-        &stack,
-        &spec,
-        format!("home/{}/device/{light}/state", home.household_id),
-        state(6, 66),
-    )
-    .await;
+    publish_as(&stack, &spec, format!("home/{}/device/{light}/state", home.household_id), state(6, 66)).await;
 
     let pool = stack.pool.clone();
-    let reported: Value = eventually(
-        Duration::from_secs(30),
-        "the valid report applied",
-        || async {
-            sqlx::query_scalar("SELECT reported FROM device_shadows WHERE device_id = $1")
-                .bind(light)
-                .fetch_optional(&pool)
-                .await
-                .ok()
-                .flatten()
-        },
-    )
+    let reported: Value = eventually(Duration::from_secs(30), "the valid report applied", || async {
+        sqlx::query_scalar("SELECT reported FROM device_shadows WHERE device_id = $1")
+            .bind(light)
+            .fetch_optional(&pool)
+            .await
+            .ok()
+            .flatten()
+    })
     .await;
     assert_eq!(reported["brightness"], 66);
-    let seq: i64 = sqlx::query_scalar("SELECT seq FROM device_shadows WHERE device_id = $1")
-        .bind(light)
-        .fetch_one(&pool)
-        .await
-        .expect("seq");
+    let seq: i64 =
+        sqlx::query_scalar("SELECT seq FROM device_shadows WHERE device_id = $1").bind(light).fetch_one(&pool).await.expect("seq");
     assert_eq!(seq, 6);
-    let households: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT household_id FROM device_shadows")
-        .fetch_all(&pool)
-        .await
-        .expect("rows");
-    assert_eq!(
-        households,
-        vec![home.household_id],
-        "nothing was written for the other household"
-    );
-    assert_eq!(
-        stack
-            .metric(
-                stack.bridge_port,
-                "homelink_bridge_errors_total{kind=\"foreign_household\"}"
-            )
-            .await,
-        1.0
-    );
+    let households: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT household_id FROM device_shadows").fetch_all(&pool).await.expect("rows");
+    assert_eq!(households, vec![home.household_id], "nothing was written for the other household");
+    assert_eq!(stack.metric(stack.bridge_port, "homelink_bridge_errors_total{kind=\"foreign_household\"}").await, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -125,10 +82,7 @@ async fn invalid_payloads_go_to_the_dead_letter_topic_with_a_reason_and_the_brid
     let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
     let bad: Vec<(Vec<u8>, &str)> = vec![
         (b"not json".to_vec(), "malformed"),
-        (
-            serde_json::to_vec(&json!({"v": 1, "seq": u64::MAX, "state": {}})).expect("json"),
-            "seq",
-        ),
+        (serde_json::to_vec(&json!({"v": 1, "seq": u64::MAX, "state": {}})).expect("json"), "seq"),
         (state(1, 900), "capability"),
         (deep.into_bytes(), "malformed"),
         (vec![b' '; 20_000], "too_large"),
@@ -139,47 +93,26 @@ async fn invalid_payloads_go_to_the_dead_letter_topic_with_a_reason_and_the_brid
     publish_as(&stack, &spec, topic.clone(), state(7, 70)).await;
 
     let pool = stack.pool.clone();
-    let seq: i64 = eventually(
-        Duration::from_secs(30),
-        "the valid report applied after the bad ones",
-        || async {
-            sqlx::query_scalar("SELECT seq FROM device_shadows WHERE device_id = $1")
-                .bind(spec.device_id)
-                .fetch_optional(&pool)
-                .await
-                .ok()
-                .flatten()
-        },
-    )
+    let seq: i64 = eventually(Duration::from_secs(30), "the valid report applied after the bad ones", || async {
+        sqlx::query_scalar("SELECT seq FROM device_shadows WHERE device_id = $1")
+            .bind(spec.device_id)
+            .fetch_optional(&pool)
+            .await
+            .ok()
+            .flatten()
+    })
     .await;
     assert_eq!(seq, 7);
-    assert_eq!(
-        stack
-            .metric(
-                stack.bridge_port,
-                "homelink_bridge_messages_out_total{kind=\"dead_letter\"}"
-            )
-            .await,
-        bad.len() as f64
-    );
+    assert_eq!(stack.metric(stack.bridge_port, "homelink_bridge_messages_out_total{kind=\"dead_letter\"}").await, bad.len() as f64);
 
-    let consumer: StreamConsumer = homelink_kit::kafka::consumer(
-        &stack.env.kafka,
-        &format!("dlq-{}", uuid::Uuid::new_v4()),
-        Duration::from_millis(100),
-    )
-    .expect("consumer");
-    consumer
-        .subscribe(&[&stack.topics.dead_letter()])
-        .expect("subscribe");
+    let consumer: StreamConsumer =
+        homelink_kit::kafka::consumer(&stack.env.kafka, &format!("dlq-{}", uuid::Uuid::new_v4()), Duration::from_millis(100))
+            .expect("consumer");
+    consumer.subscribe(&[&stack.topics.dead_letter()]).expect("subscribe");
     let mut reasons = Vec::new();
     while reasons.len() < bad.len() {
-        let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
-            .await
-            .expect("dead-letter record")
-            .expect("kafka");
-        let v: Value =
-            serde_json::from_slice(m.payload().unwrap_or_default()).expect("dead-letter json");
+        let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.expect("dead-letter record").expect("kafka");
+        let v: Value = serde_json::from_slice(m.payload().unwrap_or_default()).expect("dead-letter json");
         assert_eq!(v["mqttTopic"], topic);
         reasons.push(v["reason"].as_str().unwrap_or_default().to_owned());
     }

@@ -18,63 +18,37 @@ async fn a_device_report_reaches_the_shadow_the_query_and_the_subscription() {
     let stack = Stack::start().await;
     let home = stack.seed(&light_and_sensor()).await;
     let light = home.devices[0].id;
-    let mut sub = Subscription::start(
-        &stack.graphql_ws(),
-        CHANGES,
-        json!({"h": home.household_id}),
-    )
-    .await
-    .expect("subscribe");
+    let mut sub = Subscription::start(&stack.graphql_ws(), CHANGES, json!({"h": home.household_id})).await.expect("subscribe");
 
     let devices = CancellationToken::new();
     for i in 0..home.devices.len() {
-        tokio::spawn(sim::run(
-            spec(&home, i, None),
-            stack.env.target(),
-            None,
-            devices.clone(),
-        ));
+        tokio::spawn(sim::run(spec(&home, i, None), stack.env.target(), None, devices.clone()));
     }
 
     // The light reports its initial state on connect; the subscription shows it.
     let change = next_matching(&mut sub, "the light's first report", |v| {
-        v["deviceChanges"]["deviceId"] == json!(light)
-            && v["deviceChanges"]["shadow"]["reported"]["brightness"].is_number()
+        v["deviceChanges"]["deviceId"] == json!(light) && v["deviceChanges"]["shadow"]["reported"]["brightness"].is_number()
     })
     .await;
-    assert_eq!(
-        change["deviceChanges"]["shadow"]["reported"]["brightness"],
-        50
-    );
+    assert_eq!(change["deviceChanges"]["shadow"]["reported"]["brightness"], 50);
     assert_eq!(change["deviceChanges"]["shadow"]["online"], true);
 
     // The query shows both devices' shadows.
     let q = "query($h: ID!) { household(id: $h) { name devices { id kind shadow { reported online } } } }";
-    let data = eventually(
-        Duration::from_secs(30),
-        "both shadows in the query",
-        || async {
-            let r = stack.gql(q, json!({"h": home.household_id})).await;
-            let devices = r["data"]["household"]["devices"].as_array()?.clone();
-            devices
-                .iter()
-                .all(|d| d["shadow"]["online"] == true)
-                .then_some(devices)
-        },
-    )
+    let data = eventually(Duration::from_secs(30), "both shadows in the query", || async {
+        let r = stack.gql(q, json!({"h": home.household_id})).await;
+        let devices = r["data"]["household"]["devices"].as_array()?.clone();
+        devices.iter().all(|d| d["shadow"]["online"] == true).then_some(devices)
+    })
     .await;
     assert_eq!(data.len(), 2);
-    let sensor = data
-        .iter()
-        .find(|d| d["kind"] == "sensor")
-        .expect("sensor listed");
+    let sensor = data.iter().find(|d| d["kind"] == "sensor").expect("sensor listed");
     assert_eq!(sensor["shadow"]["reported"]["contact"], true);
 
     // A device that goes away publishes `offline`; the subscription shows it.
     devices.cancel();
     next_matching(&mut sub, "the light offline", |v| {
-        v["deviceChanges"]["deviceId"] == json!(light)
-            && v["deviceChanges"]["shadow"]["online"] == false
+        v["deviceChanges"]["deviceId"] == json!(light) && v["deviceChanges"]["shadow"]["online"] == false
     })
     .await;
 }
@@ -84,26 +58,12 @@ async fn a_command_reaches_the_device_and_its_new_state_comes_back_on_the_subscr
     let stack = Stack::start().await;
     let home = stack.seed(&light_and_sensor()).await;
     let light = home.devices[0].id;
-    let mut sub = Subscription::start(
-        &stack.graphql_ws(),
-        CHANGES,
-        json!({"h": home.household_id}),
-    )
-    .await
-    .expect("subscribe");
+    let mut sub = Subscription::start(&stack.graphql_ws(), CHANGES, json!({"h": home.household_id})).await.expect("subscribe");
 
     let (tx, mut observed) = mpsc::unbounded_channel();
     let devices = CancellationToken::new();
-    tokio::spawn(sim::run(
-        spec(&home, 0, None),
-        stack.env.target(),
-        Some(tx),
-        devices.clone(),
-    ));
-    next_matching(&mut sub, "the light online", |v| {
-        v["deviceChanges"]["deviceId"] == json!(light)
-    })
-    .await;
+    tokio::spawn(sim::run(spec(&home, 0, None), stack.env.target(), Some(tx), devices.clone()));
+    next_matching(&mut sub, "the light online", |v| v["deviceChanges"]["deviceId"] == json!(light)).await;
 
     let r = stack
         .http
@@ -114,10 +74,7 @@ async fn a_command_reaches_the_device_and_its_new_state_comes_back_on_the_subscr
         .expect("post command");
     assert_eq!(r.status(), 202);
     let accepted: Value = r.json().await.expect("json");
-    let command_id = accepted["commandId"]
-        .as_str()
-        .expect("commandId")
-        .to_owned();
+    let command_id = accepted["commandId"].as_str().expect("commandId").to_owned();
     assert_eq!(accepted["status"], "requested");
 
     let got = tokio::time::timeout(Duration::from_secs(30), async {
@@ -132,10 +89,7 @@ async fn a_command_reaches_the_device_and_its_new_state_comes_back_on_the_subscr
     .expect("the device received a command");
     assert_eq!(got.as_deref(), Some(command_id.as_str()));
 
-    let change = next_matching(&mut sub, "the new state", |v| {
-        v["deviceChanges"]["shadow"]["reported"]["brightness"] == 77
-    })
-    .await;
+    let change = next_matching(&mut sub, "the new state", |v| v["deviceChanges"]["shadow"]["reported"]["brightness"] == 77).await;
     assert_eq!(change["deviceChanges"]["shadow"]["reported"]["on"], true);
 
     // The device's ack moves the command's lifecycle to `ok`.
@@ -161,31 +115,16 @@ async fn invalid_commands_are_refused_with_problem_json_and_append_nothing() {
         (light, json!({"set": {"brightness": 101}}), 400),
         (light, json!({"set": {"explode": true}}), 400),
         (light, json!({"set": {}}), 400),
-        (
-            light,
-            json!({"set": {"on": true}, "householdId": uuid::Uuid::new_v4()}),
-            400,
-        ),
+        (light, json!({"set": {"on": true}, "householdId": uuid::Uuid::new_v4()}), 400),
         (sensor, json!({"set": {"temperature": 20}}), 400),
         (uuid::Uuid::new_v4(), json!({"set": {"on": true}}), 404),
     ];
     for (device, body, status) in cases {
-        let r = stack
-            .http
-            .post(stack.command_url(home.household_id, device))
-            .json(&body)
-            .send()
-            .await
-            .expect("post");
+        let r = stack.http.post(stack.command_url(home.household_id, device)).json(&body).send().await.expect("post");
         assert_eq!(r.status(), status, "{body}");
         assert_eq!(r.headers()["content-type"], "application/problem+json");
         let p: Value = r.json().await.expect("problem body");
-        assert!(
-            p["type"]
-                .as_str()
-                .is_some_and(|t| t.starts_with("https://homelink.dev/problems/")),
-            "{p}"
-        );
+        assert!(p["type"].as_str().is_some_and(|t| t.starts_with("https://homelink.dev/problems/")), "{p}");
     }
     // A device of another household answers exactly like one that does not exist.
     let other = stack.seed(&light_and_sensor()).await;
@@ -204,33 +143,13 @@ async fn invalid_commands_are_refused_with_problem_json_and_append_nothing() {
         .await
         .expect("post");
     assert_eq!(foreign.status(), missing.status());
-    assert_eq!(
-        foreign.bytes().await.expect("body"),
-        missing.bytes().await.expect("body")
-    );
+    assert_eq!(foreign.bytes().await.expect("body"), missing.bytes().await.expect("body"));
     // A 20 KB body is refused before parsing.
     let big = json!({"set": {"on": true}, "pad": "x".repeat(20_000)});
-    let r = stack
-        .http
-        .post(stack.command_url(home.household_id, light))
-        .json(&big)
-        .send()
-        .await
-        .expect("post");
+    let r = stack.http.post(stack.command_url(home.household_id, light)).json(&big).send().await.expect("post");
     assert_eq!(r.status(), 413);
 
-    assert_eq!(
-        stack
-            .metric(
-                stack.command_port,
-                "homelink_command_api_messages_out_total{kind=\"command\"}"
-            )
-            .await,
-        0.0
-    );
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM device_commands")
-        .fetch_one(&stack.pool)
-        .await
-        .expect("count");
+    assert_eq!(stack.metric(stack.command_port, "homelink_command_api_messages_out_total{kind=\"command\"}").await, 0.0);
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM device_commands").fetch_one(&stack.pool).await.expect("count");
     assert_eq!(n, 0);
 }

@@ -7,9 +7,7 @@ mod common;
 
 use chrono::Utc;
 use common::{eventually, isolated};
-use homelink_events::event::{
-    DeviceRegistered, DeviceStateReported, DeviceStatusChanged, HouseholdCreated,
-};
+use homelink_events::event::{DeviceRegistered, DeviceStateReported, DeviceStatusChanged, HouseholdCreated};
 use homelink_events::{Actor, DeviceKind, Envelope, Event, Topics};
 use homelink_kit::kafka::{Appender, Position, ProducerConfig};
 use homelink_kit::push::Located;
@@ -23,70 +21,32 @@ const DEVICES: usize = 4;
 const REPORTS: u64 = 250;
 
 /// Appends a household's history: registrations, reports, and a status flip every 25 reports.
-async fn append_history(
-    appender: &Appender,
-    topics: &Topics,
-) -> (Vec<(String, Position, Envelope)>, usize) {
+async fn append_history(appender: &Appender, topics: &Topics) -> (Vec<(String, Position, Envelope)>, usize) {
     let h = Uuid::new_v4();
     let sys = Actor::System("test".into());
     let mut out = Vec::new();
     let mut push = |topic: String, e: Envelope| out.push((topic, e));
-    push(
-        topics.households(),
-        Envelope::new(
-            h,
-            sys.clone(),
-            &Event::HouseholdCreated(HouseholdCreated { name: "H".into() }),
-            Utc::now(),
-        ),
-    );
+    push(topics.households(), Envelope::new(h, sys.clone(), &Event::HouseholdCreated(HouseholdCreated { name: "H".into() }), Utc::now()));
     let devices: Vec<Uuid> = (0..DEVICES).map(|_| Uuid::new_v4()).collect();
     for d in &devices {
-        let ev = Event::DeviceRegistered(DeviceRegistered {
-            device_id: *d,
-            kind: DeviceKind::Light,
-            name: "L".into(),
-            room: None,
-        });
-        push(
-            topics.households(),
-            Envelope::new(h, sys.clone(), &ev, Utc::now()),
-        );
+        let ev = Event::DeviceRegistered(DeviceRegistered { device_id: *d, kind: DeviceKind::Light, name: "L".into(), room: None });
+        push(topics.households(), Envelope::new(h, sys.clone(), &ev, Utc::now()));
     }
     for seq in 1..=REPORTS {
         for d in &devices {
-            let state = json!({"brightness": (seq % 100), "on": seq % 2 == 0})
-                .as_object()
-                .cloned()
-                .unwrap_or_default();
-            let ev = Event::DeviceStateReported(DeviceStateReported {
-                device_id: *d,
-                seq,
-                device_ts: None,
-                state,
-                battery: None,
-            });
-            push(
-                topics.telemetry(),
-                Envelope::new(h, Actor::Device(*d), &ev, Utc::now()),
-            );
+            let state = json!({"brightness": (seq % 100), "on": seq % 2 == 0}).as_object().cloned().unwrap_or_default();
+            let ev = Event::DeviceStateReported(DeviceStateReported { device_id: *d, seq, device_ts: None, state, battery: None });
+            push(topics.telemetry(), Envelope::new(h, Actor::Device(*d), &ev, Utc::now()));
             if seq % 25 == 0 {
-                let ev = Event::DeviceStatusChanged(DeviceStatusChanged {
-                    device_id: *d,
-                    online: seq % 50 != 0,
-                });
-                push(
-                    topics.telemetry(),
-                    Envelope::new(h, Actor::Device(*d), &ev, Utc::now()),
-                );
+                let ev = Event::DeviceStatusChanged(DeviceStatusChanged { device_id: *d, online: seq % 50 != 0 });
+                push(topics.telemetry(), Envelope::new(h, Actor::Device(*d), &ev, Utc::now()));
             }
         }
     }
     let total = out.len();
     let mut located = Vec::with_capacity(total);
     for chunk in out.chunks(200) {
-        let results =
-            futures::future::join_all(chunk.iter().map(|(t, e)| appender.append(t, e))).await;
+        let results = futures::future::join_all(chunk.iter().map(|(t, e)| appender.append(t, e))).await;
         for ((t, e), r) in chunk.iter().zip(results) {
             located.push((t.clone(), r.expect("append"), e.clone()));
         }
@@ -96,32 +56,15 @@ async fn append_history(
 
 fn spawn_projector(env: &common::Env, db_url: &str, topics: &Topics, batch_max: usize) -> Child {
     Command::new(env.bin_dir.join("homelink-projector"))
-        .args([
-            "--database-url",
-            db_url,
-            "--kafka-bootstrap",
-            &env.kafka,
-            "--topic-prefix",
-            topics.prefix(),
-        ])
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--fetch-wait-ms",
-            "100",
-            "--batch-max",
-            &batch_max.to_string(),
-        ])
+        .args(["--database-url", db_url, "--kafka-bootstrap", &env.kafka, "--topic-prefix", topics.prefix()])
+        .args(["--listen", "127.0.0.1:0", "--fetch-wait-ms", "100", "--batch-max", &batch_max.to_string()])
         .env("RUST_LOG", "warn")
         .spawn()
         .expect("start the projector binary (built by `cargo build --workspace`)")
 }
 
 async fn applied(pool: &PgPool) -> i64 {
-    sqlx::query_scalar("SELECT COALESCE(sum(applied), 0)::bigint FROM household_event_counts")
-        .fetch_one(pool)
-        .await
-        .unwrap_or(0)
+    sqlx::query_scalar("SELECT COALESCE(sum(applied), 0)::bigint FROM household_event_counts").fetch_one(pool).await.unwrap_or(0)
 }
 
 /// The read models as comparable text.
@@ -134,12 +77,10 @@ async fn snapshot(pool: &PgPool) -> (Vec<String>, Vec<String>, Vec<String>) {
         .fetch_all(pool)
         .await
         .expect("counts");
-    let devices = sqlx::query_scalar(
-        "SELECT concat_ws('|', device_id, household_id, kind, name) FROM devices ORDER BY 1",
-    )
-    .fetch_all(pool)
-    .await
-    .expect("devices");
+    let devices = sqlx::query_scalar("SELECT concat_ws('|', device_id, household_id, kind, name) FROM devices ORDER BY 1")
+        .fetch_all(pool)
+        .await
+        .expect("devices");
     (shadows, counts, devices)
 }
 
@@ -170,43 +111,25 @@ async fn killed_mid_stream_the_projector_loses_nothing_and_applies_nothing_twice
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert!(
-        kills >= 2,
-        "the stream ended before the projector could be killed twice ({kills})"
-    );
-    eventually(Duration::from_secs(120), "every event applied", || async {
-        (applied(&pool).await >= total).then_some(())
-    })
-    .await;
+    assert!(kills >= 2, "the stream ended before the projector could be killed twice ({kills})");
+    eventually(Duration::from_secs(120), "every event applied", || async { (applied(&pool).await >= total).then_some(()) }).await;
     // Give a duplicate application every chance to show up before comparing.
     tokio::time::sleep(Duration::from_millis(500)).await;
     child.kill().expect("SIGKILL");
     let _ = child.wait();
-    assert_eq!(
-        applied(&pool).await,
-        total,
-        "each event applied exactly once"
-    );
+    assert_eq!(applied(&pool).await, total, "each event applied exactly once");
 
     // An uninterrupted rebuild from the same log gives the same read models.
     let fresh_url = env.fresh_database().await;
     let mut fresh = spawn_projector(&env, &fresh_url, &topics, 5000);
     let fresh_pool = PgPool::connect(&fresh_url).await.expect("pool");
-    eventually(
-        Duration::from_secs(120),
-        "fresh rebuild complete",
-        || async { (applied(&fresh_pool).await >= total).then_some(()) },
-    )
-    .await;
+    eventually(Duration::from_secs(120), "fresh rebuild complete", || async { (applied(&fresh_pool).await >= total).then_some(()) }).await;
     fresh.kill().expect("SIGKILL");
     let _ = fresh.wait();
     let (a, b) = (snapshot(&pool).await, snapshot(&fresh_pool).await);
     assert_eq!(a.0.len(), DEVICES);
     assert_eq!(a, b);
-    let seqs: Vec<i64> = sqlx::query_scalar("SELECT seq FROM device_shadows")
-        .fetch_all(&pool)
-        .await
-        .expect("seqs");
+    let seqs: Vec<i64> = sqlx::query_scalar("SELECT seq FROM device_shadows").fetch_all(&pool).await.expect("seqs");
     assert!(seqs.iter().all(|s| *s == REPORTS as i64));
 }
 
@@ -216,13 +139,9 @@ async fn events_arriving_by_push_and_by_the_log_are_applied_once() {
     let appender = Appender::new(&ProducerConfig::new(&env.kafka)).expect("producer");
     let (located, total) = append_history(&appender, &topics).await;
 
-    let app = homelink_projector::Application::build(homelink_projector::Config::new(
-        &db_url,
-        &env.kafka,
-        topics.clone(),
-    ))
-    .await
-    .expect("projector");
+    let app = homelink_projector::Application::build(homelink_projector::Config::new(&db_url, &env.kafka, topics.clone()))
+        .await
+        .expect("projector");
     let port = app.port();
     let pool = app.pool();
     let cancel = homelink_kit::shutdown::CancellationToken::new();
@@ -233,34 +152,19 @@ async fn events_arriving_by_push_and_by_the_log_are_applied_once() {
     let url = format!("http://127.0.0.1:{port}/internal/v1/events");
     let pushed: Vec<Located> = located
         .iter()
-        .map(|(t, p, e)| Located {
-            topic: t.clone(),
-            partition: p.partition,
-            offset: p.offset,
-            envelope: e.clone(),
-        })
+        .map(|(t, p, e)| Located { topic: t.clone(), partition: p.partition, offset: p.offset, envelope: e.clone() })
         .collect();
     for chunk in pushed.chunks(100).chain(pushed.chunks(300).step_by(3)) {
         let r = http.post(&url).json(chunk).send().await.expect("push");
         assert!(r.status().is_success(), "push refused: {}", r.status());
     }
-    eventually(Duration::from_secs(120), "every event applied", || async {
-        (applied(&pool).await >= total as i64).then_some(())
-    })
-    .await;
+    eventually(Duration::from_secs(120), "every event applied", || async { (applied(&pool).await >= total as i64).then_some(()) }).await;
     // Wait until the consumer has passed every pushed event, then nothing is left to skip.
     eventually(Duration::from_secs(120), "consumer caught up", || async {
-        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM projector_pushed")
-            .fetch_one(&pool)
-            .await
-            .ok()?;
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM projector_pushed").fetch_one(&pool).await.ok()?;
         (left == 0).then_some(())
     })
     .await;
-    assert_eq!(
-        applied(&pool).await,
-        total as i64,
-        "each event applied exactly once"
-    );
+    assert_eq!(applied(&pool).await, total as i64, "each event applied exactly once");
     cancel.cancel();
 }

@@ -23,14 +23,8 @@ pub enum DeviceKind {
 }
 
 impl DeviceKind {
-    pub const ALL: [DeviceKind; 6] = [
-        DeviceKind::Light,
-        DeviceKind::Plug,
-        DeviceKind::Thermostat,
-        DeviceKind::Lock,
-        DeviceKind::Camera,
-        DeviceKind::Sensor,
-    ];
+    pub const ALL: [DeviceKind; 6] =
+        [DeviceKind::Light, DeviceKind::Plug, DeviceKind::Thermostat, DeviceKind::Lock, DeviceKind::Camera, DeviceKind::Sensor];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -49,66 +43,19 @@ impl DeviceKind {
         const LIGHT: &[Capability] = &[
             Capability::w("on", Bool),
             Capability::w("brightness", Int { min: 0, max: 100 }),
-            Capability::w(
-                "colorTemp",
-                Int {
-                    min: 2000,
-                    max: 6500,
-                },
-            ),
+            Capability::w("colorTemp", Int { min: 2000, max: 6500 }),
         ];
-        const PLUG: &[Capability] = &[
-            Capability::w("on", Bool),
-            Capability::r(
-                "power",
-                Number {
-                    min: 0.0,
-                    max: 100_000.0,
-                    step: None,
-                },
-            ),
-        ];
+        const PLUG: &[Capability] = &[Capability::w("on", Bool), Capability::r("power", Number { min: 0.0, max: 100_000.0, step: None })];
         const THERMOSTAT: &[Capability] = &[
-            Capability::r(
-                "currentTemp",
-                Number {
-                    min: -50.0,
-                    max: 100.0,
-                    step: None,
-                },
-            ),
-            Capability::w(
-                "targetTemp",
-                Number {
-                    min: 5.0,
-                    max: 30.0,
-                    step: Some(0.5),
-                },
-            ),
+            Capability::r("currentTemp", Number { min: -50.0, max: 100.0, step: None }),
+            Capability::w("targetTemp", Number { min: 5.0, max: 30.0, step: Some(0.5) }),
             Capability::w("mode", Enum(&["off", "heat", "cool", "auto"])),
         ];
         const LOCK: &[Capability] = &[Capability::w("locked", Bool), Capability::r("jammed", Bool)];
-        const CAMERA: &[Capability] = &[
-            Capability::w("recording", Bool),
-            Capability::r("motion", Bool),
-        ];
+        const CAMERA: &[Capability] = &[Capability::w("recording", Bool), Capability::r("motion", Bool)];
         const SENSOR: &[Capability] = &[
-            Capability::r(
-                "temperature",
-                Number {
-                    min: -50.0,
-                    max: 100.0,
-                    step: None,
-                },
-            ),
-            Capability::r(
-                "humidity",
-                Number {
-                    min: 0.0,
-                    max: 100.0,
-                    step: None,
-                },
-            ),
+            Capability::r("temperature", Number { min: -50.0, max: 100.0, step: None }),
+            Capability::r("humidity", Number { min: 0.0, max: 100.0, step: None }),
             Capability::r("motion", Bool),
             Capability::r("contact", Bool),
         ];
@@ -138,9 +85,7 @@ impl DeviceKind {
             return Err(ValueError::Empty);
         }
         for (name, value) in set {
-            let cap = self
-                .capability(name)
-                .ok_or_else(|| ValueError::Unknown(name.clone()))?;
+            let cap = self.capability(name).ok_or_else(|| ValueError::Unknown(name.clone()))?;
             if !cap.writable {
                 return Err(ValueError::ReadOnly(name.clone()));
             }
@@ -153,9 +98,7 @@ impl DeviceKind {
     /// in range. Unknown capability names are refused (they would be stored).
     pub fn validate_state(self, state: &Map<String, Value>) -> Result<(), ValueError> {
         for (name, value) in state {
-            let cap = self
-                .capability(name)
-                .ok_or_else(|| ValueError::Unknown(name.clone()))?;
+            let cap = self.capability(name).ok_or_else(|| ValueError::Unknown(name.clone()))?;
             cap.check(value)?;
         }
         Ok(())
@@ -171,10 +114,7 @@ impl fmt::Display for DeviceKind {
 impl FromStr for DeviceKind {
     type Err = ValueError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        DeviceKind::ALL
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| ValueError::UnknownKind(s.to_owned()))
+        DeviceKind::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| ValueError::UnknownKind(s.to_owned()))
     }
 }
 
@@ -182,15 +122,8 @@ impl FromStr for DeviceKind {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ValueType {
     Bool,
-    Int {
-        min: i64,
-        max: i64,
-    },
-    Number {
-        min: f64,
-        max: f64,
-        step: Option<f64>,
-    },
+    Int { min: i64, max: i64 },
+    Number { min: f64, max: f64, step: Option<f64> },
     Enum(&'static [&'static str]),
 }
 
@@ -204,18 +137,10 @@ pub struct Capability {
 
 impl Capability {
     const fn w(name: &'static str, value: ValueType) -> Self {
-        Self {
-            name,
-            value,
-            writable: true,
-        }
+        Self { name, value, writable: true }
     }
     const fn r(name: &'static str, value: ValueType) -> Self {
-        Self {
-            name,
-            value,
-            writable: false,
-        }
+        Self { name, value, writable: false }
     }
 
     /// Checks one value against this capability's type and range.
@@ -275,22 +200,10 @@ mod tests {
     #[test]
     fn out_of_range_unknown_and_read_only_values_are_refused() {
         let k = DeviceKind::Light;
-        assert!(matches!(
-            k.validate_set(&map(json!({"brightness": 101}))),
-            Err(ValueError::OutOfRange(_))
-        ));
-        assert!(matches!(
-            k.validate_set(&map(json!({"brightness": 50.5}))),
-            Err(ValueError::OutOfRange(_))
-        ));
-        assert!(matches!(
-            k.validate_set(&map(json!({"explode": true}))),
-            Err(ValueError::Unknown(_))
-        ));
-        assert!(matches!(
-            DeviceKind::Plug.validate_set(&map(json!({"power": 3}))),
-            Err(ValueError::ReadOnly(_))
-        ));
+        assert!(matches!(k.validate_set(&map(json!({"brightness": 101}))), Err(ValueError::OutOfRange(_))));
+        assert!(matches!(k.validate_set(&map(json!({"brightness": 50.5}))), Err(ValueError::OutOfRange(_))));
+        assert!(matches!(k.validate_set(&map(json!({"explode": true}))), Err(ValueError::Unknown(_))));
+        assert!(matches!(DeviceKind::Plug.validate_set(&map(json!({"power": 3}))), Err(ValueError::ReadOnly(_))));
         assert_eq!(k.validate_set(&Map::new()), Err(ValueError::Empty));
     }
 

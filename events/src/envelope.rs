@@ -57,12 +57,7 @@ pub struct Envelope {
 
 impl Envelope {
     /// Wraps a typed event in a new envelope with a fresh id.
-    pub fn new(
-        household_id: Uuid,
-        actor: Actor,
-        event: &Event,
-        occurred_at: DateTime<Utc>,
-    ) -> Self {
+    pub fn new(household_id: Uuid, actor: Actor, event: &Event, occurred_at: DateTime<Utc>) -> Self {
         let (event_type, v, payload) = event.to_parts();
         Self {
             event_id: Uuid::now_v7(),
@@ -118,10 +113,7 @@ mod tests {
         let e = Envelope::new(
             Uuid::nil(),
             Actor::Device(Uuid::nil()),
-            &Event::DeviceStatusChanged(DeviceStatusChanged {
-                device_id: Uuid::nil(),
-                online: true,
-            }),
+            &Event::DeviceStatusChanged(DeviceStatusChanged { device_id: Uuid::nil(), online: true }),
             DateTime::from_timestamp(0, 0).unwrap(),
         );
         let v: serde_json::Value = serde_json::from_slice(&e.to_json()).unwrap();
@@ -134,10 +126,7 @@ mod tests {
 
     #[test]
     fn oversized_and_garbage_input_is_an_error_not_a_panic() {
-        assert!(matches!(
-            Envelope::from_json(&vec![b' '; MAX_ENVELOPE_BYTES + 1]),
-            Err(DecodeError::TooLarge(_))
-        ));
+        assert!(matches!(Envelope::from_json(&vec![b' '; MAX_ENVELOPE_BYTES + 1]), Err(DecodeError::TooLarge(_))));
         assert!(Envelope::from_json(b"{\"eventId\":").is_err());
         assert!(Envelope::from_json(b"[]").is_err());
     }

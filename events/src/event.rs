@@ -175,30 +175,14 @@ mod tests {
         let d = "6f1c1a2e-0000-4000-8000-000000000001";
         let cases = [
             ("HouseholdCreated", json!({"name": "Home"})),
-            (
-                "DeviceRegistered",
-                json!({"deviceId": d, "kind": "light", "name": "Lamp", "room": null}),
-            ),
-            (
-                "DeviceStateReported",
-                json!({"deviceId": d, "seq": 7, "deviceTs": null, "state": {"on": true}, "battery": null}),
-            ),
-            (
-                "DeviceStatusChanged",
-                json!({"deviceId": d, "online": false}),
-            ),
-            (
-                "DeviceCommandRequested",
-                json!({"commandId": d, "deviceId": d, "set": {"on": false}, "expiresAt": "2026-11-25T12:00:05Z"}),
-            ),
-            (
-                "DeviceCommandAcked",
-                json!({"commandId": d, "deviceId": d, "status": "rejected", "reason": "busy"}),
-            ),
+            ("DeviceRegistered", json!({"deviceId": d, "kind": "light", "name": "Lamp", "room": null})),
+            ("DeviceStateReported", json!({"deviceId": d, "seq": 7, "deviceTs": null, "state": {"on": true}, "battery": null})),
+            ("DeviceStatusChanged", json!({"deviceId": d, "online": false})),
+            ("DeviceCommandRequested", json!({"commandId": d, "deviceId": d, "set": {"on": false}, "expiresAt": "2026-11-25T12:00:05Z"})),
+            ("DeviceCommandAcked", json!({"commandId": d, "deviceId": d, "status": "rejected", "reason": "busy"})),
         ];
         for (t, payload) in cases {
-            let e =
-                Event::from_parts(t, 1, payload.clone()).unwrap_or_else(|err| panic!("{t}: {err}"));
+            let e = Event::from_parts(t, 1, payload.clone()).unwrap_or_else(|err| panic!("{t}: {err}"));
             assert_eq!(e.type_name(), t);
             assert_eq!(e.to_parts().2, payload, "{t} re-encodes to the same JSON");
         }
@@ -206,18 +190,9 @@ mod tests {
 
     #[test]
     fn unknown_types_and_versions_are_errors() {
-        assert!(matches!(
-            Event::from_parts("Nope", 1, json!({})),
-            Err(DecodeError::UnknownType(_))
-        ));
-        assert!(matches!(
-            Event::from_parts("HouseholdCreated", 9, json!({"name": "x"})),
-            Err(DecodeError::UnknownVersion(_, 9))
-        ));
-        assert!(matches!(
-            Event::from_parts("HouseholdCreated", 1, json!({"name": 3})),
-            Err(DecodeError::Json(_))
-        ));
+        assert!(matches!(Event::from_parts("Nope", 1, json!({})), Err(DecodeError::UnknownType(_))));
+        assert!(matches!(Event::from_parts("HouseholdCreated", 9, json!({"name": "x"})), Err(DecodeError::UnknownVersion(_, 9))));
+        assert!(matches!(Event::from_parts("HouseholdCreated", 1, json!({"name": 3})), Err(DecodeError::Json(_))));
     }
 
     proptest! {

@@ -36,10 +36,7 @@ impl Channel {
 
 /// `home/{householdId}/device/{deviceId}/{channel}`.
 pub fn device_topic(household_id: Uuid, device_id: Uuid, channel: Channel) -> String {
-    format!(
-        "home/{household_id}/device/{device_id}/{}",
-        channel.as_str()
-    )
+    format!("home/{household_id}/device/{device_id}/{}", channel.as_str())
 }
 
 /// A parsed device topic.
@@ -53,13 +50,7 @@ pub struct DeviceTopic {
 /// Parses a device topic; `None` for anything that is not exactly one.
 pub fn parse_device_topic(topic: &str) -> Option<DeviceTopic> {
     let mut parts = topic.split('/');
-    let (home, h, device, d, c) = (
-        parts.next()?,
-        parts.next()?,
-        parts.next()?,
-        parts.next()?,
-        parts.next()?,
-    );
+    let (home, h, device, d, c) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?, parts.next()?);
     if parts.next().is_some() || home != "home" || device != "device" {
         return None;
     }
@@ -70,11 +61,7 @@ pub fn parse_device_topic(topic: &str) -> Option<DeviceTopic> {
         "status" => Channel::Status,
         _ => return None,
     };
-    Some(DeviceTopic {
-        household_id: Uuid::parse_str(h).ok()?,
-        device_id: Uuid::parse_str(d).ok()?,
-        channel,
-    })
+    Some(DeviceTopic { household_id: Uuid::parse_str(h).ok()?, device_id: Uuid::parse_str(d).ok()?, channel })
 }
 
 /// `state`: device → cloud.
@@ -191,11 +178,7 @@ impl PayloadError {
 
 /// Decodes and validates an untrusted payload published on `channel` by a
 /// device of `kind`. Unknown fields are ignored (forward compatibility).
-pub fn decode_device_message(
-    kind: DeviceKind,
-    channel: Channel,
-    payload: &[u8],
-) -> Result<DeviceMessage, PayloadError> {
+pub fn decode_device_message(kind: DeviceKind, channel: Channel, payload: &[u8]) -> Result<DeviceMessage, PayloadError> {
     if payload.len() > MAX_PAYLOAD_BYTES {
         return Err(PayloadError::TooLarge(payload.len()));
     }
@@ -249,24 +232,11 @@ mod tests {
         let (h, d) = (Uuid::new_v4(), Uuid::new_v4());
         for c in [Channel::State, Channel::Cmd, Channel::Ack, Channel::Status] {
             let t = device_topic(h, d, c);
-            assert_eq!(
-                parse_device_topic(&t),
-                Some(DeviceTopic {
-                    household_id: h,
-                    device_id: d,
-                    channel: c
-                })
-            );
+            assert_eq!(parse_device_topic(&t), Some(DeviceTopic { household_id: h, device_id: d, channel: c }));
         }
         assert_eq!(parse_device_topic("home/x/device/y/state"), None);
-        assert_eq!(
-            parse_device_topic(&format!("home/{h}/device/{d}/state/extra")),
-            None
-        );
-        assert_eq!(
-            parse_device_topic(&format!("home/{h}/device/{d}/other")),
-            None
-        );
+        assert_eq!(parse_device_topic(&format!("home/{h}/device/{d}/state/extra")), None);
+        assert_eq!(parse_device_topic(&format!("home/{h}/device/{d}/other")), None);
     }
 
     #[test]
@@ -286,40 +256,19 @@ mod tests {
             (br#"{"v":2,"seq":1,"state":{}}"#, "version"),
             (br#"{"v":1,"seq":18446744073709551615,"state":{}}"#, "seq"),
             (br#"{"v":1,"seq":0,"state":{}}"#, "seq"),
-            (
-                br#"{"v":1,"seq":1,"state":{"brightness":900}}"#,
-                "capability",
-            ),
+            (br#"{"v":1,"seq":1,"state":{"brightness":900}}"#, "capability"),
             (br#"{"v":1,"seq":1,"state":{},"battery":101}"#, "battery"),
-            (
-                br#"{"v":1,"seq":1,"state":{"on":{"a":{"b":[[[[1]]]]}}}}"#,
-                "capability",
-            ),
+            (br#"{"v":1,"seq":1,"state":{"on":{"a":{"b":[[[[1]]]]}}}}"#, "capability"),
         ];
         for (p, kind) in cases {
             let err = decode_device_message(k, Channel::State, p).unwrap_err();
             assert_eq!(err.kind(), kind, "{}", String::from_utf8_lossy(p));
         }
         let deep = format!("{}{}", "[".repeat(1_000), "]".repeat(1_000));
-        assert_eq!(
-            decode_device_message(k, Channel::Ack, deep.as_bytes())
-                .unwrap_err()
-                .kind(),
-            "malformed"
-        );
+        assert_eq!(decode_device_message(k, Channel::Ack, deep.as_bytes()).unwrap_err().kind(), "malformed");
         let big = vec![b' '; MAX_PAYLOAD_BYTES + 1];
-        assert_eq!(
-            decode_device_message(k, Channel::Status, &big)
-                .unwrap_err()
-                .kind(),
-            "too_large"
-        );
-        assert_eq!(
-            decode_device_message(k, Channel::Cmd, b"{}")
-                .unwrap_err()
-                .kind(),
-            "direction"
-        );
+        assert_eq!(decode_device_message(k, Channel::Status, &big).unwrap_err().kind(), "too_large");
+        assert_eq!(decode_device_message(k, Channel::Cmd, b"{}").unwrap_err().kind(), "direction");
     }
 
     proptest! {

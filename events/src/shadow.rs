@@ -57,15 +57,7 @@ pub struct Shadow {
 
 impl Default for Shadow {
     fn default() -> Self {
-        Self {
-            reported: Map::new(),
-            seq: 0,
-            version: 0,
-            battery: None,
-            online: false,
-            last_seen: None,
-            status_offset: -1,
-        }
+        Self { reported: Map::new(), seq: 0, version: 0, battery: None, online: false, last_seen: None, status_offset: -1 }
     }
 }
 
@@ -128,10 +120,7 @@ mod tests {
             device_id: Uuid::nil(),
             seq,
             device_ts: None,
-            state: json!({"brightness": brightness})
-                .as_object()
-                .cloned()
-                .unwrap(),
+            state: json!({"brightness": brightness}).as_object().cloned().unwrap(),
             battery: None,
         })
     }
@@ -153,12 +142,7 @@ mod tests {
     #[test]
     fn status_changes_bump_the_version_only_when_they_change_something() {
         let mut s = Shadow::default();
-        let online = |o| {
-            Event::DeviceStatusChanged(DeviceStatusChanged {
-                device_id: Uuid::nil(),
-                online: o,
-            })
-        };
+        let online = |o| Event::DeviceStatusChanged(DeviceStatusChanged { device_id: Uuid::nil(), online: o });
         assert!(s.apply(&online(true), t(1), 10));
         assert!(!s.apply(&online(true), t(2), 11));
         assert!(s.apply(&online(false), t(3), 12));

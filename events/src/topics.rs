@@ -14,9 +14,7 @@ pub struct Topics {
 impl Topics {
     /// `prefix` is used verbatim; by convention it ends with a dot (`homelink.`).
     pub fn new(prefix: impl Into<String>) -> Self {
-        Self {
-            prefix: prefix.into(),
-        }
+        Self { prefix: prefix.into() }
     }
 
     pub fn prefix(&self) -> &str {
@@ -50,12 +48,7 @@ impl Topics {
 
     /// Every topic of a deployment, for creating them.
     pub fn all(&self) -> [String; 4] {
-        [
-            self.households(),
-            self.telemetry(),
-            self.commands(),
-            self.dead_letter(),
-        ]
+        [self.households(), self.telemetry(), self.commands(), self.dead_letter()]
     }
 }
 

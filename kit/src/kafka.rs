@@ -33,11 +33,7 @@ pub struct ProducerConfig {
 
 impl ProducerConfig {
     pub fn new(bootstrap: impl Into<String>) -> Self {
-        Self {
-            bootstrap: bootstrap.into(),
-            linger: Duration::from_millis(1),
-            delivery_timeout: Duration::from_secs(30),
-        }
+        Self { bootstrap: bootstrap.into(), linger: Duration::from_millis(1), delivery_timeout: Duration::from_secs(30) }
     }
 }
 
@@ -54,10 +50,7 @@ impl Appender {
             .set("acks", "all")
             .set("enable.idempotence", "true")
             .set("linger.ms", cfg.linger.as_millis().to_string())
-            .set(
-                "message.timeout.ms",
-                cfg.delivery_timeout.as_millis().max(1).to_string(),
-            )
+            .set("message.timeout.ms", cfg.delivery_timeout.as_millis().max(1).to_string())
             .set("retry.backoff.ms", "100")
             .set("retry.backoff.max.ms", "1000")
             .set("socket.nagle.disable", "true")
@@ -72,18 +65,10 @@ impl Appender {
     }
 
     /// Appends raw bytes under `key` (dead-letter records).
-    pub async fn append_raw(
-        &self,
-        topic: &str,
-        key: &str,
-        payload: &[u8],
-    ) -> Result<Position, crate::Error> {
+    pub async fn append_raw(&self, topic: &str, key: &str, payload: &[u8]) -> Result<Position, crate::Error> {
         let record = FutureRecord::to(topic).key(key).payload(payload);
         match self.producer.send(record, Duration::from_secs(0)).await {
-            Ok(d) => Ok(Position {
-                partition: d.partition,
-                offset: d.offset,
-            }),
+            Ok(d) => Ok(Position { partition: d.partition, offset: d.offset }),
             Err((e, _)) => Err(e.into()),
         }
     }
@@ -97,11 +82,7 @@ impl Appender {
 /// A consumer that never commits on its own. `group` is used for group
 /// membership when `subscribe` is called; read-model builders `assign` instead
 /// and keep their offsets in Postgres.
-pub fn consumer(
-    bootstrap: &str,
-    group: &str,
-    fetch_wait: Duration,
-) -> Result<StreamConsumer, crate::Error> {
+pub fn consumer(bootstrap: &str, group: &str, fetch_wait: Duration) -> Result<StreamConsumer, crate::Error> {
     let c: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", group)
@@ -118,38 +99,21 @@ pub fn consumer(
 }
 
 /// Creates the topics that do not exist yet, each with `partitions` partitions.
-pub async fn ensure_topics(
-    bootstrap: &str,
-    topics: &[String],
-    partitions: i32,
-) -> Result<(), crate::Error> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()?;
-    let new: Vec<NewTopic> = topics
-        .iter()
-        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
-        .collect();
+pub async fn ensure_topics(bootstrap: &str, topics: &[String], partitions: i32) -> Result<(), crate::Error> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
+    let new: Vec<NewTopic> = topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1))).collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     for result in admin.create_topics(&new, &opts).await? {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => {
-                return Err(crate::Error::Other(format!(
-                    "creating topic {topic}: {code}"
-                )))
-            }
+            Err((topic, code)) => return Err(crate::Error::Other(format!("creating topic {topic}: {code}"))),
         }
     }
     Ok(())
 }
 
 /// The partitions of `topic` as the broker reports them.
-pub fn partitions_of(
-    consumer: &StreamConsumer,
-    topic: &str,
-    timeout: Duration,
-) -> Result<Vec<i32>, crate::Error> {
+pub fn partitions_of(consumer: &StreamConsumer, topic: &str, timeout: Duration) -> Result<Vec<i32>, crate::Error> {
     let md = consumer.fetch_metadata(Some(topic), timeout)?;
     let parts: Vec<i32> = md
         .topics()
@@ -158,9 +122,7 @@ pub fn partitions_of(
         .flat_map(|t| t.partitions().iter().map(|p| p.id()))
         .collect();
     if parts.is_empty() {
-        return Err(crate::Error::Other(format!(
-            "topic {topic} has no partitions (not created?)"
-        )));
+        return Err(crate::Error::Other(format!("topic {topic} has no partitions (not created?)")));
     }
     Ok(parts)
 }

@@ -4,9 +4,7 @@
 //! Each service owns a [`Registry`] (not the global one) so that several
 //! services can run in one test process.
 
-use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
-};
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
 /// The metrics every service has.
 #[derive(Clone)]
@@ -28,52 +26,23 @@ impl ServiceMetrics {
     pub fn new(component: &str) -> Self {
         let registry = Registry::new();
         let name = |n: &str| format!("homelink_{component}_{n}");
-        let messages_in = IntCounterVec::new(
-            Opts::new(name("messages_in_total"), "Messages received"),
-            &["kind"],
-        )
-        .expect("valid metric");
-        let messages_out = IntCounterVec::new(
-            Opts::new(name("messages_out_total"), "Messages sent"),
-            &["kind"],
-        )
-        .expect("valid metric");
-        let errors = IntCounterVec::new(
-            Opts::new(name("errors_total"), "Errors and refused inputs"),
-            &["kind"],
-        )
-        .expect("valid metric");
+        let messages_in = IntCounterVec::new(Opts::new(name("messages_in_total"), "Messages received"), &["kind"]).expect("valid metric");
+        let messages_out = IntCounterVec::new(Opts::new(name("messages_out_total"), "Messages sent"), &["kind"]).expect("valid metric");
+        let errors = IntCounterVec::new(Opts::new(name("errors_total"), "Errors and refused inputs"), &["kind"]).expect("valid metric");
         let latency = HistogramVec::new(
-            HistogramOpts::new(name("processing_seconds"), "Processing latency").buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-            ]),
+            HistogramOpts::new(name("processing_seconds"), "Processing latency")
+                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
             &["stage"],
         )
         .expect("valid metric");
-        let consumer_lag = IntGaugeVec::new(
-            Opts::new(name("consumer_lag_records"), "Records behind the log end"),
-            &["topic", "partition"],
-        )
-        .expect("valid metric");
+        let consumer_lag = IntGaugeVec::new(Opts::new(name("consumer_lag_records"), "Records behind the log end"), &["topic", "partition"])
+            .expect("valid metric");
         for c in [&messages_in, &messages_out, &errors] {
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
         }
-        registry
-            .register(Box::new(latency.clone()))
-            .expect("unique metric");
-        registry
-            .register(Box::new(consumer_lag.clone()))
-            .expect("unique metric");
-        Self {
-            registry,
-            messages_in,
-            messages_out,
-            errors,
-            latency,
-            consumer_lag,
-        }
+        registry.register(Box::new(latency.clone())).expect("unique metric");
+        registry.register(Box::new(consumer_lag.clone())).expect("unique metric");
+        Self { registry, messages_in, messages_out, errors, latency, consumer_lag }
     }
 
     /// The Prometheus text exposition of this registry.

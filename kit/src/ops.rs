@@ -20,10 +20,7 @@ struct OpsState {
 }
 
 /// Routes for `/healthz`, `/readyz` and `/metrics`, to merge into a service's router.
-pub fn router<S: Clone + Send + Sync + 'static>(
-    metrics: ServiceMetrics,
-    ready: ReadyCheck,
-) -> Router<S> {
+pub fn router<S: Clone + Send + Sync + 'static>(metrics: ServiceMetrics, ready: ReadyCheck) -> Router<S> {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -35,35 +32,33 @@ async fn readyz(State(s): State<OpsState>) -> impl IntoResponse {
     match tokio::time::timeout(std::time::Duration::from_secs(2), (s.ready)()).await {
         Ok(Ok(())) => (StatusCode::OK, "ready".to_owned()),
         Ok(Err(why)) => (StatusCode::SERVICE_UNAVAILABLE, why),
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "readiness check timed out".to_owned(),
-        ),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "readiness check timed out".to_owned()),
     }
 }
 
 async fn render(State(s): State<OpsState>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.metrics.render(),
-    )
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render())
 }
 
 /// A readiness check that pings Postgres.
 pub fn postgres_ready(pool: sqlx::PgPool) -> ReadyCheck {
     Arc::new(move || {
         let pool = pool.clone();
-        Box::pin(async move {
-            sqlx::query("SELECT 1")
-                .execute(&pool)
-                .await
-                .map(|_| ())
-                .map_err(|e| format!("postgres: {e}"))
-        })
+        Box::pin(async move { sqlx::query("SELECT 1").execute(&pool).await.map(|_| ()).map_err(|e| format!("postgres: {e}")) })
     })
 }
 
 /// Binds a listener on `addr` (port 0 picks a free port).
 pub async fn bind(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
+}
+
+/// Serves `router` on `listener` until `cancel` fires, with TCP_NODELAY on
+/// every connection (small responses must not wait for a delayed ACK).
+pub async fn serve(listener: tokio::net::TcpListener, router: Router, cancel: tokio_util::sync::CancellationToken) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, router).with_graceful_shutdown(async move { cancel.cancelled().await }).await
 }

@@ -43,20 +43,14 @@ impl<T: Serialize + Send + 'static> Pusher<T> {
             while rx.recv_many(&mut batch, BATCH).await > 0 {
                 let n = batch.len() as u64;
                 match client.post(&url).json(&batch).send().await {
-                    Ok(r) if r.status().is_success() => {
-                        m.messages_out.with_label_values(&[label]).inc_by(n)
-                    }
+                    Ok(r) if r.status().is_success() => m.messages_out.with_label_values(&[label]).inc_by(n),
                     Ok(r) => {
                         tracing::debug!(status = %r.status(), label, "push refused");
-                        m.errors
-                            .with_label_values(&[&format!("{label}_push")])
-                            .inc_by(n);
+                        m.errors.with_label_values(&[&format!("{label}_push")]).inc_by(n);
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, label, "push failed");
-                        m.errors
-                            .with_label_values(&[&format!("{label}_push")])
-                            .inc_by(n);
+                        m.errors.with_label_values(&[&format!("{label}_push")]).inc_by(n);
                     }
                 }
                 batch.clear();
@@ -68,10 +62,7 @@ impl<T: Serialize + Send + 'static> Pusher<T> {
     /// Queues an item without waiting; a full queue drops it (counted).
     pub fn push(&self, item: T) {
         if self.tx.try_send(item).is_err() {
-            self.metrics
-                .errors
-                .with_label_values(&[&format!("{}_push_dropped", self.label)])
-                .inc();
+            self.metrics.errors.with_label_values(&[&format!("{}_push_dropped", self.label)]).inc();
         }
     }
 }

@@ -64,29 +64,13 @@ type Key = (String, i32, i64);
 
 impl Applier {
     pub async fn load(pool: PgPool, metrics: ServiceMetrics) -> Result<Self, sqlx::Error> {
-        let rows = sqlx::query("SELECT topic, partition, next_offset FROM projector_offsets")
-            .fetch_all(&pool)
-            .await?;
-        let next_offsets = rows
-            .into_iter()
-            .map(|r| {
-                (
-                    (r.get::<String, _>(0), r.get::<i32, _>(1)),
-                    r.get::<i64, _>(2),
-                )
-            })
-            .collect();
-        Ok(Self {
-            pool,
-            metrics,
-            next_offsets,
-        })
+        let rows = sqlx::query("SELECT topic, partition, next_offset FROM projector_offsets").fetch_all(&pool).await?;
+        let next_offsets = rows.into_iter().map(|r| ((r.get::<String, _>(0), r.get::<i32, _>(1)), r.get::<i64, _>(2))).collect();
+        Ok(Self { pool, metrics, next_offsets })
     }
 
     pub fn next_offset(&self, topic: &str, partition: i32) -> Option<i64> {
-        self.next_offsets
-            .get(&(topic.to_owned(), partition))
-            .copied()
+        self.next_offsets.get(&(topic.to_owned(), partition)).copied()
     }
 
     /// Applies several batches in one transaction. All or nothing.
@@ -99,9 +83,7 @@ impl Applier {
         for b in batches {
             for e in &b.events {
                 let k = (e.topic.clone(), e.partition, e.offset);
-                let below = self
-                    .next_offset(&e.topic, e.partition)
-                    .is_some_and(|n| e.offset < n);
+                let below = self.next_offset(&e.topic, e.partition).is_some_and(|n| e.offset < n);
                 if below {
                     continue;
                 }
@@ -138,11 +120,7 @@ impl Applier {
             already.extend(rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2))));
         }
         // Pushed events: record them; a conflict means an earlier push applied it.
-        let pushed: Vec<&Key> = by_pos
-            .iter()
-            .filter(|(k, (_, s))| *s == Source::Push && !already.contains(*k))
-            .map(|(k, _)| k)
-            .collect();
+        let pushed: Vec<&Key> = by_pos.iter().filter(|(k, (_, s))| *s == Source::Push && !already.contains(*k)).map(|(k, _)| k).collect();
         if !pushed.is_empty() {
             let (t, p, o) = unzip3(pushed.iter().map(|(t, p, o)| (t.clone(), *p, *o)));
             let rows = sqlx::query(
@@ -155,10 +133,7 @@ impl Applier {
             .bind(&o)
             .fetch_all(&mut *tx)
             .await?;
-            let inserted: HashSet<Key> = rows
-                .into_iter()
-                .map(|r| (r.get(0), r.get(1), r.get(2)))
-                .collect();
+            let inserted: HashSet<Key> = rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
             for k in pushed {
                 if !inserted.contains(k) {
                     already.insert(k.clone());
@@ -175,10 +150,7 @@ impl Applier {
                 Ok(ev) => work.push((*located, ev)),
                 Err(e) => {
                     tracing::warn!(error = %e, topic = %k.0, offset = k.2, "undecodable event skipped");
-                    self.metrics
-                        .errors
-                        .with_label_values(&["undecodable_event"])
-                        .inc();
+                    self.metrics.errors.with_label_values(&["undecodable_event"]).inc();
                 }
             }
         }
@@ -212,14 +184,8 @@ impl Applier {
             *cur = (*cur).max(n);
         }
         let applied = work.len();
-        self.metrics
-            .messages_out
-            .with_label_values(&["applied"])
-            .inc_by(applied as u64);
-        Ok(Outcome {
-            applied,
-            skipped: total - applied,
-        })
+        self.metrics.messages_out.with_label_values(&["applied"]).inc_by(applied as u64);
+        Ok(Outcome { applied, skipped: total - applied })
     }
 }
 
@@ -234,10 +200,7 @@ fn unzip3<A, B, C>(it: impl Iterator<Item = (A, B, C)>) -> (Vec<A>, Vec<B>, Vec<
 }
 
 /// Applies decoded events in log order; returns the shadow-change notifications.
-async fn apply_events(
-    tx: &mut Transaction<'_, Postgres>,
-    work: &[(&Located, Event)],
-) -> Result<Vec<String>, sqlx::Error> {
+async fn apply_events(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]) -> Result<Vec<String>, sqlx::Error> {
     registry(tx, work).await?;
     let notes = shadows(tx, work).await?;
     commands(tx, work).await?;
@@ -245,10 +208,7 @@ async fn apply_events(
     Ok(notes)
 }
 
-async fn registry(
-    tx: &mut Transaction<'_, Postgres>,
-    work: &[(&Located, Event)],
-) -> Result<(), sqlx::Error> {
+async fn registry(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]) -> Result<(), sqlx::Error> {
     for (l, ev) in work {
         let env = &l.envelope;
         match ev {
@@ -281,18 +241,10 @@ async fn registry(
 
 /// Loads the shadows the batch touches, folds the events in log order with
 /// [`Shadow::apply`], and writes the changed ones back in one statement.
-async fn shadows(
-    tx: &mut Transaction<'_, Postgres>,
-    work: &[(&Located, Event)],
-) -> Result<Vec<String>, sqlx::Error> {
+async fn shadows(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]) -> Result<Vec<String>, sqlx::Error> {
     let touched: Vec<Uuid> = work
         .iter()
-        .filter(|(_, e)| {
-            matches!(
-                e,
-                Event::DeviceStateReported(_) | Event::DeviceStatusChanged(_)
-            )
-        })
+        .filter(|(_, e)| matches!(e, Event::DeviceStateReported(_) | Event::DeviceStatusChanged(_)))
         .filter_map(|(_, e)| e.device_id())
         .collect::<HashSet<_>>()
         .into_iter()
@@ -330,10 +282,7 @@ async fn shadows(
         let Some(device) = ev.device_id() else {
             continue;
         };
-        if !matches!(
-            ev,
-            Event::DeviceStateReported(_) | Event::DeviceStatusChanged(_)
-        ) {
+        if !matches!(ev, Event::DeviceStateReported(_) | Event::DeviceStatusChanged(_)) {
             continue;
         }
         let shadow = current.entry(device).or_default();
@@ -349,9 +298,7 @@ async fn shadows(
     for (device, household) in &changed {
         let s = &current[device];
         cols.push(*device, *household, s);
-        notes.push(
-            serde_json::to_string(&ShadowChanged::new(*household, *device, s)).unwrap_or_default(),
-        );
+        notes.push(serde_json::to_string(&ShadowChanged::new(*household, *device, s)).unwrap_or_default());
     }
     sqlx::query(
         r#"INSERT INTO device_shadows (device_id, household_id, reported, seq, version, battery, online, last_seen, status_offset, updated_at)
@@ -406,19 +353,11 @@ impl ShadowColumns {
 
 /// Command lifecycle: requested (rank 0) → acked ok / rejected / failed (rank 2).
 /// Status only moves forward, whatever order the two paths deliver in.
-async fn commands(
-    tx: &mut Transaction<'_, Postgres>,
-    work: &[(&Located, Event)],
-) -> Result<(), sqlx::Error> {
+async fn commands(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]) -> Result<(), sqlx::Error> {
     for (l, ev) in work {
         let env = &l.envelope;
         match ev {
-            Event::DeviceCommandRequested(DeviceCommandRequested {
-                command_id,
-                device_id,
-                set,
-                expires_at,
-            }) => {
+            Event::DeviceCommandRequested(DeviceCommandRequested { command_id, device_id, set, expires_at }) => {
                 sqlx::query(
                     r#"INSERT INTO device_commands (command_id, household_id, device_id, set_values, status, status_rank, actor, requested_at, expires_at)
                        VALUES ($1, $2, $3, $4, 'requested', 0, $5, $6, $7)
@@ -435,12 +374,7 @@ async fn commands(
                 .execute(&mut **tx)
                 .await?;
             }
-            Event::DeviceCommandAcked(DeviceCommandAcked {
-                command_id,
-                device_id,
-                status,
-                reason,
-            }) => {
+            Event::DeviceCommandAcked(DeviceCommandAcked { command_id, device_id, status, reason }) => {
                 sqlx::query(
                     r#"INSERT INTO device_commands (command_id, household_id, device_id, status, status_rank, reason, acked_at)
                        VALUES ($1, $2, $3, $4, 2, $5, $6)
@@ -462,14 +396,10 @@ async fn commands(
     Ok(())
 }
 
-async fn counts(
-    tx: &mut Transaction<'_, Postgres>,
-    work: &[(&Located, Event)],
-) -> Result<(), sqlx::Error> {
+async fn counts(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]) -> Result<(), sqlx::Error> {
     let mut n: HashMap<(Uuid, &'static str), i64> = HashMap::new();
     for (l, ev) in work {
-        *n.entry((l.envelope.household_id, ev.type_name()))
-            .or_default() += 1;
+        *n.entry((l.envelope.household_id, ev.type_name())).or_default() += 1;
     }
     let (mut h, mut t, mut c) = (Vec::new(), Vec::new(), Vec::new());
     for ((hh, tt), cc) in n {

@@ -26,29 +26,19 @@ pub struct CatchUp {
 
 impl CatchUp {
     /// Assigns every partition of the projected topics at the stored offsets.
-    pub async fn assign(
-        cfg: &Config,
-        applier: &Applier,
-        metrics: ServiceMetrics,
-    ) -> anyhow::Result<Self> {
-        let consumer = Arc::new(homelink_kit::kafka::consumer(
-            &cfg.kafka_bootstrap,
-            "homelink-projector",
-            cfg.fetch_wait,
-        )?);
+    pub async fn assign(cfg: &Config, applier: &Applier, metrics: ServiceMetrics) -> anyhow::Result<Self> {
+        let consumer = Arc::new(homelink_kit::kafka::consumer(&cfg.kafka_bootstrap, "homelink-projector", cfg.fetch_wait)?);
         let topics = cfg.topics.projected().to_vec();
         let c = consumer.clone();
-        let parts = tokio::task::spawn_blocking(
-            move || -> Result<Vec<(String, i32)>, homelink_kit::Error> {
-                let mut all = Vec::new();
-                for t in topics {
-                    for p in homelink_kit::kafka::partitions_of(&c, &t, Duration::from_secs(10))? {
-                        all.push((t.clone(), p));
-                    }
+        let parts = tokio::task::spawn_blocking(move || -> Result<Vec<(String, i32)>, homelink_kit::Error> {
+            let mut all = Vec::new();
+            for t in topics {
+                for p in homelink_kit::kafka::partitions_of(&c, &t, Duration::from_secs(10))? {
+                    all.push((t.clone(), p));
                 }
-                Ok(all)
-            },
-        )
+            }
+            Ok(all)
+        })
         .await??;
         let mut tpl = TopicPartitionList::new();
         for (t, p) in &parts {
@@ -59,28 +49,12 @@ impl CatchUp {
             tpl.add_partition_offset(t, *p, offset)?;
         }
         consumer.assign(&tpl)?;
-        Ok(Self {
-            consumer,
-            assigned: parts,
-            batch_max: cfg.batch_max,
-            metrics,
-        })
+        Ok(Self { consumer, assigned: parts, batch_max: cfg.batch_max, metrics })
     }
 
     /// Reads until cancelled, handing batches to the applier.
-    pub(crate) async fn run(
-        self,
-        jobs: mpsc::Sender<Job>,
-        positions: Positions,
-        cancel: CancellationToken,
-    ) {
-        let lag = tokio::spawn(report_lag(
-            self.consumer.clone(),
-            self.assigned.clone(),
-            positions,
-            self.metrics.clone(),
-            cancel.clone(),
-        ));
+    pub(crate) async fn run(self, jobs: mpsc::Sender<Job>, positions: Positions, cancel: CancellationToken) {
+        let lag = tokio::spawn(report_lag(self.consumer.clone(), self.assigned.clone(), positions, self.metrics.clone(), cancel.clone()));
         let mut stream = self.consumer.stream();
         loop {
             let first = tokio::select! {
@@ -101,10 +75,7 @@ impl CatchUp {
                     Ok(m) => m,
                     Err(e) => {
                         tracing::warn!(error = %e, "kafka consumer error");
-                        self.metrics
-                            .errors
-                            .with_label_values(&["kafka_consume"])
-                            .inc();
+                        self.metrics.errors.with_label_values(&["kafka_consume"]).inc();
                         continue;
                     }
                 };
@@ -112,19 +83,11 @@ impl CatchUp {
                 next.insert((topic.clone(), partition), offset + 1);
                 self.metrics.messages_in.with_label_values(&["log"]).inc();
                 match Envelope::from_json(m.payload().unwrap_or_default()) {
-                    Ok(envelope) => events.push(Located {
-                        topic,
-                        partition,
-                        offset,
-                        envelope,
-                    }),
+                    Ok(envelope) => events.push(Located { topic, partition, offset, envelope }),
                     Err(e) => {
                         // Skipped but counted; its offset still advances so one bad record cannot stall the projection.
                         tracing::warn!(error = %e, %topic, offset, "undecodable record skipped");
-                        self.metrics
-                            .errors
-                            .with_label_values(&["undecodable_record"])
-                            .inc();
+                        self.metrics.errors.with_label_values(&["undecodable_record"]).inc();
                     }
                 }
             }
@@ -132,11 +95,7 @@ impl CatchUp {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
-            let batch = Batch {
-                source: Source::Log,
-                events,
-                next_offsets: next.into_iter().map(|((t, p), n)| (t, p, n)).collect(),
-            };
+            let batch = Batch { source: Source::Log, events, next_offsets: next.into_iter().map(|((t, p), n)| (t, p, n)).collect() };
             if jobs.send(Job { batch, reply: None }).await.is_err() {
                 break;
             }
@@ -162,11 +121,7 @@ async fn report_lag(
         let a = assigned.clone();
         let highs = tokio::task::spawn_blocking(move || {
             a.into_iter()
-                .filter_map(|(t, p)| {
-                    c.fetch_watermarks(&t, p, Duration::from_secs(1))
-                        .ok()
-                        .map(|(_, high)| (t, p, high))
-                })
+                .filter_map(|(t, p)| c.fetch_watermarks(&t, p, Duration::from_secs(1)).ok().map(|(_, high)| (t, p, high)))
                 .collect::<Vec<_>>()
         })
         .await
@@ -174,10 +129,7 @@ async fn report_lag(
         let pos = positions.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for (t, p, high) in highs {
             let at = pos.get(&(t.clone(), p)).copied().unwrap_or(0);
-            metrics
-                .consumer_lag
-                .with_label_values(&[&t, &p.to_string()])
-                .set((high - at).max(0));
+            metrics.consumer_lag.with_label_values(&[&t, &p.to_string()]).set((high - at).max(0));
         }
     }
 }

@@ -48,11 +48,7 @@ pub struct Config {
 }
 
 impl Config {
-    pub fn new(
-        database_url: impl Into<String>,
-        kafka_bootstrap: impl Into<String>,
-        topics: Topics,
-    ) -> Self {
+    pub fn new(database_url: impl Into<String>, kafka_bootstrap: impl Into<String>, topics: Topics) -> Self {
         Self {
             database_url: database_url.into(),
             kafka_bootstrap: kafka_bootstrap.into(),
@@ -94,36 +90,17 @@ impl Application {
     /// Connects to Postgres (applying migrations) and Kafka and binds the listener.
     pub async fn build(cfg: Config) -> anyhow::Result<Self> {
         let metrics = ServiceMetrics::new("projector");
-        let pool =
-            homelink_kit::db::connect_with_retry(&cfg.database_url, 8, Duration::from_secs(30))
-                .await?;
-        sqlx::migrate!("./migrations")
-            .run(&pool)
-            .await
-            .context("migrating read models")?;
+        let pool = homelink_kit::db::connect_with_retry(&cfg.database_url, 8, Duration::from_secs(30)).await?;
+        sqlx::migrate!("./migrations").run(&pool).await.context("migrating read models")?;
         let applier = Applier::load(pool.clone(), metrics.clone()).await?;
         let consumer = consume::CatchUp::assign(&cfg, &applier, metrics.clone()).await?;
         let (jobs_tx, jobs_rx) = mpsc::channel(64);
         let router = Router::new()
             .route("/internal/v1/events", post(push_events))
-            .with_state(AppState {
-                jobs: jobs_tx.clone(),
-            })
-            .merge(homelink_kit::ops::router(
-                metrics.clone(),
-                homelink_kit::ops::postgres_ready(pool.clone()),
-            ));
+            .with_state(AppState { jobs: jobs_tx.clone() })
+            .merge(homelink_kit::ops::router(metrics.clone(), homelink_kit::ops::postgres_ready(pool.clone())));
         let listener = homelink_kit::ops::bind(&cfg.listen).await?;
-        Ok(Self {
-            listener,
-            router,
-            pool,
-            metrics,
-            applier,
-            jobs_rx,
-            jobs_tx,
-            consumer,
-        })
+        Ok(Self { listener, router, pool, metrics, applier, jobs_rx, jobs_tx, consumer })
     }
 
     pub fn port(&self) -> u16 {
@@ -141,18 +118,9 @@ impl Application {
     /// Runs until `cancel` fires; an in-flight batch is committed or rolled back, never half-applied.
     pub async fn run_until_stopped(self, cancel: CancellationToken) -> anyhow::Result<()> {
         let positions: Positions = Arc::default();
-        let writer = tokio::spawn(run_applier(
-            self.applier,
-            self.jobs_rx,
-            self.metrics.clone(),
-            positions.clone(),
-            cancel.clone(),
-        ));
+        let writer = tokio::spawn(run_applier(self.applier, self.jobs_rx, self.metrics.clone(), positions.clone(), cancel.clone()));
         let catch_up = tokio::spawn(self.consumer.run(self.jobs_tx, positions, cancel.clone()));
-        let c = cancel.clone();
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(async move { c.cancelled().await })
-            .await?;
+        homelink_kit::ops::serve(self.listener, self.router, cancel.clone()).await?;
         let _ = catch_up.await;
         let _ = writer.await;
         Ok(())
@@ -161,38 +129,16 @@ impl Application {
 
 /// `POST /internal/v1/events`: events the bridge appended, applied ahead of
 /// the catch-up consumer. Answers after the transaction committed.
-async fn push_events(
-    State(s): State<AppState>,
-    Json(events): Json<Vec<Located>>,
-) -> (StatusCode, Json<serde_json::Value>) {
+async fn push_events(State(s): State<AppState>, Json(events): Json<Vec<Located>>) -> (StatusCode, Json<serde_json::Value>) {
     let (reply, rx) = oneshot::channel();
-    let job = Job {
-        batch: Batch {
-            source: Source::Push,
-            events,
-            next_offsets: Vec::new(),
-        },
-        reply: Some(reply),
-    };
+    let job = Job { batch: Batch { source: Source::Push, events, next_offsets: Vec::new() }, reply: Some(reply) };
     if s.jobs.send(job).await.is_err() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"error": "shutting down"})),
-        );
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"error": "shutting down"})));
     }
     match rx.await {
-        Ok(Ok(o)) => (
-            StatusCode::OK,
-            Json(serde_json::json!({"applied": o.applied, "skipped": o.skipped})),
-        ),
-        Ok(Err(e)) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"error": e})),
-        ),
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"error": "shutting down"})),
-        ),
+        Ok(Ok(o)) => (StatusCode::OK, Json(serde_json::json!({"applied": o.applied, "skipped": o.skipped}))),
+        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"error": e}))),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"error": "shutting down"}))),
     }
 }
 
@@ -224,10 +170,7 @@ async fn run_applier(
             let batches: Vec<&Batch> = jobs.iter().map(|j| &j.batch).collect();
             match applier.apply(&batches).await {
                 Ok(outcome) => {
-                    metrics
-                        .latency
-                        .with_label_values(&["apply_batch"])
-                        .observe(started.elapsed().as_secs_f64());
+                    metrics.latency.with_label_values(&["apply_batch"]).observe(started.elapsed().as_secs_f64());
                     {
                         let mut p = positions.lock().unwrap_or_else(|e| e.into_inner());
                         for b in &batches {
@@ -253,10 +196,7 @@ async fn run_applier(
                             Some(r) if j.batch.source == Source::Push => {
                                 let _ = r.send(Err("read model store unavailable".into()));
                             }
-                            reply => keep.push(Job {
-                                batch: j.batch,
-                                reply,
-                            }),
+                            reply => keep.push(Job { batch: j.batch, reply }),
                         }
                     }
                     jobs = keep;

@@ -6,26 +6,15 @@ use homelink_projector::{Application, Config};
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(
-    version,
-    about = "HomeLink projector: Kafka log -> Postgres read models"
-)]
+#[command(version, about = "HomeLink projector: Kafka log -> Postgres read models")]
 struct Args {
     #[arg(long, env = "HOMELINK_DATABASE_URL")]
     database_url: String,
-    #[arg(
-        long,
-        env = "HOMELINK_KAFKA_BOOTSTRAP",
-        default_value = "127.0.0.1:9092"
-    )]
+    #[arg(long, env = "HOMELINK_KAFKA_BOOTSTRAP", default_value = "127.0.0.1:9092")]
     kafka_bootstrap: String,
     #[arg(long, env = "HOMELINK_TOPIC_PREFIX", default_value = "homelink.")]
     topic_prefix: String,
-    #[arg(
-        long,
-        env = "HOMELINK_PROJECTOR_LISTEN",
-        default_value = "127.0.0.1:8083"
-    )]
+    #[arg(long, env = "HOMELINK_PROJECTOR_LISTEN", default_value = "127.0.0.1:8083")]
     listen: String,
     /// Fetch wait of the catch-up consumer, in milliseconds.
     #[arg(long, env = "HOMELINK_PROJECTOR_FETCH_WAIT_MS", default_value_t = 500)]
@@ -39,16 +28,11 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     homelink_kit::telemetry::init("info");
     let a = Args::parse();
-    let mut cfg = Config::new(
-        a.database_url,
-        a.kafka_bootstrap,
-        Topics::new(a.topic_prefix),
-    );
+    let mut cfg = Config::new(a.database_url, a.kafka_bootstrap, Topics::new(a.topic_prefix));
     cfg.listen = a.listen;
     cfg.fetch_wait = Duration::from_millis(a.fetch_wait_ms);
     cfg.batch_max = a.batch_max.max(1);
     let app = Application::build(cfg).await?;
     tracing::info!(port = app.port(), "projector listening");
-    app.run_until_stopped(homelink_kit::shutdown::on_signal())
-        .await
+    app.run_until_stopped(homelink_kit::shutdown::on_signal()).await
 }

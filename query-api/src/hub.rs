@@ -27,9 +27,7 @@ pub struct Hub {
 impl Hub {
     pub fn subscribe(&self, household: Uuid) -> broadcast::Receiver<Arc<ShadowChanged>> {
         let mut h = self.households.lock().unwrap_or_else(|e| e.into_inner());
-        h.entry(household)
-            .or_insert_with(|| broadcast::channel(PER_HOUSEHOLD_BUFFER).0)
-            .subscribe()
+        h.entry(household).or_insert_with(|| broadcast::channel(PER_HOUSEHOLD_BUFFER).0).subscribe()
     }
 
     /// Delivers to the household's subscribers; forgets households nobody watches.
@@ -73,25 +71,21 @@ impl Hub {
                 match n {
                     Ok(Some(n)) => match serde_json::from_str::<ShadowChanged>(n.payload()) {
                         Ok(change) => {
-                            metrics
-                                .messages_in
-                                .with_label_values(&["shadow_changed"])
-                                .inc();
+                            metrics.messages_in.with_label_values(&["shadow_changed"]).inc();
+                            // Bridge receipt (last_seen) to fan-out: the state-push latency operators watch.
+                            if let Some(seen) = change.last_seen {
+                                let age = (chrono::Utc::now() - seen).num_microseconds().unwrap_or(0).max(0);
+                                metrics.latency.with_label_values(&["report_to_fanout"]).observe(age as f64 / 1e6);
+                            }
                             self.publish(change);
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "undecodable notification");
-                            metrics
-                                .errors
-                                .with_label_values(&["undecodable_notification"])
-                                .inc();
+                            metrics.errors.with_label_values(&["undecodable_notification"]).inc();
                         }
                     },
                     // The connection was lost and re-established: notifications in between are gone.
-                    Ok(None) => metrics
-                        .errors
-                        .with_label_values(&["listen_reconnect"])
-                        .inc(),
+                    Ok(None) => metrics.errors.with_label_values(&["listen_reconnect"]).inc(),
                     Err(e) => {
                         tracing::warn!(error = %e, "LISTEN connection lost");
                         ready.store(false, std::sync::atomic::Ordering::Relaxed);

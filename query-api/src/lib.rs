@@ -37,11 +37,7 @@ pub struct Config {
 
 impl Config {
     pub fn new(database_url: impl Into<String>) -> Self {
-        Self {
-            database_url: database_url.into(),
-            listen: "127.0.0.1:0".into(),
-            introspection: true,
-        }
+        Self { database_url: database_url.into(), listen: "127.0.0.1:0".into(), introspection: true }
     }
 }
 
@@ -57,20 +53,12 @@ pub struct Application {
 impl Application {
     pub async fn build(cfg: Config) -> anyhow::Result<Self> {
         let metrics = ServiceMetrics::new("query_api");
-        let pool =
-            homelink_kit::db::connect_with_retry(&cfg.database_url, 16, Duration::from_secs(30))
-                .await?;
+        let pool = homelink_kit::db::connect_with_retry(&cfg.database_url, 16, Duration::from_secs(30)).await?;
         let hub = Arc::new(Hub::default());
-        let limits = Limits {
-            introspection: cfg.introspection,
-            ..Limits::default()
-        };
+        let limits = Limits { introspection: cfg.introspection, ..Limits::default() };
         let schema = schema::build(pool.clone(), hub.clone(), &limits);
         let listening = Arc::new(AtomicBool::new(false));
-        let (l, pg) = (
-            listening.clone(),
-            homelink_kit::ops::postgres_ready(pool.clone()),
-        );
+        let (l, pg) = (listening.clone(), homelink_kit::ops::postgres_ready(pool.clone()));
         let ready: homelink_kit::ops::ReadyCheck = Arc::new(move || {
             let (l, pg) = (l.clone(), pg.clone());
             Box::pin(async move {
@@ -81,21 +69,11 @@ impl Application {
             })
         });
         let router = Router::new()
-            .route(
-                "/graphql",
-                get(graphiql_or_subscription).post_service(GraphQL::new(schema.clone())),
-            )
+            .route("/graphql", get(graphiql_or_subscription).post_service(GraphQL::new(schema.clone())))
             .with_state(schema)
             .merge(homelink_kit::ops::router(metrics.clone(), ready));
         let listener = homelink_kit::ops::bind(&cfg.listen).await?;
-        Ok(Self {
-            listener,
-            router,
-            hub,
-            pool,
-            metrics,
-            listening,
-        })
+        Ok(Self { listener, router, hub, pool, metrics, listening })
     }
 
     pub fn port(&self) -> u16 {
@@ -103,15 +81,8 @@ impl Application {
     }
 
     pub async fn run_until_stopped(self, cancel: CancellationToken) -> anyhow::Result<()> {
-        let hub = tokio::spawn(self.hub.clone().run(
-            self.pool.clone(),
-            self.metrics.clone(),
-            self.listening.clone(),
-            cancel.clone(),
-        ));
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(async move { cancel.cancelled().await })
-            .await?;
+        let hub = tokio::spawn(self.hub.clone().run(self.pool.clone(), self.metrics.clone(), self.listening.clone(), cancel.clone()));
+        homelink_kit::ops::serve(self.listener, self.router, cancel).await?;
         hub.abort();
         Ok(())
     }
@@ -119,21 +90,12 @@ impl Application {
 
 /// `GET /graphql`: a WebSocket upgrade runs subscriptions; a browser gets GraphiQL.
 async fn graphiql_or_subscription(State(schema): State<HomeLinkSchema>, req: Request) -> Response {
-    let upgrade = req
-        .headers()
-        .get(header::UPGRADE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    let upgrade = req.headers().get(header::UPGRADE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
     if upgrade {
         return match GraphQLSubscription::new(schema).oneshot(req).await {
             Ok(r) => r.into_response(),
             Err(never) => match never {},
         };
     }
-    Html(
-        GraphiQLSource::build()
-            .endpoint("/graphql")
-            .subscription_endpoint("/graphql")
-            .finish(),
-    )
-    .into_response()
+    Html(GraphiQLSource::build().endpoint("/graphql").subscription_endpoint("/graphql").finish()).into_response()
 }

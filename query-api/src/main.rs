@@ -8,11 +8,7 @@ use homelink_query_api::{Application, Config};
 struct Args {
     #[arg(long, env = "HOMELINK_DATABASE_URL")]
     database_url: String,
-    #[arg(
-        long,
-        env = "HOMELINK_QUERY_API_LISTEN",
-        default_value = "127.0.0.1:8081"
-    )]
+    #[arg(long, env = "HOMELINK_QUERY_API_LISTEN", default_value = "127.0.0.1:8081")]
     listen: String,
     /// Serve the schema to introspection queries (turn off in production if wanted).
     #[arg(long, env = "HOMELINK_GRAPHQL_INTROSPECTION", default_value_t = true, action = clap::ArgAction::Set)]
@@ -28,6 +24,5 @@ async fn main() -> anyhow::Result<()> {
     cfg.introspection = a.introspection;
     let app = Application::build(cfg).await?;
     tracing::info!(port = app.port(), "query API listening");
-    app.run_until_stopped(homelink_kit::shutdown::on_signal())
-        .await
+    app.run_until_stopped(homelink_kit::shutdown::on_signal()).await
 }

@@ -5,10 +5,7 @@
 
 use crate::hub::Hub;
 use async_graphql::futures_util::Stream;
-use async_graphql::{
-    ComplexObject, Context, ErrorExtensions, Json, Object, Result, Schema, SimpleObject,
-    Subscription, ID,
-};
+use async_graphql::{ComplexObject, Context, ErrorExtensions, Json, Object, Result, Schema, SimpleObject, Subscription, ID};
 use chrono::{DateTime, Utc};
 use homelink_events::shadow::ShadowChanged;
 use serde_json::Value;
@@ -30,11 +27,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self {
-            depth: 10,
-            complexity: 500,
-            introspection: true,
-        }
+        Self { depth: 10, complexity: 500, introspection: true }
     }
 }
 
@@ -56,8 +49,7 @@ fn parse_id(id: &ID) -> Option<Uuid> {
 
 fn unavailable(e: sqlx::Error) -> async_graphql::Error {
     tracing::warn!(error = %e, "read model query failed");
-    async_graphql::Error::new("the read models are unavailable")
-        .extend_with(|_, ext| ext.set("code", "UNAVAILABLE"))
+    async_graphql::Error::new("the read models are unavailable").extend_with(|_, ext| ext.set("code", "UNAVAILABLE"))
 }
 
 pub struct Query;
@@ -75,11 +67,7 @@ impl Query {
             .fetch_optional(pool)
             .await
             .map_err(unavailable)?;
-        Ok(row.map(|r| Household {
-            id: ID(r.get::<Uuid, _>(0).to_string()),
-            name: r.get(1),
-            uuid: r.get(0),
-        }))
+        Ok(row.map(|r| Household { id: ID(r.get::<Uuid, _>(0).to_string()), name: r.get(1), uuid: r.get(0) }))
     }
 
     /// One device with its shadow.
@@ -88,11 +76,8 @@ impl Query {
             return Ok(None);
         };
         let pool = ctx.data::<PgPool>()?;
-        let row = sqlx::query(&format!("{DEVICE_SELECT} WHERE d.device_id = $1"))
-            .bind(id)
-            .fetch_optional(pool)
-            .await
-            .map_err(unavailable)?;
+        let row =
+            sqlx::query(&format!("{DEVICE_SELECT} WHERE d.device_id = $1")).bind(id).fetch_optional(pool).await.map_err(unavailable)?;
         Ok(row.map(|r| Device::from_row(&r)))
     }
 
@@ -102,11 +87,13 @@ impl Query {
             return Ok(None);
         };
         let pool = ctx.data::<PgPool>()?;
-        let row = sqlx::query("SELECT command_id, device_id, status, reason, set_values, requested_at, acked_at FROM device_commands WHERE command_id = $1")
-            .bind(id)
-            .fetch_optional(pool)
-            .await
-            .map_err(unavailable)?;
+        let row = sqlx::query(
+            "SELECT command_id, device_id, status, reason, set_values, requested_at, acked_at FROM device_commands WHERE command_id = $1",
+        )
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+        .map_err(unavailable)?;
         Ok(row.map(|r| Command {
             id: ID(r.get::<Uuid, _>(0).to_string()),
             device_id: ID(r.get::<Uuid, _>(1).to_string()),
@@ -119,7 +106,8 @@ impl Query {
     }
 }
 
-const DEVICE_SELECT: &str = "SELECT d.device_id, d.household_id, d.kind, d.name, d.room, s.reported, s.seq, s.version, s.battery, s.online, s.last_seen
+const DEVICE_SELECT: &str =
+    "SELECT d.device_id, d.household_id, d.kind, d.name, d.room, s.reported, s.seq, s.version, s.battery, s.online, s.last_seen
      FROM devices d LEFT JOIN device_shadows s ON s.device_id = d.device_id";
 
 #[derive(SimpleObject)]
@@ -136,13 +124,11 @@ impl Household {
     /// The household's devices, by name.
     async fn devices(&self, ctx: &Context<'_>) -> Result<Vec<Device>> {
         let pool = ctx.data::<PgPool>()?;
-        let rows = sqlx::query(&format!(
-            "{DEVICE_SELECT} WHERE d.household_id = $1 ORDER BY d.name, d.device_id LIMIT 1000"
-        ))
-        .bind(self.uuid)
-        .fetch_all(pool)
-        .await
-        .map_err(unavailable)?;
+        let rows = sqlx::query(&format!("{DEVICE_SELECT} WHERE d.household_id = $1 ORDER BY d.name, d.device_id LIMIT 1000"))
+            .bind(self.uuid)
+            .fetch_all(pool)
+            .await
+            .map_err(unavailable)?;
         Ok(rows.iter().map(Device::from_row).collect())
     }
 }
@@ -235,15 +221,10 @@ pub struct SubscriptionRoot;
 #[Subscription]
 impl SubscriptionRoot {
     /// Every committed change of the household's devices, as it happens.
-    async fn device_changes(
-        &self,
-        ctx: &Context<'_>,
-        household_id: ID,
-    ) -> Result<impl Stream<Item = DeviceChange>> {
+    async fn device_changes(&self, ctx: &Context<'_>, household_id: ID) -> Result<impl Stream<Item = DeviceChange>> {
         let hub = ctx.data::<Arc<Hub>>()?;
         let Some(h) = parse_id(&household_id) else {
-            return Err(async_graphql::Error::new("unknown household")
-                .extend_with(|_, e| e.set("code", "NOT_FOUND")));
+            return Err(async_graphql::Error::new("unknown household").extend_with(|_, e| e.set("code", "NOT_FOUND")));
         };
         let rx = hub.subscribe(h);
         Ok(BroadcastStream::new(rx).filter_map(|r| r.ok().map(|c| DeviceChange::from(c.as_ref()))))

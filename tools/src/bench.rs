@@ -32,12 +32,7 @@ impl Percentiles {
             let i = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
             samples[i].as_secs_f64() * 1000.0
         };
-        Self {
-            p50_ms: at(0.50),
-            p95_ms: at(0.95),
-            p99_ms: at(0.99),
-            max_ms: at(1.0),
-        }
+        Self { p50_ms: at(0.50), p95_ms: at(0.95), p99_ms: at(0.99), max_ms: at(1.0) }
     }
 }
 
@@ -58,28 +53,15 @@ pub async fn run(endpoints: &Endpoints, count: usize, progress: bool) -> anyhow:
     let topics = Topics::new(&endpoints.topic_prefix);
     let appender = Appender::new(&ProducerConfig::new(&endpoints.kafka_bootstrap))?;
     let pki = PkiDir(endpoints.pki_dir.clone().into());
-    let home = seed::household(
-        &appender,
-        &topics,
-        &pki,
-        "Benchmark home",
-        &[(DeviceKind::Light, "Bench light", "Lab")],
-    )
-    .await?;
+    let home = seed::household(&appender, &topics, &pki, "Benchmark home", &[(DeviceKind::Light, "Bench light", "Lab")]).await?;
     let device = home.devices[0].clone();
     let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
 
     // Wait until the registry knows the device (the projector applied the registration).
     let q = "query($id: ID!) { device(id: $id) { id } }";
     let deadline = Instant::now() + Duration::from_secs(30);
-    while crate::gql::query(&http, &endpoints.graphql, q, json!({"id": device.id})).await?["data"]
-        ["device"]
-        .is_null()
-    {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the benchmark device was not registered within 30 s"
-        );
+    while crate::gql::query(&http, &endpoints.graphql, q, json!({"id": device.id})).await?["data"]["device"].is_null() {
+        anyhow::ensure!(Instant::now() < deadline, "the benchmark device was not registered within 30 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -115,35 +97,20 @@ pub async fn run(endpoints: &Endpoints, count: usize, progress: bool) -> anyhow:
     // Let the initial report land so it does not count as a command's result.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let url = format!(
-        "{}/v1/households/{}/devices/{}/commands",
-        endpoints.command_api, home.household_id, device.id
-    );
+    let url = format!("{}/v1/households/{}/devices/{}/commands", endpoints.command_api, home.household_id, device.id);
     let (mut accepted, mut received, mut visible) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..count {
         // Alternate so every command changes the state.
         let brightness = if i % 2 == 0 { 10 + (i % 80) as i64 } else { 95 };
         let t0 = Instant::now();
-        let r = http
-            .post(&url)
-            .json(&json!({"set": {"brightness": brightness}}))
-            .send()
-            .await?;
-        anyhow::ensure!(
-            r.status().as_u16() == 202,
-            "command refused: {} {}",
-            r.status(),
-            r.text().await.unwrap_or_default()
-        );
+        let r = http.post(&url).json(&json!({"set": {"brightness": brightness}})).send().await?;
+        anyhow::ensure!(r.status().as_u16() == 202, "command refused: {} {}", r.status(), r.text().await.unwrap_or_default());
         accepted.push(t0.elapsed());
         let body: serde_json::Value = r.json().await?;
         let command_id = body["commandId"].as_str().unwrap_or_default().to_owned();
         let got = tokio::time::timeout(Duration::from_secs(10), async {
             while let Some(o) = obs.recv().await {
-                if let Observed::Command {
-                    command_id: c, at, ..
-                } = o
-                {
+                if let Observed::Command { command_id: c, at, .. } = o {
                     if c.to_string() == command_id {
                         return Some(at);
                     }
@@ -165,9 +132,7 @@ pub async fn run(endpoints: &Endpoints, count: usize, progress: bool) -> anyhow:
             }
         })
         .await
-        .map_err(|_| {
-            anyhow::anyhow!("state of command {i} not seen on the subscription within 10 s")
-        })??;
+        .map_err(|_| anyhow::anyhow!("state of command {i} not seen on the subscription within 10 s"))??;
         visible.push(t0.elapsed());
         if progress && (i + 1) % 50 == 0 {
             eprint!("\r{}/{count} commands", i + 1);
@@ -194,9 +159,6 @@ mod tests {
     fn percentiles_pick_nearest_rank() {
         let mut v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
         let p = Percentiles::of(&mut v);
-        assert_eq!(
-            (p.p50_ms, p.p95_ms, p.p99_ms, p.max_ms),
-            (50.0, 95.0, 99.0, 100.0)
-        );
+        assert_eq!((p.p50_ms, p.p95_ms, p.p99_ms, p.max_ms), (50.0, 95.0, 99.0, 100.0));
     }
 }

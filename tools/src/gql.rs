@@ -8,22 +8,12 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Runs a query; returns the whole response (`data` and `errors`).
-pub async fn query(
-    http: &reqwest::Client,
-    url: &str,
-    query: &str,
-    variables: Value,
-) -> anyhow::Result<Value> {
-    let r = http
-        .post(url)
-        .json(&json!({"query": query, "variables": variables}))
-        .send()
-        .await?;
+pub async fn query(http: &reqwest::Client, url: &str, query: &str, variables: Value) -> anyhow::Result<Value> {
+    let r = http.post(url).json(&json!({"query": query, "variables": variables})).send().await?;
     Ok(r.json().await?)
 }
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// An open subscription.
 pub struct Subscription {
@@ -34,20 +24,11 @@ impl Subscription {
     /// Connects to `ws_url` (`ws://…/graphql`), initialises and subscribes.
     pub async fn start(ws_url: &str, query: &str, variables: Value) -> anyhow::Result<Self> {
         let mut req = ws_url.into_client_request()?;
-        req.headers_mut().insert(
-            "Sec-WebSocket-Protocol",
-            HeaderValue::from_static("graphql-transport-ws"),
-        );
+        req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static("graphql-transport-ws"));
         let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;
-        ws.send(Message::text(
-            json!({"type": "connection_init", "payload": {}}).to_string(),
-        ))
-        .await?;
+        ws.send(Message::text(json!({"type": "connection_init", "payload": {}}).to_string())).await?;
         loop {
-            let m = ws
-                .next()
-                .await
-                .ok_or_else(|| anyhow::anyhow!("closed before connection_ack"))??;
+            let m = ws.next().await.ok_or_else(|| anyhow::anyhow!("closed before connection_ack"))??;
             if let Message::Text(t) = m {
                 let v: Value = serde_json::from_str(&t)?;
                 if v["type"] == "connection_ack" {
@@ -55,30 +36,20 @@ impl Subscription {
                 }
             }
         }
-        ws.send(Message::text(
-            json!({"id": "1", "type": "subscribe", "payload": {"query": query, "variables": variables}}).to_string(),
-        ))
-        .await?;
+        ws.send(Message::text(json!({"id": "1", "type": "subscribe", "payload": {"query": query, "variables": variables}}).to_string()))
+            .await?;
         Ok(Self { ws })
     }
 
     /// The next `data` payload; `Err` on errors or when the server closes.
     pub async fn next(&mut self) -> anyhow::Result<Value> {
         loop {
-            let m = self
-                .ws
-                .next()
-                .await
-                .ok_or_else(|| anyhow::anyhow!("subscription closed"))??;
+            let m = self.ws.next().await.ok_or_else(|| anyhow::anyhow!("subscription closed"))??;
             let Message::Text(t) = m else { continue };
             let v: Value = serde_json::from_str(&t)?;
             match v["type"].as_str() {
                 Some("next") => return Ok(v["payload"]["data"].clone()),
-                Some("ping") => {
-                    self.ws
-                        .send(Message::text(json!({"type": "pong"}).to_string()))
-                        .await?
-                }
+                Some("ping") => self.ws.send(Message::text(json!({"type": "pong"}).to_string())).await?,
                 Some("error") => anyhow::bail!("subscription error: {}", v["payload"]),
                 Some("complete") => anyhow::bail!("subscription completed"),
                 _ => {}

@@ -3,8 +3,7 @@
 //! run under the state folder, never committed.
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use std::path::{Path, PathBuf};
 use uuid::Uuid;
@@ -51,26 +50,17 @@ pub fn init(dir: &Path) -> anyhow::Result<PkiDir> {
     }
     let ca_key = KeyPair::generate()?;
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.distinguished_name
-        .push(DnType::CommonName, "HomeLink development device CA");
+    ca.distinguished_name.push(DnType::CommonName, "HomeLink development device CA");
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     ca.serial_number = Some(serial());
     let ca_cert = ca.self_signed(&ca_key)?;
     let issuer = Issuer::new(ca, &ca_key);
 
     let server_key = KeyPair::generate()?;
     let mut server = CertificateParams::new(vec!["localhost".to_owned()])?;
-    server
-        .subject_alt_names
-        .push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
-    server
-        .distinguished_name
-        .push(DnType::CommonName, "localhost");
+    server.subject_alt_names.push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
+    server.distinguished_name.push(DnType::CommonName, "localhost");
     server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     server.serial_number = Some(serial());
     let server_cert = server.signed_by(&server_key, &issuer)?;
@@ -88,25 +78,14 @@ pub fn issue_device(pki: &PkiDir, device_id: Uuid) -> anyhow::Result<Issued> {
     let issuer = Issuer::from_ca_cert_pem(&std::fs::read_to_string(pki.ca_cert())?, &ca_key)?;
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params
-        .distinguished_name
-        .push(DnType::CommonName, device_id.to_string());
+    params.distinguished_name.push(DnType::CommonName, device_id.to_string());
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     params.serial_number = Some(serial());
     let cert = params.signed_by(&key, &issuer)?;
-    let issued = Issued {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    };
+    let issued = Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() };
     std::fs::create_dir_all(pki.device_dir())?;
-    std::fs::write(
-        pki.device_dir().join(format!("{device_id}.pem")),
-        &issued.cert_pem,
-    )?;
-    write_private(
-        &pki.device_dir().join(format!("{device_id}.key")),
-        &issued.key_pem,
-    )?;
+    std::fs::write(pki.device_dir().join(format!("{device_id}.pem")), &issued.cert_pem)?;
+    write_private(&pki.device_dir().join(format!("{device_id}.key")), &issued.key_pem)?;
     Ok(issued)
 }
 

@@ -55,29 +55,16 @@ pub async fn household(
 ) -> anyhow::Result<SeededHousehold> {
     let household_id = Uuid::new_v4();
     let actor = Actor::System("seed".into());
-    let created = Envelope::new(
-        household_id,
-        actor.clone(),
-        &Event::HouseholdCreated(HouseholdCreated { name: name.into() }),
-        Utc::now(),
-    );
+    let created = Envelope::new(household_id, actor.clone(), &Event::HouseholdCreated(HouseholdCreated { name: name.into() }), Utc::now());
     appender.append(&topics.households(), &created).await?;
     let mut out = Vec::new();
     for (kind, dname, room) in devices {
         let id = Uuid::new_v4();
         let issued = pki::issue_device(pki, id)?;
-        let ev = Event::DeviceRegistered(DeviceRegistered {
-            device_id: id,
-            kind: *kind,
-            name: (*dname).into(),
-            room: Some((*room).into()),
-        });
+        let ev =
+            Event::DeviceRegistered(DeviceRegistered { device_id: id, kind: *kind, name: (*dname).into(), room: Some((*room).into()) });
         appender
-            .append(
-                &topics.households(),
-                &Envelope::new(household_id, actor.clone(), &ev, Utc::now())
-                    .with_causation(created.event_id),
-            )
+            .append(&topics.households(), &Envelope::new(household_id, actor.clone(), &ev, Utc::now()).with_causation(created.event_id))
             .await?;
         out.push(SeededDevice {
             id,
@@ -88,9 +75,5 @@ pub async fn household(
             key_pem: issued.key_pem,
         });
     }
-    Ok(SeededHousehold {
-        household_id,
-        name: name.into(),
-        devices: out,
-    })
+    Ok(SeededHousehold { household_id, name: name.into(), devices: out })
 }

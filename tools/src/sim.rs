@@ -4,10 +4,7 @@
 //! the values, answers `ack` and reports its new state at once.
 
 use chrono::Utc;
-use homelink_events::protocol::{
-    device_topic, AckMsg, AckStatus, Channel, CmdMsg, Presence, StateMsg, StatusMsg,
-    PROTOCOL_VERSION,
-};
+use homelink_events::protocol::{device_topic, AckMsg, AckStatus, Channel, CmdMsg, Presence, StateMsg, StatusMsg, PROTOCOL_VERSION};
 use homelink_events::DeviceKind;
 use homelink_kit::shutdown::CancellationToken;
 use rumqttc::v5::mqttbytes::v5::{LastWill, Packet};
@@ -43,14 +40,8 @@ pub struct DeviceSpec {
 /// What a simulated device observed, for tests and benchmarks.
 #[derive(Debug, Clone)]
 pub enum Observed {
-    Connected {
-        device_id: Uuid,
-    },
-    Command {
-        device_id: Uuid,
-        command_id: Uuid,
-        at: Instant,
-    },
+    Connected { device_id: Uuid },
+    Command { device_id: Uuid, command_id: Uuid, at: Instant },
 }
 
 /// The initial state of a device of `kind`.
@@ -73,17 +64,11 @@ fn wander(kind: DeviceKind, state: &mut Map<String, Value>, tick: u64) {
     let wobble = ((tick % 7) as f64 - 3.0) / 10.0;
     match kind {
         DeviceKind::Thermostat => {
-            state.insert(
-                "currentTemp".into(),
-                json!((20.5 + wobble * 2.0).clamp(-50.0, 100.0)),
-            );
+            state.insert("currentTemp".into(), json!((20.5 + wobble * 2.0).clamp(-50.0, 100.0)));
         }
         DeviceKind::Plug => {
             let on = state.get("on").and_then(Value::as_bool).unwrap_or(false);
-            state.insert(
-                "power".into(),
-                json!(if on { 850.0 + wobble * 50.0 } else { 0.0 }),
-            );
+            state.insert("power".into(), json!(if on { 850.0 + wobble * 50.0 } else { 0.0 }));
         }
         DeviceKind::Sensor => {
             state.insert("temperature".into(), json!(21.0 + wobble));
@@ -103,35 +88,20 @@ pub fn mqtt_options(spec: &DeviceSpec, target: &Target) -> MqttOptions {
     o.set_transport(Transport::Tls(TlsConfiguration::Simple {
         ca: target.ca_pem.clone().into_bytes(),
         alpn: None,
-        client_auth: Some((
-            spec.cert_pem.clone().into_bytes(),
-            spec.key_pem.clone().into_bytes(),
-        )),
+        client_auth: Some((spec.cert_pem.clone().into_bytes(), spec.key_pem.clone().into_bytes())),
     }));
-    o.set_keep_alive(Duration::from_secs(30))
-        .set_clean_start(true);
-    let offline = serde_json::to_vec(&StatusMsg {
-        v: PROTOCOL_VERSION,
-        status: Presence::Offline,
-    })
-    .unwrap_or_default();
-    o.set_last_will(LastWill::new(
-        device_topic(spec.household_id, spec.device_id, Channel::Status),
-        offline,
-        QoS::AtLeastOnce,
-        true,
-        None,
-    ));
+    o.set_keep_alive(Duration::from_secs(30)).set_clean_start(true);
+    // Small request/response messages: no Nagle delay.
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    o.set_network_options(net);
+    let offline = serde_json::to_vec(&StatusMsg { v: PROTOCOL_VERSION, status: Presence::Offline }).unwrap_or_default();
+    o.set_last_will(LastWill::new(device_topic(spec.household_id, spec.device_id, Channel::Status), offline, QoS::AtLeastOnce, true, None));
     o
 }
 
 /// Runs one device until cancelled.
-pub async fn run(
-    spec: DeviceSpec,
-    target: Target,
-    observed: Option<mpsc::UnboundedSender<Observed>>,
-    cancel: CancellationToken,
-) {
+pub async fn run(spec: DeviceSpec, target: Target, observed: Option<mpsc::UnboundedSender<Observed>>, cancel: CancellationToken) {
     let (client, mut eventloop) = AsyncClient::new(mqtt_options(&spec, &target), 64);
     let topic = |c| device_topic(spec.household_id, spec.device_id, c);
     let mut state = initial_state(spec.kind);
@@ -219,19 +189,7 @@ async fn publish_state(
     state: &Map<String, Value>,
     seq: u64,
 ) -> Result<(), rumqttc::v5::ClientError> {
-    let msg = StateMsg {
-        v: PROTOCOL_VERSION,
-        seq,
-        ts: Some(Utc::now()),
-        state: state.clone(),
-        battery: kind.battery_powered().then_some(87),
-    };
-    client
-        .publish(
-            topic,
-            QoS::AtLeastOnce,
-            false,
-            serde_json::to_vec(&msg).unwrap_or_default(),
-        )
-        .await
+    let msg =
+        StateMsg { v: PROTOCOL_VERSION, seq, ts: Some(Utc::now()), state: state.clone(), battery: kind.battery_powered().then_some(87) };
+    client.publish(topic, QoS::AtLeastOnce, false, serde_json::to_vec(&msg).unwrap_or_default()).await
 }

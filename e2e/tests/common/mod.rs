@@ -29,7 +29,9 @@ pub struct Env {
 }
 
 fn var(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run the tests with `infra/dev test`, which starts Postgres, tansu and Mosquitto for them"))
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the tests with `infra/dev test`, which starts Postgres, tansu and Mosquitto for them")
+    })
 }
 
 impl Env {
@@ -44,28 +46,17 @@ impl Env {
             pki: PkiDir(var("HOMELINK_TEST_PKI_DIR").into()),
             bin_dir: std::env::var("HOMELINK_TEST_BIN_DIR")
                 .map(Into::into)
-                .unwrap_or_else(|_| {
-                    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug")
-                }),
+                .unwrap_or_else(|_| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug")),
         }
     }
 
     /// A fresh, empty database; returns its URL.
     pub async fn fresh_database(&self) -> String {
         let name = format!("t_{}", Uuid::new_v4().simple());
-        let admin = sqlx::PgPool::connect(&self.admin_db_url)
-            .await
-            .expect("admin connection");
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&admin)
-            .await
-            .expect("create database");
+        let admin = sqlx::PgPool::connect(&self.admin_db_url).await.expect("admin connection");
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await.expect("create database");
         admin.close().await;
-        let base = self
-            .admin_db_url
-            .rsplit_once('/')
-            .expect("url with a database")
-            .0;
+        let base = self.admin_db_url.rsplit_once('/').expect("url with a database").0;
         format!("{base}/{name}")
     }
 
@@ -97,9 +88,7 @@ pub struct Stack {
 pub async fn isolated() -> (Env, Topics, String) {
     let env = Env::from_env();
     let topics = Topics::new(format!("t{}.", Uuid::new_v4().simple()));
-    homelink_kit::kafka::ensure_topics(&env.kafka, &topics.all(), 2)
-        .await
-        .expect("create topics");
+    homelink_kit::kafka::ensure_topics(&env.kafka, &topics.all(), 2).await.expect("create topics");
     let db_url = env.fresh_database().await;
     (env, topics, db_url)
 }
@@ -110,53 +99,30 @@ impl Stack {
         let (env, topics, db_url) = isolated().await;
         let cancel = CancellationToken::new();
 
-        let projector = homelink_projector::Application::build(homelink_projector::Config::new(
-            &db_url,
-            &env.kafka,
-            topics.clone(),
-        ))
-        .await
-        .expect("projector");
+        let projector = homelink_projector::Application::build(homelink_projector::Config::new(&db_url, &env.kafka, topics.clone()))
+            .await
+            .expect("projector");
         let projector_port = projector.port();
         tokio::spawn(projector.run_until_stopped(cancel.clone()));
 
-        let query =
-            homelink_query_api::Application::build(homelink_query_api::Config::new(&db_url))
-                .await
-                .expect("query-api");
+        let query = homelink_query_api::Application::build(homelink_query_api::Config::new(&db_url)).await.expect("query-api");
         let query_port = query.port();
         tokio::spawn(query.run_until_stopped(cancel.clone()));
 
-        let mut bc = homelink_device_bridge::Config::new(
-            &db_url,
-            &env.kafka,
-            topics.clone(),
-            &env.mqtt_host,
-            env.bridge_port,
-        );
+        let mut bc = homelink_device_bridge::Config::new(&db_url, &env.kafka, topics.clone(), &env.mqtt_host, env.bridge_port);
         bc.mqtt_password = env.bridge_password.clone();
         // Each test is its own deployment: its own shared-subscription group and client id.
         bc.share_group = format!("hl-{}", Uuid::new_v4().simple());
         bc.client_id = format!("bridge-{}", Uuid::new_v4().simple());
-        bc.projector_push_url = Some(format!(
-            "http://127.0.0.1:{projector_port}/internal/v1/events"
-        ));
-        let bridge = homelink_device_bridge::Application::build(bc)
-            .await
-            .expect("bridge");
+        bc.projector_push_url = Some(format!("http://127.0.0.1:{projector_port}/internal/v1/events"));
+        let bridge = homelink_device_bridge::Application::build(bc).await.expect("bridge");
         let bridge_port = bridge.port();
         tokio::spawn(bridge.run_until_stopped(cancel.clone()));
 
         let mut cc = homelink_command_api::Config::new(&db_url, &env.kafka, topics.clone());
-        cc.bridge_push_url = Some(format!(
-            "http://127.0.0.1:{bridge_port}/internal/v1/commands"
-        ));
-        cc.projector_push_url = Some(format!(
-            "http://127.0.0.1:{projector_port}/internal/v1/events"
-        ));
-        let command = homelink_command_api::Application::build(cc)
-            .await
-            .expect("command-api");
+        cc.bridge_push_url = Some(format!("http://127.0.0.1:{bridge_port}/internal/v1/commands"));
+        cc.projector_push_url = Some(format!("http://127.0.0.1:{projector_port}/internal/v1/events"));
+        let command = homelink_command_api::Application::build(cc).await.expect("command-api");
         let command_port = command.port();
         tokio::spawn(command.run_until_stopped(cancel.clone()));
 
@@ -178,14 +144,7 @@ impl Stack {
             let http = stack.http.clone();
             eventually(Duration::from_secs(30), &format!("{url} ready"), || {
                 let (http, url) = (http.clone(), url.clone());
-                async move {
-                    http.get(&url)
-                        .send()
-                        .await
-                        .ok()
-                        .filter(|r| r.status().is_success())
-                        .map(|_| ())
-                }
+                async move { http.get(&url).send().await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
             })
             .await;
         }
@@ -201,40 +160,23 @@ impl Stack {
     }
 
     pub fn command_url(&self, household: Uuid, device: Uuid) -> String {
-        format!(
-            "http://127.0.0.1:{}/v1/households/{household}/devices/{device}/commands",
-            self.command_port
-        )
+        format!("http://127.0.0.1:{}/v1/households/{household}/devices/{device}/commands", self.command_port)
     }
 
     pub async fn gql(&self, query: &str, variables: Value) -> Value {
-        homelink_tools::gql::query(&self.http, &self.graphql_url(), query, variables)
-            .await
-            .expect("graphql request")
+        homelink_tools::gql::query(&self.http, &self.graphql_url(), query, variables).await.expect("graphql request")
     }
 
     /// Seeds a household and waits until its devices are in the registry.
     pub async fn seed(&self, devices: &[(DeviceKind, &str, &str)]) -> SeededHousehold {
-        let home = seed::household(
-            &self.appender,
-            &self.topics,
-            &self.env.pki,
-            "Test home",
-            devices,
-        )
-        .await
-        .expect("seed");
+        let home = seed::household(&self.appender, &self.topics, &self.env.pki, "Test home", devices).await.expect("seed");
         let ids: Vec<Uuid> = home.devices.iter().map(|d| d.id).collect();
         let pool = self.pool.clone();
         eventually(Duration::from_secs(30), "devices registered", || {
             let (pool, ids) = (pool.clone(), ids.clone());
             async move {
                 let n: i64 =
-                    sqlx::query_scalar("SELECT count(*) FROM devices WHERE device_id = ANY($1)")
-                        .bind(&ids)
-                        .fetch_one(&pool)
-                        .await
-                        .ok()?;
+                    sqlx::query_scalar("SELECT count(*) FROM devices WHERE device_id = ANY($1)").bind(&ids).fetch_one(&pool).await.ok()?;
                 (n == ids.len() as i64).then_some(())
             }
         })
@@ -244,21 +186,9 @@ impl Stack {
 
     /// A metric line's value from a service's `/metrics`, 0 when absent.
     pub async fn metric(&self, port: u16, series: &str) -> f64 {
-        let text = self
-            .http
-            .get(format!("http://127.0.0.1:{port}/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics body");
-        text.lines()
-            .find_map(|l| {
-                l.strip_prefix(series)
-                    .and_then(|rest| rest.trim().parse().ok())
-            })
-            .unwrap_or(0.0)
+        let text =
+            self.http.get(format!("http://127.0.0.1:{port}/metrics")).send().await.expect("metrics").text().await.expect("metrics body");
+        text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
     }
 }
 
@@ -298,11 +228,7 @@ where
 }
 
 /// Waits for the next subscription payload matching `pred`.
-pub async fn next_matching(
-    sub: &mut homelink_tools::gql::Subscription,
-    what: &str,
-    pred: impl Fn(&Value) -> bool,
-) -> Value {
+pub async fn next_matching(sub: &mut homelink_tools::gql::Subscription, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
     tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             let v = sub.next().await.expect("subscription payload");
@@ -316,8 +242,5 @@ pub async fn next_matching(
 }
 
 pub fn light_and_sensor() -> Vec<(DeviceKind, &'static str, &'static str)> {
-    vec![
-        (DeviceKind::Light, "Lamp", "Living room"),
-        (DeviceKind::Sensor, "Climate", "Bedroom"),
-    ]
+    vec![(DeviceKind::Light, "Lamp", "Living room"), (DeviceKind::Sensor, "Climate", "Bedroom")]
 }

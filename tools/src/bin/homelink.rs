@@ -80,39 +80,18 @@ async fn main() -> anyhow::Result<()> {
         Cmd::PkiInit { dir } => {
             pki::init(&dir)?;
         }
-        Cmd::Topics {
-            bootstrap,
-            prefix,
-            partitions,
-        } => {
-            homelink_kit::kafka::ensure_topics(&bootstrap, &Topics::new(prefix).all(), partitions)
-                .await?;
+        Cmd::Topics { bootstrap, prefix, partitions } => {
+            homelink_kit::kafka::ensure_topics(&bootstrap, &Topics::new(prefix).all(), partitions).await?;
         }
-        Cmd::DemoSeed {
-            state_dir,
-            bootstrap,
-            prefix,
-            command_api,
-            query_api,
-            metrics,
-            prometheus,
-            mqtt_host,
-            mqtt_port,
-        } => {
+        Cmd::DemoSeed { state_dir, bootstrap, prefix, command_api, query_api, metrics, prometheus, mqtt_host, mqtt_port } => {
             let pki_dir = state_dir.join("pki");
             let demo_file = state_dir.join("demo.json");
             let home: SeededHousehold = if demo_file.exists() {
                 serde_json::from_slice(&std::fs::read(&demo_file)?)?
             } else {
                 let appender = Appender::new(&ProducerConfig::new(&bootstrap))?;
-                let h = seed::household(
-                    &appender,
-                    &Topics::new(&prefix),
-                    &PkiDir(pki_dir.clone()),
-                    "Demo home",
-                    &seed::demo_devices(),
-                )
-                .await?;
+                let h =
+                    seed::household(&appender, &Topics::new(&prefix), &PkiDir(pki_dir.clone()), "Demo home", &seed::demo_devices()).await?;
                 std::fs::write(&demo_file, serde_json::to_vec_pretty(&h)?)?;
                 h
             };
@@ -131,29 +110,31 @@ async fn main() -> anyhow::Result<()> {
                 kafka_bootstrap: bootstrap,
                 topic_prefix: prefix,
                 pki_dir: pki_dir.display().to_string(),
-                demo: Demo {
-                    household_id: home.household_id,
-                    devices_file: demo_file.display().to_string(),
-                    accounts: Vec::new(),
-                },
+                demo: Demo { household_id: home.household_id, devices_file: demo_file.display().to_string(), accounts: Vec::new() },
             };
-            std::fs::write(
-                state_dir.join("endpoints.json"),
-                serde_json::to_vec_pretty(&e)?,
-            )?;
+            std::fs::write(state_dir.join("endpoints.json"), serde_json::to_vec_pretty(&e)?)?;
         }
-        Cmd::Simulate {
-            state_dir,
-            interval_secs,
-        } => {
+        Cmd::Simulate { state_dir, interval_secs } => {
             let e = Endpoints::load(&state_dir.join("endpoints.json"))?;
-            let home: SeededHousehold =
-                serde_json::from_slice(&std::fs::read(&e.demo.devices_file)?)?;
+            let home: SeededHousehold = serde_json::from_slice(&std::fs::read(&e.demo.devices_file)?)?;
             let target = Target {
                 host: e.mqtt_device.host.clone(),
                 port: e.mqtt_device.port,
                 ca_pem: std::fs::read_to_string(&e.mqtt_device.ca_cert)?,
             };
+            // Devices connect once the registry knows them; earlier reports would be refused as unknown.
+            let http = reqwest::Client::new();
+            for d in &home.devices {
+                let q = "query($id: ID!) { device(id: $id) { id } }";
+                for attempt in 0.. {
+                    let r = homelink_tools::gql::query(&http, &e.graphql, q, serde_json::json!({"id": d.id})).await;
+                    if r.is_ok_and(|v| !v["data"]["device"].is_null()) {
+                        break;
+                    }
+                    anyhow::ensure!(attempt < 600, "device {} was not registered within 60 s", d.id);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
             let cancel = homelink_kit::shutdown::on_signal();
             let mut tasks = Vec::new();
             for d in home.devices {
@@ -165,27 +146,14 @@ async fn main() -> anyhow::Result<()> {
                     key_pem: d.key_pem,
                     interval: Some(Duration::from_secs(interval_secs.max(1))),
                 };
-                tasks.push(tokio::spawn(sim::run(
-                    spec,
-                    target.clone(),
-                    None,
-                    cancel.clone(),
-                )));
+                tasks.push(tokio::spawn(sim::run(spec, target.clone(), None, cancel.clone())));
             }
-            eprintln!(
-                "simulating {} devices of household {}",
-                tasks.len(),
-                home.household_id
-            );
+            eprintln!("simulating {} devices of household {}", tasks.len(), home.household_id);
             for t in tasks {
                 let _ = t.await;
             }
         }
-        Cmd::Bench {
-            endpoints,
-            count,
-            json,
-        } => {
+        Cmd::Bench { endpoints, count, json } => {
             let e = Endpoints::load(&endpoints)?;
             let s = homelink_tools::bench::run(&e, count, !json).await?;
             if json {
