@@ -2,17 +2,12 @@
 
 use clap::Parser;
 use homelink_command_api::{Application, Config};
-use homelink_events::Topics;
 
 #[derive(Parser)]
 #[command(version, about = "HomeLink command API")]
 struct Args {
-    #[arg(long, env = "HOMELINK_DATABASE_URL")]
-    database_url: String,
-    #[arg(long, env = "HOMELINK_KAFKA_BOOTSTRAP", default_value = "127.0.0.1:9092")]
-    kafka_bootstrap: String,
-    #[arg(long, env = "HOMELINK_TOPIC_PREFIX", default_value = "homelink.")]
-    topic_prefix: String,
+    #[command(flatten)]
+    common: homelink_kit::config::CommonArgs,
     #[arg(long, env = "HOMELINK_COMMAND_API_LISTEN", default_value = "127.0.0.1:8080")]
     listen: String,
     #[arg(long, env = "HOMELINK_BRIDGE_PUSH_URL")]
@@ -25,7 +20,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     homelink_kit::telemetry::init("info");
     let a = Args::parse();
-    let mut cfg = Config::new(a.database_url, a.kafka_bootstrap, Topics::new(a.topic_prefix));
+    let mut cfg = Config::new(&a.common.database_url, &a.common.kafka_bootstrap, a.common.topics());
     cfg.listen = a.listen;
     cfg.bridge_push_url = a.bridge_push_url;
     cfg.projector_push_url = a.projector_push_url;

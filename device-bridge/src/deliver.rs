@@ -100,6 +100,14 @@ pub(crate) async fn deliver_counted(s: &Shared, envelope: &Envelope, path: &str)
 /// The catch-up path: the commands topic through a consumer group, offsets
 /// committed to Kafka after the commands were handed to the MQTT client.
 pub(crate) async fn catch_up(s: std::sync::Arc<Shared>, consumer: StreamConsumer, cancel: CancellationToken) {
+    let consumer = std::sync::Arc::new(consumer);
+    let c = consumer.clone();
+    let lag = tokio::spawn(homelink_kit::kafka::report_lag(
+        consumer.clone(),
+        move || homelink_kit::kafka::positions(&c),
+        s.metrics.clone(),
+        cancel.clone(),
+    ));
     let mut stream = consumer.stream();
     loop {
         let m = tokio::select! {
@@ -127,4 +135,5 @@ pub(crate) async fn catch_up(s: std::sync::Arc<Shared>, consumer: StreamConsumer
             tracing::debug!(error = %e, "commit failed");
         }
     }
+    lag.abort();
 }

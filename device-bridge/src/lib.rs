@@ -27,7 +27,7 @@ use homelink_kit::push::{Located, Pusher};
 use homelink_kit::shutdown::CancellationToken;
 use rdkafka::consumer::Consumer;
 use registry::Registry;
-use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -203,15 +203,21 @@ async fn poll_mqtt(
                 tracing::info!("connected to the MQTT broker");
                 let client = client.clone();
                 let filters = filters.clone();
+                // One SUBSCRIBE for all filters, so its one SUBACK says whether the bridge is subscribed.
                 tokio::spawn(async move {
-                    for f in filters {
-                        if let Err(e) = client.subscribe(f, QoS::AtLeastOnce).await {
-                            tracing::warn!(error = %e, "subscribe failed");
-                        }
+                    if let Err(e) = client.subscribe_many(filters.into_iter().map(|f| Filter::new(f, QoS::AtLeastOnce))).await {
+                        tracing::warn!(error = %e, "subscribe failed");
                     }
                 });
             }
-            Ok(Event::Incoming(Packet::SubAck(_))) => s.subscribed.store(true, Ordering::Relaxed),
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let granted = ack.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_)));
+                if !granted {
+                    tracing::error!(codes = ?ack.return_codes, "the broker refused a subscription");
+                    s.metrics.errors.with_label_values(&["subscribe_refused"]).inc();
+                }
+                s.subscribed.store(granted, Ordering::Relaxed);
+            }
             Ok(_) => {}
             Err(e) => {
                 s.subscribed.store(false, Ordering::Relaxed);

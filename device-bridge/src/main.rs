@@ -2,17 +2,12 @@
 
 use clap::Parser;
 use homelink_device_bridge::{Application, Config};
-use homelink_events::Topics;
 
 #[derive(Parser)]
 #[command(version, about = "HomeLink device bridge: MQTT <-> Kafka")]
 struct Args {
-    #[arg(long, env = "HOMELINK_DATABASE_URL")]
-    database_url: String,
-    #[arg(long, env = "HOMELINK_KAFKA_BOOTSTRAP", default_value = "127.0.0.1:9092")]
-    kafka_bootstrap: String,
-    #[arg(long, env = "HOMELINK_TOPIC_PREFIX", default_value = "homelink.")]
-    topic_prefix: String,
+    #[command(flatten)]
+    common: homelink_kit::config::CommonArgs,
     #[arg(long, env = "HOMELINK_MQTT_HOST", default_value = "127.0.0.1")]
     mqtt_host: String,
     #[arg(long, env = "HOMELINK_MQTT_BRIDGE_PORT", default_value_t = 1884)]
@@ -33,7 +28,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     homelink_kit::telemetry::init("info");
     let a = Args::parse();
-    let mut cfg = Config::new(a.database_url, a.kafka_bootstrap, Topics::new(a.topic_prefix), a.mqtt_host, a.mqtt_port);
+    let mut cfg = Config::new(&a.common.database_url, &a.common.kafka_bootstrap, a.common.topics(), a.mqtt_host, a.mqtt_port);
     cfg.mqtt_username = a.mqtt_username;
     cfg.mqtt_password = a.mqtt_password;
     cfg.client_id = a.client_id;

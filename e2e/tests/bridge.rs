@@ -121,3 +121,64 @@ async fn invalid_payloads_go_to_the_dead_letter_topic_with_a_reason_and_the_brid
     reasons.sort();
     assert_eq!(reasons, expected);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_bridges_in_one_shared_subscription_split_the_reports_and_each_is_appended_once() {
+    let stack = Stack::start().await;
+    let second =
+        common::spawn_bridge(&stack.env, &stack.topics, &stack.db_url, &stack.share_group, stack.projector_port, &stack.cancel).await;
+    let http = stack.http.clone();
+    eventually(Duration::from_secs(30), "second bridge ready", || {
+        let http = http.clone();
+        async move { http.get(format!("http://127.0.0.1:{second}/readyz")).send().await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
+    })
+    .await;
+    let home = stack.seed(&light_and_sensor()).await;
+    let spec = common::spec(&home, 0, None);
+    let topic = format!("home/{}/device/{}/state", home.household_id, spec.device_id);
+
+    // One connection, 40 reports, every PUBACK awaited, then a clean DISCONNECT (no last will).
+    const N: u64 = 40;
+    let (client, mut ev) = AsyncClient::new(sim::mqtt_options(&spec, &stack.env.target()), 64);
+    let mut acked = 0;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match ev.poll().await.expect("device connection") {
+                Event::Incoming(Packet::ConnAck(_)) => {
+                    for seq in 1..=N {
+                        client.publish(topic.clone(), QoS::AtLeastOnce, false, state(seq, (seq % 100) as i64)).await.expect("publish");
+                    }
+                }
+                Event::Incoming(Packet::PubAck(_)) => {
+                    acked += 1;
+                    if acked == N {
+                        return;
+                    }
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("all reports acknowledged");
+    client.disconnect().await.expect("disconnect");
+    let _ = tokio::time::timeout(Duration::from_secs(2), async { while ev.poll().await.is_ok() {} }).await;
+
+    let pool = stack.pool.clone();
+    eventually(Duration::from_secs(30), "all reports applied", || async {
+        let n: Option<i64> = sqlx::query_scalar("SELECT applied FROM household_event_counts WHERE event_type = 'DeviceStateReported'")
+            .fetch_optional(&pool)
+            .await
+            .ok()
+            .flatten();
+        (n == Some(N as i64)).then_some(())
+    })
+    .await;
+    let series = "homelink_bridge_messages_out_total{kind=\"telemetry\"}";
+    let (a, b) = (stack.metric(stack.bridge_port, series).await, stack.metric(second, series).await);
+    assert_eq!(a + b, N as f64, "each report appended exactly once across the two bridges");
+    assert!(a > 0.0 && b > 0.0, "both bridges took a share ({a} / {b})");
+    let seq: i64 =
+        sqlx::query_scalar("SELECT seq FROM device_shadows WHERE device_id = $1").bind(spec.device_id).fetch_one(&pool).await.expect("seq");
+    assert_eq!(seq, N as i64);
+}

@@ -38,7 +38,11 @@ async fn a_device_report_reaches_the_shadow_the_query_and_the_subscription() {
     let data = eventually(Duration::from_secs(30), "both shadows in the query", || async {
         let r = stack.gql(q, json!({"h": home.household_id})).await;
         let devices = r["data"]["household"]["devices"].as_array()?.clone();
-        devices.iter().all(|d| d["shadow"]["online"] == true).then_some(devices)
+        // A device says `online` before its first report: wait for both.
+        devices
+            .iter()
+            .all(|d| d["shadow"]["online"] == true && d["shadow"]["reported"].as_object().is_some_and(|m| !m.is_empty()))
+            .then_some(devices)
     })
     .await;
     assert_eq!(data.len(), 2);

@@ -126,3 +126,53 @@ pub fn partitions_of(consumer: &StreamConsumer, topic: &str, timeout: Duration) 
     }
     Ok(parts)
 }
+
+/// Publishes `consumer_lag_records` every 5 s for each partition `consumer`
+/// holds: the log end minus `position()[(topic, partition)]` (0 when unknown).
+pub async fn report_lag<F>(
+    consumer: std::sync::Arc<StreamConsumer>,
+    position: F,
+    metrics: crate::metrics::ServiceMetrics,
+    cancel: tokio_util::sync::CancellationToken,
+) where
+    F: Fn() -> std::collections::HashMap<(String, i32), i64> + Send + 'static,
+{
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+        let c = consumer.clone();
+        // librdkafka's metadata calls block: keep them off the async workers.
+        let highs = tokio::task::spawn_blocking(move || {
+            let Ok(assigned) = c.assignment() else { return Vec::new() };
+            assigned
+                .elements()
+                .iter()
+                .filter_map(|e| {
+                    let (t, p) = (e.topic().to_owned(), e.partition());
+                    c.fetch_watermarks(&t, p, Duration::from_secs(1)).ok().map(|(_, high)| (t, p, high))
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        let pos = position();
+        for (t, p, high) in highs {
+            let at = pos.get(&(t.clone(), p)).copied().unwrap_or(0);
+            metrics.consumer_lag.with_label_values(&[&t, &p.to_string()]).set((high - at).max(0));
+        }
+    }
+}
+
+/// The next offset `consumer` will read per partition (for [`report_lag`]).
+pub fn positions(consumer: &StreamConsumer) -> std::collections::HashMap<(String, i32), i64> {
+    let Ok(tpl) = consumer.position() else { return Default::default() };
+    tpl.elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            rdkafka::Offset::Offset(o) => Some(((e.topic().to_owned(), e.partition()), o)),
+            _ => None,
+        })
+        .collect()
+}

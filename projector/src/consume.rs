@@ -19,7 +19,6 @@ use tokio::sync::mpsc;
 
 pub struct CatchUp {
     consumer: Arc<StreamConsumer>,
-    assigned: Vec<(String, i32)>,
     batch_max: usize,
     metrics: ServiceMetrics,
 }
@@ -49,12 +48,14 @@ impl CatchUp {
             tpl.add_partition_offset(t, *p, offset)?;
         }
         consumer.assign(&tpl)?;
-        Ok(Self { consumer, assigned: parts, batch_max: cfg.batch_max, metrics })
+        Ok(Self { consumer, batch_max: cfg.batch_max, metrics })
     }
 
     /// Reads until cancelled, handing batches to the applier.
     pub(crate) async fn run(self, jobs: mpsc::Sender<Job>, positions: Positions, cancel: CancellationToken) {
-        let lag = tokio::spawn(report_lag(self.consumer.clone(), self.assigned.clone(), positions, self.metrics.clone(), cancel.clone()));
+        // Lag counts from what the applier committed, not from what was fetched.
+        let committed = move || positions.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let lag = tokio::spawn(homelink_kit::kafka::report_lag(self.consumer.clone(), committed, self.metrics.clone(), cancel.clone()));
         let mut stream = self.consumer.stream();
         loop {
             let first = tokio::select! {
@@ -101,35 +102,5 @@ impl CatchUp {
             }
         }
         lag.abort();
-    }
-}
-
-/// Publishes `consumer_lag_records` every few seconds: log end minus the committed position.
-async fn report_lag(
-    consumer: Arc<StreamConsumer>,
-    assigned: Vec<(String, i32)>,
-    positions: Positions,
-    metrics: ServiceMetrics,
-    cancel: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-        }
-        let c = consumer.clone();
-        let a = assigned.clone();
-        let highs = tokio::task::spawn_blocking(move || {
-            a.into_iter()
-                .filter_map(|(t, p)| c.fetch_watermarks(&t, p, Duration::from_secs(1)).ok().map(|(_, high)| (t, p, high)))
-                .collect::<Vec<_>>()
-        })
-        .await
-        .unwrap_or_default();
-        let pos = positions.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        for (t, p, high) in highs {
-            let at = pos.get(&(t.clone(), p)).copied().unwrap_or(0);
-            metrics.consumer_lag.with_label_values(&[&t, &p.to_string()]).set((high - at).max(0));
-        }
     }
 }

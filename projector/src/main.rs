@@ -1,19 +1,14 @@
 //! `homelink-projector`: builds the read models from the log.
 
 use clap::Parser;
-use homelink_events::Topics;
 use homelink_projector::{Application, Config};
 use std::time::Duration;
 
 #[derive(Parser)]
 #[command(version, about = "HomeLink projector: Kafka log -> Postgres read models")]
 struct Args {
-    #[arg(long, env = "HOMELINK_DATABASE_URL")]
-    database_url: String,
-    #[arg(long, env = "HOMELINK_KAFKA_BOOTSTRAP", default_value = "127.0.0.1:9092")]
-    kafka_bootstrap: String,
-    #[arg(long, env = "HOMELINK_TOPIC_PREFIX", default_value = "homelink.")]
-    topic_prefix: String,
+    #[command(flatten)]
+    common: homelink_kit::config::CommonArgs,
     #[arg(long, env = "HOMELINK_PROJECTOR_LISTEN", default_value = "127.0.0.1:8083")]
     listen: String,
     /// Fetch wait of the catch-up consumer, in milliseconds.
@@ -28,7 +23,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     homelink_kit::telemetry::init("info");
     let a = Args::parse();
-    let mut cfg = Config::new(a.database_url, a.kafka_bootstrap, Topics::new(a.topic_prefix));
+    let mut cfg = Config::new(&a.common.database_url, &a.common.kafka_bootstrap, a.common.topics());
     cfg.listen = a.listen;
     cfg.fetch_wait = Duration::from_millis(a.fetch_wait_ms);
     cfg.batch_max = a.batch_max.max(1);

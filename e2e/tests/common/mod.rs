@@ -82,6 +82,27 @@ pub struct Stack {
     pub query_port: u16,
     pub bridge_port: u16,
     pub command_port: u16,
+    pub share_group: String,
+}
+
+/// Starts a device bridge in `share_group` (its own client id); returns its HTTP port.
+pub async fn spawn_bridge(
+    env: &Env,
+    topics: &Topics,
+    db_url: &str,
+    share_group: &str,
+    projector_port: u16,
+    cancel: &CancellationToken,
+) -> u16 {
+    let mut bc = homelink_device_bridge::Config::new(db_url, &env.kafka, topics.clone(), &env.mqtt_host, env.bridge_port);
+    bc.mqtt_password = env.bridge_password.clone();
+    bc.share_group = share_group.to_owned();
+    bc.client_id = format!("bridge-{}", Uuid::new_v4().simple());
+    bc.projector_push_url = Some(format!("http://127.0.0.1:{projector_port}/internal/v1/events"));
+    let bridge = homelink_device_bridge::Application::build(bc).await.expect("bridge");
+    let port = bridge.port();
+    tokio::spawn(bridge.run_until_stopped(cancel.clone()));
+    port
 }
 
 /// A fresh prefix and database with the topics created.
@@ -109,15 +130,9 @@ impl Stack {
         let query_port = query.port();
         tokio::spawn(query.run_until_stopped(cancel.clone()));
 
-        let mut bc = homelink_device_bridge::Config::new(&db_url, &env.kafka, topics.clone(), &env.mqtt_host, env.bridge_port);
-        bc.mqtt_password = env.bridge_password.clone();
-        // Each test is its own deployment: its own shared-subscription group and client id.
-        bc.share_group = format!("hl-{}", Uuid::new_v4().simple());
-        bc.client_id = format!("bridge-{}", Uuid::new_v4().simple());
-        bc.projector_push_url = Some(format!("http://127.0.0.1:{projector_port}/internal/v1/events"));
-        let bridge = homelink_device_bridge::Application::build(bc).await.expect("bridge");
-        let bridge_port = bridge.port();
-        tokio::spawn(bridge.run_until_stopped(cancel.clone()));
+        // Each test is its own deployment: its own shared-subscription group.
+        let share_group = format!("hl-{}", Uuid::new_v4().simple());
+        let bridge_port = spawn_bridge(&env, &topics, &db_url, &share_group, projector_port, &cancel).await;
 
         let mut cc = homelink_command_api::Config::new(&db_url, &env.kafka, topics.clone());
         cc.bridge_push_url = Some(format!("http://127.0.0.1:{bridge_port}/internal/v1/commands"));
@@ -138,6 +153,7 @@ impl Stack {
             query_port,
             bridge_port,
             command_port,
+            share_group,
         };
         for port in [projector_port, query_port, bridge_port, command_port] {
             let url = format!("http://127.0.0.1:{port}/readyz");
