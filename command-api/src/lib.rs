@@ -74,8 +74,14 @@ impl Application {
     pub async fn build(cfg: Config) -> anyhow::Result<Self> {
         let metrics = ServiceMetrics::new("command_api");
         let pool = homelink_kit::db::connect_with_retry(&cfg.database_url, 16, Duration::from_secs(30)).await?;
-        let mut pc = ProducerConfig::new(&cfg.kafka_bootstrap);
-        pc.delivery_timeout = cfg.append_timeout;
+        // The HTTP answer is bounded by `append_timeout`: then 503, whose body
+        // says the outcome is unknown and to retry with the same
+        // Idempotency-Key. The record keeps librdkafka's longer delivery
+        // timeout: expiring records after 2 s left tansu 0.6 refusing the
+        // producer after a broker restart ("Unknown broker error"), and even a
+        // replacement producer's appends never completed (tests/faults.rs).
+        // A record that lands late is delivered only if it has not expired.
+        let pc = ProducerConfig::new(&cfg.kafka_bootstrap);
         let state = Arc::new(AppState {
             appender: Appender::new(&pc)?,
             topics: cfg.topics.clone(),

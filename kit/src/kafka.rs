@@ -38,14 +38,31 @@ impl ProducerConfig {
 }
 
 /// Appends envelopes to topics, keyed by household.
+///
+/// When librdkafka declares the idempotent producer fatally failed, it is
+/// replaced by a new one (at most every few seconds) instead of failing every
+/// later append. A new producer id can duplicate a record that a caller
+/// retries; consumers deduplicate.
 #[derive(Clone)]
 pub struct Appender {
-    producer: FutureProducer,
+    cfg: ProducerConfig,
+    producer: std::sync::Arc<std::sync::RwLock<FutureProducer>>,
+    last_reset: std::sync::Arc<std::sync::Mutex<std::time::Instant>>,
 }
+
+const RESET_AT_MOST_EVERY: Duration = Duration::from_secs(3);
 
 impl Appender {
     pub fn new(cfg: &ProducerConfig) -> Result<Self, crate::Error> {
-        let producer: FutureProducer = ClientConfig::new()
+        Ok(Self {
+            producer: std::sync::Arc::new(std::sync::RwLock::new(Self::create(cfg)?)),
+            cfg: cfg.clone(),
+            last_reset: std::sync::Arc::new(std::sync::Mutex::new(std::time::Instant::now())),
+        })
+    }
+
+    fn create(cfg: &ProducerConfig) -> Result<FutureProducer, crate::Error> {
+        let producer = ClientConfig::new()
             .set("bootstrap.servers", &cfg.bootstrap)
             .set("acks", "all")
             .set("enable.idempotence", "true")
@@ -55,7 +72,30 @@ impl Appender {
             .set("retry.backoff.max.ms", "1000")
             .set("socket.nagle.disable", "true")
             .create()?;
-        Ok(Self { producer })
+        Ok(producer)
+    }
+
+    fn current(&self) -> FutureProducer {
+        self.producer.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the producer after a fatal error.
+    fn recover(&self, failed: &FutureProducer, error: &rdkafka::error::KafkaError) {
+        if failed.client().fatal_error().is_none() {
+            return;
+        }
+        let mut last = self.last_reset.lock().unwrap_or_else(|e| e.into_inner());
+        if last.elapsed() < RESET_AT_MOST_EVERY {
+            return;
+        }
+        match Self::create(&self.cfg) {
+            Ok(p) => {
+                tracing::warn!(%error, "replacing the Kafka producer after a broker-side error");
+                *self.producer.write().unwrap_or_else(|e| e.into_inner()) = p;
+                *last = std::time::Instant::now();
+            }
+            Err(e) => tracing::warn!(error = %e, "could not create a new Kafka producer"),
+        }
     }
 
     /// Appends one envelope and waits for the broker's acknowledgement.
@@ -67,15 +107,19 @@ impl Appender {
     /// Appends raw bytes under `key` (dead-letter records).
     pub async fn append_raw(&self, topic: &str, key: &str, payload: &[u8]) -> Result<Position, crate::Error> {
         let record = FutureRecord::to(topic).key(key).payload(payload);
-        match self.producer.send(record, Duration::from_secs(0)).await {
+        let producer = self.current();
+        match producer.send(record, Duration::from_secs(0)).await {
             Ok(d) => Ok(Position { partition: d.partition, offset: d.offset }),
-            Err((e, _)) => Err(e.into()),
+            Err((e, _)) => {
+                self.recover(&producer, &e);
+                Err(e.into())
+            }
         }
     }
 
     /// Waits for queued records (used at shutdown).
     pub fn flush(&self, timeout: Duration) {
-        let _ = self.producer.flush(timeout);
+        let _ = self.current().flush(timeout);
     }
 }
 

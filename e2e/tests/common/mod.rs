@@ -107,7 +107,11 @@ pub async fn spawn_bridge(
 
 /// A fresh prefix and database with the topics created.
 pub async fn isolated() -> (Env, Topics, String) {
-    let env = Env::from_env();
+    isolated_on(Env::from_env()).await
+}
+
+/// Like [`isolated`] on the components `env` names.
+pub async fn isolated_on(env: Env) -> (Env, Topics, String) {
     let topics = Topics::new(format!("t{}.", Uuid::new_v4().simple()));
     homelink_kit::kafka::ensure_topics(&env.kafka, &topics.all(), 2).await.expect("create topics");
     let db_url = env.fresh_database().await;
@@ -117,7 +121,12 @@ pub async fn isolated() -> (Env, Topics, String) {
 impl Stack {
     /// Every service, wired together as the run command wires them.
     pub async fn start() -> Self {
-        let (env, topics, db_url) = isolated().await;
+        Self::start_on(Env::from_env()).await
+    }
+
+    /// A deployment on the components `env` names (a private Kafka, say).
+    pub async fn start_on(env: Env) -> Self {
+        let (env, topics, db_url) = isolated_on(env).await;
         let cancel = CancellationToken::new();
 
         let projector = homelink_projector::Application::build(homelink_projector::Config::new(&db_url, &env.kafka, topics.clone()))
@@ -259,4 +268,60 @@ pub async fn next_matching(sub: &mut homelink_tools::gql::Subscription, what: &s
 
 pub fn light_and_sensor() -> Vec<(DeviceKind, &'static str, &'static str)> {
     vec![(DeviceKind::Light, "Lamp", "Living room"), (DeviceKind::Sensor, "Climate", "Bedroom")]
+}
+
+/// A Kafka-compatible broker (tansu, SQLite storage) of a test's own, for
+/// tests that stop the broker; the shared one serves every other test.
+pub struct PrivateKafka {
+    child: Option<std::process::Child>,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl PrivateKafka {
+    pub fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+        let dir = std::env::temp_dir().join(format!("homelink-kafka-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("kafka folder");
+        let mut k = Self { child: None, port, dir };
+        k.restart();
+        k
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the broker on the same port and log (after [`Self::kill`]).
+    pub fn restart(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let child = std::process::Command::new(std::env::var("HOMELINK_TEST_TANSU").unwrap_or_else(|_| "tansu".into()))
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "sqlite://log.db"])
+            .current_dir(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start tansu (infra/dev test installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "tansu did not open its port");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateKafka {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

@@ -1,0 +1,95 @@
+//! Faults: the Kafka broker goes down under the running services.
+
+mod common;
+
+use common::{eventually, light_and_sensor, Env, PrivateKafka, Stack};
+use homelink_tools::sim;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event};
+use serde_json::json;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_kafka_down_writes_get_503_reports_are_held_and_everything_resumes_without_loss() {
+    let mut kafka = PrivateKafka::start();
+    let mut env = Env::from_env();
+    env.kafka = kafka.bootstrap();
+    let stack = Stack::start_on(env).await;
+    let home = stack.seed(&light_and_sensor()).await;
+    let spec = common::spec(&home, 0, None);
+    let topic = format!("home/{}/device/{}/state", home.household_id, spec.device_id);
+
+    // A device connection that counts the PUBACKs it gets.
+    let (client, mut ev) = AsyncClient::new(sim::mqtt_options(&spec, &stack.env.target()), 64);
+    let acked = Arc::new(AtomicU64::new(0));
+    let connected = Arc::new(tokio::sync::Notify::new());
+    let (a, c) = (acked.clone(), connected.clone());
+    tokio::spawn(async move {
+        while let Ok(e) = ev.poll().await {
+            match e {
+                Event::Incoming(Packet::ConnAck(_)) => c.notify_one(),
+                Event::Incoming(Packet::PubAck(_)) => {
+                    a.fetch_add(1, Ordering::SeqCst);
+                }
+                _ => {}
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(20), connected.notified()).await.expect("device connected");
+
+    kafka.kill();
+
+    // A write answers 503 with a problem document instead of hanging.
+    let r = stack
+        .http
+        .post(stack.command_url(home.household_id, spec.device_id))
+        .json(&json!({"set": {"on": true}}))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .expect("an answer while Kafka is down");
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+
+    // Reports published meanwhile: the broker acknowledges them to the device
+    // and keeps them for the bridge, which does not acknowledge what Kafka has not taken.
+    const N: u64 = 20;
+    for seq in 1..=N {
+        let body = serde_json::to_vec(&json!({"v": 1, "seq": seq, "state": {"brightness": seq}})).expect("json");
+        client.publish(topic.clone(), QoS::AtLeastOnce, false, body).await.expect("publish");
+    }
+    eventually(Duration::from_secs(30), "the broker acknowledged every report", || async {
+        (acked.load(Ordering::SeqCst) == N).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let telemetry = "homelink_bridge_messages_out_total{kind=\"telemetry\"}";
+    assert_eq!(stack.metric(stack.bridge_port, telemetry).await, 0.0, "nothing appended while Kafka is down");
+
+    kafka.restart();
+
+    let pool = stack.pool.clone();
+    eventually(Duration::from_secs(60), "every report applied once", || async {
+        let n: Option<i64> = sqlx::query_scalar("SELECT applied FROM household_event_counts WHERE event_type = 'DeviceStateReported'")
+            .fetch_optional(&pool)
+            .await
+            .ok()
+            .flatten();
+        (n == Some(N as i64)).then_some(())
+    })
+    .await;
+    let seq: i64 =
+        sqlx::query_scalar("SELECT seq FROM device_shadows WHERE device_id = $1").bind(spec.device_id).fetch_one(&pool).await.expect("seq");
+    assert_eq!(seq, N as i64);
+
+    // Writes are accepted again without restarting anything.
+    let url = stack.command_url(home.household_id, spec.device_id);
+    eventually(Duration::from_secs(60), "a write accepted after the broker is back", || async {
+        let r = stack.http.post(&url).json(&json!({"set": {"on": true}})).send().await.ok()?;
+        (r.status() == 202).then_some(())
+    })
+    .await;
+}
