@@ -165,15 +165,7 @@ async fn two_bridges_in_one_shared_subscription_split_the_reports_and_each_is_ap
     let _ = tokio::time::timeout(Duration::from_secs(2), async { while ev.poll().await.is_ok() {} }).await;
 
     let pool = stack.pool.clone();
-    eventually(Duration::from_secs(30), "all reports applied", || async {
-        let n: Option<i64> = sqlx::query_scalar("SELECT applied FROM household_event_counts WHERE event_type = 'DeviceStateReported'")
-            .fetch_optional(&pool)
-            .await
-            .ok()
-            .flatten();
-        (n == Some(N as i64)).then_some(())
-    })
-    .await;
+    stack.wait_applied("DeviceStateReported", N as i64, Duration::from_secs(30)).await;
     let series = "homelink_bridge_messages_out_total{kind=\"telemetry\"}";
     let (a, b) = (stack.metric(stack.bridge_port, series).await, stack.metric(second, series).await);
     assert_eq!(a + b, N as f64, "each report appended exactly once across the two bridges");

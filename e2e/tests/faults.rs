@@ -72,15 +72,7 @@ async fn with_kafka_down_writes_get_503_reports_are_held_and_everything_resumes_
     kafka.restart();
 
     let pool = stack.pool.clone();
-    eventually(Duration::from_secs(60), "every report applied once", || async {
-        let n: Option<i64> = sqlx::query_scalar("SELECT applied FROM household_event_counts WHERE event_type = 'DeviceStateReported'")
-            .fetch_optional(&pool)
-            .await
-            .ok()
-            .flatten();
-        (n == Some(N as i64)).then_some(())
-    })
-    .await;
+    stack.wait_applied("DeviceStateReported", N as i64, Duration::from_secs(60)).await;
     let seq: i64 =
         sqlx::query_scalar("SELECT seq FROM device_shadows WHERE device_id = $1").bind(spec.device_id).fetch_one(&pool).await.expect("seq");
     assert_eq!(seq, N as i64);

@@ -209,6 +209,22 @@ impl Stack {
         home
     }
 
+    /// Waits until exactly `n` events of `event_type` were applied (the
+    /// per-household counts make a double application visible).
+    pub async fn wait_applied(&self, event_type: &str, n: i64, timeout: Duration) {
+        let pool = self.pool.clone();
+        eventually(timeout, &format!("{n} {event_type} applied"), || async {
+            let got: Option<i64> = sqlx::query_scalar("SELECT sum(applied)::bigint FROM household_event_counts WHERE event_type = $1")
+                .bind(event_type)
+                .fetch_one(&pool)
+                .await
+                .ok()
+                .flatten();
+            (got == Some(n)).then_some(())
+        })
+        .await;
+    }
+
     /// A metric line's value from a service's `/metrics`, 0 when absent.
     pub async fn metric(&self, port: u16, series: &str) -> f64 {
         let text =
