@@ -1,34 +1,37 @@
 //! Device commands: `POST /v1/households/{householdId}/devices/{deviceId}/commands`.
 
-use crate::problem::ApiError;
+use crate::households::{audit_denied, path_id, Caller, Requester};
+use crate::problem::{ApiError, Body, Problem};
 use crate::AppState;
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use homelink_events::event::DeviceCommandRequested;
-use homelink_events::{Actor, DeviceKind, Envelope, Event};
+use homelink_events::household::Action;
+use homelink_events::{DeviceKind, Envelope, Event, Role};
 use homelink_kit::push::Located;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sqlx::Row;
 use std::sync::Arc;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 /// The request body. Unknown fields are refused: a body must not smuggle in
 /// fields it does not own (`householdId`, `actor`, …).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CommandRequest {
-    /// Desired values of writable capabilities.
+    /// Desired values of writable capabilities, e.g. `{"brightness": 50}`.
+    #[schema(value_type = Object)]
     pub set: Map<String, Value>,
     /// How long the command stays valid, 1–300 s (default 10).
     #[serde(default)]
     pub ttl_seconds: Option<u32>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CommandAccepted {
     pub command_id: Uuid,
@@ -54,57 +57,72 @@ pub fn decide(kind: DeviceKind, device_id: Uuid, req: CommandRequest, now: DateT
     })
 }
 
-/// The route. Identity arrives with the next issue; until then the caller is
-/// an explicit unauthenticated development actor, passed down like a real one.
+/// Sends a command to a device. Members may control what their role allows
+/// (product.md roles table); a device of another household, or one the
+/// caller may not see, answers exactly like one that does not exist.
+#[utoipa::path(post, path = "/v1/households/{householdId}/devices/{deviceId}/commands", tag = "devices", request_body = CommandRequest,
+    security(("bearer" = [])),
+    params(("householdId" = Uuid, Path), ("deviceId" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header, description = "makes a retry safe")),
+    responses((status = 202, body = CommandAccepted), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem),
+        (status = 404, body = Problem), (status = 413, body = Problem), (status = 503, body = Problem)))]
 pub async fn request(
     State(s): State<Arc<AppState>>,
+    Caller(who): Caller,
     Path((household_id, device_id)): Path<(String, String)>,
-    body: Result<Json<CommandRequest>, JsonRejection>,
+    body: Body<CommandRequest>,
 ) -> Result<(StatusCode, Json<CommandAccepted>), ApiError> {
-    let actor = Actor::System("dev-unauthenticated".into());
-    let household_id = Uuid::parse_str(&household_id).map_err(|_| ApiError::NotFound)?;
-    let device_id = Uuid::parse_str(&device_id).map_err(|_| ApiError::NotFound)?;
-    let Json(req) = body.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(crate::MAX_BODY_BYTES),
-        _ => ApiError::BadRequest(e.body_text()),
-    })?;
-    request_command(&s, actor, household_id, device_id, req).await
+    let household_id = path_id(&household_id)?;
+    let device_id = path_id(&device_id)?;
+    request_command(&s, &who, household_id, device_id, body.0).await
 }
 
-/// Validates, appends, pushes. Answers only after Kafka acknowledged.
+/// Authorizes, validates, appends, pushes. Answers only after Kafka acknowledged.
 pub async fn request_command(
     s: &AppState,
-    actor: Actor,
+    who: &Requester,
     household_id: Uuid,
     device_id: Uuid,
     req: CommandRequest,
 ) -> Result<(StatusCode, Json<CommandAccepted>), ApiError> {
     let started = std::time::Instant::now();
     s.metrics.messages_in.with_label_values(&["command"]).inc();
-    let row = sqlx::query("SELECT kind FROM devices WHERE device_id = $1 AND household_id = $2")
-        .bind(device_id)
-        .bind(household_id)
-        .fetch_optional(&s.pool)
-        .await
-        .map_err(|e| ApiError::Unavailable(format!("registry: {e}")))?;
+    let row = sqlx::query(
+        "SELECT d.kind, m.role FROM devices d LEFT JOIN household_members m ON m.household_id = d.household_id AND m.user_id = $3
+         WHERE d.device_id = $1 AND d.household_id = $2",
+    )
+    .bind(device_id)
+    .bind(household_id)
+    .bind(who.user)
+    .fetch_optional(&s.pool)
+    .await
+    .map_err(ApiError::db)?;
     // A device of another household answers exactly like one that does not exist.
-    let kind: DeviceKind = row.and_then(|r| r.get::<String, _>(0).parse().ok()).ok_or(ApiError::NotFound)?;
+    let Some(row) = row else {
+        return Err(ApiError::NotFound);
+    };
+    let kind: DeviceKind =
+        row.get::<String, _>(0).parse().map_err(|e: homelink_events::device::ValueError| ApiError::Internal(e.to_string()))?;
+    let role: Option<Role> = row.get::<Option<String>, _>(1).and_then(|r| r.parse().ok());
+    let target = Some(format!("device/{device_id}"));
+    let refused = match role {
+        None => Some(ApiError::NotFound),
+        Some(r) if !r.allows(&Action::SeeDevice(kind)) => Some(ApiError::NotFound),
+        Some(r) if !r.allows(&Action::Control(kind, &req.set)) => {
+            Some(ApiError::Forbidden(format!("a member with role {r} may not send this command to a {kind}")))
+        }
+        Some(_) => None,
+    };
+    if let Some(e) = refused {
+        audit_denied(s, who, household_id, role, "device.command", target, &e);
+        return Err(e);
+    }
     let cmd = decide(kind, device_id, req, Utc::now()).inspect_err(|_| s.metrics.errors.with_label_values(&["invalid_command"]).inc())?;
     let accepted = CommandAccepted { command_id: cmd.command_id, status: "requested".into(), expires_at: cmd.expires_at };
-    let envelope =
-        Envelope::new(household_id, actor, &Event::DeviceCommandRequested(cmd), Utc::now()).with_correlation(accepted.command_id);
+    let envelope = Envelope::new(household_id, who.actor(), &Event::DeviceCommandRequested(cmd), Utc::now())
+        .with_correlation(accepted.command_id)
+        .with_meta(who.meta(role));
     let topic = s.topics.commands();
-    let pos = match tokio::time::timeout(s.append_timeout, s.appender.append(&topic, &envelope)).await {
-        Ok(Ok(pos)) => pos,
-        Ok(Err(e)) => {
-            s.metrics.errors.with_label_values(&["kafka_produce"]).inc();
-            return Err(ApiError::Unavailable(format!("kafka: {e}")));
-        }
-        Err(_) => {
-            s.metrics.errors.with_label_values(&["kafka_timeout"]).inc();
-            return Err(ApiError::Unavailable("kafka: append timed out".into()));
-        }
-    };
+    let pos = s.append(&topic, &envelope).await?;
     s.bridge.push(envelope.clone());
     s.projector.push(Located { topic, partition: pos.partition, offset: pos.offset, envelope });
     s.metrics.messages_out.with_label_values(&["command"]).inc();

@@ -3,16 +3,27 @@
 //! acknowledged; then it hands the event to the device bridge's push channel
 //! so a tap reaches the device without waiting on a Kafka consumer.
 //!
-//! Layout: [`commands`] (device commands: the handler and its pure
-//! validation), [`problem`] (the error type and its problem+json form), this
-//! file (configuration and the router).
+//! Layout:
+//! - [`auth`]: sign-up, sign-in, refresh, sign-out, signing keys and JWKS, the
+//!   `Authenticated` extractor;
+//! - [`households`]: households and members, and the serialized write path
+//!   every household command takes (the consistency decision lives there);
+//! - [`commands`]: device commands (authorization by role, then validation);
+//! - [`idempotency`]: the `Idempotency-Key` middleware;
+//! - [`problem`]: the error type and its problem+json form, the body extractor;
+//! - [`openapi`]: the OpenAPI 3.1 document, built from the same route table;
+//! - this file: configuration and the router.
 
+pub mod auth;
 pub mod commands;
+pub mod households;
+pub mod idempotency;
+pub mod openapi;
 pub mod problem;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::post;
-use axum::Router;
+use axum::routing::get;
+use axum::{Json, Router};
 use homelink_events::{Envelope, Topics};
 use homelink_kit::kafka::{Appender, ProducerConfig};
 use homelink_kit::metrics::ServiceMetrics;
@@ -37,6 +48,7 @@ pub struct Config {
     pub projector_push_url: Option<String>,
     /// Longest wait for Kafka's acknowledgement before answering 503.
     pub append_timeout: Duration,
+    pub tokens: auth::TokenConfig,
 }
 
 impl Config {
@@ -49,6 +61,7 @@ impl Config {
             bridge_push_url: None,
             projector_push_url: None,
             append_timeout: Duration::from_secs(2),
+            tokens: auth::TokenConfig::default(),
         }
     }
 }
@@ -62,12 +75,28 @@ pub struct AppState {
     pub bridge: Pusher<Envelope>,
     pub projector: Pusher<Located>,
     pub append_timeout: Duration,
+    pub keys: auth::Keys,
+    pub tokens: auth::TokenConfig,
+    /// In-process lock stripes that queue household writes (see [`households`]).
+    pub household_stripes: Vec<tokio::sync::Mutex<()>>,
 }
 
 pub struct Application {
     listener: tokio::net::TcpListener,
     router: Router,
     metrics: ServiceMetrics,
+    state: Arc<AppState>,
+}
+
+/// Applies command-api's own migrations (identity, idempotency) and the
+/// projector's read-model schema it reads from. Versions of the other set are
+/// not an error.
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    homelink_projector::migrate(pool).await?;
+    let mut m = sqlx::migrate!("./migrations");
+    m.set_ignore_missing(true);
+    m.run(pool).await?;
+    Ok(())
 }
 
 impl Application {
@@ -81,8 +110,15 @@ impl Application {
         // producer after a broker restart ("Unknown broker error"), and even a
         // replacement producer's appends never completed (tests/faults.rs).
         // A record that lands late is delivered only if it has not expired.
+        migrate(&pool).await?;
+        auth::ensure_key(&pool).await?;
+        let keys = auth::Keys::new();
+        keys.reload(&pool, cfg.tokens.access_ttl).await?;
         let pc = ProducerConfig::new(&cfg.kafka_bootstrap);
         let state = Arc::new(AppState {
+            keys,
+            tokens: cfg.tokens.clone(),
+            household_stripes: (0..households::HOUSEHOLD_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             appender: Appender::new(&pc)?,
             topics: cfg.topics.clone(),
             metrics: metrics.clone(),
@@ -91,13 +127,16 @@ impl Application {
             append_timeout: cfg.append_timeout,
             pool: pool.clone(),
         });
-        let router = Router::new()
-            .route("/v1/households/{household_id}/devices/{device_id}/commands", post(commands::request))
+        let (api, doc) = openapi::routes().split_for_parts();
+        let doc = Arc::new(doc);
+        let router = api
+            .layer(axum::middleware::from_fn_with_state(state.clone(), idempotency::layer))
             .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-            .with_state(state)
+            .route("/openapi.json", get(move || async move { Json(doc.as_ref().clone()) }))
+            .with_state(state.clone())
             .merge(homelink_kit::ops::router(metrics.clone(), homelink_kit::ops::postgres_ready(pool)));
         let listener = homelink_kit::ops::bind(&cfg.listen).await?;
-        Ok(Self { listener, router, metrics })
+        Ok(Self { listener, router, metrics, state })
     }
 
     pub fn port(&self) -> u16 {
@@ -109,6 +148,9 @@ impl Application {
     }
 
     pub async fn run_until_stopped(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        let s = &self.state;
+        tokio::spawn(s.keys.clone().keep_fresh(s.pool.clone(), s.tokens.clone(), cancel.clone()));
+        tokio::spawn(idempotency::expire(s.pool.clone(), cancel.clone()));
         homelink_kit::ops::serve(self.listener, self.router, cancel).await?;
         Ok(())
     }

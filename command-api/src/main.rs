@@ -14,13 +14,32 @@ struct Args {
     bridge_push_url: Option<String>,
     #[arg(long, env = "HOMELINK_PROJECTOR_PUSH_URL")]
     projector_push_url: Option<String>,
+    /// Access-token lifetime in seconds.
+    #[arg(long, env = "HOMELINK_ACCESS_TOKEN_TTL", default_value_t = 300)]
+    access_token_ttl: u64,
+    /// Seconds a new signing key is published before it signs (longer than
+    /// every verifier's JWKS refresh interval).
+    #[arg(long, env = "HOMELINK_KEY_PUBLISH_DELAY", default_value_t = 30)]
+    key_publish_delay: u64,
+    /// Rotate the token signing key and exit.
+    #[arg(long)]
+    rotate_signing_key: bool,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     homelink_kit::telemetry::init("info");
     let a = Args::parse();
+    if a.rotate_signing_key {
+        let pool = homelink_kit::db::connect(&a.common.database_url, 2).await?;
+        homelink_command_api::migrate(&pool).await?;
+        let kid = homelink_command_api::auth::rotate(&pool, std::time::Duration::from_secs(a.key_publish_delay)).await?;
+        println!("new signing key {kid}: published now, signs in {} s", a.key_publish_delay);
+        return Ok(());
+    }
     let mut cfg = Config::new(&a.common.database_url, &a.common.kafka_bootstrap, a.common.topics());
+    cfg.tokens.access_ttl = std::time::Duration::from_secs(a.access_token_ttl.clamp(30, 3600));
+    cfg.tokens.publish_delay = std::time::Duration::from_secs(a.key_publish_delay);
     cfg.listen = a.listen;
     cfg.bridge_push_url = a.bridge_push_url;
     cfg.projector_push_url = a.projector_push_url;

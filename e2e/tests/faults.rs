@@ -44,8 +44,7 @@ async fn with_kafka_down_writes_get_503_reports_are_held_and_everything_resumes_
 
     // A write answers 503 with a problem document instead of hanging.
     let r = stack
-        .http
-        .post(stack.command_url(home.household_id, spec.device_id))
+        .command(&home, spec.device_id)
         .json(&json!({"set": {"on": true}}))
         .timeout(Duration::from_secs(10))
         .send()
@@ -78,9 +77,8 @@ async fn with_kafka_down_writes_get_503_reports_are_held_and_everything_resumes_
     assert_eq!(seq, N as i64);
 
     // Writes are accepted again without restarting anything.
-    let url = stack.command_url(home.household_id, spec.device_id);
     eventually(Duration::from_secs(60), "a write accepted after the broker is back", || async {
-        let r = stack.http.post(&url).json(&json!({"set": {"on": true}})).send().await.ok()?;
+        let r = stack.command(&home, spec.device_id).json(&json!({"set": {"on": true}})).send().await.ok()?;
         (r.status() == 202).then_some(())
     })
     .await;

@@ -18,7 +18,9 @@ async fn a_device_report_reaches_the_shadow_the_query_and_the_subscription() {
     let stack = Stack::start().await;
     let home = stack.seed(&light_and_sensor()).await;
     let light = home.devices[0].id;
-    let mut sub = Subscription::start(&stack.graphql_ws(), CHANGES, json!({"h": home.household_id})).await.expect("subscribe");
+    let mut sub = Subscription::start(&stack.graphql_ws(), &home.accounts[0].access_token, CHANGES, json!({"h": home.household_id}))
+        .await
+        .expect("subscribe");
 
     let devices = CancellationToken::new();
     for i in 0..home.devices.len() {
@@ -36,7 +38,7 @@ async fn a_device_report_reaches_the_shadow_the_query_and_the_subscription() {
     // The query shows both devices' shadows.
     let q = "query($h: ID!) { household(id: $h) { name devices { id kind shadow { reported online } } } }";
     let data = eventually(Duration::from_secs(30), "both shadows in the query", || async {
-        let r = stack.gql(q, json!({"h": home.household_id})).await;
+        let r = stack.gql(&home.accounts[0].access_token, q, json!({"h": home.household_id})).await;
         let devices = r["data"]["household"]["devices"].as_array()?.clone();
         // A device says `online` before its first report: wait for both.
         devices
@@ -62,20 +64,16 @@ async fn a_command_reaches_the_device_and_its_new_state_comes_back_on_the_subscr
     let stack = Stack::start().await;
     let home = stack.seed(&light_and_sensor()).await;
     let light = home.devices[0].id;
-    let mut sub = Subscription::start(&stack.graphql_ws(), CHANGES, json!({"h": home.household_id})).await.expect("subscribe");
+    let mut sub = Subscription::start(&stack.graphql_ws(), &home.accounts[0].access_token, CHANGES, json!({"h": home.household_id}))
+        .await
+        .expect("subscribe");
 
     let (tx, mut observed) = mpsc::unbounded_channel();
     let devices = CancellationToken::new();
     tokio::spawn(sim::run(spec(&home, 0, None), stack.env.target(), Some(tx), devices.clone()));
     next_matching(&mut sub, "the light online", |v| v["deviceChanges"]["deviceId"] == json!(light)).await;
 
-    let r = stack
-        .http
-        .post(stack.command_url(home.household_id, light))
-        .json(&json!({"set": {"brightness": 77, "on": true}}))
-        .send()
-        .await
-        .expect("post command");
+    let r = stack.command(&home, light).json(&json!({"set": {"brightness": 77, "on": true}})).send().await.expect("post command");
     assert_eq!(r.status(), 202);
     let accepted: Value = r.json().await.expect("json");
     let command_id = accepted["commandId"].as_str().expect("commandId").to_owned();
@@ -99,7 +97,7 @@ async fn a_command_reaches_the_device_and_its_new_state_comes_back_on_the_subscr
     // The device's ack moves the command's lifecycle to `ok`.
     let q = "query($id: ID!) { command(id: $id) { status deviceId set } }";
     let cmd = eventually(Duration::from_secs(30), "command acknowledged", || async {
-        let r = stack.gql(q, json!({"id": command_id})).await;
+        let r = stack.gql(&home.accounts[0].access_token, q, json!({"id": command_id})).await;
         let c = &r["data"]["command"];
         // The ack and the request may be applied in either order; both end up in the row.
         (c["status"] == "ok" && c["set"].is_object()).then(|| c.clone())
@@ -124,7 +122,7 @@ async fn invalid_commands_are_refused_with_problem_json_and_append_nothing() {
         (uuid::Uuid::new_v4(), json!({"set": {"on": true}}), 404),
     ];
     for (device, body, status) in cases {
-        let r = stack.http.post(stack.command_url(home.household_id, device)).json(&body).send().await.expect("post");
+        let r = stack.command(&home, device).json(&body).send().await.expect("post");
         assert_eq!(r.status(), status, "{body}");
         assert_eq!(r.headers()["content-type"], "application/problem+json");
         let p: Value = r.json().await.expect("problem body");
@@ -132,25 +130,13 @@ async fn invalid_commands_are_refused_with_problem_json_and_append_nothing() {
     }
     // A device of another household answers exactly like one that does not exist.
     let other = stack.seed(&light_and_sensor()).await;
-    let foreign = stack
-        .http
-        .post(stack.command_url(home.household_id, other.devices[0].id))
-        .json(&json!({"set": {"on": true}}))
-        .send()
-        .await
-        .expect("post");
-    let missing = stack
-        .http
-        .post(stack.command_url(home.household_id, uuid::Uuid::new_v4()))
-        .json(&json!({"set": {"on": true}}))
-        .send()
-        .await
-        .expect("post");
+    let foreign = stack.command(&home, other.devices[0].id).json(&json!({"set": {"on": true}})).send().await.expect("post");
+    let missing = stack.command(&home, uuid::Uuid::new_v4()).json(&json!({"set": {"on": true}})).send().await.expect("post");
     assert_eq!(foreign.status(), missing.status());
     assert_eq!(foreign.bytes().await.expect("body"), missing.bytes().await.expect("body"));
     // A 20 KB body is refused before parsing.
     let big = json!({"set": {"on": true}, "pad": "x".repeat(20_000)});
-    let r = stack.http.post(stack.command_url(home.household_id, light)).json(&big).send().await.expect("post");
+    let r = stack.command(&home, light).json(&big).send().await.expect("post");
     assert_eq!(r.status(), 413);
 
     assert_eq!(stack.metric(stack.command_port, "homelink_command_api_messages_out_total{kind=\"command\"}").await, 0.0);

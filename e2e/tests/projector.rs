@@ -26,7 +26,10 @@ async fn append_history(appender: &Appender, topics: &Topics) -> (Vec<(String, P
     let sys = Actor::System("test".into());
     let mut out = Vec::new();
     let mut push = |topic: String, e: Envelope| out.push((topic, e));
-    push(topics.households(), Envelope::new(h, sys.clone(), &Event::HouseholdCreated(HouseholdCreated { name: "H".into() }), Utc::now()));
+    push(
+        topics.households(),
+        Envelope::new(h, sys.clone(), &Event::HouseholdCreated(HouseholdCreated { name: "H".into(), created_by: None }), Utc::now()),
+    );
     let devices: Vec<Uuid> = (0..DEVICES).map(|_| Uuid::new_v4()).collect();
     for d in &devices {
         let ev = Event::DeviceRegistered(DeviceRegistered { device_id: *d, kind: DeviceKind::Light, name: "L".into(), room: None });

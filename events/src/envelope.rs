@@ -5,6 +5,7 @@
 //! versions are upcast.
 
 use crate::event::{DecodeError, Event};
+use crate::household::Role;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -53,6 +54,20 @@ pub struct Envelope {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<Uuid>,
     pub payload: serde_json::Value,
+    /// How the request that caused this event came in (for the audit log).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<RequestMeta>,
+}
+
+/// The caller's role in the household and the client they used, as the
+/// command API saw them when it accepted or refused a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestMeta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
 }
 
 impl Envelope {
@@ -71,7 +86,19 @@ impl Envelope {
             causation_id: None,
             correlation_id: None,
             payload,
+            meta: None,
         }
+    }
+
+    /// Sets the stream position (the household version for household events).
+    pub fn with_seq(mut self, seq: u64) -> Self {
+        self.seq = Some(seq);
+        self
+    }
+
+    pub fn with_meta(mut self, meta: RequestMeta) -> Self {
+        self.meta = Some(meta);
+        self
     }
 
     pub fn with_causation(mut self, causation_id: Uuid) -> Self {

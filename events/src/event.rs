@@ -5,6 +5,7 @@
 //! version, keep a golden JSON of the old one under test, and upcast here.
 
 use crate::device::DeviceKind;
+use crate::household::{HouseholdEvent, Role};
 use crate::protocol::AckStatus;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -15,6 +16,62 @@ use uuid::Uuid;
 #[serde(rename_all = "camelCase")]
 pub struct HouseholdCreated {
     pub name: String,
+    /// The user who created it and became its first owner (absent on
+    /// households seeded without one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<Uuid>,
+}
+
+/// An owner invited someone with a role. Only the hash of the secret code is
+/// stored; the code itself went to the owner once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberInvited {
+    pub invitation_id: Uuid,
+    pub role: Role,
+    pub code_hash: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A user joined the household (by accepting an invitation).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberJoined {
+    pub user_id: Uuid,
+    pub role: Role,
+    #[serde(default)]
+    pub invitation_id: Option<Uuid>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberRoleChanged {
+    pub user_id: Uuid,
+    pub role: Role,
+}
+
+/// A member was removed by an owner, or left (`left`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberRemoved {
+    pub user_id: Uuid,
+    #[serde(default)]
+    pub left: bool,
+}
+
+/// A command was refused (not authorized, or it conflicted with the
+/// household's state). Recorded for the audit log; changes no other state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CommandDenied {
+    /// What was attempted, e.g. `device.command`, `member.role`.
+    pub action: String,
+    /// What it was attempted on, e.g. `device/<id>`.
+    #[serde(default)]
+    pub target: Option<String>,
+    /// The HTTP status answered (403, 404, 409).
+    pub status: u16,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -118,13 +175,23 @@ events! {
     DeviceStatusChanged = 1,
     DeviceCommandRequested = 1,
     DeviceCommandAcked = 1,
+    MemberInvited = 1,
+    MemberJoined = 1,
+    MemberRoleChanged = 1,
+    MemberRemoved = 1,
+    CommandDenied = 1,
 }
 
 impl Event {
     /// The device this event is about, if any.
     pub fn device_id(&self) -> Option<Uuid> {
         match self {
-            Event::HouseholdCreated(_) => None,
+            Event::HouseholdCreated(_)
+            | Event::MemberInvited(_)
+            | Event::MemberJoined(_)
+            | Event::MemberRoleChanged(_)
+            | Event::MemberRemoved(_)
+            | Event::CommandDenied(_) => None,
             Event::DeviceRegistered(e) => Some(e.device_id),
             Event::DeviceStateReported(e) => Some(e.device_id),
             Event::DeviceStatusChanged(e) => Some(e.device_id),
@@ -133,12 +200,28 @@ impl Event {
         }
     }
 
-    /// The stream inside the household: the device, or the household itself.
+    /// The stream inside the household: the device, the household itself
+    /// (membership, whose `seq` is the household version), or the audit trail.
     pub fn stream(&self) -> String {
-        match self.device_id() {
-            Some(d) => format!("device/{d}"),
-            None => "household".to_owned(),
+        match (self, self.device_id()) {
+            (Event::CommandDenied(_), _) => "audit".to_owned(),
+            (_, Some(d)) => format!("device/{d}"),
+            (_, None) => "household".to_owned(),
         }
+    }
+
+    /// This event as a step of the household aggregate, if it is one.
+    pub fn household_event(&self) -> Option<HouseholdEvent<'_>> {
+        Some(match self {
+            Event::HouseholdCreated(e) => HouseholdEvent::Created { created_by: e.created_by },
+            Event::MemberInvited(e) => {
+                HouseholdEvent::Invited { invitation_id: e.invitation_id, role: e.role, code_hash: &e.code_hash, expires_at: e.expires_at }
+            }
+            Event::MemberJoined(e) => HouseholdEvent::Joined { user_id: e.user_id, role: e.role, invitation_id: e.invitation_id },
+            Event::MemberRoleChanged(e) => HouseholdEvent::RoleChanged { user_id: e.user_id, role: e.role },
+            Event::MemberRemoved(e) => HouseholdEvent::Removed { user_id: e.user_id },
+            _ => return None,
+        })
     }
 
     /// The position in the stream when the producer knows it.
@@ -180,6 +263,12 @@ mod tests {
             ("DeviceStatusChanged", json!({"deviceId": d, "online": false})),
             ("DeviceCommandRequested", json!({"commandId": d, "deviceId": d, "set": {"on": false}, "expiresAt": "2026-11-25T12:00:05Z"})),
             ("DeviceCommandAcked", json!({"commandId": d, "deviceId": d, "status": "rejected", "reason": "busy"})),
+            ("HouseholdCreated", json!({"name": "Home", "createdBy": d})),
+            ("MemberInvited", json!({"invitationId": d, "role": "child", "codeHash": "ab", "expiresAt": "2026-11-25T12:00:05Z"})),
+            ("MemberJoined", json!({"userId": d, "role": "adult", "invitationId": d})),
+            ("MemberRoleChanged", json!({"userId": d, "role": "owner"})),
+            ("MemberRemoved", json!({"userId": d, "left": true})),
+            ("CommandDenied", json!({"action": "device.command", "target": null, "status": 403, "reason": "role"})),
         ];
         for (t, payload) in cases {
             let e = Event::from_parts(t, 1, payload.clone()).unwrap_or_else(|err| panic!("{t}: {err}"));
@@ -208,7 +297,7 @@ mod tests {
         #[test]
         fn envelopes_round_trip(h in any::<u128>(), name in ".{0,40}") {
             let env = crate::Envelope::new(Uuid::from_u128(h), crate::Actor::System("seed".into()),
-                &Event::HouseholdCreated(HouseholdCreated { name }), DateTime::from_timestamp(1_700_000_000, 0).unwrap());
+                &Event::HouseholdCreated(HouseholdCreated { name, created_by: None }), DateTime::from_timestamp(1_700_000_000, 0).unwrap());
             let back = crate::Envelope::from_json(&env.to_json()).unwrap();
             prop_assert_eq!(back.event().unwrap(), env.event().unwrap());
             prop_assert_eq!(back, env);

@@ -8,6 +8,8 @@
 //! - [`protocol`]: the MQTT device protocol (topics and message bodies) and its
 //!   validation, so the bridge and the simulator agree byte for byte.
 //! - [`device`]: device kinds and their capabilities.
+//! - [`household`]: the household aggregate (members, invitations, the
+//!   last-owner invariant) and the roles table (`Role::allows`).
 //! - [`shadow`]: how a device shadow evolves from events (`Shadow::apply`).
 //! - [`topics`]: topic names (with a deployment prefix) and the household key.
 //!
@@ -17,11 +19,13 @@
 pub mod device;
 pub mod envelope;
 pub mod event;
+pub mod household;
 pub mod protocol;
 pub mod shadow;
 pub mod topics;
 
 pub use device::DeviceKind;
-pub use envelope::{Actor, Envelope};
+pub use envelope::{Actor, Envelope, RequestMeta};
 pub use event::Event;
+pub use household::Role;
 pub use topics::Topics;

@@ -41,14 +41,19 @@ impl Topics {
         format!("{}dead-letter", self.prefix)
     }
 
+    /// Refused commands, for the audit log (accepted ones are their own events).
+    pub fn audit(&self) -> String {
+        format!("{}audit", self.prefix)
+    }
+
     /// The topics the projector folds into read models.
-    pub fn projected(&self) -> [String; 3] {
-        [self.households(), self.telemetry(), self.commands()]
+    pub fn projected(&self) -> [String; 4] {
+        [self.households(), self.telemetry(), self.commands(), self.audit()]
     }
 
     /// Every topic of a deployment, for creating them.
-    pub fn all(&self) -> [String; 4] {
-        [self.households(), self.telemetry(), self.commands(), self.dead_letter()]
+    pub fn all(&self) -> [String; 5] {
+        [self.households(), self.telemetry(), self.commands(), self.audit(), self.dead_letter()]
     }
 }
 
@@ -61,6 +66,18 @@ impl Default for Topics {
 /// The Postgres notification channel on which the projector announces
 /// committed shadow changes ([`crate::shadow::ShadowChanged`] as JSON).
 pub const SHADOW_CHANGED_CHANNEL: &str = "homelink_shadow_changed";
+
+/// The Postgres notification channel of committed membership changes
+/// (payload: [`MembershipChanged`] JSON); subscriptions re-check their caller's role.
+pub const MEMBERSHIP_CHANGED_CHANNEL: &str = "homelink_membership_changed";
+
+/// A member of a household joined, changed role or left.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MembershipChanged {
+    pub household_id: Uuid,
+    pub user_id: Uuid,
+}
 
 /// The record key of every HomeLink event: the household id, so one household's
 /// history is ordered within one partition.
@@ -76,7 +93,7 @@ mod tests {
     fn names_carry_the_prefix() {
         let t = Topics::new("t1.");
         assert_eq!(t.telemetry(), "t1.telemetry");
-        assert_eq!(t.all().len(), 4);
+        assert_eq!(t.all().len(), 5);
         assert!(t.all().iter().all(|n| n.starts_with("t1.")));
     }
 

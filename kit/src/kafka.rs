@@ -117,6 +117,18 @@ impl Appender {
         }
     }
 
+    /// The next offset to be written on a partition (its high watermark): every
+    /// acknowledged record is below it.
+    pub async fn high_watermark(&self, topic: &str, partition: i32, timeout: Duration) -> Result<i64, crate::Error> {
+        let producer = self.current();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || producer.client().fetch_watermarks(&topic, partition, timeout))
+            .await
+            .map_err(|e| crate::Error::Other(e.to_string()))?
+            .map(|(_, high)| high)
+            .map_err(Into::into)
+    }
+
     /// Waits for queued records (used at shutdown).
     pub fn flush(&self, timeout: Duration) {
         let _ = self.current().flush(timeout);

@@ -9,6 +9,7 @@
 //! **Boundary**: nothing here knows a service's domain; domain types come from
 //! `homelink-events`.
 
+pub mod auth;
 pub mod config;
 pub mod db;
 pub mod kafka;

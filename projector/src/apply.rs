@@ -24,7 +24,7 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use uuid::Uuid;
 
-pub use homelink_events::topics::SHADOW_CHANGED_CHANNEL;
+pub use homelink_events::topics::{MEMBERSHIP_CHANGED_CHANNEL, SHADOW_CHANGED_CHANNEL};
 
 /// Where a batch came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,9 +171,10 @@ impl Applier {
             .await?;
         }
         if !notifications.is_empty() {
-            sqlx::query("SELECT pg_notify($1, n) FROM UNNEST($2::text[]) AS n")
-                .bind(SHADOW_CHANGED_CHANNEL)
-                .bind(&notifications)
+            let (channels, payloads): (Vec<&str>, Vec<String>) = notifications.into_iter().unzip();
+            sqlx::query("SELECT pg_notify(c, n) FROM UNNEST($1::text[], $2::text[]) AS u(c, n)")
+                .bind(&channels)
+                .bind(&payloads)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -199,41 +200,35 @@ fn unzip3<A, B, C>(it: impl Iterator<Item = (A, B, C)>) -> (Vec<A>, Vec<B>, Vec<
     (a, b, c)
 }
 
-/// Applies decoded events in log order; returns the shadow-change notifications.
-async fn apply_events(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]) -> Result<Vec<String>, sqlx::Error> {
+/// Applies decoded events in log order; returns the notifications to send on
+/// commit as `(channel, payload)`.
+async fn apply_events(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]) -> Result<Vec<(&'static str, String)>, sqlx::Error> {
+    let folded = crate::households::fold(tx, work).await?;
     registry(tx, work).await?;
-    let notes = shadows(tx, work).await?;
+    let shadow_notes = shadows(tx, work).await?;
     commands(tx, work).await?;
+    crate::households::audit(tx, work, &folded.refused).await?;
     counts(tx, work).await?;
+    let mut notes: Vec<(&'static str, String)> = shadow_notes.into_iter().map(|n| (SHADOW_CHANGED_CHANNEL, n)).collect();
+    notes.extend(folded.notifications.into_iter().map(|n| (MEMBERSHIP_CHANGED_CHANNEL, n)));
     Ok(notes)
 }
 
 async fn registry(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]) -> Result<(), sqlx::Error> {
     for (l, ev) in work {
         let env = &l.envelope;
-        match ev {
-            Event::HouseholdCreated(h) => {
-                sqlx::query("INSERT INTO households (household_id, name, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
-                    .bind(env.household_id)
-                    .bind(&h.name)
-                    .bind(env.occurred_at)
-                    .execute(&mut **tx)
-                    .await?;
-            }
-            Event::DeviceRegistered(d) => {
-                sqlx::query(
-                    "INSERT INTO devices (device_id, household_id, kind, name, room, registered_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-                )
-                .bind(d.device_id)
-                .bind(env.household_id)
-                .bind(d.kind.as_str())
-                .bind(&d.name)
-                .bind(&d.room)
-                .bind(env.occurred_at)
-                .execute(&mut **tx)
-                .await?;
-            }
-            _ => {}
+        if let Event::DeviceRegistered(d) = ev {
+            sqlx::query(
+                "INSERT INTO devices (device_id, household_id, kind, name, room, registered_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+            )
+            .bind(d.device_id)
+            .bind(env.household_id)
+            .bind(d.kind.as_str())
+            .bind(&d.name)
+            .bind(&d.room)
+            .bind(env.occurred_at)
+            .execute(&mut **tx)
+            .await?;
         }
     }
     Ok(())

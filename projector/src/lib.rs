@@ -2,6 +2,8 @@
 //! device shadows, command lifecycle, per-household event counts).
 //!
 //! Layout:
+//! - [`households`]: the household fold (members, invitations) and the audit log.
+//! - [`read`]: read-side queries other services share (the household aggregate).
 //! - [`apply`]: the single writer; one transaction per batch with offsets and
 //!   dedup bookkeeping. Start reading here.
 //! - [`consume`]: the catch-up path, a Kafka consumer with partitions assigned
@@ -16,6 +18,8 @@
 
 pub mod apply;
 pub mod consume;
+pub mod households;
+pub mod read;
 
 use anyhow::Context;
 use apply::{Applier, Batch, Outcome, Source};
@@ -86,12 +90,21 @@ pub struct Application {
     consumer: consume::CatchUp,
 }
 
+/// Applies the read-model migrations. Other services keep their own tables in
+/// the same database with their own migrations, so versions not found here are
+/// not an error.
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    let mut m = sqlx::migrate!("./migrations");
+    m.set_ignore_missing(true);
+    m.run(pool).await.context("migrating read models")
+}
+
 impl Application {
     /// Connects to Postgres (applying migrations) and Kafka and binds the listener.
     pub async fn build(cfg: Config) -> anyhow::Result<Self> {
         let metrics = ServiceMetrics::new("projector");
         let pool = homelink_kit::db::connect_with_retry(&cfg.database_url, 8, Duration::from_secs(30)).await?;
-        sqlx::migrate!("./migrations").run(&pool).await.context("migrating read models")?;
+        migrate(&pool).await?;
         let applier = Applier::load(pool.clone(), metrics.clone()).await?;
         let consumer = consume::CatchUp::assign(&cfg, &applier, metrics.clone()).await?;
         let (jobs_tx, jobs_rx) = mpsc::channel(64);

@@ -1,11 +1,19 @@
-//! Fan-out of committed shadow changes to subscribers, per household.
+//! Fan-out of committed changes to subscribers, per household.
 //!
-//! One Postgres `LISTEN` per query-api process receives every change the
-//! projector committed; each household has its own broadcast channel, so an
-//! event of household B is never even offered to a subscription of household A.
+//! One Postgres `LISTEN` per query-api process receives every shadow and
+//! membership change the projector committed; each household has its own
+//! broadcast channel, so an event of household B is never even offered to a
+//! subscription of household A. [`authorized_changes`] is what one
+//! subscription sees: it re-checks the viewer's role whenever their
+//! membership changes (and after a lost LISTEN connection), narrows what it
+//! delivers on a demotion and ends on a removal.
 
+use crate::schema::{codes, error, role_in, DeviceChange};
+use async_graphql::futures_util::Stream;
+use homelink_events::household::Action;
 use homelink_events::shadow::ShadowChanged;
-use homelink_events::topics::SHADOW_CHANGED_CHANNEL;
+use homelink_events::topics::{MembershipChanged, MEMBERSHIP_CHANGED_CHANNEL, SHADOW_CHANGED_CHANNEL};
+use homelink_events::{DeviceKind, Role};
 use homelink_kit::metrics::ServiceMetrics;
 use homelink_kit::shutdown::CancellationToken;
 use sqlx::postgres::PgListener;
@@ -14,30 +22,52 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::broadcast;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::StreamExt;
 use uuid::Uuid;
 
 /// Changes a slow subscriber may fall behind by before it misses some.
 const PER_HOUSEHOLD_BUFFER: usize = 256;
 
+/// What a household's subscribers are told.
+#[derive(Debug, Clone)]
+pub enum HubEvent {
+    Shadow(Arc<ShadowChanged>),
+    /// This user's membership changed: re-check their role.
+    Membership(Uuid),
+    /// Notifications may have been lost: re-check every role.
+    Recheck,
+}
+
 #[derive(Default)]
 pub struct Hub {
-    households: Mutex<HashMap<Uuid, broadcast::Sender<Arc<ShadowChanged>>>>,
+    households: Mutex<HashMap<Uuid, broadcast::Sender<HubEvent>>>,
 }
 
 impl Hub {
-    pub fn subscribe(&self, household: Uuid) -> broadcast::Receiver<Arc<ShadowChanged>> {
+    pub fn subscribe(&self, household: Uuid) -> broadcast::Receiver<HubEvent> {
         let mut h = self.households.lock().unwrap_or_else(|e| e.into_inner());
         h.entry(household).or_insert_with(|| broadcast::channel(PER_HOUSEHOLD_BUFFER).0).subscribe()
     }
 
     /// Delivers to the household's subscribers; forgets households nobody watches.
     pub fn publish(&self, change: ShadowChanged) {
+        self.send(change.household_id, HubEvent::Shadow(Arc::new(change)));
+    }
+
+    fn send(&self, household: Uuid, ev: HubEvent) {
         let mut h = self.households.lock().unwrap_or_else(|e| e.into_inner());
-        let household = change.household_id;
         if let Some(tx) = h.get(&household) {
-            if tx.send(Arc::new(change)).is_err() {
+            if tx.send(ev).is_err() {
                 h.remove(&household);
             }
+        }
+    }
+
+    fn recheck_all(&self) {
+        let h = self.households.lock().unwrap_or_else(|e| e.into_inner());
+        for tx in h.values() {
+            let _ = tx.send(HubEvent::Recheck);
         }
     }
 
@@ -58,17 +88,31 @@ impl Hub {
                     tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(Duration::from_millis(500)) => continue }
                 }
             };
-            if let Err(e) = listener.listen(SHADOW_CHANGED_CHANNEL).await {
+            if let Err(e) = listener.listen_all([SHADOW_CHANGED_CHANNEL, MEMBERSHIP_CHANGED_CHANNEL]).await {
                 tracing::warn!(error = %e, "LISTEN failed");
                 tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(Duration::from_millis(500)) => continue }
             }
             ready.store(true, std::sync::atomic::Ordering::Relaxed);
+            // Whatever happened while not listening: make subscriptions re-check.
+            self.recheck_all();
             loop {
                 let n = tokio::select! {
                     _ = cancel.cancelled() => return,
                     n = listener.try_recv() => n,
                 };
                 match n {
+                    Ok(Some(n)) if n.channel() == MEMBERSHIP_CHANGED_CHANNEL => {
+                        match serde_json::from_str::<MembershipChanged>(n.payload()) {
+                            Ok(m) => {
+                                metrics.messages_in.with_label_values(&["membership_changed"]).inc();
+                                self.send(m.household_id, HubEvent::Membership(m.user_id));
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "undecodable notification");
+                                metrics.errors.with_label_values(&["undecodable_notification"]).inc();
+                            }
+                        }
+                    }
                     Ok(Some(n)) => match serde_json::from_str::<ShadowChanged>(n.payload()) {
                         Ok(change) => {
                             metrics.messages_in.with_label_values(&["shadow_changed"]).inc();
@@ -85,7 +129,10 @@ impl Hub {
                         }
                     },
                     // The connection was lost and re-established: notifications in between are gone.
-                    Ok(None) => metrics.errors.with_label_values(&["listen_reconnect"]).inc(),
+                    Ok(None) => {
+                        metrics.errors.with_label_values(&["listen_reconnect"]).inc();
+                        self.recheck_all();
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "LISTEN connection lost");
                         ready.store(false, std::sync::atomic::Ordering::Relaxed);
@@ -95,4 +142,88 @@ impl Hub {
             }
         }
     }
+}
+
+struct Watch {
+    rx: BroadcastStream<HubEvent>,
+    pool: PgPool,
+    household: Uuid,
+    user: Uuid,
+    role: Role,
+    kinds: HashMap<Uuid, Option<DeviceKind>>,
+    ended: bool,
+}
+
+impl Watch {
+    async fn kind_of(&mut self, device: Uuid) -> Option<DeviceKind> {
+        if let Some(k) = self.kinds.get(&device) {
+            return *k;
+        }
+        let k: Option<String> = sqlx::query_scalar("SELECT kind FROM devices WHERE device_id = $1 AND household_id = $2")
+            .bind(device)
+            .bind(self.household)
+            .fetch_optional(&self.pool)
+            .await
+            .ok()
+            .flatten();
+        let k = k.and_then(|k| k.parse().ok());
+        self.kinds.insert(device, k);
+        k
+    }
+
+    /// Re-reads the role; `false` when the viewer is no longer a member.
+    async fn recheck(&mut self) -> bool {
+        match role_in(&self.pool, self.household, self.user).await {
+            Ok(Some(r)) => {
+                self.role = r;
+                true
+            }
+            Ok(None) => false,
+            // Postgres unreachable: keep the last known role; the next change re-checks.
+            Err(_) => true,
+        }
+    }
+}
+
+/// The changes of `household` that `user` (now `role`) may see, until they
+/// are removed from it.
+pub fn authorized_changes(
+    rx: broadcast::Receiver<HubEvent>,
+    pool: PgPool,
+    household: Uuid,
+    user: Uuid,
+    role: Role,
+) -> impl Stream<Item = async_graphql::Result<DeviceChange>> {
+    let w = Watch { rx: BroadcastStream::new(rx), pool, household, user, role, kinds: HashMap::new(), ended: false };
+    futures::stream::unfold(w, |mut w| async move {
+        if w.ended {
+            return None;
+        }
+        loop {
+            let ev = match w.rx.next().await? {
+                Ok(ev) => ev,
+                // This subscriber fell behind and missed changes; a membership
+                // change may be among them.
+                Err(_) => HubEvent::Recheck,
+            };
+            let recheck = match &ev {
+                HubEvent::Shadow(c) => {
+                    let visible = match w.kind_of(c.device_id).await {
+                        Some(k) => w.role.allows(&Action::SeeDevice(k)),
+                        None => false,
+                    };
+                    if visible {
+                        return Some((Ok(DeviceChange::from(c.as_ref())), w));
+                    }
+                    false
+                }
+                HubEvent::Membership(u) => *u == w.user,
+                HubEvent::Recheck => true,
+            };
+            if recheck && !w.recheck().await {
+                w.ended = true;
+                return Some((Err(error(codes::FORBIDDEN, "you are no longer a member of this household")), w));
+            }
+        }
+    })
 }

@@ -8,37 +8,58 @@
 //!
 //! **Boundary**: only this crate knows GraphQL.
 
+pub mod audit;
 pub mod hub;
+pub mod limits;
 pub mod schema;
 
-use async_graphql::http::GraphiQLSource;
-use async_graphql_axum::{GraphQL, GraphQLSubscription};
-use axum::extract::{Request, State};
-use axum::http::header;
+use async_graphql::http::{GraphiQLSource, ALL_WEBSOCKET_PROTOCOLS};
+use async_graphql::{Data, ErrorExtensionValues};
+use async_graphql_axum::{GraphQLProtocol, GraphQLRequest, GraphQLWebSocket};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State, WebSocketUpgrade};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
+use axum::{Json, Router};
+use homelink_kit::auth::Verifier;
 use homelink_kit::metrics::ServiceMetrics;
 use homelink_kit::shutdown::CancellationToken;
 use hub::Hub;
-use schema::{HomeLinkSchema, Limits};
+use schema::{codes, HomeLinkSchema, Limits, Viewer};
 use sqlx::PgPool;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tower::ServiceExt;
 
 #[derive(Debug, Clone)]
 pub struct Config {
     pub database_url: String,
     pub listen: String,
     pub introspection: bool,
+    /// command-api's `/.well-known/jwks.json`: the keys access tokens are checked with.
+    pub jwks_url: String,
+    pub jwks_refresh: Duration,
 }
 
 impl Config {
-    pub fn new(database_url: impl Into<String>) -> Self {
-        Self { database_url: database_url.into(), listen: "127.0.0.1:0".into(), introspection: true }
+    pub fn new(database_url: impl Into<String>, jwks_url: impl Into<String>) -> Self {
+        Self {
+            database_url: database_url.into(),
+            listen: "127.0.0.1:0".into(),
+            introspection: true,
+            jwks_url: jwks_url.into(),
+            jwks_refresh: Duration::from_secs(10),
+        }
     }
+}
+
+/// Largest GraphQL request body.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+#[derive(Clone)]
+struct AppState {
+    schema: HomeLinkSchema,
+    verifier: Verifier,
 }
 
 pub struct Application {
@@ -48,6 +69,8 @@ pub struct Application {
     pool: PgPool,
     metrics: ServiceMetrics,
     listening: Arc<AtomicBool>,
+    verifier: Verifier,
+    jwks: (String, Duration),
 }
 
 impl Application {
@@ -58,22 +81,27 @@ impl Application {
         let limits = Limits { introspection: cfg.introspection, ..Limits::default() };
         let schema = schema::build(pool.clone(), hub.clone(), &limits);
         let listening = Arc::new(AtomicBool::new(false));
-        let (l, pg) = (listening.clone(), homelink_kit::ops::postgres_ready(pool.clone()));
+        let verifier = Verifier::default();
+        let (l, pg, v) = (listening.clone(), homelink_kit::ops::postgres_ready(pool.clone()), verifier.clone());
         let ready: homelink_kit::ops::ReadyCheck = Arc::new(move || {
-            let (l, pg) = (l.clone(), pg.clone());
+            let (l, pg, v) = (l.clone(), pg.clone(), v.clone());
             Box::pin(async move {
                 if !l.load(Ordering::Relaxed) {
                     return Err("postgres: not listening for changes".into());
+                }
+                if v.key_count() == 0 {
+                    return Err("jwks: no token keys loaded yet".into());
                 }
                 pg().await
             })
         });
         let router = Router::new()
-            .route("/graphql", get(graphiql_or_subscription).post_service(GraphQL::new(schema.clone())))
-            .with_state(schema)
+            .route("/graphql", get(graphiql_or_subscription).post(graphql))
+            .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
+            .with_state(AppState { schema, verifier: verifier.clone() })
             .merge(homelink_kit::ops::router(metrics.clone(), ready));
         let listener = homelink_kit::ops::bind(&cfg.listen).await?;
-        Ok(Self { listener, router, hub, pool, metrics, listening })
+        Ok(Self { listener, router, hub, pool, metrics, listening, verifier, jwks: (cfg.jwks_url, cfg.jwks_refresh) })
     }
 
     pub fn port(&self) -> u16 {
@@ -82,20 +110,97 @@ impl Application {
 
     pub async fn run_until_stopped(self, cancel: CancellationToken) -> anyhow::Result<()> {
         let hub = tokio::spawn(self.hub.clone().run(self.pool.clone(), self.metrics.clone(), self.listening.clone(), cancel.clone()));
+        let (url, every) = self.jwks.clone();
+        tokio::spawn(self.verifier.clone().refresh_from(reqwest::Client::new(), url, every, cancel.clone()));
         homelink_kit::ops::serve(self.listener, self.router, cancel).await?;
         hub.abort();
         Ok(())
     }
 }
 
-/// `GET /graphql`: a WebSocket upgrade runs subscriptions; a browser gets GraphiQL.
-async fn graphiql_or_subscription(State(schema): State<HomeLinkSchema>, req: Request) -> Response {
-    let upgrade = req.headers().get(header::UPGRADE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
-    if upgrade {
-        return match GraphQLSubscription::new(schema).oneshot(req).await {
-            Ok(r) => r.into_response(),
-            Err(never) => match never {},
-        };
+/// The viewer named by a bearer token, or why not.
+fn viewer_of(verifier: &Verifier, authorization: Option<&str>) -> Option<Viewer> {
+    let token = homelink_kit::auth::bearer(authorization?)?;
+    match verifier.verify(token) {
+        Ok(c) => Some(Viewer { user_id: c.user_id }),
+        Err(e) => {
+            tracing::info!(reason = %e, "access token refused");
+            None
+        }
     }
-    Html(GraphiQLSource::build().endpoint("/graphql").subscription_endpoint("/graphql").finish()).into_response()
+}
+
+/// A GraphQL error body with a code, for answers given before execution.
+fn refusal(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = serde_json::json!({"data": null, "errors": [{"message": message, "extensions": {"code": code}}]});
+    let mut r = (status, Json(body)).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+    }
+    r
+}
+
+/// `POST /graphql`: one operation per request (batches are refused), run for
+/// the viewer of a valid access token; without one, 401 and nothing runs.
+async fn graphql(State(s): State<AppState>, headers: HeaderMap, req: Request) -> Response {
+    let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let Some(viewer) = viewer_of(&s.verifier, auth) else {
+        return refusal(StatusCode::UNAUTHORIZED, codes::UNAUTHENTICATED, "a valid access token is required");
+    };
+    let gql = match <GraphQLRequest as axum::extract::FromRequest<()>>::from_request(req, &()).await {
+        Ok(r) => r.into_inner(),
+        Err(e) => return refusal(StatusCode::BAD_REQUEST, "BAD_REQUEST", &format!("not a single GraphQL request: {}", e.0)),
+    };
+    let mut resp = s.schema.execute(gql.data(viewer)).await;
+    let before_execution = resp.data == async_graphql::Value::Null;
+    for e in &mut resp.errors {
+        if e.extensions.as_ref().is_some_and(|x| x.get("code").is_some()) {
+            continue;
+        }
+        let code = if e.message.contains("nested too deep") {
+            "QUERY_TOO_DEEP"
+        } else if e.message.contains("too complex") {
+            "QUERY_TOO_COMPLEX"
+        } else if before_execution {
+            "GRAPHQL_VALIDATION_FAILED"
+        } else {
+            "INTERNAL"
+        };
+        e.extensions.get_or_insert_with(ErrorExtensionValues::default).set("code", code);
+    }
+    Json(resp).into_response()
+}
+
+/// `GET /graphql`: a WebSocket upgrade runs subscriptions (the token comes in
+/// `connection_init`'s payload as `authorization: "Bearer …"`; without a
+/// valid one the connection is refused); a browser gets GraphiQL.
+async fn graphiql_or_subscription(State(s): State<AppState>, req: Request) -> Response {
+    let upgrade = req.headers().get(header::UPGRADE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    if !upgrade {
+        return Html(GraphiQLSource::build().endpoint("/graphql").subscription_endpoint("/graphql").finish()).into_response();
+    }
+    let (mut parts, _) = req.into_parts();
+    let protocol = match GraphQLProtocol::from_request_parts(&mut parts, &()).await {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+        Ok(ws) => ws,
+        Err(e) => return e.into_response(),
+    };
+    let (schema, verifier) = (s.schema.clone(), s.verifier.clone());
+    ws.protocols(ALL_WEBSOCKET_PROTOCOLS)
+        .on_upgrade(move |stream| {
+            GraphQLWebSocket::new(stream, schema, protocol)
+                .on_connection_init(move |payload| async move {
+                    let auth = payload.get("authorization").or_else(|| payload.get("Authorization")).and_then(|v| v.as_str());
+                    let viewer = viewer_of(&verifier, auth)
+                        .ok_or_else(|| schema::error(codes::UNAUTHENTICATED, "a valid access token is required in connection_init"))?;
+                    let mut data = Data::default();
+                    data.insert(viewer);
+                    Ok(data)
+                })
+                .serve()
+        })
+        .into_response()
 }

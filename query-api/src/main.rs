@@ -8,6 +8,9 @@ use homelink_query_api::{Application, Config};
 struct Args {
     #[arg(long, env = "HOMELINK_DATABASE_URL")]
     database_url: String,
+    /// command-api's JWKS document, which verifies access tokens.
+    #[arg(long, env = "HOMELINK_JWKS_URL", default_value = "http://127.0.0.1:8080/.well-known/jwks.json")]
+    jwks_url: String,
     #[arg(long, env = "HOMELINK_QUERY_API_LISTEN", default_value = "127.0.0.1:8081")]
     listen: String,
     /// Serve the schema to introspection queries (turn off in production if wanted).
@@ -19,7 +22,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     homelink_kit::telemetry::init("info");
     let a = Args::parse();
-    let mut cfg = Config::new(a.database_url);
+    let mut cfg = Config::new(a.database_url, a.jwks_url);
     cfg.listen = a.listen;
     cfg.introspection = a.introspection;
     let app = Application::build(cfg).await?;

@@ -4,16 +4,17 @@
 //! projector's notification; neither leaks into the other.
 
 use crate::hub::Hub;
+use async_graphql::connection::Connection;
 use async_graphql::futures_util::Stream;
-use async_graphql::{ComplexObject, Context, ErrorExtensions, Json, Object, Result, Schema, SimpleObject, Subscription, ID};
+use async_graphql::{ComplexObject, Context, ErrorExtensions, InputObject, Json, Object, Result, Schema, SimpleObject, Subscription, ID};
 use chrono::{DateTime, Utc};
+use homelink_events::household::Action;
 use homelink_events::shadow::ShadowChanged;
+use homelink_events::{DeviceKind, Role};
 use serde_json::Value;
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row};
 use std::sync::Arc;
-use tokio_stream::wrappers::BroadcastStream;
-use tokio_stream::StreamExt;
 use uuid::Uuid;
 
 pub type HomeLinkSchema = Schema<Query, async_graphql::EmptyMutation, SubscriptionRoot>;
@@ -22,12 +23,13 @@ pub type HomeLinkSchema = Schema<Query, async_graphql::EmptyMutation, Subscripti
 pub struct Limits {
     pub depth: usize,
     pub complexity: usize,
+    pub aliases: usize,
     pub introspection: bool,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { depth: 10, complexity: 500, introspection: true }
+        Self { depth: 10, complexity: 500, aliases: 30, introspection: true }
     }
 }
 
@@ -35,12 +37,37 @@ pub fn build(pool: PgPool, hub: Arc<Hub>, limits: &Limits) -> HomeLinkSchema {
     let mut b = Schema::build(Query, async_graphql::EmptyMutation, SubscriptionRoot)
         .data(pool)
         .data(hub)
+        .extension(crate::limits::AliasLimit(limits.aliases))
         .limit_depth(limits.depth)
-        .limit_complexity(limits.complexity);
+        .limit_complexity(limits.complexity)
+        .limit_directives(10);
     if !limits.introspection {
         b = b.disable_introspection();
     }
     b.finish()
+}
+
+/// The signed-in user a request runs for (from the verified access token).
+#[derive(Debug, Clone, Copy)]
+pub struct Viewer {
+    pub user_id: Uuid,
+}
+
+/// Stable `extensions.code` values of the errors this API returns.
+pub mod codes {
+    pub const UNAUTHENTICATED: &str = "UNAUTHENTICATED";
+    pub const FORBIDDEN: &str = "FORBIDDEN";
+    pub const NOT_FOUND: &str = "NOT_FOUND";
+    pub const BAD_USER_INPUT: &str = "BAD_USER_INPUT";
+    pub const UNAVAILABLE: &str = "UNAVAILABLE";
+}
+
+pub fn error(code: &'static str, message: impl Into<String>) -> async_graphql::Error {
+    async_graphql::Error::new(message).extend_with(|_, e| e.set("code", code))
+}
+
+fn viewer(ctx: &Context<'_>) -> Result<Uuid> {
+    ctx.data_opt::<Viewer>().map(|v| v.user_id).ok_or_else(|| error(codes::UNAUTHENTICATED, "sign in first"))
 }
 
 fn parse_id(id: &ID) -> Option<Uuid> {
@@ -49,52 +76,122 @@ fn parse_id(id: &ID) -> Option<Uuid> {
 
 fn unavailable(e: sqlx::Error) -> async_graphql::Error {
     tracing::warn!(error = %e, "read model query failed");
-    async_graphql::Error::new("the read models are unavailable").extend_with(|_, ext| ext.set("code", "UNAVAILABLE"))
+    error(codes::UNAVAILABLE, "the read models are unavailable")
+}
+
+/// The viewer's role in a household; `None` when not a member (or no such household).
+pub async fn role_in(pool: &PgPool, household: Uuid, user: Uuid) -> Result<Option<Role>, sqlx::Error> {
+    let r: Option<String> = sqlx::query_scalar("SELECT role FROM household_members WHERE household_id = $1 AND user_id = $2")
+        .bind(household)
+        .bind(user)
+        .fetch_optional(pool)
+        .await?;
+    Ok(r.and_then(|r| r.parse().ok()))
+}
+
+fn not_found() -> async_graphql::Error {
+    error(codes::NOT_FOUND, "no such household")
 }
 
 pub struct Query;
 
 #[Object]
 impl Query {
-    /// A household and its devices.
+    /// The signed-in user and the households they belong to.
+    async fn me(&self, ctx: &Context<'_>) -> Result<Me> {
+        let user = viewer(ctx)?;
+        let pool = ctx.data::<PgPool>()?;
+        let rows = sqlx::query(
+            "SELECT h.household_id, h.name, m.role FROM household_members m JOIN households h ON h.household_id = m.household_id
+             WHERE m.user_id = $1 ORDER BY h.name, h.household_id",
+        )
+        .bind(user)
+        .fetch_all(pool)
+        .await
+        .map_err(unavailable)?;
+        let memberships = rows
+            .iter()
+            .filter_map(|r| {
+                let role: Role = r.get::<String, _>(2).parse().ok()?;
+                let uuid: Uuid = r.get(0);
+                Some(Membership {
+                    role: role.as_str().to_owned(),
+                    household: Household { id: ID(uuid.to_string()), name: r.get(1), uuid, role },
+                })
+            })
+            .collect();
+        Ok(Me { user_id: ID(user.to_string()), memberships })
+    }
+
+    /// A household the viewer belongs to; `null` otherwise (exactly as for an id that does not exist).
     async fn household(&self, ctx: &Context<'_>, id: ID) -> Result<Option<Household>> {
-        let Some(id) = parse_id(&id) else {
-            return Ok(None);
-        };
-        let pool = ctx.data::<PgPool>()?;
-        let row = sqlx::query("SELECT household_id, name FROM households WHERE household_id = $1")
-            .bind(id)
-            .fetch_optional(pool)
-            .await
-            .map_err(unavailable)?;
-        Ok(row.map(|r| Household { id: ID(r.get::<Uuid, _>(0).to_string()), name: r.get(1), uuid: r.get(0) }))
-    }
-
-    /// One device with its shadow.
-    async fn device(&self, ctx: &Context<'_>, id: ID) -> Result<Option<Device>> {
-        let Some(id) = parse_id(&id) else {
-            return Ok(None);
-        };
-        let pool = ctx.data::<PgPool>()?;
-        let row =
-            sqlx::query(&format!("{DEVICE_SELECT} WHERE d.device_id = $1")).bind(id).fetch_optional(pool).await.map_err(unavailable)?;
-        Ok(row.map(|r| Device::from_row(&r)))
-    }
-
-    /// A command's lifecycle.
-    async fn command(&self, ctx: &Context<'_>, id: ID) -> Result<Option<Command>> {
+        let user = viewer(ctx)?;
         let Some(id) = parse_id(&id) else {
             return Ok(None);
         };
         let pool = ctx.data::<PgPool>()?;
         let row = sqlx::query(
-            "SELECT command_id, device_id, status, reason, set_values, requested_at, acked_at FROM device_commands WHERE command_id = $1",
+            "SELECT h.household_id, h.name, m.role FROM households h JOIN household_members m ON m.household_id = h.household_id AND m.user_id = $2
+             WHERE h.household_id = $1",
         )
         .bind(id)
+        .bind(user)
         .fetch_optional(pool)
         .await
         .map_err(unavailable)?;
-        Ok(row.map(|r| Command {
+        Ok(row.and_then(|r| {
+            let role: Role = r.get::<String, _>(2).parse().ok()?;
+            Some(Household { id: ID(r.get::<Uuid, _>(0).to_string()), name: r.get(1), uuid: r.get(0), role })
+        }))
+    }
+
+    /// One device with its shadow, if the viewer may see it.
+    async fn device(&self, ctx: &Context<'_>, id: ID) -> Result<Option<Device>> {
+        let user = viewer(ctx)?;
+        let Some(id) = parse_id(&id) else {
+            return Ok(None);
+        };
+        let pool = ctx.data::<PgPool>()?;
+        let row = sqlx::query(&format!(
+            "{DEVICE_SELECT} JOIN household_members m ON m.household_id = d.household_id AND m.user_id = $2 WHERE d.device_id = $1"
+        ))
+        .bind(id)
+        .bind(user)
+        .fetch_optional(pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(row.map(|r| Device::from_row(&r)).filter(|d| d.visible_to(d.viewer_role)))
+    }
+
+    /// A command's lifecycle, if the viewer may see its device.
+    async fn command(&self, ctx: &Context<'_>, id: ID) -> Result<Option<Command>> {
+        let user = viewer(ctx)?;
+        let Some(id) = parse_id(&id) else {
+            return Ok(None);
+        };
+        let pool = ctx.data::<PgPool>()?;
+        let row = sqlx::query(
+            "SELECT c.command_id, c.device_id, c.status, c.reason, c.set_values, c.requested_at, c.acked_at, d.kind, m.role
+             FROM device_commands c JOIN devices d ON d.device_id = c.device_id AND d.household_id = c.household_id
+             JOIN household_members m ON m.household_id = c.household_id AND m.user_id = $2
+             WHERE c.command_id = $1",
+        )
+        .bind(id)
+        .bind(user)
+        .fetch_optional(pool)
+        .await
+        .map_err(unavailable)?;
+        let Some(r) = row else {
+            return Ok(None);
+        };
+        let (kind, role) = (r.get::<String, _>(7).parse::<DeviceKind>().ok(), r.get::<String, _>(8).parse::<Role>().ok());
+        let (Some(kind), Some(role)) = (kind, role) else {
+            return Ok(None);
+        };
+        if !role.allows(&Action::SeeDevice(kind)) {
+            return Ok(None);
+        }
+        Ok(Some(Command {
             id: ID(r.get::<Uuid, _>(0).to_string()),
             device_id: ID(r.get::<Uuid, _>(1).to_string()),
             status: r.get(2),
@@ -104,10 +201,75 @@ impl Query {
             acked_at: r.get(6),
         }))
     }
+
+    /// The household's audit log, newest first (owners only).
+    async fn audit_log(
+        &self,
+        ctx: &Context<'_>,
+        household_id: ID,
+        #[graphql(default = 50)] first: i32,
+        after: Option<String>,
+        filter: Option<AuditFilter>,
+    ) -> Result<Connection<String, AuditEntry>> {
+        let user = viewer(ctx)?;
+        let pool = ctx.data::<PgPool>()?;
+        let h = parse_id(&household_id).ok_or_else(not_found)?;
+        match role_in(pool, h, user).await.map_err(unavailable)? {
+            None => return Err(not_found()),
+            Some(r) if !r.allows(&Action::ReadAudit) => return Err(error(codes::FORBIDDEN, "only owners read the audit log")),
+            Some(_) => {}
+        }
+        crate::audit::page(pool, h, first, after, filter.unwrap_or_default()).await
+    }
 }
 
+#[derive(SimpleObject)]
+pub struct Me {
+    pub user_id: ID,
+    pub memberships: Vec<Membership>,
+}
+
+#[derive(SimpleObject)]
+pub struct Membership {
+    /// `owner`, `adult` or `child`.
+    pub role: String,
+    pub household: Household,
+}
+
+/// Filters of the audit log; all optional, combined with AND.
+#[derive(InputObject, Default)]
+pub struct AuditFilter {
+    /// The acting user's id.
+    pub actor_id: Option<String>,
+    /// e.g. `device.command`, `member.role`.
+    pub action: Option<String>,
+    /// `accepted`, `denied`, `conflict` or `superseded`.
+    pub outcome: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+}
+
+/// One audited command.
+#[derive(SimpleObject)]
+pub struct AuditEntry {
+    pub id: ID,
+    pub at: DateTime<Utc>,
+    /// `user`, `device` or `system`.
+    pub actor_kind: String,
+    pub actor_id: String,
+    pub role: Option<String>,
+    pub client: Option<String>,
+    pub action: String,
+    pub target: Option<String>,
+    pub outcome: String,
+    /// The HTTP status the command API answered.
+    pub status: i32,
+    pub detail: Option<String>,
+}
+
+/// Devices with their shadows and the viewer's role (`m.role`, joined by the caller).
 const DEVICE_SELECT: &str =
-    "SELECT d.device_id, d.household_id, d.kind, d.name, d.room, s.reported, s.seq, s.version, s.battery, s.online, s.last_seen
+    "SELECT d.device_id, d.household_id, d.kind, d.name, d.room, s.reported, s.seq, s.version, s.battery, s.online, s.last_seen, m.role
      FROM devices d LEFT JOIN device_shadows s ON s.device_id = d.device_id";
 
 #[derive(SimpleObject)]
@@ -117,20 +279,54 @@ pub struct Household {
     pub name: String,
     #[graphql(skip)]
     pub uuid: Uuid,
+    /// The viewer's role here.
+    #[graphql(skip)]
+    pub role: Role,
 }
 
 #[ComplexObject]
 impl Household {
-    /// The household's devices, by name.
+    /// The viewer's role in this household: `owner`, `adult` or `child`.
+    async fn my_role(&self) -> &str {
+        self.role.as_str()
+    }
+
+    /// The household's devices the viewer may see, by name.
     async fn devices(&self, ctx: &Context<'_>) -> Result<Vec<Device>> {
         let pool = ctx.data::<PgPool>()?;
-        let rows = sqlx::query(&format!("{DEVICE_SELECT} WHERE d.household_id = $1 ORDER BY d.name, d.device_id LIMIT 1000"))
-            .bind(self.uuid)
-            .fetch_all(pool)
-            .await
-            .map_err(unavailable)?;
-        Ok(rows.iter().map(Device::from_row).collect())
+        let rows = sqlx::query(&format!(
+            "{DEVICE_SELECT} JOIN household_members m ON m.household_id = d.household_id AND m.user_id = $2
+             WHERE d.household_id = $1 ORDER BY d.name, d.device_id LIMIT 1000"
+        ))
+        .bind(self.uuid)
+        .bind(viewer(ctx)?)
+        .fetch_all(pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(rows.iter().map(Device::from_row).filter(|d| d.visible_to(self.role)).collect())
     }
+
+    /// The members and their roles.
+    async fn members(&self, ctx: &Context<'_>) -> Result<Vec<Member>> {
+        if !self.role.allows(&Action::SeeMembers) {
+            return Err(error(codes::FORBIDDEN, "not allowed"));
+        }
+        let pool = ctx.data::<PgPool>()?;
+        let rows =
+            sqlx::query("SELECT user_id, role, joined_at FROM household_members WHERE household_id = $1 ORDER BY joined_at, user_id")
+                .bind(self.uuid)
+                .fetch_all(pool)
+                .await
+                .map_err(unavailable)?;
+        Ok(rows.iter().map(|r| Member { user_id: ID(r.get::<Uuid, _>(0).to_string()), role: r.get(1), joined_at: r.get(2) }).collect())
+    }
+}
+
+#[derive(SimpleObject)]
+pub struct Member {
+    pub user_id: ID,
+    pub role: String,
+    pub joined_at: DateTime<Utc>,
 }
 
 #[derive(SimpleObject)]
@@ -142,6 +338,8 @@ pub struct Device {
     pub room: Option<String>,
     /// Last known state; present once the device reported or changed status.
     pub shadow: Option<Shadow>,
+    #[graphql(skip)]
+    pub viewer_role: Role,
 }
 
 impl Device {
@@ -161,7 +359,12 @@ impl Device {
             name: r.get(3),
             room: r.get(4),
             shadow,
+            viewer_role: r.get::<String, _>(11).parse().unwrap_or(Role::Child),
         }
+    }
+
+    fn visible_to(&self, role: Role) -> bool {
+        self.kind.parse::<DeviceKind>().is_ok_and(|k| role.allows(&Action::SeeDevice(k)))
     }
 }
 
@@ -220,13 +423,17 @@ pub struct SubscriptionRoot;
 
 #[Subscription]
 impl SubscriptionRoot {
-    /// Every committed change of the household's devices, as it happens.
-    async fn device_changes(&self, ctx: &Context<'_>, household_id: ID) -> Result<impl Stream<Item = DeviceChange>> {
-        let hub = ctx.data::<Arc<Hub>>()?;
-        let Some(h) = parse_id(&household_id) else {
-            return Err(async_graphql::Error::new("unknown household").extend_with(|_, e| e.set("code", "NOT_FOUND")));
-        };
+    /// Every committed change of the household's devices the viewer may see,
+    /// as it happens. Ends with a `FORBIDDEN` error when the viewer is removed
+    /// from the household; a demotion narrows what it delivers at once.
+    async fn device_changes(&self, ctx: &Context<'_>, household_id: ID) -> Result<impl Stream<Item = Result<DeviceChange>>> {
+        let user = viewer(ctx)?;
+        let hub = ctx.data::<Arc<Hub>>()?.clone();
+        let pool = ctx.data::<PgPool>()?.clone();
+        let h = parse_id(&household_id).ok_or_else(not_found)?;
+        // Subscribe before checking, so no change between the check and the subscription is lost.
         let rx = hub.subscribe(h);
-        Ok(BroadcastStream::new(rx).filter_map(|r| r.ok().map(|c| DeviceChange::from(c.as_ref()))))
+        let role = role_in(&pool, h, user).await.map_err(unavailable)?.ok_or_else(not_found)?;
+        Ok(crate::hub::authorized_changes(rx, pool, h, user, role))
     }
 }

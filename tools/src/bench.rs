@@ -53,14 +53,25 @@ pub async fn run(endpoints: &Endpoints, count: usize, progress: bool) -> anyhow:
     let topics = Topics::new(&endpoints.topic_prefix);
     let appender = Appender::new(&ProducerConfig::new(&endpoints.kafka_bootstrap))?;
     let pki = PkiDir(endpoints.pki_dir.clone().into());
-    let home = seed::household(&appender, &topics, &pki, "Benchmark home", &[(DeviceKind::Light, "Bench light", "Lab")]).await?;
-    let device = home.devices[0].clone();
     let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
+    let user = crate::api::sign_up(
+        &http,
+        &endpoints.command_api,
+        &format!("bench-{}@homelink.dev", uuid::Uuid::new_v4().simple()),
+        &crate::api::dev_password(),
+        "Benchmark",
+    )
+    .await?;
+    let token = user.access_token.clone();
+    let home =
+        seed::household(&appender, &topics, &pki, "Benchmark home", &[(DeviceKind::Light, "Bench light", "Lab")], Some(user.user_id))
+            .await?;
+    let device = home.devices[0].clone();
 
     // Wait until the registry knows the device (the projector applied the registration).
     let q = "query($id: ID!) { device(id: $id) { id } }";
     let deadline = Instant::now() + Duration::from_secs(30);
-    while crate::gql::query(&http, &endpoints.graphql, q, json!({"id": device.id})).await?["data"]["device"].is_null() {
+    while crate::gql::query(&http, &endpoints.graphql, &token, q, json!({"id": device.id})).await?["data"]["device"].is_null() {
         anyhow::ensure!(Instant::now() < deadline, "the benchmark device was not registered within 30 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -90,6 +101,7 @@ pub async fn run(endpoints: &Endpoints, count: usize, progress: bool) -> anyhow:
     }
     let mut sub = Subscription::start(
         &endpoints.graphql_ws,
+        &token,
         "subscription($h: ID!) { deviceChanges(householdId: $h) { deviceId shadow { reported seq } } }",
         json!({"h": home.household_id}),
     )
@@ -103,7 +115,7 @@ pub async fn run(endpoints: &Endpoints, count: usize, progress: bool) -> anyhow:
         // Alternate so every command changes the state.
         let brightness = if i % 2 == 0 { 10 + (i % 80) as i64 } else { 95 };
         let t0 = Instant::now();
-        let r = http.post(&url).json(&json!({"set": {"brightness": brightness}})).send().await?;
+        let r = http.post(&url).bearer_auth(&token).json(&json!({"set": {"brightness": brightness}})).send().await?;
         anyhow::ensure!(r.status().as_u16() == 202, "command refused: {} {}", r.status(), r.text().await.unwrap_or_default());
         accepted.push(t0.elapsed());
         let body: serde_json::Value = r.json().await?;

@@ -34,8 +34,9 @@ pub struct Demo {
     pub household_id: Uuid,
     /// Device ids, kinds and the paths of their certificates.
     pub devices_file: String,
-    /// Accounts arrive with user identity; none exist yet.
-    pub accounts: Vec<serde_json::Value>,
+    /// The demo household's owner, adult and child (development only:
+    /// passwords included; the run command generates them).
+    pub accounts: Vec<crate::api::Account>,
 }
 
 impl Endpoints {

@@ -7,9 +7,9 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 
-/// Runs a query; returns the whole response (`data` and `errors`).
-pub async fn query(http: &reqwest::Client, url: &str, query: &str, variables: Value) -> anyhow::Result<Value> {
-    let r = http.post(url).json(&json!({"query": query, "variables": variables})).send().await?;
+/// Runs a query with an access token; returns the whole response (`data` and `errors`).
+pub async fn query(http: &reqwest::Client, url: &str, token: &str, query: &str, variables: Value) -> anyhow::Result<Value> {
+    let r = http.post(url).bearer_auth(token).json(&json!({"query": query, "variables": variables})).send().await?;
     Ok(r.json().await?)
 }
 
@@ -21,12 +21,14 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    /// Connects to `ws_url` (`ws://…/graphql`), initialises and subscribes.
-    pub async fn start(ws_url: &str, query: &str, variables: Value) -> anyhow::Result<Self> {
+    /// Connects to `ws_url` (`ws://…/graphql`), initialises with the access
+    /// token and subscribes.
+    pub async fn start(ws_url: &str, token: &str, query: &str, variables: Value) -> anyhow::Result<Self> {
         let mut req = ws_url.into_client_request()?;
         req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static("graphql-transport-ws"));
         let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;
-        ws.send(Message::text(json!({"type": "connection_init", "payload": {}}).to_string())).await?;
+        ws.send(Message::text(json!({"type": "connection_init", "payload": {"authorization": format!("Bearer {token}")}}).to_string()))
+            .await?;
         loop {
             let m = ws.next().await.ok_or_else(|| anyhow::anyhow!("closed before connection_ack"))??;
             if let Message::Text(t) = m {
@@ -48,6 +50,7 @@ impl Subscription {
             let Message::Text(t) = m else { continue };
             let v: Value = serde_json::from_str(&t)?;
             match v["type"].as_str() {
+                Some("next") if v["payload"]["data"].is_null() => anyhow::bail!("subscription error: {}", v["payload"]["errors"]),
                 Some("next") => return Ok(v["payload"]["data"].clone()),
                 Some("ping") => self.ws.send(Message::text(json!({"type": "pong"}).to_string())).await?,
                 Some("error") => anyhow::bail!("subscription error: {}", v["payload"]),

@@ -7,6 +7,7 @@
 use homelink_events::{DeviceKind, Topics};
 use homelink_kit::kafka::{Appender, ProducerConfig};
 use homelink_kit::shutdown::CancellationToken;
+use homelink_tools::api::Account;
 use homelink_tools::pki::PkiDir;
 use homelink_tools::seed::{self, SeededHousehold};
 use homelink_tools::sim::{DeviceSpec, Target};
@@ -135,20 +136,24 @@ impl Stack {
         let projector_port = projector.port();
         tokio::spawn(projector.run_until_stopped(cancel.clone()));
 
-        let query = homelink_query_api::Application::build(homelink_query_api::Config::new(&db_url)).await.expect("query-api");
-        let query_port = query.port();
-        tokio::spawn(query.run_until_stopped(cancel.clone()));
-
         // Each test is its own deployment: its own shared-subscription group.
         let share_group = format!("hl-{}", Uuid::new_v4().simple());
         let bridge_port = spawn_bridge(&env, &topics, &db_url, &share_group, projector_port, &cancel).await;
 
         let mut cc = homelink_command_api::Config::new(&db_url, &env.kafka, topics.clone());
+        cc.tokens.key_refresh = Duration::from_millis(200);
+        cc.tokens.publish_delay = Duration::from_secs(1);
         cc.bridge_push_url = Some(format!("http://127.0.0.1:{bridge_port}/internal/v1/commands"));
         cc.projector_push_url = Some(format!("http://127.0.0.1:{projector_port}/internal/v1/events"));
         let command = homelink_command_api::Application::build(cc).await.expect("command-api");
         let command_port = command.port();
         tokio::spawn(command.run_until_stopped(cancel.clone()));
+
+        let mut qc = homelink_query_api::Config::new(&db_url, format!("http://127.0.0.1:{command_port}/.well-known/jwks.json"));
+        qc.jwks_refresh = Duration::from_millis(200);
+        let query = homelink_query_api::Application::build(qc).await.expect("query-api");
+        let query_port = query.port();
+        tokio::spawn(query.run_until_stopped(cancel.clone()));
 
         let stack = Self {
             pool: sqlx::PgPool::connect(&db_url).await.expect("pool"),
@@ -188,13 +193,32 @@ impl Stack {
         format!("http://127.0.0.1:{}/v1/households/{household}/devices/{device}/commands", self.command_port)
     }
 
-    pub async fn gql(&self, query: &str, variables: Value) -> Value {
-        homelink_tools::gql::query(&self.http, &self.graphql_url(), query, variables).await.expect("graphql request")
+    pub fn api(&self) -> String {
+        format!("http://127.0.0.1:{}", self.command_port)
     }
 
-    /// Seeds a household and waits until its devices are in the registry.
+    /// A device command request on behalf of the household's owner.
+    pub fn command(&self, home: &SeededHousehold, device: Uuid) -> reqwest::RequestBuilder {
+        self.http.post(self.command_url(home.household_id, device)).bearer_auth(&home.accounts[0].access_token)
+    }
+
+    pub async fn gql(&self, token: &str, query: &str, variables: Value) -> Value {
+        homelink_tools::gql::query(&self.http, &self.graphql_url(), token, query, variables).await.expect("graphql request")
+    }
+
+    /// A new signed-up account.
+    pub async fn account(&self, name: &str) -> Account {
+        let email = format!("{name}-{}@test.homelink.dev", Uuid::new_v4().simple());
+        homelink_tools::api::sign_up(&self.http, &self.api(), &email, "correct horse battery", name).await.expect("sign-up")
+    }
+
+    /// Seeds a household owned by a new account (`accounts[0]`, signed in)
+    /// and waits until its devices are in the registry.
     pub async fn seed(&self, devices: &[(DeviceKind, &str, &str)]) -> SeededHousehold {
-        let home = seed::household(&self.appender, &self.topics, &self.env.pki, "Test home", devices).await.expect("seed");
+        let owner = self.account("owner").await;
+        let mut home =
+            seed::household(&self.appender, &self.topics, &self.env.pki, "Test home", devices, Some(owner.user_id)).await.expect("seed");
+        home.accounts.push(owner);
         let ids: Vec<Uuid> = home.devices.iter().map(|d| d.id).collect();
         let pool = self.pool.clone();
         eventually(Duration::from_secs(30), "devices registered", || {
@@ -206,6 +230,22 @@ impl Stack {
             }
         })
         .await;
+        home
+    }
+
+    /// A household owned by a new account with one member per entry of
+    /// `roles` (invited and accepted through the API) and `devices`.
+    /// `home.accounts` is the owner followed by the members, in order.
+    pub async fn household_with(&self, roles: &[&str], devices: &[(DeviceKind, &str, &str)]) -> SeededHousehold {
+        let mut home = self.seed(devices).await;
+        for role in roles {
+            let mut m = self.account(role).await;
+            homelink_tools::api::add_member(&self.http, &self.api(), &home.accounts[0], home.household_id, &m, role)
+                .await
+                .expect("add member");
+            m.role = Some((*role).to_owned());
+            home.accounts.push(m);
+        }
         home
     }
 

@@ -73,6 +73,29 @@ enum Cmd {
     },
 }
 
+/// The demo household: an owner, an adult and a child (through the API),
+/// and one device of every kind.
+async fn demo_household(command_api: &str, bootstrap: &str, prefix: &str, pki_dir: &std::path::Path) -> anyhow::Result<SeededHousehold> {
+    use homelink_tools::api;
+    let http = reqwest::Client::new();
+    let mut accounts = Vec::new();
+    for (who, role) in [("owner", "owner"), ("adult", "adult"), ("child", "child")] {
+        let mut a =
+            api::sign_up(&http, command_api, &format!("{who}@demo.homelink.dev"), &api::dev_password(), &format!("Demo {who}")).await?;
+        a.role = Some(role.into());
+        accounts.push(a);
+    }
+    let household = api::create_household(&http, command_api, &accounts[0], "Demo home").await?;
+    for member in &accounts[1..] {
+        api::add_member(&http, command_api, &accounts[0], household, member, member.role.as_deref().unwrap_or("child")).await?;
+    }
+    let appender = Appender::new(&ProducerConfig::new(bootstrap))?;
+    let devices =
+        seed::devices_for(&appender, &Topics::new(prefix), &PkiDir(pki_dir.to_path_buf()), household, household, &seed::demo_devices())
+            .await?;
+    Ok(SeededHousehold { household_id: household, name: "Demo home".into(), devices, accounts })
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     homelink_kit::telemetry::init("warn");
@@ -89,9 +112,7 @@ async fn main() -> anyhow::Result<()> {
             let home: SeededHousehold = if demo_file.exists() {
                 serde_json::from_slice(&std::fs::read(&demo_file)?)?
             } else {
-                let appender = Appender::new(&ProducerConfig::new(&bootstrap))?;
-                let h =
-                    seed::household(&appender, &Topics::new(&prefix), &PkiDir(pki_dir.clone()), "Demo home", &seed::demo_devices()).await?;
+                let h = demo_household(&command_api, &bootstrap, &prefix, &pki_dir).await?;
                 std::fs::write(&demo_file, serde_json::to_vec_pretty(&h)?)?;
                 h
             };
@@ -110,9 +131,19 @@ async fn main() -> anyhow::Result<()> {
                 kafka_bootstrap: bootstrap,
                 topic_prefix: prefix,
                 pki_dir: pki_dir.display().to_string(),
-                demo: Demo { household_id: home.household_id, devices_file: demo_file.display().to_string(), accounts: Vec::new() },
+                demo: Demo {
+                    household_id: home.household_id,
+                    devices_file: demo_file.display().to_string(),
+                    accounts: home.accounts.clone(),
+                },
             };
             std::fs::write(state_dir.join("endpoints.json"), serde_json::to_vec_pretty(&e)?)?;
+            let table: String = home
+                .accounts
+                .iter()
+                .map(|a| format!("  {:6} {:28} password {}\n", a.role.as_deref().unwrap_or("-"), a.email, a.password))
+                .collect();
+            std::fs::write(state_dir.join("accounts.txt"), table)?;
         }
         Cmd::Simulate { state_dir, interval_secs } => {
             let e = Endpoints::load(&state_dir.join("endpoints.json"))?;
@@ -124,10 +155,12 @@ async fn main() -> anyhow::Result<()> {
             };
             // Devices connect once the registry knows them; earlier reports would be refused as unknown.
             let http = reqwest::Client::new();
+            let mut owner = home.accounts.first().cloned().ok_or_else(|| anyhow::anyhow!("the demo has no accounts"))?;
+            homelink_tools::api::sign_in(&http, &e.command_api, &mut owner).await?;
             for d in &home.devices {
                 let q = "query($id: ID!) { device(id: $id) { id } }";
                 for attempt in 0.. {
-                    let r = homelink_tools::gql::query(&http, &e.graphql, q, serde_json::json!({"id": d.id})).await;
+                    let r = homelink_tools::gql::query(&http, &e.graphql, &owner.access_token, q, serde_json::json!({"id": d.id})).await;
                     if r.is_ok_and(|v| !v["data"]["device"].is_null()) {
                         break;
                     }

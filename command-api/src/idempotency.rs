@@ -1,0 +1,195 @@
+//! `Idempotency-Key` on every write (POST, PUT, PATCH, DELETE under `/v1`,
+//! except the identity routes, whose answers are secrets that must not be
+//! stored).
+//!
+//! Per caller and key the first request is recorded with a hash of its method,
+//! path and body (JSON canonicalized, so key order and spacing do not matter)
+//! before it runs; its response is stored when it completes. A retry with the
+//! same key and request gets the stored response (`Idempotent-Replayed: true`)
+//! and has no second effect; the same key with another request gets 422; a
+//! retry while the first is still running gets 409 with `Retry-After`.
+//! 5xx answers are not stored (the outcome is unknown; the retry runs again).
+//! Records are kept 24 hours.
+
+use crate::problem::ApiError;
+use crate::AppState;
+use axum::body::{to_bytes, Body};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, Method};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use sqlx::Row;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const HEADER: &str = "idempotency-key";
+const REPLAYED: &str = "idempotent-replayed";
+/// A first request that has not completed after this long is presumed dead
+/// (its process crashed) and the key may be taken over.
+const STALE_AFTER_SECONDS: f64 = 30.0;
+
+fn applies(req: &Request) -> bool {
+    matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH | Method::DELETE)
+        && req.uri().path().starts_with("/v1/")
+        && !req.uri().path().starts_with("/v1/auth/")
+}
+
+/// A key is 1–255 visible ASCII characters.
+fn valid_key(k: &str) -> bool {
+    (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// The request's fingerprint: method, path and canonical body.
+fn fingerprint(method: &Method, path: &str, body: &[u8]) -> String {
+    let canonical = match serde_json::from_slice::<serde_json::Value>(body) {
+        // `Value` objects are ordered maps: re-encoding sorts keys and drops spacing.
+        Ok(v) => serde_json::to_vec(&v).unwrap_or_else(|_| body.to_vec()),
+        Err(_) => body.to_vec(),
+    };
+    let mut buf = format!("{method} {path}\n").into_bytes();
+    buf.extend_from_slice(&canonical);
+    crate::auth::sha256_hex(&buf)
+}
+
+pub async fn layer(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if !applies(&req) {
+        return next.run(req).await;
+    }
+    let Some(key) = req.headers().get(HEADER).map(|v| v.to_str().map(str::to_owned)) else {
+        return next.run(req).await;
+    };
+    let key = match key {
+        Ok(k) if valid_key(&k) => k,
+        _ => return ApiError::BadRequest("Idempotency-Key must be 1 to 255 visible ASCII characters".into()).into_response(),
+    };
+    let (parts, body) = req.into_parts();
+    // Without a valid caller the route answers 401 itself; nothing to record.
+    let Some(caller) = crate::auth::caller_of(&parts, &s.keys.verifier) else {
+        return next.run(Request::from_parts(parts, body)).await;
+    };
+    let bytes = match to_bytes(body, crate::MAX_BODY_BYTES).await {
+        Ok(b) => b,
+        Err(_) => return ApiError::TooLarge(crate::MAX_BODY_BYTES).into_response(),
+    };
+    let scope = caller.user_id.to_string();
+    let hash = fingerprint(&parts.method, parts.uri.path(), &bytes);
+    match claim(&s, &scope, &key, &hash).await {
+        Err(e) => return e.into_response(),
+        Ok(Claim::Replay(r)) => return r,
+        Ok(Claim::Mine) => {}
+    }
+    let response = next.run(Request::from_parts(parts, Body::from(bytes))).await;
+    record(&s, &scope, &key, response).await
+}
+
+enum Claim {
+    /// This request is the first with the key: run it.
+    Mine,
+    /// The stored answer of an earlier identical request.
+    Replay(Response),
+}
+
+async fn claim(s: &AppState, scope: &str, key: &str, hash: &str) -> Result<Claim, ApiError> {
+    let inserted = sqlx::query(
+        "INSERT INTO idempotency_keys (scope, key, request_hash) VALUES ($1, $2, $3)
+         ON CONFLICT (scope, key) DO UPDATE SET request_hash = EXCLUDED.request_hash, created_at = now()
+           WHERE idempotency_keys.status IS NULL AND idempotency_keys.created_at < now() - make_interval(secs => $4)
+             AND idempotency_keys.request_hash = EXCLUDED.request_hash
+         RETURNING 1",
+    )
+    .bind(scope)
+    .bind(key)
+    .bind(hash)
+    .bind(STALE_AFTER_SECONDS)
+    .fetch_optional(&s.pool)
+    .await
+    .map_err(ApiError::db)?;
+    if inserted.is_some() {
+        return Ok(Claim::Mine);
+    }
+    let row = sqlx::query("SELECT request_hash, status, content_type, body FROM idempotency_keys WHERE scope = $1 AND key = $2")
+        .bind(scope)
+        .bind(key)
+        .fetch_optional(&s.pool)
+        .await
+        .map_err(ApiError::db)?
+        .ok_or(ApiError::IdempotencyInProgress)?;
+    if row.get::<String, _>(0) != hash {
+        return Err(ApiError::IdempotencyKeyReused);
+    }
+    let Some(status) = row.get::<Option<i32>, _>(1) else {
+        return Err(ApiError::IdempotencyInProgress);
+    };
+    let status = axum::http::StatusCode::from_u16(status as u16).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut r = (status, row.get::<Option<Vec<u8>>, _>(3).unwrap_or_default()).into_response();
+    if let Some(ct) = row.get::<Option<String>, _>(2).and_then(|c| HeaderValue::from_str(&c).ok()) {
+        r.headers_mut().insert(header::CONTENT_TYPE, ct);
+    }
+    r.headers_mut().insert(REPLAYED, HeaderValue::from_static("true"));
+    s.metrics.messages_in.with_label_values(&["idempotent_replay"]).inc();
+    Ok(Claim::Replay(r))
+}
+
+/// Stores a completed response (not a 5xx, whose outcome is unknown).
+async fn record(s: &AppState, scope: &str, key: &str, response: Response) -> Response {
+    let (parts, body) = response.into_parts();
+    let Ok(bytes) = to_bytes(body, 1024 * 1024).await else {
+        return ApiError::Internal("response too large to record".into()).into_response();
+    };
+    let result = if parts.status.is_server_error() {
+        sqlx::query("DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2").bind(scope).bind(key).execute(&s.pool).await
+    } else {
+        let ct = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        sqlx::query("UPDATE idempotency_keys SET status = $3, content_type = $4, body = $5 WHERE scope = $1 AND key = $2")
+            .bind(scope)
+            .bind(key)
+            .bind(i32::from(parts.status.as_u16()))
+            .bind(ct)
+            .bind(bytes.to_vec())
+            .execute(&s.pool)
+            .await
+    };
+    if let Err(e) = result {
+        // The effect happened; only the record is missing. The key stays
+        // "in progress" until it goes stale; log it.
+        tracing::warn!(error = %e, "could not record an idempotent response");
+        s.metrics.errors.with_label_values(&["idempotency_record"]).inc();
+    }
+    let mut r = Response::from_parts(parts, Body::from(bytes));
+    r.headers_mut().insert(REPLAYED, HeaderValue::from_static("false"));
+    r
+}
+
+/// Deletes records older than a day, every ten minutes, until cancelled.
+pub async fn expire(pool: sqlx::PgPool, cancel: homelink_kit::shutdown::CancellationToken) {
+    loop {
+        if let Err(e) = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < now() - interval '24 hours'").execute(&pool).await {
+            tracing::warn!(error = %e, "expiring idempotency keys failed");
+        }
+        tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(Duration::from_secs(600)) => {} }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fingerprint_ignores_json_key_order_and_spacing_but_not_values() {
+        let a = fingerprint(&Method::POST, "/v1/x", br#"{"a": 1, "b": [1, 2]}"#);
+        let b = fingerprint(&Method::POST, "/v1/x", br#"{"b":[1,2],"a":1}"#);
+        let c = fingerprint(&Method::POST, "/v1/x", br#"{"b":[2,1],"a":1}"#);
+        let d = fingerprint(&Method::POST, "/v1/y", br#"{"a": 1, "b": [1, 2]}"#);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_ne!(a, d);
+    }
+
+    #[test]
+    fn keys_are_short_visible_ascii() {
+        assert!(valid_key("3f1c-retry_1"));
+        assert!(!valid_key(""));
+        assert!(!valid_key("with space"));
+        assert!(!valid_key(&"k".repeat(256)));
+    }
+}

@@ -1,0 +1,236 @@
+//! User identity through the running services: token attacks, refresh-token
+//! rotation and reuse, signing-key rotation, sign-in failures.
+
+mod common;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use common::{eventually, light_and_sensor, Stack};
+use homelink_kit::auth::{Claims, AUDIENCE, ISSUER};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+use std::time::Duration;
+use uuid::Uuid;
+
+/// The active signing key, read the way only the platform itself can.
+async fn signing_key(stack: &Stack) -> (String, String, String) {
+    let row: (String, String, String) = sqlx::query_as(
+        "SELECT kid, private_pem, public_x FROM identity_signing_keys WHERE activates_at <= now() ORDER BY activates_at DESC LIMIT 1",
+    )
+    .fetch_one(&stack.pool)
+    .await
+    .expect("signing key");
+    row
+}
+
+fn claims(sub: Uuid, exp_in: i64) -> Claims {
+    let now = chrono::Utc::now().timestamp();
+    Claims { iss: ISSUER.into(), aud: AUDIENCE.into(), sub: sub.to_string(), iat: now, exp: now + exp_in, jti: Uuid::new_v4().to_string() }
+}
+
+fn sign(kid: &str, pem: &str, c: &Claims) -> String {
+    let mut h = Header::new(Algorithm::EdDSA);
+    h.kid = Some(kid.into());
+    jsonwebtoken::encode(&h, c, &EncodingKey::from_ed_pem(pem.as_bytes()).expect("key")).expect("sign")
+}
+
+fn b64(v: &Value) -> String {
+    URL_SAFE_NO_PAD.encode(v.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_token_attack_gets_401_and_reveals_nothing() {
+    let stack = Stack::start().await;
+    let home = stack.seed(&light_and_sensor()).await;
+    let owner = &home.accounts[0];
+    let (kid, pem, public_x) = signing_key(&stack).await;
+    let user = owner.user_id;
+
+    // The genuine token works, and so does one forged here with the real key (the control).
+    let good = sign(&kid, &pem, &claims(user, 300));
+    let parts: Vec<&str> = good.split('.').collect();
+
+    let mut attacks: Vec<(&str, String)> = Vec::new();
+    // alg: none, no signature.
+    attacks.push(("alg none", format!("{}.{}.", b64(&json!({"alg": "none", "typ": "JWT", "kid": kid})), parts[1])));
+    // HS256 "signed" with the public key as the HMAC secret.
+    let mut hs = Header::new(Algorithm::HS256);
+    hs.kid = Some(kid.clone());
+    let hs_token = jsonwebtoken::encode(&hs, &claims(user, 300), &EncodingKey::from_secret(public_x.as_bytes())).expect("hs256");
+    attacks.push(("HS256 with the public key", hs_token));
+    let mut wrong_aud = claims(user, 300);
+    wrong_aud.aud = "someone-else".into();
+    attacks.push(("wrong aud", sign(&kid, &pem, &wrong_aud)));
+    let mut wrong_iss = claims(user, 300);
+    wrong_iss.iss = "https://evil.example".into();
+    attacks.push(("wrong iss", sign(&kid, &pem, &wrong_iss)));
+    attacks.push(("expired", sign(&kid, &pem, &claims(user, -120))));
+    // Edited claims: another subject with the original signature.
+    let mut edited: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).expect("payload")).expect("claims");
+    edited["sub"] = json!(Uuid::new_v4());
+    attacks.push(("edited claims", format!("{}.{}.{}", parts[0], b64(&edited), parts[2])));
+    for hostile in ["../../dev/null", "' OR 1=1 --", "http://127.0.0.1:1/jwks.json"] {
+        let mut h = Header::new(Algorithm::EdDSA);
+        h.kid = Some(hostile.into());
+        let t = jsonwebtoken::encode(&h, &claims(user, 300), &EncodingKey::from_ed_pem(pem.as_bytes()).expect("key")).expect("sign");
+        attacks.push(("hostile kid", t));
+    }
+    attacks.push(("garbage", "not.a.token".into()));
+    attacks.push(("empty", String::new()));
+
+    let light = home.devices[0].id;
+    let ok =
+        stack.http.post(stack.command_url(home.household_id, light)).bearer_auth(&good).json(&json!({"set": {"on": true}})).send().await;
+    assert_eq!(ok.expect("post").status(), 202, "the control token is accepted");
+    let q = json!({"query": "{ me { userId } }"});
+    let ok = stack.http.post(stack.graphql_url()).bearer_auth(&good).json(&q).send().await.expect("graphql");
+    assert_eq!(ok.status(), 200);
+
+    let mut bodies = std::collections::HashSet::new();
+    for (name, token) in &attacks {
+        let r = stack
+            .http
+            .post(stack.command_url(home.household_id, light))
+            .header("authorization", format!("Bearer {token}"))
+            .json(&json!({"set": {"on": true}}))
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(r.status(), 401, "command-api: {name}");
+        assert_eq!(r.headers()["content-type"], "application/problem+json");
+        bodies.insert(r.text().await.expect("body"));
+        let r = stack.http.post(stack.graphql_url()).header("authorization", format!("Bearer {token}")).json(&q).send().await.expect("gql");
+        assert_eq!(r.status(), 401, "query-api: {name}");
+        let v: Value = r.json().await.expect("json");
+        assert_eq!(v["errors"][0]["extensions"]["code"], "UNAUTHENTICATED", "{name}");
+        assert_eq!(v["errors"][0]["message"], "a valid access token is required", "{name}: reveals nothing");
+    }
+    // Every refusal has the same body: no attack learns why it failed.
+    assert_eq!(bodies.len(), 1, "{bodies:?}");
+    let body: Value = serde_json::from_str(bodies.iter().next().expect("body")).expect("json");
+    assert_eq!(body["type"], "https://homelink.dev/problems/unauthorized");
+    // Nothing reached the log: only the control command was appended.
+    assert_eq!(stack.metric(stack.command_port, "homelink_command_api_messages_out_total{kind=\"command\"}").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reused_refresh_token_revokes_its_whole_family() {
+    let stack = Stack::start().await;
+    let a = stack.account("refresher").await;
+    let refresh = |t: String| {
+        let (http, url) = (stack.http.clone(), format!("{}/v1/auth/refresh", stack.api()));
+        async move { http.post(url).json(&json!({"refreshToken": t})).send().await.expect("refresh") }
+    };
+    let r1 = refresh(a.refresh_token.clone()).await;
+    assert_eq!(r1.status(), 200);
+    let t1: Value = r1.json().await.expect("tokens");
+    let second = t1["refreshToken"].as_str().expect("rotated").to_owned();
+    assert_ne!(second, a.refresh_token, "rotated on use");
+
+    // The spent token again: refused, and the family is revoked...
+    let reuse = refresh(a.refresh_token.clone()).await;
+    assert_eq!(reuse.status(), 401);
+    // ...so the legitimate successor is dead too.
+    let after = refresh(second).await;
+    assert_eq!(after.status(), 401);
+    let p: Value = after.json().await.expect("problem");
+    assert_eq!(p["type"], "https://homelink.dev/problems/invalid-refresh-token");
+
+    // Another session of the same user is unaffected.
+    let mut again = a.clone();
+    homelink_tools::api::sign_in(&stack.http, &stack.api(), &mut again).await.expect("sign in");
+    assert_eq!(refresh(again.refresh_token.clone()).await.status(), 200);
+
+    // Sign-out ends a session's family.
+    let mut s2 = a.clone();
+    homelink_tools::api::sign_in(&stack.http, &stack.api(), &mut s2).await.expect("sign in");
+    let out = stack.http.post(format!("{}/v1/auth/sign-out", stack.api())).json(&json!({"refreshToken": s2.refresh_token})).send().await;
+    assert_eq!(out.expect("sign-out").status(), 204);
+    assert_eq!(refresh(s2.refresh_token.clone()).await.status(), 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sign_in_failures_do_not_tell_a_wrong_password_from_an_unknown_account() {
+    let stack = Stack::start().await;
+    let a = stack.account("someone").await;
+    let attempt = |email: String, password: &'static str| {
+        let (http, url) = (stack.http.clone(), format!("{}/v1/auth/sign-in", stack.api()));
+        async move { http.post(url).json(&json!({"email": email, "password": password})).send().await.expect("sign-in") }
+    };
+    let wrong = attempt(a.email.clone(), "wrong password!").await;
+    let unknown = attempt("nobody@test.homelink.dev".into(), "wrong password!").await;
+    assert_eq!(wrong.status(), 401);
+    assert_eq!(unknown.status(), 401);
+    assert_eq!(wrong.bytes().await.expect("body"), unknown.bytes().await.expect("body"));
+    // Case and spacing of the e-mail do not matter.
+    assert_eq!(attempt(format!("  {}", a.email.to_uppercase()), "correct horse battery").await.status(), 200);
+    // Sign-up validates at the edge and refuses fields it does not own.
+    for body in [
+        json!({"email": "not-an-email", "password": "long enough pw", "displayName": "x"}),
+        json!({"email": "x@y.dev", "password": "short", "displayName": "x"}),
+        json!({"email": "x@y.dev", "password": "long enough pw", "displayName": "x", "role": "owner"}),
+    ] {
+        let r = stack.http.post(format!("{}/v1/auth/sign-up", stack.api())).json(&body).send().await.expect("sign-up");
+        assert_eq!(r.status(), 400, "{body}");
+    }
+    let dup = stack
+        .http
+        .post(format!("{}/v1/auth/sign-up", stack.api()))
+        .json(&json!({"email": a.email, "password": "another long pw", "displayName": "x"}))
+        .send()
+        .await
+        .expect("sign-up");
+    assert_eq!(dup.status(), 409);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rotated_signing_key_keeps_old_tokens_valid_and_new_tokens_carry_the_new_kid() {
+    let stack = Stack::start().await;
+    let home = stack.seed(&light_and_sensor()).await;
+    let mut owner = home.accounts[0].clone();
+    let old_kid = jsonwebtoken::decode_header(&owner.access_token).expect("header").kid.expect("kid");
+
+    let new_kid = homelink_command_api::auth::rotate(&stack.pool, Duration::from_secs(1)).await.expect("rotate");
+    assert_ne!(new_kid, old_kid);
+
+    // The JWKS publishes both keys.
+    let jwks_url = format!("{}/.well-known/jwks.json", stack.api());
+    eventually(Duration::from_secs(10), "both keys published", || async {
+        let v: Value = stack.http.get(&jwks_url).send().await.ok()?.json().await.ok()?;
+        let kids: Vec<&str> = v["keys"].as_array()?.iter().filter_map(|k| k["kid"].as_str()).collect();
+        (kids.contains(&old_kid.as_str()) && kids.contains(&new_kid.as_str())).then_some(())
+    })
+    .await;
+
+    // New sign-ins get the new key once it is active.
+    let fresh = eventually(Duration::from_secs(10), "tokens signed with the new key", || {
+        let mut fresh = owner.clone();
+        let (http, api, new_kid) = (stack.http.clone(), stack.api(), new_kid.clone());
+        async move {
+            homelink_tools::api::sign_in(&http, &api, &mut fresh).await.ok()?;
+            let kid = jsonwebtoken::decode_header(&fresh.access_token).ok()?.kid?;
+            (kid == new_kid).then_some(fresh)
+        }
+    })
+    .await;
+
+    // Both tokens work on both services.
+    let q = "{ me { userId } }";
+    for token in [&owner.access_token, &fresh.access_token] {
+        let r = stack.gql(token, q, json!({})).await;
+        assert_eq!(r["data"]["me"]["userId"], json!(owner.user_id), "{r}");
+        let r = stack
+            .http
+            .post(stack.command_url(home.household_id, home.devices[0].id))
+            .bearer_auth(token)
+            .json(&json!({"set": {"on": false}}))
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(r.status(), 202);
+    }
+    // The refresh token issued before the rotation still refreshes.
+    let r = stack.http.post(format!("{}/v1/auth/refresh", stack.api())).json(&json!({"refreshToken": owner.refresh_token})).send().await;
+    assert_eq!(r.expect("refresh").status(), 200);
+    owner.refresh_token.clear();
+}

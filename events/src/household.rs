@@ -1,0 +1,309 @@
+//! Households, members and roles: the household aggregate and the product's
+//! roles table (product.md, "Households, members and roles").
+//!
+//! [`Household::apply`] folds the household stream and refuses any event that
+//! would break an invariant (a household without an owner, a used or expired
+//! invitation, …). Both sides use it: command-api to decide a command against
+//! the current state, the projector to fold the log. So an event that lost a
+//! race (it was decided on a stale version) is refused by the fold in the same
+//! way on every rebuild.
+//!
+//! [`Role::allows`] is the roles table; every authorization check in command-api
+//! and query-api goes through it.
+
+use crate::device::DeviceKind;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use uuid::Uuid;
+
+/// A member's role in one household.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Owner,
+    Adult,
+    Child,
+}
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::Owner, Role::Adult, Role::Child];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Owner => "owner",
+            Role::Adult => "adult",
+            Role::Child => "child",
+        }
+    }
+
+    /// The roles table. Deny by default: an action not listed is refused.
+    pub fn allows(self, action: &Action<'_>) -> bool {
+        use Role::*;
+        match (self, action) {
+            (Owner | Adult, Action::SeeDevice(_)) => true,
+            (Child, Action::SeeDevice(kind)) => *kind != DeviceKind::Camera,
+            (Owner | Adult, Action::Control(_, _)) => true,
+            (Child, Action::Control(kind, set)) => match kind {
+                DeviceKind::Light | DeviceKind::Plug => true,
+                // Lock yes, unlock no: every value set must be `locked: true`.
+                DeviceKind::Lock => !set.is_empty() && set.iter().all(|(k, v)| k == "locked" && *v == Value::Bool(true)),
+                _ => false,
+            },
+            (Owner | Adult, Action::ManageDevices) => true,
+            (Owner, Action::RemoveDevices | Action::ManageMembers | Action::ReadAudit) => true,
+            (_, Action::SeeMembers) => true,
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Role::ALL.into_iter().find(|r| r.as_str() == s).ok_or_else(|| format!("unknown role `{s}` (owner, adult or child)"))
+    }
+}
+
+/// What a member may try to do; the argument of [`Role::allows`].
+#[derive(Debug, Clone, Copy)]
+pub enum Action<'a> {
+    /// See a device of this kind and its live status.
+    SeeDevice(DeviceKind),
+    /// Send a command setting these values to a device of this kind.
+    Control(DeviceKind, &'a Map<String, Value>),
+    /// Add, rename, move devices; manage rooms, scenes, automations.
+    ManageDevices,
+    RemoveDevices,
+    /// Invite and remove members, change roles.
+    ManageMembers,
+    ReadAudit,
+    /// See who the members are and their roles.
+    SeeMembers,
+}
+
+/// An invitation as the aggregate knows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Invitation {
+    pub role: Role,
+    pub code_hash: String,
+    pub expires_at: DateTime<Utc>,
+    pub used: bool,
+}
+
+/// The household aggregate: what the write side decides against.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Household {
+    pub exists: bool,
+    /// Events applied on the household stream; the next event carries `version + 1`.
+    pub version: u64,
+    pub members: BTreeMap<Uuid, Role>,
+    pub invitations: BTreeMap<Uuid, Invitation>,
+}
+
+/// Why an event may not apply to a household.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Violation {
+    #[error("the household already exists")]
+    AlreadyExists,
+    #[error("the household does not exist")]
+    NoHousehold,
+    #[error("the household changed meanwhile (expected version {expected}, event has {got})")]
+    StaleVersion { expected: u64, got: u64 },
+    #[error("a household must keep at least one owner")]
+    LastOwner,
+    #[error("the user is not a member of the household")]
+    NotAMember,
+    #[error("the user is already a member of the household")]
+    AlreadyMember,
+    #[error("the invitation does not exist")]
+    UnknownInvitation,
+    #[error("the invitation was already used")]
+    InvitationUsed,
+    #[error("the invitation has expired")]
+    InvitationExpired,
+    #[error("the member already has this role")]
+    SameRole,
+}
+
+impl Household {
+    pub fn role_of(&self, user: Uuid) -> Option<Role> {
+        self.members.get(&user).copied()
+    }
+
+    pub fn owners(&self) -> usize {
+        self.members.values().filter(|r| **r == Role::Owner).count()
+    }
+
+    /// Folds one household-stream event. `seq` is the version the event
+    /// claims (the envelope's `seq`); `at` is when it occurred. On error the
+    /// aggregate is unchanged.
+    pub fn apply(&mut self, event: &HouseholdEvent<'_>, seq: Option<u64>, at: DateTime<Utc>) -> Result<(), Violation> {
+        if let Some(got) = seq {
+            if got != self.version + 1 {
+                return Err(Violation::StaleVersion { expected: self.version + 1, got });
+            }
+        }
+        let mut next = self.clone();
+        match event {
+            HouseholdEvent::Created { created_by } => {
+                if self.exists {
+                    return Err(Violation::AlreadyExists);
+                }
+                next.exists = true;
+                if let Some(owner) = created_by {
+                    next.members.insert(*owner, Role::Owner);
+                }
+            }
+            _ if !self.exists => return Err(Violation::NoHousehold),
+            HouseholdEvent::Invited { invitation_id, role, code_hash, expires_at } => {
+                next.invitations.insert(
+                    *invitation_id,
+                    Invitation { role: *role, code_hash: (*code_hash).to_owned(), expires_at: *expires_at, used: false },
+                );
+            }
+            HouseholdEvent::Joined { user_id, role, invitation_id } => {
+                if self.members.contains_key(user_id) {
+                    return Err(Violation::AlreadyMember);
+                }
+                if let Some(inv_id) = invitation_id {
+                    let inv = next.invitations.get_mut(inv_id).ok_or(Violation::UnknownInvitation)?;
+                    if inv.used {
+                        return Err(Violation::InvitationUsed);
+                    }
+                    if inv.expires_at <= at {
+                        return Err(Violation::InvitationExpired);
+                    }
+                    inv.used = true;
+                }
+                next.members.insert(*user_id, *role);
+            }
+            HouseholdEvent::RoleChanged { user_id, role } => {
+                let current = self.role_of(*user_id).ok_or(Violation::NotAMember)?;
+                if current == *role {
+                    return Err(Violation::SameRole);
+                }
+                if current == Role::Owner && self.owners() == 1 {
+                    return Err(Violation::LastOwner);
+                }
+                next.members.insert(*user_id, *role);
+            }
+            HouseholdEvent::Removed { user_id } => {
+                let current = self.role_of(*user_id).ok_or(Violation::NotAMember)?;
+                if current == Role::Owner && self.owners() == 1 {
+                    return Err(Violation::LastOwner);
+                }
+                next.members.remove(user_id);
+            }
+        }
+        next.version = seq.unwrap_or(self.version + 1);
+        *self = next;
+        Ok(())
+    }
+}
+
+/// A borrowed view of the events that make up the household stream.
+#[derive(Debug, Clone, Copy)]
+pub enum HouseholdEvent<'a> {
+    Created { created_by: Option<Uuid> },
+    Invited { invitation_id: Uuid, role: Role, code_hash: &'a str, expires_at: DateTime<Utc> },
+    Joined { user_id: Uuid, role: Role, invitation_id: Option<Uuid> },
+    RoleChanged { user_id: Uuid, role: Role },
+    Removed { user_id: Uuid },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn at() -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000, 0).unwrap()
+    }
+
+    fn with_owners(n: u128) -> Household {
+        let mut h = Household::default();
+        h.apply(&HouseholdEvent::Created { created_by: Some(Uuid::from_u128(1)) }, Some(1), at()).unwrap();
+        for i in 2..=n {
+            let inv = Uuid::from_u128(100 + i);
+            h.apply(
+                &HouseholdEvent::Invited {
+                    invitation_id: inv,
+                    role: Role::Owner,
+                    code_hash: "x",
+                    expires_at: at() + chrono::Duration::hours(1),
+                },
+                Some(h.version + 1),
+                at(),
+            )
+            .unwrap();
+            h.apply(
+                &HouseholdEvent::Joined { user_id: Uuid::from_u128(i), role: Role::Owner, invitation_id: Some(inv) },
+                Some(h.version + 1),
+                at(),
+            )
+            .unwrap();
+        }
+        h
+    }
+
+    #[test]
+    fn the_last_owner_can_be_neither_demoted_nor_removed() {
+        let mut h = with_owners(2);
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        h.apply(&HouseholdEvent::RoleChanged { user_id: b, role: Role::Adult }, None, at()).unwrap();
+        assert_eq!(h.apply(&HouseholdEvent::RoleChanged { user_id: a, role: Role::Adult }, None, at()), Err(Violation::LastOwner));
+        assert_eq!(h.apply(&HouseholdEvent::Removed { user_id: a }, None, at()), Err(Violation::LastOwner));
+        assert_eq!(h.owners(), 1);
+    }
+
+    #[test]
+    fn an_event_decided_on_a_stale_version_is_refused_and_changes_nothing() {
+        let mut h = with_owners(2);
+        let v = h.version;
+        h.apply(&HouseholdEvent::RoleChanged { user_id: Uuid::from_u128(2), role: Role::Adult }, Some(v + 1), at()).unwrap();
+        let before = h.clone();
+        let r = h.apply(&HouseholdEvent::Removed { user_id: Uuid::from_u128(2) }, Some(v + 1), at());
+        assert!(matches!(r, Err(Violation::StaleVersion { .. })));
+        assert_eq!(h, before);
+    }
+
+    #[test]
+    fn an_invitation_is_used_once_and_not_after_it_expires() {
+        let mut h = with_owners(1);
+        let inv = Uuid::from_u128(9);
+        h.apply(&HouseholdEvent::Invited { invitation_id: inv, role: Role::Child, code_hash: "h", expires_at: at() }, None, at()).unwrap();
+        let join = |u| HouseholdEvent::Joined { user_id: Uuid::from_u128(u), role: Role::Child, invitation_id: Some(inv) };
+        assert_eq!(h.clone().apply(&join(5), None, at()), Err(Violation::InvitationExpired));
+        assert!(h.apply(&join(5), None, at() - chrono::Duration::seconds(1)).is_ok());
+        assert_eq!(h.apply(&join(6), None, at() - chrono::Duration::seconds(1)), Err(Violation::InvitationUsed));
+    }
+
+    #[test]
+    fn the_roles_table() {
+        let none = Map::new();
+        let lock: Map<String, Value> = serde_json::from_value(json!({"locked": true})).unwrap();
+        let unlock: Map<String, Value> = serde_json::from_value(json!({"locked": false})).unwrap();
+        use DeviceKind::*;
+        use Role::*;
+        assert!(Child.allows(&Action::SeeDevice(Light)) && !Child.allows(&Action::SeeDevice(Camera)));
+        assert!(Adult.allows(&Action::SeeDevice(Camera)));
+        assert!(Child.allows(&Action::Control(Light, &none)) && Child.allows(&Action::Control(Plug, &none)));
+        assert!(!Child.allows(&Action::Control(Thermostat, &none)) && !Child.allows(&Action::Control(Camera, &none)));
+        assert!(Child.allows(&Action::Control(Lock, &lock)) && !Child.allows(&Action::Control(Lock, &unlock)));
+        assert!(Adult.allows(&Action::Control(Lock, &unlock)) && Adult.allows(&Action::Control(Camera, &none)));
+        assert!(Adult.allows(&Action::ManageDevices) && !Child.allows(&Action::ManageDevices));
+        for a in [Action::RemoveDevices, Action::ManageMembers, Action::ReadAudit] {
+            assert!(Owner.allows(&a) && !Adult.allows(&a) && !Child.allows(&a));
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! Households, members and the audit log in the read models.
+//!
+//! Household-stream events are folded one by one in log order through the
+//! pure aggregate ([`Household::apply`]), which refuses an event decided on a
+//! stale version or breaking an invariant; a refused event changes nothing but
+//! is recorded in `household_refused_events`. The same fold runs on every
+//! rebuild, so the result is the same.
+
+use crate::read::load_household;
+use homelink_events::event::CommandDenied;
+use homelink_events::household::Household;
+use homelink_events::topics::MembershipChanged;
+use homelink_events::{Actor, Event};
+use homelink_kit::push::Located;
+use serde_json::Value;
+use sqlx::{Postgres, Transaction};
+use std::collections::HashSet;
+use uuid::Uuid;
+
+pub struct Folded {
+    /// `MembershipChanged` JSON notifications to send on commit.
+    pub notifications: Vec<String>,
+    /// Event ids the fold refused.
+    pub refused: HashSet<Uuid>,
+}
+
+/// Applies the household-stream events of a batch in log order.
+pub async fn fold(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]) -> Result<Folded, sqlx::Error> {
+    let mut out = Folded { notifications: Vec::new(), refused: HashSet::new() };
+    for (l, ev) in work {
+        let Some(he) = ev.household_event() else {
+            continue;
+        };
+        let env = &l.envelope;
+        let h = env.household_id;
+        let invitation = match ev {
+            Event::MemberJoined(j) => j.invitation_id,
+            _ => None,
+        };
+        let mut agg: Household = load_household(tx, h, invitation).await?;
+        if let Err(v) = agg.apply(&he, env.seq, env.occurred_at) {
+            tracing::warn!(household = %h, event = %env.event_id, reason = %v, "household event refused by the fold");
+            sqlx::query(
+                "INSERT INTO household_refused_events (event_id, household_id, event_type, reason, occurred_at) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(env.event_id)
+            .bind(h)
+            .bind(&env.event_type)
+            .bind(v.to_string())
+            .bind(env.occurred_at)
+            .execute(&mut **tx)
+            .await?;
+            out.refused.insert(env.event_id);
+            continue;
+        }
+        let version = agg.version as i64;
+        let mut changed_member = None;
+        match ev {
+            Event::HouseholdCreated(c) => {
+                sqlx::query(
+                    "INSERT INTO households (household_id, name, created_at, version, log_partition) VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (household_id) DO NOTHING",
+                )
+                .bind(h)
+                .bind(&c.name)
+                .bind(env.occurred_at)
+                .bind(version)
+                .bind(l.partition)
+                .execute(&mut **tx)
+                .await?;
+                if let Some(owner) = c.created_by {
+                    insert_member(tx, h, owner, "owner", env.occurred_at).await?;
+                    changed_member = Some(owner);
+                }
+            }
+            Event::MemberInvited(i) => {
+                sqlx::query(
+                    "INSERT INTO household_invitations (invitation_id, household_id, role, code_hash, expires_at, created_by, created_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+                )
+                .bind(i.invitation_id)
+                .bind(h)
+                .bind(i.role.as_str())
+                .bind(&i.code_hash)
+                .bind(i.expires_at)
+                .bind(actor_id(&env.actor))
+                .bind(env.occurred_at)
+                .execute(&mut **tx)
+                .await?;
+            }
+            Event::MemberJoined(j) => {
+                insert_member(tx, h, j.user_id, j.role.as_str(), env.occurred_at).await?;
+                if let Some(inv) = j.invitation_id {
+                    sqlx::query("UPDATE household_invitations SET used_by = $2, used_at = $3 WHERE invitation_id = $1")
+                        .bind(inv)
+                        .bind(j.user_id)
+                        .bind(env.occurred_at)
+                        .execute(&mut **tx)
+                        .await?;
+                }
+                changed_member = Some(j.user_id);
+            }
+            Event::MemberRoleChanged(r) => {
+                sqlx::query("UPDATE household_members SET role = $3 WHERE household_id = $1 AND user_id = $2")
+                    .bind(h)
+                    .bind(r.user_id)
+                    .bind(r.role.as_str())
+                    .execute(&mut **tx)
+                    .await?;
+                changed_member = Some(r.user_id);
+            }
+            Event::MemberRemoved(r) => {
+                sqlx::query("DELETE FROM household_members WHERE household_id = $1 AND user_id = $2")
+                    .bind(h)
+                    .bind(r.user_id)
+                    .execute(&mut **tx)
+                    .await?;
+                changed_member = Some(r.user_id);
+            }
+            _ => {}
+        }
+        sqlx::query("UPDATE households SET version = $2 WHERE household_id = $1").bind(h).bind(version).execute(&mut **tx).await?;
+        if let Some(user_id) = changed_member {
+            out.notifications.push(serde_json::to_string(&MembershipChanged { household_id: h, user_id }).unwrap_or_default());
+        }
+    }
+    Ok(out)
+}
+
+async fn insert_member(
+    tx: &mut Transaction<'_, Postgres>,
+    h: Uuid,
+    user: Uuid,
+    role: &str,
+    at: chrono::DateTime<chrono::Utc>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO household_members (household_id, user_id, role, joined_at) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING")
+        .bind(h)
+        .bind(user)
+        .bind(role)
+        .bind(at)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+fn actor_id(a: &Actor) -> String {
+    match a {
+        Actor::User(u) => u.clone(),
+        Actor::Device(d) => d.to_string(),
+        Actor::System(s) => s.clone(),
+    }
+}
+
+fn actor_kind(a: &Actor) -> &'static str {
+    match a {
+        Actor::User(_) => "user",
+        Actor::Device(_) => "device",
+        Actor::System(_) => "system",
+    }
+}
+
+/// One audit row per command: the accepted ones are their own events, the
+/// refused ones `CommandDenied` events. Device-sent events are not commands.
+pub async fn audit(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)], refused: &HashSet<Uuid>) -> Result<(), sqlx::Error> {
+    let mut cols: [Vec<Option<String>>; 7] = Default::default(); // actor_kind actor_id role client action target detail
+    let (mut ids, mut hs, mut ats, mut outcomes, mut statuses) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (l, ev) in work {
+        let env = &l.envelope;
+        let (action, target, status, detail): (&str, Option<String>, i32, Option<String>) = match ev {
+            Event::DeviceCommandRequested(c) => {
+                ("device.command", Some(format!("device/{}", c.device_id)), 202, Some(Value::Object(c.set.clone()).to_string()))
+            }
+            Event::HouseholdCreated(c) => ("household.create", None, 201, Some(c.name.clone())),
+            Event::MemberInvited(i) => ("member.invite", Some(format!("invitation/{}", i.invitation_id)), 201, Some(i.role.to_string())),
+            Event::MemberJoined(j) => ("invitation.accept", Some(format!("user/{}", j.user_id)), 200, Some(j.role.to_string())),
+            Event::MemberRoleChanged(r) => ("member.role", Some(format!("user/{}", r.user_id)), 200, Some(r.role.to_string())),
+            Event::MemberRemoved(r) => {
+                (if r.left { "member.leave" } else { "member.remove" }, Some(format!("user/{}", r.user_id)), 204, None)
+            }
+            Event::CommandDenied(CommandDenied { action, target, status, reason }) => {
+                (action.as_str(), target.clone(), i32::from(*status), Some(reason.clone()))
+            }
+            _ => continue,
+        };
+        let outcome = match ev {
+            Event::CommandDenied(d) if d.status == 409 => "conflict",
+            Event::CommandDenied(_) => "denied",
+            _ if refused.contains(&env.event_id) => "superseded",
+            _ => "accepted",
+        };
+        ids.push(env.event_id);
+        hs.push(env.household_id);
+        ats.push(env.occurred_at);
+        outcomes.push(outcome.to_owned());
+        statuses.push(status);
+        let meta = env.meta.as_ref();
+        let values = [
+            Some(actor_kind(&env.actor).to_owned()),
+            Some(actor_id(&env.actor)),
+            meta.and_then(|m| m.role).map(|r| r.to_string()),
+            meta.and_then(|m| m.client.clone()),
+            Some(action.to_owned()),
+            target,
+            detail,
+        ];
+        for (c, v) in cols.iter_mut().zip(values) {
+            c.push(v);
+        }
+    }
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let [kind, actor, role, client, action, target, detail] = cols;
+    sqlx::query(
+        r#"INSERT INTO audit_log (event_id, household_id, at, actor_kind, actor_id, role, client, action, target, outcome, status, detail)
+           SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
+                                $9::text[], $10::text[], $11::int[], $12::text[])
+           ON CONFLICT (event_id) DO NOTHING"#,
+    )
+    .bind(&ids)
+    .bind(&hs)
+    .bind(&ats)
+    .bind(&kind)
+    .bind(&actor)
+    .bind(&role)
+    .bind(&client)
+    .bind(&action)
+    .bind(&target)
+    .bind(&outcomes)
+    .bind(&statuses)
+    .bind(&detail)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

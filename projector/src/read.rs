@@ -1,0 +1,40 @@
+//! Read-side queries of the projector's own tables that other services share
+//! (command-api decides household commands against the household aggregate).
+
+use homelink_events::household::{Household, Invitation, Role};
+use sqlx::{PgConnection, Row};
+use uuid::Uuid;
+
+/// The household aggregate as the read models hold it, with its members and
+/// (when asked for) one invitation.
+pub async fn load_household(db: &mut PgConnection, household: Uuid, invitation: Option<Uuid>) -> Result<Household, sqlx::Error> {
+    let mut h = Household::default();
+    let Some(row) = sqlx::query("SELECT version FROM households WHERE household_id = $1").bind(household).fetch_optional(&mut *db).await?
+    else {
+        return Ok(h);
+    };
+    h.exists = true;
+    h.version = row.get::<i64, _>(0).max(0) as u64;
+    let members =
+        sqlx::query("SELECT user_id, role FROM household_members WHERE household_id = $1").bind(household).fetch_all(&mut *db).await?;
+    for m in members {
+        if let Ok(role) = m.get::<String, _>(1).parse::<Role>() {
+            h.members.insert(m.get(0), role);
+        }
+    }
+    if let Some(inv) = invitation {
+        let row = sqlx::query(
+            "SELECT role, code_hash, expires_at, used_by IS NOT NULL FROM household_invitations WHERE invitation_id = $1 AND household_id = $2",
+        )
+        .bind(inv)
+        .bind(household)
+        .fetch_optional(&mut *db)
+        .await?;
+        if let Some(r) = row {
+            if let Ok(role) = r.get::<String, _>(0).parse::<Role>() {
+                h.invitations.insert(inv, Invitation { role, code_hash: r.get(1), expires_at: r.get(2), used: r.get(3) });
+            }
+        }
+    }
+    Ok(h)
+}

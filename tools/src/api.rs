@@ -1,0 +1,107 @@
+//! A small client of the command API's identity and household routes, as the
+//! app uses them: for the demo seeding, the benchmark and the tests.
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+/// A signed-in account.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Account {
+    pub user_id: Uuid,
+    pub email: String,
+    /// Development and test accounts only.
+    pub password: String,
+    #[serde(default)]
+    pub role: Option<String>,
+    #[serde(skip)]
+    pub access_token: String,
+    #[serde(skip)]
+    pub refresh_token: String,
+}
+
+impl Account {
+    pub fn bearer(&self) -> String {
+        format!("Bearer {}", self.access_token)
+    }
+}
+
+/// Checks the status; returns the JSON body (or `null` for an empty one).
+async fn expect(r: reqwest::Response, want: u16, what: &str) -> anyhow::Result<Value> {
+    let status = r.status().as_u16();
+    let text = r.text().await?;
+    anyhow::ensure!(status == want, "{what}: expected {want}, got {status}: {text}");
+    Ok(if text.is_empty() { Value::Null } else { serde_json::from_str(&text)? })
+}
+
+fn tokens_into(a: &mut Account, v: &Value) -> anyhow::Result<()> {
+    a.access_token = v["accessToken"].as_str().context("accessToken")?.to_owned();
+    a.refresh_token = v["refreshToken"].as_str().context("refreshToken")?.to_owned();
+    a.user_id = v["userId"].as_str().context("userId")?.parse()?;
+    Ok(())
+}
+
+pub async fn sign_up(http: &reqwest::Client, base: &str, email: &str, password: &str, name: &str) -> anyhow::Result<Account> {
+    let r = http
+        .post(format!("{base}/v1/auth/sign-up"))
+        .json(&json!({"email": email, "password": password, "displayName": name}))
+        .send()
+        .await?;
+    let v = expect(r, 201, "sign-up").await?;
+    let mut a = Account {
+        user_id: Uuid::nil(),
+        email: email.into(),
+        password: password.into(),
+        role: None,
+        access_token: String::new(),
+        refresh_token: String::new(),
+    };
+    tokens_into(&mut a, &v)?;
+    Ok(a)
+}
+
+pub async fn sign_in(http: &reqwest::Client, base: &str, account: &mut Account) -> anyhow::Result<()> {
+    let r =
+        http.post(format!("{base}/v1/auth/sign-in")).json(&json!({"email": account.email, "password": account.password})).send().await?;
+    let v = expect(r, 200, "sign-in").await?;
+    tokens_into(account, &v)
+}
+
+pub async fn create_household(http: &reqwest::Client, base: &str, owner: &Account, name: &str) -> anyhow::Result<Uuid> {
+    let r = http.post(format!("{base}/v1/households")).header("authorization", owner.bearer()).json(&json!({"name": name})).send().await?;
+    let v = expect(r, 201, "create household").await?;
+    Ok(v["householdId"].as_str().context("householdId")?.parse()?)
+}
+
+/// Invites `member` with `role` and has them accept.
+pub async fn add_member(
+    http: &reqwest::Client,
+    base: &str,
+    owner: &Account,
+    household: Uuid,
+    member: &Account,
+    role: &str,
+) -> anyhow::Result<()> {
+    let r = http
+        .post(format!("{base}/v1/households/{household}/invitations"))
+        .header("authorization", owner.bearer())
+        .json(&json!({"role": role}))
+        .send()
+        .await?;
+    let inv = expect(r, 201, "invite").await?;
+    let r = http
+        .post(format!("{base}/v1/invitations/accept"))
+        .header("authorization", member.bearer())
+        .json(&json!({"code": inv["code"]}))
+        .send()
+        .await?;
+    expect(r, 200, "accept").await?;
+    Ok(())
+}
+
+/// A random password for development and test accounts.
+pub fn dev_password() -> String {
+    format!("dev-{}", Uuid::new_v4().simple())
+}
