@@ -219,6 +219,19 @@ impl Stack {
         let mut home =
             seed::household(&self.appender, &self.topics, &self.env.pki, "Test home", devices, Some(owner.user_id)).await.expect("seed");
         home.accounts.push(owner);
+        let (pool, h) = (self.pool.clone(), home.household_id);
+        eventually(Duration::from_secs(30), "household projected", || {
+            let pool = pool.clone();
+            async move {
+                let n: i64 = sqlx::query_scalar("SELECT count(*) FROM household_members WHERE household_id = $1")
+                    .bind(h)
+                    .fetch_one(&pool)
+                    .await
+                    .ok()?;
+                (n == 1).then_some(())
+            }
+        })
+        .await;
         let ids: Vec<Uuid> = home.devices.iter().map(|d| d.id).collect();
         let pool = self.pool.clone();
         eventually(Duration::from_secs(30), "devices registered", || {
