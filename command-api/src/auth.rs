@@ -326,7 +326,7 @@ async fn issue_pair(s: &AppState, user: Uuid, family: Uuid) -> Result<Tokens, Ap
 
 /// Creates an account and signs it in.
 #[utoipa::path(post, path = "/v1/auth/sign-up", tag = "identity", request_body = SignUp,
-    responses((status = 201, body = Tokens), (status = 400, body = Problem), (status = 409, description = "e-mail taken", body = Problem)))]
+    responses((status = 201, body = Tokens), (status = 400, body = Problem, content_type = "application/problem+json"), (status = 409, description = "e-mail taken", body = Problem, content_type = "application/problem+json")))]
 pub async fn sign_up(State(s): State<Arc<AppState>>, body: crate::problem::Body<SignUp>) -> Result<(StatusCode, Json<Tokens>), ApiError> {
     let req = body.0;
     let email = normalize_email(&req.email)?;
@@ -358,7 +358,7 @@ pub async fn sign_up(State(s): State<Arc<AppState>>, body: crate::problem::Body<
 
 /// Signs in with e-mail and password.
 #[utoipa::path(post, path = "/v1/auth/sign-in", tag = "identity", request_body = SignIn,
-    responses((status = 200, body = Tokens), (status = 400, body = Problem), (status = 401, body = Problem)))]
+    responses((status = 200, body = Tokens), (status = 400, body = Problem, content_type = "application/problem+json"), (status = 401, body = Problem, content_type = "application/problem+json")))]
 pub async fn sign_in(State(s): State<Arc<AppState>>, body: crate::problem::Body<SignIn>) -> Result<Json<Tokens>, ApiError> {
     let req = body.0;
     if req.password.chars().count() > MAX_PASSWORD {
@@ -384,7 +384,7 @@ pub async fn sign_in(State(s): State<Arc<AppState>>, body: crate::problem::Body<
 /// Spends a refresh token for a new pair. A spent token presented again
 /// revokes every token of its family.
 #[utoipa::path(post, path = "/v1/auth/refresh", tag = "identity", request_body = RefreshRequest,
-    responses((status = 200, body = Tokens), (status = 401, body = Problem)))]
+    responses((status = 200, body = Tokens), (status = 401, body = Problem, content_type = "application/problem+json")))]
 pub async fn refresh(State(s): State<Arc<AppState>>, body: crate::problem::Body<RefreshRequest>) -> Result<Json<Tokens>, ApiError> {
     let hash = sha256_hex(body.0.refresh_token.as_bytes());
     let mut tx = s.pool.begin().await.map_err(ApiError::db)?;
@@ -427,7 +427,7 @@ pub async fn refresh(State(s): State<Arc<AppState>>, body: crate::problem::Body<
 /// Ends a session: revokes the refresh token's family. Access tokens already
 /// issued stay valid until they expire (minutes).
 #[utoipa::path(post, path = "/v1/auth/sign-out", tag = "identity", request_body = RefreshRequest,
-    responses((status = 204, description = "signed out"), (status = 401, body = Problem)))]
+    responses((status = 204, description = "signed out"), (status = 401, body = Problem, content_type = "application/problem+json")))]
 pub async fn sign_out(State(s): State<Arc<AppState>>, body: crate::problem::Body<RefreshRequest>) -> Result<StatusCode, ApiError> {
     let hash = sha256_hex(body.0.refresh_token.as_bytes());
     let r = sqlx::query(

@@ -63,8 +63,8 @@ pub fn decide(kind: DeviceKind, device_id: Uuid, req: CommandRequest, now: DateT
 #[utoipa::path(post, path = "/v1/households/{householdId}/devices/{deviceId}/commands", tag = "devices", request_body = CommandRequest,
     security(("bearer" = [])),
     params(("householdId" = Uuid, Path), ("deviceId" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header, description = "makes a retry safe")),
-    responses((status = 202, body = CommandAccepted), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem),
-        (status = 404, body = Problem), (status = 413, body = Problem), (status = 503, body = Problem)))]
+    responses((status = 202, body = CommandAccepted), (status = 400, body = Problem, content_type = "application/problem+json"), (status = 401, body = Problem, content_type = "application/problem+json"), (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"), (status = 413, body = Problem, content_type = "application/problem+json"), (status = 503, body = Problem, content_type = "application/problem+json")))]
 pub async fn request(
     State(s): State<Arc<AppState>>,
     Caller(who): Caller,

@@ -321,7 +321,7 @@ pub struct HouseholdCreatedResponse {
 /// Creates a household; the caller becomes its first owner.
 #[utoipa::path(post, path = "/v1/households", tag = "households", request_body = CreateHousehold, security(("bearer" = [])),
     params(("Idempotency-Key" = Option<String>, Header, description = "makes a retry safe")),
-    responses((status = 201, body = HouseholdCreatedResponse), (status = 400, body = Problem), (status = 401, body = Problem)))]
+    responses((status = 201, body = HouseholdCreatedResponse), (status = 400, body = Problem, content_type = "application/problem+json"), (status = 401, body = Problem, content_type = "application/problem+json")))]
 pub async fn create(
     State(s): State<Arc<AppState>>,
     Caller(who): Caller,
@@ -363,7 +363,7 @@ pub struct InvitationCreated {
 /// Invites someone with a role (owners only). The code can be used once.
 #[utoipa::path(post, path = "/v1/households/{householdId}/invitations", tag = "households", request_body = Invite, security(("bearer" = [])),
     params(("householdId" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header, description = "makes a retry safe")),
-    responses((status = 201, body = InvitationCreated), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)))]
+    responses((status = 201, body = InvitationCreated), (status = 400, body = Problem, content_type = "application/problem+json"), (status = 401, body = Problem, content_type = "application/problem+json"), (status = 403, body = Problem, content_type = "application/problem+json"), (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub async fn invite(
     State(s): State<Arc<AppState>>,
     Caller(who): Caller,
@@ -410,8 +410,8 @@ pub struct Membership {
 /// Accepts an invitation: the caller joins its household with its role.
 #[utoipa::path(post, path = "/v1/invitations/accept", tag = "households", request_body = Accept, security(("bearer" = [])),
     params(("Idempotency-Key" = Option<String>, Header, description = "makes a retry safe")),
-    responses((status = 200, body = Membership), (status = 401, body = Problem), (status = 404, body = Problem),
-        (status = 409, description = "used, expired, or already a member", body = Problem)))]
+    responses((status = 200, body = Membership), (status = 401, body = Problem, content_type = "application/problem+json"), (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "used, expired, or already a member", body = Problem, content_type = "application/problem+json")))]
 pub async fn accept(State(s): State<Arc<AppState>>, Caller(who): Caller, body: Body<Accept>) -> Result<Json<Membership>, ApiError> {
     let hash = sha256_hex(body.0.code.as_bytes());
     let row = sqlx::query("SELECT household_id, invitation_id, role FROM household_invitations WHERE code_hash = $1")
@@ -446,8 +446,8 @@ pub struct ChangeRole {
 #[utoipa::path(put, path = "/v1/households/{householdId}/members/{userId}/role", tag = "households", request_body = ChangeRole,
     security(("bearer" = [])),
     params(("householdId" = Uuid, Path), ("userId" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header, description = "makes a retry safe")),
-    responses((status = 200, body = Membership), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem),
-        (status = 409, description = "last owner, or the household changed meanwhile", body = Problem)))]
+    responses((status = 200, body = Membership), (status = 401, body = Problem, content_type = "application/problem+json"), (status = 403, body = Problem, content_type = "application/problem+json"), (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "last owner, or the household changed meanwhile", body = Problem, content_type = "application/problem+json")))]
 pub async fn change_role(
     State(s): State<Arc<AppState>>,
     Caller(who): Caller,
@@ -471,8 +471,8 @@ pub async fn change_role(
 /// Removes a member (owners only). The last owner cannot be removed.
 #[utoipa::path(delete, path = "/v1/households/{householdId}/members/{userId}", tag = "households", security(("bearer" = [])),
     params(("householdId" = Uuid, Path), ("userId" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header, description = "makes a retry safe")),
-    responses((status = 204, description = "removed"), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem),
-        (status = 409, description = "last owner, not a member, or the household changed meanwhile", body = Problem)))]
+    responses((status = 204, description = "removed"), (status = 401, body = Problem, content_type = "application/problem+json"), (status = 403, body = Problem, content_type = "application/problem+json"), (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "last owner, not a member, or the household changed meanwhile", body = Problem, content_type = "application/problem+json")))]
 pub async fn remove(
     State(s): State<Arc<AppState>>,
     Caller(who): Caller,
@@ -494,8 +494,8 @@ pub async fn remove(
 /// Leaves a household (any member; an owner only while another owner remains).
 #[utoipa::path(post, path = "/v1/households/{householdId}/leave", tag = "households", security(("bearer" = [])),
     params(("householdId" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header, description = "makes a retry safe")),
-    responses((status = 204, description = "left"), (status = 401, body = Problem), (status = 404, body = Problem),
-        (status = 409, description = "the last owner cannot leave", body = Problem)))]
+    responses((status = 204, description = "left"), (status = 401, body = Problem, content_type = "application/problem+json"), (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the last owner cannot leave", body = Problem, content_type = "application/problem+json")))]
 pub async fn leave(State(s): State<Arc<AppState>>, Caller(who): Caller, Path(household): Path<String>) -> Result<StatusCode, ApiError> {
     let h = path_id(&household)?;
     let user = who.user;

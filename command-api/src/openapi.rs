@@ -50,3 +50,47 @@ pub fn routes() -> OpenApiRouter<Arc<AppState>> {
 pub fn document() -> String {
     routes().split_for_parts().1.to_pretty_json().unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const COMMITTED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json");
+
+    /// The document in the repo is the one the code serves. After changing a
+    /// route, regenerate it: `UPDATE_OPENAPI=1 cargo test -p homelink-command-api openapi`.
+    #[test]
+    fn the_committed_openapi_document_matches_the_code() {
+        let doc = document();
+        if std::env::var_os("UPDATE_OPENAPI").is_some() {
+            std::fs::write(COMMITTED, &doc).expect("write openapi.json");
+        }
+        let committed = std::fs::read_to_string(COMMITTED).expect("command-api/openapi.json exists");
+        assert!(committed == doc, "command-api/openapi.json is stale: run `UPDATE_OPENAPI=1 cargo test -p homelink-command-api openapi`");
+    }
+
+    #[test]
+    fn it_is_openapi_3_1_and_every_authenticated_operation_documents_401_and_problem_bodies() {
+        let v: serde_json::Value = serde_json::from_str(&document()).expect("json");
+        assert!(v["openapi"].as_str().is_some_and(|s| s.starts_with("3.1")), "{}", v["openapi"]);
+        let mut operations = 0;
+        for (path, item) in v["paths"].as_object().expect("paths") {
+            for (method, op) in item.as_object().expect("path item") {
+                operations += 1;
+                let responses = op["responses"].as_object().expect("responses");
+                if op.get("security").is_some() {
+                    assert!(responses.contains_key("401"), "{method} {path} documents 401");
+                }
+                for (status, r) in responses {
+                    if status.starts_with('4') || status.starts_with('5') {
+                        assert!(
+                            r["content"]["application/problem+json"]["schema"]["$ref"] == "#/components/schemas/Problem",
+                            "{method} {path} {status}"
+                        );
+                    }
+                }
+            }
+        }
+        assert_eq!(operations, 12);
+    }
+}

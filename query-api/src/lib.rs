@@ -15,7 +15,7 @@ pub mod schema;
 
 use async_graphql::http::{GraphiQLSource, ALL_WEBSOCKET_PROTOCOLS};
 use async_graphql::{Data, ErrorExtensionValues};
-use async_graphql_axum::{GraphQLProtocol, GraphQLRequest, GraphQLWebSocket};
+use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State, WebSocketUpgrade};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
@@ -147,9 +147,19 @@ async fn graphql(State(s): State<AppState>, headers: HeaderMap, req: Request) ->
     let Some(viewer) = viewer_of(&s.verifier, auth) else {
         return refusal(StatusCode::UNAUTHORIZED, codes::UNAUTHENTICATED, "a valid access token is required");
     };
-    let gql = match <GraphQLRequest as axum::extract::FromRequest<()>>::from_request(req, &()).await {
-        Ok(r) => r.into_inner(),
-        Err(e) => return refusal(StatusCode::BAD_REQUEST, "BAD_REQUEST", &format!("not a single GraphQL request: {}", e.0)),
+    let Ok(bytes) = axum::body::to_bytes(req.into_body(), MAX_REQUEST_BYTES).await else {
+        return refusal(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "PAYLOAD_TOO_LARGE",
+            &format!("the request is larger than {MAX_REQUEST_BYTES} bytes"),
+        );
+    };
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return refusal(StatusCode::BAD_REQUEST, "BATCH_NOT_SUPPORTED", "send one operation per request");
+    }
+    let gql: async_graphql::Request = match serde_json::from_slice(&bytes) {
+        Ok(r) => r,
+        Err(e) => return refusal(StatusCode::BAD_REQUEST, "BAD_REQUEST", &format!("not a GraphQL request: {e}")),
     };
     let mut resp = s.schema.execute(gql.data(viewer)).await;
     let before_execution = resp.data == async_graphql::Value::Null;
