@@ -241,6 +241,21 @@ async fn every_role_gets_exactly_what_the_roles_table_says() {
     assert_eq!(a, b);
     assert!(a.contains("NOT_FOUND"), "{a}");
     assert!(Subscription::start(&w.stack.graphql_ws(), "not-a-token", sq, json!({"h": h})).await.is_err(), "anonymous refused");
+
+    // Accepting an invitation: anyone signed in who is not a member yet.
+    let (_, inv) =
+        w.call(Who::Owner, reqwest::Method::POST, &format!("/v1/households/{h}/invitations"), Some(json!({"role": "child"}))).await;
+    let code = json!({"code": inv["code"]});
+    for (who, want) in [(Who::Anonymous, 401), (Who::Adult, 409), (Who::Stranger, 200)] {
+        let (got, b) = w.call(who, reqwest::Method::POST, "/v1/invitations/accept", Some(code.clone())).await;
+        assert_eq!(got, want, "accept as {who:?}: {b}");
+    }
+    // Leaving: any member, but not the last owner.
+    let leave = format!("/v1/households/{h}/leave");
+    for (who, want) in [(Who::Anonymous, 401), (Who::Owner, 409), (Who::Child, 204), (Who::Adult, 204)] {
+        let (got, b) = w.call(who, reqwest::Method::POST, &leave, None).await;
+        assert_eq!(got, want, "leave as {who:?}: {b}");
+    }
 }
 
 fn report(home: &SeededHousehold, device: Uuid, seq: u64) -> Envelope {

@@ -109,8 +109,13 @@ async fn main() -> anyhow::Result<()> {
         Cmd::DemoSeed { state_dir, bootstrap, prefix, command_api, query_api, metrics, prometheus, mqtt_host, mqtt_port } => {
             let pki_dir = state_dir.join("pki");
             let demo_file = state_dir.join("demo.json");
-            let home: SeededHousehold = if demo_file.exists() {
-                serde_json::from_slice(&std::fs::read(&demo_file)?)?
+            let existing: Option<SeededHousehold> = std::fs::read(&demo_file)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .filter(|h: &SeededHousehold| !h.accounts.is_empty());
+            // A demo from before accounts existed is replaced by one with accounts.
+            let home: SeededHousehold = if let Some(h) = existing {
+                h
             } else {
                 let h = demo_household(&command_api, &bootstrap, &prefix, &pki_dir).await?;
                 std::fs::write(&demo_file, serde_json::to_vec_pretty(&h)?)?;
