@@ -87,7 +87,7 @@ pub async fn request_command(
     let started = std::time::Instant::now();
     s.metrics.messages_in.with_label_values(&["command"]).inc();
     let row = sqlx::query(
-        "SELECT d.kind, m.role FROM devices d LEFT JOIN household_members m ON m.household_id = d.household_id AND m.user_id = $3
+        "SELECT d.kind, m.role, d.removed_at IS NOT NULL FROM devices d LEFT JOIN household_members m ON m.household_id = d.household_id AND m.user_id = $3
          WHERE d.device_id = $1 AND d.household_id = $2",
     )
     .bind(device_id)
@@ -110,6 +110,7 @@ pub async fn request_command(
         Some(r) if !r.allows(&Action::Control(kind, &req.set)) => {
             Some(ApiError::Forbidden(format!("a member with role {r} may not send this command to a {kind}")))
         }
+        Some(_) if row.get::<bool, _>(2) => Some(ApiError::Conflict("device-removed", "the device was removed from the household".into())),
         Some(_) => None,
     };
     if let Some(e) = refused {

@@ -125,6 +125,11 @@ pub struct HouseholdCommand<'a> {
 
 fn conflict(v: &Violation) -> ApiError {
     let slug = match v {
+        // A device or room the household does not have: like any missing resource.
+        Violation::UnknownDevice | Violation::UnknownRoom => return ApiError::NotFound,
+        Violation::DeviceRemoved => "device-removed",
+        Violation::DeviceExists => "device-exists",
+        Violation::RoomNameTaken => "room-name-taken",
         Violation::LastOwner => "last-owner",
         Violation::StaleVersion { .. } => "stale-version",
         Violation::NotAMember => "not-a-member",

@@ -16,10 +16,12 @@
 
 pub mod auth;
 pub mod commands;
+pub mod devices;
 pub mod households;
 pub mod idempotency;
 pub mod openapi;
 pub mod problem;
+pub mod revocation;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
@@ -49,6 +51,12 @@ pub struct Config {
     /// Longest wait for Kafka's acknowledgement before answering 503.
     pub append_timeout: Duration,
     pub tokens: auth::TokenConfig,
+    /// The device CA and the broker address given to registered devices;
+    /// without it, registration answers 503.
+    pub devices: Option<devices::DeviceConfig>,
+    /// How removed devices are shut out at the broker; without it, removal
+    /// only records the event.
+    pub revocation: Option<revocation::RevocationConfig>,
 }
 
 impl Config {
@@ -62,6 +70,8 @@ impl Config {
             projector_push_url: None,
             append_timeout: Duration::from_secs(2),
             tokens: auth::TokenConfig::default(),
+            devices: None,
+            revocation: None,
         }
     }
 }
@@ -79,6 +89,9 @@ pub struct AppState {
     pub tokens: auth::TokenConfig,
     /// In-process lock stripes that queue household writes (see [`households`]).
     pub household_stripes: Vec<tokio::sync::Mutex<()>>,
+    pub device_ca: Option<Arc<homelink_kit::pki::DeviceCa>>,
+    pub devices: Option<devices::DeviceConfig>,
+    pub revoker: Option<Arc<revocation::Revoker>>,
 }
 
 pub struct Application {
@@ -114,8 +127,19 @@ impl Application {
         auth::ensure_key(&pool).await?;
         let keys = auth::Keys::new();
         keys.reload(&pool, cfg.tokens.access_ttl).await?;
+        let device_ca = match &cfg.devices {
+            Some(d) => Some(Arc::new(homelink_kit::pki::DeviceCa::load(&d.ca_cert, &d.ca_key)?)),
+            None => None,
+        };
+        let revoker = match (&device_ca, &cfg.revocation) {
+            (Some(ca), Some(r)) => Some(Arc::new(revocation::Revoker::new(ca.clone(), r.clone(), pool.clone()))),
+            _ => None,
+        };
         let pc = ProducerConfig::new(&cfg.kafka_bootstrap);
         let state = Arc::new(AppState {
+            device_ca,
+            devices: cfg.devices.clone(),
+            revoker,
             keys,
             tokens: cfg.tokens.clone(),
             household_stripes: (0..households::HOUSEHOLD_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
@@ -151,6 +175,9 @@ impl Application {
         let s = &self.state;
         tokio::spawn(s.keys.clone().keep_fresh(s.pool.clone(), s.tokens.clone(), cancel.clone()));
         tokio::spawn(idempotency::expire(s.pool.clone(), cancel.clone()));
+        if let Some(r) = &s.revoker {
+            tokio::spawn(r.clone().run(cancel.clone()));
+        }
         homelink_kit::ops::serve(self.listener, self.router, cancel).await?;
         Ok(())
     }

@@ -21,6 +21,29 @@ struct Args {
     /// every verifier's JWKS refresh interval).
     #[arg(long, env = "HOMELINK_KEY_PUBLISH_DELAY", default_value_t = 30)]
     key_publish_delay: u64,
+    /// The device CA certificate and key (registration issues device certificates with them).
+    #[arg(long, env = "HOMELINK_DEVICE_CA_CERT")]
+    device_ca_cert: Option<std::path::PathBuf>,
+    #[arg(long, env = "HOMELINK_DEVICE_CA_KEY")]
+    device_ca_key: Option<std::path::PathBuf>,
+    /// The MQTT device listener told to registered devices.
+    #[arg(long, env = "HOMELINK_MQTT_DEVICE_HOST", default_value = "127.0.0.1")]
+    mqtt_device_host: String,
+    #[arg(long, env = "HOMELINK_MQTT_DEVICE_PORT", default_value_t = 8883)]
+    mqtt_device_port: u16,
+    /// Where the broker reads the certificate revocation list.
+    #[arg(long, env = "HOMELINK_CRL_FILE")]
+    crl_file: Option<std::path::PathBuf>,
+    /// The broker's pid file (SIGHUP after the CRL changed).
+    #[arg(long, env = "HOMELINK_BROKER_PID_FILE")]
+    broker_pid_file: Option<std::path::PathBuf>,
+    /// A broker account with dynamic-security rights, to close revoked devices' connections.
+    #[arg(long, env = "HOMELINK_BROKER_ADMIN_PORT")]
+    broker_admin_port: Option<u16>,
+    #[arg(long, env = "HOMELINK_BROKER_ADMIN_USER", default_value = "homelink-admin")]
+    broker_admin_user: String,
+    #[arg(long, env = "HOMELINK_BROKER_ADMIN_PASSWORD", default_value = "")]
+    broker_admin_password: String,
     /// Rotate the token signing key and exit.
     #[arg(long)]
     rotate_signing_key: bool,
@@ -40,6 +63,26 @@ async fn main() -> anyhow::Result<()> {
     let mut cfg = Config::new(&a.common.database_url, &a.common.kafka_bootstrap, a.common.topics());
     cfg.tokens.access_ttl = std::time::Duration::from_secs(a.access_token_ttl.clamp(30, 3600));
     cfg.tokens.publish_delay = std::time::Duration::from_secs(a.key_publish_delay);
+    if let (Some(ca_cert), Some(ca_key)) = (a.device_ca_cert, a.device_ca_key) {
+        cfg.devices = Some(homelink_command_api::devices::DeviceConfig {
+            ca_cert,
+            ca_key,
+            mqtt_host: a.mqtt_device_host.clone(),
+            mqtt_port: a.mqtt_device_port,
+        });
+    }
+    if let Some(crl_file) = a.crl_file {
+        cfg.revocation = Some(homelink_command_api::revocation::RevocationConfig {
+            crl_file,
+            broker_pid_file: a.broker_pid_file,
+            admin: a.broker_admin_port.map(|port| homelink_command_api::revocation::BrokerAdmin {
+                host: a.mqtt_device_host.clone(),
+                port,
+                username: a.broker_admin_user,
+                password: a.broker_admin_password,
+            }),
+        });
+    }
     cfg.listen = a.listen;
     cfg.bridge_push_url = a.bridge_push_url;
     cfg.projector_push_url = a.projector_push_url;

@@ -2,7 +2,7 @@
 //! documentation (`utoipa-axum`), so a route cannot exist undocumented; a test
 //! compares the served document with the committed `openapi.json`.
 
-use crate::{auth, commands, households, AppState};
+use crate::{auth, commands, devices, households, AppState};
 use std::sync::Arc;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -44,6 +44,13 @@ pub fn routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(households::remove))
         .routes(routes!(households::leave))
         .routes(routes!(commands::request))
+        .routes(routes!(devices::register))
+        .routes(routes!(devices::remove))
+        .routes(routes!(devices::rename))
+        .routes(routes!(devices::move_device))
+        .routes(routes!(devices::create_room))
+        .routes(routes!(devices::rename_room))
+        .routes(routes!(devices::delete_room))
 }
 
 /// The document as JSON, pretty-printed (what `openapi.json` in the repo holds).
@@ -91,6 +98,6 @@ mod tests {
                 }
             }
         }
-        assert_eq!(operations, 12);
+        assert_eq!(operations, 19);
     }
 }

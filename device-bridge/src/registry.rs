@@ -31,7 +31,9 @@ impl Registry {
         Self { pool, cache: Mutex::new(HashMap::new()) }
     }
 
-    /// The owner of `device`, `None` when it is not registered.
+    /// The owner of `device`, `None` when it is not registered (or was removed:
+    /// its certificate is revoked too, so this only matters for the moments
+    /// before the broker closed its connection).
     pub async fn owner(&self, device: Uuid) -> Result<Option<Owner>, sqlx::Error> {
         if let Some((hit, at)) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(&device) {
             let ttl = if hit.is_some() { HIT_TTL } else { MISS_TTL };
@@ -39,8 +41,10 @@ impl Registry {
                 return Ok(*hit);
             }
         }
-        let row =
-            sqlx::query("SELECT household_id, kind FROM devices WHERE device_id = $1").bind(device).fetch_optional(&self.pool).await?;
+        let row = sqlx::query("SELECT household_id, kind FROM devices WHERE device_id = $1 AND removed_at IS NULL")
+            .bind(device)
+            .fetch_optional(&self.pool)
+            .await?;
         let owner = row.and_then(|r| {
             let kind: String = r.get(1);
             kind.parse().ok().map(|kind| Owner { household_id: r.get(0), kind })

@@ -117,7 +117,7 @@ async fn graphql_limits_refuse_hostile_documents_with_stable_codes_before_any_re
         .map(|i| {
             format!(
                 "a{i}: me {{ userId memberships {{ role household {{ id name myRole members {{ userId role joinedAt }} \
-                 devices {{ id kind name room shadow {{ reported seq version battery online lastSeen }} }} }} }} }} "
+                 devices {{ nodes {{ id kind name room {{ name }} shadow {{ reported seq version battery online lastSeen }} }} }} }} }} }} "
             )
         })
         .collect();

@@ -180,7 +180,7 @@ async fn every_role_gets_exactly_what_the_roles_table_says() {
     let vars = json!({"h": h, "camera": camera, "light": light, "cmd": camera_cmd});
     let q = "query($h: ID!, $camera: ID!, $light: ID!, $cmd: ID!) {
         me { userId memberships { role } }
-        household(id: $h) { myRole devices { kind } members { role } }
+        household(id: $h) { myRole devices { nodes { kind } } members { role } }
         cam: device(id: $camera) { id }
         lamp: device(id: $light) { id }
         command(id: $cmd) { id }
@@ -203,7 +203,7 @@ async fn every_role_gets_exactly_what_the_roles_table_says() {
         assert_eq!(d["command"].is_null(), !sees_cameras, "{who:?} camera command");
         if member {
             let kinds: Vec<&str> =
-                d["household"]["devices"].as_array().expect("devices").iter().filter_map(|x| x["kind"].as_str()).collect();
+                d["household"]["devices"]["nodes"].as_array().expect("devices").iter().filter_map(|x| x["kind"].as_str()).collect();
             assert_eq!(kinds.len(), if sees_cameras { 6 } else { 5 }, "{who:?}: {kinds:?}");
             assert_eq!(kinds.contains(&"camera"), sees_cameras);
             // The spare adult was removed above: owner, adult, child remain.

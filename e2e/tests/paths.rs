@@ -36,10 +36,10 @@ async fn a_device_report_reaches_the_shadow_the_query_and_the_subscription() {
     assert_eq!(change["deviceChanges"]["shadow"]["online"], true);
 
     // The query shows both devices' shadows.
-    let q = "query($h: ID!) { household(id: $h) { name devices { id kind shadow { reported online } } } }";
+    let q = "query($h: ID!) { household(id: $h) { name devices { nodes { id kind shadow { reported online } } } } }";
     let data = eventually(Duration::from_secs(30), "both shadows in the query", || async {
         let r = stack.gql(&home.accounts[0].access_token, q, json!({"h": home.household_id})).await;
-        let devices = r["data"]["household"]["devices"].as_array()?.clone();
+        let devices = r["data"]["household"]["devices"]["nodes"].as_array()?.clone();
         // A device says `online` before its first report: wait for both.
         devices
             .iter()

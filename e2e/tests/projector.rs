@@ -32,7 +32,15 @@ async fn append_history(appender: &Appender, topics: &Topics) -> (Vec<(String, P
     );
     let devices: Vec<Uuid> = (0..DEVICES).map(|_| Uuid::new_v4()).collect();
     for d in &devices {
-        let ev = Event::DeviceRegistered(DeviceRegistered { device_id: *d, kind: DeviceKind::Light, name: "L".into(), room: None });
+        let ev = Event::DeviceRegistered(DeviceRegistered {
+            device_id: *d,
+            kind: DeviceKind::Light,
+            name: "L".into(),
+            room: None,
+            room_id: None,
+            serial: None,
+            cert_serial: None,
+        });
         push(topics.households(), Envelope::new(h, sys.clone(), &ev, Utc::now()));
     }
     for seq in 1..=REPORTS {

@@ -74,14 +74,74 @@ pub struct CommandDenied {
     pub reason: String,
 }
 
+/// A device joined the household's registry with its own certificate.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DeviceRegistered {
     pub device_id: Uuid,
     pub kind: DeviceKind,
     pub name: String,
+    /// A room *name*, as the first seeded events carried it; unused since
+    /// rooms have ids (`room_id`). Kept so old records keep decoding.
     #[serde(default)]
     pub room: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub room_id: Option<Uuid>,
+    /// The manufacturer's serial number, unique across households while registered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// The serial number of the device's certificate (hex), for revocation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_serial: Option<String>,
+}
+
+/// A device left the registry; its certificate is revoked. Its shadow and
+/// history stay readable, marked removed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceRemoved {
+    pub device_id: Uuid,
+    #[serde(default)]
+    pub cert_serial: Option<String>,
+    #[serde(default)]
+    pub serial: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceRenamed {
+    pub device_id: Uuid,
+    pub name: String,
+}
+
+/// A device moved to a room (`None`: unassigned).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceMoved {
+    pub device_id: Uuid,
+    #[serde(default)]
+    pub room_id: Option<Uuid>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RoomCreated {
+    pub room_id: Uuid,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RoomRenamed {
+    pub room_id: Uuid,
+    pub name: String,
+}
+
+/// A room was deleted; its devices are unassigned.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RoomDeleted {
+    pub room_id: Uuid,
 }
 
 /// A state report a device published and the bridge accepted.
@@ -180,6 +240,12 @@ events! {
     MemberRoleChanged = 1,
     MemberRemoved = 1,
     CommandDenied = 1,
+    DeviceRemoved = 1,
+    DeviceRenamed = 1,
+    DeviceMoved = 1,
+    RoomCreated = 1,
+    RoomRenamed = 1,
+    RoomDeleted = 1,
 }
 
 impl Event {
@@ -191,8 +257,14 @@ impl Event {
             | Event::MemberJoined(_)
             | Event::MemberRoleChanged(_)
             | Event::MemberRemoved(_)
-            | Event::CommandDenied(_) => None,
+            | Event::CommandDenied(_)
+            | Event::RoomCreated(_)
+            | Event::RoomRenamed(_)
+            | Event::RoomDeleted(_) => None,
             Event::DeviceRegistered(e) => Some(e.device_id),
+            Event::DeviceRemoved(e) => Some(e.device_id),
+            Event::DeviceRenamed(e) => Some(e.device_id),
+            Event::DeviceMoved(e) => Some(e.device_id),
             Event::DeviceStateReported(e) => Some(e.device_id),
             Event::DeviceStatusChanged(e) => Some(e.device_id),
             Event::DeviceCommandRequested(e) => Some(e.device_id),
@@ -200,11 +272,13 @@ impl Event {
         }
     }
 
-    /// The stream inside the household: the device, the household itself
-    /// (membership, whose `seq` is the household version), or the audit trail.
+    /// The stream inside the household: the household itself (membership
+    /// and registry, whose `seq` is the household version), a device
+    /// (its reports and commands), or the audit trail.
     pub fn stream(&self) -> String {
         match (self, self.device_id()) {
             (Event::CommandDenied(_), _) => "audit".to_owned(),
+            _ if self.household_event().is_some() => "household".to_owned(),
             (_, Some(d)) => format!("device/{d}"),
             (_, None) => "household".to_owned(),
         }
@@ -220,6 +294,13 @@ impl Event {
             Event::MemberJoined(e) => HouseholdEvent::Joined { user_id: e.user_id, role: e.role, invitation_id: e.invitation_id },
             Event::MemberRoleChanged(e) => HouseholdEvent::RoleChanged { user_id: e.user_id, role: e.role },
             Event::MemberRemoved(e) => HouseholdEvent::Removed { user_id: e.user_id },
+            Event::DeviceRegistered(e) => HouseholdEvent::DeviceRegistered { device_id: e.device_id, kind: e.kind, room_id: e.room_id },
+            Event::DeviceRemoved(e) => HouseholdEvent::DeviceRemoved { device_id: e.device_id },
+            Event::DeviceRenamed(e) => HouseholdEvent::DeviceRenamed { device_id: e.device_id },
+            Event::DeviceMoved(e) => HouseholdEvent::DeviceMoved { device_id: e.device_id, room_id: e.room_id },
+            Event::RoomCreated(e) => HouseholdEvent::RoomCreated { room_id: e.room_id, name: &e.name },
+            Event::RoomRenamed(e) => HouseholdEvent::RoomRenamed { room_id: e.room_id, name: &e.name },
+            Event::RoomDeleted(e) => HouseholdEvent::RoomDeleted { room_id: e.room_id },
             _ => return None,
         })
     }
@@ -269,6 +350,16 @@ mod tests {
             ("MemberRoleChanged", json!({"userId": d, "role": "owner"})),
             ("MemberRemoved", json!({"userId": d, "left": true})),
             ("CommandDenied", json!({"action": "device.command", "target": null, "status": 403, "reason": "role"})),
+            (
+                "DeviceRegistered",
+                json!({"deviceId": d, "kind": "lock", "name": "Door", "room": null, "roomId": d, "serial": "SN-1", "certSerial": "0a"}),
+            ),
+            ("DeviceRemoved", json!({"deviceId": d, "certSerial": "0a", "serial": null})),
+            ("DeviceRenamed", json!({"deviceId": d, "name": "Porch"})),
+            ("DeviceMoved", json!({"deviceId": d, "roomId": null})),
+            ("RoomCreated", json!({"roomId": d, "name": "Hall"})),
+            ("RoomRenamed", json!({"roomId": d, "name": "Lobby"})),
+            ("RoomDeleted", json!({"roomId": d})),
         ];
         for (t, payload) in cases {
             let e = Event::from_parts(t, 1, payload.clone()).unwrap_or_else(|err| panic!("{t}: {err}"));

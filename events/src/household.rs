@@ -100,6 +100,14 @@ pub struct Invitation {
     pub used: bool,
 }
 
+/// A device as the aggregate knows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegisteredDevice {
+    pub kind: DeviceKind,
+    pub room_id: Option<Uuid>,
+    pub removed: bool,
+}
+
 /// The household aggregate: what the write side decides against.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Household {
@@ -108,6 +116,9 @@ pub struct Household {
     pub version: u64,
     pub members: BTreeMap<Uuid, Role>,
     pub invitations: BTreeMap<Uuid, Invitation>,
+    /// Rooms by id, with their names.
+    pub rooms: BTreeMap<Uuid, String>,
+    pub devices: BTreeMap<Uuid, RegisteredDevice>,
 }
 
 /// Why an event may not apply to a household.
@@ -133,6 +144,16 @@ pub enum Violation {
     InvitationExpired,
     #[error("the member already has this role")]
     SameRole,
+    #[error("the device does not exist")]
+    UnknownDevice,
+    #[error("the device was removed")]
+    DeviceRemoved,
+    #[error("a device with this id exists")]
+    DeviceExists,
+    #[error("the room does not exist")]
+    UnknownRoom,
+    #[error("a room with this name exists")]
+    RoomNameTaken,
 }
 
 impl Household {
@@ -204,9 +225,77 @@ impl Household {
                 }
                 next.members.remove(user_id);
             }
+            HouseholdEvent::DeviceRegistered { device_id, kind, room_id } => {
+                if self.devices.contains_key(device_id) {
+                    return Err(Violation::DeviceExists);
+                }
+                self.check_room(*room_id)?;
+                next.devices.insert(*device_id, RegisteredDevice { kind: *kind, room_id: *room_id, removed: false });
+            }
+            HouseholdEvent::DeviceRemoved { device_id } => {
+                self.live_device(*device_id)?;
+                if let Some(d) = next.devices.get_mut(device_id) {
+                    d.removed = true;
+                }
+            }
+            HouseholdEvent::DeviceRenamed { device_id } => {
+                self.live_device(*device_id)?;
+            }
+            HouseholdEvent::DeviceMoved { device_id, room_id } => {
+                self.live_device(*device_id)?;
+                self.check_room(*room_id)?;
+                if let Some(d) = next.devices.get_mut(device_id) {
+                    d.room_id = *room_id;
+                }
+            }
+            HouseholdEvent::RoomCreated { room_id, name } => {
+                if self.rooms.contains_key(room_id) {
+                    return Err(Violation::RoomNameTaken);
+                }
+                self.check_room_name(None, name)?;
+                next.rooms.insert(*room_id, (*name).to_owned());
+            }
+            HouseholdEvent::RoomRenamed { room_id, name } => {
+                self.check_room(Some(*room_id))?;
+                self.check_room_name(Some(*room_id), name)?;
+                next.rooms.insert(*room_id, (*name).to_owned());
+            }
+            HouseholdEvent::RoomDeleted { room_id } => {
+                self.check_room(Some(*room_id))?;
+                next.rooms.remove(room_id);
+                for d in next.devices.values_mut().filter(|d| d.room_id == Some(*room_id)) {
+                    d.room_id = None;
+                }
+            }
         }
         next.version = seq.unwrap_or(self.version + 1);
         *self = next;
+        Ok(())
+    }
+}
+
+impl Household {
+    fn live_device(&self, id: Uuid) -> Result<&RegisteredDevice, Violation> {
+        match self.devices.get(&id) {
+            None => Err(Violation::UnknownDevice),
+            Some(d) if d.removed => Err(Violation::DeviceRemoved),
+            Some(d) => Ok(d),
+        }
+    }
+
+    fn check_room(&self, room: Option<Uuid>) -> Result<(), Violation> {
+        match room {
+            Some(r) if !self.rooms.contains_key(&r) => Err(Violation::UnknownRoom),
+            _ => Ok(()),
+        }
+    }
+
+    /// Room names are unique in a household, ignoring case and surrounding space.
+    fn check_room_name(&self, except: Option<Uuid>, name: &str) -> Result<(), Violation> {
+        let wanted = name.trim().to_lowercase();
+        if self.rooms.iter().any(|(id, n)| Some(*id) != except && n.trim().to_lowercase() == wanted) {
+            return Err(Violation::RoomNameTaken);
+        }
         Ok(())
     }
 }
@@ -219,6 +308,13 @@ pub enum HouseholdEvent<'a> {
     Joined { user_id: Uuid, role: Role, invitation_id: Option<Uuid> },
     RoleChanged { user_id: Uuid, role: Role },
     Removed { user_id: Uuid },
+    DeviceRegistered { device_id: Uuid, kind: DeviceKind, room_id: Option<Uuid> },
+    DeviceRemoved { device_id: Uuid },
+    DeviceRenamed { device_id: Uuid },
+    DeviceMoved { device_id: Uuid, room_id: Option<Uuid> },
+    RoomCreated { room_id: Uuid, name: &'a str },
+    RoomRenamed { room_id: Uuid, name: &'a str },
+    RoomDeleted { room_id: Uuid },
 }
 
 #[cfg(test)]
@@ -286,6 +382,24 @@ mod tests {
         assert_eq!(h.clone().apply(&join(5), None, at()), Err(Violation::InvitationExpired));
         assert!(h.apply(&join(5), None, at() - chrono::Duration::seconds(1)).is_ok());
         assert_eq!(h.apply(&join(6), None, at() - chrono::Duration::seconds(1)), Err(Violation::InvitationUsed));
+    }
+
+    #[test]
+    fn deleting_a_room_unassigns_its_devices_and_removed_devices_stay_removed() {
+        let mut h = with_owners(1);
+        let (room, dev) = (Uuid::from_u128(50), Uuid::from_u128(60));
+        h.apply(&HouseholdEvent::RoomCreated { room_id: room, name: "Hall" }, None, at()).unwrap();
+        assert_eq!(
+            h.apply(&HouseholdEvent::RoomCreated { room_id: Uuid::from_u128(51), name: " hall " }, None, at()),
+            Err(Violation::RoomNameTaken)
+        );
+        h.apply(&HouseholdEvent::DeviceRegistered { device_id: dev, kind: DeviceKind::Lock, room_id: Some(room) }, None, at()).unwrap();
+        h.apply(&HouseholdEvent::RoomDeleted { room_id: room }, None, at()).unwrap();
+        assert_eq!(h.devices[&dev].room_id, None);
+        assert_eq!(h.apply(&HouseholdEvent::DeviceMoved { device_id: dev, room_id: Some(room) }, None, at()), Err(Violation::UnknownRoom));
+        h.apply(&HouseholdEvent::DeviceRemoved { device_id: dev }, None, at()).unwrap();
+        assert_eq!(h.apply(&HouseholdEvent::DeviceRenamed { device_id: dev }, None, at()), Err(Violation::DeviceRemoved));
+        assert_eq!(h.apply(&HouseholdEvent::DeviceRemoved { device_id: dev }, None, at()), Err(Violation::DeviceRemoved));
     }
 
     #[test]

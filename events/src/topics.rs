@@ -71,6 +71,25 @@ pub const SHADOW_CHANGED_CHANNEL: &str = "homelink_shadow_changed";
 /// (payload: [`MembershipChanged`] JSON); subscriptions re-check their caller's role.
 pub const MEMBERSHIP_CHANGED_CHANNEL: &str = "homelink_membership_changed";
 
+/// The Postgres notification channel of committed registry changes (payload:
+/// [`RegistryChanged`] JSON).
+pub const REGISTRY_CHANGED_CHANNEL: &str = "homelink_registry_changed";
+
+/// A device or room of a household was added, changed or removed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistryChanged {
+    pub household_id: Uuid,
+    /// The event type, e.g. `DeviceRegistered`, `RoomDeleted`.
+    pub change: String,
+    #[serde(default)]
+    pub device_id: Option<Uuid>,
+    #[serde(default)]
+    pub room_id: Option<Uuid>,
+    /// The household version after the change.
+    pub version: u64,
+}
+
 /// A member of a household joined, changed role or left.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -15,6 +15,7 @@ pub mod db;
 pub mod kafka;
 pub mod metrics;
 pub mod ops;
+pub mod pki;
 pub mod push;
 pub mod shutdown;
 pub mod telemetry;

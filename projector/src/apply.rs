@@ -24,7 +24,7 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use uuid::Uuid;
 
-pub use homelink_events::topics::{MEMBERSHIP_CHANGED_CHANNEL, SHADOW_CHANGED_CHANNEL};
+pub use homelink_events::topics::{MEMBERSHIP_CHANGED_CHANNEL, REGISTRY_CHANGED_CHANNEL, SHADOW_CHANGED_CHANNEL};
 
 /// Where a batch came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,34 +204,13 @@ fn unzip3<A, B, C>(it: impl Iterator<Item = (A, B, C)>) -> (Vec<A>, Vec<B>, Vec<
 /// commit as `(channel, payload)`.
 async fn apply_events(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]) -> Result<Vec<(&'static str, String)>, sqlx::Error> {
     let folded = crate::households::fold(tx, work).await?;
-    registry(tx, work).await?;
     let shadow_notes = shadows(tx, work).await?;
     commands(tx, work).await?;
     crate::households::audit(tx, work, &folded.refused).await?;
     counts(tx, work).await?;
     let mut notes: Vec<(&'static str, String)> = shadow_notes.into_iter().map(|n| (SHADOW_CHANGED_CHANNEL, n)).collect();
-    notes.extend(folded.notifications.into_iter().map(|n| (MEMBERSHIP_CHANGED_CHANNEL, n)));
+    notes.extend(folded.notifications);
     Ok(notes)
-}
-
-async fn registry(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]) -> Result<(), sqlx::Error> {
-    for (l, ev) in work {
-        let env = &l.envelope;
-        if let Event::DeviceRegistered(d) = ev {
-            sqlx::query(
-                "INSERT INTO devices (device_id, household_id, kind, name, room, registered_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-            )
-            .bind(d.device_id)
-            .bind(env.household_id)
-            .bind(d.kind.as_str())
-            .bind(&d.name)
-            .bind(&d.room)
-            .bind(env.occurred_at)
-            .execute(&mut **tx)
-            .await?;
-        }
-    }
-    Ok(())
 }
 
 /// Loads the shadows the batch touches, folds the events in log order with

@@ -9,7 +9,7 @@
 use crate::read::load_household;
 use homelink_events::event::CommandDenied;
 use homelink_events::household::Household;
-use homelink_events::topics::MembershipChanged;
+use homelink_events::topics::{MembershipChanged, RegistryChanged, MEMBERSHIP_CHANGED_CHANNEL, REGISTRY_CHANGED_CHANNEL};
 use homelink_events::{Actor, Event};
 use homelink_kit::push::Located;
 use serde_json::Value;
@@ -18,8 +18,8 @@ use std::collections::HashSet;
 use uuid::Uuid;
 
 pub struct Folded {
-    /// `MembershipChanged` JSON notifications to send on commit.
-    pub notifications: Vec<String>,
+    /// `(channel, payload)` notifications to send on commit.
+    pub notifications: Vec<(&'static str, String)>,
     /// Event ids the fold refused.
     pub refused: HashSet<Uuid>,
 }
@@ -56,6 +56,7 @@ pub async fn fold(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]
         }
         let version = agg.version as i64;
         let mut changed_member = None;
+        let mut registry: Option<(Option<Uuid>, Option<Uuid>)> = None;
         match ev {
             Event::HouseholdCreated(c) => {
                 sqlx::query(
@@ -118,11 +119,92 @@ pub async fn fold(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]
                     .await?;
                 changed_member = Some(r.user_id);
             }
+            Event::DeviceRegistered(d) => {
+                sqlx::query(
+                    "INSERT INTO devices (device_id, household_id, kind, name, room, registered_at, room_id, serial, cert_serial)
+                     VALUES ($1, $2, $3, $4, NULL, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+                )
+                .bind(d.device_id)
+                .bind(h)
+                .bind(d.kind.as_str())
+                .bind(&d.name)
+                .bind(env.occurred_at)
+                .bind(d.room_id)
+                .bind(&d.serial)
+                .bind(&d.cert_serial)
+                .execute(&mut **tx)
+                .await?;
+                registry = Some((Some(d.device_id), d.room_id));
+            }
+            Event::DeviceRemoved(d) => {
+                sqlx::query("UPDATE devices SET removed_at = $3 WHERE device_id = $1 AND household_id = $2")
+                    .bind(d.device_id)
+                    .bind(h)
+                    .bind(env.occurred_at)
+                    .execute(&mut **tx)
+                    .await?;
+                registry = Some((Some(d.device_id), None));
+            }
+            Event::DeviceRenamed(d) => {
+                sqlx::query("UPDATE devices SET name = $3 WHERE device_id = $1 AND household_id = $2")
+                    .bind(d.device_id)
+                    .bind(h)
+                    .bind(&d.name)
+                    .execute(&mut **tx)
+                    .await?;
+                registry = Some((Some(d.device_id), None));
+            }
+            Event::DeviceMoved(d) => {
+                sqlx::query("UPDATE devices SET room_id = $3 WHERE device_id = $1 AND household_id = $2")
+                    .bind(d.device_id)
+                    .bind(h)
+                    .bind(d.room_id)
+                    .execute(&mut **tx)
+                    .await?;
+                registry = Some((Some(d.device_id), d.room_id));
+            }
+            Event::RoomCreated(r) => {
+                sqlx::query("INSERT INTO rooms (room_id, household_id, name, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING")
+                    .bind(r.room_id)
+                    .bind(h)
+                    .bind(&r.name)
+                    .bind(env.occurred_at)
+                    .execute(&mut **tx)
+                    .await?;
+                registry = Some((None, Some(r.room_id)));
+            }
+            Event::RoomRenamed(r) => {
+                sqlx::query("UPDATE rooms SET name = $3 WHERE room_id = $1 AND household_id = $2")
+                    .bind(r.room_id)
+                    .bind(h)
+                    .bind(&r.name)
+                    .execute(&mut **tx)
+                    .await?;
+                registry = Some((None, Some(r.room_id)));
+            }
+            Event::RoomDeleted(r) => {
+                sqlx::query("UPDATE devices SET room_id = NULL WHERE household_id = $1 AND room_id = $2")
+                    .bind(h)
+                    .bind(r.room_id)
+                    .execute(&mut **tx)
+                    .await?;
+                sqlx::query("DELETE FROM rooms WHERE room_id = $1 AND household_id = $2")
+                    .bind(r.room_id)
+                    .bind(h)
+                    .execute(&mut **tx)
+                    .await?;
+                registry = Some((None, Some(r.room_id)));
+            }
             _ => {}
         }
         sqlx::query("UPDATE households SET version = $2 WHERE household_id = $1").bind(h).bind(version).execute(&mut **tx).await?;
         if let Some(user_id) = changed_member {
-            out.notifications.push(serde_json::to_string(&MembershipChanged { household_id: h, user_id }).unwrap_or_default());
+            let n = serde_json::to_string(&MembershipChanged { household_id: h, user_id }).unwrap_or_default();
+            out.notifications.push((MEMBERSHIP_CHANGED_CHANNEL, n));
+        }
+        if let Some((device_id, room_id)) = registry {
+            let change = RegistryChanged { household_id: h, change: env.event_type.clone(), device_id, room_id, version: agg.version };
+            out.notifications.push((REGISTRY_CHANGED_CHANNEL, serde_json::to_string(&change).unwrap_or_default()));
         }
     }
     Ok(out)
@@ -179,6 +261,13 @@ pub async fn audit(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
             Event::MemberRemoved(r) => {
                 (if r.left { "member.leave" } else { "member.remove" }, Some(format!("user/{}", r.user_id)), 204, None)
             }
+            Event::DeviceRegistered(d) => ("device.register", Some(format!("device/{}", d.device_id)), 201, Some(d.kind.to_string())),
+            Event::DeviceRemoved(d) => ("device.remove", Some(format!("device/{}", d.device_id)), 204, None),
+            Event::DeviceRenamed(d) => ("device.rename", Some(format!("device/{}", d.device_id)), 200, Some(d.name.clone())),
+            Event::DeviceMoved(d) => ("device.move", Some(format!("device/{}", d.device_id)), 200, d.room_id.map(|r| format!("room/{r}"))),
+            Event::RoomCreated(r) => ("room.create", Some(format!("room/{}", r.room_id)), 201, Some(r.name.clone())),
+            Event::RoomRenamed(r) => ("room.rename", Some(format!("room/{}", r.room_id)), 200, Some(r.name.clone())),
+            Event::RoomDeleted(r) => ("room.delete", Some(format!("room/{}", r.room_id)), 204, None),
             Event::CommandDenied(CommandDenied { action, target, status, reason }) => {
                 (action.as_str(), target.clone(), i32::from(*status), Some(reason.clone()))
             }

@@ -1,7 +1,7 @@
 //! Read-side queries of the projector's own tables that other services share
 //! (command-api decides household commands against the household aggregate).
 
-use homelink_events::household::{Household, Invitation, Role};
+use homelink_events::household::{Household, Invitation, RegisteredDevice, Role};
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
@@ -20,6 +20,19 @@ pub async fn load_household(db: &mut PgConnection, household: Uuid, invitation: 
     for m in members {
         if let Ok(role) = m.get::<String, _>(1).parse::<Role>() {
             h.members.insert(m.get(0), role);
+        }
+    }
+    let rooms = sqlx::query("SELECT room_id, name FROM rooms WHERE household_id = $1").bind(household).fetch_all(&mut *db).await?;
+    for r in rooms {
+        h.rooms.insert(r.get(0), r.get(1));
+    }
+    let devices = sqlx::query("SELECT device_id, kind, room_id, removed_at IS NOT NULL FROM devices WHERE household_id = $1")
+        .bind(household)
+        .fetch_all(&mut *db)
+        .await?;
+    for d in devices {
+        if let Ok(kind) = d.get::<String, _>(1).parse() {
+            h.devices.insert(d.get(0), RegisteredDevice { kind, room_id: d.get(2), removed: d.get(3) });
         }
     }
     if let Some(inv) = invitation {

@@ -8,11 +8,13 @@
 //! membership changes (and after a lost LISTEN connection), narrows what it
 //! delivers on a demotion and ends on a removal.
 
-use crate::schema::{codes, error, role_in, DeviceChange};
+use crate::schema::{codes, error, role_in, DeviceChange, HouseholdChange};
 use async_graphql::futures_util::Stream;
 use homelink_events::household::Action;
 use homelink_events::shadow::ShadowChanged;
-use homelink_events::topics::{MembershipChanged, MEMBERSHIP_CHANGED_CHANNEL, SHADOW_CHANGED_CHANNEL};
+use homelink_events::topics::{
+    MembershipChanged, RegistryChanged, MEMBERSHIP_CHANGED_CHANNEL, REGISTRY_CHANGED_CHANNEL, SHADOW_CHANGED_CHANNEL,
+};
 use homelink_events::{DeviceKind, Role};
 use homelink_kit::metrics::ServiceMetrics;
 use homelink_kit::shutdown::CancellationToken;
@@ -33,6 +35,8 @@ const PER_HOUSEHOLD_BUFFER: usize = 256;
 #[derive(Debug, Clone)]
 pub enum HubEvent {
     Shadow(Arc<ShadowChanged>),
+    /// A device or room was added, changed or removed.
+    Registry(Arc<RegistryChanged>),
     /// This user's membership changed: re-check their role.
     Membership(Uuid),
     /// Notifications may have been lost: re-check every role.
@@ -88,7 +92,7 @@ impl Hub {
                     tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(Duration::from_millis(500)) => continue }
                 }
             };
-            if let Err(e) = listener.listen_all([SHADOW_CHANGED_CHANNEL, MEMBERSHIP_CHANGED_CHANNEL]).await {
+            if let Err(e) = listener.listen_all([SHADOW_CHANGED_CHANNEL, MEMBERSHIP_CHANGED_CHANNEL, REGISTRY_CHANGED_CHANNEL]).await {
                 tracing::warn!(error = %e, "LISTEN failed");
                 tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(Duration::from_millis(500)) => continue }
             }
@@ -113,6 +117,16 @@ impl Hub {
                             }
                         }
                     }
+                    Ok(Some(n)) if n.channel() == REGISTRY_CHANGED_CHANNEL => match serde_json::from_str::<RegistryChanged>(n.payload()) {
+                        Ok(r) => {
+                            metrics.messages_in.with_label_values(&["registry_changed"]).inc();
+                            self.send(r.household_id, HubEvent::Registry(Arc::new(r)));
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "undecodable notification");
+                            metrics.errors.with_label_values(&["undecodable_notification"]).inc();
+                        }
+                    },
                     Ok(Some(n)) => match serde_json::from_str::<ShadowChanged>(n.payload()) {
                         Ok(change) => {
                             metrics.messages_in.with_label_values(&["shadow_changed"]).inc();
@@ -144,20 +158,34 @@ impl Hub {
     }
 }
 
-struct Watch {
+/// What a subscription may deliver next.
+pub enum Visible {
+    Shadow(Arc<ShadowChanged>),
+    Registry(Arc<RegistryChanged>),
+    /// The viewer was removed from the household.
+    Removed,
+}
+
+/// One subscriber's view of a household: its role, kept current, and what
+/// that role may see.
+pub struct Watch {
     rx: BroadcastStream<HubEvent>,
     pool: PgPool,
     household: Uuid,
     user: Uuid,
     role: Role,
-    kinds: HashMap<Uuid, Option<DeviceKind>>,
+    kinds: HashMap<Uuid, DeviceKind>,
     ended: bool,
 }
 
 impl Watch {
+    pub fn new(rx: broadcast::Receiver<HubEvent>, pool: PgPool, household: Uuid, user: Uuid, role: Role) -> Self {
+        Self { rx: BroadcastStream::new(rx), pool, household, user, role, kinds: HashMap::new(), ended: false }
+    }
+
     async fn kind_of(&mut self, device: Uuid) -> Option<DeviceKind> {
         if let Some(k) = self.kinds.get(&device) {
-            return *k;
+            return Some(*k);
         }
         let k: Option<String> = sqlx::query_scalar("SELECT kind FROM devices WHERE device_id = $1 AND household_id = $2")
             .bind(device)
@@ -166,9 +194,21 @@ impl Watch {
             .await
             .ok()
             .flatten();
-        let k = k.and_then(|k| k.parse().ok());
-        self.kinds.insert(device, k);
+        let k: Option<DeviceKind> = k.and_then(|k| k.parse().ok());
+        if let Some(k) = k {
+            self.kinds.insert(device, k);
+        }
         k
+    }
+
+    async fn may_see(&mut self, device: Option<Uuid>) -> bool {
+        match device {
+            None => true,
+            Some(d) => match self.kind_of(d).await {
+                Some(k) => self.role.allows(&Action::SeeDevice(k)),
+                None => false,
+            },
+        }
     }
 
     /// Re-reads the role; `false` when the viewer is no longer a member.
@@ -183,10 +223,51 @@ impl Watch {
             Err(_) => true,
         }
     }
+
+    /// The next change the viewer may see (registry changes only when
+    /// `registry`), `Removed` once when they leave, then `None`.
+    pub async fn next(&mut self, registry: bool) -> Option<Visible> {
+        if self.ended {
+            return None;
+        }
+        loop {
+            let ev = match self.rx.next().await? {
+                Ok(ev) => ev,
+                // This subscriber fell behind and missed changes; a membership
+                // change may be among them.
+                Err(_) => HubEvent::Recheck,
+            };
+            let recheck = match ev {
+                HubEvent::Shadow(c) => {
+                    if self.may_see(Some(c.device_id)).await {
+                        return Some(Visible::Shadow(c));
+                    }
+                    false
+                }
+                HubEvent::Registry(r) if registry => {
+                    if self.may_see(r.device_id).await {
+                        return Some(Visible::Registry(r));
+                    }
+                    false
+                }
+                HubEvent::Registry(_) => false,
+                HubEvent::Membership(u) => u == self.user,
+                HubEvent::Recheck => true,
+            };
+            if recheck && !self.recheck().await {
+                self.ended = true;
+                return Some(Visible::Removed);
+            }
+        }
+    }
 }
 
-/// The changes of `household` that `user` (now `role`) may see, until they
-/// are removed from it.
+fn removed() -> async_graphql::Error {
+    error(codes::FORBIDDEN, "you are no longer a member of this household")
+}
+
+/// The shadow changes of `household` that `user` (now `role`) may see, until
+/// they are removed from it.
 pub fn authorized_changes(
     rx: broadcast::Receiver<HubEvent>,
     pool: PgPool,
@@ -194,36 +275,28 @@ pub fn authorized_changes(
     user: Uuid,
     role: Role,
 ) -> impl Stream<Item = async_graphql::Result<DeviceChange>> {
-    let w = Watch { rx: BroadcastStream::new(rx), pool, household, user, role, kinds: HashMap::new(), ended: false };
-    futures::stream::unfold(w, |mut w| async move {
-        if w.ended {
-            return None;
+    futures::stream::unfold(Watch::new(rx, pool, household, user, role), |mut w| async move {
+        match w.next(false).await? {
+            Visible::Shadow(c) => Some((Ok(DeviceChange::from(c.as_ref())), w)),
+            Visible::Registry(_) => None,
+            Visible::Removed => Some((Err(removed()), w)),
         }
-        loop {
-            let ev = match w.rx.next().await? {
-                Ok(ev) => ev,
-                // This subscriber fell behind and missed changes; a membership
-                // change may be among them.
-                Err(_) => HubEvent::Recheck,
-            };
-            let recheck = match &ev {
-                HubEvent::Shadow(c) => {
-                    let visible = match w.kind_of(c.device_id).await {
-                        Some(k) => w.role.allows(&Action::SeeDevice(k)),
-                        None => false,
-                    };
-                    if visible {
-                        return Some((Ok(DeviceChange::from(c.as_ref())), w));
-                    }
-                    false
-                }
-                HubEvent::Membership(u) => *u == w.user,
-                HubEvent::Recheck => true,
-            };
-            if recheck && !w.recheck().await {
-                w.ended = true;
-                return Some((Err(error(codes::FORBIDDEN, "you are no longer a member of this household")), w));
-            }
+    })
+}
+
+/// Shadow and registry changes of `household`, for the household subscription.
+pub fn authorized_household_changes(
+    rx: broadcast::Receiver<HubEvent>,
+    pool: PgPool,
+    household: Uuid,
+    user: Uuid,
+    role: Role,
+) -> impl Stream<Item = async_graphql::Result<HouseholdChange>> {
+    futures::stream::unfold(Watch::new(rx, pool, household, user, role), |mut w| async move {
+        match w.next(true).await? {
+            Visible::Shadow(c) => Some((Ok(HouseholdChange::from_shadow(c.as_ref())), w)),
+            Visible::Registry(r) => Some((Ok(HouseholdChange::from_registry(r.as_ref())), w)),
+            Visible::Removed => Some((Err(removed()), w)),
         }
     })
 }

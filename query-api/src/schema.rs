@@ -5,11 +5,15 @@
 
 use crate::hub::Hub;
 use async_graphql::connection::Connection;
+use async_graphql::connection::Edge;
 use async_graphql::futures_util::Stream;
 use async_graphql::{ComplexObject, Context, ErrorExtensions, InputObject, Json, Object, Result, Schema, SimpleObject, Subscription, ID};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
 use chrono::{DateTime, Utc};
 use homelink_events::household::Action;
 use homelink_events::shadow::ShadowChanged;
+use homelink_events::topics::RegistryChanged;
 use homelink_events::{DeviceKind, Role};
 use serde_json::Value;
 use sqlx::postgres::PgRow;
@@ -267,10 +271,41 @@ pub struct AuditEntry {
     pub detail: Option<String>,
 }
 
-/// Devices with their shadows and the viewer's role (`m.role`, joined by the caller).
+/// Devices with their rooms, shadows and the viewer's role (`m.role`, joined by the caller).
 const DEVICE_SELECT: &str =
-    "SELECT d.device_id, d.household_id, d.kind, d.name, d.room, s.reported, s.seq, s.version, s.battery, s.online, s.last_seen, m.role
-     FROM devices d LEFT JOIN device_shadows s ON s.device_id = d.device_id";
+    "SELECT d.device_id, d.household_id, d.kind, d.name, d.room_id, rm.name AS room_name, d.serial, d.registered_at,
+       d.removed_at, s.reported, s.seq, s.version, s.battery, s.online, s.last_seen, m.role
+     FROM devices d LEFT JOIN device_shadows s ON s.device_id = d.device_id LEFT JOIN rooms rm ON rm.room_id = d.room_id";
+
+/// Most devices per page.
+const MAX_DEVICE_PAGE: i32 = 200;
+
+/// Filters of a household's devices; all optional, combined with AND.
+#[derive(InputObject, Default)]
+pub struct DeviceFilter {
+    pub room_id: Option<ID>,
+    /// Only devices in no room.
+    pub unassigned: Option<bool>,
+    /// `light`, `plug`, `thermostat`, `lock`, `camera` or `sensor`.
+    pub kind: Option<String>,
+    pub online: Option<bool>,
+    /// Include removed devices (default: no).
+    pub include_removed: Option<bool>,
+}
+
+fn device_cursor(name: &str, id: Uuid) -> String {
+    URL_SAFE_NO_PAD.encode(serde_json::json!([name, id]).to_string())
+}
+
+fn parse_device_cursor(c: &str) -> Option<(String, Uuid)> {
+    let v: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(c).ok()?).ok()?;
+    Some((v.get(0)?.as_str()?.to_owned(), Uuid::parse_str(v.get(1)?.as_str()?).ok()?))
+}
+
+/// The kinds of device `role` may see, for SQL.
+fn visible_kinds(role: Role) -> Vec<String> {
+    DeviceKind::ALL.into_iter().filter(|k| role.allows(&Action::SeeDevice(*k))).map(|k| k.as_str().to_owned()).collect()
+}
 
 #[derive(SimpleObject)]
 #[graphql(complex)]
@@ -291,19 +326,70 @@ impl Household {
         self.role.as_str()
     }
 
-    /// The household's devices the viewer may see, by name.
-    async fn devices(&self, ctx: &Context<'_>) -> Result<Vec<Device>> {
+    /// The household's devices the viewer may see, by name, a page at a time.
+    async fn devices(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 50)] first: i32,
+        after: Option<String>,
+        filter: Option<DeviceFilter>,
+    ) -> Result<Connection<String, Device>> {
+        if !(1..=MAX_DEVICE_PAGE).contains(&first) {
+            return Err(error(codes::BAD_USER_INPUT, format!("first must be between 1 and {MAX_DEVICE_PAGE}")));
+        }
+        let f = filter.unwrap_or_default();
+        let after = match after {
+            Some(c) => Some(parse_device_cursor(&c).ok_or_else(|| error(codes::BAD_USER_INPUT, "invalid cursor"))?),
+            None => None,
+        };
+        let room = match &f.room_id {
+            Some(r) => Some(parse_id(r).ok_or_else(|| error(codes::BAD_USER_INPUT, "invalid roomId"))?),
+            None => None,
+        };
+        if let Some(k) = &f.kind {
+            k.parse::<DeviceKind>().map_err(|_| error(codes::BAD_USER_INPUT, format!("unknown kind `{k}`")))?;
+        }
         let pool = ctx.data::<PgPool>()?;
         let rows = sqlx::query(&format!(
             "{DEVICE_SELECT} JOIN household_members m ON m.household_id = d.household_id AND m.user_id = $2
-             WHERE d.household_id = $1 ORDER BY d.name, d.device_id LIMIT 1000"
+             WHERE d.household_id = $1 AND d.kind = ANY($3)
+               AND ($4::uuid IS NULL OR d.room_id = $4) AND (NOT $5 OR d.room_id IS NULL)
+               AND ($6::text IS NULL OR d.kind = $6) AND ($7::bool IS NULL OR COALESCE(s.online, false) = $7)
+               AND ($8 OR d.removed_at IS NULL)
+               AND ($9::text IS NULL OR (d.name, d.device_id) > ($9, $10))
+             ORDER BY d.name, d.device_id LIMIT $11"
         ))
         .bind(self.uuid)
         .bind(viewer(ctx)?)
+        .bind(visible_kinds(self.role))
+        .bind(room)
+        .bind(f.unassigned.unwrap_or(false))
+        .bind(&f.kind)
+        .bind(f.online)
+        .bind(f.include_removed.unwrap_or(false))
+        .bind(after.as_ref().map(|a| a.0.clone()))
+        .bind(after.as_ref().map(|a| a.1))
+        .bind(i64::from(first) + 1)
         .fetch_all(pool)
         .await
         .map_err(unavailable)?;
-        Ok(rows.iter().map(Device::from_row).filter(|d| d.visible_to(self.role)).collect())
+        let mut conn = Connection::new(after.is_some(), rows.len() > first as usize);
+        for r in rows.iter().take(first as usize) {
+            let d = Device::from_row(r);
+            conn.edges.push(Edge::new(device_cursor(&d.name, d.uuid), d));
+        }
+        Ok(conn)
+    }
+
+    /// The household's rooms, by name, each with the devices the viewer may see.
+    async fn rooms(&self, ctx: &Context<'_>) -> Result<Vec<Room>> {
+        let pool = ctx.data::<PgPool>()?;
+        let rows = sqlx::query("SELECT room_id, name FROM rooms WHERE household_id = $1 ORDER BY name, room_id")
+            .bind(self.uuid)
+            .fetch_all(pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(rows.iter().map(|r| Room { id: ID(r.get::<Uuid, _>(0).to_string()), name: r.get(1), uuid: r.get(0), role: self.role }).collect())
     }
 
     /// The members and their roles.
@@ -323,10 +409,47 @@ impl Household {
 }
 
 #[derive(SimpleObject)]
+#[graphql(complex)]
+pub struct Room {
+    pub id: ID,
+    pub name: String,
+    #[graphql(skip)]
+    pub uuid: Uuid,
+    #[graphql(skip)]
+    pub role: Role,
+}
+
+#[ComplexObject]
+impl Room {
+    /// The room's devices the viewer may see (not removed), by name.
+    async fn devices(&self, ctx: &Context<'_>) -> Result<Vec<Device>> {
+        let pool = ctx.data::<PgPool>()?;
+        let rows = sqlx::query(&format!(
+            "{DEVICE_SELECT} JOIN household_members m ON m.household_id = d.household_id AND m.user_id = $2
+             WHERE d.room_id = $1 AND d.kind = ANY($3) AND d.removed_at IS NULL ORDER BY d.name, d.device_id LIMIT 1000"
+        ))
+        .bind(self.uuid)
+        .bind(viewer(ctx)?)
+        .bind(visible_kinds(self.role))
+        .fetch_all(pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(rows.iter().map(Device::from_row).collect())
+    }
+}
+
+#[derive(SimpleObject)]
 pub struct Member {
     pub user_id: ID,
     pub role: String,
     pub joined_at: DateTime<Utc>,
+}
+
+/// A room as a device refers to it.
+#[derive(SimpleObject, Clone)]
+pub struct RoomRef {
+    pub id: ID,
+    pub name: String,
 }
 
 #[derive(SimpleObject)]
@@ -335,31 +458,55 @@ pub struct Device {
     pub household_id: ID,
     pub kind: String,
     pub name: String,
-    pub room: Option<String>,
+    /// `null` when the device is in no room.
+    pub room: Option<RoomRef>,
+    /// The manufacturer's serial number, if registered with one.
+    pub serial: Option<String>,
+    pub registered_at: DateTime<Utc>,
+    /// Removed devices stay readable (their shadow and history), marked here.
+    pub removed: bool,
+    pub removed_at: Option<DateTime<Utc>>,
+    /// Online as of the last status the device sent.
+    pub online: bool,
+    pub last_seen: Option<DateTime<Utc>>,
     /// Last known state; present once the device reported or changed status.
     pub shadow: Option<Shadow>,
+    #[graphql(skip)]
+    pub uuid: Uuid,
     #[graphql(skip)]
     pub viewer_role: Role,
 }
 
 impl Device {
     fn from_row(r: &PgRow) -> Self {
-        let shadow = r.get::<Option<i64>, _>(7).map(|version| Shadow {
-            reported: Json(r.get::<Option<Value>, _>(5).unwrap_or(Value::Null)),
-            seq: r.get::<Option<i64>, _>(6).unwrap_or(0),
+        let shadow = r.get::<Option<i64>, _>("version").map(|version| Shadow {
+            reported: Json(r.get::<Option<Value>, _>("reported").unwrap_or(Value::Null)),
+            seq: r.get::<Option<i64>, _>("seq").unwrap_or(0),
             version,
-            battery: r.get::<Option<i16>, _>(8).map(i32::from),
-            online: r.get::<Option<bool>, _>(9).unwrap_or(false),
-            last_seen: r.get(10),
+            battery: r.get::<Option<i16>, _>("battery").map(i32::from),
+            online: r.get::<Option<bool>, _>("online").unwrap_or(false),
+            last_seen: r.get("last_seen"),
         });
+        let uuid: Uuid = r.get("device_id");
+        let room = r
+            .get::<Option<Uuid>, _>("room_id")
+            .map(|id| RoomRef { id: ID(id.to_string()), name: r.get::<Option<String>, _>("room_name").unwrap_or_default() });
+        let removed_at: Option<DateTime<Utc>> = r.get("removed_at");
         Self {
-            id: ID(r.get::<Uuid, _>(0).to_string()),
-            household_id: ID(r.get::<Uuid, _>(1).to_string()),
-            kind: r.get(2),
-            name: r.get(3),
-            room: r.get(4),
+            id: ID(uuid.to_string()),
+            household_id: ID(r.get::<Uuid, _>("household_id").to_string()),
+            kind: r.get("kind"),
+            name: r.get("name"),
+            room,
+            serial: r.get("serial"),
+            registered_at: r.get("registered_at"),
+            removed: removed_at.is_some(),
+            removed_at,
+            online: shadow.as_ref().is_some_and(|s| s.online),
+            last_seen: shadow.as_ref().and_then(|s| s.last_seen),
             shadow,
-            viewer_role: r.get::<String, _>(11).parse().unwrap_or(Role::Child),
+            uuid,
+            viewer_role: r.get::<String, _>("role").parse().unwrap_or(Role::Child),
         }
     }
 
@@ -435,5 +582,58 @@ impl SubscriptionRoot {
         let rx = hub.subscribe(h);
         let role = role_in(&pool, h, user).await.map_err(unavailable)?.ok_or_else(not_found)?;
         Ok(crate::hub::authorized_changes(rx, pool, h, user, role))
+    }
+
+    /// Everything that changes in the household the viewer may see: device
+    /// state (`change: "shadow"`) and registry changes (`DeviceRegistered`,
+    /// `DeviceRemoved`, `DeviceRenamed`, `DeviceMoved`, `RoomCreated`,
+    /// `RoomRenamed`, `RoomDeleted`). Ends like `deviceChanges` on removal.
+    async fn household_changes(&self, ctx: &Context<'_>, household_id: ID) -> Result<impl Stream<Item = Result<HouseholdChange>>> {
+        let user = viewer(ctx)?;
+        let hub = ctx.data::<Arc<Hub>>()?.clone();
+        let pool = ctx.data::<PgPool>()?.clone();
+        let h = parse_id(&household_id).ok_or_else(not_found)?;
+        let rx = hub.subscribe(h);
+        let role = role_in(&pool, h, user).await.map_err(unavailable)?.ok_or_else(not_found)?;
+        Ok(crate::hub::authorized_household_changes(rx, pool, h, user, role))
+    }
+}
+
+/// One change of a household, as the household subscription delivers it.
+#[derive(SimpleObject, Clone)]
+pub struct HouseholdChange {
+    /// `shadow` for device state; otherwise the registry event's name.
+    pub change: String,
+    pub household_id: ID,
+    pub device_id: Option<ID>,
+    pub room_id: Option<ID>,
+    /// For `shadow`: the device's new shadow.
+    pub shadow: Option<Shadow>,
+    /// For registry changes: the household's version after the change.
+    pub version: Option<i64>,
+}
+
+impl HouseholdChange {
+    pub fn from_shadow(c: &ShadowChanged) -> Self {
+        let d = DeviceChange::from(c);
+        Self {
+            change: "shadow".into(),
+            household_id: d.household_id,
+            device_id: Some(d.device_id),
+            room_id: None,
+            shadow: Some(d.shadow),
+            version: None,
+        }
+    }
+
+    pub fn from_registry(r: &RegistryChanged) -> Self {
+        Self {
+            change: r.change.clone(),
+            household_id: ID(r.household_id.to_string()),
+            device_id: r.device_id.map(|d| ID(d.to_string())),
+            room_id: r.room_id.map(|d| ID(d.to_string())),
+            shadow: None,
+            version: i64::try_from(r.version).ok(),
+        }
     }
 }

@@ -105,3 +105,44 @@ pub async fn add_member(
 pub fn dev_password() -> String {
     format!("dev-{}", Uuid::new_v4().simple())
 }
+
+/// What registration answers (the fields the tools use).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Registered {
+    pub device_id: Uuid,
+    pub certificate_pem: String,
+    #[serde(default)]
+    pub private_key_pem: Option<String>,
+    pub ca_certificate_pem: String,
+}
+
+pub async fn create_room(http: &reqwest::Client, base: &str, who: &Account, household: Uuid, name: &str) -> anyhow::Result<Uuid> {
+    let r = http
+        .post(format!("{base}/v1/households/{household}/rooms"))
+        .header("authorization", who.bearer())
+        .json(&json!({"name": name}))
+        .send()
+        .await?;
+    let v = expect(r, 201, "create room").await?;
+    Ok(v["roomId"].as_str().context("roomId")?.parse()?)
+}
+
+/// Registers a device; with `csr` the device keeps its key.
+#[allow(clippy::too_many_arguments)]
+pub async fn register_device(
+    http: &reqwest::Client,
+    base: &str,
+    who: &Account,
+    household: Uuid,
+    kind: homelink_events::DeviceKind,
+    name: &str,
+    room_id: Option<Uuid>,
+    serial: Option<&str>,
+    csr: Option<&str>,
+) -> anyhow::Result<Registered> {
+    let body = json!({"kind": kind, "name": name, "roomId": room_id, "serial": serial, "csr": csr});
+    let r = http.post(format!("{base}/v1/households/{household}/devices")).header("authorization", who.bearer()).json(&body).send().await?;
+    let v = expect(r, 201, "register device").await?;
+    Ok(serde_json::from_value(v)?)
+}

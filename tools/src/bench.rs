@@ -5,11 +5,9 @@
 
 use crate::endpoints::Endpoints;
 use crate::gql::Subscription;
-use crate::pki::PkiDir;
 use crate::seed;
 use crate::sim::{self, DeviceSpec, Observed, Target};
-use homelink_events::{DeviceKind, Topics};
-use homelink_kit::kafka::{Appender, ProducerConfig};
+use homelink_events::DeviceKind;
 use homelink_kit::shutdown::CancellationToken;
 use serde::Serialize;
 use serde_json::json;
@@ -50,9 +48,6 @@ pub struct Summary {
 /// Runs `count` commands one after the other and measures each stage.
 pub async fn run(endpoints: &Endpoints, count: usize, progress: bool) -> anyhow::Result<Summary> {
     anyhow::ensure!(count > 0, "count must be positive");
-    let topics = Topics::new(&endpoints.topic_prefix);
-    let appender = Appender::new(&ProducerConfig::new(&endpoints.kafka_bootstrap))?;
-    let pki = PkiDir(endpoints.pki_dir.clone().into());
     let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
     let user = crate::api::sign_up(
         &http,
@@ -64,8 +59,7 @@ pub async fn run(endpoints: &Endpoints, count: usize, progress: bool) -> anyhow:
     .await?;
     let token = user.access_token.clone();
     let home =
-        seed::household(&appender, &topics, &pki, "Benchmark home", &[(DeviceKind::Light, "Bench light", "Lab")], Some(user.user_id))
-            .await?;
+        seed::household(&http, &endpoints.command_api, &user, "Benchmark home", &[(DeviceKind::Light, "Bench light", "Lab")]).await?;
     let device = home.devices[0].clone();
 
     // Wait until the registry knows the device (the projector applied the registration).

@@ -35,6 +35,10 @@ impl PkiDir {
     pub fn device_dir(&self) -> PathBuf {
         self.0.join("devices")
     }
+    /// The initial (empty) certificate revocation list.
+    pub fn crl(&self) -> PathBuf {
+        self.0.join("crl.pem")
+    }
 }
 
 fn serial() -> SerialNumber {
@@ -45,9 +49,17 @@ fn serial() -> SerialNumber {
 pub fn init(dir: &Path) -> anyhow::Result<PkiDir> {
     let pki = PkiDir(dir.to_owned());
     std::fs::create_dir_all(pki.device_dir())?;
-    if pki.ca_cert().exists() && pki.ca_key().exists() && pki.server_cert().exists() {
-        return Ok(pki);
+    if !(pki.ca_cert().exists() && pki.ca_key().exists() && pki.server_cert().exists()) {
+        create(&pki)?;
     }
+    if !pki.crl().exists() {
+        let ca = homelink_kit::pki::DeviceCa::load(&pki.ca_cert(), &pki.ca_key())?;
+        std::fs::write(pki.crl(), ca.crl(&[], 1)?)?;
+    }
+    Ok(pki)
+}
+
+fn create(pki: &PkiDir) -> anyhow::Result<()> {
     let ca_key = KeyPair::generate()?;
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
     ca.distinguished_name.push(DnType::CommonName, "HomeLink development device CA");
@@ -69,7 +81,7 @@ pub fn init(dir: &Path) -> anyhow::Result<PkiDir> {
     std::fs::write(pki.ca_cert(), ca_cert.pem())?;
     write_private(&pki.server_key(), &server_key.serialize_pem())?;
     std::fs::write(pki.server_cert(), server_cert.pem())?;
-    Ok(pki)
+    Ok(())
 }
 
 /// Issues a device certificate (CN = device id) signed by the CA in `pki`.

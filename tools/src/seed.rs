@@ -1,16 +1,12 @@
 //! Creating households and devices for the demo, tests and benchmarks.
 //!
-//! Until the registration API exists (device registry issue), devices are
-//! registered by appending `DeviceRegistered` events straight to the
-//! households topic: the same events the API will append. Households of the
-//! demo are created through the API; tests may append `HouseholdCreated`.
+//! Everything goes through the command API, as the app does it: households,
+//! rooms, device registration (which issues the device certificates).
 
-use crate::pki::{self, PkiDir};
-use chrono::Utc;
-use homelink_events::event::{DeviceRegistered, HouseholdCreated};
-use homelink_events::{Actor, DeviceKind, Envelope, Event, Topics};
-use homelink_kit::kafka::Appender;
+use crate::api::Account;
+use homelink_events::DeviceKind;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use uuid::Uuid;
 
 /// A device with its credentials.
@@ -49,49 +45,48 @@ pub fn demo_devices() -> Vec<(DeviceKind, &'static str, &'static str)> {
     ]
 }
 
-/// Appends a new household owned by `owner` with `devices`, and issues their certificates.
+/// Creates a household owned by `owner` through the command API, its rooms
+/// and `devices` (registered through the API, which issues their
+/// certificates; the generated keys come back once and are kept here).
 pub async fn household(
-    appender: &Appender,
-    topics: &Topics,
-    pki: &PkiDir,
+    http: &reqwest::Client,
+    api: &str,
+    owner: &Account,
     name: &str,
     devices: &[(DeviceKind, &str, &str)],
-    owner: Option<Uuid>,
 ) -> anyhow::Result<SeededHousehold> {
-    let household_id = Uuid::new_v4();
-    let actor = Actor::System("seed".into());
-    let ev = Event::HouseholdCreated(HouseholdCreated { name: name.into(), created_by: owner });
-    let created = Envelope::new(household_id, actor.clone(), &ev, Utc::now()).with_seq(1);
-    appender.append(&topics.households(), &created).await?;
-    let out = devices_for(appender, topics, pki, household_id, created.event_id, devices).await?;
-    Ok(SeededHousehold { household_id, name: name.into(), devices: out, accounts: Vec::new() })
+    let household_id = crate::api::create_household(http, api, owner, name).await?;
+    let devices = register_devices(http, api, owner, household_id, devices).await?;
+    Ok(SeededHousehold { household_id, name: name.into(), devices, accounts: Vec::new() })
 }
 
-/// Registers `devices` in an existing household (until the registration API
-/// exists) and issues their certificates.
-pub async fn devices_for(
-    appender: &Appender,
-    topics: &Topics,
-    pki: &PkiDir,
+/// Creates the rooms `devices` name (once each) and registers the devices.
+pub async fn register_devices(
+    http: &reqwest::Client,
+    api: &str,
+    who: &Account,
     household_id: Uuid,
-    cause: Uuid,
     devices: &[(DeviceKind, &str, &str)],
 ) -> anyhow::Result<Vec<SeededDevice>> {
-    let actor = Actor::System("seed".into());
+    let mut rooms: HashMap<&str, Uuid> = HashMap::new();
     let mut out = Vec::new();
     for (kind, dname, room) in devices {
-        let id = Uuid::new_v4();
-        let issued = pki::issue_device(pki, id)?;
-        let ev =
-            Event::DeviceRegistered(DeviceRegistered { device_id: id, kind: *kind, name: (*dname).into(), room: Some((*room).into()) });
-        appender.append(&topics.households(), &Envelope::new(household_id, actor.clone(), &ev, Utc::now()).with_causation(cause)).await?;
+        let room_id = match rooms.get(room) {
+            Some(r) => *r,
+            None => {
+                let r = crate::api::create_room(http, api, who, household_id, room).await?;
+                rooms.insert(room, r);
+                r
+            }
+        };
+        let d = crate::api::register_device(http, api, who, household_id, *kind, dname, Some(room_id), None, None).await?;
         out.push(SeededDevice {
-            id,
+            id: d.device_id,
             kind: *kind,
             name: (*dname).into(),
             room: Some((*room).into()),
-            cert_pem: issued.cert_pem,
-            key_pem: issued.key_pem,
+            cert_pem: d.certificate_pem,
+            key_pem: d.private_key_pem.unwrap_or_default(),
         });
     }
     Ok(out)

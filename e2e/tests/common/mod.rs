@@ -127,6 +127,28 @@ impl Stack {
 
     /// A deployment on the components `env` names (a private Kafka, say).
     pub async fn start_on(env: Env) -> Self {
+        Self::start_with(env, None).await
+    }
+
+    /// A deployment that revokes removed devices at the shared broker. Only
+    /// one test may use it: the broker has one revocation list.
+    pub async fn start_revoking() -> Self {
+        let env = Env::from_env();
+        let dir = std::path::PathBuf::from(var("HOMELINK_TEST_MQTT_DIR"));
+        let revocation = homelink_command_api::revocation::RevocationConfig {
+            crl_file: dir.join("crl.pem"),
+            broker_pid_file: Some(dir.join("mosquitto.pid")),
+            admin: Some(homelink_command_api::revocation::BrokerAdmin {
+                host: env.mqtt_host.clone(),
+                port: env.bridge_port,
+                username: "homelink-admin".into(),
+                password: var("HOMELINK_TEST_MQTT_ADMIN_PASSWORD"),
+            }),
+        };
+        Self::start_with(env, Some(revocation)).await
+    }
+
+    async fn start_with(env: Env, revocation: Option<homelink_command_api::revocation::RevocationConfig>) -> Self {
         let (env, topics, db_url) = isolated_on(env).await;
         let cancel = CancellationToken::new();
 
@@ -142,6 +164,13 @@ impl Stack {
 
         let mut cc = homelink_command_api::Config::new(&db_url, &env.kafka, topics.clone());
         cc.tokens.key_refresh = Duration::from_millis(200);
+        cc.devices = Some(homelink_command_api::devices::DeviceConfig {
+            ca_cert: env.pki.ca_cert(),
+            ca_key: env.pki.ca_key(),
+            mqtt_host: env.mqtt_host.clone(),
+            mqtt_port: env.device_port,
+        });
+        cc.revocation = revocation;
         cc.tokens.publish_delay = Duration::from_secs(1);
         cc.bridge_push_url = Some(format!("http://127.0.0.1:{bridge_port}/internal/v1/commands"));
         cc.projector_push_url = Some(format!("http://127.0.0.1:{projector_port}/internal/v1/events"));
@@ -216,8 +245,7 @@ impl Stack {
     /// and waits until its devices are in the registry.
     pub async fn seed(&self, devices: &[(DeviceKind, &str, &str)]) -> SeededHousehold {
         let owner = self.account("owner").await;
-        let mut home =
-            seed::household(&self.appender, &self.topics, &self.env.pki, "Test home", devices, Some(owner.user_id)).await.expect("seed");
+        let mut home = seed::household(&self.http, &self.api(), &owner, "Test home", devices).await.expect("seed");
         home.accounts.push(owner);
         let (pool, h) = (self.pool.clone(), home.household_id);
         eventually(Duration::from_secs(30), "household projected", || {

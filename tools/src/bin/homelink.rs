@@ -2,7 +2,6 @@
 
 use clap::{Parser, Subcommand};
 use homelink_events::Topics;
-use homelink_kit::kafka::{Appender, ProducerConfig};
 use homelink_tools::endpoints::{Demo, Endpoints, MqttListener};
 use homelink_tools::pki::{self, PkiDir};
 use homelink_tools::seed::{self, SeededHousehold};
@@ -75,7 +74,7 @@ enum Cmd {
 
 /// The demo household: an owner, an adult and a child (through the API),
 /// and one device of every kind.
-async fn demo_household(command_api: &str, bootstrap: &str, prefix: &str, pki_dir: &std::path::Path) -> anyhow::Result<SeededHousehold> {
+async fn demo_household(command_api: &str) -> anyhow::Result<SeededHousehold> {
     use homelink_tools::api;
     let http = reqwest::Client::new();
     let mut accounts = Vec::new();
@@ -89,10 +88,7 @@ async fn demo_household(command_api: &str, bootstrap: &str, prefix: &str, pki_di
     for member in &accounts[1..] {
         api::add_member(&http, command_api, &accounts[0], household, member, member.role.as_deref().unwrap_or("child")).await?;
     }
-    let appender = Appender::new(&ProducerConfig::new(bootstrap))?;
-    let devices =
-        seed::devices_for(&appender, &Topics::new(prefix), &PkiDir(pki_dir.to_path_buf()), household, household, &seed::demo_devices())
-            .await?;
+    let devices = seed::register_devices(&http, command_api, &accounts[0], household, &seed::demo_devices()).await?;
     Ok(SeededHousehold { household_id: household, name: "Demo home".into(), devices, accounts })
 }
 
@@ -117,7 +113,7 @@ async fn main() -> anyhow::Result<()> {
             let home: SeededHousehold = if let Some(h) = existing {
                 h
             } else {
-                let h = demo_household(&command_api, &bootstrap, &prefix, &pki_dir).await?;
+                let h = demo_household(&command_api).await?;
                 std::fs::write(&demo_file, serde_json::to_vec_pretty(&h)?)?;
                 h
             };
