@@ -22,6 +22,7 @@ pub mod idempotency;
 pub mod openapi;
 pub mod problem;
 pub mod revocation;
+pub mod schemas;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::get;

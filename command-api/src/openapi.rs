@@ -2,7 +2,7 @@
 //! documentation (`utoipa-axum`), so a route cannot exist undocumented; a test
 //! compares the served document with the committed `openapi.json`.
 
-use crate::{auth, commands, devices, households, AppState};
+use crate::{auth, commands, devices, households, schemas, AppState};
 use std::sync::Arc;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -14,7 +14,7 @@ use utoipa_axum::routes;
     info(title = "HomeLink command API", version = "1.0.0",
         description = "Every write of HomeLink. Errors are application/problem+json with a stable `type`. Writes accept an `Idempotency-Key` header."),
     modifiers(&Bearer),
-    tags((name = "identity"), (name = "households"), (name = "devices"))
+    tags((name = "identity"), (name = "households"), (name = "devices"), (name = "device protocol"))
 )]
 pub struct ApiDoc;
 
@@ -51,6 +51,8 @@ pub fn routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(devices::create_room))
         .routes(routes!(devices::rename_room))
         .routes(routes!(devices::delete_room))
+        .routes(routes!(schemas::list))
+        .routes(routes!(schemas::one))
 }
 
 /// The document as JSON, pretty-printed (what `openapi.json` in the repo holds).
@@ -98,6 +100,6 @@ mod tests {
                 }
             }
         }
-        assert_eq!(operations, 19);
+        assert_eq!(operations, 21);
     }
 }

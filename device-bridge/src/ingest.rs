@@ -8,7 +8,7 @@ use chrono::Utc;
 use futures::stream::FuturesOrdered;
 use futures::StreamExt;
 use homelink_events::event::{DeviceCommandAcked, DeviceStateReported, DeviceStatusChanged};
-use homelink_events::protocol::{decode_device_message, parse_device_topic, DeviceMessage, Presence};
+use homelink_events::protocol::{decode_device_message, parse_device_topic, Channel, DeviceMessage, Presence, MAX_PAYLOAD_BYTES};
 use homelink_events::{Actor, Envelope, Event};
 use homelink_kit::push::Located;
 use homelink_kit::shutdown::CancellationToken;
@@ -88,6 +88,16 @@ async fn handle(s: &Shared, p: &Publish, cancel: &CancellationToken) -> Fate {
         tracing::warn!(device = %t.device_id, claimed = %t.household_id, "report names a household that does not own the device");
         s.metrics.errors.with_label_values(&["foreign_household"]).inc();
         return Fate::Dropped;
+    }
+    // The published schema first (its reason is what device makers see),
+    // then the typed decoder, which agrees with it (schema.rs tests that).
+    if t.channel != Channel::Cmd && p.payload.len() <= MAX_PAYLOAD_BYTES {
+        let checked = serde_json::from_slice::<serde_json::Value>(&p.payload)
+            .map_err(|e| ("malformed", format!("malformed JSON body: {e}")))
+            .and_then(|body| s.schemas.check(owner.kind, t.channel, &body).map_err(|r| ("schema", r)));
+        if let Err((kind, reason)) = checked {
+            return dead_letter(s, &topic, kind, &reason, &p.payload, cancel).await;
+        }
     }
     let msg = match decode_device_message(owner.kind, t.channel, &p.payload) {
         Ok(m) => m,

@@ -15,6 +15,7 @@
 pub mod deliver;
 pub mod ingest;
 pub mod registry;
+pub mod schema;
 
 use axum::extract::State;
 use axum::routing::post;
@@ -89,6 +90,8 @@ pub struct Shared {
     pub registry: Registry,
     pub projector: Pusher<Located>,
     pub deliverer: Deliverer,
+    /// The device-message JSON Schemas every message is checked against.
+    pub schemas: schema::Schemas,
     subscribed: AtomicBool,
 }
 
@@ -126,6 +129,7 @@ impl Application {
         commands.subscribe(&[&cfg.topics.commands()])?;
 
         let shared = Arc::new(Shared {
+            schemas: schema::Schemas::compile()?,
             projector: Pusher::spawn(cfg.projector_push_url.clone(), "projector", metrics.clone()),
             metrics: metrics.clone(),
             topics: cfg.topics.clone(),

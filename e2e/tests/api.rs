@@ -153,3 +153,26 @@ async fn graphql_limits_refuse_hostile_documents_with_stable_codes_before_any_re
     let r = homelink_tools::gql::query(&stack.http, &url, token, "{ me { userId } }", json!({})).await.expect("query");
     assert_eq!(r["data"]["me"]["userId"], json!(home.accounts[0].user_id));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_device_message_schemas_are_served_as_committed() {
+    let stack = Stack::start().await;
+    let list: Value = stack.http.get(format!("{}/v1/schemas", stack.api())).send().await.expect("list").json().await.expect("json");
+    let entries = list["schemas"].as_array().expect("schemas");
+    assert_eq!(entries.len(), 9, "{list}");
+    for e in entries {
+        let name = e["name"].as_str().expect("name");
+        let r = stack.http.get(format!("{}{}", stack.api(), e["url"].as_str().expect("url"))).send().await.expect("schema");
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-type"], "application/schema+json");
+        let served: Value = r.json().await.expect("json");
+        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../schemas/device/{name}.json"));
+        let committed: Value = serde_json::from_str(&std::fs::read_to_string(&file).expect("schema file")).expect("json");
+        assert_eq!(served, committed, "{name}");
+        assert_eq!(served["$id"], e["id"]);
+    }
+    let kinds: Vec<&str> = entries.iter().filter_map(|e| e["kind"].as_str()).collect();
+    assert_eq!(kinds, ["light", "plug", "thermostat", "lock", "camera", "sensor"]);
+    let missing = stack.http.get(format!("{}/v1/schemas/state.toaster.v1", stack.api())).send().await.expect("missing");
+    assert_eq!(missing.status(), 404);
+}

@@ -82,8 +82,8 @@ async fn invalid_payloads_go_to_the_dead_letter_topic_with_a_reason_and_the_brid
     let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
     let bad: Vec<(Vec<u8>, &str)> = vec![
         (b"not json".to_vec(), "malformed"),
-        (serde_json::to_vec(&json!({"v": 1, "seq": u64::MAX, "state": {}})).expect("json"), "seq"),
-        (state(1, 900), "capability"),
+        (serde_json::to_vec(&json!({"v": 1, "seq": u64::MAX, "state": {}})).expect("json"), "schema"),
+        (state(1, 900), "schema"),
         (deep.into_bytes(), "malformed"),
         (vec![b' '; 20_000], "too_large"),
     ];
@@ -114,8 +114,13 @@ async fn invalid_payloads_go_to_the_dead_letter_topic_with_a_reason_and_the_brid
         let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.expect("dead-letter record").expect("kafka");
         let v: Value = serde_json::from_slice(m.payload().unwrap_or_default()).expect("dead-letter json");
         assert_eq!(v["mqttTopic"], topic);
+        if v["reason"] == "schema" {
+            // The reason names the published schema and where the body breaks it.
+            assert!(v["detail"].as_str().is_some_and(|d| d.starts_with("state.light.v1: at /")), "{v}");
+        }
         reasons.push(v["reason"].as_str().unwrap_or_default().to_owned());
     }
+    assert_eq!(stack.metric(stack.bridge_port, "homelink_bridge_errors_total{kind=\"invalid_schema\"}").await, 2.0);
     let mut expected: Vec<String> = bad.iter().map(|(_, r)| (*r).to_owned()).collect();
     expected.sort();
     reasons.sort();

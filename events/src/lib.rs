@@ -10,6 +10,8 @@
 //! - [`device`]: device kinds and their capabilities.
 //! - [`household`]: the household aggregate (members, invitations, the
 //!   last-owner invariant) and the roles table (`Role::allows`).
+//! - [`schemas`]: the JSON Schemas of the device messages, generated from the
+//!   capability table (and committed under `schemas/device/`).
 //! - [`shadow`]: how a device shadow evolves from events (`Shadow::apply`).
 //! - [`topics`]: topic names (with a deployment prefix) and the household key.
 //!
@@ -21,6 +23,7 @@ pub mod envelope;
 pub mod event;
 pub mod household;
 pub mod protocol;
+pub mod schemas;
 pub mod shadow;
 pub mod topics;
 

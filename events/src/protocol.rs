@@ -154,7 +154,7 @@ pub enum PayloadError {
     Battery(u8),
     #[error("devices do not publish on `cmd`")]
     WrongDirection,
-    #[error("reason is longer than 200 characters")]
+    #[error("reason must be given for rejected and failed, and be at most 200 characters")]
     Reason,
     #[error(transparent)]
     Value(#[from] ValueError),
@@ -208,7 +208,7 @@ pub fn decode_device_message(kind: DeviceKind, channel: Channel, payload: &[u8])
         Channel::Ack => {
             let m: AckMsg = parse(payload)?;
             version(m.v)?;
-            if m.reason.as_ref().is_some_and(|r| r.chars().count() > 200) {
+            if m.reason.as_ref().is_some_and(|r| r.chars().count() > 200) || (m.status != AckStatus::Ok && m.reason.is_none()) {
                 return Err(PayloadError::Reason);
             }
             Ok(DeviceMessage::Ack(m))
