@@ -74,14 +74,38 @@ enum Cmd {
 
 /// The demo household: an owner, an adult and a child (through the API),
 /// and one device of every kind.
-async fn demo_household(command_api: &str) -> anyhow::Result<SeededHousehold> {
+async fn demo_household(command_api: &str, state_dir: &std::path::Path) -> anyhow::Result<SeededHousehold> {
     use homelink_tools::api;
     let http = reqwest::Client::new();
+    // Development-only passwords, generated once and kept, so a re-seeded
+    // demo (demo.json deleted) can sign in to accounts that already exist.
+    let secrets = state_dir.join("secrets").join("demo-accounts.json");
+    let mut passwords: std::collections::BTreeMap<String, String> =
+        std::fs::read(&secrets).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
     let mut accounts = Vec::new();
-    for (who, role) in [("owner", "owner"), ("adult", "adult"), ("child", "child")] {
-        let mut a =
-            api::sign_up(&http, command_api, &format!("{who}@demo.homelink.dev"), &api::dev_password(), &format!("Demo {who}")).await?;
-        a.role = Some(role.into());
+    for who in ["owner", "adult", "child"] {
+        let email = format!("{who}@demo.homelink.dev");
+        let password = passwords.entry(email.clone()).or_insert_with(api::dev_password).clone();
+        std::fs::create_dir_all(state_dir.join("secrets"))?;
+        std::fs::write(&secrets, serde_json::to_vec_pretty(&passwords)?)?;
+        let mut a = match api::sign_up(&http, command_api, &email, &password, &format!("Demo {who}")).await {
+            Ok(a) => a,
+            Err(_) => {
+                let mut a = api::Account {
+                    user_id: uuid::Uuid::nil(),
+                    email: email.clone(),
+                    password: password.clone(),
+                    role: None,
+                    access_token: String::new(),
+                    refresh_token: String::new(),
+                };
+                api::sign_in(&http, command_api, &mut a)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{email} exists with another password ({e}); remove .state/dev to start over"))?;
+                a
+            }
+        };
+        a.role = Some(who.into());
         accounts.push(a);
     }
     let household = api::create_household(&http, command_api, &accounts[0], "Demo home").await?;
@@ -113,7 +137,7 @@ async fn main() -> anyhow::Result<()> {
             let home: SeededHousehold = if let Some(h) = existing {
                 h
             } else {
-                let h = demo_household(&command_api).await?;
+                let h = demo_household(&command_api, &state_dir).await?;
                 std::fs::write(&demo_file, serde_json::to_vec_pretty(&h)?)?;
                 h
             };
