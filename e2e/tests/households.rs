@@ -30,6 +30,10 @@ fn device(home: &SeededHousehold, kind: DeviceKind) -> Uuid {
     home.devices.iter().find(|d| d.kind == kind).expect("device of kind").id
 }
 
+/// A route of the matrix: what, method, path, body, and whether owner,
+/// adult and child may.
+type Row = (&'static str, reqwest::Method, String, Option<Value>, [bool; 3]);
+
 /// Who calls.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Who {
@@ -241,6 +245,79 @@ async fn every_role_gets_exactly_what_the_roles_table_says() {
     assert_eq!(a, b);
     assert!(a.contains("NOT_FOUND"), "{a}");
     assert!(Subscription::start(&w.stack.graphql_ws(), "not-a-token", sq, json!({"h": h})).await.is_err(), "anonymous refused");
+
+    // The registry (product.md: add / rename / move devices and manage rooms:
+    // owner and adult; remove devices: owner only). Written out per role:
+    // (what, method, path, body, [owner, adult, child]).
+    let lamp = device(&w.home, DeviceKind::Light);
+    let sensor = device(&w.home, DeviceKind::Sensor);
+    let (_, room) =
+        w.call(Who::Owner, reqwest::Method::POST, &format!("/v1/households/{h}/rooms"), Some(json!({"name": "Matrix room"}))).await;
+    let room = room["roomId"].as_str().expect("roomId").to_owned();
+    let registry: [Row; 7] = [
+        (
+            "register a device",
+            reqwest::Method::POST,
+            format!("/v1/households/{h}/devices"),
+            Some(json!({"kind": "plug", "name": "New plug"})),
+            [true, true, false],
+        ),
+        (
+            "rename a device",
+            reqwest::Method::PUT,
+            format!("/v1/households/{h}/devices/{lamp}/name"),
+            Some(json!({"name": "Lamp"})),
+            [true, true, false],
+        ),
+        (
+            "move a device",
+            reqwest::Method::PUT,
+            format!("/v1/households/{h}/devices/{lamp}/room"),
+            Some(json!({"roomId": room})),
+            [true, true, false],
+        ),
+        ("rename a room", reqwest::Method::PUT, format!("/v1/households/{h}/rooms/{room}"), None, [true, true, false]),
+        ("create a room", reqwest::Method::POST, format!("/v1/households/{h}/rooms"), None, [true, true, false]),
+        ("delete a room", reqwest::Method::DELETE, format!("/v1/households/{h}/rooms/{room}"), None, [true, true, false]),
+        ("remove a device", reqwest::Method::DELETE, format!("/v1/households/{h}/devices/{sensor}"), None, [true, false, false]),
+    ];
+    for (what, method, path, body, cells) in &registry {
+        for who in [Who::Anonymous, Who::Stranger, Who::Child, Who::Adult, Who::Owner] {
+            // Room names are unique: each caller brings its own.
+            let body = match *what {
+                "create a room" | "rename a room" => Some(json!({"name": format!("{what} by {who:?}")})),
+                _ => body.clone(),
+            };
+            let ok = match *what {
+                "register a device" | "create a room" => 201,
+                "delete a room" | "remove a device" => 204,
+                _ => 200,
+            };
+            let want = match who {
+                Who::Anonymous => 401,
+                Who::Stranger => 404,
+                Who::Owner | Who::Adult | Who::Child => {
+                    if cells[who as usize] {
+                        ok
+                    } else {
+                        403
+                    }
+                }
+            };
+            // An adult deletes the room; the owner then finds it gone.
+            let want = if *what == "delete a room" && who == Who::Owner { 404 } else { want };
+            let (got, b) = w.call(who, method.clone(), path, body).await;
+            assert_eq!(got, want, "{what} as {who:?}: {b}");
+        }
+    }
+    // Anyone, signed in or not, may read the device-message schemas.
+    for who in EVERYONE {
+        let mut r = w.stack.http.get(format!("{}/v1/schemas", w.stack.api()));
+        if let Some(t) = w.token(who) {
+            r = r.bearer_auth(t);
+        }
+        assert_eq!(r.send().await.expect("schemas").status(), 200, "schemas as {who:?}");
+    }
 
     // Accepting an invitation: anyone signed in who is not a member yet.
     let (_, inv) =
