@@ -356,15 +356,37 @@ pub async fn sign_up(State(s): State<Arc<AppState>>, body: crate::problem::Body<
     Ok((StatusCode::CREATED, Json(issue_pair(&s, user, Uuid::now_v7()).await?)))
 }
 
-/// Signs in with e-mail and password.
+/// Failed sign-ins per e-mail within [`THROTTLE_WINDOW_SECONDS`] before
+/// further attempts are refused without checking the password.
+pub const MAX_FAILED_SIGN_INS: i64 = 10;
+pub const THROTTLE_WINDOW_SECONDS: f64 = 15.0 * 60.0;
+
+/// Signs in with e-mail and password. After 10 failures for an e-mail within
+/// 15 minutes, attempts get 429 until the window passes.
 #[utoipa::path(post, path = "/v1/auth/sign-in", tag = "identity", request_body = SignIn,
-    responses((status = 200, body = Tokens), (status = 400, body = Problem, content_type = "application/problem+json"), (status = 401, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = Tokens), (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "too many failed attempts", body = Problem, content_type = "application/problem+json")))]
 pub async fn sign_in(State(s): State<Arc<AppState>>, body: crate::problem::Body<SignIn>) -> Result<Json<Tokens>, ApiError> {
     let req = body.0;
     if req.password.chars().count() > MAX_PASSWORD {
         return Err(ApiError::InvalidCredentials);
     }
     let email = req.email.trim().to_lowercase();
+    if email.len() > 254 {
+        return Err(ApiError::InvalidCredentials);
+    }
+    let failures: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM identity_sign_in_failures WHERE email = $1 AND at > now() - make_interval(secs => $2)")
+            .bind(&email)
+            .bind(THROTTLE_WINDOW_SECONDS)
+            .fetch_one(&s.pool)
+            .await
+            .map_err(ApiError::db)?;
+    if failures >= MAX_FAILED_SIGN_INS {
+        s.metrics.errors.with_label_values(&["sign_in_throttled"]).inc();
+        return Err(ApiError::TooManyAttempts);
+    }
     let row = sqlx::query("SELECT user_id, password_hash FROM identity_users WHERE email = $1")
         .bind(&email)
         .fetch_optional(&s.pool)
@@ -376,8 +398,22 @@ pub async fn sign_in(State(s): State<Arc<AppState>>, body: crate::problem::Body<
     };
     let ok = verify_password(req.password, hash).await;
     match user {
-        Some(u) if ok => Ok(Json(issue_pair(&s, u, Uuid::now_v7()).await?)),
-        _ => Err(ApiError::InvalidCredentials),
+        Some(u) if ok => {
+            sqlx::query("DELETE FROM identity_sign_in_failures WHERE email = $1")
+                .bind(&email)
+                .execute(&s.pool)
+                .await
+                .map_err(ApiError::db)?;
+            Ok(Json(issue_pair(&s, u, Uuid::now_v7()).await?))
+        }
+        _ => {
+            sqlx::query("INSERT INTO identity_sign_in_failures (email) VALUES ($1)")
+                .bind(&email)
+                .execute(&s.pool)
+                .await
+                .map_err(ApiError::db)?;
+            Err(ApiError::InvalidCredentials)
+        }
     }
 }
 

@@ -160,11 +160,15 @@ async fn record(s: &AppState, scope: &str, key: &str, response: Response) -> Res
     r
 }
 
-/// Deletes records older than a day, every ten minutes, until cancelled.
+/// Deletes idempotency records older than a day (and sign-in failures older
+/// than an hour), every ten minutes, until cancelled.
 pub async fn expire(pool: sqlx::PgPool, cancel: homelink_kit::shutdown::CancellationToken) {
     loop {
         if let Err(e) = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < now() - interval '24 hours'").execute(&pool).await {
             tracing::warn!(error = %e, "expiring idempotency keys failed");
+        }
+        if let Err(e) = sqlx::query("DELETE FROM identity_sign_in_failures WHERE at < now() - interval '1 hour'").execute(&pool).await {
+            tracing::warn!(error = %e, "expiring sign-in failures failed");
         }
         tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(Duration::from_secs(600)) => {} }
     }

@@ -48,6 +48,8 @@ pub enum ApiError {
     IdempotencyKeyReused,
     #[error("a request with this Idempotency-Key is still in progress; retry shortly")]
     IdempotencyInProgress,
+    #[error("too many failed sign-ins for this account; try again later")]
+    TooManyAttempts,
     #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
@@ -74,6 +76,7 @@ impl ApiError {
                 (StatusCode::UNPROCESSABLE_ENTITY, "idempotency-key-reused", "Idempotency-Key reused with another request")
             }
             ApiError::IdempotencyInProgress => (StatusCode::CONFLICT, "idempotency-in-progress", "Request in progress"),
+            ApiError::TooManyAttempts => (StatusCode::TOO_MANY_REQUESTS, "too-many-attempts", "Too many attempts"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Temporarily unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
         }
@@ -107,6 +110,9 @@ impl IntoResponse for ApiError {
         }
         if matches!(self, ApiError::IdempotencyInProgress | ApiError::Unavailable(_)) {
             r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        if matches!(self, ApiError::TooManyAttempts) {
+            r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("900"));
         }
         r
     }

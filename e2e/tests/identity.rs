@@ -173,6 +173,20 @@ async fn sign_in_failures_do_not_tell_a_wrong_password_from_an_unknown_account()
         let r = stack.http.post(format!("{}/v1/auth/sign-up", stack.api())).json(&body).send().await.expect("sign-up");
         assert_eq!(r.status(), 400, "{body}");
     }
+    // Password guessing is throttled per e-mail: after 10 failures even the
+    // right password waits; an unknown e-mail is treated the same.
+    for _ in 0..10 {
+        assert_eq!(attempt(a.email.clone(), "wrong password!").await.status(), 401);
+    }
+    let throttled = attempt(a.email.clone(), "correct horse battery").await;
+    assert_eq!(throttled.status(), 429);
+    assert!(throttled.headers().contains_key("retry-after"));
+    assert_eq!(throttled.json::<Value>().await.expect("problem")["type"], "https://homelink.dev/problems/too-many-attempts");
+    for _ in 0..9 {
+        assert_eq!(attempt("nobody@test.homelink.dev".into(), "wrong password!").await.status(), 401);
+    }
+    assert_eq!(attempt("nobody@test.homelink.dev".into(), "wrong password!").await.status(), 429);
+
     let dup = stack
         .http
         .post(format!("{}/v1/auth/sign-up", stack.api()))
