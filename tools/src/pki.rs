@@ -1,19 +1,13 @@
-//! The development PKI: a device CA, the MQTT broker's server certificate and
-//! device certificates (CN = device id), made with rcgen. Generated on first
-//! run under the state folder, never committed.
+//! The development PKI: the device CA, the MQTT broker's server certificate
+//! and the initial (empty) CRL, made with rcgen. Generated on first run under
+//! the state folder, never committed. Device certificates are issued by
+//! command-api at registration (`homelink_kit::pki::DeviceCa`).
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use std::path::{Path, PathBuf};
 use uuid::Uuid;
-
-/// A certificate and its private key, both PEM.
-#[derive(Debug, Clone)]
-pub struct Issued {
-    pub cert_pem: String,
-    pub key_pem: String,
-}
 
 /// The files of a PKI folder.
 #[derive(Debug, Clone)]
@@ -32,9 +26,6 @@ impl PkiDir {
     pub fn server_key(&self) -> PathBuf {
         self.0.join("server.key")
     }
-    pub fn device_dir(&self) -> PathBuf {
-        self.0.join("devices")
-    }
     /// The initial (empty) certificate revocation list.
     pub fn crl(&self) -> PathBuf {
         self.0.join("crl.pem")
@@ -48,7 +39,7 @@ fn serial() -> SerialNumber {
 /// Creates the CA and the server certificate unless they exist.
 pub fn init(dir: &Path) -> anyhow::Result<PkiDir> {
     let pki = PkiDir(dir.to_owned());
-    std::fs::create_dir_all(pki.device_dir())?;
+    std::fs::create_dir_all(&pki.0)?;
     if !(pki.ca_cert().exists() && pki.ca_key().exists() && pki.server_cert().exists()) {
         create(&pki)?;
     }
@@ -82,23 +73,6 @@ fn create(pki: &PkiDir) -> anyhow::Result<()> {
     write_private(&pki.server_key(), &server_key.serialize_pem())?;
     std::fs::write(pki.server_cert(), server_cert.pem())?;
     Ok(())
-}
-
-/// Issues a device certificate (CN = device id) signed by the CA in `pki`.
-pub fn issue_device(pki: &PkiDir, device_id: Uuid) -> anyhow::Result<Issued> {
-    let ca_key = KeyPair::from_pem(&std::fs::read_to_string(pki.ca_key())?)?;
-    let issuer = Issuer::from_ca_cert_pem(&std::fs::read_to_string(pki.ca_cert())?, &ca_key)?;
-    let key = KeyPair::generate()?;
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.distinguished_name.push(DnType::CommonName, device_id.to_string());
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    params.serial_number = Some(serial());
-    let cert = params.signed_by(&key, &issuer)?;
-    let issued = Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() };
-    std::fs::create_dir_all(pki.device_dir())?;
-    std::fs::write(pki.device_dir().join(format!("{device_id}.pem")), &issued.cert_pem)?;
-    write_private(&pki.device_dir().join(format!("{device_id}.key")), &issued.key_pem)?;
-    Ok(issued)
 }
 
 /// Development keys: readable by the owner and its group (the broker's user
