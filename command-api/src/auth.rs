@@ -14,7 +14,7 @@
 
 use crate::problem::{ApiError, Problem};
 use crate::AppState;
-use axum::extract::{FromRequestParts, State};
+use axum::extract::{ConnectInfo, FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::Json;
@@ -27,6 +27,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use sqlx::{PgPool, Row};
+use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use utoipa::ToSchema;
@@ -326,8 +327,14 @@ async fn issue_pair(s: &AppState, user: Uuid, family: Uuid) -> Result<Tokens, Ap
 
 /// Creates an account and signs it in.
 #[utoipa::path(post, path = "/v1/auth/sign-up", tag = "identity", request_body = SignUp,
-    responses((status = 201, body = Tokens), (status = 400, body = Problem, content_type = "application/problem+json"), (status = 409, description = "e-mail taken", body = Problem, content_type = "application/problem+json")))]
-pub async fn sign_up(State(s): State<Arc<AppState>>, body: crate::problem::Body<SignUp>) -> Result<(StatusCode, Json<Tokens>), ApiError> {
+    responses((status = 201, body = Tokens), (status = 400, body = Problem, content_type = "application/problem+json"), (status = 409, description = "e-mail taken", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "too many sign-ups from this address", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "too many sign-ins at once", body = Problem, content_type = "application/problem+json")))]
+pub async fn sign_up(
+    State(s): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: crate::problem::Body<SignUp>,
+) -> Result<(StatusCode, Json<Tokens>), ApiError> {
     let req = body.0;
     let email = normalize_email(&req.email)?;
     let n = req.password.chars().count();
@@ -338,7 +345,12 @@ pub async fn sign_up(State(s): State<Arc<AppState>>, body: crate::problem::Body<
     if name.is_empty() || name.chars().count() > 80 {
         return Err(ApiError::BadRequest("displayName must be 1 to 80 characters".into()));
     }
-    let hash = hash_password(req.password).await?;
+    let budget = s.identity.sign_ups_per_address_per_hour;
+    if !spend(&s.pool, &format!("sign-up/address/{}", peer.ip()), budget, Duration::from_secs(3600)).await? {
+        s.metrics.errors.with_label_values(&["sign_up_throttled"]).inc();
+        return Err(ApiError::TooManyAttempts);
+    }
+    let hash = with_hashing(&s, hash_password(req.password)).await??;
     let user = Uuid::now_v7();
     let inserted = sqlx::query(
         "INSERT INTO identity_users (user_id, email, display_name, password_hash) VALUES ($1, $2, $3, $4) ON CONFLICT (email) DO NOTHING",
@@ -356,18 +368,93 @@ pub async fn sign_up(State(s): State<Arc<AppState>>, body: crate::problem::Body<
     Ok((StatusCode::CREATED, Json(issue_pair(&s, user, Uuid::now_v7()).await?)))
 }
 
-/// Failed sign-ins per e-mail within [`THROTTLE_WINDOW_SECONDS`] before
-/// further attempts are refused without checking the password.
-pub const MAX_FAILED_SIGN_INS: i64 = 10;
-pub const THROTTLE_WINDOW_SECONDS: f64 = 15.0 * 60.0;
+/// Limits on identity work: password hashing is memory-hard (19 MiB and tens
+/// of milliseconds each), so how many run at once is bounded, and attempts are
+/// budgeted per e-mail and per client address.
+#[derive(Debug, Clone)]
+pub struct IdentityLimits {
+    /// Password hashes (sign-up, sign-in) running at once.
+    pub hashing_permits: usize,
+    /// How long a request waits for a hashing permit before 503.
+    pub hashing_wait: Duration,
+    /// Failed sign-ins per e-mail (known or not) within `window`, then 429
+    /// without checking the password.
+    pub failures_per_email: i32,
+    /// Failed sign-ins per client address within `window`.
+    pub failures_per_address: i32,
+    pub window: Duration,
+    /// Sign-ups per client address per hour.
+    pub sign_ups_per_address_per_hour: i32,
+}
 
-/// Signs in with e-mail and password. After 10 failures for an e-mail within
-/// 15 minutes, attempts get 429 until the window passes.
+impl Default for IdentityLimits {
+    fn default() -> Self {
+        Self {
+            hashing_permits: 4,
+            hashing_wait: Duration::from_secs(2),
+            failures_per_email: 10,
+            failures_per_address: 100,
+            window: Duration::from_secs(15 * 60),
+            sign_ups_per_address_per_hour: 20,
+        }
+    }
+}
+
+/// Counts one attempt against `key`'s budget of `limit` per `window`;
+/// `false` when the budget was already spent. One statement: concurrent
+/// attempts are counted one after the other by the row lock.
+async fn spend(pool: &sqlx::PgPool, key: &str, limit: i32, window: Duration) -> Result<bool, ApiError> {
+    let n: i32 = sqlx::query_scalar(
+        "INSERT INTO identity_rate_limits (key, window_start, count) VALUES ($1, now(), 1)
+         ON CONFLICT (key) DO UPDATE SET
+           window_start = CASE WHEN identity_rate_limits.window_start < now() - make_interval(secs => $2) THEN now()
+                               ELSE identity_rate_limits.window_start END,
+           count = CASE WHEN identity_rate_limits.window_start < now() - make_interval(secs => $2) THEN 1
+                        ELSE identity_rate_limits.count + 1 END
+         RETURNING count",
+    )
+    .bind(key)
+    .bind(window.as_secs_f64())
+    .fetch_one(pool)
+    .await
+    .map_err(ApiError::db)?;
+    Ok(n <= limit)
+}
+
+/// Gives one attempt back (it succeeded).
+async fn refund(pool: &sqlx::PgPool, key: &str) -> Result<(), ApiError> {
+    sqlx::query("UPDATE identity_rate_limits SET count = GREATEST(count - 1, 0) WHERE key = $1")
+        .bind(key)
+        .execute(pool)
+        .await
+        .map_err(ApiError::db)?;
+    Ok(())
+}
+
+/// Runs password hashing work within the concurrency bound; 503 when no
+/// permit frees up within `hashing_wait`.
+async fn with_hashing<T>(s: &AppState, work: impl std::future::Future<Output = T>) -> Result<T, ApiError> {
+    let permit = tokio::time::timeout(s.identity.hashing_wait, s.hashing.clone().acquire_owned()).await;
+    let Ok(Ok(_permit)) = permit else {
+        s.metrics.errors.with_label_values(&["hashing_busy"]).inc();
+        return Err(ApiError::Busy("too many sign-ins at once; retry shortly".into()));
+    };
+    Ok(work.await)
+}
+
+/// Signs in with e-mail and password. After 10 failures for an e-mail (or
+/// 100 from a client address) within 15 minutes, attempts get 429 until the
+/// window passes; the password is not checked then.
 #[utoipa::path(post, path = "/v1/auth/sign-in", tag = "identity", request_body = SignIn,
     responses((status = 200, body = Tokens), (status = 400, body = Problem, content_type = "application/problem+json"),
         (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "too many failed attempts", body = Problem, content_type = "application/problem+json")))]
-pub async fn sign_in(State(s): State<Arc<AppState>>, body: crate::problem::Body<SignIn>) -> Result<Json<Tokens>, ApiError> {
+        (status = 429, description = "too many failed attempts", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "too many sign-ins at once", body = Problem, content_type = "application/problem+json")))]
+pub async fn sign_in(
+    State(s): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: crate::problem::Body<SignIn>,
+) -> Result<Json<Tokens>, ApiError> {
     let req = body.0;
     if req.password.chars().count() > MAX_PASSWORD {
         return Err(ApiError::InvalidCredentials);
@@ -376,14 +463,13 @@ pub async fn sign_in(State(s): State<Arc<AppState>>, body: crate::problem::Body<
     if email.len() > 254 {
         return Err(ApiError::InvalidCredentials);
     }
-    let failures: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM identity_sign_in_failures WHERE email = $1 AND at > now() - make_interval(secs => $2)")
-            .bind(&email)
-            .bind(THROTTLE_WINDOW_SECONDS)
-            .fetch_one(&s.pool)
-            .await
-            .map_err(ApiError::db)?;
-    if failures >= MAX_FAILED_SIGN_INS {
+    let limits = &s.identity;
+    // Every attempt is counted before the password is checked, and given
+    // back when it succeeds: parallel guesses cannot slip past the budget.
+    let (email_key, address_key) = (format!("sign-in/email/{email}"), format!("sign-in/address/{}", peer.ip()));
+    if !spend(&s.pool, &email_key, limits.failures_per_email, limits.window).await?
+        || !spend(&s.pool, &address_key, limits.failures_per_address, limits.window).await?
+    {
         s.metrics.errors.with_label_values(&["sign_in_throttled"]).inc();
         return Err(ApiError::TooManyAttempts);
     }
@@ -396,24 +482,15 @@ pub async fn sign_in(State(s): State<Arc<AppState>>, body: crate::problem::Body<
         Some(r) => (Some(r.get::<Uuid, _>(0)), r.get::<String, _>(1)),
         None => (None, DUMMY_HASH.to_owned()),
     };
-    let ok = verify_password(req.password, hash).await;
+    let ok = with_hashing(&s, verify_password(req.password, hash)).await?;
     match user {
         Some(u) if ok => {
-            sqlx::query("DELETE FROM identity_sign_in_failures WHERE email = $1")
-                .bind(&email)
-                .execute(&s.pool)
-                .await
-                .map_err(ApiError::db)?;
+            // A success clears the e-mail's failures and does not count against the address.
+            sqlx::query("DELETE FROM identity_rate_limits WHERE key = $1").bind(&email_key).execute(&s.pool).await.map_err(ApiError::db)?;
+            refund(&s.pool, &address_key).await?;
             Ok(Json(issue_pair(&s, u, Uuid::now_v7()).await?))
         }
-        _ => {
-            sqlx::query("INSERT INTO identity_sign_in_failures (email) VALUES ($1)")
-                .bind(&email)
-                .execute(&s.pool)
-                .await
-                .map_err(ApiError::db)?;
-            Err(ApiError::InvalidCredentials)
-        }
+        _ => Err(ApiError::InvalidCredentials),
     }
 }
 

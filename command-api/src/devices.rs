@@ -12,6 +12,7 @@ use crate::problem::{ApiError, Body, Problem};
 use crate::AppState;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use homelink_events::event::{DeviceMoved, DeviceRegistered, DeviceRemoved, DeviceRenamed, RoomCreated, RoomDeleted, RoomRenamed};
 use homelink_events::household::Action;
@@ -96,7 +97,9 @@ pub struct RegisteredDeviceResponse {
     pub serial: Option<String>,
     /// The device's client certificate (PEM), CN = device id.
     pub certificate_pem: String,
-    /// Only when no CSR was sent: the generated private key, shown once.
+    /// Only when no CSR was sent: the generated private key, shown once. It
+    /// is stored nowhere: a replay of the request with the same
+    /// `Idempotency-Key` answers the same device and certificate without it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub private_key_pem: Option<String>,
     /// The CA that signs device certificates (and the broker's trust anchor).
@@ -116,7 +119,7 @@ pub async fn register(
     Caller(who): Caller,
     Path(household): Path<String>,
     body: Body<RegisterDevice>,
-) -> Result<(StatusCode, Json<RegisteredDeviceResponse>), ApiError> {
+) -> Result<Response, ApiError> {
     let h = path_id(&household)?;
     let req = body.0;
     let name = name_of(&req.name, "name")?;
@@ -131,6 +134,10 @@ pub async fn register(
         PkiError::BadCsr | PkiError::CsrTooLarge => ApiError::BadRequest(e.to_string()),
         PkiError::Ca(why) => ApiError::Internal(why),
     })?;
+    // Authorize before claiming: a stranger or a child must learn nothing
+    // about serials, and must not block the owner's claim.
+    let cmd = || registry_cmd(h, "device.register", format!("device/{device_id}"), Action::ManageDevices);
+    s.authorize_household(&who, &cmd()).await?;
     if let Some(sn) = &serial {
         s.claim_serial(&who, h, sn, device_id).await?;
     }
@@ -143,9 +150,7 @@ pub async fn register(
         serial: serial.clone(),
         cert_serial: Some(issued.serial_hex.clone()),
     });
-    let written = s
-        .write_household(&who, registry_cmd(h, "device.register", format!("device/{device_id}"), Action::ManageDevices), |_, _| Ok(ev))
-        .await;
+    let written = s.write_household(&who, cmd(), |_, _| Ok(ev)).await;
     if let Err(e) = written {
         if let Some(sn) = &serial {
             s.release_serial(sn, device_id).await;
@@ -153,27 +158,32 @@ pub async fn register(
         return Err(e);
     }
     let base = format!("home/{h}/device/{device_id}");
-    Ok((
-        StatusCode::CREATED,
-        Json(RegisteredDeviceResponse {
-            device_id,
-            kind: req.kind,
-            name,
-            room_id: req.room_id,
-            serial,
-            certificate_pem: issued.cert_pem,
-            private_key_pem: issued.key_pem,
-            ca_certificate_pem: ca.ca_pem().to_owned(),
-            mqtt: MqttAccess {
-                host: dev.mqtt_host,
-                port: dev.mqtt_port,
-                state_topic: format!("{base}/state"),
-                ack_topic: format!("{base}/ack"),
-                status_topic: format!("{base}/status"),
-                cmd_topic: format!("{base}/cmd"),
-            },
-        }),
-    ))
+    let answer = RegisteredDeviceResponse {
+        device_id,
+        kind: req.kind,
+        name,
+        room_id: req.room_id,
+        serial,
+        certificate_pem: issued.cert_pem,
+        private_key_pem: issued.key_pem,
+        ca_certificate_pem: ca.ca_pem().to_owned(),
+        mqtt: MqttAccess {
+            host: dev.mqtt_host,
+            port: dev.mqtt_port,
+            state_topic: format!("{base}/state"),
+            ack_topic: format!("{base}/ack"),
+            status_topic: format!("{base}/status"),
+            cmd_topic: format!("{base}/cmd"),
+        },
+    };
+    let mut response = (StatusCode::CREATED, Json(&answer)).into_response();
+    if answer.private_key_pem.is_some() {
+        // A private key is shown once and stored nowhere: an idempotent
+        // replay answers the same device and certificate without it.
+        let kept = RegisteredDeviceResponse { private_key_pem: None, ..answer };
+        response.extensions_mut().insert(crate::idempotency::StoreInstead(serde_json::to_vec(&kept).unwrap_or_default()));
+    }
+    Ok(response)
 }
 
 impl AppState {

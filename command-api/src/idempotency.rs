@@ -8,8 +8,13 @@
 //! same key and request gets the stored response (`Idempotent-Replayed: true`)
 //! and has no second effect; the same key with another request gets 422; a
 //! retry while the first is still running gets 409 with `Retry-After`.
-//! 5xx answers are not stored (the outcome is unknown; the retry runs again).
-//! Records are kept 24 hours.
+//! A handler that has not finished within the answer deadline gets the client
+//! a 503 but runs on, holding the claim until its outcome is known (see
+//! [`layer`]). 5xx outcomes are not stored (nothing happened; the retry runs
+//! again).
+//! Records are kept 24 hours. A response may name what to keep instead of its
+//! body ([`StoreInstead`]): a generated private key is shown once and never
+//! stored, so its replay answers without it.
 
 use crate::problem::ApiError;
 use crate::AppState;
@@ -25,8 +30,15 @@ use std::time::Duration;
 pub const HEADER: &str = "idempotency-key";
 const REPLAYED: &str = "idempotent-replayed";
 /// A first request that has not completed after this long is presumed dead
-/// (its process crashed) and the key may be taken over.
-const STALE_AFTER_SECONDS: f64 = 30.0;
+/// (its process crashed) and the key may be taken over. Longer than any
+/// handler can run: librdkafka's delivery timeout (30 s) plus the waits of
+/// the household write path.
+const STALE_AFTER_SECONDS: f64 = 120.0;
+
+/// A response extension: the body the idempotency record keeps instead of
+/// the one sent (the sent one holds a secret shown once).
+#[derive(Debug, Clone)]
+pub struct StoreInstead(pub Vec<u8>);
 
 fn applies(req: &Request) -> bool {
     matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH | Method::DELETE)
@@ -51,21 +63,27 @@ fn fingerprint(method: &Method, path: &str, body: &[u8]) -> String {
     crate::auth::sha256_hex(&buf)
 }
 
+/// Every `/v1` write goes through here. The handler runs as a task of its
+/// own, so the client's answer is bounded by `answer_within` (then 503,
+/// "outcome not known yet") while the handler goes on until the outcome *is*
+/// known — an append Kafka has not acknowledged yet keeps waiting for
+/// librdkafka's delivery report. With an `Idempotency-Key`, the claim is held
+/// until then: a retry meanwhile gets 409 (`Retry-After`), and afterwards the
+/// original answer (delivered) or a fresh run (failed, 5xx: the claim is
+/// released). So a key never yields two effects, however slow the broker.
 pub async fn layer(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     if !applies(&req) {
         return next.run(req).await;
     }
-    let Some(key) = req.headers().get(HEADER).map(|v| v.to_str().map(str::to_owned)) else {
-        return next.run(req).await;
-    };
-    let key = match key {
-        Ok(k) if valid_key(&k) => k,
-        _ => return ApiError::BadRequest("Idempotency-Key must be 1 to 255 visible ASCII characters".into()).into_response(),
-    };
     let (parts, body) = req.into_parts();
-    // Without a valid caller the route answers 401 itself; nothing to record.
+    // Authentication first: without a valid caller the route answers 401 itself.
     let Some(caller) = crate::auth::caller_of(&parts, &s.keys.verifier) else {
         return next.run(Request::from_parts(parts, body)).await;
+    };
+    let key = match parts.headers.get(HEADER).map(|v| v.to_str()) {
+        None => return run_detached(&s, None, next, Request::from_parts(parts, body)).await,
+        Some(Ok(k)) if valid_key(k) => k.to_owned(),
+        Some(_) => return ApiError::BadRequest("Idempotency-Key must be 1 to 255 visible ASCII characters".into()).into_response(),
     };
     let bytes = match to_bytes(body, crate::MAX_BODY_BYTES).await {
         Ok(b) => b,
@@ -78,8 +96,34 @@ pub async fn layer(State(s): State<Arc<AppState>>, req: Request, next: Next) -> 
         Ok(Claim::Replay(r)) => return r,
         Ok(Claim::Mine) => {}
     }
-    let response = next.run(Request::from_parts(parts, Body::from(bytes))).await;
-    record(&s, &scope, &key, response).await
+    run_detached(&s, Some((scope, key)), next, Request::from_parts(parts, Body::from(bytes))).await
+}
+
+/// Runs the handler as its own task; answers its response if it comes within
+/// `answer_within`, else 503 while the task goes on and records its outcome
+/// under the claim `(scope, key)` when it comes.
+async fn run_detached(s: &Arc<AppState>, claimed: Option<(String, String)>, next: Next, req: Request) -> Response {
+    let mut handler = tokio::spawn(next.run(req));
+    match tokio::time::timeout(s.answer_within, &mut handler).await {
+        Ok(done) => settle(s, claimed.as_ref(), done).await,
+        Err(_) => {
+            s.metrics.errors.with_label_values(&["answer_deadline"]).inc();
+            let s = s.clone();
+            tokio::spawn(async move {
+                let done = handler.await;
+                let _ = settle(&s, claimed.as_ref(), done).await;
+            });
+            ApiError::Unavailable("the outcome is not known within the answer deadline; it is still being decided".into()).into_response()
+        }
+    }
+}
+
+async fn settle(s: &AppState, claimed: Option<&(String, String)>, done: Result<Response, tokio::task::JoinError>) -> Response {
+    let response = done.unwrap_or_else(|e| ApiError::Internal(format!("handler failed: {e}")).into_response());
+    match claimed {
+        Some((scope, key)) => record(s, scope, key, response).await,
+        None => response,
+    }
 }
 
 enum Claim {
@@ -140,12 +184,13 @@ async fn record(s: &AppState, scope: &str, key: &str, response: Response) -> Res
         sqlx::query("DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2").bind(scope).bind(key).execute(&s.pool).await
     } else {
         let ct = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let kept = parts.extensions.get::<StoreInstead>().map_or_else(|| bytes.to_vec(), |s| s.0.clone());
         sqlx::query("UPDATE idempotency_keys SET status = $3, content_type = $4, body = $5 WHERE scope = $1 AND key = $2")
             .bind(scope)
             .bind(key)
             .bind(i32::from(parts.status.as_u16()))
             .bind(ct)
-            .bind(bytes.to_vec())
+            .bind(kept)
             .execute(&s.pool)
             .await
     };
@@ -160,15 +205,15 @@ async fn record(s: &AppState, scope: &str, key: &str, response: Response) -> Res
     r
 }
 
-/// Deletes idempotency records older than a day (and sign-in failures older
-/// than an hour), every ten minutes, until cancelled.
+/// Deletes idempotency records and rate-limit windows older than a day,
+/// every ten minutes, until cancelled.
 pub async fn expire(pool: sqlx::PgPool, cancel: homelink_kit::shutdown::CancellationToken) {
     loop {
         if let Err(e) = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < now() - interval '24 hours'").execute(&pool).await {
             tracing::warn!(error = %e, "expiring idempotency keys failed");
         }
-        if let Err(e) = sqlx::query("DELETE FROM identity_sign_in_failures WHERE at < now() - interval '1 hour'").execute(&pool).await {
-            tracing::warn!(error = %e, "expiring sign-in failures failed");
+        if let Err(e) = sqlx::query("DELETE FROM identity_rate_limits WHERE window_start < now() - interval '1 day'").execute(&pool).await {
+            tracing::warn!(error = %e, "expiring rate-limit windows failed");
         }
         tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(Duration::from_secs(600)) => {} }
     }

@@ -49,9 +49,15 @@ pub struct Config {
     pub bridge_push_url: Option<String>,
     /// The projector's push endpoint, so a command's lifecycle is readable at once.
     pub projector_push_url: Option<String>,
-    /// Longest wait for Kafka's acknowledgement before answering 503.
+    /// Longest wait for the read model and Kafka's watermark on the household
+    /// write path.
     pub append_timeout: Duration,
+    /// Longest a write keeps its client waiting: then 503 ("outcome not
+    /// known yet") while the handler runs on to a known outcome, which an
+    /// `Idempotency-Key` retry then gets.
+    pub answer_within: Duration,
     pub tokens: auth::TokenConfig,
+    pub identity: auth::IdentityLimits,
     /// The device CA and the broker address given to registered devices;
     /// without it, registration answers 503.
     pub devices: Option<devices::DeviceConfig>,
@@ -70,7 +76,9 @@ impl Config {
             bridge_push_url: None,
             projector_push_url: None,
             append_timeout: Duration::from_secs(2),
+            answer_within: Duration::from_secs(2),
             tokens: auth::TokenConfig::default(),
+            identity: auth::IdentityLimits::default(),
             devices: None,
             revocation: None,
         }
@@ -86,8 +94,12 @@ pub struct AppState {
     pub bridge: Pusher<Envelope>,
     pub projector: Pusher<Located>,
     pub append_timeout: Duration,
+    pub answer_within: Duration,
     pub keys: auth::Keys,
     pub tokens: auth::TokenConfig,
+    pub identity: auth::IdentityLimits,
+    /// Permits for password hashing (`identity.hashing_permits`).
+    pub hashing: Arc<tokio::sync::Semaphore>,
     /// In-process lock stripes that queue household writes (see [`households`]).
     pub household_stripes: Vec<tokio::sync::Mutex<()>>,
     pub device_ca: Option<Arc<homelink_kit::pki::DeviceCa>>,
@@ -117,13 +129,14 @@ impl Application {
     pub async fn build(cfg: Config) -> anyhow::Result<Self> {
         let metrics = ServiceMetrics::new("command_api");
         let pool = homelink_kit::db::connect_with_retry(&cfg.database_url, 16, Duration::from_secs(30)).await?;
-        // The HTTP answer is bounded by `append_timeout`: then 503, whose body
+        // The HTTP answer is bounded by `answer_within`: then 503, whose body
         // says the outcome is unknown and to retry with the same
-        // Idempotency-Key. The record keeps librdkafka's longer delivery
-        // timeout: expiring records after 2 s left tansu 0.6 refusing the
-        // producer after a broker restart ("Unknown broker error"), and even a
-        // replacement producer's appends never completed (tests/faults.rs).
-        // A record that lands late is delivered only if it has not expired.
+        // Idempotency-Key, while the handler runs on until Kafka's delivery
+        // report (idempotency.rs). The record keeps librdkafka's longer
+        // delivery timeout: expiring records after 2 s left tansu 0.6 refusing
+        // the producer after a broker restart ("Unknown broker error"), and
+        // even a replacement producer's appends never completed
+        // (tests/faults.rs).
         migrate(&pool).await?;
         auth::ensure_key(&pool).await?;
         let keys = auth::Keys::new();
@@ -143,6 +156,8 @@ impl Application {
             revoker,
             keys,
             tokens: cfg.tokens.clone(),
+            identity: cfg.identity.clone(),
+            hashing: Arc::new(tokio::sync::Semaphore::new(cfg.identity.hashing_permits.max(1))),
             household_stripes: (0..households::HOUSEHOLD_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             appender: Appender::new(&pc)?,
             topics: cfg.topics.clone(),
@@ -150,6 +165,7 @@ impl Application {
             bridge: Pusher::spawn(cfg.bridge_push_url.clone(), "bridge", metrics.clone()),
             projector: Pusher::spawn(cfg.projector_push_url.clone(), "projector", metrics.clone()),
             append_timeout: cfg.append_timeout,
+            answer_within: cfg.answer_within,
             pool: pool.clone(),
         });
         let (api, doc) = openapi::routes().split_for_parts();

@@ -42,8 +42,10 @@ struct Args {
     broker_admin_port: Option<u16>,
     #[arg(long, env = "HOMELINK_BROKER_ADMIN_USER", default_value = "homelink-admin")]
     broker_admin_user: String,
-    #[arg(long, env = "HOMELINK_BROKER_ADMIN_PASSWORD", default_value = "")]
-    broker_admin_password: String,
+    /// A file holding the broker admin password; without it, the password
+    /// comes from `HOMELINK_BROKER_ADMIN_PASSWORD`. Never a command-line value.
+    #[arg(long, env = "HOMELINK_BROKER_ADMIN_PASSWORD_FILE")]
+    broker_admin_password_file: Option<std::path::PathBuf>,
     /// Rotate the token signing key and exit.
     #[arg(long)]
     rotate_signing_key: bool,
@@ -72,16 +74,16 @@ async fn main() -> anyhow::Result<()> {
         });
     }
     if let Some(crl_file) = a.crl_file {
-        cfg.revocation = Some(homelink_command_api::revocation::RevocationConfig {
-            crl_file,
-            broker_pid_file: a.broker_pid_file,
-            admin: a.broker_admin_port.map(|port| homelink_command_api::revocation::BrokerAdmin {
+        let admin = match a.broker_admin_port {
+            Some(port) => Some(homelink_command_api::revocation::BrokerAdmin {
                 host: a.mqtt_device_host.clone(),
                 port,
                 username: a.broker_admin_user,
-                password: a.broker_admin_password,
+                password: homelink_kit::config::secret("HOMELINK_BROKER_ADMIN_PASSWORD", a.broker_admin_password_file.as_deref())?,
             }),
-        });
+            None => None,
+        };
+        cfg.revocation = Some(homelink_command_api::revocation::RevocationConfig::new(crl_file, a.broker_pid_file, admin));
     }
     cfg.listen = a.listen;
     cfg.bridge_push_url = a.bridge_push_url;

@@ -48,10 +48,13 @@ pub enum ApiError {
     IdempotencyKeyReused,
     #[error("a request with this Idempotency-Key is still in progress; retry shortly")]
     IdempotencyInProgress,
-    #[error("too many failed sign-ins for this account; try again later")]
+    #[error("too many attempts; try again later")]
     TooManyAttempts,
     #[error("{0}")]
     Unavailable(String),
+    /// Bounded work (password hashing) is at capacity.
+    #[error("{0}")]
+    Busy(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -78,6 +81,7 @@ impl ApiError {
             ApiError::IdempotencyInProgress => (StatusCode::CONFLICT, "idempotency-in-progress", "Request in progress"),
             ApiError::TooManyAttempts => (StatusCode::TOO_MANY_REQUESTS, "too-many-attempts", "Too many attempts"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Temporarily unavailable"),
+            ApiError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy", "Busy"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
         }
     }
@@ -108,7 +112,7 @@ impl IntoResponse for ApiError {
         if matches!(self, ApiError::Unauthorized | ApiError::InvalidRefreshToken | ApiError::InvalidCredentials) {
             r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
         }
-        if matches!(self, ApiError::IdempotencyInProgress | ApiError::Unavailable(_)) {
+        if matches!(self, ApiError::IdempotencyInProgress | ApiError::Unavailable(_) | ApiError::Busy(_)) {
             r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         }
         if matches!(self, ApiError::TooManyAttempts) {
@@ -118,8 +122,9 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// A JSON body: size-limited before parsing, unknown fields refused by the
-/// target type, every rejection a problem+json 400/413/415.
+/// A JSON body: size-limited before parsing, text that no store can hold
+/// (a NUL character anywhere, keys included) refused, unknown fields refused
+/// by the target type, every rejection a problem+json 400/413/415.
 pub struct Body<T>(pub T);
 
 impl<S, T> FromRequest<S> for Body<T>
@@ -130,15 +135,23 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(Body(v)),
-            Err(e) => Err(match e {
-                JsonRejection::MissingJsonContentType(_) => {
-                    ApiError::BadRequest("the body must be JSON (Content-Type: application/json)".into())
-                }
-                e if e.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(crate::MAX_BODY_BYTES),
-                e => ApiError::BadRequest(e.body_text()),
-            }),
+        let value = match axum::Json::<serde_json::Value>::from_request(req, state).await {
+            Ok(axum::Json(v)) => v,
+            Err(e) => {
+                return Err(match e {
+                    JsonRejection::MissingJsonContentType(_) => {
+                        ApiError::BadRequest("the body must be JSON (Content-Type: application/json)".into())
+                    }
+                    e if e.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(crate::MAX_BODY_BYTES),
+                    e => ApiError::BadRequest(e.body_text()),
+                })
+            }
+        };
+        if homelink_events::text::value_has_nul(&value) {
+            return Err(ApiError::BadRequest("text must not contain the NUL character (\\u0000)".into()));
         }
+        serde_json::from_value(value)
+            .map(Body)
+            .map_err(|e| ApiError::BadRequest(format!("Failed to deserialize the JSON body into the target type: {e}")))
     }
 }

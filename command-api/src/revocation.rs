@@ -1,7 +1,9 @@
 //! Shutting removed devices out at the MQTT broker.
 //!
-//! Two steps, both derived from the registry read model (so they can be
-//! redone at any time and are redone by a loop):
+//! Two steps, both derived from the registry read model — the log's truth
+//! once projected; a removal request answers only after its event is applied
+//! — so they can be redone at any time and are redone by a loop every few
+//! seconds:
 //! 1. the certificate revocation list — every removed device's certificate
 //!    serial, signed by the device CA — is written where the broker reads it
 //!    and the broker is told to reload (SIGHUP for Mosquitto): new connections
@@ -9,7 +11,11 @@
 //! 2. open connections are closed: Mosquitto has no kick command, but its
 //!    dynamic-security plugin disconnects a client when a dynsec client of the
 //!    same name is deleted, so the revoker creates and deletes one
-//!    (components.md). A clustered production broker has a REST call for both.
+//!    (components.md). Every removed device is kicked until the broker
+//!    confirms it (`device_kicks_confirmed`), by the request and else by the
+//!    loop — also a removal whose request died after the append.
+//!
+//! A clustered production broker has a REST call for both.
 
 use homelink_kit::pki::DeviceCa;
 use homelink_kit::shutdown::CancellationToken;
@@ -39,12 +45,18 @@ pub struct RevocationConfig {
     pub broker_pid_file: Option<PathBuf>,
     /// For closing open connections.
     pub admin: Option<BrokerAdmin>,
+    /// How often the loop reconciles the broker with the registry.
+    pub every: Duration,
+}
+
+impl RevocationConfig {
+    pub fn new(crl_file: PathBuf, broker_pid_file: Option<PathBuf>, admin: Option<BrokerAdmin>) -> Self {
+        Self { crl_file, broker_pid_file, admin, every: Duration::from_secs(5) }
+    }
 }
 
 /// A CRL is rewritten at least this often (its `nextUpdate` is days ahead).
 const CRL_REFRESH: Duration = Duration::from_secs(24 * 3600);
-/// How often the loop reconciles the broker with the registry.
-const LOOP_EVERY: Duration = Duration::from_secs(30);
 
 pub struct Revoker {
     ca: Arc<DeviceCa>,
@@ -59,7 +71,9 @@ impl Revoker {
     }
 
     /// Brings the CRL up to date with the registry (rewriting and reloading
-    /// only when the revoked set changed) and closes the connections of `kick`.
+    /// only when the revoked set changed), then closes the connections of
+    /// `kick` and of every removed device the broker has not confirmed
+    /// closed yet. The CRL comes first, so a kicked device cannot come back.
     pub async fn sync(&self, kick: &[Uuid]) -> Result<(), String> {
         let mut written = self.written.lock().await;
         let revoked: Vec<String> = sqlx::query_scalar(
@@ -80,10 +94,25 @@ impl Revoker {
             *written = Some((revoked, Instant::now()));
         }
         drop(written);
-        if let Some(admin) = &self.cfg.admin {
-            for d in kick {
-                kick_client(admin, &d.to_string()).await?;
-            }
+        let Some(admin) = &self.cfg.admin else {
+            return Ok(());
+        };
+        let mut pending: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT d.device_id FROM devices d WHERE d.removed_at IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM device_kicks_confirmed k WHERE k.device_id = d.device_id)",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| format!("registry: {e}"))?;
+        pending.extend(kick.iter().filter(|d| !pending.contains(d)).copied().collect::<Vec<_>>());
+        for d in pending {
+            kick_client(admin, &d.to_string()).await?;
+            sqlx::query("INSERT INTO device_kicks_confirmed (device_id) VALUES ($1) ON CONFLICT DO NOTHING")
+                .bind(d)
+                .execute(&self.pool)
+                .await
+                .map_err(|e| format!("recording the kick: {e}"))?;
+            tracing::info!(device = %d, "removed device disconnected at the broker");
         }
         Ok(())
     }
@@ -94,7 +123,7 @@ impl Revoker {
             if let Err(e) = self.sync(&[]).await {
                 tracing::warn!(error = %e, "revocation sync failed");
             }
-            tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(LOOP_EVERY) => {} }
+            tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(self.cfg.every) => {} }
         }
     }
 }

@@ -14,8 +14,11 @@ struct Args {
     mqtt_port: u16,
     #[arg(long, env = "HOMELINK_MQTT_BRIDGE_USERNAME", default_value = "homelink-bridge")]
     mqtt_username: String,
-    #[arg(long, env = "HOMELINK_MQTT_BRIDGE_PASSWORD", hide_env_values = true)]
-    mqtt_password: String,
+    /// A file holding the bridge's MQTT password. Without it, the password
+    /// comes from `HOMELINK_MQTT_BRIDGE_PASSWORD`. Never a command-line value:
+    /// every local user can read a process's arguments.
+    #[arg(long, env = "HOMELINK_MQTT_BRIDGE_PASSWORD_FILE")]
+    mqtt_password_file: Option<std::path::PathBuf>,
     #[arg(long, env = "HOMELINK_BRIDGE_CLIENT_ID", default_value = "homelink-bridge-0")]
     client_id: String,
     #[arg(long, env = "HOMELINK_BRIDGE_LISTEN", default_value = "127.0.0.1:8082")]
@@ -30,7 +33,7 @@ async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let mut cfg = Config::new(&a.common.database_url, &a.common.kafka_bootstrap, a.common.topics(), a.mqtt_host, a.mqtt_port);
     cfg.mqtt_username = a.mqtt_username;
-    cfg.mqtt_password = a.mqtt_password;
+    cfg.mqtt_password = homelink_kit::config::secret("HOMELINK_MQTT_BRIDGE_PASSWORD", a.mqtt_password_file.as_deref())?;
     cfg.client_id = a.client_id;
     cfg.listen = a.listen;
     cfg.projector_push_url = a.projector_push_url;

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{eventually, light_and_sensor, Stack};
+use common::{eventually, light_and_sensor, publish_as, state, Stack};
 use homelink_tools::sim;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::Message;
@@ -13,32 +13,6 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event};
 use serde_json::{json, Value};
 use std::time::Duration;
-
-/// Connects as the device (its own certificate) and publishes `payload` on `topic`; waits for the PUBACK.
-async fn publish_as(stack: &Stack, spec: &homelink_tools::sim::DeviceSpec, topic: String, payload: Vec<u8>) {
-    let (client, mut ev) = AsyncClient::new(sim::mqtt_options(spec, &stack.env.target()), 10);
-    let mut sent = false;
-    tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            match ev.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) if !sent => {
-                    sent = true;
-                    client.publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone()).await.expect("publish");
-                }
-                Ok(Event::Incoming(Packet::PubAck(_))) => return,
-                Ok(_) => {}
-                Err(e) => panic!("device connection failed: {e}"),
-            }
-        }
-    })
-    .await
-    .expect("puback");
-    let _ = client.disconnect().await;
-}
-
-fn state(seq: u64, brightness: i64) -> Vec<u8> {
-    serde_json::to_vec(&json!({"v": 1, "seq": seq, "state": {"brightness": brightness}})).expect("json")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_report_naming_a_household_that_does_not_own_the_device_is_dropped_and_counted() {

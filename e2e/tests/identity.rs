@@ -248,3 +248,70 @@ async fn a_rotated_signing_key_keeps_old_tokens_valid_and_new_tokens_carry_the_n
     assert_eq!(r.expect("refresh").status(), 200);
     owner.refresh_token.clear();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parallel_guesses_cannot_slip_past_the_sign_in_throttle() {
+    let stack = Stack::start().await;
+    let a = stack.account("target").await;
+    let url = format!("{}/v1/auth/sign-in", stack.api());
+    let guesses = (0..100).map(|i| {
+        let (http, url, email) = (stack.http.clone(), url.clone(), a.email.clone());
+        async move {
+            let body = json!({"email": email, "password": format!("guess number {i}")});
+            http.post(url).json(&body).timeout(Duration::from_secs(60)).send().await.expect("sign-in").status().as_u16()
+        }
+    });
+    let statuses = futures::future::join_all(guesses).await;
+    let checked = statuses.iter().filter(|s| **s == 401).count();
+    assert!(checked <= 10, "at most 10 passwords checked, got {checked}: {statuses:?}");
+    assert!(statuses.iter().all(|s| [401, 429, 503].contains(s)), "{statuses:?}");
+    assert!(statuses.contains(&429));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn password_hashing_is_bounded_and_addresses_are_budgeted() {
+    // A deployment with one hashing permit and no queueing, and small budgets.
+    let identity = homelink_command_api::auth::IdentityLimits {
+        hashing_permits: 1,
+        hashing_wait: Duration::from_millis(1),
+        failures_per_address: 15,
+        sign_ups_per_address_per_hour: 30,
+        ..Default::default()
+    };
+    let stack = Stack::start_with_identity(identity).await;
+    let url = format!("{}/v1/auth/sign-up", stack.api());
+
+    // 20 sign-ups at once: beyond the one running hash, 503 (busy) — none waits long.
+    let sign_ups = (0..20).map(|i| {
+        let (http, url) = (stack.http.clone(), url.clone());
+        async move {
+            let body = json!({"email": format!("p{i}-{}@test.homelink.dev", uuid::Uuid::new_v4().simple()), "password": "correct horse battery", "displayName": "P"});
+            let r = http.post(url).json(&body).timeout(Duration::from_secs(30)).send().await.expect("sign-up");
+            let status = r.status().as_u16();
+            let kind = r.json::<Value>().await.ok().and_then(|v| v["type"].as_str().map(str::to_owned));
+            (status, kind)
+        }
+    });
+    let answers = futures::future::join_all(sign_ups).await;
+    let created = answers.iter().filter(|(s, _)| *s == 201).count();
+    let busy = answers.iter().filter(|(s, k)| *s == 503 && k.as_deref() == Some("https://homelink.dev/problems/busy")).count();
+    assert!(created >= 1 && busy >= 1 && created + busy == 20, "{answers:?}");
+
+    // Sign-ups per address: 30 per hour, the busy ones included; the rest is 429.
+    let mut statuses = Vec::new();
+    for i in 0..20 {
+        let body = json!({"email": format!("q{i}-{}@test.homelink.dev", uuid::Uuid::new_v4().simple()), "password": "correct horse battery", "displayName": "Q"});
+        statuses.push(stack.http.post(&url).json(&body).send().await.expect("sign-up").status().as_u16());
+    }
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 10, "{statuses:?}");
+
+    // Failed sign-ins per address: 15 across different e-mails, then 429.
+    let sign_in = format!("{}/v1/auth/sign-in", stack.api());
+    let mut statuses = Vec::new();
+    for i in 0..16 {
+        let body = json!({"email": format!("nobody{i}@test.homelink.dev"), "password": "wrong password!"});
+        statuses.push(stack.http.post(&sign_in).json(&body).send().await.expect("sign-in").status().as_u16());
+    }
+    assert_eq!(&statuses[..15], &[401; 15]);
+    assert_eq!(statuses[15], 429);
+}

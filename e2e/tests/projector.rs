@@ -179,3 +179,36 @@ async fn events_arriving_by_push_and_by_the_log_are_applied_once() {
     assert_eq!(applied(&pool).await, total as i64, "each event applied exactly once");
     cancel.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn device_commands_past_their_retention_are_deleted() {
+    use homelink_events::event::DeviceCommandRequested;
+    let (env, topics, db_url) = isolated().await;
+    let appender = Appender::new(&ProducerConfig::new(&env.kafka)).expect("producer");
+    let (h, d) = (Uuid::new_v4(), Uuid::new_v4());
+    let (old, fresh) = (Uuid::new_v4(), Uuid::new_v4());
+    for (id, age_days) in [(old, 40), (fresh, 1)] {
+        let at = Utc::now() - chrono::Duration::days(age_days);
+        let ev = Event::DeviceCommandRequested(DeviceCommandRequested {
+            command_id: id,
+            device_id: d,
+            set: json!({"on": true}).as_object().cloned().unwrap_or_default(),
+            expires_at: at + chrono::Duration::seconds(10),
+        });
+        appender.append(&topics.commands(), &Envelope::new(h, Actor::System("test".into()), &ev, at)).await.expect("append");
+    }
+    let mut cfg = homelink_projector::Config::new(&db_url, &env.kafka, topics.clone());
+    cfg.fetch_wait = Duration::from_millis(100);
+    cfg.retention_every = Duration::from_millis(200);
+    let app = homelink_projector::Application::build(cfg).await.expect("projector");
+    let pool = app.pool();
+    let cancel = homelink_kit::shutdown::CancellationToken::new();
+    tokio::spawn(app.run_until_stopped(cancel.clone()));
+    eventually(Duration::from_secs(60), "both applied, the old one expired", || async {
+        let applied = applied(&pool).await;
+        let ids: Vec<Uuid> = sqlx::query_scalar("SELECT command_id FROM device_commands").fetch_all(&pool).await.ok()?;
+        (applied == 2 && ids == vec![fresh]).then_some(())
+    })
+    .await;
+    cancel.cancel();
+}

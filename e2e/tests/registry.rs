@@ -175,6 +175,31 @@ async fn register_connect_report_remove_and_reregister_through_the_broker() {
     let (c2, mut ev2) = connect(&stack, &lock2, None).await.expect("the new certificate connects");
     let topic2 = format!("home/{h}/device/{}/state", again.device_id);
     assert_eq!(publish(&c2, &mut ev2, topic2, state(1, json!({"locked": false}))).await, PubAckReason::Success);
+
+    // A removal whose request died right after the append (the event is in
+    // the log, nothing else happened): the reconcile loop revokes and kicks.
+    let cert_serial: Option<String> = sqlx::query_scalar("SELECT cert_serial FROM devices WHERE device_id = $1")
+        .bind(again.device_id)
+        .fetch_one(&stack.pool)
+        .await
+        .expect("cert serial");
+    let removed = homelink_events::Event::DeviceRemoved(homelink_events::event::DeviceRemoved {
+        device_id: again.device_id,
+        cert_serial,
+        serial: Some("SN-LOCK-1".into()),
+    });
+    let env = homelink_events::Envelope::new(h, homelink_events::Actor::User(owner.user_id.to_string()), &removed, chrono::Utc::now());
+    stack.appender.append(&stack.topics.households(), &env).await.expect("append");
+    let closed = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if ev2.poll().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the loop closed the connection of a device removed behind the request's back");
+    assert!(connect(&stack, &lock2, None).await.is_err(), "and its certificate is refused");
     let _ = c2.disconnect().await;
 }
 
@@ -308,6 +333,84 @@ async fn a_serial_belongs_to_one_household_at_a_time() {
     let n: i64 =
         sqlx::query_scalar("SELECT count(*) FROM devices WHERE serial LIKE 'SN-RACE-%'").fetch_one(&stack.pool).await.expect("count");
     assert_eq!(n, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_serial_is_claimed_only_after_the_caller_is_authorized() {
+    let stack = Stack::start().await;
+    let home = stack.household_with(&["child"], &[]).await;
+    let (owner, child) = (&home.accounts[0], &home.accounts[1]);
+    let stranger = stack.account("stranger").await;
+    let h = home.household_id;
+
+    // A child (403) and a stranger (404) are refused before any claim…
+    let r = register(&stack, child, h, DeviceKind::Plug, Some("SN-OWNERS-1")).await;
+    assert_eq!(r.status(), 403);
+    let r = register(&stack, &stranger, h, DeviceKind::Plug, Some("SN-OWNERS-1")).await;
+    assert_eq!(r.status(), 404);
+    // …so the serial is not held and the owner registers it.
+    let r = register(&stack, owner, h, DeviceKind::Plug, Some("SN-OWNERS-1")).await;
+    assert_eq!(r.status(), 201);
+    // Now claimed: the stranger still learns nothing from a household not theirs.
+    let r = register(&stack, &stranger, h, DeviceKind::Plug, Some("SN-OWNERS-1")).await;
+    assert_eq!(r.status(), 404);
+    let claims: i64 = sqlx::query_scalar("SELECT count(*) FROM device_serial_claims").fetch_one(&stack.pool).await.expect("claims");
+    assert_eq!(claims, 1);
+
+    // A household id that does not exist is a 404 and leaves no audit row,
+    // whatever the serial.
+    let ghost = Uuid::new_v4();
+    let r = register(&stack, &stranger, ghost, DeviceKind::Plug, Some("SN-OWNERS-1")).await;
+    assert_eq!(r.status(), 404);
+    // The refusals on the real household are audited (child, stranger twice).
+    let pool = stack.pool.clone();
+    eventually(Duration::from_secs(30), "the three refusals audited", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE outcome = 'denied'").fetch_one(&pool).await.ok()?;
+        (n == 3).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ghosts: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE household_id = $1")
+        .bind(ghost)
+        .fetch_one(&stack.pool)
+        .await
+        .expect("audit");
+    assert_eq!(ghosts, 0, "no audit rows for a household that does not exist");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_generated_private_key_is_shown_once_and_stored_nowhere() {
+    let stack = Stack::start().await;
+    let home = stack.seed(&[]).await;
+    let owner = &home.accounts[0];
+    let send = || {
+        stack
+            .http
+            .post(format!("{}/v1/households/{}/devices", stack.api(), home.household_id))
+            .bearer_auth(&owner.access_token)
+            .header("idempotency-key", "register-lamp-1")
+            .json(&json!({"kind": "light", "name": "Lamp"}))
+            .send()
+    };
+    let first = send().await.expect("register");
+    assert_eq!(first.status(), 201);
+    let first: Value = first.json().await.expect("json");
+    assert!(first["privateKeyPem"].as_str().is_some_and(|k| k.contains("PRIVATE KEY")), "the key is shown once");
+
+    let again = send().await.expect("replay");
+    assert_eq!(again.status(), 201);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    let again: Value = again.json().await.expect("json");
+    assert_eq!(again["deviceId"], first["deviceId"], "the same device");
+    assert_eq!(again["certificatePem"], first["certificatePem"], "the same certificate");
+    assert!(again.get("privateKeyPem").is_none(), "the replay carries no key: {again}");
+
+    // Nowhere in the database.
+    let found: i64 = sqlx::query_scalar("SELECT count(*) FROM idempotency_keys WHERE convert_from(body, 'UTF8') LIKE '%PRIVATE KEY%'")
+        .fetch_one(&stack.pool)
+        .await
+        .expect("idempotency records");
+    assert_eq!(found, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -13,6 +13,7 @@
 //! - [`schemas`]: the JSON Schemas of the device messages, generated from the
 //!   capability table (and committed under `schemas/device/`).
 //! - [`shadow`]: how a device shadow evolves from events (`Shadow::apply`).
+//! - [`text`]: what text every store can hold (no NUL characters).
 //! - [`topics`]: topic names (with a deployment prefix) and the household key.
 //!
 //! **Invariant**: this crate does no I/O and knows nothing of tokio, Kafka,
@@ -25,6 +26,7 @@ pub mod household;
 pub mod protocol;
 pub mod schemas;
 pub mod shadow;
+pub mod text;
 pub mod topics;
 
 pub use device::DeviceKind;

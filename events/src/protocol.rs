@@ -156,6 +156,8 @@ pub enum PayloadError {
     WrongDirection,
     #[error("reason must be given for rejected and failed, and be at most 200 characters")]
     Reason,
+    #[error("text must not contain the NUL character (\\u0000)")]
+    Nul,
     #[error(transparent)]
     Value(#[from] ValueError),
 }
@@ -171,6 +173,7 @@ impl PayloadError {
             PayloadError::Battery(_) => "battery",
             PayloadError::WrongDirection => "direction",
             PayloadError::Reason => "reason",
+            PayloadError::Nul => "nul",
             PayloadError::Value(_) => "capability",
         }
     }
@@ -202,6 +205,9 @@ pub fn decode_device_message(kind: DeviceKind, channel: Channel, payload: &[u8])
             if let Some(b) = m.battery.filter(|b| *b > 100) {
                 return Err(PayloadError::Battery(b));
             }
+            if m.state.iter().any(|(k, v)| crate::text::has_nul(k) || crate::text::value_has_nul(v)) {
+                return Err(PayloadError::Nul);
+            }
             kind.validate_state(&m.state)?;
             Ok(DeviceMessage::State(m))
         }
@@ -210,6 +216,9 @@ pub fn decode_device_message(kind: DeviceKind, channel: Channel, payload: &[u8])
             version(m.v)?;
             if m.reason.as_ref().is_some_and(|r| r.chars().count() > 200) || (m.status != AckStatus::Ok && m.reason.is_none()) {
                 return Err(PayloadError::Reason);
+            }
+            if m.reason.as_deref().is_some_and(crate::text::has_nul) {
+                return Err(PayloadError::Nul);
             }
             Ok(DeviceMessage::Ack(m))
         }
@@ -264,6 +273,10 @@ mod tests {
             let err = decode_device_message(k, Channel::State, p).unwrap_err();
             assert_eq!(err.kind(), kind, "{}", String::from_utf8_lossy(p));
         }
+        let nul = br#"{"v":1,"commandId":"7d0e6b0c-8a52-4a39-9a8e-7c1f3f0c2b11","status":"rejected","reason":"a\u0000b"}"#;
+        assert_eq!(decode_device_message(k, Channel::Ack, nul).unwrap_err().kind(), "nul");
+        let nul_key = br#"{"v":1,"seq":1,"state":{"on\u0000":true}}"#;
+        assert_eq!(decode_device_message(k, Channel::State, nul_key).unwrap_err().kind(), "nul");
         let deep = format!("{}{}", "[".repeat(1_000), "]".repeat(1_000));
         assert_eq!(decode_device_message(k, Channel::Ack, deep.as_bytes()).unwrap_err().kind(), "malformed");
         let big = vec![b' '; MAX_PAYLOAD_BYTES + 1];

@@ -19,3 +19,14 @@ impl CommonArgs {
         homelink_events::Topics::new(&self.topic_prefix)
     }
 }
+
+/// A secret from `file` (a trailing newline trimmed) or, without one, from
+/// the environment variable `var`; empty when neither is set. Secrets never
+/// come from command-line values, which every local user can read in
+/// `/proc/<pid>/cmdline`.
+pub fn secret(var: &str, file: Option<&std::path::Path>) -> std::io::Result<String> {
+    match file {
+        Some(f) => Ok(std::fs::read_to_string(f)?.trim_end_matches(['\n', '\r']).to_owned()),
+        None => Ok(std::env::var(var).unwrap_or_default()),
+    }
+}

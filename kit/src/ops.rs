@@ -54,11 +54,14 @@ pub async fn bind(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
 }
 
 /// Serves `router` on `listener` until `cancel` fires, with TCP_NODELAY on
-/// every connection (small responses must not wait for a delayed ACK).
+/// every connection (small responses must not wait for a delayed ACK) and the
+/// peer's address as `ConnectInfo<SocketAddr>` (per-address limits).
 pub async fn serve(listener: tokio::net::TcpListener, router: Router, cancel: tokio_util::sync::CancellationToken) -> std::io::Result<()> {
     use axum::serve::ListenerExt;
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, router).with_graceful_shutdown(async move { cancel.cancelled().await }).await
+    axum::serve(listener, router.into_make_service_with_connect_info::<std::net::SocketAddr>())
+        .with_graceful_shutdown(async move { cancel.cancelled().await })
+        .await
 }

@@ -53,7 +53,9 @@ fn hex(bytes: &[u8]) -> String {
 
 /// Parses a lowercase or uppercase hex serial.
 pub fn serial_from_hex(s: &str) -> Option<SerialNumber> {
-    if s.is_empty() || !s.len().is_multiple_of(2) || s.len() > 40 {
+    // Hex digits only (ASCII), so slicing by byte index below is safe for
+    // any input — it may come from the log.
+    if s.is_empty() || !s.len().is_multiple_of(2) || s.len() > 40 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let bytes: Option<Vec<u8>> = (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect();
@@ -130,6 +132,14 @@ impl DeviceCa {
 mod tests {
     use super::*;
     use rcgen::PublicKeyData;
+
+    #[test]
+    fn serials_from_any_text_never_panic() {
+        assert!(serial_from_hex("0a1B").is_some());
+        for bad in ["", "abc", "aé1", "éé", "zz", "0x12", &"ab".repeat(21)] {
+            assert!(serial_from_hex(bad).is_none(), "{bad}");
+        }
+    }
 
     fn ca(dir: &Path) -> DeviceCa {
         let key = KeyPair::generate().unwrap();

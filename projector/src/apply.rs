@@ -8,6 +8,15 @@
 //! - an event applied through the push channel is recorded in
 //!   `projector_pushed` and skipped (and forgotten) when the consumer passes it.
 //!
+//! A record the applier cannot apply because of its content (Postgres refuses
+//! a value, the envelope does not decode) is isolated by bisecting the batch
+//! and recorded in `projector_dead_letters` with its position and the reason,
+//! and the projection moves on: a poison record never stops a partition.
+//! Errors of the store itself (connection lost, shutdown, serialization) are
+//! retried instead, and before a retry the committed offsets are re-read, so
+//! a COMMIT that reached disk although the client saw an error is not applied
+//! a second time.
+//!
 //! Semantic guards come on top: a device report applies only if its `seq` is
 //! higher than the shadow's, a status only if its offset is, and a command's
 //! status only moves forward. So a duplicate record (a producer retry at a
@@ -43,6 +52,99 @@ pub struct Batch {
     /// For `Source::Log`: the next offset per `(topic, partition)` once this
     /// batch is applied (it also covers undecodable records that were skipped).
     pub next_offsets: Vec<(String, i32, i64)>,
+    /// Records that could not even be decoded, recorded as dead letters in
+    /// the same transaction.
+    pub dead: Vec<DeadRecord>,
+}
+
+impl Batch {
+    pub fn log(events: Vec<Located>, next_offsets: Vec<(String, i32, i64)>, dead: Vec<DeadRecord>) -> Self {
+        Self { source: Source::Log, events, next_offsets, dead }
+    }
+
+    pub fn push(events: Vec<Located>) -> Self {
+        Self { source: Source::Push, events, next_offsets: Vec::new(), dead: Vec::new() }
+    }
+}
+
+/// A record the projector cannot apply, as it goes into `projector_dead_letters`.
+#[derive(Debug, Clone)]
+pub struct DeadRecord {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub source: Source,
+    pub event_id: Option<Uuid>,
+    pub household_id: Option<Uuid>,
+    pub event_type: Option<String>,
+    pub reason: String,
+    pub payload: String,
+}
+
+/// Longest payload text kept in a dead-letter row.
+const DEAD_PAYLOAD_MAX: usize = 64 * 1024;
+
+impl DeadRecord {
+    /// A record whose bytes did not decode into an envelope.
+    pub fn undecodable(topic: &str, partition: i32, offset: i64, raw: &[u8], reason: &str) -> Self {
+        Self {
+            topic: topic.to_owned(),
+            partition,
+            offset,
+            source: Source::Log,
+            event_id: None,
+            household_id: None,
+            event_type: None,
+            reason: storable(reason),
+            payload: storable(&String::from_utf8_lossy(raw)),
+        }
+    }
+
+    /// A decoded envelope that could not be applied.
+    pub fn of(l: &Located, source: Source, reason: &str) -> Self {
+        Self {
+            topic: l.topic.clone(),
+            partition: l.partition,
+            offset: l.offset,
+            source,
+            event_id: Some(l.envelope.event_id),
+            household_id: Some(l.envelope.household_id),
+            event_type: Some(storable(&l.envelope.event_type)),
+            reason: storable(reason),
+            // serde_json escapes control characters, NUL included.
+            payload: storable(&serde_json::to_string(&l.envelope).unwrap_or_default()),
+        }
+    }
+}
+
+/// Text Postgres can hold: NULs escaped, at most [`DEAD_PAYLOAD_MAX`] bytes.
+fn storable(s: &str) -> String {
+    let mut s = s.replace('\0', "\\u0000");
+    if s.len() > DEAD_PAYLOAD_MAX {
+        let mut end = DEAD_PAYLOAD_MAX;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+/// Whether an error is the store's (retry the batch) rather than the
+/// content's (isolate and dead-letter the record). SQLSTATE classes 08
+/// (connection), 40 (rollback: serialization, deadlock), 53 (resources), 55
+/// (object state, lock not available), 57 (operator intervention, shutdown),
+/// 58 (system) and XX (internal) are the store's; so is every error that is
+/// not an answer from the server (I/O, TLS, pool, protocol).
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => match d.code() {
+            Some(code) => matches!(code.get(..2), Some("08" | "40" | "53" | "55" | "57" | "58" | "XX")),
+            None => true,
+        },
+        sqlx::Error::Encode(_) | sqlx::Error::Decode(_) | sqlx::Error::ColumnDecode { .. } | sqlx::Error::TypeNotFound { .. } => false,
+        _ => true,
+    }
 }
 
 /// What a batch did, for the caller and for tests.
@@ -56,8 +158,11 @@ pub struct Outcome {
 pub struct Applier {
     pool: PgPool,
     metrics: ServiceMetrics,
-    /// Mirror of `projector_offsets`, valid because this is the only writer.
+    /// Mirror of `projector_offsets`, valid because this is the only writer
+    /// and re-read after any failed transaction (its COMMIT may have landed).
     next_offsets: HashMap<(String, i32), i64>,
+    /// A transaction failed since the mirror was last read.
+    stale: bool,
 }
 
 type Key = (String, i32, i64);
@@ -66,16 +171,137 @@ impl Applier {
     pub async fn load(pool: PgPool, metrics: ServiceMetrics) -> Result<Self, sqlx::Error> {
         let rows = sqlx::query("SELECT topic, partition, next_offset FROM projector_offsets").fetch_all(&pool).await?;
         let next_offsets = rows.into_iter().map(|r| ((r.get::<String, _>(0), r.get::<i32, _>(1)), r.get::<i64, _>(2))).collect();
-        Ok(Self { pool, metrics, next_offsets })
+        Ok(Self { pool, metrics, next_offsets, stale: false })
     }
 
     pub fn next_offset(&self, topic: &str, partition: i32) -> Option<i64> {
         self.next_offsets.get(&(topic.to_owned(), partition)).copied()
     }
 
-    /// Applies several batches in one transaction. All or nothing.
+    /// Applies several batches in one transaction, all or nothing; a record
+    /// that fails on its content is isolated and dead-lettered, the rest
+    /// applied. An `Err` is the store's: retry the same batches.
     pub async fn apply(&mut self, batches: &[&Batch]) -> Result<Outcome, sqlx::Error> {
+        match self.apply_once(batches).await {
+            Err(e) if !is_transient(&e) => {
+                tracing::warn!(error = %e, "a batch failed on its content; isolating the records that cannot be applied");
+                self.isolate(batches).await
+            }
+            r => r,
+        }
+    }
+
+    /// Bisects the batches' events (in log position order) until every
+    /// record either applied or, alone, failed on its content and was
+    /// dead-lettered; then commits the batches' own end positions.
+    async fn isolate(&mut self, batches: &[&Batch]) -> Result<Outcome, sqlx::Error> {
+        let mut units: BTreeMap<Key, (&Located, Source)> = BTreeMap::new();
+        for b in batches {
+            for e in &b.events {
+                let slot = units.entry((e.topic.clone(), e.partition, e.offset)).or_insert((e, b.source));
+                if b.source == Source::Log {
+                    slot.1 = Source::Log;
+                }
+            }
+        }
+        let units: Vec<(&Located, Source)> = units.into_values().collect();
+        let mut out = Outcome::default();
+        // Ranges to try, the next one on top: halves are pushed right first.
+        let mut todo = vec![(0, units.len())];
+        while let Some((lo, hi)) = todo.pop() {
+            if lo >= hi {
+                continue;
+            }
+            let part = sub_batches(&units[lo..hi]);
+            let refs: Vec<&Batch> = part.iter().collect();
+            match self.apply_once(&refs).await {
+                Ok(o) => {
+                    out.applied += o.applied;
+                    out.skipped += o.skipped;
+                }
+                Err(e) if is_transient(&e) => return Err(e),
+                Err(e) if hi - lo == 1 => {
+                    let (l, source) = units[lo];
+                    self.dead_letter(&DeadRecord::of(l, source, &e.to_string())).await?;
+                    out.skipped += 1;
+                }
+                Err(_) => {
+                    let mid = lo + (hi - lo) / 2;
+                    todo.push((mid, hi));
+                    todo.push((lo, mid));
+                }
+            }
+        }
+        let ends: Vec<Batch> = batches
+            .iter()
+            .filter(|b| !b.next_offsets.is_empty() || !b.dead.is_empty())
+            .map(|b| Batch { source: b.source, events: Vec::new(), next_offsets: b.next_offsets.clone(), dead: b.dead.clone() })
+            .collect();
+        if !ends.is_empty() {
+            let refs: Vec<&Batch> = ends.iter().collect();
+            self.apply_once(&refs).await?;
+        }
+        Ok(out)
+    }
+
+    /// Records one record the projector cannot apply and moves past it: a log
+    /// record advances its partition's offset, a pushed one is marked applied
+    /// so the consumer skips it.
+    async fn dead_letter(&mut self, d: &DeadRecord) -> Result<(), sqlx::Error> {
+        tracing::error!(topic = %d.topic, partition = d.partition, offset = d.offset, reason = %d.reason, "record dead-lettered");
         let mut tx = self.pool.begin().await?;
+        insert_dead(&mut tx, std::slice::from_ref(d)).await?;
+        match d.source {
+            Source::Log => {
+                sqlx::query(
+                    r#"INSERT INTO projector_offsets (topic, partition, next_offset) VALUES ($1, $2, $3)
+                       ON CONFLICT (topic, partition) DO UPDATE SET next_offset = GREATEST(projector_offsets.next_offset, EXCLUDED.next_offset)"#,
+                )
+                .bind(&d.topic)
+                .bind(d.partition)
+                .bind(d.offset + 1)
+                .execute(&mut *tx)
+                .await?;
+            }
+            Source::Push => {
+                sqlx::query(r#"INSERT INTO projector_pushed (topic, partition, "offset") VALUES ($1, $2, $3) ON CONFLICT DO NOTHING"#)
+                    .bind(&d.topic)
+                    .bind(d.partition)
+                    .bind(d.offset)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        if let Err(e) = tx.commit().await {
+            self.stale = true;
+            return Err(e);
+        }
+        if d.source == Source::Log {
+            let cur = self.next_offsets.entry((d.topic.clone(), d.partition)).or_insert(d.offset + 1);
+            *cur = (*cur).max(d.offset + 1);
+        }
+        self.metrics.errors.with_label_values(&["dead_letter"]).inc();
+        Ok(())
+    }
+
+    /// One transaction; marks the offset mirror stale when it fails.
+    async fn apply_once(&mut self, batches: &[&Batch]) -> Result<Outcome, sqlx::Error> {
+        let r = self.apply_tx(batches).await;
+        if r.is_err() {
+            self.stale = true;
+        }
+        r
+    }
+
+    async fn apply_tx(&mut self, batches: &[&Batch]) -> Result<Outcome, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        if self.stale {
+            // The last COMMIT may have reached disk although we saw an error:
+            // what is committed is the truth, not the mirror.
+            let rows = sqlx::query("SELECT topic, partition, next_offset FROM projector_offsets").fetch_all(&mut *tx).await?;
+            self.next_offsets = rows.into_iter().map(|r| ((r.get::<String, _>(0), r.get::<i32, _>(1)), r.get::<i64, _>(2))).collect();
+            self.stale = false;
+        }
 
         // Collect events by position; the same event may come by both paths.
         let mut by_pos: BTreeMap<Key, (&Located, Source)> = BTreeMap::new();
@@ -142,18 +368,27 @@ impl Applier {
         }
 
         let mut work = Vec::new();
-        for (k, (located, _)) in &by_pos {
+        let mut dead: Vec<DeadRecord> = batches.iter().flat_map(|b| b.dead.iter().cloned()).collect();
+        for (k, (located, source)) in &by_pos {
             if already.contains(k) {
                 continue;
             }
             match located.envelope.event() {
-                Ok(ev) => work.push((*located, ev)),
+                Ok(ev) => match unstorable(&located.envelope, &ev) {
+                    None => work.push((*located, ev)),
+                    Some(why) => {
+                        tracing::warn!(topic = %k.0, offset = k.2, %why, "unstorable event dead-lettered");
+                        dead.push(DeadRecord::of(located, *source, &why));
+                    }
+                },
                 Err(e) => {
-                    tracing::warn!(error = %e, topic = %k.0, offset = k.2, "undecodable event skipped");
+                    tracing::warn!(error = %e, topic = %k.0, offset = k.2, "undecodable event dead-lettered");
                     self.metrics.errors.with_label_values(&["undecodable_event"]).inc();
+                    dead.push(DeadRecord::of(located, *source, &format!("undecodable event: {e}")));
                 }
             }
         }
+        insert_dead(&mut tx, &dead).await?;
 
         let notifications = apply_events(&mut tx, &work).await?;
 
@@ -186,8 +421,81 @@ impl Applier {
         }
         let applied = work.len();
         self.metrics.messages_out.with_label_values(&["applied"]).inc_by(applied as u64);
+        self.metrics.errors.with_label_values(&["dead_letter"]).inc_by(dead.len() as u64);
         Ok(Outcome { applied, skipped: total - applied })
     }
+}
+
+/// Why an event cannot be stored although it decodes: a sequence number
+/// beyond Postgres's `bigint` (the MQTT edge refuses them; a record written
+/// behind its back must not wrap to a negative number).
+fn unstorable(env: &homelink_events::Envelope, ev: &Event) -> Option<String> {
+    use homelink_events::protocol::MAX_SEQ;
+    if env.seq.is_some_and(|s| s > MAX_SEQ) {
+        return Some(format!("stream seq {} exceeds {MAX_SEQ}", env.seq.unwrap_or_default()));
+    }
+    match ev {
+        Event::DeviceStateReported(r) if r.seq > MAX_SEQ => Some(format!("report seq {} exceeds {MAX_SEQ}", r.seq)),
+        _ => None,
+    }
+}
+
+/// The events of `units` (in log position order) as at most two batches: the
+/// log ones, whose end positions follow from their offsets, and the pushed ones.
+fn sub_batches(units: &[(&Located, Source)]) -> Vec<Batch> {
+    let mut log = Vec::new();
+    let mut push = Vec::new();
+    let mut ends: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    for (l, source) in units {
+        match source {
+            Source::Log => {
+                let end = ends.entry((l.topic.clone(), l.partition)).or_insert(l.offset + 1);
+                *end = (*end).max(l.offset + 1);
+                log.push((*l).clone());
+            }
+            Source::Push => push.push((*l).clone()),
+        }
+    }
+    let next_offsets = ends.into_iter().map(|((t, p), n)| (t, p, n)).collect();
+    vec![Batch::log(log, next_offsets, Vec::new()), Batch::push(push)]
+}
+
+async fn insert_dead(tx: &mut Transaction<'_, Postgres>, dead: &[DeadRecord]) -> Result<(), sqlx::Error> {
+    if dead.is_empty() {
+        return Ok(());
+    }
+    let col = |f: fn(&DeadRecord) -> Option<String>| dead.iter().map(f).collect::<Vec<_>>();
+    let topics = col(|d| Some(d.topic.clone()));
+    let sources = col(|d| {
+        Some(match d.source {
+            Source::Log => "log".to_owned(),
+            Source::Push => "push".to_owned(),
+        })
+    });
+    let types = col(|d| d.event_type.clone());
+    let reasons = col(|d| Some(d.reason.clone()));
+    let payloads = col(|d| Some(d.payload.clone()));
+    let partitions: Vec<i32> = dead.iter().map(|d| d.partition).collect();
+    let offsets: Vec<i64> = dead.iter().map(|d| d.offset).collect();
+    let events: Vec<Option<Uuid>> = dead.iter().map(|d| d.event_id).collect();
+    let households: Vec<Option<Uuid>> = dead.iter().map(|d| d.household_id).collect();
+    sqlx::query(
+        r#"INSERT INTO projector_dead_letters (topic, partition, "offset", source, event_id, household_id, event_type, reason, payload)
+           SELECT * FROM UNNEST($1::text[], $2::int[], $3::bigint[], $4::text[], $5::uuid[], $6::uuid[], $7::text[], $8::text[], $9::text[])
+           ON CONFLICT DO NOTHING"#,
+    )
+    .bind(&topics)
+    .bind(&partitions)
+    .bind(&offsets)
+    .bind(&sources)
+    .bind(&events)
+    .bind(&households)
+    .bind(&types)
+    .bind(&reasons)
+    .bind(&payloads)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 fn unzip3<A, B, C>(it: impl Iterator<Item = (A, B, C)>) -> (Vec<A>, Vec<B>, Vec<C>) {
@@ -315,8 +623,9 @@ impl ShadowColumns {
         self.device.push(device);
         self.household.push(household);
         self.reported.push(Value::Object(s.reported.clone()));
-        // `seq` is validated at the edge to fit an i64 (protocol::MAX_SEQ).
-        self.seq.push(s.seq as i64);
+        // `seq` fits an i64: the MQTT edge refuses larger ones and the
+        // applier dead-letters any that reach it another way (`unstorable`).
+        self.seq.push(i64::try_from(s.seq).unwrap_or(i64::MAX));
         self.version.push(s.version as i64);
         self.battery.push(s.battery.map(i16::from));
         self.online.push(s.online);

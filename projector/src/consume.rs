@@ -2,7 +2,7 @@
 //! offsets in `projector_offsets`, read in large batches with a long fetch
 //! wait (the bulk path; the push channel carries the latency).
 
-use crate::apply::{Applier, Batch, Source};
+use crate::apply::{Applier, Batch, DeadRecord};
 use crate::{Config, Job, Positions};
 use futures::{FutureExt, StreamExt};
 use homelink_events::Envelope;
@@ -70,6 +70,7 @@ impl CatchUp {
                 }
             }
             let mut events = Vec::with_capacity(msgs.len());
+            let mut dead = Vec::new();
             let mut next: HashMap<(String, i32), i64> = HashMap::new();
             for m in msgs.into_iter().flatten() {
                 let m = match m {
@@ -86,9 +87,10 @@ impl CatchUp {
                 match Envelope::from_json(m.payload().unwrap_or_default()) {
                     Ok(envelope) => events.push(Located { topic, partition, offset, envelope }),
                     Err(e) => {
-                        // Skipped but counted; its offset still advances so one bad record cannot stall the projection.
-                        tracing::warn!(error = %e, %topic, offset, "undecodable record skipped");
+                        // Dead-lettered with the batch; its offset advances so one bad record cannot stall the projection.
+                        tracing::warn!(error = %e, %topic, offset, "undecodable record dead-lettered");
                         self.metrics.errors.with_label_values(&["undecodable_record"]).inc();
+                        dead.push(DeadRecord::undecodable(&topic, partition, offset, m.payload().unwrap_or_default(), &e.to_string()));
                     }
                 }
             }
@@ -96,7 +98,7 @@ impl CatchUp {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
-            let batch = Batch { source: Source::Log, events, next_offsets: next.into_iter().map(|((t, p), n)| (t, p, n)).collect() };
+            let batch = Batch::log(events, next.into_iter().map(|((t, p), n)| (t, p, n)).collect(), dead);
             if jobs.send(Job { batch, reply: None }).await.is_err() {
                 break;
             }

@@ -49,6 +49,11 @@ pub struct Config {
     pub fetch_wait: Duration,
     /// Most records per catch-up batch.
     pub batch_max: usize,
+    /// How long a device command's row is kept after it was requested (its
+    /// events stay in the log; the audit log keeps who did what).
+    pub command_retention: Duration,
+    /// How often rows past their retention are deleted.
+    pub retention_every: Duration,
 }
 
 impl Config {
@@ -60,6 +65,8 @@ impl Config {
             listen: "127.0.0.1:0".into(),
             fetch_wait: Duration::from_millis(500),
             batch_max: 5_000,
+            command_retention: Duration::from_secs(30 * 24 * 3600),
+            retention_every: Duration::from_secs(3600),
         }
     }
 }
@@ -88,6 +95,7 @@ pub struct Application {
     jobs_rx: mpsc::Receiver<Job>,
     jobs_tx: mpsc::Sender<Job>,
     consumer: consume::CatchUp,
+    retention: (Duration, Duration),
 }
 
 /// Applies the read-model migrations. Other services keep their own tables in
@@ -113,7 +121,8 @@ impl Application {
             .with_state(AppState { jobs: jobs_tx.clone() })
             .merge(homelink_kit::ops::router(metrics.clone(), homelink_kit::ops::postgres_ready(pool.clone())));
         let listener = homelink_kit::ops::bind(&cfg.listen).await?;
-        Ok(Self { listener, router, pool, metrics, applier, jobs_rx, jobs_tx, consumer })
+        let retention = (cfg.command_retention, cfg.retention_every);
+        Ok(Self { listener, router, pool, metrics, applier, jobs_rx, jobs_tx, consumer, retention })
     }
 
     pub fn port(&self) -> u16 {
@@ -133,6 +142,7 @@ impl Application {
         let positions: Positions = Arc::default();
         let writer = tokio::spawn(run_applier(self.applier, self.jobs_rx, self.metrics.clone(), positions.clone(), cancel.clone()));
         let catch_up = tokio::spawn(self.consumer.run(self.jobs_tx, positions, cancel.clone()));
+        tokio::spawn(expire_commands(self.pool.clone(), self.retention.0, self.retention.1, self.metrics.clone(), cancel.clone()));
         homelink_kit::ops::serve(self.listener, self.router, cancel.clone()).await?;
         let _ = catch_up.await;
         let _ = writer.await;
@@ -140,11 +150,31 @@ impl Application {
     }
 }
 
+/// Deletes `device_commands` rows requested longer than `retention` ago,
+/// every `every`, until cancelled: the table would otherwise grow with every
+/// tap forever. A rebuild from the log recreates old rows until the next sweep.
+async fn expire_commands(pool: PgPool, retention: Duration, every: Duration, metrics: ServiceMetrics, cancel: CancellationToken) {
+    loop {
+        let r = sqlx::query("DELETE FROM device_commands WHERE COALESCE(requested_at, acked_at) < now() - make_interval(secs => $1)")
+            .bind(retention.as_secs_f64())
+            .execute(&pool)
+            .await;
+        match r {
+            Ok(done) => metrics.messages_out.with_label_values(&["commands_expired"]).inc_by(done.rows_affected()),
+            Err(e) => {
+                tracing::warn!(error = %e, "expiring device commands failed");
+                metrics.errors.with_label_values(&["retention"]).inc();
+            }
+        }
+        tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(every) => {} }
+    }
+}
+
 /// `POST /internal/v1/events`: events the bridge appended, applied ahead of
 /// the catch-up consumer. Answers after the transaction committed.
 async fn push_events(State(s): State<AppState>, Json(events): Json<Vec<Located>>) -> (StatusCode, Json<serde_json::Value>) {
     let (reply, rx) = oneshot::channel();
-    let job = Job { batch: Batch { source: Source::Push, events, next_offsets: Vec::new() }, reply: Some(reply) };
+    let job = Job { batch: Batch::push(events), reply: Some(reply) };
     if s.jobs.send(job).await.is_err() {
         return (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"error": "shutting down"})));
     }

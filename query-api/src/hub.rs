@@ -7,6 +7,11 @@
 //! subscription sees: it re-checks the viewer's role whenever their
 //! membership changes (and after a lost LISTEN connection), narrows what it
 //! delivers on a demotion and ends on a removal.
+//!
+//! Bounded: a subscription is admitted only after the viewer's role was
+//! checked, within a cap per connection and per user ([`Ticket`]), and a
+//! household's channel is dropped with its last subscriber, so the hub holds
+//! only households someone is watching.
 
 use crate::schema::{codes, error, role_in, DeviceChange, HouseholdChange};
 use async_graphql::futures_util::Stream;
@@ -18,9 +23,11 @@ use homelink_events::topics::{
 use homelink_events::{DeviceKind, Role};
 use homelink_kit::metrics::ServiceMetrics;
 use homelink_kit::shutdown::CancellationToken;
+use prometheus::IntGauge;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::broadcast;
@@ -43,15 +50,120 @@ pub enum HubEvent {
     Recheck,
 }
 
-#[derive(Default)]
+/// How many subscriptions one WebSocket connection, and one user across
+/// this process's connections, may hold at once.
+#[derive(Debug, Clone, Copy)]
+pub struct SubscriptionLimits {
+    pub per_connection: usize,
+    pub per_user: usize,
+}
+
+impl Default for SubscriptionLimits {
+    fn default() -> Self {
+        Self { per_connection: 32, per_user: 128 }
+    }
+}
+
+/// The subscriptions a WebSocket connection holds (its connection data).
+#[derive(Debug, Default)]
+pub struct ConnectionSubscriptions(AtomicUsize);
+
 pub struct Hub {
     households: Mutex<HashMap<Uuid, broadcast::Sender<HubEvent>>>,
+    per_user: Mutex<HashMap<Uuid, usize>>,
+    limits: SubscriptionLimits,
+    channels: IntGauge,
+    active: IntGauge,
+}
+
+/// An admitted subscription; dropping it gives its places back and drops the
+/// household's channel if nobody else watches it.
+pub struct Ticket {
+    hub: Arc<Hub>,
+    household: Uuid,
+    user: Uuid,
+    connection: Arc<ConnectionSubscriptions>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.connection.0.fetch_sub(1, Ordering::SeqCst);
+        {
+            let mut users = self.hub.per_user.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = users.get_mut(&self.user) {
+                *n -= 1;
+                if *n == 0 {
+                    users.remove(&self.user);
+                }
+            }
+        }
+        self.hub.active.dec();
+        self.hub.forget_if_idle(self.household);
+    }
+}
+
+/// Why a subscription was not admitted.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    #[error("at most {0} subscriptions per connection")]
+    Connection(usize),
+    #[error("at most {0} subscriptions per user")]
+    User(usize),
 }
 
 impl Hub {
-    pub fn subscribe(&self, household: Uuid) -> broadcast::Receiver<HubEvent> {
+    /// A hub whose gauges (`homelink_query_api_hub_households`,
+    /// `homelink_query_api_subscriptions_active`) are in `metrics`.
+    pub fn new(limits: SubscriptionLimits, metrics: &ServiceMetrics) -> Self {
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(format!("homelink_query_api_{name}"), help).expect("valid metric");
+            metrics.registry.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        Self {
+            households: Mutex::default(),
+            per_user: Mutex::default(),
+            limits,
+            channels: gauge("hub_households", "Households with a change channel (someone subscribed)"),
+            active: gauge("subscriptions_active", "Open subscriptions"),
+        }
+    }
+
+    /// Admits one more subscription of `user` on `connection` for
+    /// `household`, within the caps. Call after the role check.
+    pub fn admit(self: &Arc<Self>, household: Uuid, user: Uuid, connection: Arc<ConnectionSubscriptions>) -> Result<Ticket, Refused> {
+        if connection.0.fetch_add(1, Ordering::SeqCst) >= self.limits.per_connection {
+            connection.0.fetch_sub(1, Ordering::SeqCst);
+            return Err(Refused::Connection(self.limits.per_connection));
+        }
+        {
+            let mut users = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
+            let n = users.entry(user).or_default();
+            if *n >= self.limits.per_user {
+                drop(users);
+                connection.0.fetch_sub(1, Ordering::SeqCst);
+                return Err(Refused::User(self.limits.per_user));
+            }
+            *n += 1;
+        }
+        self.active.inc();
+        Ok(Ticket { hub: self.clone(), household, user, connection })
+    }
+
+    /// The household's change channel (an admitted subscription's).
+    pub fn subscribe(&self, ticket: &Ticket) -> broadcast::Receiver<HubEvent> {
         let mut h = self.households.lock().unwrap_or_else(|e| e.into_inner());
-        h.entry(household).or_insert_with(|| broadcast::channel(PER_HOUSEHOLD_BUFFER).0).subscribe()
+        let rx = h.entry(ticket.household).or_insert_with(|| broadcast::channel(PER_HOUSEHOLD_BUFFER).0).subscribe();
+        self.channels.set(h.len() as i64);
+        rx
+    }
+
+    fn forget_if_idle(&self, household: Uuid) {
+        let mut h = self.households.lock().unwrap_or_else(|e| e.into_inner());
+        if h.get(&household).is_some_and(|tx| tx.receiver_count() == 0) {
+            h.remove(&household);
+        }
+        self.channels.set(h.len() as i64);
     }
 
     /// Delivers to the household's subscribers; forgets households nobody watches.
@@ -64,6 +176,7 @@ impl Hub {
         if let Some(tx) = h.get(&household) {
             if tx.send(ev).is_err() {
                 h.remove(&household);
+                self.channels.set(h.len() as i64);
             }
         }
     }
@@ -169,7 +282,9 @@ pub enum Visible {
 /// One subscriber's view of a household: its role, kept current, and what
 /// that role may see.
 pub struct Watch {
+    // Dropped before the ticket, so the ticket sees the channel's last receiver gone.
     rx: BroadcastStream<HubEvent>,
+    _ticket: Ticket,
     pool: PgPool,
     household: Uuid,
     user: Uuid,
@@ -179,8 +294,9 @@ pub struct Watch {
 }
 
 impl Watch {
-    pub fn new(rx: broadcast::Receiver<HubEvent>, pool: PgPool, household: Uuid, user: Uuid, role: Role) -> Self {
-        Self { rx: BroadcastStream::new(rx), pool, household, user, role, kinds: HashMap::new(), ended: false }
+    pub fn new(rx: broadcast::Receiver<HubEvent>, ticket: Ticket, pool: PgPool, user: Uuid, role: Role) -> Self {
+        let household = ticket.household;
+        Self { rx: BroadcastStream::new(rx), _ticket: ticket, pool, household, user, role, kinds: HashMap::new(), ended: false }
     }
 
     async fn kind_of(&mut self, device: Uuid) -> Option<DeviceKind> {
@@ -270,12 +386,12 @@ fn removed() -> async_graphql::Error {
 /// they are removed from it.
 pub fn authorized_changes(
     rx: broadcast::Receiver<HubEvent>,
+    ticket: Ticket,
     pool: PgPool,
-    household: Uuid,
     user: Uuid,
     role: Role,
 ) -> impl Stream<Item = async_graphql::Result<DeviceChange>> {
-    futures::stream::unfold(Watch::new(rx, pool, household, user, role), |mut w| async move {
+    futures::stream::unfold(Watch::new(rx, ticket, pool, user, role), |mut w| async move {
         match w.next(false).await? {
             Visible::Shadow(c) => Some((Ok(DeviceChange::from(c.as_ref())), w)),
             Visible::Registry(_) => None,
@@ -287,12 +403,12 @@ pub fn authorized_changes(
 /// Shadow and registry changes of `household`, for the household subscription.
 pub fn authorized_household_changes(
     rx: broadcast::Receiver<HubEvent>,
+    ticket: Ticket,
     pool: PgPool,
-    household: Uuid,
     user: Uuid,
     role: Role,
 ) -> impl Stream<Item = async_graphql::Result<HouseholdChange>> {
-    futures::stream::unfold(Watch::new(rx, pool, household, user, role), |mut w| async move {
+    futures::stream::unfold(Watch::new(rx, ticket, pool, user, role), |mut w| async move {
         match w.next(true).await? {
             Visible::Shadow(c) => Some((Ok(HouseholdChange::from_shadow(c.as_ref())), w)),
             Visible::Registry(r) => Some((Ok(HouseholdChange::from_registry(r.as_ref())), w)),

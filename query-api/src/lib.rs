@@ -39,6 +39,7 @@ pub struct Config {
     /// command-api's `/.well-known/jwks.json`: the keys access tokens are checked with.
     pub jwks_url: String,
     pub jwks_refresh: Duration,
+    pub subscriptions: hub::SubscriptionLimits,
 }
 
 impl Config {
@@ -49,6 +50,7 @@ impl Config {
             introspection: true,
             jwks_url: jwks_url.into(),
             jwks_refresh: Duration::from_secs(10),
+            subscriptions: hub::SubscriptionLimits::default(),
         }
     }
 }
@@ -77,7 +79,7 @@ impl Application {
     pub async fn build(cfg: Config) -> anyhow::Result<Self> {
         let metrics = ServiceMetrics::new("query_api");
         let pool = homelink_kit::db::connect_with_retry(&cfg.database_url, 16, Duration::from_secs(30)).await?;
-        let hub = Arc::new(Hub::default());
+        let hub = Arc::new(Hub::new(cfg.subscriptions, &metrics));
         let limits = Limits { introspection: cfg.introspection, ..Limits::default() };
         let schema = schema::build(pool.clone(), hub.clone(), &limits);
         let listening = Arc::new(AtomicBool::new(false));
@@ -199,7 +201,11 @@ async fn graphiql_or_subscription(State(s): State<AppState>, req: Request) -> Re
         Err(e) => return e.into_response(),
     };
     let (schema, verifier) = (s.schema.clone(), s.verifier.clone());
+    // A message is one GraphQL request: the same 64 KiB bound as over HTTP
+    // (the WebSocket default would be 64 MiB).
     ws.protocols(ALL_WEBSOCKET_PROTOCOLS)
+        .max_message_size(MAX_REQUEST_BYTES)
+        .max_frame_size(MAX_REQUEST_BYTES)
         .on_upgrade(move |stream| {
             GraphQLWebSocket::new(stream, schema, protocol)
                 .on_connection_init(move |payload| async move {
@@ -208,6 +214,7 @@ async fn graphiql_or_subscription(State(s): State<AppState>, req: Request) -> Re
                         .ok_or_else(|| schema::error(codes::UNAUTHENTICATED, "a valid access token is required in connection_init"))?;
                     let mut data = Data::default();
                     data.insert(viewer);
+                    data.insert(Arc::new(hub::ConnectionSubscriptions::default()));
                     Ok(data)
                 })
                 .serve()

@@ -1,13 +1,16 @@
-//! Query limits async-graphql does not have built in: a cap on aliases, so a
-//! document cannot multiply one cheap field into thousands of resolver calls.
+//! Request limits async-graphql does not have built in: a cap on aliases, so a
+//! document cannot multiply one cheap field into thousands of resolver calls,
+//! and no NUL character in the document or its variables (no read model can
+//! store or compare one; refused as `BAD_USER_INPUT` before anything runs).
 
 use async_graphql::extensions::{Extension, ExtensionContext, ExtensionFactory, NextParseQuery};
 use async_graphql::parser::types::{ExecutableDocument, Selection, SelectionSet};
 use async_graphql::{ErrorExtensionValues, Positioned, ServerError, ServerResult, Value, Variables};
 use std::sync::Arc;
 
-/// Refuses documents with more than `.0` aliased fields, before validation
-/// and before any resolver runs.
+/// Refuses documents with more than `.0` aliased fields or with a NUL
+/// character, before validation and before any resolver runs. Applies to
+/// queries and to subscriptions over WebSocket alike.
 pub struct AliasLimit(pub usize);
 
 impl ExtensionFactory for AliasLimit {
@@ -44,15 +47,38 @@ impl Extension for AliasLimitExt {
         variables: &Variables,
         next: NextParseQuery<'_>,
     ) -> ServerResult<ExecutableDocument> {
+        if document_has_nul(query) || variables.values().any(const_has_nul) {
+            return Err(coded("text must not contain the NUL character (\\u0000)", "BAD_USER_INPUT"));
+        }
         let doc = next.run(ctx, query, variables).await?;
         let n = count_aliases(&doc);
         if n > self.0 {
-            let mut e = ServerError::new(format!("Query has {n} aliases; at most {} are allowed.", self.0), None);
-            let mut ext = ErrorExtensionValues::default();
-            ext.set("code", Value::from("TOO_MANY_ALIASES"));
-            e.extensions = Some(ext);
-            return Err(e);
+            return Err(coded(&format!("Query has {n} aliases; at most {} are allowed.", self.0), "TOO_MANY_ALIASES"));
         }
         Ok(doc)
+    }
+}
+
+fn coded(message: &str, code: &str) -> ServerError {
+    let mut e = ServerError::new(message, None);
+    let mut ext = ErrorExtensionValues::default();
+    ext.set("code", Value::from(code));
+    e.extensions = Some(ext);
+    e
+}
+
+/// A raw NUL or a `\u0000` escape in a GraphQL document (a literal
+/// backslash-u0000 in a string is refused too: harmless, and simpler than a
+/// second parse).
+fn document_has_nul(query: &str) -> bool {
+    homelink_events::text::has_nul(query) || query.contains("\\u0000")
+}
+
+fn const_has_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => homelink_events::text::has_nul(s),
+        Value::List(l) => l.iter().any(const_has_nul),
+        Value::Object(o) => o.iter().any(|(k, v)| homelink_events::text::has_nul(k) || const_has_nul(v)),
+        _ => false,
     }
 }

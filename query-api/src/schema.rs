@@ -64,6 +64,7 @@ pub mod codes {
     pub const NOT_FOUND: &str = "NOT_FOUND";
     pub const BAD_USER_INPUT: &str = "BAD_USER_INPUT";
     pub const UNAVAILABLE: &str = "UNAVAILABLE";
+    pub const TOO_MANY_SUBSCRIPTIONS: &str = "TOO_MANY_SUBSCRIPTIONS";
 }
 
 pub fn error(code: &'static str, message: impl Into<String>) -> async_graphql::Error {
@@ -568,6 +569,26 @@ impl From<&ShadowChanged> for DeviceChange {
 
 pub struct SubscriptionRoot;
 
+/// Admits a subscription: the viewer's role is checked first (an id they may
+/// not see costs nothing and leaves nothing behind), then the caps, then the
+/// channel is joined and the role read again — a change between the first
+/// check and the join is not missed.
+async fn admit(
+    ctx: &Context<'_>,
+    hub: &Arc<Hub>,
+    pool: &PgPool,
+    household_id: &ID,
+    user: Uuid,
+) -> Result<(tokio::sync::broadcast::Receiver<crate::hub::HubEvent>, crate::hub::Ticket, Role)> {
+    let h = parse_id(household_id).ok_or_else(not_found)?;
+    role_in(pool, h, user).await.map_err(unavailable)?.ok_or_else(not_found)?;
+    let connection = ctx.data_opt::<Arc<crate::hub::ConnectionSubscriptions>>().cloned().unwrap_or_default();
+    let ticket = hub.admit(h, user, connection).map_err(|e| error(codes::TOO_MANY_SUBSCRIPTIONS, e.to_string()))?;
+    let rx = hub.subscribe(&ticket);
+    let role = role_in(pool, h, user).await.map_err(unavailable)?.ok_or_else(not_found)?;
+    Ok((rx, ticket, role))
+}
+
 #[Subscription]
 impl SubscriptionRoot {
     /// Every committed change of the household's devices the viewer may see,
@@ -577,11 +598,8 @@ impl SubscriptionRoot {
         let user = viewer(ctx)?;
         let hub = ctx.data::<Arc<Hub>>()?.clone();
         let pool = ctx.data::<PgPool>()?.clone();
-        let h = parse_id(&household_id).ok_or_else(not_found)?;
-        // Subscribe before checking, so no change between the check and the subscription is lost.
-        let rx = hub.subscribe(h);
-        let role = role_in(&pool, h, user).await.map_err(unavailable)?.ok_or_else(not_found)?;
-        Ok(crate::hub::authorized_changes(rx, pool, h, user, role))
+        let (rx, ticket, role) = admit(ctx, &hub, &pool, &household_id, user).await?;
+        Ok(crate::hub::authorized_changes(rx, ticket, pool, user, role))
     }
 
     /// Everything that changes in the household the viewer may see: device
@@ -592,10 +610,8 @@ impl SubscriptionRoot {
         let user = viewer(ctx)?;
         let hub = ctx.data::<Arc<Hub>>()?.clone();
         let pool = ctx.data::<PgPool>()?.clone();
-        let h = parse_id(&household_id).ok_or_else(not_found)?;
-        let rx = hub.subscribe(h);
-        let role = role_in(&pool, h, user).await.map_err(unavailable)?.ok_or_else(not_found)?;
-        Ok(crate::hub::authorized_household_changes(rx, pool, h, user, role))
+        let (rx, ticket, role) = admit(ctx, &hub, &pool, &household_id, user).await?;
+        Ok(crate::hub::authorized_household_changes(rx, ticket, pool, user, role))
     }
 }
 

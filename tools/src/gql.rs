@@ -22,8 +22,15 @@ pub struct Subscription {
 
 impl Subscription {
     /// Connects to `ws_url` (`ws://…/graphql`), initialises with the access
-    /// token and subscribes.
+    /// token and subscribes (as id `1`).
     pub async fn start(ws_url: &str, token: &str, query: &str, variables: Value) -> anyhow::Result<Self> {
+        let mut s = Self::connect(ws_url, token).await?;
+        s.subscribe("1", query, variables).await?;
+        Ok(s)
+    }
+
+    /// Connects and initialises with the access token; subscribe next.
+    pub async fn connect(ws_url: &str, token: &str) -> anyhow::Result<Self> {
         let mut req = ws_url.into_client_request()?;
         req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static("graphql-transport-ws"));
         let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;
@@ -38,9 +45,40 @@ impl Subscription {
                 }
             }
         }
-        ws.send(Message::text(json!({"id": "1", "type": "subscribe", "payload": {"query": query, "variables": variables}}).to_string()))
-            .await?;
         Ok(Self { ws })
+    }
+
+    /// Starts one more subscription on this connection.
+    pub async fn subscribe(&mut self, id: &str, query: &str, variables: Value) -> anyhow::Result<()> {
+        self.ws
+            .send(Message::text(json!({"id": id, "type": "subscribe", "payload": {"query": query, "variables": variables}}).to_string()))
+            .await?;
+        Ok(())
+    }
+
+    /// Sends a raw text frame (for tests of the server's limits).
+    pub async fn send_raw(&mut self, text: String) -> anyhow::Result<()> {
+        self.ws.send(Message::text(text)).await?;
+        Ok(())
+    }
+
+    /// The next protocol message of any subscription (pings answered).
+    pub async fn message(&mut self) -> anyhow::Result<Value> {
+        loop {
+            let m = self.ws.next().await.ok_or_else(|| anyhow::anyhow!("connection closed"))??;
+            let Message::Text(t) = m else {
+                if let Message::Close(c) = m {
+                    anyhow::bail!("connection closed: {c:?}");
+                }
+                continue;
+            };
+            let v: Value = serde_json::from_str(&t)?;
+            if v["type"] == "ping" {
+                self.ws.send(Message::text(json!({"type": "pong"}).to_string())).await?;
+                continue;
+            }
+            return Ok(v);
+        }
     }
 
     /// The next `data` payload; `Err` on errors or when the server closes.

@@ -135,20 +135,34 @@ impl Stack {
     pub async fn start_revoking() -> Self {
         let env = Env::from_env();
         let dir = std::path::PathBuf::from(var("HOMELINK_TEST_MQTT_DIR"));
-        let revocation = homelink_command_api::revocation::RevocationConfig {
-            crl_file: dir.join("crl.pem"),
-            broker_pid_file: Some(dir.join("mosquitto.pid")),
-            admin: Some(homelink_command_api::revocation::BrokerAdmin {
+        let mut revocation = homelink_command_api::revocation::RevocationConfig::new(
+            dir.join("crl.pem"),
+            Some(dir.join("mosquitto.pid")),
+            Some(homelink_command_api::revocation::BrokerAdmin {
                 host: env.mqtt_host.clone(),
                 port: env.bridge_port,
                 username: "homelink-admin".into(),
                 password: var("HOMELINK_TEST_MQTT_ADMIN_PASSWORD"),
             }),
-        };
+        );
+        revocation.every = Duration::from_secs(1);
         Self::start_with(env, Some(revocation)).await
     }
 
+    /// A deployment whose command-api has these identity limits.
+    pub async fn start_with_identity(identity: homelink_command_api::auth::IdentityLimits) -> Self {
+        Self::start_full(Env::from_env(), None, Some(identity)).await
+    }
+
     async fn start_with(env: Env, revocation: Option<homelink_command_api::revocation::RevocationConfig>) -> Self {
+        Self::start_full(env, revocation, None).await
+    }
+
+    async fn start_full(
+        env: Env,
+        revocation: Option<homelink_command_api::revocation::RevocationConfig>,
+        identity: Option<homelink_command_api::auth::IdentityLimits>,
+    ) -> Self {
         let (env, topics, db_url) = isolated_on(env).await;
         let cancel = CancellationToken::new();
 
@@ -171,6 +185,11 @@ impl Stack {
             mqtt_port: env.device_port,
         });
         cc.revocation = revocation;
+        cc.identity = identity.unwrap_or_else(|| homelink_command_api::auth::IdentityLimits {
+            // Tests sign up many accounts from one address.
+            sign_ups_per_address_per_hour: 100_000,
+            ..Default::default()
+        });
         cc.tokens.publish_delay = Duration::from_secs(1);
         cc.bridge_push_url = Some(format!("http://127.0.0.1:{bridge_port}/internal/v1/commands"));
         cc.projector_push_url = Some(format!("http://127.0.0.1:{projector_port}/internal/v1/events"));
@@ -363,6 +382,32 @@ pub async fn next_matching(sub: &mut homelink_tools::gql::Subscription, what: &s
     .unwrap_or_else(|_| panic!("timed out waiting on the subscription for: {what}"))
 }
 
+/// Connects as the device (its own certificate) and publishes `payload` on `topic`; waits for the PUBACK.
+pub async fn publish_as(stack: &Stack, spec: &homelink_tools::sim::DeviceSpec, topic: String, payload: Vec<u8>) {
+    let (client, mut ev) = rumqttc::v5::AsyncClient::new(homelink_tools::sim::mqtt_options(spec, &stack.env.target()), 10);
+    let mut sent = false;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match ev.poll().await {
+                Ok(rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::ConnAck(_))) if !sent => {
+                    sent = true;
+                    client.publish(topic.clone(), rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, payload.clone()).await.expect("publish");
+                }
+                Ok(rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubAck(_))) => return,
+                Ok(_) => {}
+                Err(e) => panic!("device connection failed: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("puback");
+    let _ = client.disconnect().await;
+}
+
+pub fn state(seq: u64, brightness: i64) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({"v": 1, "seq": seq, "state": {"brightness": brightness}})).expect("json")
+}
+
 pub fn light_and_sensor() -> Vec<(DeviceKind, &'static str, &'static str)> {
     vec![(DeviceKind::Light, "Lamp", "Living room"), (DeviceKind::Sensor, "Climate", "Bedroom")]
 }
@@ -405,6 +450,22 @@ impl PrivateKafka {
             assert!(Instant::now() < deadline, "tansu did not open its port");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// SIGSTOP: the broker stalls (a slow broker) without losing anything.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`Self::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("broker running").id().to_string();
+        let ok = std::process::Command::new("kill").args([sig, &pid]).status().expect("kill").success();
+        assert!(ok, "kill {sig} {pid}");
     }
 
     /// SIGKILL, as a crash would.
