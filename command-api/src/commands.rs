@@ -9,11 +9,10 @@ use axum::Json;
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use homelink_events::event::DeviceCommandRequested;
 use homelink_events::household::Action;
-use homelink_events::{DeviceKind, Envelope, Event, Role};
+use homelink_events::{DeviceKind, Envelope, Event};
 use homelink_kit::push::Located;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use sqlx::Row;
 use std::sync::Arc;
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -86,23 +85,12 @@ pub async fn request_command(
 ) -> Result<(StatusCode, Json<CommandAccepted>), ApiError> {
     let started = std::time::Instant::now();
     s.metrics.messages_in.with_label_values(&["command"]).inc();
-    let row = sqlx::query(
-        "SELECT d.kind, m.role, d.removed_at IS NOT NULL FROM devices d LEFT JOIN household_members m ON m.household_id = d.household_id AND m.user_id = $3
-         WHERE d.device_id = $1 AND d.household_id = $2",
-    )
-    .bind(device_id)
-    .bind(household_id)
-    .bind(who.user)
-    .fetch_optional(&s.pool)
-    .await
-    .map_err(ApiError::db)?;
+    let access = homelink_read_model::device_access(&s.pool, household_id, device_id, who.user).await.map_err(ApiError::db)?;
     // A device of another household answers exactly like one that does not exist.
-    let Some(row) = row else {
+    let Some(access) = access else {
         return Err(ApiError::NotFound);
     };
-    let kind: DeviceKind =
-        row.get::<String, _>(0).parse().map_err(|e: homelink_events::device::ValueError| ApiError::Internal(e.to_string()))?;
-    let role: Option<Role> = row.get::<Option<String>, _>(1).and_then(|r| r.parse().ok());
+    let (kind, role) = (access.kind, access.role);
     let target = Some(format!("device/{device_id}"));
     let refused = match role {
         None => Some(ApiError::NotFound),
@@ -110,7 +98,7 @@ pub async fn request_command(
         Some(r) if !r.allows(&Action::Control(kind, &req.set)) => {
             Some(ApiError::Forbidden(format!("a member with role {r} may not send this command to a {kind}")))
         }
-        Some(_) if row.get::<bool, _>(2) => Some(ApiError::Conflict("device-removed", "the device was removed from the household".into())),
+        Some(_) if access.removed => Some(ApiError::Conflict("device-removed", "the device was removed from the household".into())),
         Some(_) => None,
     };
     if let Some(e) = refused {

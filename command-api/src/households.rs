@@ -30,7 +30,7 @@ use homelink_events::event::{CommandDenied, HouseholdCreated, MemberInvited, Mem
 use homelink_events::household::{Action, Household, Violation};
 use homelink_events::{Actor, Envelope, Event, RequestMeta, Role};
 use homelink_kit::push::Located;
-use homelink_projector::read::load_household;
+use homelink_read_model::load_household;
 use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, Row};
 use std::sync::Arc;
@@ -250,11 +250,7 @@ impl AppState {
         let deadline = Instant::now() + APPLY_WAIT;
         let mut pause = Duration::from_millis(2);
         loop {
-            let v: Option<i64> = sqlx::query_scalar("SELECT version FROM households WHERE household_id = $1")
-                .bind(h)
-                .fetch_optional(&mut *db)
-                .await
-                .map_err(ApiError::db)?;
+            let v = homelink_read_model::household_version(&mut *db, h).await.map_err(ApiError::db)?;
             if v.is_some_and(|v| v >= version as i64) {
                 return Ok(());
             }
@@ -282,12 +278,7 @@ impl AppState {
     /// partition that Kafka acknowledged (up to the high watermark).
     async fn wait_caught_up(&self, db: &mut PgConnection, h: Uuid) -> Result<(), ApiError> {
         let topic = self.topics.households();
-        let partition: Option<i32> = sqlx::query_scalar("SELECT log_partition FROM households WHERE household_id = $1")
-            .bind(h)
-            .fetch_optional(&mut *db)
-            .await
-            .map_err(ApiError::db)?
-            .flatten();
+        let partition = homelink_read_model::household_partition(&mut *db, h).await.map_err(ApiError::db)?;
         let Some(partition) = partition else {
             return Ok(());
         };
@@ -298,25 +289,12 @@ impl AppState {
             .map_err(|e| ApiError::Unavailable(format!("kafka watermark: {e}")))?;
         let deadline = Instant::now() + self.append_timeout;
         loop {
-            let row = sqlx::query(
-                r#"SELECT COALESCE((SELECT next_offset FROM projector_offsets WHERE topic = $1 AND partition = $2), 0),
-                          (SELECT count(*) FROM projector_pushed WHERE topic = $1 AND partition = $2
-                             AND "offset" >= COALESCE((SELECT next_offset FROM projector_offsets WHERE topic = $1 AND partition = $2), 0)
-                             AND "offset" < $3)"#,
-            )
-            .bind(&topic)
-            .bind(partition)
-            .bind(high)
-            .fetch_one(&mut *db)
-            .await
-            .map_err(ApiError::db)?;
-            let (next, pushed): (i64, i64) = (row.get(0), row.get(1));
-            if next >= high || next + pushed >= high {
+            if homelink_read_model::applied_through(&mut *db, &topic, partition, high).await.map_err(ApiError::db)? {
                 return Ok(());
             }
             if Instant::now() > deadline {
                 self.metrics.errors.with_label_values(&["read_model_behind"]).inc();
-                return Err(ApiError::Unavailable(format!("read model behind the log ({next}+{pushed} < {high})")));
+                return Err(ApiError::Unavailable(format!("read model behind the log (partition {partition} below {high})")));
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }

@@ -115,10 +115,10 @@ pub struct Application {
 }
 
 /// Applies command-api's own migrations (identity, idempotency) and the
-/// projector's read-model schema it reads from. Versions of the other set are
+/// read-model schema it reads from (`homelink-read-model`). Versions of the other set are
 /// not an error.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    homelink_projector::migrate(pool).await?;
+    homelink_read_model::migrate(pool).await?;
     let mut m = sqlx::migrate!("./migrations");
     m.set_ignore_missing(true);
     m.run(pool).await?;

@@ -2,19 +2,14 @@
 //! model, cached. The bridge re-checks every message against it, so a device
 //! that the broker let through cannot write into another household's history.
 
-use homelink_events::DeviceKind;
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 /// A known device's owner and kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Owner {
-    pub household_id: Uuid,
-    pub kind: DeviceKind,
-}
+pub use homelink_read_model::DeviceOwner as Owner;
 
 const HIT_TTL: Duration = Duration::from_secs(60);
 /// Short, so a device registered a moment ago is recognised quickly.
@@ -41,14 +36,7 @@ impl Registry {
                 return Ok(*hit);
             }
         }
-        let row = sqlx::query("SELECT household_id, kind FROM devices WHERE device_id = $1 AND removed_at IS NULL")
-            .bind(device)
-            .fetch_optional(&self.pool)
-            .await?;
-        let owner = row.and_then(|r| {
-            let kind: String = r.get(1);
-            kind.parse().ok().map(|kind| Owner { household_id: r.get(0), kind })
-        });
+        let owner = homelink_read_model::device_owner(&self.pool, device).await?;
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if cache.len() >= MAX_ENTRIES {
             cache.clear();

@@ -1,4 +1,6 @@
-//! The applier: the projector's single writer. Every batch, from the catch-up
+//! The applier: the projector's single writer, the transaction engine. What
+//! each read model does with an event is in [`crate::projections`]. Every
+//! batch, from the catch-up
 //! consumer or the push channel, is applied in one Postgres transaction
 //! together with the consumer offsets and the push bookkeeping, so a crash at
 //! any point leaves either all of a batch or none of it.
@@ -22,13 +24,9 @@
 //! status only moves forward. So a duplicate record (a producer retry at a
 //! new offset) changes nothing either.
 
-use chrono::{DateTime, Utc};
-use homelink_events::event::{DeviceCommandAcked, DeviceCommandRequested};
-use homelink_events::shadow::{Shadow, ShadowChanged};
 use homelink_events::Event;
 use homelink_kit::metrics::ServiceMetrics;
 use homelink_kit::push::Located;
-use serde_json::{Map, Value};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use uuid::Uuid;
@@ -390,7 +388,7 @@ impl Applier {
         }
         insert_dead(&mut tx, &dead).await?;
 
-        let notifications = apply_events(&mut tx, &work).await?;
+        let notifications = crate::projections::apply(&mut tx, &work).await?;
 
         if !new_offsets.is_empty() {
             let (t, p, n) = unzip3(new_offsets.iter().map(|((t, p), n)| (t.clone(), *p, *n)));
@@ -506,202 +504,4 @@ fn unzip3<A, B, C>(it: impl Iterator<Item = (A, B, C)>) -> (Vec<A>, Vec<B>, Vec<
         c.push(z);
     }
     (a, b, c)
-}
-
-/// Applies decoded events in log order; returns the notifications to send on
-/// commit as `(channel, payload)`.
-async fn apply_events(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]) -> Result<Vec<(&'static str, String)>, sqlx::Error> {
-    let folded = crate::households::fold(tx, work).await?;
-    let shadow_notes = shadows(tx, work).await?;
-    commands(tx, work).await?;
-    crate::households::audit(tx, work, &folded.refused).await?;
-    counts(tx, work).await?;
-    let mut notes: Vec<(&'static str, String)> = shadow_notes.into_iter().map(|n| (SHADOW_CHANGED_CHANNEL, n)).collect();
-    notes.extend(folded.notifications);
-    Ok(notes)
-}
-
-/// Loads the shadows the batch touches, folds the events in log order with
-/// [`Shadow::apply`], and writes the changed ones back in one statement.
-async fn shadows(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]) -> Result<Vec<String>, sqlx::Error> {
-    let touched: Vec<Uuid> = work
-        .iter()
-        .filter(|(_, e)| matches!(e, Event::DeviceStateReported(_) | Event::DeviceStatusChanged(_)))
-        .filter_map(|(_, e)| e.device_id())
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
-    if touched.is_empty() {
-        return Ok(Vec::new());
-    }
-    let rows = sqlx::query(
-        "SELECT device_id, reported, seq, version, battery, online, last_seen, status_offset FROM device_shadows WHERE device_id = ANY($1)",
-    )
-    .bind(&touched)
-    .fetch_all(&mut **tx)
-    .await?;
-    let mut current: HashMap<Uuid, Shadow> = HashMap::new();
-    for r in rows {
-        let reported: Value = r.get(1);
-        current.insert(
-            r.get(0),
-            Shadow {
-                reported: match reported {
-                    Value::Object(m) => m,
-                    _ => Map::new(),
-                },
-                seq: r.get::<i64, _>(2) as u64,
-                version: r.get::<i64, _>(3) as u64,
-                battery: r.get::<Option<i16>, _>(4).map(|b| b as u8),
-                online: r.get(5),
-                last_seen: r.get(6),
-                status_offset: r.get(7),
-            },
-        );
-    }
-    let mut changed: HashMap<Uuid, Uuid> = HashMap::new(); // device -> household
-    for (l, ev) in work {
-        let Some(device) = ev.device_id() else {
-            continue;
-        };
-        if !matches!(ev, Event::DeviceStateReported(_) | Event::DeviceStatusChanged(_)) {
-            continue;
-        }
-        let shadow = current.entry(device).or_default();
-        if shadow.apply(ev, l.envelope.occurred_at, l.offset) {
-            changed.insert(device, l.envelope.household_id);
-        }
-    }
-    if changed.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut cols = ShadowColumns::default();
-    let mut notes = Vec::with_capacity(changed.len());
-    for (device, household) in &changed {
-        let s = &current[device];
-        cols.push(*device, *household, s);
-        notes.push(serde_json::to_string(&ShadowChanged::new(*household, *device, s)).unwrap_or_default());
-    }
-    sqlx::query(
-        r#"INSERT INTO device_shadows (device_id, household_id, reported, seq, version, battery, online, last_seen, status_offset, updated_at)
-           SELECT d, h, r, s, v, b, o, l, so, now()
-           FROM UNNEST($1::uuid[], $2::uuid[], $3::jsonb[], $4::bigint[], $5::bigint[], $6::smallint[], $7::bool[], $8::timestamptz[], $9::bigint[])
-             AS u(d, h, r, s, v, b, o, l, so)
-           ON CONFLICT (device_id) DO UPDATE SET
-             reported = EXCLUDED.reported, seq = EXCLUDED.seq, version = EXCLUDED.version, battery = EXCLUDED.battery,
-             online = EXCLUDED.online, last_seen = EXCLUDED.last_seen, status_offset = EXCLUDED.status_offset, updated_at = now()"#,
-    )
-    .bind(&cols.device)
-    .bind(&cols.household)
-    .bind(&cols.reported)
-    .bind(&cols.seq)
-    .bind(&cols.version)
-    .bind(&cols.battery)
-    .bind(&cols.online)
-    .bind(&cols.last_seen)
-    .bind(&cols.status_offset)
-    .execute(&mut **tx)
-    .await?;
-    Ok(notes)
-}
-
-#[derive(Default)]
-struct ShadowColumns {
-    device: Vec<Uuid>,
-    household: Vec<Uuid>,
-    reported: Vec<Value>,
-    seq: Vec<i64>,
-    version: Vec<i64>,
-    battery: Vec<Option<i16>>,
-    online: Vec<bool>,
-    last_seen: Vec<Option<DateTime<Utc>>>,
-    status_offset: Vec<i64>,
-}
-
-impl ShadowColumns {
-    fn push(&mut self, device: Uuid, household: Uuid, s: &Shadow) {
-        self.device.push(device);
-        self.household.push(household);
-        self.reported.push(Value::Object(s.reported.clone()));
-        // `seq` fits an i64: the MQTT edge refuses larger ones and the
-        // applier dead-letters any that reach it another way (`unstorable`).
-        self.seq.push(i64::try_from(s.seq).unwrap_or(i64::MAX));
-        self.version.push(s.version as i64);
-        self.battery.push(s.battery.map(i16::from));
-        self.online.push(s.online);
-        self.last_seen.push(s.last_seen);
-        self.status_offset.push(s.status_offset);
-    }
-}
-
-/// Command lifecycle: requested (rank 0) → acked ok / rejected / failed (rank 2).
-/// Status only moves forward, whatever order the two paths deliver in.
-async fn commands(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]) -> Result<(), sqlx::Error> {
-    for (l, ev) in work {
-        let env = &l.envelope;
-        match ev {
-            Event::DeviceCommandRequested(DeviceCommandRequested { command_id, device_id, set, expires_at }) => {
-                sqlx::query(
-                    r#"INSERT INTO device_commands (command_id, household_id, device_id, set_values, status, status_rank, actor, requested_at, expires_at)
-                       VALUES ($1, $2, $3, $4, 'requested', 0, $5, $6, $7)
-                       ON CONFLICT (command_id) DO UPDATE SET set_values = EXCLUDED.set_values, actor = EXCLUDED.actor,
-                         requested_at = EXCLUDED.requested_at, expires_at = EXCLUDED.expires_at"#,
-                )
-                .bind(command_id)
-                .bind(env.household_id)
-                .bind(device_id)
-                .bind(Value::Object(set.clone()))
-                .bind(serde_json::to_value(&env.actor).unwrap_or(Value::Null))
-                .bind(env.occurred_at)
-                .bind(expires_at)
-                .execute(&mut **tx)
-                .await?;
-            }
-            Event::DeviceCommandAcked(DeviceCommandAcked { command_id, device_id, status, reason }) => {
-                sqlx::query(
-                    r#"INSERT INTO device_commands (command_id, household_id, device_id, status, status_rank, reason, acked_at)
-                       VALUES ($1, $2, $3, $4, 2, $5, $6)
-                       ON CONFLICT (command_id) DO UPDATE SET status = EXCLUDED.status, status_rank = 2, reason = EXCLUDED.reason, acked_at = EXCLUDED.acked_at
-                       WHERE device_commands.status_rank < 2 AND device_commands.device_id = EXCLUDED.device_id"#,
-                )
-                .bind(command_id)
-                .bind(env.household_id)
-                .bind(device_id)
-                .bind(status.as_str())
-                .bind(reason)
-                .bind(env.occurred_at)
-                .execute(&mut **tx)
-                .await?;
-            }
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
-async fn counts(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]) -> Result<(), sqlx::Error> {
-    let mut n: HashMap<(Uuid, &'static str), i64> = HashMap::new();
-    for (l, ev) in work {
-        *n.entry((l.envelope.household_id, ev.type_name())).or_default() += 1;
-    }
-    let (mut h, mut t, mut c) = (Vec::new(), Vec::new(), Vec::new());
-    for ((hh, tt), cc) in n {
-        h.push(hh);
-        t.push(tt.to_owned());
-        c.push(cc);
-    }
-    if h.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
-        r#"INSERT INTO household_event_counts (household_id, event_type, applied)
-           SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::bigint[])
-           ON CONFLICT (household_id, event_type) DO UPDATE SET applied = household_event_counts.applied + EXCLUDED.applied"#,
-    )
-    .bind(&h)
-    .bind(&t)
-    .bind(&c)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
 }

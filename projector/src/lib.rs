@@ -2,8 +2,10 @@
 //! device shadows, command lifecycle, per-household event counts).
 //!
 //! Layout:
-//! - [`households`]: the household fold (members, invitations) and the audit log.
-//! - [`read`]: read-side queries other services share (the household aggregate).
+//! - [`projections`]: one module per read model (shadows, commands, households
+//!   with members and registry, audit, counts), listed in one table.
+//! - the read models' schema and the reads other services share live in
+//!   `homelink-read-model`; this crate is their one writer.
 //! - [`apply`]: the single writer; one transaction per batch with offsets and
 //!   dedup bookkeeping. Start reading here.
 //! - [`consume`]: the catch-up path, a Kafka consumer with partitions assigned
@@ -18,8 +20,7 @@
 
 pub mod apply;
 pub mod consume;
-pub mod households;
-pub mod read;
+pub mod projections;
 
 use anyhow::Context;
 use apply::{Applier, Batch, Outcome, Source};
@@ -98,13 +99,9 @@ pub struct Application {
     retention: (Duration, Duration),
 }
 
-/// Applies the read-model migrations. Other services keep their own tables in
-/// the same database with their own migrations, so versions not found here are
-/// not an error.
+/// Applies the read-model migrations (`homelink-read-model`).
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    let mut m = sqlx::migrate!("./migrations");
-    m.set_ignore_missing(true);
-    m.run(pool).await.context("migrating read models")
+    homelink_read_model::migrate(pool).await.context("migrating read models")
 }
 
 impl Application {

@@ -85,14 +85,7 @@ fn unavailable(e: sqlx::Error) -> async_graphql::Error {
 }
 
 /// The viewer's role in a household; `None` when not a member (or no such household).
-pub async fn role_in(pool: &PgPool, household: Uuid, user: Uuid) -> Result<Option<Role>, sqlx::Error> {
-    let r: Option<String> = sqlx::query_scalar("SELECT role FROM household_members WHERE household_id = $1 AND user_id = $2")
-        .bind(household)
-        .bind(user)
-        .fetch_optional(pool)
-        .await?;
-    Ok(r.and_then(|r| r.parse().ok()))
-}
+pub use homelink_read_model::role_in;
 
 fn not_found() -> async_graphql::Error {
     error(codes::NOT_FOUND, "no such household")

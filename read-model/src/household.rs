@@ -1,5 +1,5 @@
-//! Read-side queries of the projector's own tables that other services share
-//! (command-api decides household commands against the household aggregate).
+//! The household aggregate as the read models hold it: command-api decides
+//! household commands against it.
 
 use homelink_events::household::{Household, Invitation, RegisteredDevice, Role};
 use sqlx::{PgConnection, Row};

@@ -1,0 +1,126 @@
+//! `device_shadows`: each device's reported state, battery, presence and
+//! versions, folded with [`Shadow::apply`]; announces every committed change
+//! on `homelink_shadow_changed`.
+
+use chrono::{DateTime, Utc};
+use homelink_events::shadow::{Shadow, ShadowChanged};
+use homelink_events::Event;
+use homelink_kit::push::Located;
+use serde_json::{Map, Value};
+use sqlx::Row;
+use sqlx::{Postgres, Transaction};
+use std::collections::{HashMap, HashSet};
+use uuid::Uuid;
+
+/// Loads the shadows the batch touches, folds the events in log order with
+/// [`Shadow::apply`], and writes the changed ones back in one statement.
+pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]) -> Result<Vec<String>, sqlx::Error> {
+    let touched: Vec<Uuid> = work
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::DeviceStateReported(_) | Event::DeviceStatusChanged(_)))
+        .filter_map(|(_, e)| e.device_id())
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    if touched.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = sqlx::query(
+        "SELECT device_id, reported, seq, version, battery, online, last_seen, status_offset FROM device_shadows WHERE device_id = ANY($1)",
+    )
+    .bind(&touched)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut current: HashMap<Uuid, Shadow> = HashMap::new();
+    for r in rows {
+        let reported: Value = r.get(1);
+        current.insert(
+            r.get(0),
+            Shadow {
+                reported: match reported {
+                    Value::Object(m) => m,
+                    _ => Map::new(),
+                },
+                seq: r.get::<i64, _>(2) as u64,
+                version: r.get::<i64, _>(3) as u64,
+                battery: r.get::<Option<i16>, _>(4).map(|b| b as u8),
+                online: r.get(5),
+                last_seen: r.get(6),
+                status_offset: r.get(7),
+            },
+        );
+    }
+    let mut changed: HashMap<Uuid, Uuid> = HashMap::new(); // device -> household
+    for (l, ev) in work {
+        let Some(device) = ev.device_id() else {
+            continue;
+        };
+        if !matches!(ev, Event::DeviceStateReported(_) | Event::DeviceStatusChanged(_)) {
+            continue;
+        }
+        let shadow = current.entry(device).or_default();
+        if shadow.apply(ev, l.envelope.occurred_at, l.offset) {
+            changed.insert(device, l.envelope.household_id);
+        }
+    }
+    if changed.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut cols = ShadowColumns::default();
+    let mut notes = Vec::with_capacity(changed.len());
+    for (device, household) in &changed {
+        let s = &current[device];
+        cols.push(*device, *household, s);
+        notes.push(serde_json::to_string(&ShadowChanged::new(*household, *device, s)).unwrap_or_default());
+    }
+    sqlx::query(
+        r#"INSERT INTO device_shadows (device_id, household_id, reported, seq, version, battery, online, last_seen, status_offset, updated_at)
+           SELECT d, h, r, s, v, b, o, l, so, now()
+           FROM UNNEST($1::uuid[], $2::uuid[], $3::jsonb[], $4::bigint[], $5::bigint[], $6::smallint[], $7::bool[], $8::timestamptz[], $9::bigint[])
+             AS u(d, h, r, s, v, b, o, l, so)
+           ON CONFLICT (device_id) DO UPDATE SET
+             reported = EXCLUDED.reported, seq = EXCLUDED.seq, version = EXCLUDED.version, battery = EXCLUDED.battery,
+             online = EXCLUDED.online, last_seen = EXCLUDED.last_seen, status_offset = EXCLUDED.status_offset, updated_at = now()"#,
+    )
+    .bind(&cols.device)
+    .bind(&cols.household)
+    .bind(&cols.reported)
+    .bind(&cols.seq)
+    .bind(&cols.version)
+    .bind(&cols.battery)
+    .bind(&cols.online)
+    .bind(&cols.last_seen)
+    .bind(&cols.status_offset)
+    .execute(&mut **tx)
+    .await?;
+    Ok(notes)
+}
+
+#[derive(Default)]
+struct ShadowColumns {
+    device: Vec<Uuid>,
+    household: Vec<Uuid>,
+    reported: Vec<Value>,
+    seq: Vec<i64>,
+    version: Vec<i64>,
+    battery: Vec<Option<i16>>,
+    online: Vec<bool>,
+    last_seen: Vec<Option<DateTime<Utc>>>,
+    status_offset: Vec<i64>,
+}
+
+impl ShadowColumns {
+    fn push(&mut self, device: Uuid, household: Uuid, s: &Shadow) {
+        self.device.push(device);
+        self.household.push(household);
+        self.reported.push(Value::Object(s.reported.clone()));
+        // `seq` fits an i64: the MQTT edge refuses larger ones and the
+        // applier dead-letters any that reach it another way (`unstorable`).
+        self.seq.push(i64::try_from(s.seq).unwrap_or(i64::MAX));
+        self.version.push(s.version as i64);
+        self.battery.push(s.battery.map(i16::from));
+        self.online.push(s.online);
+        self.last_seen.push(s.last_seen);
+        self.status_offset.push(s.status_offset);
+    }
+}

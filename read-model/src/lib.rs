@@ -1,0 +1,124 @@
+//! The read models' one home: their schema (`migrations/`, applied by
+//! [`migrate`]) and the typed reads the services share. The projector is the
+//! only writer; command-api, query-api and the device bridge read through
+//! here, so no service imports another.
+//!
+//! - [`household`]: the household aggregate as the read models hold it
+//!   (command-api decides household commands against it).
+//! - this file: small lookups — a member's role, a device's owner and kind,
+//!   a household's version, how far the projection has applied a partition.
+
+pub mod household;
+
+use homelink_events::{DeviceKind, Role};
+use sqlx::{PgConnection, PgPool, Row};
+use uuid::Uuid;
+
+pub use household::load_household;
+
+/// Errors of the read-model store.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("read-model store: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("read-model schema: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// Applies the read-model migrations. Services keep their own tables in the
+/// same database with their own migrations, so versions not found here are
+/// not an error.
+pub async fn migrate(pool: &PgPool) -> Result<(), Error> {
+    let mut m = sqlx::migrate!("./migrations");
+    m.set_ignore_missing(true);
+    m.run(pool).await?;
+    Ok(())
+}
+
+/// `user`'s role in `household`, if a member.
+pub async fn role_in(pool: &PgPool, household: Uuid, user: Uuid) -> Result<Option<Role>, sqlx::Error> {
+    let r: Option<String> = sqlx::query_scalar("SELECT role FROM household_members WHERE household_id = $1 AND user_id = $2")
+        .bind(household)
+        .bind(user)
+        .fetch_optional(pool)
+        .await?;
+    Ok(r.and_then(|r| r.parse().ok()))
+}
+
+/// A registered (not removed) device: who owns it and what it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceOwner {
+    pub household_id: Uuid,
+    pub kind: DeviceKind,
+}
+
+/// The owner of a device that is registered and not removed.
+pub async fn device_owner(pool: &PgPool, device: Uuid) -> Result<Option<DeviceOwner>, sqlx::Error> {
+    let row = sqlx::query("SELECT household_id, kind FROM devices WHERE device_id = $1 AND removed_at IS NULL")
+        .bind(device)
+        .fetch_optional(pool)
+        .await?;
+    Ok(row.and_then(|r| r.get::<String, _>(1).parse().ok().map(|kind| DeviceOwner { household_id: r.get(0), kind })))
+}
+
+/// A device of a household as a member sees it for a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceAccess {
+    pub kind: DeviceKind,
+    /// `None` when the user is not a member.
+    pub role: Option<Role>,
+    pub removed: bool,
+}
+
+/// The device `device` of `household` (removed ones included) with `user`'s
+/// role there; `None` when the household has no such device.
+pub async fn device_access(pool: &PgPool, household: Uuid, device: Uuid, user: Uuid) -> Result<Option<DeviceAccess>, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT d.kind, m.role, d.removed_at IS NOT NULL FROM devices d
+           LEFT JOIN household_members m ON m.household_id = d.household_id AND m.user_id = $3
+         WHERE d.device_id = $1 AND d.household_id = $2",
+    )
+    .bind(device)
+    .bind(household)
+    .bind(user)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.and_then(|r| {
+        let kind: DeviceKind = r.get::<String, _>(0).parse().ok()?;
+        let role = r.get::<Option<String>, _>(1).and_then(|x| x.parse().ok());
+        Some(DeviceAccess { kind, role, removed: r.get(2) })
+    }))
+}
+
+/// The household's version as projected (`None` before it exists).
+pub async fn household_version(db: &mut PgConnection, household: Uuid) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar("SELECT version FROM households WHERE household_id = $1").bind(household).fetch_optional(db).await
+}
+
+/// The households-topic partition of a household, once projected.
+pub async fn household_partition(db: &mut PgConnection, household: Uuid) -> Result<Option<i32>, sqlx::Error> {
+    Ok(sqlx::query_scalar("SELECT log_partition FROM households WHERE household_id = $1")
+        .bind(household)
+        .fetch_optional(db)
+        .await?
+        .flatten())
+}
+
+/// Whether the projection has applied every record of `(topic, partition)`
+/// below `end` — by the catch-up consumer (its committed offset) or ahead of
+/// it through the push channel.
+pub async fn applied_through(db: &mut PgConnection, topic: &str, partition: i32, end: i64) -> Result<bool, sqlx::Error> {
+    let row = sqlx::query(
+        r#"SELECT COALESCE((SELECT next_offset FROM projector_offsets WHERE topic = $1 AND partition = $2), 0),
+                  (SELECT count(*) FROM projector_pushed WHERE topic = $1 AND partition = $2
+                     AND "offset" >= COALESCE((SELECT next_offset FROM projector_offsets WHERE topic = $1 AND partition = $2), 0)
+                     AND "offset" < $3)"#,
+    )
+    .bind(topic)
+    .bind(partition)
+    .bind(end)
+    .fetch_one(db)
+    .await?;
+    let (next, pushed): (i64, i64) = (row.get(0), row.get(1));
+    Ok(next >= end || next + pushed >= end)
+}
