@@ -224,9 +224,20 @@ pub fn client_of(parts: &Parts) -> Option<String> {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SignUp {
     /// Used to sign in; compared case-insensitively.
+    #[schema(
+        max_length = 254,
+        pattern = r"^[^@\u0000-\u001f\u007f-\u009f \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+@[^@.\u0000-\u001f\u007f-\u009f \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^@\u0000-\u001f\u007f-\u009f \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*\.[^@\u0000-\u001f\u007f-\u009f \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*$"
+    )]
     pub email: String,
     /// 10 to 128 characters.
+    #[schema(min_length = 10, max_length = 128)]
     pub password: String,
+    /// 1 to 80 characters, no control characters, no whitespace at either end.
+    #[schema(
+        min_length = 1,
+        max_length = 80,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000](?:[^\u0000-\u001f\u007f-\u009f]*[^\u0000-\u001f\u007f-\u009f \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000])?$"
+    )]
     pub display_name: String,
 }
 
@@ -259,15 +270,6 @@ pub struct Tokens {
 
 const MIN_PASSWORD: usize = 10;
 const MAX_PASSWORD: usize = 128;
-
-fn normalize_email(email: &str) -> Result<String, ApiError> {
-    let e = email.trim().to_lowercase();
-    let ok = e.len() <= 254 && e.split_once('@').is_some_and(|(l, d)| !l.is_empty() && d.contains('.') && !d.starts_with('.'));
-    if !ok || e.chars().any(char::is_whitespace) {
-        return Err(ApiError::BadRequest("email must be an e-mail address".into()));
-    }
-    Ok(e)
-}
 
 async fn hash_password(password: String) -> Result<String, ApiError> {
     use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
@@ -336,15 +338,13 @@ pub async fn sign_up(
     body: crate::problem::Body<SignUp>,
 ) -> Result<(StatusCode, Json<Tokens>), ApiError> {
     let req = body.0;
-    let email = normalize_email(&req.email)?;
+    let email = crate::validate::email(&req.email)?;
     let n = req.password.chars().count();
     if !(MIN_PASSWORD..=MAX_PASSWORD).contains(&n) {
         return Err(ApiError::BadRequest(format!("password must be {MIN_PASSWORD} to {MAX_PASSWORD} characters")));
     }
-    let name = req.display_name.trim();
-    if name.is_empty() || name.chars().count() > 80 {
-        return Err(ApiError::BadRequest("displayName must be 1 to 80 characters".into()));
-    }
+    let name = crate::validate::name(&req.display_name, "displayName")?;
+    let name = name.as_str();
     let budget = s.identity.sign_ups_per_address_per_hour;
     if !spend(&s.pool, &format!("sign-up/address/{}", peer.ip()), budget, Duration::from_secs(3600)).await? {
         s.metrics.errors.with_label_values(&["sign_up_throttled"]).inc();

@@ -23,10 +23,12 @@ use uuid::Uuid;
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CommandRequest {
     /// Desired values of writable capabilities, e.g. `{"brightness": 50}`.
-    #[schema(value_type = Object)]
+    /// A capability the device's kind does not have answers 422.
+    #[schema(schema_with = set_schema)]
     pub set: Map<String, Value>,
     /// How long the command stays valid, 1–300 s (default 10).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::validate::opt_whole")]
+    #[schema(minimum = 1, maximum = 300)]
     pub ttl_seconds: Option<u32>,
 }
 
@@ -41,13 +43,64 @@ pub struct CommandAccepted {
 const DEFAULT_TTL: u32 = 10;
 const MAX_TTL: u32 = 300;
 
-/// Pure decision: the event for a valid request to a device of `kind`.
-pub fn decide(kind: DeviceKind, device_id: Uuid, req: CommandRequest, now: DateTime<Utc>) -> Result<DeviceCommandRequested, ApiError> {
+/// The document's schema of `set`: every writable capability of any kind
+/// with its value's type and range, at least one (from the capability table).
+pub fn set_schema() -> utoipa::openapi::Object {
+    use homelink_events::device::ValueType;
+    use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, Type};
+    let mut o = ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .min_properties(Some(1))
+        .additional_properties(Some(AdditionalProperties::<utoipa::openapi::Schema>::FreeForm(false)));
+    for c in DeviceKind::writable_capabilities() {
+        let v = match c.value {
+            ValueType::Bool => ObjectBuilder::new().schema_type(Type::Boolean),
+            ValueType::Int { min, max } => ObjectBuilder::new().schema_type(Type::Integer).minimum(Some(min)).maximum(Some(max)),
+            ValueType::Number { min, max, step } => {
+                ObjectBuilder::new().schema_type(Type::Number).minimum(Some(min)).maximum(Some(max)).multiple_of(step)
+            }
+            ValueType::Enum(values) => ObjectBuilder::new().schema_type(Type::String).enum_values(Some(values.iter().copied())),
+        };
+        o = o.property(c.name, v.build());
+    }
+    o.build()
+}
+
+/// JSON Schema counts `77.0` as an integer: an integer capability's value
+/// goes to the device as `77`.
+fn whole_numbers(set: &mut Map<String, Value>) {
+    use homelink_events::device::ValueType;
+    let ints: Vec<&str> =
+        DeviceKind::writable_capabilities().into_iter().filter(|c| matches!(c.value, ValueType::Int { .. })).map(|c| c.name).collect();
+    for (name, v) in set.iter_mut() {
+        if let Some(f) = v.as_f64().filter(|f| !v.is_i64() && !v.is_u64() && f.fract() == 0.0 && f.abs() < 1e15) {
+            if ints.contains(&name.as_str()) {
+                *v = Value::from(f as i64);
+            }
+        }
+    }
+}
+
+/// Pure decision: the event for a valid request to a device of `kind`. A
+/// request that breaks the document is 400; one the document allows but this
+/// device's kind does not (a light asked to unlock) is 422.
+pub fn decide(kind: DeviceKind, device_id: Uuid, mut req: CommandRequest, now: DateTime<Utc>) -> Result<DeviceCommandRequested, ApiError> {
+    whole_numbers(&mut req.set);
     let ttl = req.ttl_seconds.unwrap_or(DEFAULT_TTL);
     if ttl == 0 || ttl > MAX_TTL {
         return Err(ApiError::BadRequest(format!("ttlSeconds must be between 1 and {MAX_TTL}")));
     }
-    kind.validate_set(&req.set).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    if req.set.is_empty() {
+        return Err(ApiError::BadRequest("set must name at least one capability".into()));
+    }
+    let any_kind = DeviceKind::writable_capabilities();
+    for (name, value) in &req.set {
+        let Some(c) = any_kind.iter().find(|c| c.name == name) else {
+            return Err(ApiError::BadRequest(format!("{name} is not a writable capability of any device kind")));
+        };
+        c.check(value).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    }
+    kind.validate_set(&req.set).map_err(|e| ApiError::Unprocessable("unsupported-capability", format!("a {kind}: {e}")))?;
     Ok(DeviceCommandRequested {
         command_id: Uuid::now_v7(),
         device_id,

@@ -32,43 +32,48 @@ pub struct DeviceConfig {
     pub mqtt_port: u16,
 }
 
-fn name_of(raw: &str, what: &str) -> Result<String, ApiError> {
-    let n = raw.trim();
-    if n.is_empty() || n.chars().count() > 80 || n.chars().any(char::is_control) {
-        return Err(ApiError::BadRequest(format!("{what} must be 1 to 80 printable characters")));
-    }
-    Ok(n.to_owned())
-}
-
-/// A serial: 1–64 of `A-Z 0-9 . _ : -`, compared upper-cased.
-fn serial_of(raw: &str) -> Result<String, ApiError> {
-    let s = raw.trim().to_uppercase();
-    if s.is_empty() || s.len() > 64 || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b".-_:".contains(&b)) {
-        return Err(ApiError::BadRequest("serial must be 1 to 64 characters of A-Z, 0-9, '.', '-', '_', ':'".into()));
-    }
-    Ok(s)
-}
+use crate::validate::{name as name_of, serial as serial_of};
 
 fn registry_cmd(household: Uuid, action: &'static str, target: String, requires: Action<'static>) -> HouseholdCommand<'static> {
     HouseholdCommand { household, action, target: Some(target), invitation: None, requires: Some(requires), open_to_non_members: false }
+}
+
+/// A device kind in the OpenAPI document.
+pub fn kind_schema() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(DeviceKind::ALL.map(|k| k.as_str())))
+        .description(Some("The device's kind."))
+        .build()
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RegisterDevice {
     /// `light`, `plug`, `thermostat`, `lock`, `camera` or `sensor`.
-    #[schema(value_type = String, example = "light")]
+    #[schema(schema_with = kind_schema)]
     pub kind: DeviceKind,
+    /// 1 to 80 characters, no control characters, no whitespace at either end.
+    #[schema(
+        min_length = 1,
+        max_length = 80,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000](?:[^\u0000-\u001f\u007f-\u009f]*[^\u0000-\u001f\u007f-\u009f \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000])?$"
+    )]
     pub name: String,
     #[serde(default)]
     pub room_id: Option<Uuid>,
     /// The manufacturer's serial number; one household at a time may claim it.
     #[serde(default)]
+    #[schema(pattern = "^[A-Za-z0-9._:-]{1,64}$")]
     pub serial: Option<String>,
     /// A PKCS#10 certificate signing request (PEM) made on the device: its
     /// private key never leaves it. Without one, a key is generated and
     /// returned once.
     #[serde(default)]
+    #[schema(
+        max_length = 8192,
+        pattern = "^-----BEGIN CERTIFICATE REQUEST-----\\r?\\n[A-Za-z0-9+/=\\r\\n]+-----END CERTIFICATE REQUEST-----(?:\\r?\\n)?$"
+    )]
     pub csr: Option<String>,
 }
 
@@ -129,9 +134,14 @@ pub async fn register(
         _ => return Err(ApiError::Unavailable("the device CA is not configured".into())),
     };
     let device_id = Uuid::new_v4();
-    // Issue first (pure, local); a refused CSR stores nothing.
+    // Issue first (pure, local); a refused CSR stores nothing. Armour the
+    // document states is 400; well-armoured DER that is no valid request, 422.
+    if let Some(csr) = req.csr.as_deref() {
+        crate::validate::csr_armour(csr)?;
+    }
     let issued = ca.issue(device_id, req.csr.as_deref()).map_err(|e| match e {
-        PkiError::BadCsr | PkiError::CsrTooLarge => ApiError::BadRequest(e.to_string()),
+        PkiError::BadCsr => ApiError::Unprocessable("invalid-csr", e.to_string()),
+        PkiError::CsrTooLarge => ApiError::BadRequest(e.to_string()),
         PkiError::Ca(why) => ApiError::Internal(why),
     })?;
     // Authorize before claiming: a stranger or a child must learn nothing
@@ -225,7 +235,7 @@ impl AppState {
 
 /// Removes a device (owners only): its certificate is revoked and its
 /// connection closed; its shadow and history stay readable, marked removed.
-#[utoipa::path(delete, path = "/v1/households/{householdId}/devices/{deviceId}", tag = "devices", security(("bearer" = [])),
+#[utoipa::path(delete, path = "/v1/households/{householdId}/devices/{deviceId}", tag = "devices", operation_id = "remove_device", security(("bearer" = [])),
     params(("householdId" = Uuid, Path), ("deviceId" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header, description = "makes a retry safe")),
     responses((status = 204, description = "removed and revoked"), (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"), (status = 404, body = Problem, content_type = "application/problem+json"),
@@ -263,6 +273,12 @@ pub async fn remove(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Rename {
+    /// 1 to 80 characters, no control characters, no whitespace at either end.
+    #[schema(
+        min_length = 1,
+        max_length = 80,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000](?:[^\u0000-\u001f\u007f-\u009f]*[^\u0000-\u001f\u007f-\u009f \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000])?$"
+    )]
     pub name: String,
 }
 

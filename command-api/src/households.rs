@@ -306,7 +306,12 @@ impl AppState {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CreateHousehold {
-    /// 1 to 80 characters.
+    /// 1 to 80 characters, no control characters, no whitespace at either end.
+    #[schema(
+        min_length = 1,
+        max_length = 80,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000](?:[^\u0000-\u001f\u007f-\u009f]*[^\u0000-\u001f\u007f-\u009f \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000])?$"
+    )]
     pub name: String,
 }
 
@@ -328,10 +333,7 @@ pub async fn create(
     Caller(who): Caller,
     body: Body<CreateHousehold>,
 ) -> Result<(StatusCode, Json<HouseholdCreatedResponse>), ApiError> {
-    let name = body.0.name.trim().to_owned();
-    if name.is_empty() || name.chars().count() > 80 {
-        return Err(ApiError::BadRequest("name must be 1 to 80 characters".into()));
-    }
+    let name = crate::validate::name(&body.0.name, "name")?;
     let h = Uuid::now_v7();
     let ev = Event::HouseholdCreated(HouseholdCreated { name: name.clone(), created_by: Some(who.user) });
     let env = Envelope::new(h, who.actor(), &ev, Utc::now()).with_seq(1).with_meta(who.meta(Some(Role::Owner)));
@@ -346,7 +348,8 @@ pub struct Invite {
     #[schema(schema_with = role_schema)]
     pub role: Role,
     /// Hours the invitation stays valid, 1–336 (default 72).
-    #[serde(default)]
+    #[schema(minimum = 1, maximum = 336)]
+    #[serde(default, deserialize_with = "crate::validate::opt_whole")]
     pub ttl_hours: Option<u32>,
 }
 
@@ -470,7 +473,7 @@ pub async fn change_role(
 }
 
 /// Removes a member (owners only). The last owner cannot be removed.
-#[utoipa::path(delete, path = "/v1/households/{householdId}/members/{userId}", tag = "households", security(("bearer" = [])),
+#[utoipa::path(delete, path = "/v1/households/{householdId}/members/{userId}", tag = "households", operation_id = "remove_member", security(("bearer" = [])),
     params(("householdId" = Uuid, Path), ("userId" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header, description = "makes a retry safe")),
     responses((status = 204, description = "removed"), (status = 401, body = Problem, content_type = "application/problem+json"), (status = 403, body = Problem, content_type = "application/problem+json"), (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "last owner, not a member, or the household changed meanwhile", body = Problem, content_type = "application/problem+json")))]

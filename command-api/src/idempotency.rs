@@ -46,10 +46,7 @@ fn applies(req: &Request) -> bool {
         && !req.uri().path().starts_with("/v1/auth/")
 }
 
-/// A key is 1–255 visible ASCII characters.
-fn valid_key(k: &str) -> bool {
-    (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic())
-}
+use crate::validate::idempotency_key as valid_key;
 
 /// The request's fingerprint: method, path and canonical body.
 fn fingerprint(method: &Method, path: &str, body: &[u8]) -> String {
@@ -72,7 +69,8 @@ fn fingerprint(method: &Method, path: &str, body: &[u8]) -> String {
 /// original answer (delivered) or a fresh run (failed, 5xx: the claim is
 /// released). So a key never yields two effects, however slow the broker.
 pub async fn layer(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    if !applies(&req) {
+    if !applies(&req) || !s.routed(&req) {
+        // Not a write, or a method this path does not have (the router answers 405).
         return next.run(req).await;
     }
     let (parts, body) = req.into_parts();

@@ -23,6 +23,7 @@ pub mod openapi;
 pub mod problem;
 pub mod revocation;
 pub mod schemas;
+pub mod validate;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
@@ -105,6 +106,18 @@ pub struct AppState {
     pub device_ca: Option<Arc<homelink_kit::pki::DeviceCa>>,
     pub devices: Option<devices::DeviceConfig>,
     pub revoker: Option<Arc<revocation::Revoker>>,
+    /// Every routed `(method, path template)`, from the OpenAPI document.
+    pub operations: std::collections::HashSet<(String, String)>,
+}
+
+impl AppState {
+    /// Whether the request's method is routed on its (matched) path.
+    pub fn routed(&self, req: &axum::extract::Request) -> bool {
+        let Some(path) = req.extensions().get::<axum::extract::MatchedPath>() else {
+            return false;
+        };
+        self.operations.contains(&(req.method().as_str().to_ascii_lowercase(), path.as_str().to_owned()))
+    }
 }
 
 pub struct Application {
@@ -164,14 +177,17 @@ impl Application {
             metrics: metrics.clone(),
             bridge: Pusher::spawn(cfg.bridge_push_url.clone(), "bridge", metrics.clone()),
             projector: Pusher::spawn(cfg.projector_push_url.clone(), "projector", metrics.clone()),
+            operations: openapi::operations(),
             append_timeout: cfg.append_timeout,
             answer_within: cfg.answer_within,
             pool: pool.clone(),
         });
         let (api, doc) = openapi::routes().split_for_parts();
-        let doc = Arc::new(doc);
+        let doc = Arc::new(openapi::finish(doc));
+        // `route_layer`: a method a path does not have answers 405 (with
+        // `Allow`) before the write layer looks at the request.
         let router = api
-            .layer(axum::middleware::from_fn_with_state(state.clone(), idempotency::layer))
+            .route_layer(axum::middleware::from_fn_with_state(state.clone(), idempotency::layer))
             .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
             .route("/openapi.json", get(move || async move { Json(doc.as_ref().clone()) }))
             .with_state(state.clone())

@@ -46,6 +46,9 @@ pub enum ApiError {
     TooLarge(usize),
     #[error("this Idempotency-Key was used with a different request")]
     IdempotencyKeyReused,
+    /// Valid by the document, but not for this resource; the slug names why.
+    #[error("{1}")]
+    Unprocessable(&'static str, String),
     #[error("a request with this Idempotency-Key is still in progress; retry shortly")]
     IdempotencyInProgress,
     #[error("too many attempts; try again later")]
@@ -78,6 +81,7 @@ impl ApiError {
             ApiError::IdempotencyKeyReused => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "idempotency-key-reused", "Idempotency-Key reused with another request")
             }
+            ApiError::Unprocessable(slug, _) => (StatusCode::UNPROCESSABLE_ENTITY, slug, "Not applicable to this resource"),
             ApiError::IdempotencyInProgress => (StatusCode::CONFLICT, "idempotency-in-progress", "Request in progress"),
             ApiError::TooManyAttempts => (StatusCode::TOO_MANY_REQUESTS, "too-many-attempts", "Too many attempts"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Temporarily unavailable"),

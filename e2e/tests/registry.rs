@@ -234,16 +234,21 @@ async fn with_a_csr_the_device_key_never_leaves_the_device() {
     assert_eq!(publish(&c, &mut ev, topic, state(1, json!({"temperature": 21.5}))).await, PubAckReason::Success);
     let _ = c.disconnect().await;
 
-    // A malformed request is refused and registers nothing.
-    let r = stack
-        .http
-        .post(format!("{}/v1/households/{}/devices", stack.api(), home.household_id))
-        .bearer_auth(&owner.access_token)
-        .json(&json!({"kind": "sensor", "name": "Bad", "csr": "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----"}))
-        .send()
-        .await
-        .expect("register");
-    assert_eq!(r.status(), 400);
+    // A request that is not PEM-armoured breaks the document (400); armour
+    // around DER that is no valid request is 422. Neither registers anything.
+    for (csr, status) in [("not a csr", 400), ("-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----", 422)] {
+        let r = stack
+            .http
+            .post(format!("{}/v1/households/{}/devices", stack.api(), home.household_id))
+            .bearer_auth(&owner.access_token)
+            .json(&json!({"kind": "sensor", "name": "Bad", "csr": csr}))
+            .send()
+            .await
+            .expect("register");
+        assert_eq!(r.status(), status, "{csr}");
+    }
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM devices WHERE name = 'Bad'").fetch_one(&stack.pool).await.expect("count");
+    assert_eq!(n, 0);
 }
 
 fn rustls_pemfile_first_cert(pem: &str) -> Vec<u8> {
@@ -436,7 +441,9 @@ async fn rooms_renames_moves_validation_and_a_rebuild_from_the_log_alone() {
     let (s, room) = call(owner, Method::POST, format!("/v1/households/{h}/rooms"), Some(json!({"name": "Kitchen"}))).await;
     assert_eq!(s, 201);
     let kitchen = room["roomId"].as_str().expect("roomId").to_owned();
-    assert_eq!(call(owner, Method::POST, format!("/v1/households/{h}/rooms"), Some(json!({"name": " kitchen "}))).await.0, 409);
+    assert_eq!(call(owner, Method::POST, format!("/v1/households/{h}/rooms"), Some(json!({"name": "kitchen"}))).await.0, 409);
+    // Names are taken as given: whitespace at either end is refused, not trimmed.
+    assert_eq!(call(owner, Method::POST, format!("/v1/households/{h}/rooms"), Some(json!({"name": " Den "}))).await.0, 400);
     assert_eq!(call(child, Method::POST, format!("/v1/households/{h}/rooms"), Some(json!({"name": "Den"}))).await.0, 403);
     assert_eq!(
         call(owner, Method::PUT, format!("/v1/households/{h}/rooms/{kitchen}"), Some(json!({"name": "Kitchen & dining"}))).await.0,

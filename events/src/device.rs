@@ -69,6 +69,20 @@ impl DeviceKind {
         }
     }
 
+    /// Every writable capability of any kind, each name once (a name means
+    /// the same value type in every kind that has it — a test holds that).
+    pub fn writable_capabilities() -> Vec<&'static Capability> {
+        let mut out: Vec<&'static Capability> = Vec::new();
+        for k in DeviceKind::ALL {
+            for c in k.capabilities().iter().filter(|c| c.writable) {
+                if !out.iter().any(|o| o.name == c.name) {
+                    out.push(c);
+                }
+            }
+        }
+        out
+    }
+
     pub fn capability(self, name: &str) -> Option<&'static Capability> {
         self.capabilities().iter().find(|c| c.name == name)
     }
@@ -184,6 +198,17 @@ pub enum ValueError {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_writable_capability_means_the_same_value_in_every_kind() {
+        for c in DeviceKind::writable_capabilities() {
+            for k in DeviceKind::ALL {
+                if let Some(o) = k.capability(c.name).filter(|o| o.writable) {
+                    assert_eq!(o.value, c.value, "{} of {k}", c.name);
+                }
+            }
+        }
+    }
+
     use super::*;
     use serde_json::json;
 
