@@ -1,6 +1,7 @@
 //! Device commands: `POST /v1/households/{householdId}/devices/{deviceId}/commands`.
 
-use crate::households::{audit_denied, path_id, Caller, Requester};
+use crate::audit::audit_denied;
+use crate::caller::{path_id, Caller, Requester};
 use crate::problem::{ApiError, Body, Problem};
 use crate::AppState;
 use axum::extract::{Path, State};

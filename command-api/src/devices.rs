@@ -7,8 +7,9 @@
 //! Manufacturer serials are claimed in `device_serial_claims` before the
 //! registration is appended: a serial belongs to one household at a time.
 
-use crate::households::{path_id, Caller, HouseholdCommand, Requester};
+use crate::caller::{path_id, Caller, Requester};
 use crate::problem::{ApiError, Body, Problem};
+use crate::write_path::HouseholdCommand;
 use crate::AppState;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -215,7 +216,7 @@ impl AppState {
         .map_err(ApiError::db)?;
         if won.is_none() {
             let e = ApiError::Conflict("serial-claimed", "a registered device already has this serial".into());
-            crate::households::audit_denied(self, who, h, None, "device.register", Some(format!("serial/{serial}")), &e);
+            crate::audit::audit_denied(self, who, h, None, "device.register", Some(format!("serial/{serial}")), &e);
             return Err(e);
         }
         Ok(())

@@ -6,15 +6,21 @@
 //! Layout:
 //! - [`auth`]: sign-up, sign-in, refresh, sign-out, signing keys and JWKS, the
 //!   `Authenticated` extractor;
-//! - [`households`]: households and members, and the serialized write path
-//!   every household command takes (the consistency decision lives there);
+//! - [`caller`]: the authenticated caller extractor and path ids;
+//! - [`write_path`]: the serialized write path every household command takes
+//!   (the consistency decision lives there); [`audit`]: refused commands;
+//! - [`households`]: households and members (routes);
+//! - [`devices`]: the registry (routes); [`revocation`]: shutting removed
+//!   devices out at the broker; [`validate`]: the text rules;
 //! - [`commands`]: device commands (authorization by role, then validation);
 //! - [`idempotency`]: the `Idempotency-Key` middleware;
 //! - [`problem`]: the error type and its problem+json form, the body extractor;
 //! - [`openapi`]: the OpenAPI 3.1 document, built from the same route table;
 //! - this file: configuration and the router.
 
+pub mod audit;
 pub mod auth;
+pub mod caller;
 pub mod commands;
 pub mod devices;
 pub mod households;
@@ -24,6 +30,7 @@ pub mod problem;
 pub mod revocation;
 pub mod schemas;
 pub mod validate;
+pub mod write_path;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
@@ -101,7 +108,7 @@ pub struct AppState {
     pub identity: auth::IdentityLimits,
     /// Permits for password hashing (`identity.hashing_permits`).
     pub hashing: Arc<tokio::sync::Semaphore>,
-    /// In-process lock stripes that queue household writes (see [`households`]).
+    /// In-process lock stripes that queue household writes (see [`write_path`]).
     pub household_stripes: Vec<tokio::sync::Mutex<()>>,
     pub device_ca: Option<Arc<homelink_kit::pki::DeviceCa>>,
     pub devices: Option<devices::DeviceConfig>,
@@ -171,7 +178,7 @@ impl Application {
             tokens: cfg.tokens.clone(),
             identity: cfg.identity.clone(),
             hashing: Arc::new(tokio::sync::Semaphore::new(cfg.identity.hashing_permits.max(1))),
-            household_stripes: (0..households::HOUSEHOLD_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            household_stripes: (0..write_path::HOUSEHOLD_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             appender: Appender::new(&pc)?,
             topics: cfg.topics.clone(),
             metrics: metrics.clone(),

@@ -1,7 +1,8 @@
 //! The audit log, read with cursor pagination (newest first). Owners only;
 //! the check is in the resolver, next to the household it is about.
 
-use crate::schema::{codes, error, AuditEntry, AuditFilter};
+use crate::errors::{codes, error};
+use crate::types::{AuditEntry, AuditFilter};
 use async_graphql::connection::{Connection, Edge};
 use async_graphql::{Result, ID};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;

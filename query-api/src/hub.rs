@@ -13,7 +13,8 @@
 //! household's channel is dropped with its last subscriber, so the hub holds
 //! only households someone is watching.
 
-use crate::schema::{codes, error, role_in, DeviceChange, HouseholdChange};
+use crate::errors::{codes, error};
+use crate::types::{DeviceChange, HouseholdChange};
 use async_graphql::futures_util::Stream;
 use homelink_events::household::Action;
 use homelink_events::shadow::ShadowChanged;
@@ -23,6 +24,7 @@ use homelink_events::topics::{
 use homelink_events::{DeviceKind, Role};
 use homelink_kit::metrics::ServiceMetrics;
 use homelink_kit::shutdown::CancellationToken;
+use homelink_read_model::role_in;
 use prometheus::IntGauge;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;

@@ -3,15 +3,21 @@
 //! - `POST /graphql` runs queries; `GET /graphql` opens GraphiQL in a browser
 //!   and, with a WebSocket upgrade (subprotocol `graphql-transport-ws`), runs
 //!   subscriptions on the same path.
-//! - [`schema`]: the GraphQL types and resolvers. [`hub`]: the fan-out of the
-//!   projector's committed-change notifications to subscriptions.
+//! - [`schema`]: the GraphQL queries, subscriptions and their resolvers;
+//!   [`types`]: the plain GraphQL types the fan-out and the audit log produce
+//!   too; [`errors`]: every error code in one place. [`hub`]: the fan-out of
+//!   the projector's committed-change notifications to subscriptions;
+//!   [`audit`]: the audit-log connection. Imports go one way: schema → hub,
+//!   audit → types, errors.
 //!
 //! **Boundary**: only this crate knows GraphQL.
 
 pub mod audit;
+pub mod errors;
 pub mod hub;
 pub mod limits;
 pub mod schema;
+pub mod types;
 
 use async_graphql::http::{GraphiQLSource, ALL_WEBSOCKET_PROTOCOLS};
 use async_graphql::{Data, ErrorExtensionValues};
@@ -21,11 +27,12 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use errors::codes;
 use homelink_kit::auth::Verifier;
 use homelink_kit::metrics::ServiceMetrics;
 use homelink_kit::shutdown::CancellationToken;
 use hub::Hub;
-use schema::{codes, HomeLinkSchema, Limits, Viewer};
+use schema::{HomeLinkSchema, Limits, Viewer};
 use sqlx::PgPool;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -152,16 +159,16 @@ async fn graphql(State(s): State<AppState>, headers: HeaderMap, req: Request) ->
     let Ok(bytes) = axum::body::to_bytes(req.into_body(), MAX_REQUEST_BYTES).await else {
         return refusal(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "PAYLOAD_TOO_LARGE",
+            codes::PAYLOAD_TOO_LARGE,
             &format!("the request is larger than {MAX_REQUEST_BYTES} bytes"),
         );
     };
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
-        return refusal(StatusCode::BAD_REQUEST, "BATCH_NOT_SUPPORTED", "send one operation per request");
+        return refusal(StatusCode::BAD_REQUEST, codes::BATCH_NOT_SUPPORTED, "send one operation per request");
     }
     let gql: async_graphql::Request = match serde_json::from_slice(&bytes) {
         Ok(r) => r,
-        Err(e) => return refusal(StatusCode::BAD_REQUEST, "BAD_REQUEST", &format!("not a GraphQL request: {e}")),
+        Err(e) => return refusal(StatusCode::BAD_REQUEST, codes::BAD_REQUEST, &format!("not a GraphQL request: {e}")),
     };
     let mut resp = s.schema.execute(gql.data(viewer)).await;
     let before_execution = resp.data == async_graphql::Value::Null;
@@ -170,13 +177,13 @@ async fn graphql(State(s): State<AppState>, headers: HeaderMap, req: Request) ->
             continue;
         }
         let code = if e.message.contains("nested too deep") {
-            "QUERY_TOO_DEEP"
+            codes::QUERY_TOO_DEEP
         } else if e.message.contains("too complex") {
-            "QUERY_TOO_COMPLEX"
+            codes::QUERY_TOO_COMPLEX
         } else if before_execution {
-            "GRAPHQL_VALIDATION_FAILED"
+            codes::GRAPHQL_VALIDATION_FAILED
         } else {
-            "INTERNAL"
+            codes::INTERNAL
         };
         e.extensions.get_or_insert_with(ErrorExtensionValues::default).set("code", code);
     }
@@ -211,7 +218,7 @@ async fn graphiql_or_subscription(State(s): State<AppState>, req: Request) -> Re
                 .on_connection_init(move |payload| async move {
                     let auth = payload.get("authorization").or_else(|| payload.get("Authorization")).and_then(|v| v.as_str());
                     let viewer = viewer_of(&verifier, auth)
-                        .ok_or_else(|| schema::error(codes::UNAUTHENTICATED, "a valid access token is required in connection_init"))?;
+                        .ok_or_else(|| errors::error(codes::UNAUTHENTICATED, "a valid access token is required in connection_init"))?;
                     let mut data = Data::default();
                     data.insert(viewer);
                     data.insert(Arc::new(hub::ConnectionSubscriptions::default()));

@@ -48,12 +48,12 @@ impl Extension for AliasLimitExt {
         next: NextParseQuery<'_>,
     ) -> ServerResult<ExecutableDocument> {
         if document_has_nul(query) || variables.values().any(const_has_nul) {
-            return Err(coded("text must not contain the NUL character (\\u0000)", "BAD_USER_INPUT"));
+            return Err(coded("text must not contain the NUL character (\\u0000)", crate::errors::codes::BAD_USER_INPUT));
         }
         let doc = next.run(ctx, query, variables).await?;
         let n = count_aliases(&doc);
         if n > self.0 {
-            return Err(coded(&format!("Query has {n} aliases; at most {} are allowed.", self.0), "TOO_MANY_ALIASES"));
+            return Err(coded(&format!("Query has {n} aliases; at most {} are allowed.", self.0), crate::errors::codes::TOO_MANY_ALIASES));
         }
         Ok(doc)
     }

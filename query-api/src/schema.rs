@@ -3,17 +3,17 @@
 //! GraphQL objects are their own types, converted from rows and from the
 //! projector's notification; neither leaks into the other.
 
+use crate::errors::{codes, error, not_found, unavailable};
 use crate::hub::Hub;
+pub use crate::types::{AuditEntry, AuditFilter, DeviceChange, HouseholdChange, Shadow};
 use async_graphql::connection::Connection;
 use async_graphql::connection::Edge;
 use async_graphql::futures_util::Stream;
-use async_graphql::{ComplexObject, Context, ErrorExtensions, InputObject, Json, Object, Result, Schema, SimpleObject, Subscription, ID};
+use async_graphql::{ComplexObject, Context, InputObject, Json, Object, Result, Schema, SimpleObject, Subscription, ID};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use chrono::{DateTime, Utc};
 use homelink_events::household::Action;
-use homelink_events::shadow::ShadowChanged;
-use homelink_events::topics::RegistryChanged;
 use homelink_events::{DeviceKind, Role};
 use serde_json::Value;
 use sqlx::postgres::PgRow;
@@ -57,20 +57,6 @@ pub struct Viewer {
     pub user_id: Uuid,
 }
 
-/// Stable `extensions.code` values of the errors this API returns.
-pub mod codes {
-    pub const UNAUTHENTICATED: &str = "UNAUTHENTICATED";
-    pub const FORBIDDEN: &str = "FORBIDDEN";
-    pub const NOT_FOUND: &str = "NOT_FOUND";
-    pub const BAD_USER_INPUT: &str = "BAD_USER_INPUT";
-    pub const UNAVAILABLE: &str = "UNAVAILABLE";
-    pub const TOO_MANY_SUBSCRIPTIONS: &str = "TOO_MANY_SUBSCRIPTIONS";
-}
-
-pub fn error(code: &'static str, message: impl Into<String>) -> async_graphql::Error {
-    async_graphql::Error::new(message).extend_with(|_, e| e.set("code", code))
-}
-
 fn viewer(ctx: &Context<'_>) -> Result<Uuid> {
     ctx.data_opt::<Viewer>().map(|v| v.user_id).ok_or_else(|| error(codes::UNAUTHENTICATED, "sign in first"))
 }
@@ -79,17 +65,7 @@ fn parse_id(id: &ID) -> Option<Uuid> {
     Uuid::parse_str(id.as_str()).ok()
 }
 
-fn unavailable(e: sqlx::Error) -> async_graphql::Error {
-    tracing::warn!(error = %e, "read model query failed");
-    error(codes::UNAVAILABLE, "the read models are unavailable")
-}
-
-/// The viewer's role in a household; `None` when not a member (or no such household).
-pub use homelink_read_model::role_in;
-
-fn not_found() -> async_graphql::Error {
-    error(codes::NOT_FOUND, "no such household")
-}
+use homelink_read_model::role_in;
 
 pub struct Query;
 
@@ -235,36 +211,6 @@ pub struct Membership {
 }
 
 /// Filters of the audit log; all optional, combined with AND.
-#[derive(InputObject, Default)]
-pub struct AuditFilter {
-    /// The acting user's id.
-    pub actor_id: Option<String>,
-    /// e.g. `device.command`, `member.role`.
-    pub action: Option<String>,
-    /// `accepted`, `denied`, `conflict` or `superseded`.
-    pub outcome: Option<String>,
-    pub since: Option<DateTime<Utc>>,
-    pub until: Option<DateTime<Utc>>,
-}
-
-/// One audited command.
-#[derive(SimpleObject)]
-pub struct AuditEntry {
-    pub id: ID,
-    pub at: DateTime<Utc>,
-    /// `user`, `device` or `system`.
-    pub actor_kind: String,
-    pub actor_id: String,
-    pub role: Option<String>,
-    pub client: Option<String>,
-    pub action: String,
-    pub target: Option<String>,
-    pub outcome: String,
-    /// The HTTP status the command API answered.
-    pub status: i32,
-    pub detail: Option<String>,
-}
-
 /// Devices with their rooms, shadows and the viewer's role (`m.role`, joined by the caller).
 const DEVICE_SELECT: &str =
     "SELECT d.device_id, d.household_id, d.kind, d.name, d.room_id, rm.name AS room_name, d.serial, d.registered_at,
@@ -509,20 +455,6 @@ impl Device {
     }
 }
 
-/// A device's last known state.
-#[derive(SimpleObject, Clone)]
-pub struct Shadow {
-    /// Reported capability values.
-    pub reported: Json<Value>,
-    /// Highest report sequence applied (the device's own counter).
-    pub seq: i64,
-    /// Bumped on every change of this shadow.
-    pub version: i64,
-    pub battery: Option<i32>,
-    pub online: bool,
-    pub last_seen: Option<DateTime<Utc>>,
-}
-
 #[derive(SimpleObject)]
 pub struct Command {
     pub id: ID,
@@ -533,31 +465,6 @@ pub struct Command {
     pub set: Option<Json<Value>>,
     pub requested_at: Option<DateTime<Utc>>,
     pub acked_at: Option<DateTime<Utc>>,
-}
-
-/// A committed change of one device's shadow.
-#[derive(SimpleObject, Clone)]
-pub struct DeviceChange {
-    pub household_id: ID,
-    pub device_id: ID,
-    pub shadow: Shadow,
-}
-
-impl From<&ShadowChanged> for DeviceChange {
-    fn from(c: &ShadowChanged) -> Self {
-        Self {
-            household_id: ID(c.household_id.to_string()),
-            device_id: ID(c.device_id.to_string()),
-            shadow: Shadow {
-                reported: Json(Value::Object(c.reported.clone())),
-                seq: i64::try_from(c.seq).unwrap_or(i64::MAX),
-                version: i64::try_from(c.version).unwrap_or(i64::MAX),
-                battery: c.battery.map(i32::from),
-                online: c.online,
-                last_seen: c.last_seen,
-            },
-        }
-    }
 }
 
 pub struct SubscriptionRoot;
@@ -605,44 +512,5 @@ impl SubscriptionRoot {
         let pool = ctx.data::<PgPool>()?.clone();
         let (rx, ticket, role) = admit(ctx, &hub, &pool, &household_id, user).await?;
         Ok(crate::hub::authorized_household_changes(rx, ticket, pool, user, role))
-    }
-}
-
-/// One change of a household, as the household subscription delivers it.
-#[derive(SimpleObject, Clone)]
-pub struct HouseholdChange {
-    /// `shadow` for device state; otherwise the registry event's name.
-    pub change: String,
-    pub household_id: ID,
-    pub device_id: Option<ID>,
-    pub room_id: Option<ID>,
-    /// For `shadow`: the device's new shadow.
-    pub shadow: Option<Shadow>,
-    /// For registry changes: the household's version after the change.
-    pub version: Option<i64>,
-}
-
-impl HouseholdChange {
-    pub fn from_shadow(c: &ShadowChanged) -> Self {
-        let d = DeviceChange::from(c);
-        Self {
-            change: "shadow".into(),
-            household_id: d.household_id,
-            device_id: Some(d.device_id),
-            room_id: None,
-            shadow: Some(d.shadow),
-            version: None,
-        }
-    }
-
-    pub fn from_registry(r: &RegistryChanged) -> Self {
-        Self {
-            change: r.change.clone(),
-            household_id: ID(r.household_id.to_string()),
-            device_id: r.device_id.map(|d| ID(d.to_string())),
-            room_id: r.room_id.map(|d| ID(d.to_string())),
-            shadow: None,
-            version: i64::try_from(r.version).ok(),
-        }
     }
 }

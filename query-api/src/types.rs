@@ -1,0 +1,117 @@
+//! GraphQL types that the fan-out ([`crate::hub`]) and the audit log
+//! ([`crate::audit`]) produce as well as the schema: plain data, no
+//! resolvers, so those modules need not import the schema.
+
+use async_graphql::{InputObject, Json, SimpleObject, ID};
+use chrono::{DateTime, Utc};
+use homelink_events::shadow::ShadowChanged;
+use homelink_events::topics::RegistryChanged;
+use serde_json::Value;
+
+#[derive(InputObject, Default)]
+pub struct AuditFilter {
+    /// The acting user's id.
+    pub actor_id: Option<String>,
+    /// e.g. `device.command`, `member.role`.
+    pub action: Option<String>,
+    /// `accepted`, `denied`, `conflict` or `superseded`.
+    pub outcome: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+}
+
+/// One audited command.
+#[derive(SimpleObject)]
+pub struct AuditEntry {
+    pub id: ID,
+    pub at: DateTime<Utc>,
+    /// `user`, `device` or `system`.
+    pub actor_kind: String,
+    pub actor_id: String,
+    pub role: Option<String>,
+    pub client: Option<String>,
+    pub action: String,
+    pub target: Option<String>,
+    pub outcome: String,
+    /// The HTTP status the command API answered.
+    pub status: i32,
+    pub detail: Option<String>,
+}
+
+/// A device's last known state.
+#[derive(SimpleObject, Clone)]
+pub struct Shadow {
+    /// Reported capability values.
+    pub reported: Json<Value>,
+    /// Highest report sequence applied (the device's own counter).
+    pub seq: i64,
+    /// Bumped on every change of this shadow.
+    pub version: i64,
+    pub battery: Option<i32>,
+    pub online: bool,
+    pub last_seen: Option<DateTime<Utc>>,
+}
+
+/// A committed change of one device's shadow.
+#[derive(SimpleObject, Clone)]
+pub struct DeviceChange {
+    pub household_id: ID,
+    pub device_id: ID,
+    pub shadow: Shadow,
+}
+
+impl From<&ShadowChanged> for DeviceChange {
+    fn from(c: &ShadowChanged) -> Self {
+        Self {
+            household_id: ID(c.household_id.to_string()),
+            device_id: ID(c.device_id.to_string()),
+            shadow: Shadow {
+                reported: Json(Value::Object(c.reported.clone())),
+                seq: i64::try_from(c.seq).unwrap_or(i64::MAX),
+                version: i64::try_from(c.version).unwrap_or(i64::MAX),
+                battery: c.battery.map(i32::from),
+                online: c.online,
+                last_seen: c.last_seen,
+            },
+        }
+    }
+}
+
+/// One change of a household, as the household subscription delivers it.
+#[derive(SimpleObject, Clone)]
+pub struct HouseholdChange {
+    /// `shadow` for device state; otherwise the registry event's name.
+    pub change: String,
+    pub household_id: ID,
+    pub device_id: Option<ID>,
+    pub room_id: Option<ID>,
+    /// For `shadow`: the device's new shadow.
+    pub shadow: Option<Shadow>,
+    /// For registry changes: the household's version after the change.
+    pub version: Option<i64>,
+}
+
+impl HouseholdChange {
+    pub fn from_shadow(c: &ShadowChanged) -> Self {
+        let d = DeviceChange::from(c);
+        Self {
+            change: "shadow".into(),
+            household_id: d.household_id,
+            device_id: Some(d.device_id),
+            room_id: None,
+            shadow: Some(d.shadow),
+            version: None,
+        }
+    }
+
+    pub fn from_registry(r: &RegistryChanged) -> Self {
+        Self {
+            change: r.change.clone(),
+            household_id: ID(r.household_id.to_string()),
+            device_id: r.device_id.map(|d| ID(d.to_string())),
+            room_id: r.room_id.map(|d| ID(d.to_string())),
+            shadow: None,
+            version: i64::try_from(r.version).ok(),
+        }
+    }
+}
