@@ -34,7 +34,8 @@ pub struct BrokerAdmin {
     pub host: String,
     pub port: u16,
     pub username: String,
-    pub password: String,
+    /// Never logged or printed (`Debug` redacts it).
+    pub password: secrecy::SecretString,
 }
 
 #[derive(Debug, Clone)]
@@ -158,7 +159,7 @@ async fn reload_broker(pid_file: &std::path::Path) -> Result<(), String> {
 /// dynamic-security plugin: create a dynsec client of that name, delete it.
 async fn kick_client(admin: &BrokerAdmin, username: &str) -> Result<(), String> {
     let mut o = MqttOptions::new(format!("homelink-revoker-{}", Uuid::new_v4().simple()), &admin.host, admin.port);
-    o.set_credentials(&admin.username, &admin.password);
+    o.set_credentials(&admin.username, secrecy::ExposeSecret::expose_secret(&admin.password));
     o.set_keep_alive(Duration::from_secs(10));
     let (client, mut events) = AsyncClient::new(o, 10);
     let commands = serde_json::json!({"commands": [

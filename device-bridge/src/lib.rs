@@ -45,7 +45,8 @@ pub struct Config {
     pub mqtt_host: String,
     pub mqtt_port: u16,
     pub mqtt_username: String,
-    pub mqtt_password: String,
+    /// Never logged or printed (`Debug` redacts it).
+    pub mqtt_password: secrecy::SecretString,
     /// Stable per bridge instance: the broker keeps its session (and the
     /// unacknowledged messages) across a restart under this id.
     pub client_id: String,
@@ -72,7 +73,7 @@ impl Config {
             mqtt_host: mqtt_host.into(),
             mqtt_port,
             mqtt_username: "homelink-bridge".into(),
-            mqtt_password: String::new(),
+            mqtt_password: secrecy::SecretString::from(String::new()),
             client_id: "homelink-bridge-0".into(),
             share_group: "homelink-bridge".into(),
             listen: "127.0.0.1:0".into(),
@@ -112,7 +113,7 @@ impl Application {
         let appender = Appender::new(&ProducerConfig::new(&cfg.kafka_bootstrap))?;
 
         let mut opts = MqttOptions::new(&cfg.client_id, &cfg.mqtt_host, cfg.mqtt_port);
-        opts.set_credentials(&cfg.mqtt_username, &cfg.mqtt_password)
+        opts.set_credentials(&cfg.mqtt_username, secrecy::ExposeSecret::expose_secret(&cfg.mqtt_password))
             .set_keep_alive(Duration::from_secs(10))
             .set_clean_start(false)
             .set_session_expiry_interval(Some(3600))

@@ -24,9 +24,10 @@ impl CommonArgs {
 /// the environment variable `var`; empty when neither is set. Secrets never
 /// come from command-line values, which every local user can read in
 /// `/proc/<pid>/cmdline`.
-pub fn secret(var: &str, file: Option<&std::path::Path>) -> std::io::Result<String> {
-    match file {
-        Some(f) => Ok(std::fs::read_to_string(f)?.trim_end_matches(['\n', '\r']).to_owned()),
-        None => Ok(std::env::var(var).unwrap_or_default()),
-    }
+pub fn secret(var: &str, file: Option<&std::path::Path>) -> std::io::Result<secrecy::SecretString> {
+    let value = match file {
+        Some(f) => std::fs::read_to_string(f)?.trim_end_matches(['\n', '\r']).to_owned(),
+        None => std::env::var(var).unwrap_or_default(),
+    };
+    Ok(secrecy::SecretString::from(value))
 }

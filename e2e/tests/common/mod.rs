@@ -96,7 +96,7 @@ pub async fn spawn_bridge(
     cancel: &CancellationToken,
 ) -> u16 {
     let mut bc = homelink_device_bridge::Config::new(db_url, &env.kafka, topics.clone(), &env.mqtt_host, env.bridge_port);
-    bc.mqtt_password = env.bridge_password.clone();
+    bc.mqtt_password = env.bridge_password.clone().into();
     bc.share_group = share_group.to_owned();
     bc.client_id = format!("bridge-{}", Uuid::new_v4().simple());
     bc.projector_push_url = Some(format!("http://127.0.0.1:{projector_port}/internal/v1/events"));
@@ -142,7 +142,7 @@ impl Stack {
                 host: env.mqtt_host.clone(),
                 port: env.bridge_port,
                 username: "homelink-admin".into(),
-                password: var("HOMELINK_TEST_MQTT_ADMIN_PASSWORD"),
+                password: var("HOMELINK_TEST_MQTT_ADMIN_PASSWORD").into(),
             }),
         );
         revocation.every = Duration::from_secs(1);
