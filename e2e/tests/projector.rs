@@ -212,3 +212,38 @@ async fn device_commands_past_their_retention_are_deleted() {
     .await;
     cancel.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_service_takes_its_settings_from_a_configuration_file_beneath_the_environment() {
+    let (env, topics, db_url) = isolated().await;
+    let appender = Appender::new(&ProducerConfig::new(&env.kafka)).expect("producer");
+    let (_, total) = append_history(&appender, &topics).await;
+    // The file holds every setting but a wrong topic prefix; the environment
+    // corrects that one (environment beats file).
+    let dir = std::env::temp_dir().join(format!("homelink-config-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("homelink.toml");
+    let toml = format!(
+        "HOMELINK_DATABASE_URL = \"{db_url}\"\nHOMELINK_KAFKA_BOOTSTRAP = \"{}\"\nHOMELINK_TOPIC_PREFIX = \"wrong.\"\nHOMELINK_PROJECTOR_LISTEN = \"127.0.0.1:0\"\nHOMELINK_PROJECTOR_FETCH_WAIT_MS = 100\n",
+        env.kafka
+    );
+    std::fs::write(&file, toml).expect("write config");
+    let mut child = Command::new(env.bin_dir.join("homelink-projector"))
+        .env_clear()
+        .env("HOMELINK_CONFIG", &file)
+        .env("HOMELINK_TOPIC_PREFIX", topics.prefix())
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("start the projector binary");
+    let pool = PgPool::connect(&db_url).await.expect("pool");
+    eventually(Duration::from_secs(120), "every event applied", || async { (applied(&pool).await >= total as i64).then_some(()) }).await;
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+
+    // A key that is not a HOMELINK_ setting is refused at start.
+    std::fs::write(&file, "PATH = \"/tmp\"\n").expect("write config");
+    let out = Command::new(env.bin_dir.join("homelink-projector")).env_clear().env("HOMELINK_CONFIG", &file).output().expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a HOMELINK_"), "{}", String::from_utf8_lossy(&out.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -51,6 +51,11 @@ async fn connect(stack: &Stack, spec: &DeviceSpec, client_id: Option<&str>) -> R
     r.map(|_| (client, ev))
 }
 
+/// Whether the broker closes this connection within `secs` seconds.
+async fn closed_within(ev: &mut EventLoop, secs: u64) -> bool {
+    tokio::time::timeout(Duration::from_secs(secs), async { while ev.poll().await.is_ok() {} }).await.is_ok()
+}
+
 /// Publishes QoS 1 and returns the PUBACK reason.
 async fn publish(client: &AsyncClient, ev: &mut EventLoop, topic: String, body: Value) -> PubAckReason {
     client.publish(topic, QoS::AtLeastOnce, false, body.to_string()).await.expect("publish");
@@ -145,15 +150,7 @@ async fn register_connect_report_remove_and_reregister_through_the_broker() {
     assert_eq!(remove(owner, reg.device_id).await.expect("remove").status(), 204);
 
     // The open connection is closed and the certificate refused from now on.
-    let closed = tokio::time::timeout(Duration::from_secs(15), async {
-        loop {
-            if ev.poll().await.is_err() {
-                return;
-            }
-        }
-    })
-    .await;
-    assert!(closed.is_ok(), "the removed device's connection was closed");
+    assert!(closed_within(&mut ev, 15).await, "the removed device's connection was closed");
     let refused = connect(&stack, &lock, None).await;
     assert!(refused.is_err(), "a revoked certificate cannot connect");
     // Still readable, marked removed; commands to it are refused.
@@ -190,15 +187,7 @@ async fn register_connect_report_remove_and_reregister_through_the_broker() {
     });
     let env = homelink_events::Envelope::new(h, homelink_events::Actor::User(owner.user_id.to_string()), &removed, chrono::Utc::now());
     stack.appender.append(&stack.topics.households(), &env).await.expect("append");
-    let closed = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            if ev2.poll().await.is_err() {
-                return;
-            }
-        }
-    })
-    .await;
-    assert!(closed.is_ok(), "the loop closed the connection of a device removed behind the request's back");
+    assert!(closed_within(&mut ev2, 30).await, "the loop closed the connection of a device removed behind the request's back");
     assert!(connect(&stack, &lock2, None).await.is_err(), "and its certificate is refused");
     let _ = c2.disconnect().await;
 }

@@ -19,8 +19,14 @@ struct Args {
     batch_max: usize,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // The configuration file layer goes beneath the environment before any
+    // thread starts (kit::config).
+    homelink_kit::config::load_file()?;
+    tokio::runtime::Runtime::new()?.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     homelink_kit::telemetry::init("info");
     let a = Args::parse();
     let mut cfg = Config::new(&a.common.database_url, &a.common.kafka_bootstrap, a.common.topics());
