@@ -44,6 +44,25 @@ use sqlx::PgPool;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Why the command API could not start, or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    ReadModel(#[from] homelink_read_model::Error),
+    #[error("postgres: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(transparent)]
+    Kit(#[from] homelink_kit::Error),
+    #[error("device CA: {0}")]
+    Pki(#[from] homelink_kit::pki::PkiError),
+    #[error("signing keys: {0}")]
+    Keys(String),
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
 /// Largest request body accepted; larger ones get 413 before any parsing.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
 
@@ -137,7 +156,7 @@ pub struct Application {
 /// Applies command-api's own migrations (identity, idempotency) and the
 /// read-model schema it reads from (`homelink-read-model`). Versions of the other set are
 /// not an error.
-pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+pub async fn migrate(pool: &PgPool) -> Result<(), Error> {
     homelink_read_model::migrate(pool).await?;
     let mut m = sqlx::migrate!("./migrations");
     m.set_ignore_missing(true);
@@ -146,7 +165,7 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
 }
 
 impl Application {
-    pub async fn build(cfg: Config) -> anyhow::Result<Self> {
+    pub async fn build(cfg: Config) -> Result<Self, Error> {
         let metrics = ServiceMetrics::new("command_api");
         let pool = homelink_kit::db::connect_with_retry(&cfg.database_url, 16, Duration::from_secs(30)).await?;
         // The HTTP answer is bounded by `answer_within`: then 503, whose body
@@ -158,7 +177,7 @@ impl Application {
         // even a replacement producer's appends never completed
         // (tests/faults.rs).
         migrate(&pool).await?;
-        auth::ensure_key(&pool).await?;
+        auth::ensure_key(&pool).await.map_err(|e| Error::Keys(e.to_string()))?;
         let keys = auth::Keys::new();
         keys.reload(&pool, cfg.tokens.access_ttl).await?;
         let device_ca = match &cfg.devices {
@@ -211,7 +230,7 @@ impl Application {
         self.metrics.clone()
     }
 
-    pub async fn run_until_stopped(self, cancel: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run_until_stopped(self, cancel: CancellationToken) -> Result<(), Error> {
         let s = &self.state;
         tokio::spawn(s.keys.clone().keep_fresh(s.pool.clone(), s.tokens.clone(), cancel.clone()));
         tokio::spawn(idempotency::expire(s.pool.clone(), cancel.clone()));

@@ -36,6 +36,27 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+/// Why the device bridge could not start, or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    ReadModel(#[from] homelink_read_model::Error),
+    #[error("postgres: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error(transparent)]
+    Kit(#[from] homelink_kit::Error),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("task: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("schemas: {0}")]
+    Schema(String),
+    #[error("mqtt: {0}")]
+    Mqtt(String),
+}
+
 /// Bridge settings.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -107,7 +128,7 @@ pub struct Application {
 }
 
 impl Application {
-    pub async fn build(cfg: Config) -> anyhow::Result<Self> {
+    pub async fn build(cfg: Config) -> Result<Self, Error> {
         let metrics = ServiceMetrics::new("bridge");
         let pool = homelink_kit::db::connect_with_retry(&cfg.database_url, 8, Duration::from_secs(30)).await?;
         let appender = Appender::new(&ProducerConfig::new(&cfg.kafka_bootstrap))?;
@@ -166,7 +187,7 @@ impl Application {
         self.shared.metrics.clone()
     }
 
-    pub async fn run_until_stopped(self, cancel: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run_until_stopped(self, cancel: CancellationToken) -> Result<(), Error> {
         let (tx, rx) = mpsc::channel(4096);
         let ingest = tokio::spawn(ingest::run(self.shared.clone(), self.client.clone(), rx, cancel.clone()));
         let catch_up = tokio::spawn(deliver::catch_up(self.shared.clone(), self.commands, cancel.clone()));

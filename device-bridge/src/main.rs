@@ -45,5 +45,5 @@ async fn run() -> anyhow::Result<()> {
     cfg.projector_push_url = a.projector_push_url;
     let app = Application::build(cfg).await?;
     tracing::info!(port = app.port(), "device bridge listening");
-    app.run_until_stopped(homelink_kit::shutdown::on_signal()).await
+    Ok(app.run_until_stopped(homelink_kit::shutdown::on_signal()).await?)
 }

@@ -25,7 +25,7 @@ pub struct CatchUp {
 
 impl CatchUp {
     /// Assigns every partition of the projected topics at the stored offsets.
-    pub async fn assign(cfg: &Config, applier: &Applier, metrics: ServiceMetrics) -> anyhow::Result<Self> {
+    pub async fn assign(cfg: &Config, applier: &Applier, metrics: ServiceMetrics) -> Result<Self, crate::Error> {
         let consumer = Arc::new(homelink_kit::kafka::consumer(&cfg.kafka_bootstrap, "homelink-projector", cfg.fetch_wait)?);
         let topics = cfg.topics.projected().to_vec();
         let c = consumer.clone();

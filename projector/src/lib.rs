@@ -22,7 +22,6 @@ pub mod apply;
 pub mod consume;
 pub mod projections;
 
-use anyhow::Context;
 use apply::{Applier, Batch, Outcome, Source};
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -100,13 +99,30 @@ pub struct Application {
 }
 
 /// Applies the read-model migrations (`homelink-read-model`).
-pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    homelink_read_model::migrate(pool).await.context("migrating read models")
+pub async fn migrate(pool: &PgPool) -> Result<(), Error> {
+    Ok(homelink_read_model::migrate(pool).await?)
+}
+
+/// Why the projector could not start, or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    ReadModel(#[from] homelink_read_model::Error),
+    #[error("postgres: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error(transparent)]
+    Kit(#[from] homelink_kit::Error),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("task: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 impl Application {
     /// Connects to Postgres (applying migrations) and Kafka and binds the listener.
-    pub async fn build(cfg: Config) -> anyhow::Result<Self> {
+    pub async fn build(cfg: Config) -> Result<Self, Error> {
         let metrics = ServiceMetrics::new("projector");
         let pool = homelink_kit::db::connect_with_retry(&cfg.database_url, 8, Duration::from_secs(30)).await?;
         migrate(&pool).await?;
@@ -135,7 +151,7 @@ impl Application {
     }
 
     /// Runs until `cancel` fires; an in-flight batch is committed or rolled back, never half-applied.
-    pub async fn run_until_stopped(self, cancel: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run_until_stopped(self, cancel: CancellationToken) -> Result<(), Error> {
         let positions: Positions = Arc::default();
         let writer = tokio::spawn(run_applier(self.applier, self.jobs_rx, self.metrics.clone(), positions.clone(), cancel.clone()));
         let catch_up = tokio::spawn(self.consumer.run(self.jobs_tx, positions, cancel.clone()));

@@ -35,5 +35,5 @@ async fn run() -> anyhow::Result<()> {
     cfg.batch_max = a.batch_max.max(1);
     let app = Application::build(cfg).await?;
     tracing::info!(port = app.port(), "projector listening");
-    app.run_until_stopped(homelink_kit::shutdown::on_signal()).await
+    Ok(app.run_until_stopped(homelink_kit::shutdown::on_signal()).await?)
 }

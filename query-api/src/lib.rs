@@ -62,6 +62,15 @@ impl Config {
     }
 }
 
+/// Why the query API could not start, or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Kit(#[from] homelink_kit::Error),
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
 /// Largest GraphQL request body.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
@@ -83,7 +92,7 @@ pub struct Application {
 }
 
 impl Application {
-    pub async fn build(cfg: Config) -> anyhow::Result<Self> {
+    pub async fn build(cfg: Config) -> Result<Self, Error> {
         let metrics = ServiceMetrics::new("query_api");
         let pool = homelink_kit::db::connect_with_retry(&cfg.database_url, 16, Duration::from_secs(30)).await?;
         let hub = Arc::new(Hub::new(cfg.subscriptions, &metrics));
@@ -117,7 +126,7 @@ impl Application {
         self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
     }
 
-    pub async fn run_until_stopped(self, cancel: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run_until_stopped(self, cancel: CancellationToken) -> Result<(), Error> {
         let hub = tokio::spawn(self.hub.clone().run(self.pool.clone(), self.metrics.clone(), self.listening.clone(), cancel.clone()));
         let (url, every) = self.jwks.clone();
         tokio::spawn(self.verifier.clone().refresh_from(reqwest::Client::new(), url, every, cancel.clone()));

@@ -33,5 +33,5 @@ async fn run() -> anyhow::Result<()> {
     cfg.introspection = a.introspection;
     let app = Application::build(cfg).await?;
     tracing::info!(port = app.port(), "query API listening");
-    app.run_until_stopped(homelink_kit::shutdown::on_signal()).await
+    Ok(app.run_until_stopped(homelink_kit::shutdown::on_signal()).await?)
 }
