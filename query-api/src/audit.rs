@@ -8,7 +8,7 @@ use async_graphql::{Result, ID};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use chrono::{DateTime, Utc};
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 /// Most entries per page.
@@ -38,7 +38,7 @@ pub async fn page(
         Some(c) => Some(parse_cursor(&c).ok_or_else(|| error(codes::BAD_USER_INPUT, "invalid cursor"))?),
         None => None,
     };
-    let rows = sqlx::query(
+    let rows = sqlx::query_as::<_, AuditRow>(
         "SELECT event_id, at, actor_kind, actor_id, role, client, action, target, outcome, status, detail FROM audit_log
          WHERE household_id = $1
            AND ($2::text IS NULL OR actor_id = $2) AND ($3::text IS NULL OR action = $3) AND ($4::text IS NULL OR outcome = $4)
@@ -63,26 +63,41 @@ pub async fn page(
     })?;
     let has_next = rows.len() > first as usize;
     let mut conn = Connection::new(after.is_some(), has_next);
-    for r in rows.iter().take(first as usize) {
-        let (id, at): (Uuid, DateTime<Utc>) = (r.get(0), r.get(1));
+    for r in rows.into_iter().take(first as usize) {
         conn.edges.push(Edge::new(
-            cursor(at, id),
+            cursor(r.at, r.event_id),
             AuditEntry {
-                id: ID(id.to_string()),
-                at,
-                actor_kind: r.get(2),
-                actor_id: r.get(3),
-                role: r.get(4),
-                client: r.get(5),
-                action: r.get(6),
-                target: r.get(7),
-                outcome: r.get(8),
-                status: r.get(9),
-                detail: r.get(10),
+                id: ID(r.event_id.to_string()),
+                at: r.at,
+                actor_kind: r.actor_kind,
+                actor_id: r.actor_id,
+                role: r.role,
+                client: r.client,
+                action: r.action,
+                target: r.target,
+                outcome: r.outcome,
+                status: r.status,
+                detail: r.detail,
             },
         ));
     }
     Ok(conn)
+}
+
+/// One row of `audit_log`.
+#[derive(sqlx::FromRow)]
+struct AuditRow {
+    event_id: Uuid,
+    at: DateTime<Utc>,
+    actor_kind: String,
+    actor_id: String,
+    role: Option<String>,
+    client: Option<String>,
+    action: String,
+    target: Option<String>,
+    outcome: String,
+    status: i32,
+    detail: Option<String>,
 }
 
 #[cfg(test)]

@@ -16,8 +16,7 @@ use chrono::{DateTime, Utc};
 use homelink_events::household::Action;
 use homelink_events::{DeviceKind, Role};
 use serde_json::Value;
-use sqlx::postgres::PgRow;
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use std::sync::Arc;
 use uuid::Uuid;
 
@@ -75,7 +74,7 @@ impl Query {
     async fn me(&self, ctx: &Context<'_>) -> Result<Me> {
         let user = viewer(ctx)?;
         let pool = ctx.data::<PgPool>()?;
-        let rows = sqlx::query(
+        let rows = sqlx::query_as::<_, HouseholdRow>(
             "SELECT h.household_id, h.name, m.role FROM household_members m JOIN households h ON h.household_id = m.household_id
              WHERE m.user_id = $1 ORDER BY h.name, h.household_id",
         )
@@ -84,15 +83,9 @@ impl Query {
         .await
         .map_err(unavailable)?;
         let memberships = rows
-            .iter()
-            .filter_map(|r| {
-                let role: Role = r.get::<String, _>(2).parse().ok()?;
-                let uuid: Uuid = r.get(0);
-                Some(Membership {
-                    role: role.as_str().to_owned(),
-                    household: Household { id: ID(uuid.to_string()), name: r.get(1), uuid, role },
-                })
-            })
+            .into_iter()
+            .filter_map(HouseholdRow::household)
+            .map(|household| Membership { role: household.role.as_str().to_owned(), household })
             .collect();
         Ok(Me { user_id: ID(user.to_string()), memberships })
     }
@@ -104,7 +97,7 @@ impl Query {
             return Ok(None);
         };
         let pool = ctx.data::<PgPool>()?;
-        let row = sqlx::query(
+        let row = sqlx::query_as::<_, HouseholdRow>(
             "SELECT h.household_id, h.name, m.role FROM households h JOIN household_members m ON m.household_id = h.household_id AND m.user_id = $2
              WHERE h.household_id = $1",
         )
@@ -113,10 +106,7 @@ impl Query {
         .fetch_optional(pool)
         .await
         .map_err(unavailable)?;
-        Ok(row.and_then(|r| {
-            let role: Role = r.get::<String, _>(2).parse().ok()?;
-            Some(Household { id: ID(r.get::<Uuid, _>(0).to_string()), name: r.get(1), uuid: r.get(0), role })
-        }))
+        Ok(row.and_then(HouseholdRow::household))
     }
 
     /// One device with its shadow, if the viewer may see it.
@@ -126,7 +116,7 @@ impl Query {
             return Ok(None);
         };
         let pool = ctx.data::<PgPool>()?;
-        let row = sqlx::query(&format!(
+        let row = sqlx::query_as::<_, DeviceRow>(&format!(
             "{DEVICE_SELECT} JOIN household_members m ON m.household_id = d.household_id AND m.user_id = $2 WHERE d.device_id = $1"
         ))
         .bind(id)
@@ -134,7 +124,7 @@ impl Query {
         .fetch_optional(pool)
         .await
         .map_err(unavailable)?;
-        Ok(row.map(|r| Device::from_row(&r)).filter(|d| d.visible_to(d.viewer_role)))
+        Ok(row.map(Device::from).filter(|d| d.visible_to(d.viewer_role)))
     }
 
     /// A command's lifecycle, if the viewer may see its device.
@@ -144,7 +134,7 @@ impl Query {
             return Ok(None);
         };
         let pool = ctx.data::<PgPool>()?;
-        let row = sqlx::query(
+        let row = sqlx::query_as::<_, CommandRow>(
             "SELECT c.command_id, c.device_id, c.status, c.reason, c.set_values, c.requested_at, c.acked_at, d.kind, m.role
              FROM device_commands c JOIN devices d ON d.device_id = c.device_id AND d.household_id = c.household_id
              JOIN household_members m ON m.household_id = c.household_id AND m.user_id = $2
@@ -158,7 +148,7 @@ impl Query {
         let Some(r) = row else {
             return Ok(None);
         };
-        let (kind, role) = (r.get::<String, _>(7).parse::<DeviceKind>().ok(), r.get::<String, _>(8).parse::<Role>().ok());
+        let (kind, role) = (r.kind.parse::<DeviceKind>().ok(), r.role.parse::<Role>().ok());
         let (Some(kind), Some(role)) = (kind, role) else {
             return Ok(None);
         };
@@ -166,13 +156,13 @@ impl Query {
             return Ok(None);
         }
         Ok(Some(Command {
-            id: ID(r.get::<Uuid, _>(0).to_string()),
-            device_id: ID(r.get::<Uuid, _>(1).to_string()),
-            status: r.get(2),
-            reason: r.get(3),
-            set: r.get::<Option<Value>, _>(4).map(Json),
-            requested_at: r.get(5),
-            acked_at: r.get(6),
+            id: ID(r.command_id.to_string()),
+            device_id: ID(r.device_id.to_string()),
+            status: r.status,
+            reason: r.reason,
+            set: r.set_values.map(Json),
+            requested_at: r.requested_at,
+            acked_at: r.acked_at,
         }))
     }
 
@@ -290,7 +280,7 @@ impl Household {
             k.parse::<DeviceKind>().map_err(|_| error(codes::BAD_USER_INPUT, format!("unknown kind `{k}`")))?;
         }
         let pool = ctx.data::<PgPool>()?;
-        let rows = sqlx::query(&format!(
+        let rows = sqlx::query_as::<_, DeviceRow>(&format!(
             "{DEVICE_SELECT} JOIN household_members m ON m.household_id = d.household_id AND m.user_id = $2
              WHERE d.household_id = $1 AND d.kind = ANY($3)
                AND ($4::uuid IS NULL OR d.room_id = $4) AND (NOT $5 OR d.room_id IS NULL)
@@ -314,8 +304,8 @@ impl Household {
         .await
         .map_err(unavailable)?;
         let mut conn = Connection::new(after.is_some(), rows.len() > first as usize);
-        for r in rows.iter().take(first as usize) {
-            let d = Device::from_row(r);
+        for r in rows.into_iter().take(first as usize) {
+            let d = Device::from(r);
             conn.edges.push(Edge::new(device_cursor(&d.name, d.uuid), d));
         }
         Ok(conn)
@@ -324,12 +314,12 @@ impl Household {
     /// The household's rooms, by name, each with the devices the viewer may see.
     async fn rooms(&self, ctx: &Context<'_>) -> Result<Vec<Room>> {
         let pool = ctx.data::<PgPool>()?;
-        let rows = sqlx::query("SELECT room_id, name FROM rooms WHERE household_id = $1 ORDER BY name, room_id")
+        let rows: Vec<(Uuid, String)> = sqlx::query_as("SELECT room_id, name FROM rooms WHERE household_id = $1 ORDER BY name, room_id")
             .bind(self.uuid)
             .fetch_all(pool)
             .await
             .map_err(unavailable)?;
-        Ok(rows.iter().map(|r| Room { id: ID(r.get::<Uuid, _>(0).to_string()), name: r.get(1), uuid: r.get(0), role: self.role }).collect())
+        Ok(rows.into_iter().map(|(uuid, name)| Room { id: ID(uuid.to_string()), name, uuid, role: self.role }).collect())
     }
 
     /// The members and their roles.
@@ -338,13 +328,13 @@ impl Household {
             return Err(error(codes::FORBIDDEN, "not allowed"));
         }
         let pool = ctx.data::<PgPool>()?;
-        let rows =
-            sqlx::query("SELECT user_id, role, joined_at FROM household_members WHERE household_id = $1 ORDER BY joined_at, user_id")
+        let rows: Vec<(Uuid, String, DateTime<Utc>)> =
+            sqlx::query_as("SELECT user_id, role, joined_at FROM household_members WHERE household_id = $1 ORDER BY joined_at, user_id")
                 .bind(self.uuid)
                 .fetch_all(pool)
                 .await
                 .map_err(unavailable)?;
-        Ok(rows.iter().map(|r| Member { user_id: ID(r.get::<Uuid, _>(0).to_string()), role: r.get(1), joined_at: r.get(2) }).collect())
+        Ok(rows.into_iter().map(|(user, role, joined_at)| Member { user_id: ID(user.to_string()), role, joined_at }).collect())
     }
 }
 
@@ -364,7 +354,7 @@ impl Room {
     /// The room's devices the viewer may see (not removed), by name.
     async fn devices(&self, ctx: &Context<'_>) -> Result<Vec<Device>> {
         let pool = ctx.data::<PgPool>()?;
-        let rows = sqlx::query(&format!(
+        let rows = sqlx::query_as::<_, DeviceRow>(&format!(
             "{DEVICE_SELECT} JOIN household_members m ON m.household_id = d.household_id AND m.user_id = $2
              WHERE d.room_id = $1 AND d.kind = ANY($3) AND d.removed_at IS NULL ORDER BY d.name, d.device_id LIMIT 1000"
         ))
@@ -374,7 +364,7 @@ impl Room {
         .fetch_all(pool)
         .await
         .map_err(unavailable)?;
-        Ok(rows.iter().map(Device::from_row).collect())
+        Ok(rows.into_iter().map(Device::from).collect())
     }
 }
 
@@ -417,39 +407,88 @@ pub struct Device {
     pub viewer_role: Role,
 }
 
-impl Device {
-    fn from_row(r: &PgRow) -> Self {
-        let shadow = r.get::<Option<i64>, _>("version").map(|version| Shadow {
-            reported: Json(r.get::<Option<Value>, _>("reported").unwrap_or(Value::Null)),
-            seq: r.get::<Option<i64>, _>("seq").unwrap_or(0),
+/// A household with the viewer's role in it.
+#[derive(sqlx::FromRow)]
+struct HouseholdRow {
+    household_id: Uuid,
+    name: String,
+    role: String,
+}
+
+impl HouseholdRow {
+    /// `None` for a role this build does not know.
+    fn household(self) -> Option<Household> {
+        let role: Role = self.role.parse().ok()?;
+        Some(Household { id: ID(self.household_id.to_string()), name: self.name, uuid: self.household_id, role })
+    }
+}
+
+/// A command with its device's kind and the viewer's role.
+#[derive(sqlx::FromRow)]
+struct CommandRow {
+    command_id: Uuid,
+    device_id: Uuid,
+    status: String,
+    reason: Option<String>,
+    set_values: Option<Value>,
+    requested_at: Option<DateTime<Utc>>,
+    acked_at: Option<DateTime<Utc>>,
+    kind: String,
+    role: String,
+}
+
+/// One row of [`DEVICE_SELECT`].
+#[derive(sqlx::FromRow)]
+struct DeviceRow {
+    device_id: Uuid,
+    household_id: Uuid,
+    kind: String,
+    name: String,
+    room_id: Option<Uuid>,
+    room_name: Option<String>,
+    serial: Option<String>,
+    registered_at: DateTime<Utc>,
+    removed_at: Option<DateTime<Utc>>,
+    reported: Option<Value>,
+    seq: Option<i64>,
+    version: Option<i64>,
+    battery: Option<i16>,
+    online: Option<bool>,
+    last_seen: Option<DateTime<Utc>>,
+    role: String,
+}
+
+impl From<DeviceRow> for Device {
+    fn from(r: DeviceRow) -> Self {
+        let shadow = r.version.map(|version| Shadow {
+            reported: Json(r.reported.unwrap_or(Value::Null)),
+            seq: r.seq.unwrap_or(0),
             version,
-            battery: r.get::<Option<i16>, _>("battery").map(i32::from),
-            online: r.get::<Option<bool>, _>("online").unwrap_or(false),
-            last_seen: r.get("last_seen"),
+            battery: r.battery.map(i32::from),
+            online: r.online.unwrap_or(false),
+            last_seen: r.last_seen,
         });
-        let uuid: Uuid = r.get("device_id");
-        let room = r
-            .get::<Option<Uuid>, _>("room_id")
-            .map(|id| RoomRef { id: ID(id.to_string()), name: r.get::<Option<String>, _>("room_name").unwrap_or_default() });
-        let removed_at: Option<DateTime<Utc>> = r.get("removed_at");
+        let room = r.room_id.map(|id| RoomRef { id: ID(id.to_string()), name: r.room_name.unwrap_or_default() });
         Self {
-            id: ID(uuid.to_string()),
-            household_id: ID(r.get::<Uuid, _>("household_id").to_string()),
-            kind: r.get("kind"),
-            name: r.get("name"),
+            id: ID(r.device_id.to_string()),
+            household_id: ID(r.household_id.to_string()),
+            kind: r.kind,
+            name: r.name,
             room,
-            serial: r.get("serial"),
-            registered_at: r.get("registered_at"),
-            removed: removed_at.is_some(),
-            removed_at,
+            serial: r.serial,
+            registered_at: r.registered_at,
+            removed: r.removed_at.is_some(),
+            removed_at: r.removed_at,
             online: shadow.as_ref().is_some_and(|s| s.online),
             last_seen: shadow.as_ref().and_then(|s| s.last_seen),
             shadow,
-            uuid,
-            viewer_role: r.get::<String, _>("role").parse().unwrap_or(Role::Child),
+            uuid: r.device_id,
+            viewer_role: r.role.parse().unwrap_or(Role::Child),
         }
     }
+}
 
+impl Device {
     fn visible_to(&self, role: Role) -> bool {
         self.kind.parse::<DeviceKind>().is_ok_and(|k| role.allows(&Action::SeeDevice(k)))
     }
