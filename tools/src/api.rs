@@ -1,7 +1,6 @@
 //! A small client of the command API's identity and household routes, as the
 //! app uses them: for the demo seeding, the benchmark and the tests.
 
-use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -29,21 +28,23 @@ impl Account {
 }
 
 /// Checks the status; returns the JSON body (or `null` for an empty one).
-async fn expect(r: reqwest::Response, want: u16, what: &str) -> anyhow::Result<Value> {
+async fn expect(r: reqwest::Response, want: u16, what: &str) -> crate::Result<Value> {
     let status = r.status().as_u16();
     let text = r.text().await?;
-    anyhow::ensure!(status == want, "{what}: expected {want}, got {status}: {text}");
+    if status != want {
+        return Err(crate::Error::Status { what: what.to_owned(), want, status, body: text });
+    }
     Ok(if text.is_empty() { Value::Null } else { serde_json::from_str(&text)? })
 }
 
-fn tokens_into(a: &mut Account, v: &Value) -> anyhow::Result<()> {
-    a.access_token = v["accessToken"].as_str().context("accessToken")?.to_owned();
-    a.refresh_token = v["refreshToken"].as_str().context("refreshToken")?.to_owned();
-    a.user_id = v["userId"].as_str().context("userId")?.parse()?;
+fn tokens_into(a: &mut Account, v: &Value) -> crate::Result<()> {
+    a.access_token = v["accessToken"].as_str().ok_or_else(|| crate::missing("accessToken"))?.to_owned();
+    a.refresh_token = v["refreshToken"].as_str().ok_or_else(|| crate::missing("refreshToken"))?.to_owned();
+    a.user_id = v["userId"].as_str().ok_or_else(|| crate::missing("userId"))?.parse()?;
     Ok(())
 }
 
-pub async fn sign_up(http: &reqwest::Client, base: &str, email: &str, password: &str, name: &str) -> anyhow::Result<Account> {
+pub async fn sign_up(http: &reqwest::Client, base: &str, email: &str, password: &str, name: &str) -> crate::Result<Account> {
     let r = http
         .post(format!("{base}/v1/auth/sign-up"))
         .json(&json!({"email": email, "password": password, "displayName": name}))
@@ -62,17 +63,17 @@ pub async fn sign_up(http: &reqwest::Client, base: &str, email: &str, password: 
     Ok(a)
 }
 
-pub async fn sign_in(http: &reqwest::Client, base: &str, account: &mut Account) -> anyhow::Result<()> {
+pub async fn sign_in(http: &reqwest::Client, base: &str, account: &mut Account) -> crate::Result<()> {
     let r =
         http.post(format!("{base}/v1/auth/sign-in")).json(&json!({"email": account.email, "password": account.password})).send().await?;
     let v = expect(r, 200, "sign-in").await?;
     tokens_into(account, &v)
 }
 
-pub async fn create_household(http: &reqwest::Client, base: &str, owner: &Account, name: &str) -> anyhow::Result<Uuid> {
+pub async fn create_household(http: &reqwest::Client, base: &str, owner: &Account, name: &str) -> crate::Result<Uuid> {
     let r = http.post(format!("{base}/v1/households")).header("authorization", owner.bearer()).json(&json!({"name": name})).send().await?;
     let v = expect(r, 201, "create household").await?;
-    Ok(v["householdId"].as_str().context("householdId")?.parse()?)
+    Ok(v["householdId"].as_str().ok_or_else(|| crate::missing("householdId"))?.parse()?)
 }
 
 /// Invites `member` with `role` and has them accept.
@@ -83,7 +84,7 @@ pub async fn add_member(
     household: Uuid,
     member: &Account,
     role: &str,
-) -> anyhow::Result<()> {
+) -> crate::Result<()> {
     let r = http
         .post(format!("{base}/v1/households/{household}/invitations"))
         .header("authorization", owner.bearer())
@@ -117,7 +118,7 @@ pub struct Registered {
     pub ca_certificate_pem: String,
 }
 
-pub async fn create_room(http: &reqwest::Client, base: &str, who: &Account, household: Uuid, name: &str) -> anyhow::Result<Uuid> {
+pub async fn create_room(http: &reqwest::Client, base: &str, who: &Account, household: Uuid, name: &str) -> crate::Result<Uuid> {
     let r = http
         .post(format!("{base}/v1/households/{household}/rooms"))
         .header("authorization", who.bearer())
@@ -125,7 +126,7 @@ pub async fn create_room(http: &reqwest::Client, base: &str, who: &Account, hous
         .send()
         .await?;
     let v = expect(r, 201, "create room").await?;
-    Ok(v["roomId"].as_str().context("roomId")?.parse()?)
+    Ok(v["roomId"].as_str().ok_or_else(|| crate::missing("roomId"))?.parse()?)
 }
 
 /// Registers a device; with `csr` the device keeps its key.
@@ -140,7 +141,7 @@ pub async fn register_device(
     room_id: Option<Uuid>,
     serial: Option<&str>,
     csr: Option<&str>,
-) -> anyhow::Result<Registered> {
+) -> crate::Result<Registered> {
     let body = json!({"kind": kind, "name": name, "roomId": room_id, "serial": serial, "csr": csr});
     let r = http.post(format!("{base}/v1/households/{household}/devices")).header("authorization", who.bearer()).json(&body).send().await?;
     let v = expect(r, 201, "register device").await?;

@@ -46,8 +46,10 @@ pub struct Summary {
 }
 
 /// Runs `count` commands one after the other and measures each stage.
-pub async fn run(endpoints: &Endpoints, count: usize, progress: bool) -> anyhow::Result<Summary> {
-    anyhow::ensure!(count > 0, "count must be positive");
+pub async fn run(endpoints: &Endpoints, count: usize, progress: bool) -> crate::Result<Summary> {
+    if count == 0 {
+        return Err(crate::Error::Protocol("count must be positive".into()));
+    }
     let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
     let user = crate::api::sign_up(
         &http,
@@ -66,7 +68,9 @@ pub async fn run(endpoints: &Endpoints, count: usize, progress: bool) -> anyhow:
     let q = "query($id: ID!) { device(id: $id) { id } }";
     let deadline = Instant::now() + Duration::from_secs(30);
     while crate::gql::query(&http, &endpoints.graphql, &token, q, json!({"id": device.id})).await?["data"]["device"].is_null() {
-        anyhow::ensure!(Instant::now() < deadline, "the benchmark device was not registered within 30 s");
+        if Instant::now() >= deadline {
+            return Err(crate::Error::Protocol("the benchmark device was not registered within 30 s".into()));
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -90,7 +94,7 @@ pub async fn run(endpoints: &Endpoints, count: usize, progress: bool) -> anyhow:
         match tokio::time::timeout(Duration::from_secs(20), obs.recv()).await {
             Ok(Some(Observed::Connected { .. })) => break,
             Ok(Some(_)) => {}
-            _ => anyhow::bail!("the benchmark device did not connect within 20 s"),
+            _ => return Err(crate::Error::Protocol("the benchmark device did not connect within 20 s".into())),
         }
     }
     let mut sub = Subscription::start(
@@ -110,7 +114,9 @@ pub async fn run(endpoints: &Endpoints, count: usize, progress: bool) -> anyhow:
         let brightness = if i % 2 == 0 { 10 + (i % 80) as i64 } else { 95 };
         let t0 = Instant::now();
         let r = http.post(&url).bearer_auth(&token).json(&json!({"set": {"brightness": brightness}})).send().await?;
-        anyhow::ensure!(r.status().as_u16() == 202, "command refused: {} {}", r.status(), r.text().await.unwrap_or_default());
+        if r.status().as_u16() != 202 {
+            return Err(crate::Error::Protocol(format!("command refused: {} {}", r.status(), r.text().await.unwrap_or_default())));
+        }
         accepted.push(t0.elapsed());
         let body: serde_json::Value = r.json().await?;
         let command_id = body["commandId"].as_str().unwrap_or_default().to_owned();
@@ -127,18 +133,18 @@ pub async fn run(endpoints: &Endpoints, count: usize, progress: bool) -> anyhow:
         .await
         .ok()
         .flatten()
-        .ok_or_else(|| anyhow::anyhow!("command {i} did not reach the device within 10 s"))?;
+        .ok_or_else(|| crate::Error::Protocol(format!("command {i} did not reach the device within 10 s")))?;
         received.push(got.duration_since(t0));
         tokio::time::timeout(Duration::from_secs(10), async {
             loop {
                 let d = sub.next().await?;
                 if d["deviceChanges"]["shadow"]["reported"]["brightness"] == json!(brightness) {
-                    return anyhow::Ok(());
+                    return Ok::<(), crate::Error>(());
                 }
             }
         })
         .await
-        .map_err(|_| anyhow::anyhow!("state of command {i} not seen on the subscription within 10 s"))??;
+        .map_err(|_| crate::Error::Protocol(format!("state of command {i} not seen on the subscription within 10 s")))??;
         visible.push(t0.elapsed());
         if progress && (i + 1) % 50 == 0 {
             eprint!("\r{}/{count} commands", i + 1);

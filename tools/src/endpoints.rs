@@ -40,7 +40,7 @@ pub struct Demo {
 }
 
 impl Endpoints {
-    pub fn load(path: &std::path::Path) -> anyhow::Result<Self> {
+    pub fn load(path: &std::path::Path) -> crate::Result<Self> {
         Ok(serde_json::from_slice(&std::fs::read(path)?)?)
     }
 }

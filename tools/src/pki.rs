@@ -37,7 +37,7 @@ fn serial() -> SerialNumber {
 }
 
 /// Creates the CA and the server certificate unless they exist.
-pub fn init(dir: &Path) -> anyhow::Result<PkiDir> {
+pub fn init(dir: &Path) -> crate::Result<PkiDir> {
     let pki = PkiDir(dir.to_owned());
     std::fs::create_dir_all(&pki.0)?;
     if !(pki.ca_cert().exists() && pki.ca_key().exists() && pki.server_cert().exists()) {
@@ -50,7 +50,7 @@ pub fn init(dir: &Path) -> anyhow::Result<PkiDir> {
     Ok(pki)
 }
 
-fn create(pki: &PkiDir) -> anyhow::Result<()> {
+fn create(pki: &PkiDir) -> crate::Result<()> {
     let ca_key = KeyPair::generate()?;
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
     ca.distinguished_name.push(DnType::CommonName, "HomeLink development device CA");
@@ -77,7 +77,7 @@ fn create(pki: &PkiDir) -> anyhow::Result<()> {
 
 /// Development keys: readable by the owner and its group (the broker's user
 /// reads the server key through the group the run command sets).
-fn write_private(path: &Path, pem: &str) -> anyhow::Result<()> {
+fn write_private(path: &Path, pem: &str) -> crate::Result<()> {
     std::fs::write(path, pem)?;
     #[cfg(unix)]
     {

@@ -54,7 +54,7 @@ pub async fn household(
     owner: &Account,
     name: &str,
     devices: &[(DeviceKind, &str, &str)],
-) -> anyhow::Result<SeededHousehold> {
+) -> crate::Result<SeededHousehold> {
     let household_id = crate::api::create_household(http, api, owner, name).await?;
     let devices = register_devices(http, api, owner, household_id, devices).await?;
     Ok(SeededHousehold { household_id, name: name.into(), devices, accounts: Vec::new() })
@@ -67,7 +67,7 @@ pub async fn register_devices(
     who: &Account,
     household_id: Uuid,
     devices: &[(DeviceKind, &str, &str)],
-) -> anyhow::Result<Vec<SeededDevice>> {
+) -> crate::Result<Vec<SeededDevice>> {
     let mut rooms: HashMap<&str, Uuid> = HashMap::new();
     let mut out = Vec::new();
     for (kind, dname, room) in devices {
