@@ -107,3 +107,34 @@ async fn a_demotion_is_in_effect_for_device_commands_once_acknowledged() {
     assert_eq!(r.status(), 403, "a child may not unlock once the demotion is acknowledged");
     holder.await.expect("holder");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idempotency_records_and_rate_limit_windows_expire_after_a_day() {
+    let stack = Stack::start().await;
+    let pool = stack.pool.clone();
+    for (key, age) in [("old", "2 days"), ("new", "1 hour")] {
+        sqlx::query(&format!(
+            "INSERT INTO idempotency_keys (scope, key, request_hash, created_at) VALUES ('test', $1, 'h', now() - interval '{age}')"
+        ))
+        .bind(key)
+        .execute(&pool)
+        .await
+        .expect("idempotency row");
+        sqlx::query(&format!("INSERT INTO identity_rate_limits (key, window_start, count) VALUES ($1, now() - interval '{age}', 1)"))
+            .bind(format!("test/{key}"))
+            .execute(&pool)
+            .await
+            .expect("rate-limit row");
+    }
+    let cancel = homelink_kit::shutdown::CancellationToken::new();
+    tokio::spawn(homelink_command_api::idempotency::expire(pool.clone(), cancel.clone()));
+    eventually(Duration::from_secs(30), "the day-old rows gone, the fresh ones kept", || async {
+        let keys: Vec<String> =
+            sqlx::query_scalar("SELECT key FROM idempotency_keys WHERE scope = 'test' ORDER BY key").fetch_all(&pool).await.ok()?;
+        let windows: Vec<String> =
+            sqlx::query_scalar("SELECT key FROM identity_rate_limits WHERE key LIKE 'test/%' ORDER BY key").fetch_all(&pool).await.ok()?;
+        (keys == ["new"] && windows == ["test/new"]).then_some(())
+    })
+    .await;
+    cancel.cancel();
+}

@@ -204,6 +204,13 @@ impl Applier {
         }
         let units: Vec<(&Located, Source)> = units.into_values().collect();
         let mut out = Outcome::default();
+        // The batches' undecodable records first: the sub-batches below move
+        // offsets past them, and a crash in between must not lose their rows.
+        let dead: Vec<DeadRecord> = batches.iter().flat_map(|b| b.dead.iter().cloned()).collect();
+        if !dead.is_empty() {
+            let only_dead = Batch { source: Source::Log, events: Vec::new(), next_offsets: Vec::new(), dead };
+            self.apply_once(&[&only_dead]).await?;
+        }
         // Ranges to try, the next one on top: halves are pushed right first.
         let mut todo = vec![(0, units.len())];
         while let Some((lo, hi)) = todo.pop() {
@@ -248,7 +255,7 @@ impl Applier {
     async fn dead_letter(&mut self, d: &DeadRecord) -> Result<(), sqlx::Error> {
         tracing::error!(topic = %d.topic, partition = d.partition, offset = d.offset, reason = %d.reason, "record dead-lettered");
         let mut tx = self.pool.begin().await?;
-        insert_dead(&mut tx, std::slice::from_ref(d)).await?;
+        let recorded = insert_dead(&mut tx, std::slice::from_ref(d)).await?;
         match d.source {
             Source::Log => {
                 sqlx::query(
@@ -278,7 +285,7 @@ impl Applier {
             let cur = self.next_offsets.entry((d.topic.clone(), d.partition)).or_insert(d.offset + 1);
             *cur = (*cur).max(d.offset + 1);
         }
-        self.metrics.errors.with_label_values(&["dead_letter"]).inc();
+        self.metrics.errors.with_label_values(&["dead_letter"]).inc_by(recorded);
         Ok(())
     }
 
@@ -386,7 +393,7 @@ impl Applier {
                 }
             }
         }
-        insert_dead(&mut tx, &dead).await?;
+        let recorded = insert_dead(&mut tx, &dead).await?;
 
         let notifications = crate::projections::apply(&mut tx, &work).await?;
 
@@ -419,7 +426,8 @@ impl Applier {
         }
         let applied = work.len();
         self.metrics.messages_out.with_label_values(&["applied"]).inc_by(applied as u64);
-        self.metrics.errors.with_label_values(&["dead_letter"]).inc_by(dead.len() as u64);
+        // Counted once: a dead letter recorded before (ON CONFLICT) is not counted again.
+        self.metrics.errors.with_label_values(&["dead_letter"]).inc_by(recorded);
         Ok(Outcome { applied, skipped: total - applied })
     }
 }
@@ -458,9 +466,10 @@ fn sub_batches(units: &[(&Located, Source)]) -> Vec<Batch> {
     vec![Batch::log(log, next_offsets, Vec::new()), Batch::push(push)]
 }
 
-async fn insert_dead(tx: &mut Transaction<'_, Postgres>, dead: &[DeadRecord]) -> Result<(), sqlx::Error> {
+/// Records dead letters (each position once); returns how many are new.
+async fn insert_dead(tx: &mut Transaction<'_, Postgres>, dead: &[DeadRecord]) -> Result<u64, sqlx::Error> {
     if dead.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     let col = |f: fn(&DeadRecord) -> Option<String>| dead.iter().map(f).collect::<Vec<_>>();
     let topics = col(|d| Some(d.topic.clone()));
@@ -477,7 +486,7 @@ async fn insert_dead(tx: &mut Transaction<'_, Postgres>, dead: &[DeadRecord]) ->
     let offsets: Vec<i64> = dead.iter().map(|d| d.offset).collect();
     let events: Vec<Option<Uuid>> = dead.iter().map(|d| d.event_id).collect();
     let households: Vec<Option<Uuid>> = dead.iter().map(|d| d.household_id).collect();
-    sqlx::query(
+    let done = sqlx::query(
         r#"INSERT INTO projector_dead_letters (topic, partition, "offset", source, event_id, household_id, event_type, reason, payload)
            SELECT * FROM UNNEST($1::text[], $2::int[], $3::bigint[], $4::text[], $5::uuid[], $6::uuid[], $7::text[], $8::text[], $9::text[])
            ON CONFLICT DO NOTHING"#,
@@ -493,7 +502,7 @@ async fn insert_dead(tx: &mut Transaction<'_, Postgres>, dead: &[DeadRecord]) ->
     .bind(&payloads)
     .execute(&mut **tx)
     .await?;
-    Ok(())
+    Ok(done.rows_affected())
 }
 
 fn unzip3<A, B, C>(it: impl Iterator<Item = (A, B, C)>) -> (Vec<A>, Vec<B>, Vec<C>) {
