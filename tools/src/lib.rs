@@ -7,12 +7,14 @@
 //! - [`sim`]: simulated devices speaking the device protocol over mTLS MQTT.
 //! - [`gql`]: a GraphQL client (queries, `graphql-transport-ws` subscriptions).
 //! - [`bench`]: the command round-trip benchmark.
+//! - [`load`]: the load generator (`homelink load`).
 //! - [`endpoints`]: the `endpoints.json` a running stack publishes.
 
 pub mod api;
 pub mod bench;
 pub mod endpoints;
 pub mod gql;
+pub mod load;
 pub mod pki;
 pub mod seed;
 pub mod sim;

@@ -1,4 +1,4 @@
-//! `homelink`: developer CLI — PKI, topics, demo seeding, device simulator, benchmark.
+//! `homelink`: developer CLI — PKI, topics, demo seeding, device simulator, benchmark, load generator.
 
 use clap::{Parser, Subcommand};
 use homelink_events::Topics;
@@ -70,6 +70,49 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Load a running stack with real mTLS devices: provision (cached), connect, publish reports at a rate, measure.
+    Load(LoadArgs),
+}
+
+#[derive(clap::Args)]
+struct LoadArgs {
+    /// The stack's endpoints.json; its folder is the stack's state folder (pid files, fleet cache).
+    #[arg(long, default_value = ".state/dev/endpoints.json")]
+    endpoints: PathBuf,
+    #[arg(long, default_value_t = 100)]
+    households: usize,
+    #[arg(long, default_value_t = 10)]
+    devices_per_household: usize,
+    /// Reports per second, all devices together, after the ramp.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// Seconds from 0 to --rate.
+    #[arg(long, default_value_t = 5)]
+    ramp_secs: u64,
+    /// Seconds at --rate after the ramp.
+    #[arg(long, default_value_t = 30)]
+    duration_secs: u64,
+    /// Households with a live GraphQL subscriber measuring report → subscription.
+    #[arg(long, default_value_t = 4)]
+    probes: usize,
+    /// Commands per second to a probe light during the run (0: none).
+    #[arg(long, default_value_t = 2.0)]
+    commands_per_sec: f64,
+    /// Seconds the stack's CPU at rest is measured first.
+    #[arg(long, default_value_t = 3)]
+    idle_secs: u64,
+    /// Seconds to wait afterwards for every acknowledged report to be reflected.
+    #[arg(long, default_value_t = 60)]
+    settle_secs: u64,
+    /// Provision a new fleet even if one of this shape is cached.
+    #[arg(long)]
+    fresh: bool,
+    /// Also write the JSON summary here.
+    #[arg(long)]
+    json_out: Option<PathBuf>,
+    /// Print only the JSON summary (no progress).
+    #[arg(long)]
+    json: bool,
 }
 
 /// The demo household: an owner, an adult and a child (through the API),
@@ -231,6 +274,84 @@ async fn main() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&s)?);
             }
         }
+        Cmd::Load(a) => load(a).await?,
     }
     Ok(())
+}
+
+async fn load(a: LoadArgs) -> anyhow::Result<()> {
+    use homelink_tools::load;
+    let e = Endpoints::load(&a.endpoints)?;
+    let state_dir = a.endpoints.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+    let mut o = load::Options::new(a.households, a.devices_per_household, a.rate);
+    o.ramp = Duration::from_secs(a.ramp_secs);
+    o.duration = Duration::from_secs(a.duration_secs);
+    o.probes = a.probes;
+    o.commands_per_sec = a.commands_per_sec;
+    o.idle = Duration::from_secs(a.idle_secs);
+    o.settle = Duration::from_secs(a.settle_secs);
+    let cache = load::fleet::cache_path(&state_dir, a.households, a.devices_per_household);
+    if a.fresh {
+        let _ = std::fs::remove_file(&cache);
+    }
+    o.fleet_cache = Some(cache);
+    o.state_dir = Some(state_dir);
+    o.progress = !a.json;
+    let s = load::run(&e, &o).await?;
+    let text = serde_json::to_string_pretty(&s)?;
+    if let Some(p) = &a.json_out {
+        std::fs::write(p, &text)?;
+    }
+    if a.json {
+        println!("{text}");
+    } else {
+        print_load(&s);
+    }
+    anyhow::ensure!(s.lossless(), "acknowledged reports were lost or went missing (see the summary)");
+    Ok(())
+}
+
+fn print_load(s: &homelink_tools::load::Summary) {
+    let p = |x: &Option<homelink_tools::bench::Percentiles>| match x {
+        Some(p) => format!("p50 {:.2} ms  p95 {:.2} ms  p99 {:.2} ms  max {:.2} ms", p.p50_ms, p.p95_ms, p.p99_ms, p.max_ms),
+        None => "no samples".into(),
+    };
+    println!(
+        "fleet: {} households, {} devices ({} connected in {:.1} s){}",
+        s.households,
+        s.devices,
+        s.connected,
+        s.connect_seconds,
+        if s.fleet_reused { ", reused" } else { "" }
+    );
+    println!(
+        "reports: offered {:.0}/s, achieved {:.0}/s over {:.0} s; published {}, acked {}, refused {}, not published {}",
+        s.offered_rate, s.achieved_rate, s.steady_seconds, s.published, s.acked, s.refused, s.not_published
+    );
+    println!("PUBACK:                      {}", p(&s.puback));
+    let r = &s.report_to_subscription;
+    println!("report → subscription:       {}", p(&r.latency));
+    println!("  probe reports {}: seen {}, coalesced {}, missing {}", r.reports, r.seen, r.coalesced, r.missing);
+    let c = &s.command_round_trip;
+    println!("command accepted (HTTP 202): {}", p(&c.accepted));
+    println!("command at the device:       {}  ({}/{})", p(&c.device_received), c.received, c.sent);
+    println!("max lag: {} records", s.lag.iter().map(|l| l.1).max().unwrap_or(0));
+    println!("{:16} {:>9} {:>10} {:>10} {:>9}", "process", "cpu s", "µs/report", "marginal", "peak MB");
+    for pc in &s.processes {
+        let m = pc.marginal_us_per_report.map(|m| format!("{m:.1}")).unwrap_or_else(|| "-".into());
+        println!("{:16} {:>9.2} {:>10.1} {:>10} {:>9.1}", pc.name, pc.cpu_seconds, pc.cpu_us_per_report, m, pc.peak_rss_mb);
+    }
+    println!(
+        "stack: {:.1} µs/report ({} marginal over rest)",
+        s.stack_cpu_us_per_report,
+        s.stack_marginal_us_per_report.map(|m| format!("{m:.1} µs")).unwrap_or_else(|| "-".into())
+    );
+    let v = &s.verification;
+    println!("verification: {} devices checked, {} behind their last acknowledged report", v.devices_checked, v.devices_behind);
+    for (d, have, want) in &v.examples {
+        println!("  {d}: shadow seq {have} < acknowledged {want}");
+    }
+    for e in &v.errors {
+        println!("  error: {e}");
+    }
 }

@@ -1,0 +1,615 @@
+//! `homelink load`: the load generator. It provisions a fleet of households
+//! and devices through the public API (cached for reruns), connects every
+//! device over mutual TLS as a real device does, publishes state reports at a
+//! total rate with a ramp, and measures from outside:
+//!
+//! - offered vs acknowledged rate and PUBACK latency;
+//! - report → subscription latency from probe devices, with a live
+//!   `graphql-transport-ws` subscriber per probe household, and whether any
+//!   change never reached the subscriber (missing) or was overtaken by a
+//!   later one (coalesced);
+//! - the command round trip (HTTP accepted → device received) under the load;
+//! - the projector's consumer lag over time;
+//! - CPU seconds and peak memory of every process of the stack, per report,
+//!   also beyond each process's cost at rest (measured before the run);
+//! - at the end, that every acknowledged report is reflected: each device's
+//!   shadow `seq` is at least its last acknowledged `seq`.
+//!
+//! Its own cost is part of the summary (`load-generator`).
+
+pub mod devices;
+pub mod fleet;
+pub mod procs;
+
+use crate::bench::Percentiles;
+use crate::endpoints::Endpoints;
+use crate::gql::Subscription;
+use crate::sim::{self, DeviceSpec, Observed, Target};
+use devices::{Acks, Device};
+use homelink_kit::shutdown::CancellationToken;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, Semaphore};
+use uuid::Uuid;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub households: usize,
+    pub devices_per_household: usize,
+    /// Reports per second, all devices together, after the ramp.
+    pub rate: f64,
+    /// From 0 to `rate`, linearly.
+    pub ramp: Duration,
+    /// At `rate`, after the ramp.
+    pub duration: Duration,
+    /// Households with a live subscriber measuring report → subscription.
+    pub probes: usize,
+    /// Commands per second to the command probe during the run (0: none).
+    pub commands_per_sec: f64,
+    /// How long the stack's CPU at rest is measured before the run.
+    pub idle: Duration,
+    /// How long to wait after the run for every report to be reflected.
+    pub settle: Duration,
+    pub provision_concurrency: usize,
+    pub connect_concurrency: usize,
+    /// Where the fleet is cached (`None`: always provision).
+    pub fleet_cache: Option<PathBuf>,
+    /// The stack's state folder, for its pid files (`None`: only this process is measured).
+    pub state_dir: Option<PathBuf>,
+    pub progress: bool,
+}
+
+impl Options {
+    pub fn new(households: usize, devices_per_household: usize, rate: f64) -> Self {
+        Self {
+            households,
+            devices_per_household,
+            rate,
+            ramp: Duration::from_secs(5),
+            duration: Duration::from_secs(30),
+            probes: 4,
+            commands_per_sec: 2.0,
+            idle: Duration::from_secs(3),
+            settle: Duration::from_secs(60),
+            provision_concurrency: 16,
+            connect_concurrency: 64,
+            fleet_cache: None,
+            state_dir: None,
+            progress: false,
+        }
+    }
+
+    /// Reports due `t` after the start.
+    fn due(&self, t: f64) -> f64 {
+        let ramp = self.ramp.as_secs_f64();
+        let end = ramp + self.duration.as_secs_f64();
+        let t = t.min(end);
+        if t < ramp {
+            self.rate * t * t / (2.0 * ramp)
+        } else {
+            self.rate * ramp / 2.0 + self.rate * (t - ramp)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Summary {
+    pub households: usize,
+    pub devices: usize,
+    pub fleet_reused: bool,
+    pub connected: usize,
+    pub connect_seconds: f64,
+    pub offered_rate: f64,
+    pub ramp_seconds: f64,
+    pub steady_seconds: f64,
+    /// Reports handed to the device connections.
+    pub published: u64,
+    /// Reports the schedule wanted but a connection was down or full.
+    pub not_published: u64,
+    /// Reports the broker acknowledged with Success.
+    pub acked: u64,
+    pub refused: u64,
+    /// Acknowledged reports per second over the steady phase.
+    pub achieved_rate: f64,
+    pub puback: Option<Percentiles>,
+    pub report_to_subscription: ProbeSummary,
+    pub command_round_trip: CommandSummary,
+    /// `[seconds since the start, records]`, the projector's consumer lag.
+    pub lag: Vec<(f64, i64)>,
+    pub processes: Vec<procs::ProcessCost>,
+    /// CPU per report of every stack process together (the load generator excluded).
+    pub stack_cpu_us_per_report: f64,
+    pub stack_marginal_us_per_report: Option<f64>,
+    pub verification: Verification,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ProbeSummary {
+    pub probes: usize,
+    /// Acknowledged reports of probe devices.
+    pub reports: usize,
+    /// Seen on the subscription with their own `seq`.
+    pub seen: usize,
+    /// Never seen, but a later report of the same device was: overtaken.
+    pub coalesced: usize,
+    /// Never seen, and nothing later either.
+    pub missing: usize,
+    pub latency: Option<Percentiles>,
+    pub subscription_errors: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CommandSummary {
+    pub sent: usize,
+    pub received: usize,
+    pub accepted: Option<Percentiles>,
+    pub device_received: Option<Percentiles>,
+    pub errors: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Verification {
+    pub devices_checked: usize,
+    /// Devices whose shadow is behind their last acknowledged report.
+    pub devices_behind: usize,
+    /// Up to ten of them: `(device, shadow seq, acknowledged seq)`.
+    pub examples: Vec<(Uuid, i64, u64)>,
+    pub errors: Vec<String>,
+}
+
+impl Summary {
+    /// Nothing acknowledged was lost and nothing went silently missing.
+    pub fn lossless(&self) -> bool {
+        self.verification.devices_behind == 0 && self.verification.errors.is_empty() && self.report_to_subscription.missing == 0
+    }
+}
+
+fn percentiles_us(mut us: Vec<u32>) -> Option<Percentiles> {
+    if us.is_empty() {
+        return None;
+    }
+    let mut d: Vec<Duration> = us.drain(..).map(|u| Duration::from_micros(u as u64)).collect();
+    Some(Percentiles::of(&mut d))
+}
+
+fn percentiles(mut d: Vec<Duration>) -> Option<Percentiles> {
+    (!d.is_empty()).then(|| Percentiles::of(&mut d))
+}
+
+fn bar(progress: bool, len: u64, template: &str) -> ProgressBar {
+    let b = if progress { ProgressBar::new(len) } else { ProgressBar::hidden() };
+    b.set_style(ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()));
+    b
+}
+
+/// Runs the load against the stack of `endpoints`.
+pub async fn run(endpoints: &Endpoints, o: &Options) -> crate::Result<Summary> {
+    if o.households == 0 || o.devices_per_household == 0 || o.rate <= 0.0 {
+        return Err(crate::Error::Protocol("households, devices per household and rate must be positive".into()));
+    }
+    let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
+    let api = endpoints.command_api.as_str();
+    let (fleet, reused) = fleet::load_or_provision(
+        &http,
+        api,
+        o.fleet_cache.as_deref(),
+        o.households,
+        o.devices_per_household,
+        o.provision_concurrency,
+        o.progress,
+    )
+    .await?;
+    let token = fleet.account.access_token.clone();
+    let target = Target {
+        host: endpoints.mqtt_device.host.clone(),
+        port: endpoints.mqtt_device.port,
+        ca_pem: std::fs::read_to_string(&endpoints.mqtt_device.ca_cert)?,
+    };
+    let cancel = CancellationToken::new();
+    let _stop_all = cancel.clone().drop_guard();
+
+    // Connect the fleet.
+    let acks = Arc::new(Acks::default());
+    let handshakes = Arc::new(Semaphore::new(o.connect_concurrency.max(1)));
+    let probes = o.probes.min(fleet.households.len());
+    let started = Instant::now();
+    let mut devs: Vec<Arc<Device>> = Vec::with_capacity(fleet.devices());
+    for (i, h) in fleet.households.iter().enumerate() {
+        for (j, d) in h.devices.iter().enumerate() {
+            devs.push(devices::spawn(d, h.id, i < probes && j == 0, &target, acks.clone(), handshakes.clone(), cancel.clone()));
+        }
+    }
+    let b = bar(o.progress, devs.len() as u64, "connecting {bar:40} {pos}/{len} devices");
+    let deadline = Instant::now() + Duration::from_secs(60) + Duration::from_millis(devs.len() as u64 * 5);
+    let connected = loop {
+        let n = devs.iter().filter(|d| d.connected.load(Ordering::Relaxed)).count();
+        b.set_position(n as u64);
+        if n == devs.len() || Instant::now() > deadline {
+            break n;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    b.finish_and_clear();
+    let connect_seconds = started.elapsed().as_secs_f64();
+    if connected == 0 {
+        return Err(crate::Error::Protocol("no device could connect".into()));
+    }
+
+    // Probe subscribers: `(device, seq) → when it arrived`.
+    let seen: Arc<Mutex<HashMap<Uuid, HashMap<u64, Instant>>>> = Arc::default();
+    let sub_errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    for h in fleet.households.iter().take(probes) {
+        let probe_device = h.devices[0].id;
+        let mut sub = Subscription::start(
+            &endpoints.graphql_ws,
+            &token,
+            "subscription($h: ID!) { deviceChanges(householdId: $h) { deviceId shadow { seq } } }",
+            json!({"h": h.id}),
+        )
+        .await?;
+        let (seen, errors, cancel) = (seen.clone(), sub_errors.clone(), cancel.clone());
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! { _ = cancel.cancelled() => return, n = sub.next() => n };
+                match next {
+                    Ok(d) => {
+                        let at = Instant::now();
+                        let c = &d["deviceChanges"];
+                        if c["deviceId"].as_str().and_then(|s| s.parse::<Uuid>().ok()) != Some(probe_device) {
+                            continue;
+                        }
+                        if let Some(seq) = c["shadow"]["seq"].as_u64() {
+                            seen.lock().unwrap_or_else(|e| e.into_inner()).entry(probe_device).or_default().entry(seq).or_insert(at);
+                        }
+                    }
+                    Err(e) => {
+                        errors.lock().unwrap_or_else(|e| e.into_inner()).push(e.to_string());
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    // The command probe: a simulated light that answers commands.
+    let (obs_tx, obs_rx) = mpsc::unbounded_channel();
+    if o.commands_per_sec > 0.0 {
+        let light = &fleet.command_probe.devices[0];
+        let spec = DeviceSpec {
+            household_id: fleet.command_probe.id,
+            device_id: light.id,
+            kind: light.kind,
+            cert_pem: light.cert_pem.clone(),
+            key_pem: light.key_pem.clone(),
+            interval: None,
+        };
+        tokio::spawn(sim::run(spec, target.clone(), Some(obs_tx), cancel.clone()));
+    }
+
+    // The stack at rest.
+    let mut groups = o.state_dir.as_deref().map(procs::stack_processes).unwrap_or_default();
+    groups.push(procs::this_process());
+    let mut meter = procs::Meter::new(groups);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = if o.idle > Duration::ZERO {
+        let (a, t) = (meter.cpu_now(), Instant::now());
+        tokio::time::sleep(o.idle).await;
+        let (b, secs) = (meter.cpu_now(), t.elapsed().as_secs_f64());
+        Some(b.iter().filter_map(|(k, v)| Some((k.clone(), (v - a.get(k)?) / secs))).collect::<BTreeMap<_, _>>())
+    } else {
+        None
+    };
+
+    // The run.
+    let run_stop = CancellationToken::new();
+    let commands = tokio::spawn(command_loop(
+        http.clone(),
+        format!("{api}/v1/households/{}/devices/{}/commands", fleet.command_probe.id, fleet.command_probe.devices[0].id),
+        token.clone(),
+        o.commands_per_sec,
+        obs_rx,
+        run_stop.clone(),
+    ));
+    let lag: Arc<Mutex<Vec<(f64, i64)>>> = Arc::default();
+    meter.start();
+    let t0 = Instant::now();
+    let lag_task = tokio::spawn(sample_lag(http.clone(), endpoints.metrics.clone(), t0, lag.clone(), cancel.clone()));
+    let total = o.ramp + o.duration;
+    let b = bar(o.progress, total.as_secs(), "load {bar:30} {pos}/{len} s  {msg}");
+    let (mut published, mut not_published) = (0u64, 0u64);
+    let mut next_device = 0usize;
+    let mut steady_from: Option<(Instant, u64)> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_second = 0u64;
+    let mut last_acked = 0u64;
+    loop {
+        tick.tick().await;
+        let t = t0.elapsed();
+        if steady_from.is_none() && t >= o.ramp {
+            steady_from = Some((Instant::now(), acks.count.load(Ordering::Relaxed)));
+        }
+        if t >= total {
+            break;
+        }
+        let due = o.due(t.as_secs_f64()) as u64;
+        let mut misses = 0usize;
+        while published + not_published < due {
+            let d = &devs[next_device % devs.len()];
+            next_device = next_device.wrapping_add(1);
+            if d.publish_next() {
+                published += 1;
+                misses = 0;
+            } else {
+                misses += 1;
+                if misses >= devs.len() {
+                    // Every connection is down or full: this report is not offered to any.
+                    not_published += 1;
+                    misses = 0;
+                }
+            }
+        }
+        if t.as_secs() > last_second {
+            last_second = t.as_secs();
+            meter.sample();
+            let a = acks.count.load(Ordering::Relaxed);
+            let l = lag.lock().unwrap_or_else(|e| e.into_inner()).last().map(|x| x.1).unwrap_or(0);
+            b.set_position(last_second);
+            b.set_message(format!("{:>6.0}/s offered  {:>6}/s acked  lag {l}", o.rate.min(o.due(t.as_secs_f64() + 1.0) - o.due(t.as_secs_f64())), a - last_acked));
+            last_acked = a;
+        }
+    }
+    b.finish_and_clear();
+    run_stop.cancel();
+    let steady_to = (Instant::now(), acks.count.load(Ordering::Relaxed));
+
+    // Drain: every publish answered, then every acknowledged report reflected.
+    let drain_deadline = Instant::now() + Duration::from_secs(15);
+    while acks.count.load(Ordering::Relaxed) + acks.refused.load(Ordering::Relaxed) < published && Instant::now() < drain_deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let acked = acks.count.load(Ordering::Relaxed);
+    let verification = verify(&http, &endpoints.graphql, &token, &devs, Instant::now() + o.settle).await;
+    let elapsed = t0.elapsed().as_secs_f64();
+    let processes = meter.stop(acked, elapsed, idle.as_ref());
+    lag_task.abort();
+    let command_round_trip = commands.await.unwrap_or_default();
+
+    // Probe analysis.
+    let mut report_to_subscription = ProbeSummary {
+        probes,
+        subscription_errors: sub_errors.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        ..Default::default()
+    };
+    let mut lat = Vec::new();
+    {
+        let seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+        for d in devs.iter().filter(|d| d.probe_sent.is_some()) {
+            let acked_seq = d.acked_seq.load(Ordering::Relaxed);
+            let sent = d.probe_sent.as_ref().map(|p| p.lock().unwrap_or_else(|e| e.into_inner()).clone()).unwrap_or_default();
+            let got = seen.get(&d.id).cloned().unwrap_or_default();
+            let latest_seen = got.keys().max().copied().unwrap_or(0);
+            for (seq, at) in sent.into_iter().filter(|(s, _)| *s <= acked_seq) {
+                report_to_subscription.reports += 1;
+                match got.get(&seq) {
+                    Some(arrived) => {
+                        report_to_subscription.seen += 1;
+                        lat.push(arrived.saturating_duration_since(at));
+                    }
+                    None if latest_seen > seq => report_to_subscription.coalesced += 1,
+                    None => report_to_subscription.missing += 1,
+                }
+            }
+        }
+    }
+    report_to_subscription.latency = percentiles(lat);
+
+    let stack: Vec<&procs::ProcessCost> = processes.iter().filter(|p| p.name != "load-generator").collect();
+    let stack_cpu_us_per_report = stack.iter().map(|p| p.cpu_us_per_report).sum();
+    let stack_marginal_us_per_report = idle.as_ref().map(|_| stack.iter().filter_map(|p| p.marginal_us_per_report).sum());
+    let (achieved_rate, steady_seconds) = match (steady_from, steady_to) {
+        (Some((a, na)), (b, nb)) if b > a => ((nb - na) as f64 / (b - a).as_secs_f64(), (b - a).as_secs_f64()),
+        _ => (0.0, 0.0),
+    };
+    // Each connection hands over its PUBACK samples when it stops.
+    cancel.cancel();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let samples = std::mem::take(&mut *acks.samples_us.lock().unwrap_or_else(|e| e.into_inner()));
+    let lag = lag.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    Ok(Summary {
+        households: fleet.households.len(),
+        devices: devs.len(),
+        fleet_reused: reused,
+        connected,
+        connect_seconds,
+        offered_rate: o.rate,
+        ramp_seconds: o.ramp.as_secs_f64(),
+        steady_seconds,
+        published,
+        not_published,
+        acked,
+        refused: acks.refused.load(Ordering::Relaxed),
+        achieved_rate,
+        puback: percentiles_us(samples),
+        report_to_subscription,
+        command_round_trip,
+        lag,
+        processes,
+        stack_cpu_us_per_report,
+        stack_marginal_us_per_report,
+        verification,
+    })
+}
+
+/// Sends commands to the command probe at `per_sec` until stopped; measures
+/// HTTP accepted and device received.
+async fn command_loop(
+    http: reqwest::Client,
+    url: String,
+    token: String,
+    per_sec: f64,
+    mut observed: mpsc::UnboundedReceiver<Observed>,
+    stop: CancellationToken,
+) -> CommandSummary {
+    let mut out = CommandSummary::default();
+    if per_sec <= 0.0 {
+        return out;
+    }
+    let (mut accepted, mut received) = (Vec::new(), Vec::new());
+    let mut every = tokio::time::interval(Duration::from_secs_f64(1.0 / per_sec));
+    let mut i = 0u64;
+    loop {
+        tokio::select! { _ = stop.cancelled() => break, _ = every.tick() => {} }
+        i += 1;
+        let t0 = Instant::now();
+        let r = http.post(&url).bearer_auth(&token).json(&json!({"set": {"brightness": 1 + i % 100}})).send().await;
+        out.sent += 1;
+        let id = match r {
+            Ok(r) if r.status().as_u16() == 202 => {
+                accepted.push(t0.elapsed());
+                r.json::<serde_json::Value>().await.ok().and_then(|v| v["commandId"].as_str().and_then(|s| s.parse::<Uuid>().ok()))
+            }
+            Ok(r) => {
+                out.errors.push(format!("command answered {}", r.status()));
+                None
+            }
+            Err(e) => {
+                out.errors.push(format!("command failed: {e}"));
+                None
+            }
+        };
+        let Some(id) = id else { continue };
+        let got = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some(o) = observed.recv().await {
+                if let Observed::Command { command_id, at, .. } = o {
+                    if command_id == id {
+                        return Some(at);
+                    }
+                }
+            }
+            None
+        })
+        .await;
+        match got {
+            Ok(Some(at)) => {
+                out.received += 1;
+                received.push(at.saturating_duration_since(t0));
+            }
+            _ => out.errors.push(format!("command {id} did not reach the device within 5 s")),
+        }
+    }
+    out.errors.truncate(20);
+    out.accepted = percentiles(accepted);
+    out.device_received = percentiles(received);
+    out
+}
+
+/// Samples the projector's consumer lag (sum over partitions) every second.
+async fn sample_lag(http: reqwest::Client, urls: Vec<String>, t0: Instant, into: Arc<Mutex<Vec<(f64, i64)>>>, cancel: CancellationToken) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! { _ = cancel.cancelled() => return, _ = every.tick() => {} }
+        let mut total = None;
+        for u in &urls {
+            let Ok(r) = http.get(u).timeout(Duration::from_secs(1)).send().await else { continue };
+            let Ok(text) = r.text().await else { continue };
+            for line in text.lines().filter(|l| l.starts_with("homelink_projector_consumer_lag_records")) {
+                if let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+                    *total.get_or_insert(0i64) += v as i64;
+                }
+            }
+        }
+        if let Some(l) = total {
+            into.lock().unwrap_or_else(|e| e.into_inner()).push((t0.elapsed().as_secs_f64(), l));
+        }
+    }
+}
+
+/// Checks, through GraphQL, that every device's shadow reflects its last
+/// acknowledged report, waiting until `deadline` for stragglers.
+async fn verify(http: &reqwest::Client, graphql: &str, token: &str, devs: &[Arc<Device>], deadline: Instant) -> Verification {
+    let mut v = Verification { devices_checked: devs.len(), ..Default::default() };
+    let mut households: BTreeMap<Uuid, Vec<&Arc<Device>>> = BTreeMap::new();
+    for d in devs {
+        households.entry(d.household_id).or_default().push(d);
+    }
+    let q = "query($h: ID!, $after: String) { household(id: $h) { devices(first: 200, after: $after) { edges { cursor node { id shadow { seq } } } } } }";
+    loop {
+        let mut behind = Vec::new();
+        let mut errors = Vec::new();
+        let mut next = BTreeMap::new();
+        for (h, ds) in &households {
+            let mut seqs: HashMap<Uuid, i64> = HashMap::new();
+            let mut after: Option<String> = None;
+            loop {
+                let r = crate::gql::query(http, graphql, token, q, json!({"h": h, "after": after})).await;
+                let edges = match r {
+                    Ok(v) => v["data"]["household"]["devices"]["edges"].as_array().cloned(),
+                    Err(e) => {
+                        errors.push(format!("household {h}: {e}"));
+                        None
+                    }
+                };
+                let Some(edges) = edges else { break };
+                for e in &edges {
+                    if let Some(id) = e["node"]["id"].as_str().and_then(|s| s.parse().ok()) {
+                        seqs.insert(id, e["node"]["shadow"]["seq"].as_i64().unwrap_or(0));
+                    }
+                }
+                after = edges.last().and_then(|e| e["cursor"].as_str().map(str::to_owned));
+                if edges.len() < 200 {
+                    break;
+                }
+            }
+            let mut lagging = Vec::new();
+            for d in ds {
+                let want = d.acked_seq.load(Ordering::Relaxed);
+                let have = seqs.get(&d.id).copied().unwrap_or(0);
+                if want > 0 && (have < 0 || (have as u64) < want) {
+                    behind.push((d.id, have, want));
+                    lagging.push(*d);
+                }
+            }
+            if !lagging.is_empty() {
+                next.insert(*h, lagging);
+            }
+        }
+        if (behind.is_empty() && errors.is_empty()) || Instant::now() >= deadline {
+            v.devices_behind = behind.len();
+            v.examples = behind.into_iter().take(10).collect();
+            v.errors = errors.into_iter().take(10).collect();
+            return v;
+        }
+        households = next;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schedule_ramps_then_holds() {
+        let mut o = Options::new(1, 1, 1000.0);
+        o.ramp = Duration::from_secs(10);
+        o.duration = Duration::from_secs(20);
+        assert_eq!(o.due(0.0), 0.0);
+        assert!((o.due(10.0) - 5_000.0).abs() < 1e-6);
+        assert!((o.due(30.0) - 25_000.0).abs() < 1e-6);
+        assert!((o.due(99.0) - 25_000.0).abs() < 1e-6, "nothing after the end");
+        o.ramp = Duration::ZERO;
+        assert!((o.due(1.0) - 1000.0).abs() < 1e-6);
+    }
+}
