@@ -151,13 +151,13 @@ pub fn report(kind: DeviceKind, seq: u64) -> Vec<u8> {
     let ts = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let w = (seq % 20) as f64 / 10.0;
     let state = match kind {
-        DeviceKind::Light => format!(r#"{{"on":{},"brightness":{},"colorTemp":3000}}"#, seq % 2 == 0, 1 + seq % 100),
+        DeviceKind::Light => format!(r#"{{"on":{},"brightness":{},"colorTemp":3000}}"#, seq.is_multiple_of(2), 1 + seq % 100),
         DeviceKind::Plug => format!(r#"{{"on":true,"power":{:.1}}}"#, 800.0 + w * 10.0),
         DeviceKind::Thermostat => format!(r#"{{"currentTemp":{:.1},"targetTemp":21.0,"mode":"heat"}}"#, 19.0 + w),
-        DeviceKind::Lock => format!(r#"{{"locked":{},"jammed":false}}"#, seq % 2 == 0),
-        DeviceKind::Camera => format!(r#"{{"recording":false,"motion":{}}}"#, seq % 2 == 0),
+        DeviceKind::Lock => format!(r#"{{"locked":{},"jammed":false}}"#, seq.is_multiple_of(2)),
+        DeviceKind::Camera => format!(r#"{{"recording":false,"motion":{}}}"#, seq.is_multiple_of(2)),
         DeviceKind::Sensor => {
-            format!(r#"{{"temperature":{:.1},"humidity":{:.1},"motion":{},"contact":true}}"#, 20.0 + w, 40.0 + w, seq % 2 == 0)
+            format!(r#"{{"temperature":{:.1},"humidity":{:.1},"motion":{},"contact":true}}"#, 20.0 + w, 40.0 + w, seq.is_multiple_of(2))
         }
     };
     let battery = if kind.battery_powered() { r#","battery":87"# } else { "" };

@@ -122,7 +122,14 @@ async fn provision(
     Ok(Fleet { account, households: homes, command_probe: FleetHousehold { id: probe_home, devices: vec![light] } })
 }
 
-async fn register(http: &reqwest::Client, api_base: &str, who: &Account, h: Uuid, kind: DeviceKind, name: &str) -> crate::Result<FleetDevice> {
+async fn register(
+    http: &reqwest::Client,
+    api_base: &str,
+    who: &Account,
+    h: Uuid,
+    kind: DeviceKind,
+    name: &str,
+) -> crate::Result<FleetDevice> {
     let d = api::register_device(http, api_base, who, h, kind, name, None, None, None).await?;
     Ok(FleetDevice {
         id: d.device_id,

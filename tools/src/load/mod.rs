@@ -366,7 +366,11 @@ pub async fn run(endpoints: &Endpoints, o: &Options) -> crate::Result<Summary> {
             let a = acks.count.load(Ordering::Relaxed);
             let l = lag.lock().unwrap_or_else(|e| e.into_inner()).last().map(|x| x.1).unwrap_or(0);
             b.set_position(last_second);
-            b.set_message(format!("{:>6.0}/s offered  {:>6}/s acked  lag {l}", o.rate.min(o.due(t.as_secs_f64() + 1.0) - o.due(t.as_secs_f64())), a - last_acked));
+            b.set_message(format!(
+                "{:>6.0}/s offered  {:>6}/s acked  lag {l}",
+                o.rate.min(o.due(t.as_secs_f64() + 1.0) - o.due(t.as_secs_f64())),
+                a - last_acked
+            ));
             last_acked = a;
         }
     }
@@ -387,11 +391,8 @@ pub async fn run(endpoints: &Endpoints, o: &Options) -> crate::Result<Summary> {
     let command_round_trip = commands.await.unwrap_or_default();
 
     // Probe analysis.
-    let mut report_to_subscription = ProbeSummary {
-        probes,
-        subscription_errors: sub_errors.lock().unwrap_or_else(|e| e.into_inner()).clone(),
-        ..Default::default()
-    };
+    let mut report_to_subscription =
+        ProbeSummary { probes, subscription_errors: sub_errors.lock().unwrap_or_else(|e| e.into_inner()).clone(), ..Default::default() };
     let mut lat = Vec::new();
     {
         let seen = seen.lock().unwrap_or_else(|e| e.into_inner());
