@@ -77,12 +77,19 @@ impl Revoker {
     /// closed yet. The CRL comes first, so a kicked device cannot come back.
     pub async fn sync(&self, kick: &[Uuid]) -> Result<(), String> {
         let mut written = self.written.lock().await;
-        let revoked: Vec<String> = sqlx::query_scalar(
-            "SELECT cert_serial FROM devices WHERE removed_at IS NOT NULL AND cert_serial IS NOT NULL ORDER BY cert_serial",
+        // One snapshot decides both the list and the kicks: a device is
+        // kicked only once the list that refuses its certificate is in force
+        // (reading the kicks later could find a removal the list lacks, and
+        // the kicked device would reconnect).
+        let removed: Vec<(Uuid, Option<String>, bool)> = sqlx::query_as(
+            "SELECT d.device_id, d.cert_serial, EXISTS (SELECT 1 FROM device_kicks_confirmed k WHERE k.device_id = d.device_id)
+             FROM devices d WHERE d.removed_at IS NOT NULL",
         )
         .fetch_all(&self.pool)
         .await
         .map_err(|e| format!("registry: {e}"))?;
+        let mut revoked: Vec<String> = removed.iter().filter_map(|(_, serial, _)| serial.clone()).collect();
+        revoked.sort();
         let current = written.as_ref().is_some_and(|(set, at)| *set == revoked && at.elapsed() < CRL_REFRESH);
         if !current {
             let number = chrono::Utc::now().timestamp_millis().max(1) as u64;
@@ -98,14 +105,8 @@ impl Revoker {
         let Some(admin) = &self.cfg.admin else {
             return Ok(());
         };
-        let mut pending: Vec<Uuid> = sqlx::query_scalar(
-            "SELECT d.device_id FROM devices d WHERE d.removed_at IS NOT NULL
-               AND NOT EXISTS (SELECT 1 FROM device_kicks_confirmed k WHERE k.device_id = d.device_id)",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| format!("registry: {e}"))?;
-        pending.extend(kick.iter().filter(|d| !pending.contains(d)).copied().collect::<Vec<_>>());
+        // Removed devices not confirmed closed, and those the caller names (if the snapshot has them).
+        let pending: Vec<Uuid> = removed.iter().filter(|(d, _, confirmed)| !confirmed || kick.contains(d)).map(|(d, _, _)| *d).collect();
         for d in pending {
             kick_client(admin, &d.to_string()).await?;
             sqlx::query("INSERT INTO device_kicks_confirmed (device_id) VALUES ($1) ON CONFLICT DO NOTHING")

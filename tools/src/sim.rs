@@ -91,6 +91,8 @@ pub fn mqtt_options(spec: &DeviceSpec, target: &Target) -> MqttOptions {
         client_auth: Some((spec.cert_pem.clone().into_bytes(), spec.key_pem.clone().into_bytes())),
     }));
     o.set_keep_alive(Duration::from_secs(30)).set_clean_start(true);
+    // rumqttc sizes its in-flight table by this limit (u16::MAX by default: megabytes per client).
+    o.set_outgoing_inflight_upper_limit(32);
     // Small request/response messages: no Nagle delay.
     let mut net = rumqttc::NetworkOptions::new();
     net.set_tcp_nodelay(true);

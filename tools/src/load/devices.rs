@@ -55,6 +55,8 @@ fn options(d: &FleetDevice, household: Uuid, target: &Target) -> MqttOptions {
         client_auth: Some((d.cert_pem.clone().into_bytes(), d.key_pem.clone().into_bytes())),
     }));
     o.set_keep_alive(Duration::from_secs(60)).set_clean_start(true);
+    // rumqttc sizes its in-flight table by this limit (u16::MAX by default: megabytes per client).
+    o.set_outgoing_inflight_upper_limit(32);
     let mut net = rumqttc::NetworkOptions::new();
     net.set_tcp_nodelay(true);
     o.set_network_options(net);
@@ -74,7 +76,7 @@ pub fn spawn(
     handshakes: Arc<Semaphore>,
     cancel: CancellationToken,
 ) -> Arc<Device> {
-    let (client, mut eventloop) = AsyncClient::new(options(d, household, target), 256);
+    let (client, mut eventloop) = AsyncClient::new(options(d, household, target), 64);
     let dev = Arc::new(Device {
         household_id: household,
         id: d.id,
