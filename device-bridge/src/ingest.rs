@@ -8,7 +8,9 @@ use chrono::Utc;
 use futures::stream::FuturesOrdered;
 use futures::StreamExt;
 use homelink_events::event::{DeviceCommandAcked, DeviceStateReported, DeviceStatusChanged};
-use homelink_events::protocol::{decode_device_message, parse_device_topic, Channel, DeviceMessage, Presence, MAX_PAYLOAD_BYTES};
+use homelink_events::protocol::{
+    decode_device_message, decode_device_value, parse_device_topic, Channel, DeviceMessage, Presence, MAX_PAYLOAD_BYTES,
+};
 use homelink_events::{Actor, Envelope, Event};
 use homelink_kit::push::Located;
 use homelink_kit::shutdown::CancellationToken;
@@ -89,19 +91,20 @@ async fn handle(s: &Shared, p: &Publish, cancel: &CancellationToken) -> Fate {
         s.metrics.errors.with_label_values(&["foreign_household"]).inc();
         return Fate::Dropped;
     }
-    // The published schema first (its reason is what device makers see),
-    // then the typed decoder, which agrees with it (schema.rs tests that).
-    if t.channel != Channel::Cmd && p.payload.len() <= MAX_PAYLOAD_BYTES {
-        let checked = serde_json::from_slice::<serde_json::Value>(&p.payload)
+    // Parsed once: the published schema first (its reason is what device
+    // makers see), then the typed decoder on the same parsed value (it
+    // agrees with the schema; schema.rs tests that).
+    let decoded = if t.channel == Channel::Cmd || p.payload.len() > MAX_PAYLOAD_BYTES {
+        decode_device_message(owner.kind, t.channel, &p.payload).map_err(|e| (e.kind(), e.to_string()))
+    } else {
+        serde_json::from_slice::<serde_json::Value>(&p.payload)
             .map_err(|e| ("malformed", format!("malformed JSON body: {e}")))
-            .and_then(|body| s.schemas.check(owner.kind, t.channel, &body).map_err(|r| ("schema", r)));
-        if let Err((kind, reason)) = checked {
-            return dead_letter(s, &topic, kind, &reason, &p.payload, cancel).await;
-        }
-    }
-    let msg = match decode_device_message(owner.kind, t.channel, &p.payload) {
+            .and_then(|body| s.schemas.check(owner.kind, t.channel, &body).map(|()| body).map_err(|r| ("schema", r)))
+            .and_then(|body| decode_device_value(owner.kind, t.channel, body).map_err(|e| (e.kind(), e.to_string())))
+    };
+    let msg = match decoded {
         Ok(m) => m,
-        Err(e) => return dead_letter(s, &topic, e.kind(), &e.to_string(), &p.payload, cancel).await,
+        Err((kind, reason)) => return dead_letter(s, &topic, kind, &reason, &p.payload, cancel).await,
     };
     let event = match msg {
         DeviceMessage::State(m) => Event::DeviceStateReported(DeviceStateReported {

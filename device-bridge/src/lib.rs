@@ -77,6 +77,8 @@ pub struct Config {
     /// The projector's push endpoint; `None` leaves everything to its catch-up consumer.
     pub projector_push_url: Option<String>,
     pub command_fetch_wait: Duration,
+    /// librdkafka's `linger.ms` for the telemetry appends.
+    pub produce_linger: Duration,
 }
 
 impl Config {
@@ -100,6 +102,7 @@ impl Config {
             listen: "127.0.0.1:0".into(),
             projector_push_url: None,
             command_fetch_wait: Duration::from_millis(500),
+            produce_linger: Duration::from_millis(5),
         }
     }
 }
@@ -131,7 +134,9 @@ impl Application {
     pub async fn build(cfg: Config) -> Result<Self, Error> {
         let metrics = ServiceMetrics::new("bridge");
         let pool = homelink_kit::db::connect_with_retry(&cfg.database_url, 8, Duration::from_secs(30)).await?;
-        let appender = Appender::new(&ProducerConfig::new(&cfg.kafka_bootstrap))?;
+        let mut producer = ProducerConfig::new(&cfg.kafka_bootstrap);
+        producer.linger = cfg.produce_linger;
+        let appender = Appender::new(&producer)?;
 
         let mut opts = MqttOptions::new(&cfg.client_id, &cfg.mqtt_host, cfg.mqtt_port);
         opts.set_credentials(&cfg.mqtt_username, secrecy::ExposeSecret::expose_secret(&cfg.mqtt_password))

@@ -25,6 +25,10 @@ struct Args {
     listen: String,
     #[arg(long, env = "HOMELINK_PROJECTOR_PUSH_URL")]
     projector_push_url: Option<String>,
+    /// How long reports wait to be appended together (librdkafka `linger.ms`):
+    /// the broker pays per produce request, so a few milliseconds buy large batches.
+    #[arg(long, env = "HOMELINK_BRIDGE_PRODUCE_LINGER_MS", default_value_t = 5)]
+    produce_linger_ms: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,6 +47,7 @@ async fn run() -> anyhow::Result<()> {
     cfg.client_id = a.client_id;
     cfg.listen = a.listen;
     cfg.projector_push_url = a.projector_push_url;
+    cfg.produce_linger = std::time::Duration::from_millis(a.produce_linger_ms);
     let app = Application::build(cfg).await?;
     tracing::info!(port = app.port(), "device bridge listening");
     Ok(app.run_until_stopped(homelink_kit::shutdown::on_signal()).await?)

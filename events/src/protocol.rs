@@ -188,47 +188,66 @@ pub fn decode_device_message(kind: DeviceKind, channel: Channel, payload: &[u8])
     fn parse<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, PayloadError> {
         serde_json::from_slice(payload).map_err(|e| PayloadError::Json(e.to_string()))
     }
-    fn version(v: u16) -> Result<(), PayloadError> {
-        if v == PROTOCOL_VERSION {
-            Ok(())
-        } else {
-            Err(PayloadError::Version(v))
-        }
-    }
     match channel {
-        Channel::State => {
-            let m: StateMsg = parse(payload)?;
-            version(m.v)?;
-            if m.seq == 0 || m.seq > MAX_SEQ {
-                return Err(PayloadError::Seq(m.seq));
-            }
-            if let Some(b) = m.battery.filter(|b| *b > 100) {
-                return Err(PayloadError::Battery(b));
-            }
-            if m.state.iter().any(|(k, v)| crate::text::has_nul(k) || crate::text::value_has_nul(v)) {
-                return Err(PayloadError::Nul);
-            }
-            kind.validate_state(&m.state)?;
-            Ok(DeviceMessage::State(m))
-        }
-        Channel::Ack => {
-            let m: AckMsg = parse(payload)?;
-            version(m.v)?;
-            if m.reason.as_ref().is_some_and(|r| r.chars().count() > 200) || (m.status != AckStatus::Ok && m.reason.is_none()) {
-                return Err(PayloadError::Reason);
-            }
-            if m.reason.as_deref().is_some_and(crate::text::has_nul) {
-                return Err(PayloadError::Nul);
-            }
-            Ok(DeviceMessage::Ack(m))
-        }
-        Channel::Status => {
-            let m: StatusMsg = parse(payload)?;
-            version(m.v)?;
-            Ok(DeviceMessage::Status(m))
-        }
+        Channel::State => check_state(kind, parse(payload)?),
+        Channel::Ack => check_ack(parse(payload)?),
+        Channel::Status => check_status(parse(payload)?),
         Channel::Cmd => Err(PayloadError::WrongDirection),
     }
+}
+
+/// [`decode_device_message`] of a payload already parsed into JSON (of at
+/// most [`MAX_PAYLOAD_BYTES`], which the caller checked): the same rules,
+/// without parsing the bytes a second time.
+pub fn decode_device_value(kind: DeviceKind, channel: Channel, body: Value) -> Result<DeviceMessage, PayloadError> {
+    fn parse<T: for<'de> Deserialize<'de>>(body: Value) -> Result<T, PayloadError> {
+        serde_json::from_value(body).map_err(|e| PayloadError::Json(e.to_string()))
+    }
+    match channel {
+        Channel::State => check_state(kind, parse(body)?),
+        Channel::Ack => check_ack(parse(body)?),
+        Channel::Status => check_status(parse(body)?),
+        Channel::Cmd => Err(PayloadError::WrongDirection),
+    }
+}
+
+fn version(v: u16) -> Result<(), PayloadError> {
+    if v == PROTOCOL_VERSION {
+        Ok(())
+    } else {
+        Err(PayloadError::Version(v))
+    }
+}
+
+fn check_state(kind: DeviceKind, m: StateMsg) -> Result<DeviceMessage, PayloadError> {
+    version(m.v)?;
+    if m.seq == 0 || m.seq > MAX_SEQ {
+        return Err(PayloadError::Seq(m.seq));
+    }
+    if let Some(b) = m.battery.filter(|b| *b > 100) {
+        return Err(PayloadError::Battery(b));
+    }
+    if m.state.iter().any(|(k, v)| crate::text::has_nul(k) || crate::text::value_has_nul(v)) {
+        return Err(PayloadError::Nul);
+    }
+    kind.validate_state(&m.state)?;
+    Ok(DeviceMessage::State(m))
+}
+
+fn check_ack(m: AckMsg) -> Result<DeviceMessage, PayloadError> {
+    version(m.v)?;
+    if m.reason.as_ref().is_some_and(|r| r.chars().count() > 200) || (m.status != AckStatus::Ok && m.reason.is_none()) {
+        return Err(PayloadError::Reason);
+    }
+    if m.reason.as_deref().is_some_and(crate::text::has_nul) {
+        return Err(PayloadError::Nul);
+    }
+    Ok(DeviceMessage::Ack(m))
+}
+
+fn check_status(m: StatusMsg) -> Result<DeviceMessage, PayloadError> {
+    version(m.v)?;
+    Ok(DeviceMessage::Status(m))
 }
 
 #[cfg(test)]

@@ -172,3 +172,119 @@ mod tests {
         }
     }
 }
+
+/// Postgres refuses NOTIFY payloads of 8,000 bytes or more; keep a margin.
+pub const NOTIFY_MAX_BYTES: usize = 7_900;
+
+/// One line of a shadow notification: `<household id>\t<ShadowChanged JSON>`,
+/// or `<household id>\t!<device id>` when the change is too large to travel
+/// in a notification (the listener reads that shadow from its table). The
+/// household comes first so a listener skips the changes of households
+/// nobody watches without parsing them.
+pub fn notification_line(c: &ShadowChanged) -> String {
+    let json = serde_json::to_string(c).unwrap_or_default();
+    if json.len() + 37 > NOTIFY_MAX_BYTES {
+        format!("{}\t!{}", c.household_id, c.device_id)
+    } else {
+        format!("{}\t{json}", c.household_id)
+    }
+}
+
+/// Packs lines into as few payloads as fit [`NOTIFY_MAX_BYTES`], in order.
+pub fn pack_notifications(lines: Vec<String>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for line in lines {
+        if !cur.is_empty() && cur.len() + 1 + line.len() > NOTIFY_MAX_BYTES {
+            out.push(std::mem::take(&mut cur));
+        }
+        if !cur.is_empty() {
+            cur.push('\n');
+        }
+        cur.push_str(&line);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// A line of a shadow notification, as a listener reads it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NotificationLine<'a> {
+    /// The change's JSON ([`ShadowChanged`]), not parsed yet.
+    Change { household_id: uuid::Uuid, json: &'a str },
+    /// The device's shadow changed; read it from the table.
+    Refetch { household_id: uuid::Uuid, device_id: uuid::Uuid },
+}
+
+/// Splits a notification payload into its lines; a line that is not of
+/// the form [`notification_line`] writes is an `Err` with the line.
+pub fn notification_lines(payload: &str) -> impl Iterator<Item = Result<NotificationLine<'_>, &str>> {
+    payload.split('\n').filter(|l| !l.is_empty()).map(|line| {
+        let (h, rest) = line.split_once('\t').ok_or(line)?;
+        let household_id = h.parse().map_err(|_| line)?;
+        match rest.strip_prefix('!') {
+            Some(d) => Ok(NotificationLine::Refetch { household_id, device_id: d.parse().map_err(|_| line)? }),
+            None => Ok(NotificationLine::Change { household_id, json: rest }),
+        }
+    })
+}
+
+#[cfg(test)]
+mod notification_tests {
+    use super::*;
+
+    fn change(household: uuid::Uuid, big: usize) -> ShadowChanged {
+        let mut reported = Map::new();
+        reported.insert("note".into(), Value::String("x".repeat(big)));
+        ShadowChanged {
+            household_id: household,
+            device_id: uuid::Uuid::new_v4(),
+            reported,
+            seq: 7,
+            version: 3,
+            battery: None,
+            online: true,
+            last_seen: None,
+        }
+    }
+
+    #[test]
+    fn changes_pack_into_few_payloads_and_read_back_in_order() {
+        let h = uuid::Uuid::new_v4();
+        let changes: Vec<ShadowChanged> = (0..200).map(|_| change(h, 100)).collect();
+        let payloads = pack_notifications(changes.iter().map(notification_line).collect());
+        assert!(payloads.len() < 20, "{} payloads", payloads.len());
+        assert!(payloads.iter().all(|p| p.len() <= NOTIFY_MAX_BYTES));
+        let back: Vec<ShadowChanged> = payloads
+            .iter()
+            .flat_map(|p| notification_lines(p))
+            .map(|l| match l {
+                Ok(NotificationLine::Change { household_id, json }) => {
+                    assert_eq!(household_id, h);
+                    serde_json::from_str(json).expect("change JSON")
+                }
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(back, changes);
+    }
+
+    #[test]
+    fn a_change_too_large_for_a_notification_travels_as_a_refetch() {
+        let h = uuid::Uuid::new_v4();
+        let big = change(h, 16 * 1024);
+        let line = notification_line(&big);
+        assert!(line.len() < 100);
+        let payloads = pack_notifications(vec![line]);
+        let lines: Vec<_> = notification_lines(&payloads[0]).collect();
+        assert_eq!(lines, vec![Ok(NotificationLine::Refetch { household_id: h, device_id: big.device_id })]);
+    }
+
+    #[test]
+    fn garbage_lines_are_errors_not_panics() {
+        let lines: Vec<_> = notification_lines("nonsense\n{\"a\":1}\nabc\t!def").collect();
+        assert!(lines.iter().all(Result::is_err), "{lines:?}");
+    }
+}

@@ -64,7 +64,8 @@ impl Default for Topics {
 }
 
 /// The Postgres notification channel on which the projector announces
-/// committed shadow changes ([`crate::shadow::ShadowChanged`] as JSON).
+/// committed shadow changes: one notification per batch, packed by
+/// [`crate::shadow::pack_notifications`] (one line per change).
 pub const SHADOW_CHANGED_CHANNEL: &str = "homelink_shadow_changed";
 
 /// The Postgres notification channel of committed membership changes

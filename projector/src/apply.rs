@@ -172,6 +172,11 @@ impl Applier {
         Ok(Self { pool, metrics, next_offsets, stale: false })
     }
 
+    /// Every partition's committed next offset (as of the last commit).
+    pub fn offsets(&self) -> &HashMap<(String, i32), i64> {
+        &self.next_offsets
+    }
+
     pub fn next_offset(&self, topic: &str, partition: i32) -> Option<i64> {
         self.next_offsets.get(&(topic.to_owned(), partition)).copied()
     }
@@ -334,6 +339,33 @@ impl Applier {
         }
         let total: usize = batches.iter().map(|b| b.events.len()).sum();
 
+        // Pushed events that continue their partition's position are applied
+        // as if read from the log: the position moves past them in this
+        // transaction, nothing is recorded per event, and the catch-up
+        // consumer never fetches them. Only pushes after a gap are recorded
+        // in `projector_pushed` for the consumer to skip.
+        let mut contiguous: HashSet<Key> = HashSet::new();
+        let mut cursors: HashMap<(String, i32), Option<i64>> = HashMap::new();
+        for (k, (_, source)) in &by_pos {
+            let tp = (k.0.clone(), k.1);
+            let cursor = cursors.entry(tp).or_insert_with_key(|tp| {
+                let committed = self.next_offsets.get(tp).copied().unwrap_or(0);
+                Some(committed.max(new_offsets.get(tp).copied().unwrap_or(0)))
+            });
+            match cursor {
+                Some(c) if k.2 < *c => {}
+                Some(c) if k.2 == *c && *source == Source::Push => {
+                    contiguous.insert(k.clone());
+                    *c += 1;
+                }
+                _ => *cursor = None,
+            }
+        }
+        for k in &contiguous {
+            let n = new_offsets.entry((k.0.clone(), k.1)).or_insert(k.2 + 1);
+            *n = (*n).max(k.2 + 1);
+        }
+
         // Events the consumer reaches that the push channel applied already.
         let mut already: HashSet<Key> = HashSet::new();
         if !new_offsets.is_empty() {
@@ -351,7 +383,11 @@ impl Applier {
             already.extend(rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2))));
         }
         // Pushed events: record them; a conflict means an earlier push applied it.
-        let pushed: Vec<&Key> = by_pos.iter().filter(|(k, (_, s))| *s == Source::Push && !already.contains(*k)).map(|(k, _)| k).collect();
+        let pushed: Vec<&Key> = by_pos
+            .iter()
+            .filter(|(k, (_, s))| *s == Source::Push && !already.contains(*k) && !contiguous.contains(*k))
+            .map(|(k, _)| k)
+            .collect();
         if !pushed.is_empty() {
             let (t, p, o) = unzip3(pushed.iter().map(|(t, p, o)| (t.clone(), *p, *o)));
             let rows = sqlx::query(

@@ -152,7 +152,7 @@ impl Application {
 
     /// Runs until `cancel` fires; an in-flight batch is committed or rolled back, never half-applied.
     pub async fn run_until_stopped(self, cancel: CancellationToken) -> Result<(), Error> {
-        let positions: Positions = Arc::default();
+        let positions: Positions = Arc::new(Mutex::new(self.applier.offsets().clone()));
         let writer = tokio::spawn(run_applier(self.applier, self.jobs_rx, self.metrics.clone(), positions.clone(), cancel.clone()));
         let catch_up = tokio::spawn(self.consumer.run(self.jobs_tx, positions, cancel.clone()));
         tokio::spawn(expire_commands(self.pool.clone(), self.retention.0, self.retention.1, self.metrics.clone(), cancel.clone()));
@@ -227,14 +227,7 @@ async fn run_applier(
             match applier.apply(&batches).await {
                 Ok(outcome) => {
                     metrics.latency.with_label_values(&["apply_batch"]).observe(started.elapsed().as_secs_f64());
-                    {
-                        let mut p = positions.lock().unwrap_or_else(|e| e.into_inner());
-                        for b in &batches {
-                            for (t, part, n) in &b.next_offsets {
-                                p.insert((t.clone(), *part), *n);
-                            }
-                        }
-                    }
+                    positions.lock().unwrap_or_else(|e| e.into_inner()).clone_from(applier.offsets());
                     for j in jobs.drain(..) {
                         if let Some(r) = j.reply {
                             let _ = r.send(Ok(outcome.clone()));

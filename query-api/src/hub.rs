@@ -17,7 +17,7 @@ use crate::errors::{codes, error};
 use crate::types::{DeviceChange, HouseholdChange};
 use async_graphql::futures_util::Stream;
 use homelink_events::household::Action;
-use homelink_events::shadow::ShadowChanged;
+use homelink_events::shadow::{notification_lines, NotificationLine, ShadowChanged};
 use homelink_events::topics::{
     MembershipChanged, RegistryChanged, MEMBERSHIP_CHANGED_CHANNEL, REGISTRY_CHANGED_CHANNEL, SHADOW_CHANGED_CHANNEL,
 };
@@ -173,6 +173,62 @@ impl Hub {
         self.send(change.household_id, HubEvent::Shadow(Arc::new(change)));
     }
 
+    /// Whether anyone on this process subscribes to `household`.
+    fn watched(&self, household: Uuid) -> bool {
+        self.households.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&household)
+    }
+
+    /// A batch of committed shadow changes: those of households nobody here
+    /// watches are skipped unparsed; a change too large for a notification
+    /// is read from its table.
+    async fn on_shadow_notification(&self, pool: &PgPool, payload: &str, metrics: &ServiceMetrics) {
+        let received = metrics.messages_in.with_label_values(&["shadow_changed"]);
+        for line in notification_lines(payload) {
+            let change = match line {
+                Ok(NotificationLine::Change { household_id, json }) => {
+                    received.inc();
+                    if !self.watched(household_id) {
+                        continue;
+                    }
+                    match serde_json::from_str::<ShadowChanged>(json) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "undecodable shadow change");
+                            metrics.errors.with_label_values(&["undecodable_notification"]).inc();
+                            continue;
+                        }
+                    }
+                }
+                Ok(NotificationLine::Refetch { household_id, device_id }) => {
+                    received.inc();
+                    if !self.watched(household_id) {
+                        continue;
+                    }
+                    match read_shadow(pool, device_id).await {
+                        Ok(Some(c)) => c,
+                        Ok(None) => continue,
+                        Err(e) => {
+                            tracing::warn!(error = %e, %device_id, "reading a changed shadow failed");
+                            metrics.errors.with_label_values(&["shadow_refetch"]).inc();
+                            continue;
+                        }
+                    }
+                }
+                Err(line) => {
+                    tracing::warn!(line = %line.chars().take(200).collect::<String>(), "undecodable notification line");
+                    metrics.errors.with_label_values(&["undecodable_notification"]).inc();
+                    continue;
+                }
+            };
+            // Bridge receipt (last_seen) to fan-out: the state-push latency operators watch.
+            if let Some(seen) = change.last_seen {
+                let age = (chrono::Utc::now() - seen).num_microseconds().unwrap_or(0).max(0);
+                metrics.latency.with_label_values(&["report_to_fanout"]).observe(age as f64 / 1e6);
+            }
+            self.publish(change);
+        }
+    }
+
     fn send(&self, household: Uuid, ev: HubEvent) {
         let mut h = self.households.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = h.get(&household) {
@@ -242,21 +298,7 @@ impl Hub {
                             metrics.errors.with_label_values(&["undecodable_notification"]).inc();
                         }
                     },
-                    Ok(Some(n)) => match serde_json::from_str::<ShadowChanged>(n.payload()) {
-                        Ok(change) => {
-                            metrics.messages_in.with_label_values(&["shadow_changed"]).inc();
-                            // Bridge receipt (last_seen) to fan-out: the state-push latency operators watch.
-                            if let Some(seen) = change.last_seen {
-                                let age = (chrono::Utc::now() - seen).num_microseconds().unwrap_or(0).max(0);
-                                metrics.latency.with_label_values(&["report_to_fanout"]).observe(age as f64 / 1e6);
-                            }
-                            self.publish(change);
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "undecodable notification");
-                            metrics.errors.with_label_values(&["undecodable_notification"]).inc();
-                        }
-                    },
+                    Ok(Some(n)) => self.on_shadow_notification(&pool, n.payload(), &metrics).await,
                     // The connection was lost and re-established: notifications in between are gone.
                     Ok(None) => {
                         metrics.errors.with_label_values(&["listen_reconnect"]).inc();
@@ -417,4 +459,39 @@ pub fn authorized_household_changes(
             Visible::Removed => Some((Err(removed()), w)),
         }
     })
+}
+
+/// A device's shadow as its change notification would carry it.
+async fn read_shadow(pool: &PgPool, device: Uuid) -> Result<Option<ShadowChanged>, sqlx::Error> {
+    let row: Option<ShadowRow> = sqlx::query_as(
+        "SELECT household_id, device_id, reported, seq, version, battery, online, last_seen FROM device_shadows WHERE device_id = $1",
+    )
+    .bind(device)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|r| ShadowChanged {
+        household_id: r.household_id,
+        device_id: r.device_id,
+        reported: match r.reported {
+            serde_json::Value::Object(m) => m,
+            _ => Default::default(),
+        },
+        seq: r.seq.max(0) as u64,
+        version: r.version.max(0) as u64,
+        battery: r.battery.and_then(|b| u8::try_from(b).ok()),
+        online: r.online,
+        last_seen: r.last_seen,
+    }))
+}
+
+#[derive(sqlx::FromRow)]
+struct ShadowRow {
+    household_id: Uuid,
+    device_id: Uuid,
+    reported: serde_json::Value,
+    seq: i64,
+    version: i64,
+    battery: Option<i16>,
+    online: bool,
+    last_seen: Option<chrono::DateTime<chrono::Utc>>,
 }

@@ -18,6 +18,7 @@ pub mod counts;
 pub mod households;
 pub mod shadows;
 
+use homelink_events::shadow::pack_notifications;
 use homelink_events::topics::SHADOW_CHANGED_CHANNEL;
 use homelink_events::Event;
 use homelink_kit::push::Located;
@@ -31,7 +32,9 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
     commands::apply(tx, work).await?;
     audit::apply(tx, work, &folded.refused).await?;
     counts::apply(tx, work).await?;
-    let mut notes: Vec<(&'static str, String)> = shadow_notes.into_iter().map(|n| (SHADOW_CHANGED_CHANNEL, n)).collect();
+    // One notification per batch (a few when it is large), not one per change.
+    let mut notes: Vec<(&'static str, String)> =
+        pack_notifications(shadow_notes).into_iter().map(|n| (SHADOW_CHANGED_CHANNEL, n)).collect();
     notes.extend(folded.notifications);
     Ok(notes)
 }

@@ -3,7 +3,7 @@
 //! on `homelink_shadow_changed`.
 
 use chrono::{DateTime, Utc};
-use homelink_events::shadow::{Shadow, ShadowChanged};
+use homelink_events::shadow::{notification_line, Shadow, ShadowChanged};
 use homelink_events::Event;
 use homelink_kit::push::Located;
 use serde_json::{Map, Value};
@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 /// Loads the shadows the batch touches, folds the events in log order with
 /// [`Shadow::apply`], and writes the changed ones back in one statement.
+/// Returns one notification line per changed shadow.
 pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]) -> Result<Vec<String>, sqlx::Error> {
     let touched: Vec<Uuid> = work
         .iter()
@@ -71,7 +72,7 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
     for (device, household) in &changed {
         let s = &current[device];
         cols.push(*device, *household, s);
-        notes.push(serde_json::to_string(&ShadowChanged::new(*household, *device, s)).unwrap_or_default());
+        notes.push(notification_line(&ShadowChanged::new(*household, *device, s)));
     }
     sqlx::query(
         r#"INSERT INTO device_shadows (device_id, household_id, reported, seq, version, battery, online, last_seen, status_offset, updated_at)
