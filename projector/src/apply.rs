@@ -161,6 +161,9 @@ pub struct Applier {
     next_offsets: HashMap<(String, i32), i64>,
     /// A transaction failed since the mirror was last read.
     stale: bool,
+    /// Rows in `projector_pushed` (this is its only writer): while there
+    /// are none, a batch does not ask to delete any.
+    pushed_rows: i64,
 }
 
 type Key = (String, i32, i64);
@@ -169,7 +172,8 @@ impl Applier {
     pub async fn load(pool: PgPool, metrics: ServiceMetrics) -> Result<Self, sqlx::Error> {
         let rows = sqlx::query("SELECT topic, partition, next_offset FROM projector_offsets").fetch_all(&pool).await?;
         let next_offsets = rows.into_iter().map(|r| ((r.get::<String, _>(0), r.get::<i32, _>(1)), r.get::<i64, _>(2))).collect();
-        Ok(Self { pool, metrics, next_offsets, stale: false })
+        let pushed_rows = sqlx::query_scalar("SELECT count(*) FROM projector_pushed").fetch_one(&pool).await?;
+        Ok(Self { pool, metrics, next_offsets, stale: false, pushed_rows })
     }
 
     /// Every partition's committed next offset (as of the last commit).
@@ -286,6 +290,11 @@ impl Applier {
             self.stale = true;
             return Err(e);
         }
+        if d.source == Source::Push {
+            // Possibly a row more (ON CONFLICT may have kept an old one): an
+            // overcount only costs a DELETE that finds nothing.
+            self.pushed_rows += 1;
+        }
         if d.source == Source::Log {
             let cur = self.next_offsets.entry((d.topic.clone(), d.partition)).or_insert(d.offset + 1);
             *cur = (*cur).max(d.offset + 1);
@@ -310,6 +319,7 @@ impl Applier {
             // what is committed is the truth, not the mirror.
             let rows = sqlx::query("SELECT topic, partition, next_offset FROM projector_offsets").fetch_all(&mut *tx).await?;
             self.next_offsets = rows.into_iter().map(|r| ((r.get::<String, _>(0), r.get::<i32, _>(1)), r.get::<i64, _>(2))).collect();
+            self.pushed_rows = sqlx::query_scalar("SELECT count(*) FROM projector_pushed").fetch_one(&mut *tx).await?;
             self.stale = false;
         }
 
@@ -368,7 +378,8 @@ impl Applier {
 
         // Events the consumer reaches that the push channel applied already.
         let mut already: HashSet<Key> = HashSet::new();
-        if !new_offsets.is_empty() {
+        let (mut deleted, mut inserted) = (0i64, 0i64);
+        if !new_offsets.is_empty() && self.pushed_rows > 0 {
             let (t, p, n) = unzip3(new_offsets.iter().map(|((t, p), n)| (t.clone(), *p, *n)));
             let rows = sqlx::query(
                 r#"DELETE FROM projector_pushed a USING UNNEST($1::text[], $2::int[], $3::bigint[]) AS u(t, p, n)
@@ -380,6 +391,7 @@ impl Applier {
             .bind(&n)
             .fetch_all(&mut *tx)
             .await?;
+            deleted = rows.len() as i64;
             already.extend(rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2))));
         }
         // Pushed events: record them; a conflict means an earlier push applied it.
@@ -400,9 +412,10 @@ impl Applier {
             .bind(&o)
             .fetch_all(&mut *tx)
             .await?;
-            let inserted: HashSet<Key> = rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+            inserted = rows.len() as i64;
+            let recorded: HashSet<Key> = rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
             for k in pushed {
-                if !inserted.contains(k) {
+                if !recorded.contains(k) {
                     already.insert(k.clone());
                 }
             }
@@ -455,6 +468,7 @@ impl Applier {
                 .await?;
         }
         tx.commit().await?;
+        self.pushed_rows += inserted - deleted;
 
         for ((t, p), n) in new_offsets {
             let cur = self.next_offsets.entry((t, p)).or_insert(n);

@@ -16,6 +16,7 @@ use crate::apply::{Applier, Batch, DeadRecord};
 use crate::{Config, Job, Positions};
 use futures::{FutureExt, StreamExt};
 use homelink_events::Envelope;
+use homelink_kit::kafka::{Appender, ProducerConfig};
 use homelink_kit::metrics::ServiceMetrics;
 use homelink_kit::push::Located;
 use homelink_kit::shutdown::CancellationToken;
@@ -37,6 +38,9 @@ type Tp = (String, i32);
 
 pub struct CatchUp {
     consumer: Arc<StreamConsumer>,
+    /// Asks for log ends (a producer's client: a consumer's queries took
+    /// seconds on tansu while it had no partition assigned).
+    ends: Appender,
     partitions: Vec<Tp>,
     batch_max: usize,
     metrics: ServiceMetrics,
@@ -87,7 +91,8 @@ impl CatchUp {
             Ok(all)
         })
         .await??;
-        Ok(Self { consumer, partitions, batch_max: cfg.batch_max, metrics })
+        let ends = Appender::new(&ProducerConfig::new(&cfg.kafka_bootstrap))?;
+        Ok(Self { consumer, ends, partitions, batch_max: cfg.batch_max, metrics })
     }
 
     /// Watches the partitions and reads those behind, until cancelled.
@@ -101,8 +106,9 @@ impl CatchUp {
             let first = tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = check.tick() => {
-                    let committed = positions.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    // Ends first: a position read before them would look behind.
                     let ends = self.log_ends().await;
+                    let committed = positions.lock().unwrap_or_else(|e| e.into_inner()).clone();
                     let now = Instant::now();
                     for (tp, state) in states.iter_mut() {
                         let Some(end) = ends.get(tp).copied() else { continue };
@@ -153,17 +159,17 @@ impl CatchUp {
 
     /// The log end of every partition (those the broker answered for).
     async fn log_ends(&self) -> HashMap<Tp, i64> {
-        let c = self.consumer.clone();
-        let parts = self.partitions.clone();
-        // librdkafka's metadata calls block: keep them off the async workers.
-        tokio::task::spawn_blocking(move || {
-            parts
-                .into_iter()
-                .filter_map(|(t, p)| c.fetch_watermarks(&t, p, Duration::from_secs(1)).ok().map(|(_, high)| ((t, p), high)))
-                .collect()
-        })
-        .await
-        .unwrap_or_default()
+        let asks = self.partitions.iter().map(|(t, p)| async move {
+            match self.ends.high_watermark(t, *p, Duration::from_secs(2)).await {
+                Ok(end) => Some(((t.clone(), *p), end)),
+                Err(e) => {
+                    tracing::debug!(error = %e, topic = %t, partition = p, "log end unknown");
+                    self.metrics.errors.with_label_values(&["kafka_log_end"]).inc();
+                    None
+                }
+            }
+        });
+        futures::future::join_all(asks).await.into_iter().flatten().collect()
     }
 
     /// Decodes fetched records into a log batch (undecodable ones become dead letters).
