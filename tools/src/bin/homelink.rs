@@ -297,7 +297,13 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
     o.fleet_cache = Some(cache);
     o.state_dir = Some(state_dir);
     o.progress = !a.json;
-    let s = load::run(&e, &o).await?;
+    // One thread for every device connection: at these rates the cost is
+    // in waking tasks, and waking them across threads costs more.
+    let s = tokio::task::spawn_blocking(move || -> anyhow::Result<load::Summary> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        Ok(rt.block_on(load::run(&e, &o))?)
+    })
+    .await??;
     let text = serde_json::to_string_pretty(&s)?;
     if let Some(p) = &a.json_out {
         std::fs::write(p, &text)?;

@@ -93,52 +93,52 @@ pub fn spawn(
     tokio::spawn(async move {
         let mut permit = handshakes.acquire_owned().await.ok();
         let mut samples = Vec::new();
-        loop {
-            let ev = tokio::select! {
-                _ = cancel.cancelled() => break,
-                ev = eventloop.poll() => ev,
-            };
-            match ev {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    permit.take();
-                    // Reports sent before a reconnect will never be acknowledged.
-                    let online = serde_json::to_vec(&StatusMsg { v: PROTOCOL_VERSION, status: Presence::Online }).unwrap_or_default();
-                    {
-                        let mut q = me.inflight.lock().unwrap_or_else(|e| e.into_inner());
-                        q.clear();
-                        // Its PUBACK comes first: seq 0 marks it as no report.
-                        if client.try_publish(device_topic(household, me.id, Channel::Status), QoS::AtLeastOnce, true, online).is_ok() {
-                            q.push_back((0, Instant::now()));
+        // One cancellation future for the connection's whole life, not one per event.
+        let serve = async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        permit.take();
+                        // Reports sent before a reconnect will never be acknowledged.
+                        let online = serde_json::to_vec(&StatusMsg { v: PROTOCOL_VERSION, status: Presence::Online }).unwrap_or_default();
+                        {
+                            let mut q = me.inflight.lock().unwrap_or_else(|e| e.into_inner());
+                            q.clear();
+                            // Its PUBACK comes first: seq 0 marks it as no report.
+                            if client.try_publish(device_topic(household, me.id, Channel::Status), QoS::AtLeastOnce, true, online).is_ok() {
+                                q.push_back((0, Instant::now()));
+                            }
+                        }
+                        me.connected.store(true, Ordering::Relaxed);
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                        let front = me.inflight.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+                        match front {
+                            Some((0, _)) | None => {}
+                            // Taken by the broker only when it answers Success (a
+                            // refusal, or "no matching subscribers": nobody will get it).
+                            Some(_) if ack.reason != PubAckReason::Success => {
+                                acks.refused.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Some((seq, sent)) => {
+                                me.acked_seq.fetch_max(seq, Ordering::Relaxed);
+                                samples.push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                                acks.count.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                     }
-                    me.connected.store(true, Ordering::Relaxed);
-                }
-                Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                    let front = me.inflight.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
-                    match front {
-                        Some((0, _)) | None => {}
-                        // Taken by the broker only when it answers Success (a
-                        // refusal, or "no matching subscribers": nobody will get it).
-                        Some(_) if ack.reason != PubAckReason::Success => {
-                            acks.refused.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Some((seq, sent)) => {
-                            me.acked_seq.fetch_max(seq, Ordering::Relaxed);
-                            samples.push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
-                            acks.count.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    me.connected.store(false, Ordering::Relaxed);
-                    tracing::debug!(error = %e, device = %me.id, "load device connection error");
-                    tokio::select! {
-                        _ = cancel.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_millis(1000)) => {}
+                    Ok(_) => {}
+                    Err(e) => {
+                        me.connected.store(false, Ordering::Relaxed);
+                        tracing::debug!(error = %e, device = %me.id, "load device connection error");
+                        tokio::time::sleep(Duration::from_millis(1000)).await;
                     }
                 }
             }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            () = serve => {}
         }
         acks.samples_us.lock().unwrap_or_else(|e| e.into_inner()).extend(samples);
         let _ = client.disconnect().await;
