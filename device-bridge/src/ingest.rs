@@ -31,7 +31,7 @@ pub enum Fate {
 
 /// Handles publishes in order of arrival, many at a time, and acknowledges
 /// each one once its fate is durable.
-pub(crate) async fn run(shared: Arc<Shared>, client: AsyncClient, mut rx: mpsc::Receiver<Publish>, cancel: CancellationToken) {
+pub(crate) async fn run(shared: Arc<Shared>, client: AsyncClient, mut rx: mpsc::UnboundedReceiver<Publish>, cancel: CancellationToken) {
     let mut inflight = FuturesOrdered::new();
     let max_inflight = 4_096;
     loop {

@@ -193,7 +193,12 @@ impl Application {
     }
 
     pub async fn run_until_stopped(self, cancel: CancellationToken) -> Result<(), Error> {
-        let (tx, rx) = mpsc::channel(4096);
+        // Unbounded on purpose: the connection's reader must never wait for
+        // the pipeline, or the acknowledgements queued behind it would never
+        // be sent and the bridge would stop for good (a full queue here, a
+        // full request queue in the client: each waiting on the other). The
+        // broker bounds what is unacknowledged (receive maximum).
+        let (tx, rx) = mpsc::unbounded_channel();
         let ingest = tokio::spawn(ingest::run(self.shared.clone(), self.client.clone(), rx, cancel.clone()));
         let catch_up = tokio::spawn(deliver::catch_up(self.shared.clone(), self.commands, cancel.clone()));
         let filters: Vec<String> =
@@ -215,7 +220,7 @@ async fn poll_mqtt(
     mut eventloop: EventLoop,
     client: AsyncClient,
     filters: Vec<String>,
-    tx: mpsc::Sender<rumqttc::v5::mqttbytes::v5::Publish>,
+    tx: mpsc::UnboundedSender<rumqttc::v5::mqttbytes::v5::Publish>,
     s: Arc<Shared>,
     cancel: CancellationToken,
 ) {
@@ -226,7 +231,7 @@ async fn poll_mqtt(
         };
         match ev {
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                if tx.send(p).await.is_err() {
+                if tx.send(p).is_err() {
                     return;
                 }
             }

@@ -83,3 +83,64 @@ async fn with_kafka_down_writes_get_503_reports_are_held_and_everything_resumes_
     })
     .await;
 }
+
+/// A backlog larger than every queue inside the bridge (a stalled broker
+/// while a fleet keeps reporting) drains once Kafka answers again: the
+/// bridge keeps serving its MQTT connection, so its acknowledgements still
+/// leave while reports wait for Kafka. Before, the connection's reader
+/// blocked on the full hand-off queue, the acknowledgements behind it could
+/// not be sent, and the bridge stopped for good (seen at 15,000 reports/s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backlog_larger_than_the_bridge_queues_drains_without_loss() {
+    let kafka = PrivateKafka::start();
+    let mut env = Env::from_env();
+    env.kafka = kafka.bootstrap();
+    let stack = Stack::start_on(env).await;
+    let home = stack.seed(&light_and_sensor()).await;
+    let spec = common::spec(&home, 0, None);
+    let topic = format!("home/{}/device/{}/state", home.household_id, spec.device_id);
+    let mut opts = sim::mqtt_options(&spec, &stack.env.target());
+    opts.set_outgoing_inflight_upper_limit(256);
+    let (client, mut ev) = AsyncClient::new(opts, 1024);
+    let acked = Arc::new(AtomicU64::new(0));
+    let connected = Arc::new(tokio::sync::Notify::new());
+    let (a, c) = (acked.clone(), connected.clone());
+    tokio::spawn(async move {
+        while let Ok(e) = ev.poll().await {
+            match e {
+                Event::Incoming(Packet::ConnAck(_)) => c.notify_one(),
+                Event::Incoming(Packet::PubAck(_)) => {
+                    a.fetch_add(1, Ordering::SeqCst);
+                }
+                _ => {}
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(20), connected.notified()).await.expect("device connected");
+
+    // Kafka stalls (no answer, no error) while 20,000 reports arrive: more
+    // than the bridge holds in flight (4,096), in its hand-off queue (4,096)
+    // and in its MQTT client's request queue (8,192) together.
+    kafka.pause();
+    const N: u64 = 20_000;
+    for seq in 1..=N {
+        let body = serde_json::to_vec(&json!({"v": 1, "seq": seq, "state": {"brightness": 1 + seq % 100}})).expect("json");
+        client.publish(topic.clone(), QoS::AtLeastOnce, false, body).await.expect("publish");
+    }
+    eventually(Duration::from_secs(60), "the broker acknowledged every report", || async {
+        (acked.load(Ordering::SeqCst) >= N).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    kafka.resume();
+
+    // Every report reaches the log and the read model, each once.
+    stack.wait_applied("DeviceStateReported", N as i64, Duration::from_secs(120)).await;
+    let seq: i64 = sqlx::query_scalar("SELECT seq FROM device_shadows WHERE device_id = $1")
+        .bind(spec.device_id)
+        .fetch_one(&stack.pool)
+        .await
+        .expect("seq");
+    assert_eq!(seq, N as i64);
+    let _ = client.disconnect().await;
+}

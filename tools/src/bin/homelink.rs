@@ -113,6 +113,9 @@ struct LoadArgs {
     /// Print only the JSON summary (no progress).
     #[arg(long)]
     json: bool,
+    /// Runtime threads of the load generator (1: every connection on one thread, the cheapest per report).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
 }
 
 /// The demo household: an owner, an adult and a child (through the API),
@@ -299,8 +302,13 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
     o.progress = !a.json;
     // One thread for every device connection: at these rates the cost is
     // in waking tasks, and waking them across threads costs more.
+    let threads = a.threads;
     let s = tokio::task::spawn_blocking(move || -> anyhow::Result<load::Summary> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let rt = if threads <= 1 {
+            tokio::runtime::Builder::new_current_thread().enable_all().build()?
+        } else {
+            tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?
+        };
         Ok(rt.block_on(load::run(&e, &o))?)
     })
     .await??;
