@@ -16,7 +16,6 @@ use crate::apply::{Applier, Batch, DeadRecord};
 use crate::{Config, Job, Positions};
 use futures::{FutureExt, StreamExt};
 use homelink_events::Envelope;
-use homelink_kit::kafka::{Appender, ProducerConfig};
 use homelink_kit::metrics::ServiceMetrics;
 use homelink_kit::push::Located;
 use homelink_kit::shutdown::CancellationToken;
@@ -38,9 +37,6 @@ type Tp = (String, i32);
 
 pub struct CatchUp {
     consumer: Arc<StreamConsumer>,
-    /// Asks for log ends (a producer's client: a consumer's queries took
-    /// seconds on tansu while it had no partition assigned).
-    ends: Appender,
     partitions: Vec<Tp>,
     batch_max: usize,
     metrics: ServiceMetrics,
@@ -91,8 +87,7 @@ impl CatchUp {
             Ok(all)
         })
         .await??;
-        let ends = Appender::new(&ProducerConfig::new(&cfg.kafka_bootstrap))?;
-        Ok(Self { consumer, ends, partitions, batch_max: cfg.batch_max, metrics })
+        Ok(Self { consumer, partitions, batch_max: cfg.batch_max, metrics })
     }
 
     /// Watches the partitions and reads those behind, until cancelled.
@@ -157,19 +152,34 @@ impl CatchUp {
         self.consumer.assign(&tpl)
     }
 
-    /// The log end of every partition (those the broker answered for).
+    /// The log end of every partition: one ListOffsets request for all of
+    /// them (per broker), asking for the latest offset of each.
     async fn log_ends(&self) -> HashMap<Tp, i64> {
-        let asks = self.partitions.iter().map(|(t, p)| async move {
-            match self.ends.high_watermark(t, *p, Duration::from_secs(2)).await {
-                Ok(end) => Some(((t.clone(), *p), end)),
-                Err(e) => {
-                    tracing::debug!(error = %e, topic = %t, partition = p, "log end unknown");
-                    self.metrics.errors.with_label_values(&["kafka_log_end"]).inc();
-                    None
-                }
+        let c = self.consumer.clone();
+        let mut tpl = TopicPartitionList::new();
+        for (t, p) in &self.partitions {
+            if tpl.add_partition_offset(t, *p, Offset::End).is_err() {
+                return HashMap::new();
             }
-        });
-        futures::future::join_all(asks).await.into_iter().flatten().collect()
+        }
+        // librdkafka's offset queries block: keep them off the async workers.
+        let answer = tokio::task::spawn_blocking(move || c.offsets_for_times(tpl, Duration::from_secs(2))).await;
+        match answer {
+            Ok(Ok(ends)) => ends
+                .elements()
+                .iter()
+                .filter_map(|e| match (e.error(), e.offset()) {
+                    (Ok(()), Offset::Offset(end)) => Some(((e.topic().to_owned(), e.partition()), end)),
+                    _ => None,
+                })
+                .collect(),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "log ends unknown");
+                self.metrics.errors.with_label_values(&["kafka_log_end"]).inc();
+                HashMap::new()
+            }
+            Err(_) => HashMap::new(),
+        }
     }
 
     /// Decodes fetched records into a log batch (undecodable ones become dead letters).
