@@ -1,12 +1,21 @@
 //! How a device shadow evolves: the pure fold the projector runs per batch.
 //!
-//! **Invariant**: a report whose `seq` is lower than or equal to the stored one
-//! never changes the shadow, so duplicates and out-of-order delivery converge
-//! to the in-order result.
+//! **Invariant**: the shadow depends on the *set* of events applied, not on
+//! their order, so duplicates and any arrival order (the push channel ahead of
+//! the log, a partition caught up later) converge to the in-order result
+//! (the change counter `version` aside):
+//! - each reported property holds the value of the report with the highest
+//!   `seq` that carried it (a partial report never overwrites a newer value of
+//!   its properties and never touches the others);
+//! - the battery likewise, by the `seq` of the report that carried it;
+//! - presence (`online`) follows the event at the highest log position among
+//!   status messages and reports (a report means online);
+//! - `seq` is the highest report `seq`, `last_seen` the latest time.
 
 use crate::event::Event;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
+use std::collections::BTreeMap;
 
 /// What the projector announces after committing a changed shadow, and what
 /// query-api pushes to subscribers (the wire type of that notification).
@@ -50,14 +59,29 @@ pub struct Shadow {
     pub battery: Option<u8>,
     pub online: bool,
     pub last_seen: Option<DateTime<Utc>>,
-    /// Log offset of the last applied status event. Status messages carry no
-    /// `seq`, so the log order (one household, one partition) orders them.
+    /// Log offset of the latest presence evidence (a status message or a
+    /// report). Status messages carry no `seq`, so the log order (one
+    /// household, one partition) orders them.
     pub status_offset: i64,
+    /// The `seq` of the report that set each reported property.
+    pub property_seq: BTreeMap<String, u64>,
+    /// The `seq` of the report that set `battery`.
+    pub battery_seq: u64,
 }
 
 impl Default for Shadow {
     fn default() -> Self {
-        Self { reported: Map::new(), seq: 0, version: 0, battery: None, online: false, last_seen: None, status_offset: -1 }
+        Self {
+            reported: Map::new(),
+            seq: 0,
+            version: 0,
+            battery: None,
+            online: false,
+            last_seen: None,
+            status_offset: -1,
+            property_seq: BTreeMap::new(),
+            battery_seq: 0,
+        }
     }
 }
 
@@ -67,43 +91,65 @@ impl Shadow {
     pub fn apply(&mut self, event: &Event, at: DateTime<Utc>, offset: i64) -> bool {
         match event {
             Event::DeviceStateReported(r) => {
-                if r.seq <= self.seq {
-                    return false;
-                }
-                self.seq = r.seq;
+                let mut changed = false;
                 for (k, v) in &r.state {
-                    self.reported.insert(k.clone(), v.clone());
+                    // A property without its own seq (a shadow from before
+                    // they were kept) was set by the shadow's last report.
+                    let set_by = self.property_seq.get(k).copied().unwrap_or(if self.reported.contains_key(k) { self.seq } else { 0 });
+                    if r.seq > set_by {
+                        self.property_seq.insert(k.clone(), r.seq);
+                        if self.reported.get(k) != Some(v) {
+                            self.reported.insert(k.clone(), v.clone());
+                        }
+                        changed = true;
+                    }
                 }
-                if r.battery.is_some() {
-                    self.battery = r.battery;
+                if let Some(b) = r.battery {
+                    if r.seq > self.battery_seq {
+                        self.battery_seq = r.seq;
+                        changed |= self.battery != Some(b);
+                        self.battery = Some(b);
+                    }
                 }
-                // A device that reports is online, whatever its retained status said.
-                self.online = true;
-                self.seen(at);
-                self.version += 1;
-                true
+                if r.seq > self.seq {
+                    self.seq = r.seq;
+                    changed = true;
+                }
+                // A device that reports is online, unless a later position says otherwise.
+                if offset > self.status_offset {
+                    self.status_offset = offset;
+                    changed |= !self.online;
+                    self.online = true;
+                }
+                changed |= self.seen(at);
+                if changed {
+                    self.version += 1;
+                }
+                changed
             }
             Event::DeviceStatusChanged(s) => {
-                if offset <= self.status_offset {
-                    return false;
+                // An online status is a sighting whatever its position.
+                let mut changed = s.online && self.seen(at);
+                if offset > self.status_offset {
+                    self.status_offset = offset;
+                    changed |= self.online != s.online;
+                    self.online = s.online;
                 }
-                self.status_offset = offset;
-                if s.online {
-                    self.seen(at);
+                if changed {
+                    self.version += 1;
                 }
-                if self.online == s.online {
-                    return false;
-                }
-                self.online = s.online;
-                self.version += 1;
-                true
+                changed
             }
             _ => false,
         }
     }
 
-    fn seen(&mut self, at: DateTime<Utc>) {
-        self.last_seen = Some(self.last_seen.map_or(at, |t| t.max(at)));
+    /// Moves `last_seen` forward; whether it moved.
+    fn seen(&mut self, at: DateTime<Utc>) -> bool {
+        let later = self.last_seen.map_or(at, |t| t.max(at));
+        let moved = self.last_seen != Some(later);
+        self.last_seen = Some(later);
+        moved
     }
 }
 
@@ -132,11 +178,14 @@ mod tests {
     #[test]
     fn given_a_newer_report_when_an_older_one_arrives_then_nothing_changes() {
         let mut s = Shadow::default();
-        assert!(s.apply(&report(5, 50), t(1), 0));
+        assert!(s.apply(&report(5, 50), t(3), 0));
         assert!(!s.apply(&report(4, 40), t(2), 1));
         assert!(!s.apply(&report(5, 99), t(3), 2));
         assert_eq!(s.reported["brightness"], 50);
         assert_eq!((s.seq, s.version), (5, 1));
+        // Received later, an older report still says when the device was last seen.
+        assert!(s.apply(&report(3, 30), t(9), 3));
+        assert_eq!((s.reported["brightness"].clone(), s.last_seen), (json!(50), Some(t(9))));
     }
 
     #[test]
@@ -144,14 +193,99 @@ mod tests {
         let mut s = Shadow::default();
         let online = |o| Event::DeviceStatusChanged(DeviceStatusChanged { device_id: Uuid::nil(), online: o });
         assert!(s.apply(&online(true), t(1), 10));
+        // Already online: only the sighting moves.
+        assert!(s.apply(&online(true), t(2), 11));
         assert!(!s.apply(&online(true), t(2), 11));
         assert!(s.apply(&online(false), t(3), 12));
         // A replay of an older status (lower offset) never wins.
-        assert!(!s.apply(&online(true), t(4), 10));
-        assert_eq!((s.online, s.version, s.last_seen), (false, 2, Some(t(2))));
+        assert!(!s.apply(&online(true), t(1), 10));
+        assert_eq!((s.online, s.version, s.last_seen), (false, 3, Some(t(2))));
+    }
+
+    #[test]
+    fn a_partial_report_never_loses_another_property_whatever_the_order() {
+        let partial = |seq, state: Value| {
+            Event::DeviceStateReported(DeviceStateReported {
+                device_id: Uuid::nil(),
+                seq,
+                device_ts: None,
+                state: state.as_object().cloned().unwrap(),
+                battery: None,
+            })
+        };
+        let (temp, motion) = (partial(5, json!({"temperature": 21.5})), partial(6, json!({"motion": true})));
+        let mut late = Shadow::default();
+        late.apply(&motion, t(2), 1);
+        late.apply(&temp, t(1), 0);
+        assert_eq!(Value::Object(late.reported.clone()), json!({"temperature": 21.5, "motion": true}));
+        assert_eq!(late.seq, 6);
+    }
+
+    #[test]
+    fn an_offline_status_is_not_undone_by_an_earlier_report_applied_after_it() {
+        let offline = Event::DeviceStatusChanged(DeviceStatusChanged { device_id: Uuid::nil(), online: false });
+        let online = Event::DeviceStatusChanged(DeviceStatusChanged { device_id: Uuid::nil(), online: true });
+        let mut s = Shadow::default();
+        assert!(s.apply(&online, t(0), 9));
+        assert!(s.apply(&offline, t(2), 11));
+        // The report was appended before the status (offset 10) but applied after it.
+        assert!(s.apply(&report(7, 70), t(1), 10));
+        assert!(!s.online);
+        // A report appended after the status brings the device back.
+        assert!(s.apply(&report(8, 80), t(3), 12));
+        assert!(s.online);
+    }
+
+    /// One generated telemetry event: a partial report or a status.
+    #[derive(Debug, Clone)]
+    enum Gen {
+        Report { props: Vec<(usize, i64)>, battery: Option<u8>, at: i64 },
+        Status { online: bool, at: i64 },
+    }
+
+    fn gen_event() -> impl Strategy<Value = Gen> {
+        prop_oneof![
+            (proptest::collection::vec((0usize..4, 0i64..100), 0..4), proptest::option::of(0u8..=100), 0i64..50)
+                .prop_map(|(props, battery, at)| Gen::Report { props, battery, at }),
+            (any::<bool>(), 0i64..50).prop_map(|(online, at)| Gen::Status { online, at }),
+        ]
+    }
+
+    /// What must not depend on the order (the change counter `version` may).
+    fn state_of(s: &Shadow) -> Shadow {
+        Shadow { version: 0, ..s.clone() }
     }
 
     proptest! {
+        /// Partial reports (each with its own seq, increasing with the log
+        /// position as a device sends them) and status messages, applied in
+        /// any order and with duplicates, give the shadow of the log order.
+        #[test]
+        fn any_order_of_reports_and_statuses_converges(events in proptest::collection::vec(gen_event(), 1..25), seed in any::<u64>()) {
+            let names = ["temperature", "humidity", "motion", "contact"];
+            let mut seq = 0u64;
+            let located: Vec<(Event, DateTime<Utc>, i64)> = events.iter().enumerate().map(|(offset, g)| match g {
+                Gen::Report { props, battery, at } => {
+                    seq += 1;
+                    let state: Map<String, Value> = props.iter().map(|(i, v)| (names[*i].to_owned(), json!(v))).collect();
+                    (Event::DeviceStateReported(DeviceStateReported { device_id: Uuid::nil(), seq, device_ts: None, state, battery: *battery }), t(*at), offset as i64)
+                }
+                Gen::Status { online, at } => (Event::DeviceStatusChanged(DeviceStatusChanged { device_id: Uuid::nil(), online: *online }), t(*at), offset as i64),
+            }).collect();
+            let mut in_order = Shadow::default();
+            for (e, at, o) in &located { in_order.apply(e, *at, *o); }
+
+            let mut shuffled: Vec<&(Event, DateTime<Utc>, i64)> = located.iter().chain(located.iter().step_by(2)).collect();
+            let mut x = seed | 1;
+            for i in (1..shuffled.len()).rev() {
+                x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+                shuffled.swap(i, (x % (i as u64 + 1)) as usize);
+            }
+            let mut s = Shadow::default();
+            for (e, at, o) in shuffled { s.apply(e, *at, *o); }
+            prop_assert_eq!(state_of(&s), state_of(&in_order));
+        }
+
         /// Reports shuffled and duplicated converge to the in-order result.
         #[test]
         fn shuffled_duplicated_reports_converge(values in proptest::collection::vec(0i64..100, 1..30), seed in any::<u64>()) {

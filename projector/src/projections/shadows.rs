@@ -27,7 +27,8 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
         return Ok(Vec::new());
     }
     let rows = sqlx::query(
-        "SELECT device_id, reported, seq, version, battery, online, last_seen, status_offset FROM device_shadows WHERE device_id = ANY($1)",
+        "SELECT device_id, reported, seq, version, battery, online, last_seen, status_offset, property_seq, battery_seq
+         FROM device_shadows WHERE device_id = ANY($1)",
     )
     .bind(&touched)
     .fetch_all(&mut **tx)
@@ -48,6 +49,8 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
                 online: r.get(5),
                 last_seen: r.get(6),
                 status_offset: r.get(7),
+                property_seq: serde_json::from_value(r.get::<Value, _>(8)).unwrap_or_default(),
+                battery_seq: r.get::<i64, _>(9).max(0) as u64,
             },
         );
     }
@@ -75,13 +78,16 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
         notes.push(notification_line(&ShadowChanged::new(*household, *device, s)));
     }
     sqlx::query(
-        r#"INSERT INTO device_shadows (device_id, household_id, reported, seq, version, battery, online, last_seen, status_offset, updated_at)
-           SELECT d, h, r, s, v, b, o, l, so, now()
-           FROM UNNEST($1::uuid[], $2::uuid[], $3::jsonb[], $4::bigint[], $5::bigint[], $6::smallint[], $7::bool[], $8::timestamptz[], $9::bigint[])
-             AS u(d, h, r, s, v, b, o, l, so)
+        r#"INSERT INTO device_shadows (device_id, household_id, reported, seq, version, battery, online, last_seen, status_offset,
+                                      property_seq, battery_seq, updated_at)
+           SELECT d, h, r, s, v, b, o, l, so, ps, bs, now()
+           FROM UNNEST($1::uuid[], $2::uuid[], $3::jsonb[], $4::bigint[], $5::bigint[], $6::smallint[], $7::bool[], $8::timestamptz[],
+                       $9::bigint[], $10::jsonb[], $11::bigint[])
+             AS u(d, h, r, s, v, b, o, l, so, ps, bs)
            ON CONFLICT (device_id) DO UPDATE SET
              reported = EXCLUDED.reported, seq = EXCLUDED.seq, version = EXCLUDED.version, battery = EXCLUDED.battery,
-             online = EXCLUDED.online, last_seen = EXCLUDED.last_seen, status_offset = EXCLUDED.status_offset, updated_at = now()"#,
+             online = EXCLUDED.online, last_seen = EXCLUDED.last_seen, status_offset = EXCLUDED.status_offset,
+             property_seq = EXCLUDED.property_seq, battery_seq = EXCLUDED.battery_seq, updated_at = now()"#,
     )
     .bind(&cols.device)
     .bind(&cols.household)
@@ -92,6 +98,8 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
     .bind(&cols.online)
     .bind(&cols.last_seen)
     .bind(&cols.status_offset)
+    .bind(&cols.property_seq)
+    .bind(&cols.battery_seq)
     .execute(&mut **tx)
     .await?;
     Ok(notes)
@@ -108,6 +116,8 @@ struct ShadowColumns {
     online: Vec<bool>,
     last_seen: Vec<Option<DateTime<Utc>>>,
     status_offset: Vec<i64>,
+    property_seq: Vec<Value>,
+    battery_seq: Vec<i64>,
 }
 
 impl ShadowColumns {
@@ -123,5 +133,7 @@ impl ShadowColumns {
         self.online.push(s.online);
         self.last_seen.push(s.last_seen);
         self.status_offset.push(s.status_offset);
+        self.property_seq.push(serde_json::to_value(&s.property_seq).unwrap_or_default());
+        self.battery_seq.push(i64::try_from(s.battery_seq).unwrap_or(i64::MAX));
     }
 }
