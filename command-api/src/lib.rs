@@ -76,6 +76,8 @@ pub struct Config {
     pub bridge_push_url: Option<String>,
     /// The projector's push endpoint, so a command's lifecycle is readable at once.
     pub projector_push_url: Option<String>,
+    /// The service-to-service token pushes carry; `None` pushes nothing.
+    pub internal_token: Option<secrecy::SecretString>,
     /// Longest wait for the read model and Kafka's watermark on the household
     /// write path.
     pub append_timeout: Duration,
@@ -102,6 +104,7 @@ impl Config {
             listen: "127.0.0.1:0".into(),
             bridge_push_url: None,
             projector_push_url: None,
+            internal_token: None,
             append_timeout: Duration::from_secs(2),
             answer_within: Duration::from_secs(2),
             tokens: auth::TokenConfig::default(),
@@ -201,8 +204,8 @@ impl Application {
             appender: Appender::new(&pc)?,
             topics: cfg.topics.clone(),
             metrics: metrics.clone(),
-            bridge: Pusher::spawn(cfg.bridge_push_url.clone(), "bridge", metrics.clone()),
-            projector: Pusher::spawn(cfg.projector_push_url.clone(), "projector", metrics.clone()),
+            bridge: Pusher::spawn(cfg.bridge_push_url.clone(), cfg.internal_token.clone(), "bridge", metrics.clone()),
+            projector: Pusher::spawn(cfg.projector_push_url.clone(), cfg.internal_token.clone(), "projector", metrics.clone()),
             operations: openapi::operations(),
             append_timeout: cfg.append_timeout,
             answer_within: cfg.answer_within,

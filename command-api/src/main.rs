@@ -94,6 +94,7 @@ async fn run() -> anyhow::Result<()> {
     cfg.listen = a.listen;
     cfg.bridge_push_url = a.bridge_push_url;
     cfg.projector_push_url = a.projector_push_url;
+    cfg.internal_token = a.common.internal_token()?;
     let app = Application::build(cfg).await?;
     tracing::info!(port = app.port(), "command API listening");
     Ok(app.run_until_stopped(homelink_kit::shutdown::on_signal()).await?)

@@ -79,6 +79,9 @@ pub struct Config {
     pub command_fetch_wait: Duration,
     /// librdkafka's `linger.ms` for the telemetry appends.
     pub produce_linger: Duration,
+    /// The service-to-service token of the push channel (sent to the
+    /// projector, required from command-api); `None` pushes nothing and refuses every push.
+    pub internal_token: Option<secrecy::SecretString>,
 }
 
 impl Config {
@@ -103,6 +106,7 @@ impl Config {
             projector_push_url: None,
             command_fetch_wait: Duration::from_millis(500),
             produce_linger: Duration::from_millis(5),
+            internal_token: None,
         }
     }
 }
@@ -157,7 +161,7 @@ impl Application {
 
         let shared = Arc::new(Shared {
             schemas: schema::Schemas::compile()?,
-            projector: Pusher::spawn(cfg.projector_push_url.clone(), "projector", metrics.clone()),
+            projector: Pusher::spawn(cfg.projector_push_url.clone(), cfg.internal_token.clone(), "projector", metrics.clone()),
             metrics: metrics.clone(),
             topics: cfg.topics.clone(),
             appender,
@@ -178,6 +182,7 @@ impl Application {
         });
         let router = Router::new()
             .route("/internal/v1/commands", post(push_commands))
+            .route_layer(axum::middleware::from_fn_with_state(cfg.internal_token.clone().map(Arc::new), homelink_kit::push::require_token))
             .with_state(shared.clone())
             .merge(homelink_kit::ops::router(metrics, ready));
         let listener = homelink_kit::ops::bind(&cfg.listen).await?;

@@ -48,6 +48,7 @@ async fn run() -> anyhow::Result<()> {
     cfg.listen = a.listen;
     cfg.projector_push_url = a.projector_push_url;
     cfg.produce_linger = std::time::Duration::from_millis(a.produce_linger_ms);
+    cfg.internal_token = a.common.internal_token()?;
     let app = Application::build(cfg).await?;
     tracing::info!(port = app.port(), "device bridge listening");
     Ok(app.run_until_stopped(homelink_kit::shutdown::on_signal()).await?)

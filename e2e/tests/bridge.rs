@@ -153,3 +153,17 @@ async fn two_bridges_in_one_shared_subscription_split_the_reports_and_each_is_ap
         sqlx::query_scalar("SELECT seq FROM device_shadows WHERE device_id = $1").bind(spec.device_id).fetch_one(&pool).await.expect("seq");
     assert_eq!(seq, N as i64);
 }
+
+/// The bridge publishes what command-api pushes on any device's `cmd` topic,
+/// so only a holder of the deployment's service token may push.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_command_push_channel_requires_the_service_token() {
+    let stack = Stack::start().await;
+    let url = format!("http://127.0.0.1:{}/internal/v1/commands", stack.bridge_port);
+    let none = stack.http.post(&url).json(&json!([])).send().await.expect("push");
+    assert_eq!(none.status(), 401);
+    let wrong = stack.http.post(&url).bearer_auth("guess").json(&json!([])).send().await.expect("push");
+    assert_eq!(wrong.status(), 401);
+    let right = stack.http.post(&url).bearer_auth(common::INTERNAL_TOKEN).json(&json!([])).send().await.expect("push");
+    assert_eq!(right.status(), 200);
+}

@@ -63,8 +63,14 @@ async fn a_poison_record_is_dead_lettered_and_the_projection_moves_on() {
     let garbage = stack.appender.append_raw(&stack.topics.telemetry(), &key, b"\x00not an envelope").await.expect("append");
     // The poisoned ack also comes by the push channel, as the bridge would hand it over.
     let pushed = vec![Located { topic: stack.topics.telemetry(), partition: bad_ack.partition, offset: bad_ack.offset, envelope: ack_env }];
-    let r =
-        stack.http.post(format!("http://127.0.0.1:{}/internal/v1/events", stack.projector_port)).json(&pushed).send().await.expect("push");
+    let r = stack
+        .http
+        .post(format!("http://127.0.0.1:{}/internal/v1/events", stack.projector_port))
+        .bearer_auth(common::INTERNAL_TOKEN)
+        .json(&pushed)
+        .send()
+        .await
+        .expect("push");
     assert!(r.status().is_success(), "the push of a poison record answers {}", r.status());
 
     // A report whose seq does not fit Postgres's bigint (the MQTT edge refuses it).

@@ -150,9 +150,9 @@ async fn events_arriving_by_push_and_by_the_log_are_applied_once() {
     let appender = Appender::new(&ProducerConfig::new(&env.kafka)).expect("producer");
     let (located, total) = append_history(&appender, &topics).await;
 
-    let app = homelink_projector::Application::build(homelink_projector::Config::new(&db_url, &env.kafka, topics.clone()))
-        .await
-        .expect("projector");
+    let mut cfg = homelink_projector::Config::new(&db_url, &env.kafka, topics.clone());
+    cfg.internal_token = Some(common::INTERNAL_TOKEN.into());
+    let app = homelink_projector::Application::build(cfg).await.expect("projector");
     let port = app.port();
     let pool = app.pool();
     let cancel = homelink_kit::shutdown::CancellationToken::new();
@@ -165,8 +165,21 @@ async fn events_arriving_by_push_and_by_the_log_are_applied_once() {
         .iter()
         .map(|(t, p, e)| Located { topic: t.clone(), partition: p.partition, offset: p.offset, envelope: e.clone() })
         .collect();
+    // Only a holder of the deployment's token may push, and only what the topic can hold.
+    for token in [None, Some("not-the-token")] {
+        let mut req = http.post(&url).json(&pushed[..1]);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        assert_eq!(req.send().await.expect("push").status(), 401, "a push with token {token:?}");
+    }
+    let household_event = pushed.iter().find(|l| l.topic == topics.households()).expect("a household event").clone();
+    let forged = Located { topic: topics.telemetry(), ..household_event };
+    let r = http.post(&url).bearer_auth(common::INTERNAL_TOKEN).json(&[forged]).send().await.expect("push");
+    assert_eq!(r.status(), 422, "a household event pushed as telemetry");
+
     for chunk in pushed.chunks(100).chain(pushed.chunks(300).step_by(3)) {
-        let r = http.post(&url).json(chunk).send().await.expect("push");
+        let r = http.post(&url).bearer_auth(common::INTERNAL_TOKEN).json(chunk).send().await.expect("push");
         assert!(r.status().is_success(), "push refused: {}", r.status());
     }
     eventually(Duration::from_secs(120), "every event applied", || async { (applied(&pool).await >= total as i64).then_some(()) }).await;

@@ -54,6 +54,8 @@ pub struct Config {
     pub command_retention: Duration,
     /// How often rows past their retention are deleted.
     pub retention_every: Duration,
+    /// The service-to-service token pushes must carry; `None` refuses every push.
+    pub internal_token: Option<secrecy::SecretString>,
 }
 
 impl Config {
@@ -67,6 +69,7 @@ impl Config {
             batch_max: 5_000,
             command_retention: Duration::from_secs(30 * 24 * 3600),
             retention_every: Duration::from_secs(3600),
+            internal_token: None,
         }
     }
 }
@@ -83,6 +86,7 @@ pub(crate) type Positions = Arc<Mutex<HashMap<(String, i32), i64>>>;
 #[derive(Clone)]
 struct AppState {
     jobs: mpsc::Sender<Job>,
+    topics: Topics,
 }
 
 /// A built projector, ready to run.
@@ -129,9 +133,14 @@ impl Application {
         let applier = Applier::load(pool.clone(), metrics.clone()).await?;
         let consumer = consume::CatchUp::assign(&cfg, &applier, metrics.clone()).await?;
         let (jobs_tx, jobs_rx) = mpsc::channel(64);
+        let token = cfg.internal_token.clone().map(Arc::new);
+        if token.is_none() {
+            tracing::warn!("no service token configured (HOMELINK_INTERNAL_TOKEN_FILE): every push is refused; the catch-up consumer applies everything");
+        }
         let router = Router::new()
             .route("/internal/v1/events", post(push_events))
-            .with_state(AppState { jobs: jobs_tx.clone() })
+            .route_layer(axum::middleware::from_fn_with_state(token, homelink_kit::push::require_token))
+            .with_state(AppState { jobs: jobs_tx.clone(), topics: cfg.topics.clone() })
             .merge(homelink_kit::ops::router(metrics.clone(), homelink_kit::ops::postgres_ready(pool.clone())));
         let listener = homelink_kit::ops::bind(&cfg.listen).await?;
         let retention = (cfg.command_retention, cfg.retention_every);
@@ -186,6 +195,11 @@ async fn expire_commands(pool: PgPool, retention: Duration, every: Duration, met
 /// `POST /internal/v1/events`: events the bridge appended, applied ahead of
 /// the catch-up consumer. Answers after the transaction committed.
 async fn push_events(State(s): State<AppState>, Json(events): Json<Vec<Located>>) -> (StatusCode, Json<serde_json::Value>) {
+    // Applied ahead of the log: only what that topic can hold, or nothing.
+    let refused: Vec<String> = events.iter().filter_map(|l| admissible(&s.topics, l).err()).take(10).collect();
+    if !refused.is_empty() {
+        return (StatusCode::UNPROCESSABLE_ENTITY, Json(serde_json::json!({"error": "events refused", "reasons": refused})));
+    }
     let (reply, rx) = oneshot::channel();
     let job = Job { batch: Batch::push(events), reply: Some(reply) };
     if s.jobs.send(job).await.is_err() {
@@ -195,6 +209,30 @@ async fn push_events(State(s): State<AppState>, Json(events): Json<Vec<Located>>
         Ok(Ok(o)) => (StatusCode::OK, Json(serde_json::json!({"applied": o.applied, "skipped": o.skipped}))),
         Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"error": e}))),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"error": "shutting down"}))),
+    }
+}
+
+/// Whether a pushed event is one its topic can hold: device events on the
+/// telemetry topic, household events on the household topic, device commands
+/// on the commands topic, refused commands on the audit topic.
+fn admissible(topics: &Topics, l: &Located) -> Result<(), String> {
+    use homelink_events::Event;
+    let ev = l.envelope.event().map_err(|e| format!("{}@{}: undecodable: {e}", l.topic, l.offset))?;
+    let ok = if l.topic == topics.telemetry() {
+        matches!(ev, Event::DeviceStateReported(_) | Event::DeviceCommandAcked(_) | Event::DeviceStatusChanged(_))
+    } else if l.topic == topics.households() {
+        ev.household_event().is_some()
+    } else if l.topic == topics.commands() {
+        matches!(ev, Event::DeviceCommandRequested(_))
+    } else if l.topic == topics.audit() {
+        matches!(ev, Event::CommandDenied(_))
+    } else {
+        false
+    };
+    if ok && l.partition >= 0 && l.offset >= 0 {
+        Ok(())
+    } else {
+        Err(format!("{}/{}@{}: {} does not belong there", l.topic, l.partition, l.offset, l.envelope.event_type))
     }
 }
 

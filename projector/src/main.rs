@@ -33,6 +33,7 @@ async fn run() -> anyhow::Result<()> {
     cfg.listen = a.listen;
     cfg.fetch_wait = Duration::from_millis(a.fetch_wait_ms);
     cfg.batch_max = a.batch_max.max(1);
+    cfg.internal_token = a.common.internal_token()?;
     let app = Application::build(cfg).await?;
     tracing::info!(port = app.port(), "projector listening");
     Ok(app.run_until_stopped(homelink_kit::shutdown::on_signal()).await?)

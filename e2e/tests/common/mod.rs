@@ -86,6 +86,9 @@ pub struct Stack {
     pub share_group: String,
 }
 
+/// The service-to-service token of every test deployment (test-only).
+pub const INTERNAL_TOKEN: &str = "test-only-service-token";
+
 /// Starts a device bridge in `share_group` (its own client id); returns its HTTP port.
 pub async fn spawn_bridge(
     env: &Env,
@@ -100,6 +103,7 @@ pub async fn spawn_bridge(
     bc.share_group = share_group.to_owned();
     bc.client_id = format!("bridge-{}", Uuid::new_v4().simple());
     bc.projector_push_url = Some(format!("http://127.0.0.1:{projector_port}/internal/v1/events"));
+    bc.internal_token = Some(INTERNAL_TOKEN.into());
     let bridge = homelink_device_bridge::Application::build(bc).await.expect("bridge");
     let port = bridge.port();
     tokio::spawn(bridge.run_until_stopped(cancel.clone()));
@@ -166,9 +170,9 @@ impl Stack {
         let (env, topics, db_url) = isolated_on(env).await;
         let cancel = CancellationToken::new();
 
-        let projector = homelink_projector::Application::build(homelink_projector::Config::new(&db_url, &env.kafka, topics.clone()))
-            .await
-            .expect("projector");
+        let mut pc = homelink_projector::Config::new(&db_url, &env.kafka, topics.clone());
+        pc.internal_token = Some(INTERNAL_TOKEN.into());
+        let projector = homelink_projector::Application::build(pc).await.expect("projector");
         let projector_port = projector.port();
         tokio::spawn(projector.run_until_stopped(cancel.clone()));
 
@@ -193,6 +197,7 @@ impl Stack {
         cc.tokens.publish_delay = Duration::from_secs(1);
         cc.bridge_push_url = Some(format!("http://127.0.0.1:{bridge_port}/internal/v1/commands"));
         cc.projector_push_url = Some(format!("http://127.0.0.1:{projector_port}/internal/v1/events"));
+        cc.internal_token = Some(INTERNAL_TOKEN.into());
         let command = homelink_command_api::Application::build(cc).await.expect("command-api");
         let command_port = command.port();
         tokio::spawn(command.run_until_stopped(cancel.clone()));
