@@ -12,18 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn with_kafka_down_writes_get_503_reports_are_held_and_everything_resumes_without_loss() {
-    let mut kafka = PrivateKafka::start();
-    let mut env = Env::from_env();
-    env.kafka = kafka.bootstrap();
-    let stack = Stack::start_on(env).await;
-    let home = stack.seed(&light_and_sensor()).await;
-    let spec = common::spec(&home, 0, None);
-    let topic = format!("home/{}/device/{}/state", home.household_id, spec.device_id);
-
-    // A device connection that counts the PUBACKs it gets.
-    let (client, mut ev) = AsyncClient::new(sim::mqtt_options(&spec, &stack.env.target()), 64);
+/// A connected device client that counts the PUBACKs it gets.
+async fn counting_connection(opts: rumqttc::v5::MqttOptions, capacity: usize) -> (AsyncClient, Arc<AtomicU64>) {
+    let (client, mut ev) = AsyncClient::new(opts, capacity);
     let acked = Arc::new(AtomicU64::new(0));
     let connected = Arc::new(tokio::sync::Notify::new());
     let (a, c) = (acked.clone(), connected.clone());
@@ -39,6 +30,20 @@ async fn with_kafka_down_writes_get_503_reports_are_held_and_everything_resumes_
         }
     });
     tokio::time::timeout(Duration::from_secs(20), connected.notified()).await.expect("device connected");
+    (client, acked)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_kafka_down_writes_get_503_reports_are_held_and_everything_resumes_without_loss() {
+    let mut kafka = PrivateKafka::start();
+    let mut env = Env::from_env();
+    env.kafka = kafka.bootstrap();
+    let stack = Stack::start_on(env).await;
+    let home = stack.seed(&light_and_sensor()).await;
+    let spec = common::spec(&home, 0, None);
+    let topic = format!("home/{}/device/{}/state", home.household_id, spec.device_id);
+
+    let (client, acked) = counting_connection(sim::mqtt_options(&spec, &stack.env.target()), 64).await;
 
     kafka.kill();
 
@@ -101,22 +106,7 @@ async fn a_backlog_larger_than_the_bridge_queues_drains_without_loss() {
     let topic = format!("home/{}/device/{}/state", home.household_id, spec.device_id);
     let mut opts = sim::mqtt_options(&spec, &stack.env.target());
     opts.set_outgoing_inflight_upper_limit(256);
-    let (client, mut ev) = AsyncClient::new(opts, 1024);
-    let acked = Arc::new(AtomicU64::new(0));
-    let connected = Arc::new(tokio::sync::Notify::new());
-    let (a, c) = (acked.clone(), connected.clone());
-    tokio::spawn(async move {
-        while let Ok(e) = ev.poll().await {
-            match e {
-                Event::Incoming(Packet::ConnAck(_)) => c.notify_one(),
-                Event::Incoming(Packet::PubAck(_)) => {
-                    a.fetch_add(1, Ordering::SeqCst);
-                }
-                _ => {}
-            }
-        }
-    });
-    tokio::time::timeout(Duration::from_secs(20), connected.notified()).await.expect("device connected");
+    let (client, acked) = counting_connection(opts, 1024).await;
 
     // Kafka stalls (no answer, no error) while 20,000 reports arrive: more
     // than the bridge holds in flight (4,096), in its hand-off queue (4,096)

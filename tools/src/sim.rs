@@ -84,13 +84,19 @@ fn wander(kind: DeviceKind, state: &mut Map<String, Value>, tick: u64) {
 
 /// The client options of a device: mTLS with its certificate, its id as client id.
 pub fn mqtt_options(spec: &DeviceSpec, target: &Target) -> MqttOptions {
-    let mut o = MqttOptions::new(spec.device_id.to_string(), &target.host, target.port);
+    device_options(spec.household_id, spec.device_id, &spec.cert_pem, &spec.key_pem, target, Duration::from_secs(30))
+}
+
+/// A device's client options from its parts: mTLS with its certificate, its
+/// id as client id, `offline` (retained) as its last will.
+pub fn device_options(household: Uuid, device: Uuid, cert_pem: &str, key_pem: &str, target: &Target, keep_alive: Duration) -> MqttOptions {
+    let mut o = MqttOptions::new(device.to_string(), &target.host, target.port);
     o.set_transport(Transport::Tls(TlsConfiguration::Simple {
         ca: target.ca_pem.clone().into_bytes(),
         alpn: None,
-        client_auth: Some((spec.cert_pem.clone().into_bytes(), spec.key_pem.clone().into_bytes())),
+        client_auth: Some((cert_pem.as_bytes().to_vec(), key_pem.as_bytes().to_vec())),
     }));
-    o.set_keep_alive(Duration::from_secs(30)).set_clean_start(true);
+    o.set_keep_alive(keep_alive).set_clean_start(true);
     // rumqttc sizes its in-flight table by this limit (u16::MAX by default: megabytes per client).
     o.set_outgoing_inflight_upper_limit(32);
     // Small request/response messages: no Nagle delay.
@@ -98,7 +104,7 @@ pub fn mqtt_options(spec: &DeviceSpec, target: &Target) -> MqttOptions {
     net.set_tcp_nodelay(true);
     o.set_network_options(net);
     let offline = serde_json::to_vec(&StatusMsg { v: PROTOCOL_VERSION, status: Presence::Offline }).unwrap_or_default();
-    o.set_last_will(LastWill::new(device_topic(spec.household_id, spec.device_id, Channel::Status), offline, QoS::AtLeastOnce, true, None));
+    o.set_last_will(LastWill::new(device_topic(household, device, Channel::Status), offline, QoS::AtLeastOnce, true, None));
     o
 }
 

@@ -8,10 +8,9 @@ use chrono::Utc;
 use homelink_events::protocol::{device_topic, Channel, Presence, StatusMsg, PROTOCOL_VERSION};
 use homelink_events::DeviceKind;
 use homelink_kit::shutdown::CancellationToken;
-use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, PubAckReason};
+use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-use rumqttc::{TlsConfiguration, Transport};
+use rumqttc::v5::{AsyncClient, Event};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -47,24 +46,6 @@ pub struct Acks {
     pub samples_us: Mutex<Vec<u32>>,
 }
 
-fn options(d: &FleetDevice, household: Uuid, target: &Target) -> MqttOptions {
-    let mut o = MqttOptions::new(d.id.to_string(), &target.host, target.port);
-    o.set_transport(Transport::Tls(TlsConfiguration::Simple {
-        ca: target.ca_pem.clone().into_bytes(),
-        alpn: None,
-        client_auth: Some((d.cert_pem.clone().into_bytes(), d.key_pem.clone().into_bytes())),
-    }));
-    o.set_keep_alive(Duration::from_secs(60)).set_clean_start(true);
-    // rumqttc sizes its in-flight table by this limit (u16::MAX by default: megabytes per client).
-    o.set_outgoing_inflight_upper_limit(32);
-    let mut net = rumqttc::NetworkOptions::new();
-    net.set_tcp_nodelay(true);
-    o.set_network_options(net);
-    let offline = serde_json::to_vec(&StatusMsg { v: PROTOCOL_VERSION, status: Presence::Offline }).unwrap_or_default();
-    o.set_last_will(LastWill::new(device_topic(household, d.id, Channel::Status), offline, QoS::AtLeastOnce, true, None));
-    o
-}
-
 /// Starts a device's connection task; it connects (at most `handshakes` at
 /// once), announces itself online and then counts acknowledgements until cancelled.
 pub fn spawn(
@@ -76,7 +57,8 @@ pub fn spawn(
     handshakes: Arc<Semaphore>,
     cancel: CancellationToken,
 ) -> Arc<Device> {
-    let (client, mut eventloop) = AsyncClient::new(options(d, household, target), 64);
+    let options = crate::sim::device_options(household, d.id, &d.cert_pem, &d.key_pem, target, Duration::from_secs(60));
+    let (client, mut eventloop) = AsyncClient::new(options, 64);
     let dev = Arc::new(Device {
         household_id: household,
         id: d.id,
