@@ -353,7 +353,8 @@ fn print_load(s: &homelink_tools::load::Summary) {
     println!("{:16} {:>9} {:>10} {:>10} {:>9}", "process", "cpu s", "µs/report", "marginal", "peak MB");
     for pc in &s.processes {
         let m = pc.marginal_us_per_report.map(|m| format!("{m:.1}")).unwrap_or_else(|| "-".into());
-        println!("{:16} {:>9.2} {:>10.1} {:>10} {:>9.1}", pc.name, pc.cpu_seconds, pc.cpu_us_per_report, m, pc.peak_rss_mb);
+        let note = if pc.restarted { "  (restarted: the new process only)" } else { "" };
+        println!("{:16} {:>9.2} {:>10.1} {:>10} {:>9.1}{note}", pc.name, pc.cpu_seconds, pc.cpu_us_per_report, m, pc.peak_rss_mb);
     }
     println!(
         "stack: {:.1} µs/report ({} marginal over rest)",

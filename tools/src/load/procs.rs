@@ -72,6 +72,7 @@ fn children_of(parent: u32) -> Vec<u32> {
 /// One reading of a group: CPU ticks so far (reaped children included) and resident memory.
 #[derive(Debug, Clone, Copy, Default)]
 struct Reading {
+    pid: u32,
     ticks: u64,
     rss_kb: u64,
 }
@@ -79,7 +80,7 @@ struct Reading {
 fn read(w: &Watched) -> Option<Reading> {
     let pid = read_pid(w)?;
     let (own, reaped, _) = stat(pid)?;
-    let mut r = Reading { ticks: own, rss_kb: rss_kb(pid) };
+    let mut r = Reading { pid, ticks: own, rss_kb: rss_kb(pid) };
     if w.with_children {
         r.ticks += reaped;
         for c in children_of(pid) {
@@ -122,6 +123,9 @@ pub struct ProcessCost {
     /// measured before the run, times the run's length).
     pub marginal_us_per_report: Option<f64>,
     pub peak_rss_mb: f64,
+    /// The process was replaced during the run (crash, restart): its figures
+    /// count only the new process, from its start.
+    pub restarted: bool,
 }
 
 impl Meter {
@@ -163,7 +167,9 @@ impl Meter {
         let mut out = Vec::new();
         for g in &self.groups {
             let (Some(a), Some(b)) = (self.start.get(&g.name), read(g)) else { continue };
-            let cpu = b.ticks.saturating_sub(a.ticks) as f64 / self.tick;
+            let restarted = a.pid != b.pid;
+            let since = if restarted { 0 } else { a.ticks };
+            let cpu = b.ticks.saturating_sub(since) as f64 / self.tick;
             let marginal = idle.and_then(|i| i.get(&g.name)).map(|rate| per((cpu - rate * elapsed_secs).max(0.0)));
             out.push(ProcessCost {
                 name: g.name.clone(),
@@ -171,6 +177,7 @@ impl Meter {
                 cpu_us_per_report: per(cpu),
                 marginal_us_per_report: marginal,
                 peak_rss_mb: self.peak_rss_kb.get(&g.name).copied().unwrap_or(0) as f64 / 1024.0,
+                restarted,
             });
         }
         out
