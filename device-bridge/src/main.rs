@@ -29,6 +29,10 @@ struct Args {
     /// the broker pays per produce request, so a few milliseconds buy large batches.
     #[arg(long, env = "HOMELINK_BRIDGE_PRODUCE_LINGER_MS", default_value_t = 5)]
     produce_linger_ms: u64,
+    /// Fetch wait of the command catch-up consumer (commands the push missed):
+    /// long, since every fetch costs the broker CPU even with nothing to read.
+    #[arg(long, env = "HOMELINK_BRIDGE_COMMAND_FETCH_WAIT_MS", default_value_t = 2000)]
+    command_fetch_wait_ms: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,6 +53,7 @@ async fn run() -> anyhow::Result<()> {
     cfg.projector_push_url = a.projector_push_url;
     cfg.produce_linger = std::time::Duration::from_millis(a.produce_linger_ms);
     cfg.internal_token = a.common.internal_token()?;
+    cfg.command_fetch_wait = std::time::Duration::from_millis(a.command_fetch_wait_ms.max(1));
     let app = Application::build(cfg).await?;
     tracing::info!(port = app.port(), "device bridge listening");
     Ok(app.run_until_stopped(homelink_kit::shutdown::on_signal()).await?)
