@@ -218,6 +218,8 @@ pub async fn run(endpoints: &Endpoints, o: &Options) -> crate::Result<Summary> {
     };
     let cancel = CancellationToken::new();
     let _stop_all = cancel.clone().drop_guard();
+    // Access tokens live 5 minutes, runs longer: signed in again every 2.
+    let fresh = Token::keep(http.clone(), api.to_owned(), fleet.account.clone(), cancel.clone());
 
     // Connect the fleet.
     let acks = Arc::new(Acks::default());
@@ -316,7 +318,7 @@ pub async fn run(endpoints: &Endpoints, o: &Options) -> crate::Result<Summary> {
     let commands = tokio::spawn(command_loop(
         http.clone(),
         format!("{api}/v1/households/{}/devices/{}/commands", fleet.command_probe.id, fleet.command_probe.devices[0].id),
-        token.clone(),
+        fresh.clone(),
         o.commands_per_sec,
         obs_rx,
         run_stop.clone(),
@@ -384,7 +386,7 @@ pub async fn run(endpoints: &Endpoints, o: &Options) -> crate::Result<Summary> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let acked = acks.count.load(Ordering::Relaxed);
-    let verification = verify(&http, &endpoints.graphql, &token, &devs, Instant::now() + o.settle).await;
+    let verification = verify(&http, &endpoints.graphql, &fresh, &devs, Instant::now() + o.settle).await;
     let elapsed = t0.elapsed().as_secs_f64();
     let processes = meter.stop(acked, elapsed, idle.as_ref());
     lag_task.abort();
@@ -458,7 +460,7 @@ pub async fn run(endpoints: &Endpoints, o: &Options) -> crate::Result<Summary> {
 async fn command_loop(
     http: reqwest::Client,
     url: String,
-    token: String,
+    token: Token,
     per_sec: f64,
     mut observed: mpsc::UnboundedReceiver<Observed>,
     stop: CancellationToken,
@@ -474,7 +476,7 @@ async fn command_loop(
         tokio::select! { _ = stop.cancelled() => break, _ = every.tick() => {} }
         i += 1;
         let t0 = Instant::now();
-        let r = http.post(&url).bearer_auth(&token).json(&json!({"set": {"brightness": 1 + i % 100}})).send().await;
+        let r = http.post(&url).bearer_auth(token.get()).json(&json!({"set": {"brightness": 1 + i % 100}})).send().await;
         out.sent += 1;
         let id = match r {
             Ok(r) if r.status().as_u16() == 202 => {
@@ -516,6 +518,33 @@ async fn command_loop(
     out
 }
 
+/// An access token kept fresh by signing in again every two minutes (they
+/// live five), for runs longer than a token.
+#[derive(Clone)]
+struct Token(Arc<std::sync::RwLock<String>>);
+
+impl Token {
+    fn keep(http: reqwest::Client, api: String, account: crate::api::Account, cancel: CancellationToken) -> Self {
+        let t = Token(Arc::new(std::sync::RwLock::new(account.access_token.clone())));
+        let keeper = t.clone();
+        tokio::spawn(async move {
+            let mut account = account;
+            loop {
+                tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(Duration::from_secs(120)) => {} }
+                match crate::api::sign_in(&http, &api, &mut account).await {
+                    Ok(()) => *keeper.0.write().unwrap_or_else(|e| e.into_inner()) = account.access_token.clone(),
+                    Err(e) => tracing::warn!(error = %e, "signing in again failed; keeping the old token"),
+                }
+            }
+        });
+        t
+    }
+
+    fn get(&self) -> String {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
 /// Samples the projector's consumer lag (sum over partitions) every second.
 async fn sample_lag(http: reqwest::Client, urls: Vec<String>, t0: Instant, into: Arc<Mutex<Vec<(f64, i64)>>>, cancel: CancellationToken) {
     let mut every = tokio::time::interval(Duration::from_secs(1));
@@ -539,7 +568,7 @@ async fn sample_lag(http: reqwest::Client, urls: Vec<String>, t0: Instant, into:
 
 /// Checks, through GraphQL, that every device's shadow reflects its last
 /// acknowledged report, waiting until `deadline` for stragglers.
-async fn verify(http: &reqwest::Client, graphql: &str, token: &str, devs: &[Arc<Device>], deadline: Instant) -> Verification {
+async fn verify(http: &reqwest::Client, graphql: &str, token: &Token, devs: &[Arc<Device>], deadline: Instant) -> Verification {
     let mut v = Verification { devices_checked: devs.len(), ..Default::default() };
     let mut households: BTreeMap<Uuid, Vec<&Arc<Device>>> = BTreeMap::new();
     for d in devs {
@@ -553,16 +582,27 @@ async fn verify(http: &reqwest::Client, graphql: &str, token: &str, devs: &[Arc<
         for (h, ds) in &households {
             let mut seqs: HashMap<Uuid, i64> = HashMap::new();
             let mut after: Option<String> = None;
+            let mut failed = false;
             loop {
-                let r = crate::gql::query(http, graphql, token, q, json!({"h": h, "after": after})).await;
+                let r = crate::gql::query(http, graphql, &token.get(), q, json!({"h": h, "after": after})).await;
                 let edges = match r {
-                    Ok(v) => v["data"]["household"]["devices"]["edges"].as_array().cloned(),
+                    Ok(v) => match v["data"]["household"]["devices"]["edges"].as_array() {
+                        Some(edges) => Some(edges.clone()),
+                        // An error is not a device behind: say what the server said.
+                        None => {
+                            errors.push(format!("household {h}: no devices in the answer: {}", v["errors"]));
+                            None
+                        }
+                    },
                     Err(e) => {
                         errors.push(format!("household {h}: {e}"));
                         None
                     }
                 };
-                let Some(edges) = edges else { break };
+                let Some(edges) = edges else {
+                    failed = true;
+                    break;
+                };
                 for e in &edges {
                     if let Some(id) = e["node"]["id"].as_str().and_then(|s| s.parse().ok()) {
                         seqs.insert(id, e["node"]["shadow"]["seq"].as_i64().unwrap_or(0));
@@ -572,6 +612,11 @@ async fn verify(http: &reqwest::Client, graphql: &str, token: &str, devs: &[Arc<
                 if edges.len() < 200 {
                     break;
                 }
+            }
+            if failed {
+                // Asked again next round; not counted as behind.
+                next.insert(*h, ds.clone());
+                continue;
             }
             let mut lagging = Vec::new();
             for d in ds {
