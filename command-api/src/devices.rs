@@ -30,7 +30,19 @@ pub struct DeviceConfig {
     pub ca_cert: std::path::PathBuf,
     pub ca_key: std::path::PathBuf,
     pub mqtt_host: String,
-    pub mqtt_port: u16,
+    /// The device (mTLS) port of every broker of the deployment, in the
+    /// deployment's broker order (the bridge's list has the same order).
+    /// Brokers are only ever appended: a device keeps the broker it was given.
+    pub mqtt_ports: Vec<u16>,
+}
+
+impl DeviceConfig {
+    /// The broker a new device is assigned: spread evenly by its (random) id.
+    pub fn assign(&self, device: Uuid) -> (u16, u16) {
+        let n = self.mqtt_ports.len().max(1);
+        let i = (device.as_u128() % n as u128) as usize;
+        (i as u16, self.mqtt_ports.get(i).copied().unwrap_or(8883))
+    }
 }
 
 use crate::validate::{name as name_of, serial as serial_of};
@@ -135,6 +147,7 @@ pub async fn register(
         _ => return Err(ApiError::Unavailable("the device CA is not configured".into())),
     };
     let device_id = Uuid::new_v4();
+    let (broker, mqtt_port) = dev.assign(device_id);
     // Issue first (pure, local); a refused CSR stores nothing. Armour the
     // document states is 400; well-armoured DER that is no valid request, 422.
     if let Some(csr) = req.csr.as_deref() {
@@ -160,6 +173,7 @@ pub async fn register(
         room_id: req.room_id,
         serial: serial.clone(),
         cert_serial: Some(issued.serial_hex.clone()),
+        broker: Some(broker),
     });
     let written = s.write_household(&who, cmd(), |_, _| Ok(ev)).await;
     if let Err(e) = written {
@@ -180,7 +194,7 @@ pub async fn register(
         ca_certificate_pem: ca.ca_pem().to_owned(),
         mqtt: MqttAccess {
             host: dev.mqtt_host,
-            port: dev.mqtt_port,
+            port: mqtt_port,
             state_topic: format!("{base}/state"),
             ack_topic: format!("{base}/ack"),
             status_topic: format!("{base}/status"),

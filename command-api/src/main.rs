@@ -29,17 +29,20 @@ struct Args {
     /// The MQTT device listener told to registered devices.
     #[arg(long, env = "HOMELINK_MQTT_DEVICE_HOST", default_value = "127.0.0.1")]
     mqtt_device_host: String,
-    #[arg(long, env = "HOMELINK_MQTT_DEVICE_PORT", default_value_t = 8883)]
-    mqtt_device_port: u16,
-    /// Where the broker reads the certificate revocation list.
+    /// The device (mTLS) port of each broker, comma-separated, in the
+    /// deployment's broker order; a new device is assigned one of them.
+    #[arg(long, env = "HOMELINK_MQTT_DEVICE_PORT", value_delimiter = ',', default_value = "8883")]
+    mqtt_device_port: Vec<u16>,
+    /// Where the brokers read the certificate revocation list (one file for all).
     #[arg(long, env = "HOMELINK_CRL_FILE")]
     crl_file: Option<std::path::PathBuf>,
-    /// The broker's pid file (SIGHUP after the CRL changed).
-    #[arg(long, env = "HOMELINK_BROKER_PID_FILE")]
-    broker_pid_file: Option<std::path::PathBuf>,
-    /// A broker account with dynamic-security rights, to close revoked devices' connections.
-    #[arg(long, env = "HOMELINK_BROKER_ADMIN_PORT")]
-    broker_admin_port: Option<u16>,
+    /// Each broker's pid file, comma-separated (SIGHUP after the CRL changed).
+    #[arg(long, env = "HOMELINK_BROKER_PID_FILE", value_delimiter = ',')]
+    broker_pid_file: Vec<std::path::PathBuf>,
+    /// Each broker's port for an account with dynamic-security rights,
+    /// comma-separated, to close revoked devices' connections.
+    #[arg(long, env = "HOMELINK_BROKER_ADMIN_PORT", value_delimiter = ',')]
+    broker_admin_port: Vec<u16>,
     #[arg(long, env = "HOMELINK_BROKER_ADMIN_USER", default_value = "homelink-admin")]
     broker_admin_user: String,
     /// A file holding the broker admin password; without it, the password
@@ -76,20 +79,22 @@ async fn run() -> anyhow::Result<()> {
             ca_cert,
             ca_key,
             mqtt_host: a.mqtt_device_host.clone(),
-            mqtt_port: a.mqtt_device_port,
+            mqtt_ports: a.mqtt_device_port,
         });
     }
     if let Some(crl_file) = a.crl_file {
-        let admin = match a.broker_admin_port {
-            Some(port) => Some(homelink_command_api::revocation::BrokerAdmin {
+        let password = homelink_kit::config::secret("HOMELINK_BROKER_ADMIN_PASSWORD", a.broker_admin_password_file.as_deref())?;
+        let admins = a
+            .broker_admin_port
+            .into_iter()
+            .map(|port| homelink_command_api::revocation::BrokerAdmin {
                 host: a.mqtt_device_host.clone(),
                 port,
-                username: a.broker_admin_user,
-                password: homelink_kit::config::secret("HOMELINK_BROKER_ADMIN_PASSWORD", a.broker_admin_password_file.as_deref())?,
-            }),
-            None => None,
-        };
-        cfg.revocation = Some(homelink_command_api::revocation::RevocationConfig::new(crl_file, a.broker_pid_file, admin));
+                username: a.broker_admin_user.clone(),
+                password: password.clone(),
+            })
+            .collect();
+        cfg.revocation = Some(homelink_command_api::revocation::RevocationConfig::new(crl_file, a.broker_pid_file, admins));
     }
     cfg.listen = a.listen;
     cfg.bridge_push_url = a.bridge_push_url;

@@ -42,17 +42,18 @@ pub struct BrokerAdmin {
 pub struct RevocationConfig {
     /// Where the broker reads the CRL (`crlfile` of its device listener).
     pub crl_file: PathBuf,
-    /// The broker's pid file: it is sent SIGHUP to re-read the CRL.
-    pub broker_pid_file: Option<PathBuf>,
-    /// For closing open connections.
-    pub admin: Option<BrokerAdmin>,
+    /// Every broker's pid file: each is sent SIGHUP to re-read the CRL.
+    pub broker_pid_files: Vec<PathBuf>,
+    /// Every broker, for closing open connections (a removed device is
+    /// closed on each: it may have connected anywhere with its certificate).
+    pub admins: Vec<BrokerAdmin>,
     /// How often the loop reconciles the broker with the registry.
     pub every: Duration,
 }
 
 impl RevocationConfig {
-    pub fn new(crl_file: PathBuf, broker_pid_file: Option<PathBuf>, admin: Option<BrokerAdmin>) -> Self {
-        Self { crl_file, broker_pid_file, admin, every: Duration::from_secs(5) }
+    pub fn new(crl_file: PathBuf, broker_pid_files: Vec<PathBuf>, admins: Vec<BrokerAdmin>) -> Self {
+        Self { crl_file, broker_pid_files, admins, every: Duration::from_secs(5) }
     }
 }
 
@@ -95,20 +96,22 @@ impl Revoker {
             let number = chrono::Utc::now().timestamp_millis().max(1) as u64;
             let pem = self.ca.crl(&revoked, number).map_err(|e| e.to_string())?;
             write_atomically(&self.cfg.crl_file, pem.as_bytes()).map_err(|e| format!("writing {}: {e}", self.cfg.crl_file.display()))?;
-            if let Some(pid_file) = &self.cfg.broker_pid_file {
+            for pid_file in &self.cfg.broker_pid_files {
                 reload_broker(pid_file).await?;
             }
             tracing::info!(revoked = revoked.len(), file = %self.cfg.crl_file.display(), "certificate revocation list written");
             *written = Some((revoked, Instant::now()));
         }
         drop(written);
-        let Some(admin) = &self.cfg.admin else {
+        if self.cfg.admins.is_empty() {
             return Ok(());
-        };
+        }
         // Removed devices not confirmed closed, and those the caller names (if the snapshot has them).
         let pending: Vec<Uuid> = removed.iter().filter(|(d, _, confirmed)| !confirmed || kick.contains(d)).map(|(d, _, _)| *d).collect();
         for d in pending {
-            kick_client(admin, &d.to_string()).await?;
+            for admin in &self.cfg.admins {
+                kick_client(admin, &d.to_string()).await?;
+            }
             sqlx::query("INSERT INTO device_kicks_confirmed (device_id) VALUES ($1) ON CONFLICT DO NOTHING")
                 .bind(d)
                 .execute(&self.pool)

@@ -26,7 +26,8 @@ const REMEMBERED: usize = 100_000;
 
 /// Publishes commands to devices, each at most once per bridge.
 pub struct Deliverer {
-    client: AsyncClient,
+    /// One per broker, in the deployment's broker order.
+    clients: Vec<AsyncClient>,
     seen: Mutex<(HashSet<Uuid>, VecDeque<Uuid>)>,
 }
 
@@ -40,8 +41,8 @@ pub enum Delivery {
 }
 
 impl Deliverer {
-    pub fn new(client: AsyncClient) -> Self {
-        Self { client, seen: Mutex::new((HashSet::new(), VecDeque::new())) }
+    pub fn new(clients: Vec<AsyncClient>) -> Self {
+        Self { clients, seen: Mutex::new((HashSet::new(), VecDeque::new())) }
     }
 
     fn first_time(&self, id: Uuid) -> bool {
@@ -59,8 +60,11 @@ impl Deliverer {
         true
     }
 
-    /// Publishes the command in `envelope` unless it expired or went out already.
-    pub async fn deliver(&self, envelope: &Envelope) -> Result<Delivery, rumqttc::v5::ClientError> {
+    /// Publishes the command in `envelope` on the device's broker (`None`,
+    /// or a broker this bridge does not know: on every broker; a broker
+    /// where the device is not connected drops it) unless it expired or
+    /// went out already.
+    pub async fn deliver(&self, envelope: &Envelope, broker: Option<u16>) -> Result<Delivery, rumqttc::v5::ClientError> {
         let Ok(Event::DeviceCommandRequested(DeviceCommandRequested { command_id, device_id, set, expires_at })) = envelope.event() else {
             return Ok(Delivery::NotACommand);
         };
@@ -73,7 +77,14 @@ impl Deliverer {
         let msg = CmdMsg { v: PROTOCOL_VERSION, command_id, set, expires_at };
         let body = serde_json::to_vec(&msg).unwrap_or_default();
         let topic = device_topic(envelope.household_id, device_id, Channel::Cmd);
-        self.client.publish(topic, QoS::AtLeastOnce, false, body).await?;
+        match broker.and_then(|b| self.clients.get(b as usize)) {
+            Some(client) => client.publish(topic, QoS::AtLeastOnce, false, body).await?,
+            None => {
+                for client in &self.clients {
+                    client.publish(topic.clone(), QoS::AtLeastOnce, false, body.clone()).await?;
+                }
+            }
+        }
         Ok(Delivery::Published)
     }
 }
@@ -82,7 +93,18 @@ impl Deliverer {
 pub(crate) async fn deliver_counted(s: &Shared, envelope: &Envelope, path: &str) {
     s.metrics.messages_in.with_label_values(&[path]).inc();
     let started = std::time::Instant::now();
-    match s.deliverer.deliver(envelope).await {
+    let broker = match envelope.event() {
+        Ok(Event::DeviceCommandRequested(c)) => match s.registry.owner(c.device_id).await {
+            Ok(Some(owner)) => Some(owner.broker),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "registry lookup for a command failed; publishing on every broker");
+                None
+            }
+        },
+        _ => None,
+    };
+    match s.deliverer.deliver(envelope, broker).await {
         Ok(Delivery::Published) => {
             s.metrics.messages_out.with_label_values(&["cmd"]).inc();
             s.metrics.latency.with_label_values(&["command_publish"]).observe(started.elapsed().as_secs_f64());

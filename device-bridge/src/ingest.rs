@@ -31,29 +31,35 @@ pub enum Fate {
 
 /// Handles publishes in order of arrival, many at a time, and acknowledges
 /// each one once its fate is durable.
-pub(crate) async fn run(shared: Arc<Shared>, client: AsyncClient, mut rx: mpsc::UnboundedReceiver<Publish>, cancel: CancellationToken) {
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    clients: Vec<AsyncClient>,
+    mut rx: mpsc::UnboundedReceiver<(usize, Publish)>,
+    cancel: CancellationToken,
+) {
     let mut inflight = FuturesOrdered::new();
     let max_inflight = 4_096;
     loop {
         tokio::select! {
             biased;
-            Some((publish, _fate)) = inflight.next(), if !inflight.is_empty() => {
-                let publish: Publish = publish;
+            Some((broker, publish, _fate)) = inflight.next(), if !inflight.is_empty() => {
+                let (broker, publish): (usize, Publish) = (broker, publish);
                 // A message abandoned at shutdown is not acknowledged: the broker redelivers it.
                 if cancel.is_cancelled() {
                     break;
                 }
-                if let Err(e) = client.ack(&publish).await {
+                // Acknowledged on the connection it came from.
+                if let Err(e) = clients[broker].ack(&publish).await {
                     tracing::warn!(error = %e, "puback failed");
                 }
             }
             p = rx.recv(), if inflight.len() < max_inflight => match p {
-                Some(p) => {
+                Some((broker, p)) => {
                     let s = shared.clone();
                     let c = cancel.clone();
                     inflight.push_back(async move {
                         let fate = handle(&s, &p, &c).await;
-                        (p, fate)
+                        (broker, p, fate)
                     });
                 }
                 None => break,

@@ -64,7 +64,10 @@ pub struct Config {
     pub kafka_bootstrap: String,
     pub topics: Topics,
     pub mqtt_host: String,
-    pub mqtt_port: u16,
+    /// The bridge listener of every broker, in the deployment's broker order
+    /// (a device's registered `broker` indexes it): the bridge subscribes on
+    /// each and sends a device's commands to the one it was assigned.
+    pub mqtt_ports: Vec<u16>,
     pub mqtt_username: String,
     /// Never logged or printed (`Debug` redacts it).
     pub mqtt_password: secrecy::SecretString,
@@ -73,7 +76,10 @@ pub struct Config {
     pub client_id: String,
     /// Shared-subscription group: all bridges of a deployment use the same one.
     pub share_group: String,
+    /// The public listener (ops routes).
     pub listen: String,
+    /// The internal listener (command-api's push), reachable by the services only.
+    pub internal_listen: String,
     /// The projector's push endpoint; `None` leaves everything to its catch-up consumer.
     pub projector_push_url: Option<String>,
     pub command_fetch_wait: Duration,
@@ -97,12 +103,13 @@ impl Config {
             kafka_bootstrap: kafka_bootstrap.into(),
             topics,
             mqtt_host: mqtt_host.into(),
-            mqtt_port,
+            mqtt_ports: vec![mqtt_port],
             mqtt_username: "homelink-bridge".into(),
             mqtt_password: secrecy::SecretString::from(String::new()),
             client_id: "homelink-bridge-0".into(),
             share_group: "homelink-bridge".into(),
             listen: "127.0.0.1:0".into(),
+            internal_listen: "127.0.0.1:0".into(),
             projector_push_url: None,
             command_fetch_wait: Duration::from_millis(500),
             produce_linger: Duration::from_millis(5),
@@ -121,15 +128,15 @@ pub struct Shared {
     pub deliverer: Deliverer,
     /// The device-message JSON Schemas every message is checked against.
     pub schemas: schema::Schemas,
-    subscribed: AtomicBool,
+    /// Per broker: whether its subscription is granted.
+    subscribed: Vec<AtomicBool>,
 }
 
 pub struct Application {
-    listener: tokio::net::TcpListener,
-    router: Router,
+    listeners: homelink_kit::ops::Listeners,
     shared: Arc<Shared>,
-    client: AsyncClient,
-    eventloop: EventLoop,
+    /// One connection per broker, in the deployment's broker order.
+    connections: Vec<(AsyncClient, EventLoop)>,
     commands: rdkafka::consumer::StreamConsumer,
     cfg: Config,
 }
@@ -142,18 +149,29 @@ impl Application {
         producer.linger = cfg.produce_linger;
         let appender = Appender::new(&producer)?;
 
-        let mut opts = MqttOptions::new(&cfg.client_id, &cfg.mqtt_host, cfg.mqtt_port);
-        opts.set_credentials(&cfg.mqtt_username, secrecy::ExposeSecret::expose_secret(&cfg.mqtt_password))
-            .set_keep_alive(Duration::from_secs(10))
-            .set_clean_start(false)
-            .set_session_expiry_interval(Some(3600))
-            .set_manual_acks(true)
-            .set_receive_maximum(Some(4096))
-            .set_max_packet_size(Some(1 << 20));
-        let mut net = rumqttc::NetworkOptions::new();
-        net.set_tcp_nodelay(true);
-        opts.set_network_options(net);
-        let (client, eventloop) = AsyncClient::new(opts, 8192);
+        if cfg.mqtt_ports.is_empty() {
+            return Err(Error::Mqtt("no MQTT broker configured".into()));
+        }
+        // The same client id on every broker: each keeps this bridge's session.
+        let connections: Vec<(AsyncClient, EventLoop)> = cfg
+            .mqtt_ports
+            .iter()
+            .map(|port| {
+                let mut opts = MqttOptions::new(&cfg.client_id, &cfg.mqtt_host, *port);
+                opts.set_credentials(&cfg.mqtt_username, secrecy::ExposeSecret::expose_secret(&cfg.mqtt_password))
+                    .set_keep_alive(Duration::from_secs(10))
+                    .set_clean_start(false)
+                    .set_session_expiry_interval(Some(3600))
+                    .set_manual_acks(true)
+                    .set_receive_maximum(Some(4096))
+                    .set_max_packet_size(Some(1 << 20));
+                let mut net = rumqttc::NetworkOptions::new();
+                net.set_tcp_nodelay(true);
+                opts.set_network_options(net);
+                AsyncClient::new(opts, 8192)
+            })
+            .collect();
+        let clients: Vec<AsyncClient> = connections.iter().map(|(c, _)| c.clone()).collect();
 
         let commands =
             homelink_kit::kafka::consumer(&cfg.kafka_bootstrap, &format!("{}-commands", cfg.share_group), cfg.command_fetch_wait)?;
@@ -166,31 +184,37 @@ impl Application {
             topics: cfg.topics.clone(),
             appender,
             registry: Registry::new(pool.clone()),
-            deliverer: Deliverer::new(client.clone()),
-            subscribed: AtomicBool::new(false),
+            deliverer: Deliverer::new(clients),
+            subscribed: connections.iter().map(|_| AtomicBool::new(false)).collect(),
         });
         let s = shared.clone();
         let ready: homelink_kit::ops::ReadyCheck = Arc::new(move || {
             let s = s.clone();
             let pg = homelink_kit::ops::postgres_ready(pool.clone());
             Box::pin(async move {
-                if !s.subscribed.load(Ordering::Relaxed) {
-                    return Err("mqtt: not subscribed".into());
+                if let Some(i) = s.subscribed.iter().position(|b| !b.load(Ordering::Relaxed)) {
+                    return Err(format!("mqtt: not subscribed at broker {i}"));
                 }
                 pg().await
             })
         });
-        let router = Router::new()
+        let internal = Router::new()
             .route("/internal/v1/commands", post(push_commands))
             .route_layer(axum::middleware::from_fn_with_state(cfg.internal_token.clone().map(Arc::new), homelink_kit::push::require_token))
-            .with_state(shared.clone())
-            .merge(homelink_kit::ops::router(metrics, ready));
-        let listener = homelink_kit::ops::bind(&cfg.listen).await?;
-        Ok(Self { listener, router, shared, client, eventloop, commands, cfg })
+            .with_state(shared.clone());
+        let public = homelink_kit::ops::router(metrics, ready);
+        let listeners = homelink_kit::ops::Listeners::bind(&cfg.listen, public, &cfg.internal_listen, internal).await?;
+        Ok(Self { listeners, shared, connections, commands, cfg })
     }
 
+    /// The public listener's port (ops routes).
     pub fn port(&self) -> u16 {
-        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+        self.listeners.public_port()
+    }
+
+    /// The internal listener's port (command-api's push).
+    pub fn internal_port(&self) -> u16 {
+        self.listeners.internal_port()
     }
 
     pub fn metrics(&self) -> ServiceMetrics {
@@ -204,28 +228,41 @@ impl Application {
         // full request queue in the client: each waiting on the other). The
         // broker bounds what is unacknowledged (receive maximum).
         let (tx, rx) = mpsc::unbounded_channel();
-        let ingest = tokio::spawn(ingest::run(self.shared.clone(), self.client.clone(), rx, cancel.clone()));
+        let clients: Vec<AsyncClient> = self.connections.iter().map(|(c, _)| c.clone()).collect();
+        let ingest = tokio::spawn(ingest::run(self.shared.clone(), clients.clone(), rx, cancel.clone()));
         let catch_up = tokio::spawn(deliver::catch_up(self.shared.clone(), self.commands, cancel.clone()));
         let filters: Vec<String> =
             ["state", "ack", "status"].iter().map(|c| format!("$share/{}/home/+/device/+/{c}", self.cfg.share_group)).collect();
-        let mqtt = tokio::spawn(poll_mqtt(self.eventloop, self.client.clone(), filters, tx, self.shared.clone(), cancel.clone()));
-        homelink_kit::ops::serve(self.listener, self.router, cancel.clone()).await?;
+        let mqtt: Vec<_> = self
+            .connections
+            .into_iter()
+            .enumerate()
+            .map(|(i, (client, eventloop))| {
+                tokio::spawn(poll_mqtt(i, eventloop, client, filters.clone(), tx.clone(), self.shared.clone(), cancel.clone()))
+            })
+            .collect();
+        drop(tx);
+        self.listeners.serve(cancel.clone()).await?;
         let _ = ingest.await;
         let _ = catch_up.await;
-        let _ = self.client.disconnect().await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), mqtt).await;
+        for c in &clients {
+            let _ = c.disconnect().await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), futures::future::join_all(mqtt)).await;
         self.shared.appender.flush(Duration::from_secs(2));
         Ok(())
     }
 }
 
-/// Drives the MQTT connection: reconnects, (re)subscribes on every CONNACK,
-/// and forwards incoming publishes to the ingest pipeline.
+/// Drives the connection to broker `broker`: reconnects, (re)subscribes on
+/// every CONNACK, and forwards incoming publishes, tagged with the broker
+/// that must get their PUBACK, to the ingest pipeline.
 async fn poll_mqtt(
+    broker: usize,
     mut eventloop: EventLoop,
     client: AsyncClient,
     filters: Vec<String>,
-    tx: mpsc::UnboundedSender<rumqttc::v5::mqttbytes::v5::Publish>,
+    tx: mpsc::UnboundedSender<(usize, rumqttc::v5::mqttbytes::v5::Publish)>,
     s: Arc<Shared>,
     cancel: CancellationToken,
 ) {
@@ -236,12 +273,12 @@ async fn poll_mqtt(
         };
         match ev {
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                if tx.send(p).is_err() {
+                if tx.send((broker, p)).is_err() {
                     return;
                 }
             }
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                tracing::info!("connected to the MQTT broker");
+                tracing::info!(broker, "connected to the MQTT broker");
                 let client = client.clone();
                 let filters = filters.clone();
                 // One SUBSCRIBE for all filters, so its one SUBACK says whether the bridge is subscribed.
@@ -254,16 +291,16 @@ async fn poll_mqtt(
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
                 let granted = ack.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_)));
                 if !granted {
-                    tracing::error!(codes = ?ack.return_codes, "the broker refused a subscription");
+                    tracing::error!(broker, codes = ?ack.return_codes, "the broker refused a subscription");
                     s.metrics.errors.with_label_values(&["subscribe_refused"]).inc();
                 }
-                s.subscribed.store(granted, Ordering::Relaxed);
+                s.subscribed[broker].store(granted, Ordering::Relaxed);
             }
             Ok(_) => {}
             Err(e) => {
-                s.subscribed.store(false, Ordering::Relaxed);
+                s.subscribed[broker].store(false, Ordering::Relaxed);
                 s.metrics.errors.with_label_values(&["mqtt_connection"]).inc();
-                tracing::warn!(error = %e, "mqtt connection error, reconnecting");
+                tracing::warn!(broker, error = %e, "mqtt connection error, reconnecting");
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}

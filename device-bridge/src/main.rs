@@ -10,8 +10,10 @@ struct Args {
     common: homelink_kit::config::CommonArgs,
     #[arg(long, env = "HOMELINK_MQTT_HOST", default_value = "127.0.0.1")]
     mqtt_host: String,
-    #[arg(long, env = "HOMELINK_MQTT_BRIDGE_PORT", default_value_t = 1884)]
-    mqtt_port: u16,
+    /// The bridge listener of each broker, comma-separated, in the
+    /// deployment's broker order (the same order command-api assigns from).
+    #[arg(long, env = "HOMELINK_MQTT_BRIDGE_PORT", value_delimiter = ',', default_value = "1884")]
+    mqtt_port: Vec<u16>,
     #[arg(long, env = "HOMELINK_MQTT_BRIDGE_USERNAME", default_value = "homelink-bridge")]
     mqtt_username: String,
     /// A file holding the bridge's MQTT password. Without it, the password
@@ -23,6 +25,9 @@ struct Args {
     client_id: String,
     #[arg(long, env = "HOMELINK_BRIDGE_LISTEN", default_value = "127.0.0.1:8082")]
     listen: String,
+    /// The push channel's listener: reachable by the services only, never public.
+    #[arg(long, env = "HOMELINK_BRIDGE_INTERNAL_LISTEN", default_value = "127.0.0.1:8182")]
+    internal_listen: String,
     #[arg(long, env = "HOMELINK_PROJECTOR_PUSH_URL")]
     projector_push_url: Option<String>,
     /// How long reports wait to be appended together (librdkafka `linger.ms`):
@@ -45,16 +50,18 @@ fn main() -> anyhow::Result<()> {
 async fn run() -> anyhow::Result<()> {
     homelink_kit::telemetry::init("info");
     let a = Args::parse();
-    let mut cfg = Config::new(&a.common.database_url, &a.common.kafka_bootstrap, a.common.topics(), a.mqtt_host, a.mqtt_port);
+    let mut cfg = Config::new(&a.common.database_url, &a.common.kafka_bootstrap, a.common.topics(), a.mqtt_host, 0);
+    cfg.mqtt_ports = a.mqtt_port;
     cfg.mqtt_username = a.mqtt_username;
     cfg.mqtt_password = homelink_kit::config::secret("HOMELINK_MQTT_BRIDGE_PASSWORD", a.mqtt_password_file.as_deref())?;
     cfg.client_id = a.client_id;
     cfg.listen = a.listen;
+    cfg.internal_listen = a.internal_listen;
     cfg.projector_push_url = a.projector_push_url;
     cfg.produce_linger = std::time::Duration::from_millis(a.produce_linger_ms);
     cfg.internal_token = a.common.internal_token()?;
     cfg.command_fetch_wait = std::time::Duration::from_millis(a.command_fetch_wait_ms.max(1));
     let app = Application::build(cfg).await?;
-    tracing::info!(port = app.port(), "device bridge listening");
+    tracing::info!(port = app.port(), internal_port = app.internal_port(), "device bridge listening");
     Ok(app.run_until_stopped(homelink_kit::shutdown::on_signal()).await?)
 }

@@ -104,8 +104,9 @@ async fn invalid_payloads_go_to_the_dead_letter_topic_with_a_reason_and_the_brid
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_bridges_in_one_shared_subscription_split_the_reports_and_each_is_appended_once() {
     let stack = Stack::start().await;
-    let second =
-        common::spawn_bridge(&stack.env, &stack.topics, &stack.db_url, &stack.share_group, stack.projector_port, &stack.cancel).await;
+    let (second, _) =
+        common::spawn_bridge(&stack.env, &stack.topics, &stack.db_url, &stack.share_group, stack.projector_internal_port, &stack.cancel)
+            .await;
     let http = stack.http.clone();
     eventually(Duration::from_secs(30), "second bridge ready", || {
         let http = http.clone();
@@ -155,11 +156,15 @@ async fn two_bridges_in_one_shared_subscription_split_the_reports_and_each_is_ap
 }
 
 /// The bridge publishes what command-api pushes on any device's `cmd` topic,
-/// so only a holder of the deployment's service token may push.
+/// so only a holder of the deployment's service token may push, and only on
+/// the internal listener (the public one does not serve it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_command_push_channel_requires_the_service_token() {
     let stack = Stack::start().await;
-    let url = format!("http://127.0.0.1:{}/internal/v1/commands", stack.bridge_port);
+    let public = format!("http://127.0.0.1:{}/internal/v1/commands", stack.bridge_port);
+    let r = stack.http.post(&public).bearer_auth(common::INTERNAL_TOKEN).json(&json!([])).send().await.expect("push");
+    assert_eq!(r.status(), 404, "the public listener has no push channel");
+    let url = format!("http://127.0.0.1:{}/internal/v1/commands", stack.bridge_internal_port);
     let none = stack.http.post(&url).json(&json!([])).send().await.expect("push");
     assert_eq!(none.status(), 401);
     let wrong = stack.http.post(&url).bearer_auth("guess").json(&json!([])).send().await.expect("push");

@@ -65,7 +65,7 @@ async fn a_poison_record_is_dead_lettered_and_the_projection_moves_on() {
     let pushed = vec![Located { topic: stack.topics.telemetry(), partition: bad_ack.partition, offset: bad_ack.offset, envelope: ack_env }];
     let r = stack
         .http
-        .post(format!("http://127.0.0.1:{}/internal/v1/events", stack.projector_port))
+        .post(format!("http://127.0.0.1:{}/internal/v1/events", stack.projector_internal_port))
         .bearer_auth(common::INTERNAL_TOKEN)
         .json(&pushed)
         .send()

@@ -40,6 +40,7 @@ async fn append_history(appender: &Appender, topics: &Topics) -> (Vec<(String, P
             room_id: None,
             serial: None,
             cert_serial: None,
+            broker: None,
         });
         push(topics.households(), Envelope::new(h, sys.clone(), &ev, Utc::now()));
     }
@@ -68,7 +69,16 @@ async fn append_history(appender: &Appender, topics: &Topics) -> (Vec<(String, P
 fn spawn_projector(env: &common::Env, db_url: &str, topics: &Topics, batch_max: usize) -> Child {
     Command::new(env.bin_dir.join("homelink-projector"))
         .args(["--database-url", db_url, "--kafka-bootstrap", &env.kafka, "--topic-prefix", topics.prefix()])
-        .args(["--listen", "127.0.0.1:0", "--fetch-wait-ms", "100", "--batch-max", &batch_max.to_string()])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--internal-listen",
+            "127.0.0.1:0",
+            "--fetch-wait-ms",
+            "100",
+            "--batch-max",
+            &batch_max.to_string(),
+        ])
         .env("RUST_LOG", "warn")
         .spawn()
         .expect("start the projector binary (built by `cargo build --workspace`)")
@@ -153,7 +163,7 @@ async fn events_arriving_by_push_and_by_the_log_are_applied_once() {
     let mut cfg = homelink_projector::Config::new(&db_url, &env.kafka, topics.clone());
     cfg.internal_token = Some(common::INTERNAL_TOKEN.into());
     let app = homelink_projector::Application::build(cfg).await.expect("projector");
-    let port = app.port();
+    let (public_port, port) = (app.port(), app.internal_port());
     let pool = app.pool();
     let cancel = homelink_kit::shutdown::CancellationToken::new();
     tokio::spawn(app.run_until_stopped(cancel.clone()));
@@ -161,6 +171,10 @@ async fn events_arriving_by_push_and_by_the_log_are_applied_once() {
     // Push every event (twice for a third of them) while the consumer catches up.
     let http = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{port}/internal/v1/events");
+    // The push channel is on the internal listener only.
+    let public = format!("http://127.0.0.1:{public_port}/internal/v1/events");
+    let r = http.post(&public).bearer_auth(common::INTERNAL_TOKEN).json(&json!([])).send().await.expect("push");
+    assert_eq!(r.status(), 404, "the public listener has no push channel");
     let pushed: Vec<Located> = located
         .iter()
         .map(|(t, p, e)| Located { topic: t.clone(), partition: p.partition, offset: p.offset, envelope: e.clone() })
@@ -237,7 +251,7 @@ async fn a_service_takes_its_settings_from_a_configuration_file_beneath_the_envi
     std::fs::create_dir_all(&dir).expect("dir");
     let file = dir.join("homelink.toml");
     let toml = format!(
-        "HOMELINK_DATABASE_URL = \"{db_url}\"\nHOMELINK_KAFKA_BOOTSTRAP = \"{}\"\nHOMELINK_TOPIC_PREFIX = \"wrong.\"\nHOMELINK_PROJECTOR_LISTEN = \"127.0.0.1:0\"\nHOMELINK_PROJECTOR_FETCH_WAIT_MS = 100\n",
+        "HOMELINK_DATABASE_URL = \"{db_url}\"\nHOMELINK_KAFKA_BOOTSTRAP = \"{}\"\nHOMELINK_TOPIC_PREFIX = \"wrong.\"\nHOMELINK_PROJECTOR_LISTEN = \"127.0.0.1:0\"\nHOMELINK_PROJECTOR_INTERNAL_LISTEN = \"127.0.0.1:0\"\nHOMELINK_PROJECTOR_FETCH_WAIT_MS = 100\n",
         env.kafka
     );
     std::fs::write(&file, toml).expect("write config");

@@ -26,6 +26,7 @@ fn spec(home: Uuid, r: &Registered, kind: DeviceKind, key_pem: &str) -> DeviceSp
         cert_pem: r.certificate_pem.clone(),
         key_pem: key_pem.to_owned(),
         interval: None,
+        port: r.mqtt.as_ref().map(|m| m.port),
     }
 }
 

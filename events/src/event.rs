@@ -93,6 +93,10 @@ pub struct DeviceRegistered {
     /// The serial number of the device's certificate (hex), for revocation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert_serial: Option<String>,
+    /// The MQTT broker the device was told to connect to: an index into the
+    /// deployment's broker list (absent: the first). Commands go out there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker: Option<u16>,
 }
 
 /// A device left the registry; its certificate is revoked. Its shadow and

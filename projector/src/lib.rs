@@ -43,8 +43,10 @@ pub struct Config {
     pub database_url: String,
     pub kafka_bootstrap: String,
     pub topics: Topics,
-    /// Address of the HTTP listener (push channel and ops routes).
+    /// Address of the public HTTP listener (ops routes).
     pub listen: String,
+    /// Address of the internal listener (the push channel), reachable only by services.
+    pub internal_listen: String,
     /// Fetch wait of the catch-up consumer: long, it is the bulk path.
     pub fetch_wait: Duration,
     /// Most records per catch-up batch.
@@ -65,6 +67,7 @@ impl Config {
             kafka_bootstrap: kafka_bootstrap.into(),
             topics,
             listen: "127.0.0.1:0".into(),
+            internal_listen: "127.0.0.1:0".into(),
             fetch_wait: Duration::from_millis(500),
             batch_max: 5_000,
             command_retention: Duration::from_secs(30 * 24 * 3600),
@@ -91,8 +94,7 @@ struct AppState {
 
 /// A built projector, ready to run.
 pub struct Application {
-    listener: tokio::net::TcpListener,
-    router: Router,
+    listeners: homelink_kit::ops::Listeners,
     pool: PgPool,
     metrics: ServiceMetrics,
     applier: Applier,
@@ -137,18 +139,24 @@ impl Application {
         if token.is_none() {
             tracing::warn!("no service token configured (HOMELINK_INTERNAL_TOKEN_FILE): every push is refused; the catch-up consumer applies everything");
         }
-        let router = Router::new()
+        let internal = Router::new()
             .route("/internal/v1/events", post(push_events))
             .route_layer(axum::middleware::from_fn_with_state(token, homelink_kit::push::require_token))
-            .with_state(AppState { jobs: jobs_tx.clone(), topics: cfg.topics.clone() })
-            .merge(homelink_kit::ops::router(metrics.clone(), homelink_kit::ops::postgres_ready(pool.clone())));
-        let listener = homelink_kit::ops::bind(&cfg.listen).await?;
+            .with_state(AppState { jobs: jobs_tx.clone(), topics: cfg.topics.clone() });
+        let public = homelink_kit::ops::router(metrics.clone(), homelink_kit::ops::postgres_ready(pool.clone()));
+        let listeners = homelink_kit::ops::Listeners::bind(&cfg.listen, public, &cfg.internal_listen, internal).await?;
         let retention = (cfg.command_retention, cfg.retention_every);
-        Ok(Self { listener, router, pool, metrics, applier, jobs_rx, jobs_tx, consumer, retention })
+        Ok(Self { listeners, pool, metrics, applier, jobs_rx, jobs_tx, consumer, retention })
     }
 
+    /// The public listener's port (ops routes).
     pub fn port(&self) -> u16 {
-        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+        self.listeners.public_port()
+    }
+
+    /// The internal listener's port (the push channel).
+    pub fn internal_port(&self) -> u16 {
+        self.listeners.internal_port()
     }
 
     pub fn metrics(&self) -> ServiceMetrics {
@@ -165,7 +173,7 @@ impl Application {
         let writer = tokio::spawn(run_applier(self.applier, self.jobs_rx, self.metrics.clone(), positions.clone(), cancel.clone()));
         let catch_up = tokio::spawn(self.consumer.run(self.jobs_tx, positions, cancel.clone()));
         tokio::spawn(expire_commands(self.pool.clone(), self.retention.0, self.retention.1, self.metrics.clone(), cancel.clone()));
-        homelink_kit::ops::serve(self.listener, self.router, cancel.clone()).await?;
+        self.listeners.serve(cancel.clone()).await?;
         let _ = catch_up.await;
         let _ = writer.await;
         Ok(())

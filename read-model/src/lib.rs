@@ -50,15 +50,23 @@ pub async fn role_in(pool: &PgPool, household: Uuid, user: Uuid) -> Result<Optio
 pub struct DeviceOwner {
     pub household_id: Uuid,
     pub kind: DeviceKind,
+    /// The MQTT broker it was assigned (index into the deployment's list).
+    pub broker: u16,
 }
 
 /// The owner of a device that is registered and not removed.
 pub async fn device_owner(pool: &PgPool, device: Uuid) -> Result<Option<DeviceOwner>, sqlx::Error> {
-    let row = sqlx::query("SELECT household_id, kind FROM devices WHERE device_id = $1 AND removed_at IS NULL")
+    let row = sqlx::query("SELECT household_id, kind, broker FROM devices WHERE device_id = $1 AND removed_at IS NULL")
         .bind(device)
         .fetch_optional(pool)
         .await?;
-    Ok(row.and_then(|r| r.get::<String, _>(1).parse().ok().map(|kind| DeviceOwner { household_id: r.get(0), kind })))
+    Ok(row.and_then(|r| {
+        r.get::<String, _>(1).parse().ok().map(|kind| DeviceOwner {
+            household_id: r.get(0),
+            kind,
+            broker: r.get::<i16, _>(2).max(0) as u16,
+        })
+    }))
 }
 
 /// A device of a household as a member sees it for a command.

@@ -116,6 +116,16 @@ pub struct Registered {
     #[serde(default)]
     pub private_key_pem: Option<String>,
     pub ca_certificate_pem: String,
+    /// Where the device connects (its assigned broker).
+    #[serde(default)]
+    pub mqtt: Option<RegisteredMqtt>,
+}
+
+/// The broker a registration assigned.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegisteredMqtt {
+    pub host: String,
+    pub port: u16,
 }
 
 pub async fn create_room(http: &reqwest::Client, base: &str, who: &Account, household: Uuid, name: &str) -> crate::Result<Uuid> {

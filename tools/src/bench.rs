@@ -88,6 +88,7 @@ pub async fn run(endpoints: &Endpoints, count: usize, progress: bool) -> crate::
         cert_pem: device.cert_pem.clone(),
         key_pem: device.key_pem.clone(),
         interval: None,
+        port: device.mqtt_port,
     };
     tokio::spawn(sim::run(spec, target, Some(obs_tx), cancel.clone()));
     loop {

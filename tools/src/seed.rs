@@ -19,6 +19,9 @@ pub struct SeededDevice {
     pub room: Option<String>,
     pub cert_pem: String,
     pub key_pem: String,
+    /// The port of the broker the registration assigned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -87,6 +90,7 @@ pub async fn register_devices(
             room: Some((*room).into()),
             cert_pem: d.certificate_pem,
             key_pem: d.private_key_pem.unwrap_or_default(),
+            mqtt_port: d.mqtt.map(|m| m.port),
         });
     }
     Ok(out)

@@ -35,6 +35,8 @@ pub struct DeviceSpec {
     pub key_pem: String,
     /// Time between periodic reports; `None` reports only on connect and after commands.
     pub interval: Option<Duration>,
+    /// The port of the broker its registration assigned (`None`: the target's).
+    pub port: Option<u16>,
 }
 
 /// What a simulated device observed, for tests and benchmarks.
@@ -84,7 +86,8 @@ fn wander(kind: DeviceKind, state: &mut Map<String, Value>, tick: u64) {
 
 /// The client options of a device: mTLS with its certificate, its id as client id.
 pub fn mqtt_options(spec: &DeviceSpec, target: &Target) -> MqttOptions {
-    device_options(spec.household_id, spec.device_id, &spec.cert_pem, &spec.key_pem, target, Duration::from_secs(30))
+    let target = Target { port: spec.port.unwrap_or(target.port), ..target.clone() };
+    device_options(spec.household_id, spec.device_id, &spec.cert_pem, &spec.key_pem, &target, Duration::from_secs(30))
 }
 
 /// A device's client options from its parts: mTLS with its certificate, its

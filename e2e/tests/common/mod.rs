@@ -22,11 +22,22 @@ pub struct Env {
     pub admin_db_url: String,
     pub kafka: String,
     pub mqtt_host: String,
+    /// Broker 0 (every deployment's first broker).
     pub device_port: u16,
     pub bridge_port: u16,
+    /// Every broker of the test stack (`infra/dev test` runs two), in order.
+    pub device_ports: Vec<u16>,
+    pub bridge_ports: Vec<u16>,
+    pub pid_files: Vec<std::path::PathBuf>,
+    /// Whether a deployment uses every broker ([`Env::all_brokers`]).
+    pub use_all_brokers: bool,
     pub bridge_password: String,
     pub pki: PkiDir,
     pub bin_dir: std::path::PathBuf,
+}
+
+fn ports(list: &str) -> Vec<u16> {
+    list.split(',').map(|p| p.trim().parse().expect("port")).collect()
 }
 
 fn var(name: &str) -> String {
@@ -43,6 +54,10 @@ impl Env {
             mqtt_host: var("HOMELINK_TEST_MQTT_HOST"),
             device_port: var("HOMELINK_TEST_MQTT_DEVICE_PORT").parse().expect("port"),
             bridge_port: var("HOMELINK_TEST_MQTT_BRIDGE_PORT").parse().expect("port"),
+            device_ports: ports(&var("HOMELINK_TEST_MQTT_DEVICE_PORTS")),
+            bridge_ports: ports(&var("HOMELINK_TEST_MQTT_BRIDGE_PORTS")),
+            pid_files: var("HOMELINK_TEST_MQTT_PID_FILES").split(',').map(Into::into).collect(),
+            use_all_brokers: false,
             bridge_password: var("HOMELINK_TEST_MQTT_BRIDGE_PASSWORD"),
             pki: PkiDir(var("HOMELINK_TEST_PKI_DIR").into()),
             bin_dir: std::env::var("HOMELINK_TEST_BIN_DIR")
@@ -59,6 +74,22 @@ impl Env {
         admin.close().await;
         let base = self.admin_db_url.rsplit_once('/').expect("url with a database").0;
         format!("{base}/{name}")
+    }
+
+    /// The same components, with the services using every broker (by
+    /// default a deployment uses the first only).
+    pub fn all_brokers(mut self) -> Self {
+        self.use_all_brokers = true;
+        self
+    }
+
+    /// The brokers a deployment on this environment uses: `(device port, bridge port)`.
+    pub fn brokers(&self) -> (Vec<u16>, Vec<u16>) {
+        if self.use_all_brokers {
+            (self.device_ports.clone(), self.bridge_ports.clone())
+        } else {
+            (vec![self.device_port], vec![self.bridge_port])
+        }
     }
 
     pub fn target(&self) -> Target {
@@ -80,8 +111,12 @@ pub struct Stack {
     pub http: reqwest::Client,
     pub cancel: CancellationToken,
     pub projector_port: u16,
+    /// The projector's push channel (internal listener).
+    pub projector_internal_port: u16,
     pub query_port: u16,
     pub bridge_port: u16,
+    /// The bridge's push channel (internal listener).
+    pub bridge_internal_port: u16,
     pub command_port: u16,
     pub share_group: String,
 }
@@ -89,25 +124,27 @@ pub struct Stack {
 /// The service-to-service token of every test deployment (test-only).
 pub const INTERNAL_TOKEN: &str = "test-only-service-token";
 
-/// Starts a device bridge in `share_group` (its own client id); returns its HTTP port.
+/// Starts a device bridge in `share_group` (its own client id) pushing to
+/// the projector's internal port; returns its public and internal ports.
 pub async fn spawn_bridge(
     env: &Env,
     topics: &Topics,
     db_url: &str,
     share_group: &str,
-    projector_port: u16,
+    projector_internal_port: u16,
     cancel: &CancellationToken,
-) -> u16 {
+) -> (u16, u16) {
     let mut bc = homelink_device_bridge::Config::new(db_url, &env.kafka, topics.clone(), &env.mqtt_host, env.bridge_port);
+    bc.mqtt_ports = env.brokers().1;
     bc.mqtt_password = env.bridge_password.clone().into();
     bc.share_group = share_group.to_owned();
     bc.client_id = format!("bridge-{}", Uuid::new_v4().simple());
-    bc.projector_push_url = Some(format!("http://127.0.0.1:{projector_port}/internal/v1/events"));
+    bc.projector_push_url = Some(format!("http://127.0.0.1:{projector_internal_port}/internal/v1/events"));
     bc.internal_token = Some(INTERNAL_TOKEN.into());
     let bridge = homelink_device_bridge::Application::build(bc).await.expect("bridge");
-    let port = bridge.port();
+    let ports = (bridge.port(), bridge.internal_port());
     tokio::spawn(bridge.run_until_stopped(cancel.clone()));
-    port
+    ports
 }
 
 /// A fresh prefix and database with the topics created.
@@ -134,23 +171,30 @@ impl Stack {
         Self::start_with(env, None).await
     }
 
-    /// A deployment that revokes removed devices at the shared broker. Only
-    /// one test may use it: the broker has one revocation list.
+    /// A deployment on every broker of the test stack that revokes removed
+    /// devices there. Only one test may use it: the brokers have one
+    /// revocation list.
     pub async fn start_revoking() -> Self {
-        let env = Env::from_env();
+        let env = Env::from_env().all_brokers();
         let dir = std::path::PathBuf::from(var("HOMELINK_TEST_MQTT_DIR"));
-        let mut revocation = homelink_command_api::revocation::RevocationConfig::new(
-            dir.join("crl.pem"),
-            Some(dir.join("mosquitto.pid")),
-            Some(homelink_command_api::revocation::BrokerAdmin {
+        let admins = env
+            .bridge_ports
+            .iter()
+            .map(|port| homelink_command_api::revocation::BrokerAdmin {
                 host: env.mqtt_host.clone(),
-                port: env.bridge_port,
+                port: *port,
                 username: "homelink-admin".into(),
                 password: var("HOMELINK_TEST_MQTT_ADMIN_PASSWORD").into(),
-            }),
-        );
+            })
+            .collect();
+        let mut revocation = homelink_command_api::revocation::RevocationConfig::new(dir.join("crl.pem"), env.pid_files.clone(), admins);
         revocation.every = Duration::from_secs(1);
         Self::start_with(env, Some(revocation)).await
+    }
+
+    /// A deployment whose devices are spread over every broker of the test stack.
+    pub async fn start_on_all_brokers() -> Self {
+        Self::start_on(Env::from_env().all_brokers()).await
     }
 
     /// A deployment whose command-api has these identity limits.
@@ -173,12 +217,13 @@ impl Stack {
         let mut pc = homelink_projector::Config::new(&db_url, &env.kafka, topics.clone());
         pc.internal_token = Some(INTERNAL_TOKEN.into());
         let projector = homelink_projector::Application::build(pc).await.expect("projector");
-        let projector_port = projector.port();
+        let (projector_port, projector_internal_port) = (projector.port(), projector.internal_port());
         tokio::spawn(projector.run_until_stopped(cancel.clone()));
 
         // Each test is its own deployment: its own shared-subscription group.
         let share_group = format!("hl-{}", Uuid::new_v4().simple());
-        let bridge_port = spawn_bridge(&env, &topics, &db_url, &share_group, projector_port, &cancel).await;
+        let (bridge_port, bridge_internal_port) =
+            spawn_bridge(&env, &topics, &db_url, &share_group, projector_internal_port, &cancel).await;
 
         let mut cc = homelink_command_api::Config::new(&db_url, &env.kafka, topics.clone());
         cc.tokens.key_refresh = Duration::from_millis(200);
@@ -186,7 +231,7 @@ impl Stack {
             ca_cert: env.pki.ca_cert(),
             ca_key: env.pki.ca_key(),
             mqtt_host: env.mqtt_host.clone(),
-            mqtt_port: env.device_port,
+            mqtt_ports: env.brokers().0,
         });
         cc.revocation = revocation;
         cc.identity = identity.unwrap_or_else(|| homelink_command_api::auth::IdentityLimits {
@@ -195,8 +240,8 @@ impl Stack {
             ..Default::default()
         });
         cc.tokens.publish_delay = Duration::from_secs(1);
-        cc.bridge_push_url = Some(format!("http://127.0.0.1:{bridge_port}/internal/v1/commands"));
-        cc.projector_push_url = Some(format!("http://127.0.0.1:{projector_port}/internal/v1/events"));
+        cc.bridge_push_url = Some(format!("http://127.0.0.1:{bridge_internal_port}/internal/v1/commands"));
+        cc.projector_push_url = Some(format!("http://127.0.0.1:{projector_internal_port}/internal/v1/events"));
         cc.internal_token = Some(INTERNAL_TOKEN.into());
         let command = homelink_command_api::Application::build(cc).await.expect("command-api");
         let command_port = command.port();
@@ -217,8 +262,10 @@ impl Stack {
             db_url,
             cancel,
             projector_port,
+            projector_internal_port,
             query_port,
             bridge_port,
+            bridge_internal_port,
             command_port,
             share_group,
         };
@@ -353,6 +400,7 @@ pub fn spec(home: &SeededHousehold, index: usize, interval: Option<Duration>) ->
         cert_pem: d.cert_pem.clone(),
         key_pem: d.key_pem.clone(),
         interval,
+        port: d.mqtt_port,
     }
 }
 

@@ -249,6 +249,7 @@ async fn main() -> anyhow::Result<()> {
                     cert_pem: d.cert_pem,
                     key_pem: d.key_pem,
                     interval: Some(Duration::from_secs(interval_secs.max(1))),
+                    port: d.mqtt_port,
                 };
                 tasks.push(tokio::spawn(sim::run(spec, target.clone(), None, cancel.clone())));
             }

@@ -57,7 +57,8 @@ pub fn spawn(
     handshakes: Arc<Semaphore>,
     cancel: CancellationToken,
 ) -> Arc<Device> {
-    let options = crate::sim::device_options(household, d.id, &d.cert_pem, &d.key_pem, target, Duration::from_secs(60));
+    let target = crate::sim::Target { port: d.port.unwrap_or(target.port), ..target.clone() };
+    let options = crate::sim::device_options(household, d.id, &d.cert_pem, &d.key_pem, &target, Duration::from_secs(60));
     let (client, mut eventloop) = AsyncClient::new(options, 64);
     let dev = Arc::new(Device {
         household_id: household,

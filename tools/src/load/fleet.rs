@@ -39,6 +39,9 @@ pub struct FleetDevice {
     pub kind: DeviceKind,
     pub cert_pem: String,
     pub key_pem: String,
+    /// The port of the broker its registration assigned (`None`: the stack's first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 impl Fleet {
@@ -136,5 +139,6 @@ async fn register(
         kind,
         cert_pem: d.certificate_pem,
         key_pem: d.private_key_pem.ok_or_else(|| crate::missing("privateKeyPem"))?,
+        port: d.mqtt.map(|m| m.port),
     })
 }

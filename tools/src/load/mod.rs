@@ -295,6 +295,7 @@ pub async fn run(endpoints: &Endpoints, o: &Options) -> crate::Result<Summary> {
             cert_pem: light.cert_pem.clone(),
             key_pem: light.key_pem.clone(),
             interval: None,
+            port: light.port,
         };
         tokio::spawn(sim::run(spec, target.clone(), Some(obs_tx), cancel.clone()));
     }
