@@ -83,3 +83,30 @@ async fn a_short_load_run_loses_nothing_and_reports_well_formed_figures() {
     assert!(s2.lossless(), "{:?}", s2.verification);
     let _ = std::fs::remove_dir_all(cache.parent().expect("cache folder"));
 }
+
+/// A fleet larger than one process's share runs in several processes (the
+/// rest in `homelink load-shard` children), spread over every broker; the
+/// summary adds up all of them and the check covers every device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fleet_split_over_processes_and_brokers_loses_nothing() {
+    let stack = Stack::start_on_all_brokers().await;
+    let e = endpoints(&stack);
+    let mut o = Options::new(8, 25, 300.0);
+    o.ramp = Duration::from_secs(1);
+    o.duration = Duration::from_secs(4);
+    o.probes = 1;
+    o.commands_per_sec = 0.0;
+    o.idle = Duration::ZERO;
+    o.settle = Duration::from_secs(30);
+    o.devices_per_process = 100;
+    o.shard_exe = Some(stack.env.bin_dir.join("homelink"));
+
+    let s = load::run(&e, &o).await.expect("load run");
+    assert_eq!(s.load_processes, 2, "100 devices here, 100 in one shard");
+    assert_eq!((s.devices, s.connected), (200, 200));
+    assert!(s.published > 1000, "published {}", s.published);
+    assert_eq!(s.acked + s.refused, s.published, "every publish answered, the shard's included");
+    assert_eq!(s.verification.devices_checked, 200);
+    assert!(s.lossless(), "{:?}", s.verification);
+    assert!(s.puback.is_some());
+}

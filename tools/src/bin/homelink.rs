@@ -72,6 +72,31 @@ enum Cmd {
     },
     /// Load a running stack with real mTLS devices: provision (cached), connect, publish reports at a rate, measure.
     Load(LoadArgs),
+    /// Part of `homelink load` (started by it): connects one range of a
+    /// fleet's households and publishes their share of the rate.
+    #[command(hide = true)]
+    LoadShard {
+        #[arg(long)]
+        fleet: PathBuf,
+        #[arg(long)]
+        from: usize,
+        #[arg(long)]
+        to: usize,
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        ca_file: PathBuf,
+        #[arg(long)]
+        rate: f64,
+        #[arg(long)]
+        ramp_secs: f64,
+        #[arg(long)]
+        duration_secs: f64,
+        #[arg(long, default_value_t = 64)]
+        connect_concurrency: usize,
+    },
 }
 
 #[derive(clap::Args)]
@@ -116,6 +141,17 @@ struct LoadArgs {
     /// Runtime threads of the load generator (1: every connection on one thread, the cheapest per report).
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Most devices one process connects (one process holds ~20,000
+    /// descriptors here); the rest run in child processes.
+    #[arg(long, default_value_t = 15_000)]
+    devices_per_process: usize,
+    /// Device handshakes in progress at once, per process, while connecting.
+    #[arg(long, default_value_t = 64)]
+    connect_concurrency: usize,
+    /// The reconnect storm: once connected, restart every broker of the
+    /// stack and measure until every device is back.
+    #[arg(long)]
+    restart_brokers: bool,
 }
 
 /// The demo household: an owner, an adult and a child (through the API),
@@ -279,6 +315,26 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Load(a) => load(a).await?,
+        Cmd::LoadShard { fleet, from, to, host, port, ca_file, rate, ramp_secs, duration_secs, connect_concurrency } => {
+            let args = homelink_tools::load::shard::ShardArgs {
+                fleet,
+                from,
+                to,
+                host,
+                port,
+                ca_file,
+                rate,
+                ramp: Duration::from_secs_f64(ramp_secs.max(0.0)),
+                duration: Duration::from_secs_f64(duration_secs.max(0.0)),
+                connect_concurrency,
+            };
+            // Like the main process: every connection on one thread.
+            tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                Ok(rt.block_on(homelink_tools::load::shard::serve(args))?)
+            })
+            .await??;
+        }
     }
     Ok(())
 }
@@ -294,6 +350,9 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
     o.commands_per_sec = a.commands_per_sec;
     o.idle = Duration::from_secs(a.idle_secs);
     o.settle = Duration::from_secs(a.settle_secs);
+    o.devices_per_process = a.devices_per_process.max(1);
+    o.connect_concurrency = a.connect_concurrency.max(1);
+    o.restart_brokers = a.restart_brokers;
     let cache = load::fleet::cache_path(&state_dir, a.households, a.devices_per_household);
     if a.fresh {
         let _ = std::fs::remove_file(&cache);
@@ -351,6 +410,22 @@ fn print_load(s: &homelink_tools::load::Summary) {
     println!("command accepted (HTTP 202): {}", p(&c.accepted));
     println!("command at the device:       {}  ({}/{})", p(&c.device_received), c.received, c.sent);
     println!("max lag: {} records", s.lag.iter().map(|l| l.1).max().unwrap_or(0));
+    println!("load processes: {}", s.load_processes);
+    if let Some(m) = &s.memory {
+        println!(
+            "brokers + bridge memory: {:.1} MB → {:.1} MB with {} devices connected: {:.1} KB per device",
+            m.before_mb, m.after_mb, m.connected, m.per_device_kb
+        );
+    }
+    if let Some(r) = &s.reconnect {
+        match r.all_back_seconds {
+            Some(t) => println!("reconnect storm: {} brokers restarted, all {} devices back in {t:.1} s", r.brokers_restarted, r.devices),
+            None => println!("reconnect storm: {} brokers restarted, not all {} devices back", r.brokers_restarted, r.devices),
+        }
+        for e in &r.errors {
+            println!("  error: {e}");
+        }
+    }
     println!("{:16} {:>9} {:>10} {:>10} {:>9}", "process", "cpu s", "µs/report", "marginal", "peak MB");
     for pc in &s.processes {
         let m = pc.marginal_us_per_report.map(|m| format!("{m:.1}")).unwrap_or_else(|| "-".into());

@@ -76,12 +76,14 @@ pub fn spawn(
     tokio::spawn(async move {
         let mut permit = handshakes.acquire_owned().await.ok();
         let mut samples = Vec::new();
+        let mut failures = 0u32;
         // One cancellation future for the connection's whole life, not one per event.
         let serve = async {
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         permit.take();
+                        failures = 0;
                         // Reports sent before a reconnect will never be acknowledged.
                         let online = serde_json::to_vec(&StatusMsg { v: PROTOCOL_VERSION, status: Presence::Online }).unwrap_or_default();
                         {
@@ -114,7 +116,11 @@ pub fn spawn(
                     Err(e) => {
                         me.connected.store(false, Ordering::Relaxed);
                         tracing::debug!(error = %e, device = %me.id, "load device connection error");
-                        tokio::time::sleep(Duration::from_millis(1000)).await;
+                        // As a well-behaved device: exponential backoff with
+                        // jitter, so a fleet that lost its broker does not
+                        // come back in one synchronized wave.
+                        tokio::time::sleep(reconnect_delay(failures, rand::random::<f64>())).await;
+                        failures = failures.saturating_add(1);
                     }
                 }
             }
@@ -128,6 +134,13 @@ pub fn spawn(
         let _ = tokio::time::timeout(Duration::from_millis(500), async { while eventloop.poll().await.is_ok() {} }).await;
     });
     dev
+}
+
+/// The wait before reconnect attempt `failures + 1`: 1 s doubling per failed
+/// attempt up to 32 s, times a jitter factor from `unit` in [0, 1) (×0.5 to ×1.5).
+pub fn reconnect_delay(failures: u32, unit: f64) -> Duration {
+    let base = Duration::from_secs(1 << failures.min(5));
+    base.mul_f64(0.5 + unit.clamp(0.0, 1.0))
 }
 
 /// The state report of `kind` for `seq`: values move with `seq` so every
@@ -178,6 +191,14 @@ impl Device {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reconnects_back_off_with_jitter() {
+        assert_eq!(reconnect_delay(0, 0.0), Duration::from_millis(500));
+        assert_eq!(reconnect_delay(0, 1.0), Duration::from_millis(1500));
+        assert_eq!(reconnect_delay(3, 0.5), Duration::from_secs(8));
+        assert_eq!(reconnect_delay(40, 1.0), Duration::from_secs(48), "capped at 32 s ×1.5");
+    }
 
     #[test]
     fn every_kind_reports_what_its_schema_accepts() {

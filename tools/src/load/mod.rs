@@ -20,6 +20,7 @@
 pub mod devices;
 pub mod fleet;
 pub mod procs;
+pub mod shard;
 
 use crate::bench::Percentiles;
 use crate::endpoints::Endpoints;
@@ -64,6 +65,14 @@ pub struct Options {
     /// The stack's state folder, for its pid files (`None`: only this process is measured).
     pub state_dir: Option<PathBuf>,
     pub progress: bool,
+    /// Most devices one process connects (one holds ~20,000 descriptors
+    /// here); a larger fleet runs the rest in `homelink load-shard` children.
+    pub devices_per_process: usize,
+    /// The reconnect storm: once connected, restart every broker of the
+    /// stack (`state_dir`) and measure how long until every device is back.
+    pub restart_brokers: bool,
+    /// The `homelink` executable that runs shards (`None`: this executable).
+    pub shard_exe: Option<PathBuf>,
 }
 
 impl Options {
@@ -83,6 +92,9 @@ impl Options {
             fleet_cache: None,
             state_dir: None,
             progress: false,
+            devices_per_process: 15_000,
+            restart_brokers: false,
+            shard_exe: None,
         }
     }
 
@@ -129,6 +141,37 @@ pub struct Summary {
     pub stack_cpu_us_per_report: f64,
     pub stack_marginal_us_per_report: Option<f64>,
     pub verification: Verification,
+    /// Processes that held the fleet's connections (this one and its shards).
+    pub load_processes: usize,
+    /// Brokers' and bridge's memory before and after the fleet connected.
+    pub memory: Option<MemorySummary>,
+    /// The reconnect storm, when asked for.
+    pub reconnect: Option<ReconnectSummary>,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct MemorySummary {
+    /// Every broker and the device bridge together, before any fleet device connected.
+    pub before_mb: f64,
+    pub after_mb: f64,
+    pub connected: usize,
+    /// `(after - before) / connected`.
+    pub per_device_kb: f64,
+    /// The same per process (MB before → after).
+    pub by_process: BTreeMap<String, (f64, f64)>,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ReconnectSummary {
+    pub devices: usize,
+    pub brokers_restarted: usize,
+    /// From the restart until every device was connected again (`None`: not within the limit).
+    pub all_back_seconds: Option<f64>,
+    /// `[seconds since the restart, devices connected]`.
+    pub timeline: Vec<(f64, u64)>,
+    pub errors: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -221,23 +264,65 @@ pub async fn run(endpoints: &Endpoints, o: &Options) -> crate::Result<Summary> {
     // Access tokens live 5 minutes, runs longer: signed in again every 2.
     let fresh = Token::keep(http.clone(), api.to_owned(), fleet.account.clone(), cancel.clone());
 
-    // Connect the fleet.
+    // The stack's processes, measured from before the fleet connects.
+    let mut groups = o.state_dir.as_deref().map(procs::stack_processes).unwrap_or_default();
+    groups.push(procs::this_process());
+    let mut meter = procs::Meter::new(groups);
+    let rss_before = meter.rss_kb_now();
+
+    // Connect the fleet: the first households here, the rest in shard processes.
+    let total_devices = fleet.devices();
+    let ranges = shard::split(&fleet.households, o.devices_per_process.max(1));
+    let local_end = ranges.first().map(|r| r.1).unwrap_or(0);
+    let mut shards = Vec::new();
+    if ranges.len() > 1 {
+        let fleet_file = match &o.fleet_cache {
+            Some(p) => p.clone(),
+            None => {
+                let p = std::env::temp_dir().join(format!("homelink-fleet-{}.json", Uuid::new_v4().simple()));
+                std::fs::write(&p, serde_json::to_vec(&fleet)?)?;
+                p
+            }
+        };
+        for (from, to) in &ranges[1..] {
+            let n: usize = fleet.households[*from..*to].iter().map(|h| h.devices.len()).sum();
+            shards.push(shard::Shard::spawn(
+                o.shard_exe.as_deref(),
+                &shard::ShardArgs {
+                    fleet: fleet_file.clone(),
+                    from: *from,
+                    to: *to,
+                    host: target.host.clone(),
+                    port: target.port,
+                    ca_file: endpoints.mqtt_device.ca_cert.clone().into(),
+                    rate: o.rate * n as f64 / total_devices as f64,
+                    ramp: o.ramp,
+                    duration: o.duration,
+                    connect_concurrency: o.connect_concurrency,
+                },
+            )?);
+        }
+    }
     let acks = Arc::new(Acks::default());
     let handshakes = Arc::new(Semaphore::new(o.connect_concurrency.max(1)));
-    let probes = o.probes.min(fleet.households.len());
+    let probes = o.probes.min(local_end);
     let started = Instant::now();
-    let mut devs: Vec<Arc<Device>> = Vec::with_capacity(fleet.devices());
-    for (i, h) in fleet.households.iter().enumerate() {
+    let mut devs: Vec<Arc<Device>> = Vec::with_capacity(total_devices);
+    for (i, h) in fleet.households[..local_end].iter().enumerate() {
         for (j, d) in h.devices.iter().enumerate() {
             devs.push(devices::spawn(d, h.id, i < probes && j == 0, &target, acks.clone(), handshakes.clone(), cancel.clone()));
         }
     }
-    let b = bar(o.progress, devs.len() as u64, "connecting {bar:40} {pos}/{len} devices");
-    let deadline = Instant::now() + Duration::from_secs(60) + Duration::from_millis(devs.len() as u64 * 5);
+    let connected_now = |devs: &[Arc<Device>], shards: &[shard::Shard]| {
+        devs.iter().filter(|d| d.connected.load(Ordering::Relaxed)).count()
+            + shards.iter().map(|s| s.latest().connected as usize).sum::<usize>()
+    };
+    let b = bar(o.progress, total_devices as u64, "connecting {bar:40} {pos}/{len} devices ({elapsed})");
+    let deadline = Instant::now() + Duration::from_secs(60) + Duration::from_millis(total_devices as u64 * 5);
     let connected = loop {
-        let n = devs.iter().filter(|d| d.connected.load(Ordering::Relaxed)).count();
+        let n = connected_now(&devs, &shards);
         b.set_position(n as u64);
-        if n == devs.len() || Instant::now() > deadline {
+        if n == total_devices || Instant::now() > deadline {
             break n;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -247,6 +332,11 @@ pub async fn run(endpoints: &Endpoints, o: &Options) -> crate::Result<Summary> {
     if connected == 0 {
         return Err(crate::Error::Protocol("no device could connect".into()));
     }
+    // Let the connections settle (online statuses, broker bookkeeping) before reading memory.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let memory = Some(memory_summary(&rss_before, &meter.rss_kb_now(), connected));
+
+    let reconnect = if o.restart_brokers { Some(storm(o, total_devices, || connected_now(&devs, &shards)).await) } else { None };
 
     // Probe subscribers: `(device, seq) → when it arrived`.
     let seen: Arc<Mutex<HashMap<Uuid, HashMap<u64, Instant>>>> = Arc::default();
@@ -301,9 +391,6 @@ pub async fn run(endpoints: &Endpoints, o: &Options) -> crate::Result<Summary> {
     }
 
     // The stack at rest.
-    let mut groups = o.state_dir.as_deref().map(procs::stack_processes).unwrap_or_default();
-    groups.push(procs::this_process());
-    let mut meter = procs::Meter::new(groups);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle = if o.idle > Duration::ZERO {
         let (a, t) = (meter.cpu_now(), Instant::now());
@@ -330,64 +417,63 @@ pub async fn run(endpoints: &Endpoints, o: &Options) -> crate::Result<Summary> {
     let lag_task = tokio::spawn(sample_lag(http.clone(), endpoints.metrics.clone(), t0, lag.clone(), cancel.clone()));
     let total = o.ramp + o.duration;
     let b = bar(o.progress, total.as_secs(), "load {bar:30} {pos}/{len} s  {msg}");
-    let (mut published, mut not_published) = (0u64, 0u64);
-    let mut next_device = 0usize;
-    let mut steady_from: Option<(Instant, u64)> = None;
-    let mut tick = tokio::time::interval(Duration::from_millis(2));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_second = 0u64;
-    let mut last_acked = 0u64;
-    loop {
-        tick.tick().await;
-        let t = t0.elapsed();
-        if steady_from.is_none() && t >= o.ramp {
-            steady_from = Some((Instant::now(), acks.count.load(Ordering::Relaxed)));
-        }
-        if t >= total {
-            break;
-        }
-        let due = o.due(t.as_secs_f64()) as u64;
-        let mut misses = 0usize;
-        while published + not_published < due {
-            let d = &devs[next_device % devs.len()];
-            next_device = next_device.wrapping_add(1);
-            if d.publish_next() {
-                published += 1;
-                misses = 0;
-            } else {
-                misses += 1;
-                if misses >= devs.len() {
-                    // Every connection is down or full: this report is not offered to any.
-                    not_published += 1;
-                    misses = 0;
-                }
-            }
-        }
-        if t.as_secs() > last_second {
-            last_second = t.as_secs();
-            meter.sample();
-            let a = acks.count.load(Ordering::Relaxed);
-            let l = lag.lock().unwrap_or_else(|e| e.into_inner()).last().map(|x| x.1).unwrap_or(0);
-            b.set_position(last_second);
-            b.set_message(format!(
-                "{:>6.0}/s offered  {:>6}/s acked  lag {l}",
-                o.rate.min(o.due(t.as_secs_f64() + 1.0) - o.due(t.as_secs_f64())),
-                a - last_acked
-            ));
-            last_acked = a;
-        }
+    for s in &mut shards {
+        s.go().await?;
     }
+    let acked_all = |shards: &[shard::Shard]| acks.count.load(Ordering::Relaxed) + shards.iter().map(|s| s.latest().acked).sum::<u64>();
+    let mut steady_from: Option<(Instant, u64)> = None;
+    let mut last_acked = 0u64;
+    // This process's share of the rate; the shards publish theirs.
+    let mut local = o.clone();
+    local.rate = o.rate * devs.len() as f64 / total_devices as f64;
+    let counters = (std::sync::atomic::AtomicU64::new(0), std::sync::atomic::AtomicU64::new(0));
+    publish_schedule(&devs, &local, &counters, |second| {
+        if steady_from.is_none() && Duration::from_secs(second) >= o.ramp {
+            steady_from = Some((Instant::now(), acked_all(&shards)));
+        }
+        meter.sample();
+        let a = acked_all(&shards);
+        let l = lag.lock().unwrap_or_else(|e| e.into_inner()).last().map(|x| x.1).unwrap_or(0);
+        b.set_position(second);
+        let t = second as f64;
+        b.set_message(format!("{:>6.0}/s offered  {:>6}/s acked  lag {l}", o.rate.min(o.due(t) - o.due(t - 1.0)), a - last_acked));
+        last_acked = a;
+    })
+    .await;
     b.finish_and_clear();
     run_stop.cancel();
-    let steady_to = (Instant::now(), acks.count.load(Ordering::Relaxed));
+    let steady_to = (Instant::now(), acked_all(&shards));
+    let (mut published, mut not_published) = (counters.0.load(Ordering::Relaxed), counters.1.load(Ordering::Relaxed));
 
     // Drain: every publish answered, then every acknowledged report reflected.
     let drain_deadline = Instant::now() + Duration::from_secs(15);
     while acks.count.load(Ordering::Relaxed) + acks.refused.load(Ordering::Relaxed) < published && Instant::now() < drain_deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let acked = acks.count.load(Ordering::Relaxed);
-    let verification = verify(&http, &endpoints.graphql, &fresh, &devs, Instant::now() + o.settle).await;
+    let mut acked = acks.count.load(Ordering::Relaxed);
+    let mut refused = acks.refused.load(Ordering::Relaxed);
+    let mut acked_seqs: Vec<(Uuid, Uuid, u64)> = devs.iter().map(|d| (d.household_id, d.id, d.acked_seq.load(Ordering::Relaxed))).collect();
+    let mut shard_samples = Vec::new();
+    let mut shard_errors = Vec::new();
+    for s in &mut shards {
+        match s.finish(Instant::now() + Duration::from_secs(60)).await {
+            Some(done) => {
+                published += done.published;
+                not_published += done.not_published;
+                acked += done.acked;
+                refused += done.refused;
+                acked_seqs.extend(done.acked_seqs);
+                shard_samples.extend(done.puback_us);
+            }
+            None => shard_errors.push(format!("the shard of households {:?} ended without its report", s.range)),
+        }
+    }
+    let load_processes = 1 + shards.len();
+    for s in shards {
+        s.stop().await;
+    }
+    let mut verification = verify(&http, &endpoints.graphql, &fresh, &acked_seqs, Instant::now() + o.settle).await;
+    verification.errors.extend(shard_errors);
     let elapsed = t0.elapsed().as_secs_f64();
     let processes = meter.stop(acked, elapsed, idle.as_ref());
     lag_task.abort();
@@ -429,11 +515,12 @@ pub async fn run(endpoints: &Endpoints, o: &Options) -> crate::Result<Summary> {
     // Each connection hands over its PUBACK samples when it stops.
     cancel.cancel();
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let samples = std::mem::take(&mut *acks.samples_us.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut samples = std::mem::take(&mut *acks.samples_us.lock().unwrap_or_else(|e| e.into_inner()));
+    samples.extend(shard_samples);
     let lag = lag.lock().unwrap_or_else(|e| e.into_inner()).clone();
     Ok(Summary {
         households: fleet.households.len(),
-        devices: devs.len(),
+        devices: total_devices,
         fleet_reused: reused,
         connected,
         connect_seconds,
@@ -443,7 +530,7 @@ pub async fn run(endpoints: &Endpoints, o: &Options) -> crate::Result<Summary> {
         published,
         not_published,
         acked,
-        refused: acks.refused.load(Ordering::Relaxed),
+        refused,
         achieved_rate,
         puback: percentiles_us(samples),
         report_to_subscription,
@@ -453,7 +540,130 @@ pub async fn run(endpoints: &Endpoints, o: &Options) -> crate::Result<Summary> {
         stack_cpu_us_per_report,
         stack_marginal_us_per_report,
         verification,
+        load_processes,
+        memory,
+        reconnect,
     })
+}
+
+/// Publishes over `devs` at `o.rate` along `o`'s ramp and duration, round
+/// robin; `counters` = (published, not published: every connection down or
+/// full); calls `every_second` once a second with the seconds elapsed.
+pub(crate) async fn publish_schedule(
+    devs: &[Arc<Device>],
+    o: &Options,
+    counters: &(std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64),
+    mut every_second: impl FnMut(u64),
+) {
+    let total = o.ramp + o.duration;
+    let t0 = Instant::now();
+    let (mut published, mut not_published) = (0u64, 0u64);
+    let mut next_device = 0usize;
+    let mut tick = tokio::time::interval(Duration::from_millis(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_second = 0u64;
+    loop {
+        tick.tick().await;
+        let t = t0.elapsed();
+        if t >= total {
+            break;
+        }
+        let due = o.due(t.as_secs_f64()) as u64;
+        let mut misses = 0usize;
+        while !devs.is_empty() && published + not_published < due {
+            let d = &devs[next_device % devs.len()];
+            next_device = next_device.wrapping_add(1);
+            if d.publish_next() {
+                published += 1;
+                misses = 0;
+            } else {
+                misses += 1;
+                if misses >= devs.len() {
+                    // Every connection is down or full: this report is not offered to any.
+                    not_published += 1;
+                    misses = 0;
+                }
+            }
+        }
+        counters.0.store(published, Ordering::Relaxed);
+        counters.1.store(not_published, Ordering::Relaxed);
+        if t.as_secs() > last_second {
+            last_second = t.as_secs();
+            every_second(last_second);
+        }
+    }
+}
+
+fn memory_summary(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, connected: usize) -> MemorySummary {
+    let mut m = MemorySummary { connected, ..Default::default() };
+    for (name, a) in after.iter().filter(|(n, _)| n.starts_with("mosquitto") || *n == "device-bridge") {
+        let b = before.get(name).copied().unwrap_or(0);
+        m.by_process.insert(name.clone(), (b as f64 / 1024.0, *a as f64 / 1024.0));
+        m.before_mb += b as f64 / 1024.0;
+        m.after_mb += *a as f64 / 1024.0;
+    }
+    if connected > 0 {
+        m.per_device_kb = (m.after_mb - m.before_mb).max(0.0) * 1024.0 / connected as f64;
+    }
+    m
+}
+
+/// The reconnect storm: restarts every broker of the stack at once and
+/// waits until `connected()` is back at `devices` (at most 5 minutes).
+async fn storm(o: &Options, devices: usize, connected: impl Fn() -> usize) -> ReconnectSummary {
+    let mut r = ReconnectSummary { devices, ..Default::default() };
+    let Some(state) = o.state_dir.as_deref() else {
+        r.errors.push("no state folder: the brokers are unknown".into());
+        return r;
+    };
+    let brokers: Vec<PathBuf> = procs::stack_processes(state)
+        .into_iter()
+        .filter(|w| w.name.starts_with("mosquitto"))
+        .filter_map(|w| w.pid_file.and_then(|p| p.parent().map(|d| d.to_path_buf())))
+        .collect();
+    let t0 = Instant::now();
+    for dir in &brokers {
+        if let Err(e) = restart_broker(dir).await {
+            r.errors.push(format!("{}: {e}", dir.display()));
+        } else {
+            r.brokers_restarted += 1;
+        }
+    }
+    let deadline = t0 + Duration::from_secs(300);
+    // First every connection must notice its broker went away.
+    let mut seen_drop = false;
+    loop {
+        let n = connected();
+        let at = t0.elapsed().as_secs_f64();
+        r.timeline.push((at, n as u64));
+        seen_drop |= n < devices;
+        if seen_drop && n >= devices {
+            r.all_back_seconds = Some(at);
+            break;
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    r
+}
+
+/// Stops the broker of `dir` (its `mosquitto.pid`), then starts it again
+/// with its `mosquitto.conf` (as `infra/dev` laid them out).
+async fn restart_broker(dir: &std::path::Path) -> std::io::Result<()> {
+    let pid_file = dir.join("mosquitto.pid");
+    let pid = std::fs::read_to_string(&pid_file)?.trim().to_owned();
+    tokio::process::Command::new("kill").arg(&pid).status().await?;
+    let gone = Instant::now() + Duration::from_secs(30);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < gone {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = tokio::process::Command::new("mosquitto").arg("-c").arg(dir.join("mosquitto.conf")).arg("-d").status().await?;
+    if !status.success() {
+        return Err(std::io::Error::other(format!("mosquitto -c {}/mosquitto.conf -d: {status}", dir.display())));
+    }
+    Ok(())
 }
 
 /// Sends commands to the command probe at `per_sec` until stopped; measures
@@ -569,11 +779,12 @@ async fn sample_lag(http: reqwest::Client, urls: Vec<String>, t0: Instant, into:
 
 /// Checks, through GraphQL, that every device's shadow reflects its last
 /// acknowledged report, waiting until `deadline` for stragglers.
-async fn verify(http: &reqwest::Client, graphql: &str, token: &Token, devs: &[Arc<Device>], deadline: Instant) -> Verification {
+/// `devs` are `(household, device, last acknowledged seq)`.
+async fn verify(http: &reqwest::Client, graphql: &str, token: &Token, devs: &[(Uuid, Uuid, u64)], deadline: Instant) -> Verification {
     let mut v = Verification { devices_checked: devs.len(), ..Default::default() };
-    let mut households: BTreeMap<Uuid, Vec<&Arc<Device>>> = BTreeMap::new();
+    let mut households: BTreeMap<Uuid, Vec<&(Uuid, Uuid, u64)>> = BTreeMap::new();
     for d in devs {
-        households.entry(d.household_id).or_default().push(d);
+        households.entry(d.0).or_default().push(d);
     }
     let q = "query($h: ID!, $after: String) { household(id: $h) { devices(first: 200, after: $after) { edges { cursor node { id shadow { seq } } } } } }";
     loop {
@@ -621,10 +832,10 @@ async fn verify(http: &reqwest::Client, graphql: &str, token: &Token, devs: &[Ar
             }
             let mut lagging = Vec::new();
             for d in ds {
-                let want = d.acked_seq.load(Ordering::Relaxed);
-                let have = seqs.get(&d.id).copied().unwrap_or(0);
+                let (_, id, want) = **d;
+                let have = seqs.get(&id).copied().unwrap_or(0);
                 if want > 0 && (have < 0 || (have as u64) < want) {
-                    behind.push((d.id, have, want));
+                    behind.push((id, have, want));
                     lagging.push(*d);
                 }
             }

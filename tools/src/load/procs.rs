@@ -26,7 +26,23 @@ pub fn stack_processes(state_dir: &Path) -> Vec<Watched> {
             out.push(Watched { name, pid_file: Some(p), with_children: false });
         }
     }
-    out.push(Watched { name: "mosquitto".into(), pid_file: Some(state_dir.join("mqtt").join("mosquitto.pid")), with_children: false });
+    // Every broker: mqtt/ is the first, mqtt-1/, mqtt-2/, … the others.
+    let mut brokers: Vec<(usize, PathBuf)> = std::fs::read_dir(state_dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let i = if name == "mqtt" { 0 } else { name.strip_prefix("mqtt-")?.parse().ok()? };
+                    Some((i, e.path().join("mosquitto.pid")))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    brokers.sort();
+    for (i, pid_file) in brokers {
+        let name = if i == 0 { "mosquitto".to_owned() } else { format!("mosquitto-{i}") };
+        out.push(Watched { name, pid_file: Some(pid_file), with_children: false });
+    }
     out.push(Watched { name: "postgres".into(), pid_file: Some(state_dir.join("pg").join("postmaster.pid")), with_children: true });
     out
 }
@@ -136,6 +152,11 @@ impl Meter {
     /// The names of the groups that have a running process.
     pub fn found(&self) -> Vec<String> {
         self.groups.iter().filter(|g| read(g).is_some()).map(|g| g.name.clone()).collect()
+    }
+
+    /// Resident memory of every group now, in KB.
+    pub fn rss_kb_now(&self) -> BTreeMap<String, u64> {
+        self.groups.iter().filter_map(|g| Some((g.name.clone(), read(g)?.rss_kb))).collect()
     }
 
     /// CPU seconds of every group so far.
