@@ -2,12 +2,19 @@
 //! command-api right after its append was acknowledged (fast), and from the
 //! commands topic through a consumer group (catch-up after a restart or a
 //! failed push). Both end in [`Deliverer::deliver`], which skips expired and
-//! already-delivered commands and publishes the `cmd` message (QoS 1).
-//! Devices also ignore a `commandId` they have handled, so the two paths
-//! together deliver at least once and act once.
+//! already-published commands and publishes the `cmd` message (QoS 1).
+//!
+//! At least once: a command counts as sent only when its broker acknowledged
+//! the publish (PUBACK, matched to the publish by packet id in
+//! [`PubAcks`]), and the catch-up consumer commits a record's offset only
+//! then — also for a record the push published first. A bridge that dies
+//! between its publish and the broker's PUBACK has committed nothing past the
+//! command, so its successor publishes it again. Devices ignore a `commandId`
+//! they have handled, so the effect is once.
 
 use crate::Shared;
 use chrono::Utc;
+use futures::future::{BoxFuture, FutureExt, Shared as SharedFuture};
 use futures::StreamExt;
 use homelink_events::event::DeviceCommandRequested;
 use homelink_events::protocol::{device_topic, Channel, CmdMsg, PROTOCOL_VERSION};
@@ -17,47 +24,120 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::AsyncClient;
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 const REMEMBERED: usize = 100_000;
 
-/// Publishes commands to devices, each at most once per bridge.
+/// Resolves once the broker acknowledged the publish (`Err`: it never will
+/// be, the publish failed before it left).
+pub type Acked = SharedFuture<BoxFuture<'static, Result<(), ()>>>;
+
+/// The PUBACKs of one broker connection, matched to the publishes that wait
+/// for them. The bridge publishes nothing but commands, so its outgoing
+/// publishes leave in the order they were queued: each new packet id the
+/// connection reports sending belongs to the oldest queued waiter; a packet
+/// id seen again is a retransmission after a reconnect.
+#[derive(Default)]
+pub struct PubAcks {
+    queued: Mutex<VecDeque<oneshot::Sender<()>>>,
+    sent: Mutex<HashMap<u16, oneshot::Sender<()>>>,
+}
+
+impl PubAcks {
+    /// Called by the connection: a publish left with `pkid`.
+    pub fn sent(&self, pkid: u16) {
+        let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
+        if sent.contains_key(&pkid) {
+            return;
+        }
+        if let Some(w) = self.queued.lock().unwrap_or_else(|e| e.into_inner()).pop_front() {
+            sent.insert(pkid, w);
+        }
+    }
+
+    /// Called by the connection: the broker acknowledged `pkid`.
+    pub fn acked(&self, pkid: u16) {
+        if let Some(w) = self.sent.lock().unwrap_or_else(|e| e.into_inner()).remove(&pkid) {
+            let _ = w.send(());
+        }
+    }
+
+    fn enqueue(&self) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.queued.lock().unwrap_or_else(|e| e.into_inner()).push_back(tx);
+        rx
+    }
+
+    /// Undoes the last [`PubAcks::enqueue`] when its publish was refused before queueing.
+    fn unqueue_last(&self) {
+        self.queued.lock().unwrap_or_else(|e| e.into_inner()).pop_back();
+    }
+}
+
+/// Publishes commands to devices, each once per bridge while its
+/// acknowledgement is known or pending.
 pub struct Deliverer {
     /// One per broker, in the deployment's broker order.
     clients: Vec<AsyncClient>,
-    seen: Mutex<(HashSet<Uuid>, VecDeque<Uuid>)>,
+    /// The PUBACK waiters of each broker connection.
+    pub acks: Vec<PubAcks>,
+    /// Serializes queueing a waiter and queueing its publish, per broker, so both orders agree.
+    order: Vec<tokio::sync::Mutex<()>>,
+    seen: Mutex<(HashMap<Uuid, Acked>, VecDeque<Uuid>)>,
 }
 
 /// What became of a command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone)]
 pub enum Delivery {
-    Published,
-    Duplicate,
+    /// Published now; resolves at its PUBACK.
+    Published(Acked),
+    /// Published before (by the other path); resolves at that PUBACK.
+    Duplicate(Acked),
     Expired,
     NotACommand,
 }
 
 impl Deliverer {
     pub fn new(clients: Vec<AsyncClient>) -> Self {
-        Self { clients, seen: Mutex::new((HashSet::new(), VecDeque::new())) }
+        Self {
+            acks: clients.iter().map(|_| PubAcks::default()).collect(),
+            order: clients.iter().map(|_| tokio::sync::Mutex::new(())).collect(),
+            clients,
+            seen: Mutex::new((HashMap::new(), VecDeque::new())),
+        }
     }
 
-    fn first_time(&self, id: Uuid) -> bool {
+    fn remember(&self, id: Uuid, acked: Acked) {
         let mut g = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        let (set, order) = &mut *g;
-        if !set.insert(id) {
-            return false;
+        let (map, order) = &mut *g;
+        if map.insert(id, acked).is_none() {
+            order.push_back(id);
         }
-        order.push_back(id);
         if order.len() > REMEMBERED {
             if let Some(old) = order.pop_front() {
-                set.remove(&old);
+                map.remove(&old);
             }
         }
-        true
+    }
+
+    /// Forgets a command whose publish failed, so the next delivery publishes it again.
+    pub(crate) fn forget(&self, id: Uuid) {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).0.remove(&id);
+    }
+
+    /// Queues one publish on broker `b`; resolves at its PUBACK.
+    async fn publish_on(&self, b: usize, topic: String, body: Vec<u8>) -> Result<oneshot::Receiver<()>, rumqttc::v5::ClientError> {
+        let _order = self.order[b].lock().await;
+        let rx = self.acks[b].enqueue();
+        if let Err(e) = self.clients[b].publish(topic, QoS::AtLeastOnce, false, body).await {
+            self.acks[b].unqueue_last();
+            return Err(e);
+        }
+        Ok(rx)
     }
 
     /// Publishes the command in `envelope` on the device's broker (`None`,
@@ -71,26 +151,43 @@ impl Deliverer {
         if expires_at <= Utc::now() {
             return Ok(Delivery::Expired);
         }
-        if !self.first_time(command_id) {
-            return Ok(Delivery::Duplicate);
+        let earlier = self.seen.lock().unwrap_or_else(|e| e.into_inner()).0.get(&command_id).cloned();
+        if let Some(acked) = earlier {
+            return Ok(Delivery::Duplicate(acked));
         }
         let msg = CmdMsg { v: PROTOCOL_VERSION, command_id, set, expires_at };
         let body = serde_json::to_vec(&msg).unwrap_or_default();
         let topic = device_topic(envelope.household_id, device_id, Channel::Cmd);
-        match broker.and_then(|b| self.clients.get(b as usize)) {
-            Some(client) => client.publish(topic, QoS::AtLeastOnce, false, body).await?,
-            None => {
-                for client in &self.clients {
-                    client.publish(topic.clone(), QoS::AtLeastOnce, false, body.clone()).await?;
+        let brokers: Vec<usize> = match broker.map(usize::from).filter(|b| *b < self.clients.len()) {
+            Some(b) => vec![b],
+            None => (0..self.clients.len()).collect(),
+        };
+        let mut waits = Vec::with_capacity(brokers.len());
+        for b in brokers {
+            match self.publish_on(b, topic.clone(), body.clone()).await {
+                Ok(rx) => waits.push(rx),
+                Err(e) => {
+                    self.forget(command_id);
+                    return Err(e);
                 }
             }
         }
-        Ok(Delivery::Published)
+        let acked: Acked = async move {
+            for w in waits {
+                w.await.map_err(|_| ())?;
+            }
+            Ok(())
+        }
+        .boxed()
+        .shared();
+        self.remember(command_id, acked.clone());
+        Ok(Delivery::Published(acked))
     }
 }
 
-/// Delivers one envelope and counts the outcome under `path`.
-pub(crate) async fn deliver_counted(s: &Shared, envelope: &Envelope, path: &str) {
+/// Delivers one envelope and counts the outcome under `path`; returns the
+/// PUBACK to wait for (`None`: nothing was or will be published).
+pub(crate) async fn deliver_counted(s: &Shared, envelope: &Envelope, path: &str) -> Option<Acked> {
     s.metrics.messages_in.with_label_values(&[path]).inc();
     let started = std::time::Instant::now();
     let broker = match envelope.event() {
@@ -105,16 +202,27 @@ pub(crate) async fn deliver_counted(s: &Shared, envelope: &Envelope, path: &str)
         _ => None,
     };
     match s.deliverer.deliver(envelope, broker).await {
-        Ok(Delivery::Published) => {
+        Ok(Delivery::Published(acked)) => {
             s.metrics.messages_out.with_label_values(&["cmd"]).inc();
             s.metrics.latency.with_label_values(&["command_publish"]).observe(started.elapsed().as_secs_f64());
+            Some(acked)
         }
-        Ok(Delivery::Duplicate) => s.metrics.errors.with_label_values(&["command_duplicate"]).inc(),
-        Ok(Delivery::Expired) => s.metrics.errors.with_label_values(&["command_expired"]).inc(),
-        Ok(Delivery::NotACommand) => s.metrics.errors.with_label_values(&["not_a_command"]).inc(),
+        Ok(Delivery::Duplicate(acked)) => {
+            s.metrics.errors.with_label_values(&["command_duplicate"]).inc();
+            Some(acked)
+        }
+        Ok(Delivery::Expired) => {
+            s.metrics.errors.with_label_values(&["command_expired"]).inc();
+            None
+        }
+        Ok(Delivery::NotACommand) => {
+            s.metrics.errors.with_label_values(&["not_a_command"]).inc();
+            None
+        }
         Err(e) => {
             tracing::warn!(error = %e, "publishing a command failed");
             s.metrics.errors.with_label_values(&["command_publish"]).inc();
+            None
         }
     }
 }
@@ -146,8 +254,37 @@ pub(crate) async fn catch_up(s: std::sync::Arc<Shared>, consumer: StreamConsumer
                 continue;
             }
         };
+        tracing::debug!(partition = m.partition(), offset = m.offset(), "command record read");
         match Envelope::from_json(m.payload().unwrap_or_default()) {
-            Ok(env) => deliver_counted(&s, &env, "command_log").await,
+            Ok(env) => {
+                // Committed only once the broker has the command: until its
+                // PUBACK (this path's publish or the push's), a successor
+                // bridge must read the record again.
+                let mut backoff = Duration::from_millis(200);
+                loop {
+                    let acked = match deliver_counted(&s, &env, "command_log").await {
+                        None => break,
+                        Some(a) => a,
+                    };
+                    let done = tokio::select! {
+                        _ = cancel.cancelled() => return lag.abort(),
+                        r = acked => r,
+                    };
+                    if done.is_ok() {
+                        tracing::debug!(partition = m.partition(), offset = m.offset(), "command acknowledged by its broker");
+                        break;
+                    }
+                    // Never left: publish again.
+                    if let Ok(Event::DeviceCommandRequested(c)) = env.event() {
+                        s.deliverer.forget(c.command_id);
+                    }
+                    tokio::select! {
+                        _ = cancel.cancelled() => return lag.abort(),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "undecodable command record skipped");
                 s.metrics.errors.with_label_values(&["undecodable_record"]).inc();
@@ -158,4 +295,31 @@ pub(crate) async fn catch_up(s: std::sync::Arc<Shared>, consumer: StreamConsumer
         }
     }
     lag.abort();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_puback_resolves_the_publish_that_left_with_its_packet_id() {
+        let acks = PubAcks::default();
+        let (mut first, mut second) = (acks.enqueue(), acks.enqueue());
+        acks.sent(7);
+        acks.sent(8);
+        // A retransmission after a reconnect keeps its packet id: still the first publish.
+        acks.sent(7);
+        acks.acked(8);
+        assert!(second.try_recv().is_ok(), "the second publish is acknowledged");
+        assert!(first.try_recv().is_err(), "the first is not, yet");
+        acks.acked(9);
+        assert!(first.try_recv().is_err(), "an unknown packet id acknowledges nothing");
+        acks.acked(7);
+        assert!(first.try_recv().is_ok());
+        // A packet id used again after its PUBACK belongs to the next publish.
+        let mut third = acks.enqueue();
+        acks.sent(7);
+        acks.acked(7);
+        assert!(third.try_recv().is_ok());
+    }
 }

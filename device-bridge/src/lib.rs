@@ -173,8 +173,12 @@ impl Application {
             .collect();
         let clients: Vec<AsyncClient> = connections.iter().map(|(c, _)| c.clone()).collect();
 
-        let commands =
-            homelink_kit::kafka::consumer(&cfg.kafka_bootstrap, &format!("{}-commands", cfg.share_group), cfg.command_fetch_wait)?;
+        let commands = homelink_kit::kafka::group_member(
+            &cfg.kafka_bootstrap,
+            &format!("{}-commands", cfg.share_group),
+            Some(&cfg.client_id),
+            cfg.command_fetch_wait,
+        )?;
         commands.subscribe(&[&cfg.topics.commands()])?;
 
         let shared = Arc::new(Shared {
@@ -288,6 +292,9 @@ async fn poll_mqtt(
                     }
                 });
             }
+            // The broker's acknowledgements of command publishes (deliver.rs).
+            Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => s.deliverer.acks[broker].sent(pkid),
+            Ok(Event::Incoming(Packet::PubAck(ack))) => s.deliverer.acks[broker].acked(ack.pkid),
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
                 let granted = ack.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_)));
                 if !granted {

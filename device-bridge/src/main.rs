@@ -23,6 +23,9 @@ struct Args {
     mqtt_password_file: Option<std::path::PathBuf>,
     #[arg(long, env = "HOMELINK_BRIDGE_CLIENT_ID", default_value = "homelink-bridge-0")]
     client_id: String,
+    /// The shared-subscription and consumer group of the deployment's bridges.
+    #[arg(long, env = "HOMELINK_BRIDGE_SHARE_GROUP", default_value = "homelink-bridge")]
+    share_group: String,
     #[arg(long, env = "HOMELINK_BRIDGE_LISTEN", default_value = "127.0.0.1:8082")]
     listen: String,
     /// The push channel's listener: reachable by the services only, never public.
@@ -55,6 +58,7 @@ async fn run() -> anyhow::Result<()> {
     cfg.mqtt_username = a.mqtt_username;
     cfg.mqtt_password = homelink_kit::config::secret("HOMELINK_MQTT_BRIDGE_PASSWORD", a.mqtt_password_file.as_deref())?;
     cfg.client_id = a.client_id;
+    cfg.share_group = a.share_group;
     cfg.listen = a.listen;
     cfg.internal_listen = a.internal_listen;
     cfg.projector_push_url = a.projector_push_url;

@@ -134,3 +134,66 @@ async fn a_backlog_larger_than_the_bridge_queues_drains_without_loss() {
     assert_eq!(seq, N as i64);
     let _ = client.disconnect().await;
 }
+
+/// A command the broker never acknowledged is not lost with the bridge: with
+/// Mosquitto stopped, the bridge has the command (pushed, and read from the
+/// log) but no PUBACK; it is killed; once Mosquitto and a new bridge are
+/// back, the device receives the command. (Before, the catch-up consumer
+/// committed past a command as soon as it was queued for publishing.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_command_the_broker_never_acknowledged_survives_a_bridge_crash() {
+    use homelink_kit::shutdown::CancellationToken;
+    use homelink_tools::sim::Observed;
+
+    let mut broker = common::PrivateBroker::start();
+    let mut env = Env::from_env();
+    (env.device_port, env.bridge_port) = (broker.device_port, broker.bridge_port);
+    let mut stack = Stack::start_on(env.bridge_as_process()).await;
+    let home = stack.seed(&light_and_sensor()).await;
+    let light = home.devices[0].id;
+    let (tx, mut observed) = tokio::sync::mpsc::unbounded_channel();
+    let devices = CancellationToken::new();
+    let _stop = devices.clone().drop_guard();
+    tokio::spawn(sim::run(common::spec(&home, 0, None), stack.env.target(), Some(tx), devices.clone()));
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(o) = observed.recv().await {
+            if matches!(o, Observed::Connected { .. }) {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the light connected");
+
+    broker.stop();
+    let r = stack.command(&home, light).json(&json!({"set": {"brightness": 33}, "ttlSeconds": 300})).send().await.expect("post command");
+    assert_eq!(r.status(), 202);
+    let v: serde_json::Value = r.json().await.expect("json");
+    let command_id: uuid::Uuid = v["commandId"].as_str().and_then(|s| s.parse().ok()).expect("commandId");
+    // Both paths reach the bridge: the push at once, then the catch-up
+    // consumer reads the record. Neither can publish.
+    let series = "homelink_bridge_messages_in_total{kind=\"command_log\"}";
+    eventually(Duration::from_secs(60), "the catch-up consumer read the command", || async {
+        (stack.metric(stack.bridge_port, series).await >= 1.0).then_some(())
+    })
+    .await;
+    let bridge = stack.bridge_process.as_mut().expect("the bridge runs as a process");
+    bridge.kill();
+    broker.restart();
+    bridge.restart();
+
+    // The new bridge's consumer gets the commands partition once the group
+    // has given up on the killed member (its session timeout).
+    let got = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(o) = observed.recv().await {
+            if let Observed::Command { command_id: c, .. } = o {
+                if c == command_id {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(got, Ok(true), "the device received the command after the bridge crash");
+}

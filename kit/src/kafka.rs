@@ -139,7 +139,19 @@ impl Appender {
 /// membership when `subscribe` is called; read-model builders `assign` instead
 /// and keep their offsets in Postgres.
 pub fn consumer(bootstrap: &str, group: &str, fetch_wait: Duration) -> Result<StreamConsumer, crate::Error> {
-    let c: StreamConsumer = ClientConfig::new()
+    group_member(bootstrap, group, None, fetch_wait)
+}
+
+/// Like [`consumer`], as the static group member `instance` (KIP-345) when
+/// given: a member restarted under the same instance id (a crashed bridge
+/// coming back) takes over its partitions at once instead of waiting for the
+/// group to give up on the dead one.
+pub fn group_member(bootstrap: &str, group: &str, instance: Option<&str>, fetch_wait: Duration) -> Result<StreamConsumer, crate::Error> {
+    let mut config = ClientConfig::new();
+    if let Some(id) = instance {
+        config.set("group.instance.id", id);
+    }
+    let c: StreamConsumer = config
         .set("bootstrap.servers", bootstrap)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
@@ -152,6 +164,13 @@ pub fn consumer(bootstrap: &str, group: &str, fetch_wait: Duration) -> Result<St
         // A third of the session timeout: group members are noticed gone
         // within 10 s, and an idle member costs the broker one call per 3 s.
         .set("heartbeat.interval.ms", "3000")
+        // Also the rebalance timeout a member announces: how long a rebalance
+        // may wait for members to rejoin (librdkafka's default is 300 s; a
+        // bridge restarted after kill -9 got its commands back only after
+        // more than 2 minutes before this and static membership). A member
+        // that does not poll for 20 s (its broker down) leaves the group and
+        // rejoins when it polls again.
+        .set("max.poll.interval.ms", "20000")
         .create()?;
     Ok(c)
 }

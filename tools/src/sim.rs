@@ -105,6 +105,11 @@ pub fn device_options(household: Uuid, device: Uuid, cert_pem: &str, key_pem: &s
     // Small request/response messages: no Nagle delay.
     let mut net = rumqttc::NetworkOptions::new();
     net.set_tcp_nodelay(true);
+    // Connect + TLS handshake + CONNACK may take long when a whole fleet
+    // comes back at once: giving up after rumqttc's default 5 s throws away
+    // the broker's half-done handshake and makes the storm feed itself
+    // (seen: 100,000 devices thrashing after a broker restart).
+    net.set_connection_timeout(30);
     o.set_network_options(net);
     let offline = serde_json::to_vec(&StatusMsg { v: PROTOCOL_VERSION, status: Presence::Offline }).unwrap_or_default();
     o.set_last_will(LastWill::new(device_topic(household, device, Channel::Status), offline, QoS::AtLeastOnce, true, None));

@@ -31,6 +31,8 @@ pub struct Env {
     pub pid_files: Vec<std::path::PathBuf>,
     /// Whether a deployment uses every broker ([`Env::all_brokers`]).
     pub use_all_brokers: bool,
+    /// Whether a deployment runs its bridge as a process ([`Env::bridge_as_process`]).
+    pub bridge_as_process: bool,
     pub bridge_password: String,
     pub pki: PkiDir,
     pub bin_dir: std::path::PathBuf,
@@ -58,6 +60,7 @@ impl Env {
             bridge_ports: ports(&var("HOMELINK_TEST_MQTT_BRIDGE_PORTS")),
             pid_files: var("HOMELINK_TEST_MQTT_PID_FILES").split(',').map(Into::into).collect(),
             use_all_brokers: false,
+            bridge_as_process: false,
             bridge_password: var("HOMELINK_TEST_MQTT_BRIDGE_PASSWORD"),
             pki: PkiDir(var("HOMELINK_TEST_PKI_DIR").into()),
             bin_dir: std::env::var("HOMELINK_TEST_BIN_DIR")
@@ -80,6 +83,13 @@ impl Env {
     /// default a deployment uses the first only).
     pub fn all_brokers(mut self) -> Self {
         self.use_all_brokers = true;
+        self
+    }
+
+    /// The same components, with the deployment's bridge run as the
+    /// `homelink-device-bridge` binary ([`Stack::bridge_process`]).
+    pub fn bridge_as_process(mut self) -> Self {
+        self.bridge_as_process = true;
         self
     }
 
@@ -119,6 +129,8 @@ pub struct Stack {
     pub bridge_internal_port: u16,
     pub command_port: u16,
     pub share_group: String,
+    /// The bridge's process, when the environment asked for one.
+    pub bridge_process: Option<BridgeProcess>,
 }
 
 /// The service-to-service token of every test deployment (test-only).
@@ -222,8 +234,38 @@ impl Stack {
 
         // Each test is its own deployment: its own shared-subscription group.
         let share_group = format!("hl-{}", Uuid::new_v4().simple());
-        let (bridge_port, bridge_internal_port) =
-            spawn_bridge(&env, &topics, &db_url, &share_group, projector_internal_port, &cancel).await;
+        let (bridge_port, bridge_internal_port, bridge_process) = if env.bridge_as_process {
+            let (port, internal_port) = (free_port(), free_port());
+            let ports: Vec<String> = env.brokers().1.iter().map(u16::to_string).collect();
+            let args = [
+                ("--database-url", db_url.clone()),
+                ("--kafka-bootstrap", env.kafka.clone()),
+                ("--topic-prefix", topics.prefix().to_owned()),
+                ("--mqtt-host", env.mqtt_host.clone()),
+                ("--mqtt-port", ports.join(",")),
+                ("--client-id", format!("bridge-{}", Uuid::new_v4().simple())),
+                ("--share-group", share_group.clone()),
+                ("--listen", format!("127.0.0.1:{port}")),
+                ("--internal-listen", format!("127.0.0.1:{internal_port}")),
+                ("--projector-push-url", format!("http://127.0.0.1:{projector_internal_port}/internal/v1/events")),
+                ("--command-fetch-wait-ms", "200".to_owned()),
+            ];
+            let mut p = BridgeProcess {
+                child: None,
+                args: args.into_iter().flat_map(|(k, v)| [k.to_owned(), v]).collect(),
+                envs: vec![
+                    ("HOMELINK_MQTT_BRIDGE_PASSWORD".into(), env.bridge_password.clone()),
+                    ("HOMELINK_INTERNAL_TOKEN".into(), INTERNAL_TOKEN.into()),
+                ],
+                bin: env.bin_dir.join("homelink-device-bridge"),
+                internal_port,
+            };
+            p.restart();
+            (port, internal_port, Some(p))
+        } else {
+            let (port, internal_port) = spawn_bridge(&env, &topics, &db_url, &share_group, projector_internal_port, &cancel).await;
+            (port, internal_port, None)
+        };
 
         let mut cc = homelink_command_api::Config::new(&db_url, &env.kafka, topics.clone());
         cc.tokens.key_refresh = Duration::from_millis(200);
@@ -268,6 +310,7 @@ impl Stack {
             bridge_internal_port,
             command_port,
             share_group,
+            bridge_process,
         };
         for port in [projector_port, query_port, bridge_port, command_port] {
             let url = format!("http://127.0.0.1:{port}/readyz");
@@ -534,5 +577,128 @@ impl Drop for PrivateKafka {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A Mosquitto of a test's own, configured like the test stack's (same
+/// certificates, ACL and bridge password) on ports of its own, so a test
+/// may stop it without disturbing the others.
+pub struct PrivateBroker {
+    child: Option<std::process::Child>,
+    pub device_port: u16,
+    pub bridge_port: u16,
+    dir: std::path::PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
+}
+
+impl PrivateBroker {
+    pub fn start() -> Self {
+        let shared = std::path::PathBuf::from(var("HOMELINK_TEST_MQTT_DIR"));
+        let dir = std::env::temp_dir().join(format!("homelink-mqtt-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(dir.join("data")).expect("broker folder");
+        let (device_port, bridge_port) = (free_port(), free_port());
+        let conf = std::fs::read_to_string(shared.join("mosquitto.conf")).expect("the test broker's configuration");
+        let mut listeners = [device_port, bridge_port].into_iter();
+        let mut out = String::new();
+        for line in conf.lines() {
+            let key = line.split_whitespace().next().unwrap_or("");
+            let line = match key {
+                "pid_file" => format!("pid_file {}", dir.join("mosquitto.pid").display()),
+                "persistence_location" => format!("persistence_location {}/", dir.join("data").display()),
+                "log_dest" => format!("log_dest file {}", dir.join("mosquitto.log").display()),
+                "plugin_opt_config_file" => {
+                    std::fs::copy(shared.join("dynsec.json"), dir.join("dynsec.json")).expect("dynsec copy");
+                    format!("plugin_opt_config_file {}", dir.join("dynsec.json").display())
+                }
+                "listener" => format!("listener {} 127.0.0.1", listeners.next().expect("two listeners")),
+                _ => line.to_owned(),
+            };
+            out.push_str(&line);
+            out.push('\n');
+        }
+        std::fs::write(dir.join("mosquitto.conf"), out).expect("broker configuration");
+        // Mosquitto drops root privileges to its own user, which must write here.
+        if std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n")) {
+            let _ = std::process::Command::new("chown").args(["-R", "mosquitto"]).arg(&dir).status();
+        }
+        let mut b = Self { child: None, device_port, bridge_port, dir };
+        b.restart();
+        b
+    }
+
+    /// Starts the broker (again) on the same ports and persistence.
+    pub fn restart(&mut self) {
+        let child = std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(self.dir.join("mosquitto.conf"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start mosquitto");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.device_port)).is_err() {
+            assert!(Instant::now() < deadline, "mosquitto did not open its port");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops it (SIGTERM: it saves its persistence file, as a restart would).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = std::process::Command::new("kill").arg(c.id().to_string()).status();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The device bridge as its own process (the `homelink-device-bridge`
+/// binary), so a test can `kill -9` it and start it again with the same
+/// client id, share group and ports.
+pub struct BridgeProcess {
+    child: Option<std::process::Child>,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+    bin: std::path::PathBuf,
+    pub internal_port: u16,
+}
+
+impl BridgeProcess {
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        let child = std::process::Command::new(&self.bin)
+            .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("RUST_LOG", std::env::var("HOMELINK_TEST_BRIDGE_LOG").unwrap_or_else(|_| "warn".into()))
+            .spawn()
+            .expect("start the device bridge binary (built by `cargo build --workspace`)");
+        self.child = Some(child);
+    }
+}
+
+impl Drop for BridgeProcess {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

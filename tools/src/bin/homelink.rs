@@ -145,6 +145,9 @@ struct LoadArgs {
     /// descriptors here); the rest run in child processes.
     #[arg(long, default_value_t = 15_000)]
     devices_per_process: usize,
+    /// Households provisioned at once (a household's devices register one after another).
+    #[arg(long, default_value_t = 16)]
+    provision_concurrency: usize,
     /// Device handshakes in progress at once, per process, while connecting.
     #[arg(long, default_value_t = 64)]
     connect_concurrency: usize,
@@ -352,6 +355,7 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
     o.settle = Duration::from_secs(a.settle_secs);
     o.devices_per_process = a.devices_per_process.max(1);
     o.connect_concurrency = a.connect_concurrency.max(1);
+    o.provision_concurrency = a.provision_concurrency.max(1);
     o.restart_brokers = a.restart_brokers;
     let cache = load::fleet::cache_path(&state_dir, a.households, a.devices_per_household);
     if a.fresh {

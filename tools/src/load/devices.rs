@@ -74,7 +74,7 @@ pub fn spawn(
     });
     let me = dev.clone();
     tokio::spawn(async move {
-        let mut permit = handshakes.acquire_owned().await.ok();
+        let mut permit = handshakes.clone().acquire_owned().await.ok();
         let mut samples = Vec::new();
         let mut failures = 0u32;
         // One cancellation future for the connection's whole life, not one per event.
@@ -119,8 +119,16 @@ pub fn spawn(
                         // As a well-behaved device: exponential backoff with
                         // jitter, so a fleet that lost its broker does not
                         // come back in one synchronized wave.
+                        drop(permit.take());
                         tokio::time::sleep(reconnect_delay(failures, rand::random::<f64>())).await;
                         failures = failures.saturating_add(1);
+                        // A reconnect takes a handshake slot like the first
+                        // connect: this models the connection-rate limit a
+                        // production broker cluster applies (EMQX
+                        // `max_conn_rate`; Mosquitto has none), without
+                        // which every handshake of a fleet-wide reconnect
+                        // progresses at once and times out (BENCHMARKS.md).
+                        permit = handshakes.clone().acquire_owned().await.ok();
                     }
                 }
             }

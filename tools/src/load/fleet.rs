@@ -96,6 +96,11 @@ async fn provision(
 ) -> crate::Result<Fleet> {
     let email = format!("load-{}@homelink.dev", Uuid::new_v4().simple());
     let account = api::sign_up(http, api_base, &email, &api::dev_password(), "Load installer").await?;
+    // Provisioning a large fleet outlasts an access token (5 minutes): signed in again every 2.
+    let cancel = homelink_kit::shutdown::CancellationToken::new();
+    let _stop = cancel.clone().drop_guard();
+    let token = super::Token::keep(http.clone(), api_base.to_owned(), account.clone(), cancel);
+    let current = || api::Account { access_token: token.get(), ..account.clone() };
     let bar = if progress { ProgressBar::new((households * per_household) as u64) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template("provisioning {bar:40} {pos}/{len} devices ({per_sec}, eta {eta})")
@@ -103,13 +108,13 @@ async fn provision(
     );
     let homes: Vec<FleetHousehold> = futures::stream::iter(0..households)
         .map(|i| {
-            let (account, bar) = (&account, &bar);
+            let (current, bar) = (&current, &bar);
             async move {
-                let id = api::create_household(http, api_base, account, &format!("Load home {i}")).await?;
+                let id = api::create_household(http, api_base, &current(), &format!("Load home {i}")).await?;
                 let mut devices = Vec::with_capacity(per_household);
                 for j in 0..per_household {
                     let kind = KINDS[j % KINDS.len()];
-                    let d = register(http, api_base, account, id, kind, &format!("Load {kind} {j}")).await?;
+                    let d = register(http, api_base, &current(), id, kind, &format!("Load {kind} {j}")).await?;
                     devices.push(d);
                     bar.inc(1);
                 }
@@ -120,6 +125,7 @@ async fn provision(
         .try_collect()
         .await?;
     bar.finish_and_clear();
+    let account = current();
     let probe_home = api::create_household(http, api_base, &account, "Load command probe").await?;
     let light = register(http, api_base, &account, probe_home, DeviceKind::Light, "Probe light").await?;
     Ok(Fleet { account, households: homes, command_probe: FleetHousehold { id: probe_home, devices: vec![light] } })

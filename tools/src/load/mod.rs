@@ -253,7 +253,6 @@ pub async fn run(endpoints: &Endpoints, o: &Options) -> crate::Result<Summary> {
         o.progress,
     )
     .await?;
-    let token = fleet.account.access_token.clone();
     let target = Target {
         host: endpoints.mqtt_device.host.clone(),
         port: endpoints.mqtt_device.port,
@@ -336,16 +335,24 @@ pub async fn run(endpoints: &Endpoints, o: &Options) -> crate::Result<Summary> {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let memory = Some(memory_summary(&rss_before, &meter.rss_kb_now(), connected));
 
-    let reconnect = if o.restart_brokers { Some(storm(o, total_devices, || connected_now(&devs, &shards)).await) } else { None };
+    let reconnect = if o.restart_brokers {
+        let r = storm(o, total_devices, || connected_now(&devs, &shards)).await;
+        // Said at once: the run after it may still fail.
+        eprintln!("reconnect storm: {} brokers restarted, every device back after {:?} s", r.brokers_restarted, r.all_back_seconds);
+        Some(r)
+    } else {
+        None
+    };
 
     // Probe subscribers: `(device, seq) → when it arrived`.
     let seen: Arc<Mutex<HashMap<Uuid, HashMap<u64, Instant>>>> = Arc::default();
     let sub_errors: Arc<Mutex<Vec<String>>> = Arc::default();
     for h in fleet.households.iter().take(probes) {
         let probe_device = h.devices[0].id;
+        // A fresh token: connecting a large fleet outlasts one.
         let mut sub = Subscription::start(
             &endpoints.graphql_ws,
-            &token,
+            &fresh.get(),
             "subscription($h: ID!) { deviceChanges(householdId: $h) { deviceId shadow { seq } } }",
             json!({"h": h.id}),
         )
@@ -622,11 +629,12 @@ async fn storm(o: &Options, devices: usize, connected: impl Fn() -> usize) -> Re
         .filter_map(|w| w.pid_file.and_then(|p| p.parent().map(|d| d.to_path_buf())))
         .collect();
     let t0 = Instant::now();
-    for dir in &brokers {
-        if let Err(e) = restart_broker(dir).await {
-            r.errors.push(format!("{}: {e}", dir.display()));
-        } else {
-            r.brokers_restarted += 1;
+    // All at once, as a power cut of the broker host would.
+    let restarts = futures::future::join_all(brokers.iter().map(|dir| restart_broker(dir))).await;
+    for (dir, done) in brokers.iter().zip(restarts) {
+        match done {
+            Ok(()) => r.brokers_restarted += 1,
+            Err(e) => r.errors.push(format!("{}: {e}", dir.display())),
         }
     }
     let deadline = t0 + Duration::from_secs(300);
@@ -732,10 +740,10 @@ async fn command_loop(
 /// An access token kept fresh by signing in again every two minutes (they
 /// live five), for runs longer than a token.
 #[derive(Clone)]
-struct Token(Arc<std::sync::RwLock<String>>);
+pub(crate) struct Token(Arc<std::sync::RwLock<String>>);
 
 impl Token {
-    fn keep(http: reqwest::Client, api: String, account: crate::api::Account, cancel: CancellationToken) -> Self {
+    pub(crate) fn keep(http: reqwest::Client, api: String, account: crate::api::Account, cancel: CancellationToken) -> Self {
         let t = Token(Arc::new(std::sync::RwLock::new(account.access_token.clone())));
         let keeper = t.clone();
         tokio::spawn(async move {
@@ -751,7 +759,7 @@ impl Token {
         t
     }
 
-    fn get(&self) -> String {
+    pub(crate) fn get(&self) -> String {
         self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
