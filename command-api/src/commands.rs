@@ -1,4 +1,6 @@
-//! Device commands: `POST /v1/households/{householdId}/devices/{deviceId}/commands`.
+//! Device commands: `POST /v1/households/{householdId}/devices/{deviceId}/commands`,
+//! and desired state: `PUT /v1/households/{householdId}/devices/{deviceId}/desired`
+//! (a command with a version precondition and a longer life).
 
 use crate::audit::audit_denied;
 use crate::caller::{path_id, Caller, Requester};
@@ -37,12 +39,39 @@ pub struct CommandRequest {
 #[serde(rename_all = "camelCase")]
 pub struct CommandAccepted {
     pub command_id: Uuid,
+    /// `requested`, or `queued` when the device is offline: it is sent when
+    /// the device comes online, unless it expired by then.
     pub status: String,
     pub expires_at: DateTime<Utc>,
+    /// Give it to a GraphQL read (`HomeLink-Consistency-Token` header) to
+    /// see this command's effect on the read models at once.
+    pub consistency_token: String,
+}
+
+/// `PUT …/desired`: the values the device should take, kept as desired state
+/// until it reports them (or they expire).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DesiredRequest {
+    /// Desired values of writable capabilities, e.g. `{"targetTemp": 21.5}`.
+    #[schema(schema_with = set_schema)]
+    pub desired: Map<String, Value>,
+    /// The shadow version this change is based on: when the shadow has
+    /// changed since, the answer is 409 `version-conflict` (omit it to
+    /// write unconditionally).
+    #[serde(default, deserialize_with = "crate::validate::opt_whole_u64")]
+    #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
+    pub version: Option<u64>,
+    /// How long the values stay desired, 1–604800 s (default 3600).
+    #[serde(default, deserialize_with = "crate::validate::opt_whole")]
+    #[schema(minimum = 1, maximum = 604800)]
+    pub ttl_seconds: Option<u32>,
 }
 
 const DEFAULT_TTL: u32 = 10;
 const MAX_TTL: u32 = 300;
+const DEFAULT_DESIRED_TTL: u32 = 3600;
+const MAX_DESIRED_TTL: u32 = 7 * 24 * 3600;
 
 /// The document's schema of `set`: every writable capability of any kind
 /// with its value's type and range, at least one (from the capability table).
@@ -85,11 +114,22 @@ fn whole_numbers(set: &mut Map<String, Value>) {
 /// Pure decision: the event for a valid request to a device of `kind`. A
 /// request that breaks the document is 400; one the document allows but this
 /// device's kind does not (a light asked to unlock) is 422.
-pub fn decide(kind: DeviceKind, device_id: Uuid, mut req: CommandRequest, now: DateTime<Utc>) -> Result<DeviceCommandRequested, ApiError> {
+pub fn decide(kind: DeviceKind, device_id: Uuid, req: CommandRequest, now: DateTime<Utc>) -> Result<DeviceCommandRequested, ApiError> {
+    decide_within(kind, device_id, req, now, (DEFAULT_TTL, MAX_TTL))
+}
+
+/// [`decide`] with a default and a maximum life (seconds).
+fn decide_within(
+    kind: DeviceKind,
+    device_id: Uuid,
+    mut req: CommandRequest,
+    now: DateTime<Utc>,
+    (default_ttl, max_ttl): (u32, u32),
+) -> Result<DeviceCommandRequested, ApiError> {
     whole_numbers(&mut req.set);
-    let ttl = req.ttl_seconds.unwrap_or(DEFAULT_TTL);
-    if ttl == 0 || ttl > MAX_TTL {
-        return Err(ApiError::BadRequest(format!("ttlSeconds must be between 1 and {MAX_TTL}")));
+    let ttl = req.ttl_seconds.unwrap_or(default_ttl);
+    if ttl == 0 || ttl > max_ttl {
+        return Err(ApiError::BadRequest(format!("ttlSeconds must be between 1 and {max_ttl}")));
     }
     if req.set.is_empty() {
         return Err(ApiError::BadRequest("set must name at least one capability".into()));
@@ -107,6 +147,7 @@ pub fn decide(kind: DeviceKind, device_id: Uuid, mut req: CommandRequest, now: D
         device_id,
         set: req.set,
         expires_at: now + ChronoDuration::seconds(i64::from(ttl)),
+        queued: false,
     })
 }
 
@@ -126,16 +167,41 @@ pub async fn request(
 ) -> Result<(StatusCode, Json<CommandAccepted>), ApiError> {
     let household_id = path_id(&household_id)?;
     let device_id = path_id(&device_id)?;
-    request_command(&s, &who, household_id, device_id, body.0).await
+    request_command(&s, &who, household_id, device_id, body.0, None).await
 }
 
-/// Authorizes, validates, appends, pushes. Answers only after Kafka acknowledged.
+/// Sets desired state: validated and authorized like a command of the same
+/// values, delivered like one (at once when the device is online, when it
+/// comes online otherwise), and kept as desired until the device reports
+/// the values or `ttlSeconds` pass. With `version`, refused with 409
+/// `version-conflict` when the shadow's version is another one.
+#[utoipa::path(put, path = "/v1/households/{householdId}/devices/{deviceId}/desired", tag = "devices", request_body = DesiredRequest,
+    security(("bearer" = [])),
+    params(("householdId" = Uuid, Path), ("deviceId" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header, description = "makes a retry safe")),
+    responses((status = 202, body = CommandAccepted), (status = 400, body = Problem, content_type = "application/problem+json"), (status = 401, body = Problem, content_type = "application/problem+json"), (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"), (status = 409, body = Problem, content_type = "application/problem+json"), (status = 413, body = Problem, content_type = "application/problem+json"), (status = 503, body = Problem, content_type = "application/problem+json")))]
+pub async fn put_desired(
+    State(s): State<Arc<AppState>>,
+    Caller(who): Caller,
+    Path((household_id, device_id)): Path<(String, String)>,
+    body: Body<DesiredRequest>,
+) -> Result<(StatusCode, Json<CommandAccepted>), ApiError> {
+    let household_id = path_id(&household_id)?;
+    let device_id = path_id(&device_id)?;
+    let DesiredRequest { desired, version, ttl_seconds } = body.0;
+    let req = CommandRequest { set: desired, ttl_seconds };
+    request_command(&s, &who, household_id, device_id, req, Some(version)).await
+}
+
+/// Authorizes, validates, appends, pushes. Answers only after Kafka
+/// acknowledged. `desired`: a `PUT …/desired` with its expected version.
 pub async fn request_command(
     s: &AppState,
     who: &Requester,
     household_id: Uuid,
     device_id: Uuid,
     req: CommandRequest,
+    desired: Option<Option<u64>>,
 ) -> Result<(StatusCode, Json<CommandAccepted>), ApiError> {
     let started = std::time::Instant::now();
     s.metrics.messages_in.with_label_values(&["command"]).inc();
@@ -153,19 +219,36 @@ pub async fn request_command(
             Some(ApiError::Forbidden(format!("a member with role {r} may not send this command to a {kind}")))
         }
         Some(_) if access.removed => Some(ApiError::Conflict("device-removed", "the device was removed from the household".into())),
-        Some(_) => None,
+        Some(_) => match desired {
+            Some(Some(expected)) if i64::try_from(expected).ok() != Some(access.version) => Some(ApiError::Conflict(
+                "version-conflict",
+                format!("the shadow is at version {}, not {expected}: read it again and retry", access.version),
+            )),
+            _ => None,
+        },
     };
     if let Some(e) = refused {
         audit_denied(s, who, household_id, role, "device.command", target, &e);
         return Err(e);
     }
-    let cmd = decide(kind, device_id, req, Utc::now()).inspect_err(|_| s.metrics.errors.with_label_values(&["invalid_command"]).inc())?;
-    let accepted = CommandAccepted { command_id: cmd.command_id, status: "requested".into(), expires_at: cmd.expires_at };
+    let life = if desired.is_some() { (DEFAULT_DESIRED_TTL, MAX_DESIRED_TTL) } else { (DEFAULT_TTL, MAX_TTL) };
+    let mut cmd = decide_within(kind, device_id, req, Utc::now(), life)
+        .inspect_err(|_| s.metrics.errors.with_label_values(&["invalid_command"]).inc())?;
+    cmd.queued = !access.online;
+    let status = if cmd.queued { "queued" } else { "requested" };
+    let mut accepted =
+        CommandAccepted { command_id: cmd.command_id, status: status.into(), expires_at: cmd.expires_at, consistency_token: String::new() };
     let envelope = Envelope::new(household_id, who.actor(), &Event::DeviceCommandRequested(cmd), Utc::now())
         .with_correlation(accepted.command_id)
         .with_meta(who.meta(role));
     let topic = s.topics.commands();
     let pos = s.append(&topic, &envelope).await?;
+    accepted.consistency_token = homelink_kit::consistency::Token(vec![homelink_kit::consistency::Position {
+        topic: topic.clone(),
+        partition: pos.partition,
+        offset: pos.offset,
+    }])
+    .encode();
     s.bridge.push(envelope.clone());
     s.projector.push(Located { topic, partition: pos.partition, offset: pos.offset, envelope });
     s.metrics.messages_out.with_label_values(&["command"]).inc();

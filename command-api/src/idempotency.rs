@@ -97,11 +97,35 @@ pub async fn layer(State(s): State<Arc<AppState>>, req: Request, next: Next) -> 
     run_detached(&s, Some((scope, key)), next, Request::from_parts(parts, Body::from(bytes))).await
 }
 
+tokio::task_local! {
+    /// The log positions the running write appended (its consistency token).
+    pub static WRITTEN: std::sync::Arc<std::sync::Mutex<Vec<homelink_kit::consistency::Position>>>;
+}
+
+/// Records a position the current write appended, for its consistency token.
+pub fn wrote(p: homelink_kit::consistency::Position) {
+    let _ = WRITTEN.try_with(|w| w.lock().unwrap_or_else(|e| e.into_inner()).push(p));
+}
+
+/// Runs the handler with a fresh [`WRITTEN`]; a response to a write that
+/// appended something carries the positions in `HomeLink-Consistency-Token`.
+async fn run_collecting(next: Next, req: Request) -> Response {
+    let written = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut r = WRITTEN.scope(written.clone(), next.run(req)).await;
+    let positions = std::mem::take(&mut *written.lock().unwrap_or_else(|e| e.into_inner()));
+    if !positions.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&homelink_kit::consistency::Token(positions).encode()) {
+            r.headers_mut().insert(homelink_kit::consistency::HEADER, v);
+        }
+    }
+    r
+}
+
 /// Runs the handler as its own task; answers its response if it comes within
 /// `answer_within`, else 503 while the task goes on and records its outcome
 /// under the claim `(scope, key)` when it comes.
 async fn run_detached(s: &Arc<AppState>, claimed: Option<(String, String)>, next: Next, req: Request) -> Response {
-    let mut handler = tokio::spawn(next.run(req));
+    let mut handler = tokio::spawn(run_collecting(next, req));
     match tokio::time::timeout(s.answer_within, &mut handler).await {
         Ok(done) => settle(s, claimed.as_ref(), done).await,
         Err(_) => {

@@ -44,6 +44,7 @@ pub fn routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(households::remove))
         .routes(routes!(households::leave))
         .routes(routes!(commands::request))
+        .routes(routes!(commands::put_desired))
         .routes(routes!(devices::register))
         .routes(routes!(devices::remove))
         .routes(routes!(devices::rename))
@@ -159,7 +160,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(operations, 21);
+        assert_eq!(operations, 22);
     }
 
     /// The patterns the document publishes are the ones the handlers check

@@ -119,6 +119,20 @@ pub fn opt_whole<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, 
     n.map(|n| whole(&n).ok_or_else(|| D::Error::custom(format!("expected a whole number from 0 to {}, got {n}", u32::MAX)))).transpose()
 }
 
+/// Like [`opt_whole`], for a version (0 to 2^63 - 1).
+pub fn opt_whole_u64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    use serde::de::Error;
+    use serde::Deserialize;
+    let n: Option<serde_json::Number> = Option::deserialize(d)?;
+    n.map(|n| {
+        n.as_u64()
+            .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < 9.2e18).map(|f| f as u64))
+            .filter(|u| *u <= i64::MAX as u64)
+            .ok_or_else(|| D::Error::custom(format!("expected a whole number from 0 to {}, got {n}", i64::MAX)))
+    })
+    .transpose()
+}
+
 fn whole(n: &serde_json::Number) -> Option<u32> {
     match n.as_u64() {
         Some(u) => u32::try_from(u).ok(),

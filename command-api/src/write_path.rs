@@ -193,11 +193,18 @@ impl AppState {
     /// takes to know (its delivery timeout); the client's answer is bounded
     /// by the write layer instead (idempotency.rs), so the outcome is never
     /// cut off while still unknown.
+    /// The position goes into the write's consistency token.
     pub async fn append(&self, topic: &str, env: &Envelope) -> Result<homelink_kit::kafka::Position, ApiError> {
-        self.appender.append(topic, env).await.map_err(|e| {
+        let pos = self.appender.append(topic, env).await.map_err(|e| {
             self.metrics.errors.with_label_values(&["kafka_produce"]).inc();
             ApiError::Unavailable(format!("kafka: {e}"))
-        })
+        })?;
+        crate::idempotency::wrote(homelink_kit::consistency::Position {
+            topic: topic.to_owned(),
+            partition: pos.partition,
+            offset: pos.offset,
+        });
+        Ok(pos)
     }
 
     /// Waits until the read model applied every record of the household's

@@ -16,15 +16,18 @@ use crate::Shared;
 use chrono::Utc;
 use futures::future::{BoxFuture, FutureExt, Shared as SharedFuture};
 use futures::StreamExt;
-use homelink_events::event::DeviceCommandRequested;
+use homelink_events::event::{DeviceCommandDelivered, DeviceCommandExpired, DeviceCommandRequested};
 use homelink_events::protocol::{device_topic, Channel, CmdMsg, PROTOCOL_VERSION};
-use homelink_events::{Envelope, Event};
+use homelink_events::{Actor, Envelope, Event};
+use homelink_kit::push::Located;
 use homelink_kit::shutdown::CancellationToken;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::AsyncClient;
+use sqlx::Row;
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -32,9 +35,12 @@ use uuid::Uuid;
 
 const REMEMBERED: usize = 100_000;
 
-/// Resolves once the broker acknowledged the publish (`Err`: it never will
-/// be, the publish failed before it left).
-pub type Acked = SharedFuture<BoxFuture<'static, Result<(), ()>>>;
+/// Resolves once the broker acknowledged the publish: `Ok(true)` when it
+/// had a subscriber for it (the device is connected), `Ok(false)` when it
+/// had none (PUBACK "no matching subscribers": the device is offline and the
+/// command waits for it to come online); `Err`: it never will be
+/// acknowledged, the publish failed before it left.
+pub type Acked = SharedFuture<BoxFuture<'static, Result<bool, ()>>>;
 
 /// The PUBACKs of one broker connection, matched to the publishes that wait
 /// for them. The bridge publishes nothing but commands, so its outgoing
@@ -43,8 +49,8 @@ pub type Acked = SharedFuture<BoxFuture<'static, Result<(), ()>>>;
 /// id seen again is a retransmission after a reconnect.
 #[derive(Default)]
 pub struct PubAcks {
-    queued: Mutex<VecDeque<oneshot::Sender<()>>>,
-    sent: Mutex<HashMap<u16, oneshot::Sender<()>>>,
+    queued: Mutex<VecDeque<oneshot::Sender<bool>>>,
+    sent: Mutex<HashMap<u16, oneshot::Sender<bool>>>,
 }
 
 impl PubAcks {
@@ -59,14 +65,15 @@ impl PubAcks {
         }
     }
 
-    /// Called by the connection: the broker acknowledged `pkid`.
-    pub fn acked(&self, pkid: u16) {
+    /// Called by the connection: the broker acknowledged `pkid`, and
+    /// whether a subscriber matched.
+    pub fn acked(&self, pkid: u16, matched: bool) {
         if let Some(w) = self.sent.lock().unwrap_or_else(|e| e.into_inner()).remove(&pkid) {
-            let _ = w.send(());
+            let _ = w.send(matched);
         }
     }
 
-    fn enqueue(&self) -> oneshot::Receiver<()> {
+    fn enqueue(&self) -> oneshot::Receiver<bool> {
         let (tx, rx) = oneshot::channel();
         self.queued.lock().unwrap_or_else(|e| e.into_inner()).push_back(tx);
         rx
@@ -130,7 +137,7 @@ impl Deliverer {
     }
 
     /// Queues one publish on broker `b`; resolves at its PUBACK.
-    async fn publish_on(&self, b: usize, topic: String, body: Vec<u8>) -> Result<oneshot::Receiver<()>, rumqttc::v5::ClientError> {
+    async fn publish_on(&self, b: usize, topic: String, body: Vec<u8>) -> Result<oneshot::Receiver<bool>, rumqttc::v5::ClientError> {
         let _order = self.order[b].lock().await;
         let rx = self.acks[b].enqueue();
         if let Err(e) = self.clients[b].publish(topic, QoS::AtLeastOnce, false, body).await {
@@ -145,14 +152,16 @@ impl Deliverer {
     /// where the device is not connected drops it) unless it expired or
     /// went out already.
     pub async fn deliver(&self, envelope: &Envelope, broker: Option<u16>) -> Result<Delivery, rumqttc::v5::ClientError> {
-        let Ok(Event::DeviceCommandRequested(DeviceCommandRequested { command_id, device_id, set, expires_at })) = envelope.event() else {
+        let Ok(Event::DeviceCommandRequested(DeviceCommandRequested { command_id, device_id, set, expires_at, .. })) = envelope.event()
+        else {
             return Ok(Delivery::NotACommand);
         };
         if expires_at <= Utc::now() {
             return Ok(Delivery::Expired);
         }
         let earlier = self.seen.lock().unwrap_or_else(|e| e.into_inner()).0.get(&command_id).cloned();
-        if let Some(acked) = earlier {
+        // One that found no subscriber (the device was offline) goes out again.
+        if let Some(acked) = earlier.filter(|a| a.peek() != Some(&Ok(false))) {
             return Ok(Delivery::Duplicate(acked));
         }
         let msg = CmdMsg { v: PROTOCOL_VERSION, command_id, set, expires_at };
@@ -173,10 +182,11 @@ impl Deliverer {
             }
         }
         let acked: Acked = async move {
+            let mut matched = false;
             for w in waits {
-                w.await.map_err(|_| ())?;
+                matched |= w.await.map_err(|_| ())?;
             }
-            Ok(())
+            Ok(matched)
         }
         .boxed()
         .shared();
@@ -205,6 +215,9 @@ pub(crate) async fn deliver_counted(s: &Shared, envelope: &Envelope, path: &str)
         Ok(Delivery::Published(acked)) => {
             s.metrics.messages_out.with_label_values(&["cmd"]).inc();
             s.metrics.latency.with_label_values(&["command_publish"]).observe(started.elapsed().as_secs_f64());
+            if let (Some(s), Ok(Event::DeviceCommandRequested(c))) = (s.me.upgrade(), envelope.event()) {
+                tokio::spawn(record_delivery(s, envelope.household_id, c.command_id, c.device_id, acked.clone()));
+            }
             Some(acked)
         }
         Ok(Delivery::Duplicate(acked)) => {
@@ -223,6 +236,152 @@ pub(crate) async fn deliver_counted(s: &Shared, envelope: &Envelope, path: &str)
             tracing::warn!(error = %e, "publishing a command failed");
             s.metrics.errors.with_label_values(&["command_publish"]).inc();
             None
+        }
+    }
+}
+
+/// Appends `DeviceCommandDelivered` once the broker took the command for a
+/// connected device. A command that found no subscriber stays open: it goes
+/// out when the device comes online ([`flush_open`]).
+async fn record_delivery(s: Arc<Shared>, household: Uuid, command_id: Uuid, device_id: Uuid, acked: Acked) {
+    match acked.await {
+        Ok(true) => {
+            let ev = Event::DeviceCommandDelivered(DeviceCommandDelivered { command_id, device_id });
+            let envelope = Envelope::new(household, Actor::System("device-bridge".into()), &ev, Utc::now()).with_correlation(command_id);
+            append_and_push(&s, envelope).await;
+        }
+        Ok(false) => s.metrics.errors.with_label_values(&["command_no_subscriber"]).inc(),
+        Err(()) => {}
+    }
+}
+
+/// Appends a bridge event to the telemetry topic (retried a few times) and
+/// pushes it to the projector.
+async fn append_and_push(s: &Shared, envelope: Envelope) {
+    let topic = s.topics.telemetry();
+    let mut backoff = Duration::from_millis(100);
+    for _ in 0..8 {
+        match s.appender.append(&topic, &envelope).await {
+            Ok(pos) => {
+                s.projector.push(Located { topic, partition: pos.partition, offset: pos.offset, envelope });
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, event = %envelope.event_type, "append failed, retrying");
+                s.metrics.errors.with_label_values(&["kafka_produce"]).inc();
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// The offline queue: a device came online, so every command still open
+/// for it (requested or queued, not superseded, not expired) goes out now,
+/// oldest first, on its broker.
+pub(crate) async fn flush_open(s: Arc<Shared>, household: Uuid, device: Uuid) {
+    let rows = sqlx::query(
+        "SELECT command_id, set_values, expires_at, requested_at FROM device_commands
+          WHERE device_id = $1 AND household_id = $2 AND status_rank < 2 AND expires_at > now() AND set_values IS NOT NULL
+          ORDER BY requested_at",
+    )
+    .bind(device)
+    .bind(household)
+    .fetch_all(&s.pool)
+    .await;
+    let rows = match rows {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, %device, "reading a device's open commands failed");
+            s.metrics.errors.with_label_values(&["open_commands"]).inc();
+            return;
+        }
+    };
+    for r in rows {
+        let set = match r.get::<serde_json::Value, _>(1) {
+            serde_json::Value::Object(m) => m,
+            _ => continue,
+        };
+        let ev = Event::DeviceCommandRequested(DeviceCommandRequested {
+            command_id: r.get(0),
+            device_id: device,
+            set,
+            expires_at: r.get(2),
+            queued: true,
+        });
+        let at: Option<chrono::DateTime<Utc>> = r.get(3);
+        let envelope = Envelope::new(household, Actor::System("device-bridge".into()), &ev, at.unwrap_or_else(Utc::now));
+        deliver_counted(&s, &envelope, "command_queued").await;
+    }
+}
+
+/// The expiry timer: every second, commands past `expiresAt` without an
+/// ack get `DeviceCommandExpired`. Durable because it reads what is open
+/// from the read model, not from memory: a bridge restarted after a crash
+/// expires what came due meanwhile. Bridges take turns through an advisory
+/// lock; an expiry recorded twice is harmless (the status only moves forward).
+pub(crate) async fn expiry_timer(s: Arc<Shared>, every: Duration, cancel: CancellationToken) {
+    let mut recent: HashMap<Uuid, std::time::Instant> = HashMap::new();
+    loop {
+        tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(every) => {} }
+        recent.retain(|_, at| at.elapsed() < Duration::from_secs(30));
+        match due(&s).await {
+            Ok(due) => {
+                for (command_id, household, device_id, expires_at) in due {
+                    if recent.contains_key(&command_id) {
+                        continue;
+                    }
+                    recent.insert(command_id, std::time::Instant::now());
+                    let ev = Event::DeviceCommandExpired(DeviceCommandExpired { command_id, device_id, expires_at });
+                    let envelope =
+                        Envelope::new(household, Actor::System("device-bridge".into()), &ev, Utc::now()).with_correlation(command_id);
+                    append_and_push(&s, envelope).await;
+                    s.metrics.messages_out.with_label_values(&["command_expired"]).inc();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading due commands failed");
+                s.metrics.errors.with_label_values(&["expiry_timer"]).inc();
+            }
+        }
+    }
+}
+
+/// Open commands past their expiry, if this bridge holds the timer's lock.
+async fn due(s: &Shared) -> Result<Vec<(Uuid, Uuid, Uuid, chrono::DateTime<Utc>)>, sqlx::Error> {
+    let mut tx = s.pool.begin().await?;
+    let mine: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(7311001)").fetch_one(&mut *tx).await?;
+    if !mine {
+        return Ok(Vec::new());
+    }
+    let rows = sqlx::query(
+        "SELECT command_id, household_id, device_id, expires_at FROM device_commands
+          WHERE status_rank < 3 AND expires_at <= now() ORDER BY expires_at LIMIT 1000",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect())
+}
+
+/// Whether a command read from the log still has to go out: not when the
+/// read model says it was delivered or ended (superseded, expired, acked)
+/// meanwhile. A command the read model does not know yet, or a failed
+/// lookup, goes out (at least once).
+async fn still_open(s: &Shared, envelope: &Envelope) -> bool {
+    let Ok(Event::DeviceCommandRequested(c)) = envelope.event() else {
+        return true;
+    };
+    let rank: Result<Option<i16>, _> = sqlx::query_scalar("SELECT status_rank FROM device_commands WHERE command_id = $1")
+        .bind(c.command_id)
+        .fetch_optional(&s.pool)
+        .await;
+    match rank {
+        Ok(Some(r)) => r < 2,
+        Ok(None) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading a command's status failed; sending it");
+            true
         }
     }
 }
@@ -262,6 +421,10 @@ pub(crate) async fn catch_up(s: std::sync::Arc<Shared>, consumer: StreamConsumer
                 // bridge must read the record again.
                 let mut backoff = Duration::from_millis(200);
                 loop {
+                    if !still_open(&s, &env).await {
+                        s.metrics.errors.with_label_values(&["command_closed"]).inc();
+                        break;
+                    }
                     let acked = match deliver_counted(&s, &env, "command_log").await {
                         None => break,
                         Some(a) => a,
@@ -309,17 +472,17 @@ mod tests {
         acks.sent(8);
         // A retransmission after a reconnect keeps its packet id: still the first publish.
         acks.sent(7);
-        acks.acked(8);
+        acks.acked(8, true);
         assert!(second.try_recv().is_ok(), "the second publish is acknowledged");
         assert!(first.try_recv().is_err(), "the first is not, yet");
-        acks.acked(9);
+        acks.acked(9, true);
         assert!(first.try_recv().is_err(), "an unknown packet id acknowledges nothing");
-        acks.acked(7);
+        acks.acked(7, true);
         assert!(first.try_recv().is_ok());
         // A packet id used again after its PUBACK belongs to the next publish.
         let mut third = acks.enqueue();
         acks.sent(7);
-        acks.acked(7);
+        acks.acked(7, true);
         assert!(third.try_recv().is_ok());
     }
 }

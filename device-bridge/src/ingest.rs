@@ -69,7 +69,7 @@ pub(crate) async fn run(
     }
 }
 
-async fn handle(s: &Shared, p: &Publish, cancel: &CancellationToken) -> Fate {
+async fn handle(s: &Arc<Shared>, p: &Publish, cancel: &CancellationToken) -> Fate {
     let started = Instant::now();
     let topic = String::from_utf8_lossy(&p.topic).into_owned();
     let Some(t) = parse_device_topic(&topic) else {
@@ -141,6 +141,10 @@ async fn handle(s: &Shared, p: &Publish, cancel: &CancellationToken) -> Fate {
     s.metrics.messages_out.with_label_values(&["telemetry"]).inc();
     s.metrics.latency.with_label_values(&["report_appended"]).observe(started.elapsed().as_secs_f64());
     s.projector.push(Located { topic: telemetry, partition: pos.partition, offset: pos.offset, envelope });
+    // Online again: what was sent while it was away goes out now.
+    if matches!(event, Event::DeviceStatusChanged(DeviceStatusChanged { online: true, .. })) {
+        tokio::spawn(crate::deliver::flush_open(s.clone(), t.household_id, t.device_id));
+    }
     Fate::Appended
 }
 

@@ -88,6 +88,8 @@ pub struct Config {
     /// The service-to-service token of the push channel (sent to the
     /// projector, required from command-api); `None` pushes nothing and refuses every push.
     pub internal_token: Option<secrecy::SecretString>,
+    /// How often the expiry timer looks for commands past their expiry.
+    pub expiry_every: Duration,
 }
 
 impl Config {
@@ -114,6 +116,7 @@ impl Config {
             command_fetch_wait: Duration::from_millis(500),
             produce_linger: Duration::from_millis(5),
             internal_token: None,
+            expiry_every: Duration::from_secs(1),
         }
     }
 }
@@ -130,6 +133,10 @@ pub struct Shared {
     pub schemas: schema::Schemas,
     /// Per broker: whether its subscription is granted.
     subscribed: Vec<AtomicBool>,
+    /// The read models (open commands, the expiry timer).
+    pub pool: sqlx::PgPool,
+    /// This `Shared` itself, for tasks spawned from a borrowed one.
+    pub me: std::sync::Weak<Shared>,
 }
 
 pub struct Application {
@@ -181,8 +188,11 @@ impl Application {
         )?;
         commands.subscribe(&[&cfg.topics.commands()])?;
 
-        let shared = Arc::new(Shared {
-            schemas: schema::Schemas::compile()?,
+        let schemas = schema::Schemas::compile()?;
+        let shared = Arc::new_cyclic(|me| Shared {
+            pool: pool.clone(),
+            me: me.clone(),
+            schemas,
             projector: Pusher::spawn(cfg.projector_push_url.clone(), cfg.internal_token.clone(), "projector", metrics.clone()),
             metrics: metrics.clone(),
             topics: cfg.topics.clone(),
@@ -235,6 +245,7 @@ impl Application {
         let clients: Vec<AsyncClient> = self.connections.iter().map(|(c, _)| c.clone()).collect();
         let ingest = tokio::spawn(ingest::run(self.shared.clone(), clients.clone(), rx, cancel.clone()));
         let catch_up = tokio::spawn(deliver::catch_up(self.shared.clone(), self.commands, cancel.clone()));
+        let timer = tokio::spawn(deliver::expiry_timer(self.shared.clone(), self.cfg.expiry_every, cancel.clone()));
         let filters: Vec<String> =
             ["state", "ack", "status"].iter().map(|c| format!("$share/{}/home/+/device/+/{c}", self.cfg.share_group)).collect();
         let mqtt: Vec<_> = self
@@ -249,6 +260,7 @@ impl Application {
         self.listeners.serve(cancel.clone()).await?;
         let _ = ingest.await;
         let _ = catch_up.await;
+        timer.abort();
         for c in &clients {
             let _ = c.disconnect().await;
         }
@@ -294,7 +306,9 @@ async fn poll_mqtt(
             }
             // The broker's acknowledgements of command publishes (deliver.rs).
             Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => s.deliverer.acks[broker].sent(pkid),
-            Ok(Event::Incoming(Packet::PubAck(ack))) => s.deliverer.acks[broker].acked(ack.pkid),
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                s.deliverer.acks[broker].acked(ack.pkid, ack.reason == rumqttc::v5::mqttbytes::v5::PubAckReason::Success)
+            }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
                 let granted = ack.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_)));
                 if !granted {

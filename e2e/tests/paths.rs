@@ -94,13 +94,14 @@ async fn a_command_reaches_the_device_and_its_new_state_comes_back_on_the_subscr
     let change = next_matching(&mut sub, "the new state", |v| v["deviceChanges"]["shadow"]["reported"]["brightness"] == 77).await;
     assert_eq!(change["deviceChanges"]["shadow"]["reported"]["on"], true);
 
-    // The device's ack moves the command's lifecycle to `ok`.
-    let q = "query($id: ID!) { command(id: $id) { status deviceId set } }";
-    let cmd = eventually(Duration::from_secs(30), "command acknowledged", || async {
+    // The device's ack (`ok`) and then its report of the values move the
+    // command's lifecycle to `confirmed`.
+    let q = "query($id: ID!) { command(id: $id) { status ackStatus deviceId set } }";
+    let cmd = eventually(Duration::from_secs(30), "command acknowledged and confirmed", || async {
         let r = stack.gql(&home.accounts[0].access_token, q, json!({"id": command_id})).await;
         let c = &r["data"]["command"];
         // The ack and the request may be applied in either order; both end up in the row.
-        (c["status"] == "ok" && c["set"].is_object()).then(|| c.clone())
+        (c["status"] == "confirmed" && c["ackStatus"] == "ok" && c["set"].is_object()).then(|| c.clone())
     })
     .await;
     assert_eq!(cmd["deviceId"], json!(light));

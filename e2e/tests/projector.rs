@@ -221,6 +221,7 @@ async fn device_commands_past_their_retention_are_deleted() {
             device_id: d,
             set: json!({"on": true}).as_object().cloned().unwrap_or_default(),
             expires_at: at + chrono::Duration::seconds(10),
+            queued: false,
         });
         appender.append(&topics.commands(), &Envelope::new(h, Actor::System("test".into()), &ev, at)).await.expect("append");
     }

@@ -292,12 +292,13 @@ async fn a_device_can_touch_only_its_own_topics_at_the_broker() {
     let own = publish(&ca, &mut eva, format!("home/{h}/device/{}/state", a.device_id), state(1, json!({"brightness": 7}))).await;
     assert_eq!(own, PubAckReason::Success);
     stack.wait_applied("DeviceStateReported", 1, Duration::from_secs(20)).await;
-    let b_shadow: Option<i64> = sqlx::query_scalar("SELECT seq FROM device_shadows WHERE device_id = $1")
+    // B's shadow holds the command's desired state, but nothing reported.
+    let b_reported: Option<(i64, serde_json::Value)> = sqlx::query_as("SELECT seq, reported FROM device_shadows WHERE device_id = $1")
         .bind(b.device_id)
         .fetch_optional(&stack.pool)
         .await
         .expect("q");
-    assert_eq!(b_shadow, None, "nothing was recorded for B");
+    assert!(b_reported.as_ref().is_none_or(|(seq, r)| *seq == 0 && r == &json!({})), "nothing was reported for B: {b_reported:?}");
 
     // B connected; A claiming B's client id gets its own id forced: B stays connected.
     let (cb, mut evb) = connect(&stack, &b, None).await.expect("B connects");

@@ -177,6 +177,29 @@ pub struct DeviceCommandRequested {
     pub device_id: Uuid,
     pub set: Map<String, Value>,
     pub expires_at: DateTime<Utc>,
+    /// The device was offline when the command was accepted: it waits, as
+    /// desired state, until the device comes online.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub queued: bool,
+}
+
+/// The broker accepted a command's publish for a connected device (the
+/// bridge appends it at the PUBACK).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceCommandDelivered {
+    pub command_id: Uuid,
+    pub device_id: Uuid,
+}
+
+/// A command was not acknowledged before it expired (appended by the
+/// bridge's expiry timer); its values are no longer desired.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceCommandExpired {
+    pub command_id: Uuid,
+    pub device_id: Uuid,
+    pub expires_at: DateTime<Utc>,
 }
 
 /// A device answered a command.
@@ -250,6 +273,8 @@ events! {
     RoomCreated = 1,
     RoomRenamed = 1,
     RoomDeleted = 1,
+    DeviceCommandDelivered = 1,
+    DeviceCommandExpired = 1,
 }
 
 impl Event {
@@ -273,6 +298,8 @@ impl Event {
             Event::DeviceStatusChanged(e) => Some(e.device_id),
             Event::DeviceCommandRequested(e) => Some(e.device_id),
             Event::DeviceCommandAcked(e) => Some(e.device_id),
+            Event::DeviceCommandDelivered(e) => Some(e.device_id),
+            Event::DeviceCommandExpired(e) => Some(e.device_id),
         }
     }
 

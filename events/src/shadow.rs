@@ -11,11 +11,46 @@
 //! - presence (`online`) follows the event at the highest log position among
 //!   status messages and reports (a report means online);
 //! - `seq` is the highest report `seq`, `last_seen` the latest time.
+//!
+//! The twin on top (issue 11): each property's **desired** value comes from
+//! the latest command that set it (by request time, then command id); it is
+//! cleared when a report recorded at or after that request carries the same
+//! value (the command is then *confirmed*), or when its command expires.
+//! The **delta** is what is desired and not (yet) reported. Per property,
+//! **metadata** says when it was last reported and last desired, and by
+//! which command.
 
 use crate::event::Event;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
+use uuid::Uuid;
+
+/// When a property was last reported and last desired, and by which command.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PropertyMeta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_at: Option<DateTime<Utc>>,
+    /// The command that set the (last) desired value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_id: Option<Uuid>,
+}
+
+/// The desired values that differ from the reported ones.
+pub fn delta_of(reported: &Map<String, Value>, desired: &Map<String, Value>) -> Map<String, Value> {
+    desired.iter().filter(|(k, v)| !reported.get(*k).is_some_and(|r| same_value(r, v))).map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+/// Whether two property values are the same (`20` and `20.0` are).
+pub fn same_value(a: &Value, b: &Value) -> bool {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    }
+}
 
 /// What the projector announces after committing a changed shadow, and what
 /// query-api pushes to subscribers (the wire type of that notification).
@@ -30,6 +65,17 @@ pub struct ShadowChanged {
     pub battery: Option<u8>,
     pub online: bool,
     pub last_seen: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub desired: Map<String, Value>,
+    #[serde(default)]
+    pub delta: Map<String, Value>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, PropertyMeta>,
+    /// The household's change sequence number: gap-free and increasing over
+    /// every change of the household (shadows and registry), assigned by the
+    /// projector in the transaction that commits the change.
+    #[serde(default)]
+    pub change_seq: u64,
 }
 
 impl ShadowChanged {
@@ -43,6 +89,10 @@ impl ShadowChanged {
             battery: s.battery,
             online: s.online,
             last_seen: s.last_seen,
+            desired: s.desired.clone(),
+            delta: s.delta(),
+            metadata: s.metadata.clone(),
+            change_seq: 0,
         }
     }
 }
@@ -67,6 +117,17 @@ pub struct Shadow {
     pub property_seq: BTreeMap<String, u64>,
     /// The `seq` of the report that set `battery`.
     pub battery_seq: u64,
+    /// Desired values not reported yet (see the module documentation).
+    pub desired: Map<String, Value>,
+    pub metadata: BTreeMap<String, PropertyMeta>,
+}
+
+/// What applying one event did.
+#[derive(Debug, Default, PartialEq)]
+pub struct Applied {
+    pub changed: bool,
+    /// Commands whose every desired value has now been reported.
+    pub confirmed: Vec<Uuid>,
 }
 
 impl Default for Shadow {
@@ -81,6 +142,8 @@ impl Default for Shadow {
             status_offset: -1,
             property_seq: BTreeMap::new(),
             battery_seq: 0,
+            desired: Map::new(),
+            metadata: BTreeMap::new(),
         }
     }
 }
@@ -89,6 +152,108 @@ impl Shadow {
     /// Applies one event recorded at `at` at log `offset`; returns whether the
     /// shadow changed.
     pub fn apply(&mut self, event: &Event, at: DateTime<Utc>, offset: i64) -> bool {
+        self.apply_twin(event, at, offset).changed
+    }
+
+    /// Desired values that differ from the reported ones.
+    pub fn delta(&self) -> Map<String, Value> {
+        delta_of(&self.reported, &self.desired)
+    }
+
+    /// Like [`Shadow::apply`], also saying which commands it confirmed.
+    pub fn apply_twin(&mut self, event: &Event, at: DateTime<Utc>, offset: i64) -> Applied {
+        let mut out = Applied::default();
+        match event {
+            Event::DeviceCommandRequested(c) => {
+                for (k, v) in &c.set {
+                    let meta = self.metadata.entry(k.clone()).or_default();
+                    let newer = match (meta.desired_at, meta.command_id) {
+                        (None, _) => true,
+                        (Some(t), by) => at > t || (at == t && by.is_some_and(|b| c.command_id > b)),
+                    };
+                    if newer {
+                        meta.desired_at = Some(at);
+                        meta.command_id = Some(c.command_id);
+                        self.desired.insert(k.clone(), v.clone());
+                        out.changed = true;
+                    }
+                }
+                // Reported at or after the request already: nothing left to do.
+                let reached: Vec<String> = c
+                    .set
+                    .keys()
+                    .filter(|k| {
+                        let m = &self.metadata[*k];
+                        m.command_id == Some(c.command_id)
+                            && m.reported_at.is_some_and(|r| r >= at)
+                            && self.reported.get(*k).zip(self.desired.get(*k)).is_some_and(|(r, d)| same_value(r, d))
+                    })
+                    .cloned()
+                    .collect();
+                self.clear_reached(&reached, &mut out.confirmed);
+                if out.changed {
+                    self.version += 1;
+                }
+                return out;
+            }
+            Event::DeviceCommandExpired(e) => {
+                let before = self.desired.len();
+                let metadata = &self.metadata;
+                self.desired.retain(|k, _| metadata.get(k).and_then(|m| m.command_id) != Some(e.command_id));
+                out.changed = self.desired.len() != before;
+                if out.changed {
+                    self.version += 1;
+                }
+                return out;
+            }
+            _ => {}
+        }
+        out.changed = self.apply_reported(event, at, offset);
+        if let Event::DeviceStateReported(r) = event {
+            // A report recorded at or after a request that carries its value
+            // clears it, whether or not it is the newest report of the property.
+            let reached: Vec<String> = r
+                .state
+                .iter()
+                .filter(|(k, v)| {
+                    self.desired.get(*k).is_some_and(|d| same_value(d, v))
+                        && self.metadata.get(*k).and_then(|m| m.desired_at).is_some_and(|t| at >= t)
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            if !reached.is_empty() {
+                self.clear_reached(&reached, &mut out.confirmed);
+                if !out.changed {
+                    self.version += 1;
+                }
+                out.changed = true;
+            }
+        }
+        out
+    }
+
+    /// Clears desired properties that were reached; a command none of whose
+    /// desired values remain is confirmed.
+    fn clear_reached(&mut self, reached: &[String], confirmed: &mut Vec<Uuid>) {
+        let mut by: Vec<Uuid> = Vec::new();
+        for k in reached {
+            if self.desired.remove(k).is_some() {
+                if let Some(c) = self.metadata.get(k).and_then(|m| m.command_id) {
+                    if !by.contains(&c) {
+                        by.push(c);
+                    }
+                }
+            }
+        }
+        for c in by {
+            let pending = self.desired.keys().any(|k| self.metadata.get(k).and_then(|m| m.command_id) == Some(c));
+            if !pending {
+                confirmed.push(c);
+            }
+        }
+    }
+
+    fn apply_reported(&mut self, event: &Event, at: DateTime<Utc>, offset: i64) -> bool {
         match event {
             Event::DeviceStateReported(r) => {
                 let mut changed = false;
@@ -98,6 +263,7 @@ impl Shadow {
                     let set_by = self.property_seq.get(k).copied().unwrap_or(if self.reported.contains_key(k) { self.seq } else { 0 });
                     if r.seq > set_by {
                         self.property_seq.insert(k.clone(), r.seq);
+                        self.metadata.entry(k.clone()).or_default().reported_at = Some(at);
                         if self.reported.get(k) != Some(v) {
                             self.reported.insert(k.clone(), v.clone());
                         }
@@ -236,6 +402,61 @@ mod tests {
         assert!(s.online);
     }
 
+    fn command(id: u128, set: Value) -> Event {
+        Event::DeviceCommandRequested(crate::event::DeviceCommandRequested {
+            command_id: Uuid::from_u128(id),
+            device_id: Uuid::nil(),
+            set: set.as_object().cloned().unwrap(),
+            expires_at: t(1000),
+            queued: false,
+        })
+    }
+
+    #[test]
+    fn desired_shows_in_the_delta_until_a_later_report_carries_it_then_the_command_is_confirmed() {
+        let mut s = Shadow::default();
+        s.apply(&report(1, 10), t(1), 0);
+        let a = s.apply_twin(&command(7, json!({"brightness": 80})), t(2), 0);
+        assert!(a.changed && a.confirmed.is_empty());
+        assert_eq!(Value::Object(s.delta()), json!({"brightness": 80}));
+        assert_eq!(s.metadata["brightness"].command_id, Some(Uuid::from_u128(7)));
+        // Another value reported: still desired.
+        assert!(s.apply_twin(&report(2, 20), t(3), 1).confirmed.is_empty());
+        let done = s.apply_twin(&report(3, 80), t(4), 2);
+        assert_eq!(done.confirmed, vec![Uuid::from_u128(7)]);
+        assert!(s.desired.is_empty() && s.delta().is_empty());
+        assert_eq!((s.metadata["brightness"].reported_at, s.metadata["brightness"].desired_at), (Some(t(4)), Some(t(2))));
+    }
+
+    #[test]
+    fn a_report_from_before_the_request_does_not_clear_it_and_an_older_request_does_not_win() {
+        let mut s = Shadow::default();
+        s.apply(&command(2, json!({"brightness": 50})), t(5), 0);
+        // Recorded before the request, applied after it: not an answer to it.
+        assert!(s.apply_twin(&report(1, 50), t(4), 0).confirmed.is_empty());
+        assert_eq!(s.desired["brightness"], 50);
+        assert!(s.delta().is_empty(), "reported equals desired, nothing left to do");
+        // An older request applied late changes nothing.
+        assert!(!s.apply(&command(1, json!({"brightness": 10})), t(3), 0));
+        assert_eq!(s.desired["brightness"], 50);
+    }
+
+    #[test]
+    fn a_request_already_reported_is_confirmed_at_once_and_an_expired_one_is_no_longer_desired() {
+        let mut s = Shadow::default();
+        s.apply(&report(4, 30), t(9), 0);
+        assert_eq!(s.apply_twin(&command(3, json!({"brightness": 30})), t(8), 0).confirmed, vec![Uuid::from_u128(3)]);
+        s.apply(&command(5, json!({"brightness": 60, "on": true})), t(10), 0);
+        let expired = Event::DeviceCommandExpired(crate::event::DeviceCommandExpired {
+            command_id: Uuid::from_u128(5),
+            device_id: Uuid::nil(),
+            expires_at: t(11),
+        });
+        assert!(s.apply(&expired, t(11), 1));
+        assert!(s.desired.is_empty());
+        assert!(!s.apply(&expired, t(11), 1), "twice is once");
+    }
+
     /// One generated telemetry event: a partial report or a status.
     #[derive(Debug, Clone)]
     enum Gen {
@@ -311,14 +532,15 @@ mod tests {
 pub const NOTIFY_MAX_BYTES: usize = 7_900;
 
 /// One line of a shadow notification: `<household id>\t<ShadowChanged JSON>`,
-/// or `<household id>\t!<device id>` when the change is too large to travel
-/// in a notification (the listener reads that shadow from its table). The
+/// or `<household id>\t!<device id>:<change seq>` when the change is too
+/// large to travel in a notification (the listener reads it from the
+/// retained changes). The
 /// household comes first so a listener skips the changes of households
 /// nobody watches without parsing them.
 pub fn notification_line(c: &ShadowChanged) -> String {
     let json = serde_json::to_string(c).unwrap_or_default();
     if json.len() + 37 > NOTIFY_MAX_BYTES {
-        format!("{}\t!{}", c.household_id, c.device_id)
+        format!("{}\t!{}:{}", c.household_id, c.device_id, c.change_seq)
     } else {
         format!("{}\t{json}", c.household_id)
     }
@@ -348,8 +570,8 @@ pub fn pack_notifications(lines: Vec<String>) -> Vec<String> {
 pub enum NotificationLine<'a> {
     /// The change's JSON ([`ShadowChanged`]), not parsed yet.
     Change { household_id: uuid::Uuid, json: &'a str },
-    /// The device's shadow changed; read it from the table.
-    Refetch { household_id: uuid::Uuid, device_id: uuid::Uuid },
+    /// The device's shadow changed; read the change from the retained ones.
+    Refetch { household_id: uuid::Uuid, device_id: uuid::Uuid, change_seq: u64 },
 }
 
 /// Splits a notification payload into its lines; a line that is not of
@@ -359,7 +581,14 @@ pub fn notification_lines(payload: &str) -> impl Iterator<Item = Result<Notifica
         let (h, rest) = line.split_once('\t').ok_or(line)?;
         let household_id = h.parse().map_err(|_| line)?;
         match rest.strip_prefix('!') {
-            Some(d) => Ok(NotificationLine::Refetch { household_id, device_id: d.parse().map_err(|_| line)? }),
+            Some(rest) => {
+                let (d, seq) = rest.split_once(':').ok_or(line)?;
+                Ok(NotificationLine::Refetch {
+                    household_id,
+                    device_id: d.parse().map_err(|_| line)?,
+                    change_seq: seq.parse().map_err(|_| line)?,
+                })
+            }
             None => Ok(NotificationLine::Change { household_id, json: rest }),
         }
     })
@@ -381,6 +610,10 @@ mod notification_tests {
             battery: None,
             online: true,
             last_seen: None,
+            desired: Map::new(),
+            delta: Map::new(),
+            metadata: BTreeMap::new(),
+            change_seq: 0,
         }
     }
 
@@ -413,7 +646,7 @@ mod notification_tests {
         assert!(line.len() < 100);
         let payloads = pack_notifications(vec![line]);
         let lines: Vec<_> = notification_lines(&payloads[0]).collect();
-        assert_eq!(lines, vec![Ok(NotificationLine::Refetch { household_id: h, device_id: big.device_id })]);
+        assert_eq!(lines, vec![Ok(NotificationLine::Refetch { household_id: h, device_id: big.device_id, change_seq: big.change_seq })]);
     }
 
     #[test]

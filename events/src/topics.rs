@@ -89,6 +89,9 @@ pub struct RegistryChanged {
     pub room_id: Option<Uuid>,
     /// The household version after the change.
     pub version: u64,
+    /// The household's change sequence number (see [`crate::shadow::ShadowChanged::change_seq`]).
+    #[serde(default)]
+    pub change_seq: u64,
 }
 
 /// A member of a household joined, changed role or left.

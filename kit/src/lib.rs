@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod consistency;
 pub mod db;
 pub mod kafka;
 pub mod metrics;

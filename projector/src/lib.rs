@@ -54,6 +54,9 @@ pub struct Config {
     /// How long a device command's row is kept after it was requested (its
     /// events stay in the log; the audit log keeps who did what).
     pub command_retention: Duration,
+    /// How long a household change stays available to subscribers resuming
+    /// `after` it (`household_changes`; older: `RESUME_TOO_OLD`).
+    pub change_retention: Duration,
     /// How often rows past their retention are deleted.
     pub retention_every: Duration,
     /// The service-to-service token pushes must carry; `None` refuses every push.
@@ -71,7 +74,8 @@ impl Config {
             fetch_wait: Duration::from_millis(500),
             batch_max: 5_000,
             command_retention: Duration::from_secs(30 * 24 * 3600),
-            retention_every: Duration::from_secs(3600),
+            change_retention: Duration::from_secs(24 * 3600),
+            retention_every: Duration::from_secs(600),
             internal_token: None,
         }
     }
@@ -101,7 +105,7 @@ pub struct Application {
     jobs_rx: mpsc::Receiver<Job>,
     jobs_tx: mpsc::Sender<Job>,
     consumer: consume::CatchUp,
-    retention: (Duration, Duration),
+    retention: (Duration, Duration, Duration),
 }
 
 /// Applies the read-model migrations (`homelink-read-model`).
@@ -145,7 +149,7 @@ impl Application {
             .with_state(AppState { jobs: jobs_tx.clone(), topics: cfg.topics.clone() });
         let public = homelink_kit::ops::router(metrics.clone(), homelink_kit::ops::postgres_ready(pool.clone()));
         let listeners = homelink_kit::ops::Listeners::bind(&cfg.listen, public, &cfg.internal_listen, internal).await?;
-        let retention = (cfg.command_retention, cfg.retention_every);
+        let retention = (cfg.command_retention, cfg.change_retention, cfg.retention_every);
         Ok(Self { listeners, pool, metrics, applier, jobs_rx, jobs_tx, consumer, retention })
     }
 
@@ -172,7 +176,7 @@ impl Application {
         let positions: Positions = Arc::new(Mutex::new(self.applier.offsets().clone()));
         let writer = tokio::spawn(run_applier(self.applier, self.jobs_rx, self.metrics.clone(), positions.clone(), cancel.clone()));
         let catch_up = tokio::spawn(self.consumer.run(self.jobs_tx, positions, cancel.clone()));
-        tokio::spawn(expire_commands(self.pool.clone(), self.retention.0, self.retention.1, self.metrics.clone(), cancel.clone()));
+        tokio::spawn(expire_rows(self.pool.clone(), self.retention, self.metrics.clone(), cancel.clone()));
         self.listeners.serve(cancel.clone()).await?;
         let _ = catch_up.await;
         let _ = writer.await;
@@ -180,20 +184,32 @@ impl Application {
     }
 }
 
-/// Deletes `device_commands` rows requested longer than `retention` ago,
-/// every `every`, until cancelled: the table would otherwise grow with every
-/// tap forever. A rebuild from the log recreates old rows until the next sweep.
-async fn expire_commands(pool: PgPool, retention: Duration, every: Duration, metrics: ServiceMetrics, cancel: CancellationToken) {
+/// Deletes `device_commands` rows requested longer than the command
+/// retention ago and `household_changes` older than the change retention,
+/// every `every`, until cancelled: the tables would otherwise grow with every
+/// tap and report forever. A rebuild from the log recreates old rows until
+/// the next sweep.
+async fn expire_rows(
+    pool: PgPool,
+    (commands, changes, every): (Duration, Duration, Duration),
+    metrics: ServiceMetrics,
+    cancel: CancellationToken,
+) {
     loop {
-        let r = sqlx::query("DELETE FROM device_commands WHERE COALESCE(requested_at, acked_at) < now() - make_interval(secs => $1)")
-            .bind(retention.as_secs_f64())
-            .execute(&pool)
-            .await;
-        match r {
-            Ok(done) => metrics.messages_out.with_label_values(&["commands_expired"]).inc_by(done.rows_affected()),
-            Err(e) => {
-                tracing::warn!(error = %e, "expiring device commands failed");
-                metrics.errors.with_label_values(&["retention"]).inc();
+        for (sql, keep, what) in [
+            (
+                "DELETE FROM device_commands WHERE COALESCE(requested_at, acked_at) < now() - make_interval(secs => $1)",
+                commands,
+                "commands_expired",
+            ),
+            ("DELETE FROM household_changes WHERE at < now() - make_interval(secs => $1)", changes, "changes_expired"),
+        ] {
+            match sqlx::query(sql).bind(keep.as_secs_f64()).execute(&pool).await {
+                Ok(done) => metrics.messages_out.with_label_values(&[what]).inc_by(done.rows_affected()),
+                Err(e) => {
+                    tracing::warn!(error = %e, what, "deleting rows past their retention failed");
+                    metrics.errors.with_label_values(&["retention"]).inc();
+                }
             }
         }
         tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(every) => {} }
@@ -227,7 +243,14 @@ fn admissible(topics: &Topics, l: &Located) -> Result<(), String> {
     use homelink_events::Event;
     let ev = l.envelope.event().map_err(|e| format!("{}@{}: undecodable: {e}", l.topic, l.offset))?;
     let ok = if l.topic == topics.telemetry() {
-        matches!(ev, Event::DeviceStateReported(_) | Event::DeviceCommandAcked(_) | Event::DeviceStatusChanged(_))
+        matches!(
+            ev,
+            Event::DeviceStateReported(_)
+                | Event::DeviceCommandAcked(_)
+                | Event::DeviceStatusChanged(_)
+                | Event::DeviceCommandDelivered(_)
+                | Event::DeviceCommandExpired(_)
+        )
     } else if l.topic == topics.households() {
         ev.household_event().is_some()
     } else if l.topic == topics.commands() {

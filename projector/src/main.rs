@@ -20,6 +20,9 @@ struct Args {
     /// Most records per catch-up transaction.
     #[arg(long, env = "HOMELINK_PROJECTOR_BATCH_MAX", default_value_t = 5000)]
     batch_max: usize,
+    /// How long household changes stay available to subscriptions resuming `after` them, in seconds.
+    #[arg(long, env = "HOMELINK_CHANGE_RETENTION_SECS", default_value_t = 24 * 3600)]
+    change_retention_secs: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,6 +40,7 @@ async fn run() -> anyhow::Result<()> {
     cfg.internal_listen = a.internal_listen;
     cfg.fetch_wait = Duration::from_millis(a.fetch_wait_ms);
     cfg.batch_max = a.batch_max.max(1);
+    cfg.change_retention = Duration::from_secs(a.change_retention_secs.max(1));
     cfg.internal_token = a.common.internal_token()?;
     let app = Application::build(cfg).await?;
     tracing::info!(port = app.port(), internal_port = app.internal_port(), "projector listening");

@@ -20,6 +20,10 @@ pub mod codes {
     pub const PAYLOAD_TOO_LARGE: &str = "PAYLOAD_TOO_LARGE";
     pub const BATCH_NOT_SUPPORTED: &str = "BATCH_NOT_SUPPORTED";
     pub const BAD_REQUEST: &str = "BAD_REQUEST";
+    /// A read given a consistency token the read models did not reach in time.
+    pub const CONSISTENCY_TIMEOUT: &str = "CONSISTENCY_TIMEOUT";
+    /// A subscription asked to resume after a change that is no longer retained.
+    pub const RESUME_TOO_OLD: &str = "RESUME_TOO_OLD";
 }
 
 pub fn error(code: &'static str, message: impl Into<String>) -> async_graphql::Error {

@@ -28,7 +28,7 @@ use homelink_read_model::role_in;
 use prometheus::IntGauge;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -37,7 +37,8 @@ use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::StreamExt;
 use uuid::Uuid;
 
-/// Changes a slow subscriber may fall behind by before it misses some.
+/// Changes a slow subscriber may fall behind by before it catches up from
+/// the retained changes.
 const PER_HOUSEHOLD_BUFFER: usize = 256;
 
 /// What a household's subscribers are told.
@@ -58,11 +59,14 @@ pub enum HubEvent {
 pub struct SubscriptionLimits {
     pub per_connection: usize,
     pub per_user: usize,
+    /// Changes a slow subscriber may fall behind by before it reads the rest
+    /// from the retained changes.
+    pub buffer: usize,
 }
 
 impl Default for SubscriptionLimits {
     fn default() -> Self {
-        Self { per_connection: 32, per_user: 128 }
+        Self { per_connection: 32, per_user: 128, buffer: PER_HOUSEHOLD_BUFFER }
     }
 }
 
@@ -155,7 +159,7 @@ impl Hub {
     /// The household's change channel (an admitted subscription's).
     pub fn subscribe(&self, ticket: &Ticket) -> broadcast::Receiver<HubEvent> {
         let mut h = self.households.lock().unwrap_or_else(|e| e.into_inner());
-        let rx = h.entry(ticket.household).or_insert_with(|| broadcast::channel(PER_HOUSEHOLD_BUFFER).0).subscribe();
+        let rx = h.entry(ticket.household).or_insert_with(|| broadcast::channel(self.limits.buffer.max(1)).0).subscribe();
         self.channels.set(h.len() as i64);
         rx
     }
@@ -199,14 +203,16 @@ impl Hub {
                         }
                     }
                 }
-                Ok(NotificationLine::Refetch { household_id, device_id }) => {
+                Ok(NotificationLine::Refetch { household_id, device_id, change_seq }) => {
                     received.inc();
                     if !self.watched(household_id) {
                         continue;
                     }
-                    match read_shadow(pool, device_id).await {
-                        Ok(Some(c)) => c,
-                        Ok(None) => continue,
+                    match read_changes(pool, household_id, change_seq - 1, change_seq).await {
+                        Ok(mut found) => match found.pop() {
+                            Some(HubEvent::Shadow(c)) => Arc::unwrap_or_clone(c),
+                            _ => continue,
+                        },
                         Err(e) => {
                             tracing::warn!(error = %e, %device_id, "reading a changed shadow failed");
                             metrics.errors.with_label_values(&["shadow_refetch"]).inc();
@@ -321,6 +327,8 @@ pub enum Visible {
     Registry(Arc<RegistryChanged>),
     /// The viewer was removed from the household.
     Removed,
+    /// Changes to catch up with are no longer retained.
+    TooOld,
 }
 
 /// One subscriber's view of a household: its role, kept current, and what
@@ -335,12 +343,129 @@ pub struct Watch {
     role: Role,
     kinds: HashMap<Uuid, DeviceKind>,
     ended: bool,
+    /// The household change sequence number of the last change this
+    /// subscription has passed (delivered, or not visible to the viewer).
+    last_seq: u64,
+    /// Changes up to this number are read from the retained ones before the
+    /// live channel (a resume, a gap, a lagged receiver).
+    target: u64,
+    /// Retained changes read, not passed yet.
+    replay: VecDeque<HubEvent>,
+}
+
+/// Most retained changes read at once.
+const REPLAY_PAGE: i64 = 500;
+
+/// Why a subscription cannot start where it was asked to.
+#[derive(Debug)]
+pub enum ResumeError {
+    /// Some changes after `after` are no longer retained: refetch, then subscribe.
+    TooOld,
+    /// `after` is beyond the household's last change.
+    InTheFuture,
+    Unavailable(sqlx::Error),
 }
 
 impl Watch {
-    pub fn new(rx: broadcast::Receiver<HubEvent>, ticket: Ticket, pool: PgPool, user: Uuid, role: Role) -> Self {
+    /// A subscriber's view from now on, or — with `after` — from the change
+    /// after that one: the retained changes first, then live ones, with no
+    /// gap and no duplicate. Call after subscribing to the channel, so no
+    /// change committed meanwhile is missed.
+    pub async fn start(
+        rx: broadcast::Receiver<HubEvent>,
+        ticket: Ticket,
+        pool: PgPool,
+        user: Uuid,
+        role: Role,
+        after: Option<u64>,
+    ) -> Result<Self, ResumeError> {
         let household = ticket.household;
-        Self { rx: BroadcastStream::new(rx), _ticket: ticket, pool, household, user, role, kinds: HashMap::new(), ended: false }
+        let last = last_change(&pool, household).await.map_err(ResumeError::Unavailable)?;
+        let from = match after {
+            None => last,
+            Some(a) if a > last => return Err(ResumeError::InTheFuture),
+            Some(a) if a == last => a,
+            Some(a) => {
+                let first: Option<i64> =
+                    sqlx::query_scalar("SELECT min(change_seq) FROM household_changes WHERE household_id = $1 AND change_seq > $2")
+                        .bind(household)
+                        .bind(a as i64)
+                        .fetch_one(&pool)
+                        .await
+                        .map_err(ResumeError::Unavailable)?;
+                if first != Some(a as i64 + 1) {
+                    return Err(ResumeError::TooOld);
+                }
+                a
+            }
+        };
+        Ok(Self {
+            rx: BroadcastStream::new(rx),
+            _ticket: ticket,
+            pool,
+            household,
+            user,
+            role,
+            kinds: HashMap::new(),
+            ended: false,
+            last_seq: from,
+            target: last,
+            replay: VecDeque::new(),
+        })
+    }
+
+    /// The next change in sequence: a retained one while catching up, else
+    /// a live one. `Err` when the changes to catch up with are no longer retained.
+    async fn next_in_sequence(&mut self) -> Option<Result<HubEvent, ResumeError>> {
+        loop {
+            if let Some(ev) = self.replay.pop_front() {
+                return Some(Ok(ev));
+            }
+            if self.last_seq < self.target {
+                let upto = self.target.min(self.last_seq + REPLAY_PAGE as u64);
+                match read_changes(&self.pool, self.household, self.last_seq, upto).await {
+                    Ok(found) if found.first().map(change_seq) == Some(self.last_seq + 1) => {
+                        self.replay = found.into();
+                        continue;
+                    }
+                    Ok(_) => return Some(Err(ResumeError::TooOld)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading retained changes failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                }
+            }
+            let ev = match self.rx.next().await? {
+                Ok(ev) => ev,
+                // This subscriber fell behind and missed changes: they are
+                // read from the retained ones; a membership change may be
+                // among them.
+                Err(_) => HubEvent::Recheck,
+            };
+            match &ev {
+                HubEvent::Shadow(_) | HubEvent::Registry(_) => {
+                    let seq = change_seq(&ev);
+                    if seq <= self.last_seq {
+                        continue; // passed already (replayed)
+                    }
+                    if seq > self.last_seq + 1 {
+                        // A gap: the missing ones and this one come from the retained changes.
+                        self.target = self.target.max(seq);
+                        continue;
+                    }
+                    return Some(Ok(ev));
+                }
+                HubEvent::Recheck => {
+                    // Notifications may have been lost: catch up to the last committed change.
+                    if let Ok(last) = last_change(&self.pool, self.household).await {
+                        self.target = self.target.max(last);
+                    }
+                    return Some(Ok(ev));
+                }
+                HubEvent::Membership(_) => return Some(Ok(ev)),
+            }
+        }
     }
 
     async fn kind_of(&mut self, device: Uuid) -> Option<DeviceKind> {
@@ -391,12 +516,16 @@ impl Watch {
             return None;
         }
         loop {
-            let ev = match self.rx.next().await? {
+            let ev = match self.next_in_sequence().await? {
                 Ok(ev) => ev,
-                // This subscriber fell behind and missed changes; a membership
-                // change may be among them.
-                Err(_) => HubEvent::Recheck,
+                Err(_) => {
+                    self.ended = true;
+                    return Some(Visible::TooOld);
+                }
             };
+            if let HubEvent::Shadow(_) | HubEvent::Registry(_) = &ev {
+                self.last_seq = change_seq(&ev);
+            }
             let recheck = match ev {
                 HubEvent::Shadow(c) => {
                     if self.may_see(Some(c.device_id)).await {
@@ -426,72 +555,68 @@ fn removed() -> async_graphql::Error {
     error(codes::FORBIDDEN, "you are no longer a member of this household")
 }
 
+pub fn too_old() -> async_graphql::Error {
+    error(codes::RESUME_TOO_OLD, "changes after `after` are no longer retained: read the state again, then subscribe")
+}
+
+fn change_seq(ev: &HubEvent) -> u64 {
+    match ev {
+        HubEvent::Shadow(c) => c.change_seq,
+        HubEvent::Registry(r) => r.change_seq,
+        _ => 0,
+    }
+}
+
+/// The number of the household's last committed change (0: none yet).
+async fn last_change(pool: &PgPool, household: Uuid) -> Result<u64, sqlx::Error> {
+    let last: Option<i64> = sqlx::query_scalar("SELECT last_seq FROM household_change_seqs WHERE household_id = $1")
+        .bind(household)
+        .fetch_optional(pool)
+        .await?;
+    Ok(last.unwrap_or(0).max(0) as u64)
+}
+
+/// The retained changes of `household` numbered `after + 1 ..= upto`, in order.
+async fn read_changes(pool: &PgPool, household: Uuid, after: u64, upto: u64) -> Result<Vec<HubEvent>, sqlx::Error> {
+    let rows: Vec<(String, serde_json::Value)> = sqlx::query_as(
+        "SELECT kind, change FROM household_changes WHERE household_id = $1 AND change_seq > $2 AND change_seq <= $3 ORDER BY change_seq",
+    )
+    .bind(household)
+    .bind(after as i64)
+    .bind(upto as i64)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(kind, change)| match kind.as_str() {
+            "shadow" => serde_json::from_value::<ShadowChanged>(change).ok().map(|c| HubEvent::Shadow(Arc::new(c))),
+            "registry" => serde_json::from_value::<RegistryChanged>(change).ok().map(|r| HubEvent::Registry(Arc::new(r))),
+            _ => None,
+        })
+        .collect())
+}
+
 /// The shadow changes of `household` that `user` (now `role`) may see, until
 /// they are removed from it.
-pub fn authorized_changes(
-    rx: broadcast::Receiver<HubEvent>,
-    ticket: Ticket,
-    pool: PgPool,
-    user: Uuid,
-    role: Role,
-) -> impl Stream<Item = async_graphql::Result<DeviceChange>> {
-    futures::stream::unfold(Watch::new(rx, ticket, pool, user, role), |mut w| async move {
+pub fn authorized_changes(watch: Watch) -> impl Stream<Item = async_graphql::Result<DeviceChange>> {
+    futures::stream::unfold(watch, |mut w| async move {
         match w.next(false).await? {
             Visible::Shadow(c) => Some((Ok(DeviceChange::from(c.as_ref())), w)),
             Visible::Registry(_) => None,
             Visible::Removed => Some((Err(removed()), w)),
+            Visible::TooOld => Some((Err(too_old()), w)),
         }
     })
 }
 
 /// Shadow and registry changes of `household`, for the household subscription.
-pub fn authorized_household_changes(
-    rx: broadcast::Receiver<HubEvent>,
-    ticket: Ticket,
-    pool: PgPool,
-    user: Uuid,
-    role: Role,
-) -> impl Stream<Item = async_graphql::Result<HouseholdChange>> {
-    futures::stream::unfold(Watch::new(rx, ticket, pool, user, role), |mut w| async move {
+pub fn authorized_household_changes(watch: Watch) -> impl Stream<Item = async_graphql::Result<HouseholdChange>> {
+    futures::stream::unfold(watch, |mut w| async move {
         match w.next(true).await? {
             Visible::Shadow(c) => Some((Ok(HouseholdChange::from_shadow(c.as_ref())), w)),
             Visible::Registry(r) => Some((Ok(HouseholdChange::from_registry(r.as_ref())), w)),
             Visible::Removed => Some((Err(removed()), w)),
+            Visible::TooOld => Some((Err(too_old()), w)),
         }
     })
-}
-
-/// A device's shadow as its change notification would carry it.
-async fn read_shadow(pool: &PgPool, device: Uuid) -> Result<Option<ShadowChanged>, sqlx::Error> {
-    let row: Option<ShadowRow> = sqlx::query_as(
-        "SELECT household_id, device_id, reported, seq, version, battery, online, last_seen FROM device_shadows WHERE device_id = $1",
-    )
-    .bind(device)
-    .fetch_optional(pool)
-    .await?;
-    Ok(row.map(|r| ShadowChanged {
-        household_id: r.household_id,
-        device_id: r.device_id,
-        reported: match r.reported {
-            serde_json::Value::Object(m) => m,
-            _ => Default::default(),
-        },
-        seq: r.seq.max(0) as u64,
-        version: r.version.max(0) as u64,
-        battery: r.battery.and_then(|b| u8::try_from(b).ok()),
-        online: r.online,
-        last_seen: r.last_seen,
-    }))
-}
-
-#[derive(sqlx::FromRow)]
-struct ShadowRow {
-    household_id: Uuid,
-    device_id: Uuid,
-    reported: serde_json::Value,
-    seq: i64,
-    version: i64,
-    battery: Option<i16>,
-    online: bool,
-    last_seen: Option<chrono::DateTime<chrono::Utc>>,
 }

@@ -78,6 +78,59 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 struct AppState {
     schema: HomeLinkSchema,
     verifier: Verifier,
+    pool: PgPool,
+}
+
+/// How long a read given a consistency token waits for the read models.
+pub const CONSISTENCY_WAIT: Duration = Duration::from_secs(2);
+
+/// Why a read could not honour a consistency token.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NotConsistent {
+    /// Not a token the command API wrote.
+    Invalid,
+    /// The read models did not cover it within [`CONSISTENCY_WAIT`].
+    Timeout,
+    Unavailable,
+}
+
+/// Waits, bounded, until the read models applied every position of `token`.
+pub async fn wait_consistent(pool: &PgPool, token: &str) -> Result<(), NotConsistent> {
+    let token = homelink_kit::consistency::Token::parse(token).ok_or(NotConsistent::Invalid)?;
+    let deadline = tokio::time::Instant::now() + CONSISTENCY_WAIT;
+    let mut conn = pool.acquire().await.map_err(|_| NotConsistent::Unavailable)?;
+    let mut pending = token.0;
+    loop {
+        let mut still = Vec::new();
+        for p in pending {
+            let done = homelink_read_model::position_applied(&mut conn, &p.topic, p.partition, p.offset)
+                .await
+                .map_err(|_| NotConsistent::Unavailable)?;
+            if !done {
+                still.push(p);
+            }
+        }
+        if still.is_empty() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(NotConsistent::Timeout);
+        }
+        pending = still;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn consistency_error(e: &NotConsistent) -> (StatusCode, &'static str, String) {
+    match e {
+        NotConsistent::Invalid => (StatusCode::BAD_REQUEST, codes::BAD_REQUEST, "not a consistency token of this deployment".into()),
+        NotConsistent::Timeout => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            codes::CONSISTENCY_TIMEOUT,
+            format!("the read models did not reach the consistency token within {} s; retry", CONSISTENCY_WAIT.as_secs()),
+        ),
+        NotConsistent::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE, "the read models are unavailable".into()),
+    }
 }
 
 pub struct Application {
@@ -116,7 +169,7 @@ impl Application {
         let router = Router::new()
             .route("/graphql", get(graphiql_or_subscription).post(graphql))
             .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
-            .with_state(AppState { schema, verifier: verifier.clone() })
+            .with_state(AppState { schema, verifier: verifier.clone(), pool: pool.clone() })
             .merge(homelink_kit::ops::router(metrics.clone(), ready));
         let listener = homelink_kit::ops::bind(&cfg.listen).await?;
         Ok(Self { listener, router, hub, pool, metrics, listening, verifier, jwks: (cfg.jwks_url, cfg.jwks_refresh) })
@@ -179,6 +232,17 @@ async fn graphql(State(s): State<AppState>, headers: HeaderMap, req: Request) ->
         Ok(r) => r,
         Err(e) => return refusal(StatusCode::BAD_REQUEST, codes::BAD_REQUEST, &format!("not a GraphQL request: {e}")),
     };
+    // Read your writes: wait until the read models cover the token.
+    if let Some(token) = headers.get(homelink_kit::consistency::HEADER) {
+        let waited = match token.to_str() {
+            Ok(t) => wait_consistent(&s.pool, t).await,
+            Err(_) => Err(NotConsistent::Invalid),
+        };
+        if let Err(e) = waited {
+            let (status, code, message) = consistency_error(&e);
+            return refusal(status, code, &message);
+        }
+    }
     let mut resp = s.schema.execute(gql.data(viewer)).await;
     let before_execution = resp.data == async_graphql::Value::Null;
     for e in &mut resp.errors {
@@ -216,7 +280,7 @@ async fn graphiql_or_subscription(State(s): State<AppState>, req: Request) -> Re
         Ok(ws) => ws,
         Err(e) => return e.into_response(),
     };
-    let (schema, verifier) = (s.schema.clone(), s.verifier.clone());
+    let (schema, verifier, pool) = (s.schema.clone(), s.verifier.clone(), s.pool.clone());
     // A message is one GraphQL request: the same 64 KiB bound as over HTTP
     // (the WebSocket default would be 64 MiB).
     ws.protocols(ALL_WEBSOCKET_PROTOCOLS)
@@ -228,6 +292,17 @@ async fn graphiql_or_subscription(State(s): State<AppState>, req: Request) -> Re
                     let auth = payload.get("authorization").or_else(|| payload.get("Authorization")).and_then(|v| v.as_str());
                     let viewer = viewer_of(&verifier, auth)
                         .ok_or_else(|| errors::error(codes::UNAUTHENTICATED, "a valid access token is required in connection_init"))?;
+                    // Read your writes: subscriptions start once the read models cover the token.
+                    if let Some(token) = payload.get("consistencyToken") {
+                        let waited = match token.as_str() {
+                            Some(t) => wait_consistent(&pool, t).await,
+                            None => Err(NotConsistent::Invalid),
+                        };
+                        if let Err(e) = waited {
+                            let (_, code, message) = consistency_error(&e);
+                            return Err(errors::error(code, message));
+                        }
+                    }
                     let mut data = Data::default();
                     data.insert(viewer);
                     data.insert(Arc::new(hub::ConnectionSubscriptions::default()));

@@ -134,12 +134,11 @@ impl Query {
             return Ok(None);
         };
         let pool = ctx.data::<PgPool>()?;
-        let row = sqlx::query_as::<_, CommandRow>(
-            "SELECT c.command_id, c.device_id, c.status, c.reason, c.set_values, c.requested_at, c.acked_at, d.kind, m.role
-             FROM device_commands c JOIN devices d ON d.device_id = c.device_id AND d.household_id = c.household_id
+        let row = sqlx::query_as::<_, CommandRow>(&format!(
+            "{COMMAND_SELECT} JOIN devices d ON d.device_id = c.device_id AND d.household_id = c.household_id
              JOIN household_members m ON m.household_id = c.household_id AND m.user_id = $2
-             WHERE c.command_id = $1",
-        )
+             WHERE c.command_id = $1"
+        ))
         .bind(id)
         .bind(user)
         .fetch_optional(pool)
@@ -155,15 +154,7 @@ impl Query {
         if !role.allows(&Action::SeeDevice(kind)) {
             return Ok(None);
         }
-        Ok(Some(Command {
-            id: ID(r.command_id.to_string()),
-            device_id: ID(r.device_id.to_string()),
-            status: r.status,
-            reason: r.reason,
-            set: r.set_values.map(Json),
-            requested_at: r.requested_at,
-            acked_at: r.acked_at,
-        }))
+        Ok(Some(Command::from(r)))
     }
 
     /// The household's audit log, newest first (owners only).
@@ -204,7 +195,7 @@ pub struct Membership {
 /// Devices with their rooms, shadows and the viewer's role (`m.role`, joined by the caller).
 const DEVICE_SELECT: &str =
     "SELECT d.device_id, d.household_id, d.kind, d.name, d.room_id, rm.name AS room_name, d.serial, d.registered_at,
-       d.removed_at, s.reported, s.seq, s.version, s.battery, s.online, s.last_seen, m.role
+       d.removed_at, s.reported, s.seq, s.version, s.battery, s.online, s.last_seen, s.desired, s.metadata, m.role
      FROM devices d LEFT JOIN device_shadows s ON s.device_id = d.device_id LEFT JOIN rooms rm ON rm.room_id = d.room_id";
 
 /// Most devices per page.
@@ -383,6 +374,7 @@ pub struct RoomRef {
 }
 
 #[derive(SimpleObject)]
+#[graphql(complex)]
 pub struct Device {
     pub id: ID,
     pub household_id: ID,
@@ -423,18 +415,55 @@ impl HouseholdRow {
     }
 }
 
-/// A command with its device's kind and the viewer's role.
+/// A command's columns, with its device's kind and the viewer's role
+/// (`d.kind`, `m.role`: joined by the caller).
+const COMMAND_SELECT: &str = "SELECT c.command_id, c.device_id, c.status, c.ack_status, c.reason, c.set_values, c.queued,
+       c.requested_at, c.expires_at, c.delivered_at, c.acked_at, c.confirmed_at, c.expired_at, c.superseded_at, c.superseded_by,
+       d.kind, m.role
+     FROM device_commands c";
+
+/// One row of [`COMMAND_SELECT`].
 #[derive(sqlx::FromRow)]
 struct CommandRow {
     command_id: Uuid,
     device_id: Uuid,
     status: String,
+    ack_status: Option<String>,
     reason: Option<String>,
     set_values: Option<Value>,
+    queued: bool,
     requested_at: Option<DateTime<Utc>>,
+    expires_at: Option<DateTime<Utc>>,
+    delivered_at: Option<DateTime<Utc>>,
     acked_at: Option<DateTime<Utc>>,
+    confirmed_at: Option<DateTime<Utc>>,
+    expired_at: Option<DateTime<Utc>>,
+    superseded_at: Option<DateTime<Utc>>,
+    superseded_by: Option<Uuid>,
     kind: String,
     role: String,
+}
+
+impl From<CommandRow> for Command {
+    fn from(r: CommandRow) -> Self {
+        Self {
+            id: ID(r.command_id.to_string()),
+            device_id: ID(r.device_id.to_string()),
+            status: r.status,
+            ack_status: r.ack_status,
+            reason: r.reason,
+            set: r.set_values.map(Json),
+            queued: r.queued,
+            requested_at: r.requested_at,
+            expires_at: r.expires_at,
+            delivered_at: r.delivered_at,
+            acked_at: r.acked_at,
+            confirmed_at: r.confirmed_at,
+            expired_at: r.expired_at,
+            superseded_at: r.superseded_at,
+            superseded_by: r.superseded_by.map(|u| ID(u.to_string())),
+        }
+    }
 }
 
 /// One row of [`DEVICE_SELECT`].
@@ -455,11 +484,14 @@ struct DeviceRow {
     battery: Option<i16>,
     online: Option<bool>,
     last_seen: Option<DateTime<Utc>>,
+    desired: Option<Value>,
+    metadata: Option<Value>,
     role: String,
 }
 
 impl From<DeviceRow> for Device {
     fn from(r: DeviceRow) -> Self {
+        let delta = Json(delta(r.reported.as_ref(), r.desired.as_ref()));
         let shadow = r.version.map(|version| Shadow {
             reported: Json(r.reported.unwrap_or(Value::Null)),
             seq: r.seq.unwrap_or(0),
@@ -467,6 +499,9 @@ impl From<DeviceRow> for Device {
             battery: r.battery.map(i32::from),
             online: r.online.unwrap_or(false),
             last_seen: r.last_seen,
+            delta,
+            desired: Json(r.desired.unwrap_or_else(|| Value::Object(Default::default()))),
+            metadata: Json(r.metadata.unwrap_or_else(|| Value::Object(Default::default()))),
         });
         let room = r.room_id.map(|id| RoomRef { id: ID(id.to_string()), name: r.room_name.unwrap_or_default() });
         Self {
@@ -488,22 +523,101 @@ impl From<DeviceRow> for Device {
     }
 }
 
+/// The desired values that differ from the reported ones.
+fn delta(reported: Option<&Value>, desired: Option<&Value>) -> Value {
+    match (reported, desired) {
+        (Some(Value::Object(r)), Some(Value::Object(d))) => Value::Object(homelink_events::shadow::delta_of(r, d)),
+        (_, Some(Value::Object(d))) => Value::Object(d.clone()),
+        _ => Value::Object(Default::default()),
+    }
+}
+
 impl Device {
     fn visible_to(&self, role: Role) -> bool {
         self.kind.parse::<DeviceKind>().is_ok_and(|k| role.allows(&Action::SeeDevice(k)))
     }
 }
 
+/// A command and every step of its life. Its status only moves forward:
+/// `requested` or `queued` (the device was offline) → `delivered` (the
+/// broker took it for the connected device) → `ok` / `rejected` / `failed`
+/// (the device's ack) → `confirmed` (a report carried every value it set);
+/// or `expired` (no ack before `expiresAt`) or `superseded` (a newer command
+/// set one of its capabilities before it was acked). Each step keeps its
+/// time even when a later one already decided the status.
 #[derive(SimpleObject)]
 pub struct Command {
     pub id: ID,
     pub device_id: ID,
-    /// `requested`, `ok`, `rejected` or `failed`.
     pub status: String,
+    /// The device's answer (`ok`, `rejected`, `failed`), if it answered.
+    pub ack_status: Option<String>,
     pub reason: Option<String>,
     pub set: Option<Json<Value>>,
+    /// Accepted while the device was offline.
+    pub queued: bool,
     pub requested_at: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub delivered_at: Option<DateTime<Utc>>,
     pub acked_at: Option<DateTime<Utc>>,
+    pub confirmed_at: Option<DateTime<Utc>>,
+    pub expired_at: Option<DateTime<Utc>>,
+    pub superseded_at: Option<DateTime<Utc>>,
+    pub superseded_by: Option<ID>,
+}
+
+/// Most commands per page.
+const MAX_COMMAND_PAGE: i32 = 100;
+
+fn command_cursor(at: Option<DateTime<Utc>>, id: &ID) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{}|{}", at.map(|t| t.timestamp_micros()).unwrap_or(0), id.as_str()))
+}
+
+fn parse_command_cursor(c: &str) -> Option<(DateTime<Utc>, Uuid)> {
+    let raw = String::from_utf8(URL_SAFE_NO_PAD.decode(c).ok()?).ok()?;
+    let (at, id) = raw.split_once('|')?;
+    Some((DateTime::from_timestamp_micros(at.parse().ok()?)?, id.parse().ok()?))
+}
+
+#[ComplexObject]
+impl Device {
+    /// The device's commands, newest first, a page at a time.
+    async fn commands(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 20)] first: i32,
+        after: Option<String>,
+    ) -> Result<Connection<String, Command>> {
+        if !(1..=MAX_COMMAND_PAGE).contains(&first) {
+            return Err(error(codes::BAD_USER_INPUT, format!("first must be between 1 and {MAX_COMMAND_PAGE}")));
+        }
+        let after = match after {
+            Some(c) => Some(parse_command_cursor(&c).ok_or_else(|| error(codes::BAD_USER_INPUT, "invalid cursor"))?),
+            None => None,
+        };
+        let pool = ctx.data::<PgPool>()?;
+        let rows = sqlx::query_as::<_, CommandRow>(&format!(
+            "{COMMAND_SELECT} JOIN devices d ON d.device_id = c.device_id AND d.household_id = c.household_id
+             JOIN household_members m ON m.household_id = c.household_id AND m.user_id = $2
+             WHERE c.device_id = $1 AND c.requested_at IS NOT NULL
+               AND ($3::timestamptz IS NULL OR (c.requested_at, c.command_id) < ($3, $4))
+             ORDER BY c.requested_at DESC, c.command_id DESC LIMIT $5"
+        ))
+        .bind(self.uuid)
+        .bind(viewer(ctx)?)
+        .bind(after.map(|a| a.0))
+        .bind(after.map(|a| a.1))
+        .bind(i64::from(first) + 1)
+        .fetch_all(pool)
+        .await
+        .map_err(unavailable)?;
+        let mut conn = Connection::new(after.is_some(), rows.len() > first as usize);
+        for r in rows.into_iter().take(first as usize) {
+            let c = Command::from(r);
+            conn.edges.push(Edge::new(command_cursor(c.requested_at, &c.id), c));
+        }
+        Ok(conn)
+    }
 }
 
 pub struct SubscriptionRoot;
@@ -528,28 +642,54 @@ async fn admit(
     Ok((rx, ticket, role))
 }
 
+/// Admits a subscription and starts its view at `after` (or now).
+async fn watch(ctx: &Context<'_>, household_id: &ID, after: Option<i64>) -> Result<crate::hub::Watch> {
+    let user = viewer(ctx)?;
+    let hub = ctx.data::<Arc<Hub>>()?.clone();
+    let pool = ctx.data::<PgPool>()?.clone();
+    let after = match after {
+        Some(a) => Some(u64::try_from(a).map_err(|_| error(codes::BAD_USER_INPUT, "after must not be negative"))?),
+        None => None,
+    };
+    let (rx, ticket, role) = admit(ctx, &hub, &pool, household_id, user).await?;
+    crate::hub::Watch::start(rx, ticket, pool, user, role, after).await.map_err(|e| match e {
+        crate::hub::ResumeError::TooOld => crate::hub::too_old(),
+        crate::hub::ResumeError::InTheFuture => error(codes::BAD_USER_INPUT, "after is beyond the household's last change"),
+        crate::hub::ResumeError::Unavailable(e) => unavailable(e),
+    })
+}
+
 #[Subscription]
 impl SubscriptionRoot {
     /// Every committed change of the household's devices the viewer may see,
     /// as it happens. Ends with a `FORBIDDEN` error when the viewer is removed
     /// from the household; a demotion narrows what it delivers at once.
-    async fn device_changes(&self, ctx: &Context<'_>, household_id: ID) -> Result<impl Stream<Item = Result<DeviceChange>>> {
-        let user = viewer(ctx)?;
-        let hub = ctx.data::<Arc<Hub>>()?.clone();
-        let pool = ctx.data::<PgPool>()?.clone();
-        let (rx, ticket, role) = admit(ctx, &hub, &pool, &household_id, user).await?;
-        Ok(crate::hub::authorized_changes(rx, ticket, pool, user, role))
+    ///
+    /// Each change carries the household's `changeSeq` (gap-free, increasing
+    /// over all its changes). With `after`, the changes after that number
+    /// come first (from the retained ones, 24 h by default), then live ones,
+    /// with no gap and no duplicate; `RESUME_TOO_OLD` when they are no longer
+    /// retained (read the state again, then subscribe without `after`).
+    async fn device_changes(
+        &self,
+        ctx: &Context<'_>,
+        household_id: ID,
+        after: Option<i64>,
+    ) -> Result<impl Stream<Item = Result<DeviceChange>>> {
+        Ok(crate::hub::authorized_changes(watch(ctx, &household_id, after).await?))
     }
 
     /// Everything that changes in the household the viewer may see: device
     /// state (`change: "shadow"`) and registry changes (`DeviceRegistered`,
     /// `DeviceRemoved`, `DeviceRenamed`, `DeviceMoved`, `RoomCreated`,
     /// `RoomRenamed`, `RoomDeleted`). Ends like `deviceChanges` on removal.
-    async fn household_changes(&self, ctx: &Context<'_>, household_id: ID) -> Result<impl Stream<Item = Result<HouseholdChange>>> {
-        let user = viewer(ctx)?;
-        let hub = ctx.data::<Arc<Hub>>()?.clone();
-        let pool = ctx.data::<PgPool>()?.clone();
-        let (rx, ticket, role) = admit(ctx, &hub, &pool, &household_id, user).await?;
-        Ok(crate::hub::authorized_household_changes(rx, ticket, pool, user, role))
+    /// Resumes with `after` like `deviceChanges`.
+    async fn household_changes(
+        &self,
+        ctx: &Context<'_>,
+        household_id: ID,
+        after: Option<i64>,
+    ) -> Result<impl Stream<Item = Result<HouseholdChange>>> {
+        Ok(crate::hub::authorized_household_changes(watch(ctx, &household_id, after).await?))
     }
 }

@@ -50,6 +50,15 @@ pub struct Shadow {
     pub battery: Option<i32>,
     pub online: bool,
     pub last_seen: Option<DateTime<Utc>>,
+    /// Desired values the device has not reported yet, each from the latest
+    /// command (or `PUT …/desired`) that set it.
+    pub desired: Json<Value>,
+    /// The desired values that differ from the reported ones: what the
+    /// device still has to do.
+    pub delta: Json<Value>,
+    /// Per property: `reportedAt`, `desiredAt` and the `commandId` that set
+    /// the desired value.
+    pub metadata: Json<Value>,
 }
 
 /// A committed change of one device's shadow.
@@ -58,6 +67,8 @@ pub struct DeviceChange {
     pub household_id: ID,
     pub device_id: ID,
     pub shadow: Shadow,
+    /// The household's change sequence number (resume with `after`).
+    pub change_seq: i64,
 }
 
 impl From<&ShadowChanged> for DeviceChange {
@@ -72,7 +83,11 @@ impl From<&ShadowChanged> for DeviceChange {
                 battery: c.battery.map(i32::from),
                 online: c.online,
                 last_seen: c.last_seen,
+                desired: Json(Value::Object(c.desired.clone())),
+                delta: Json(Value::Object(c.delta.clone())),
+                metadata: Json(serde_json::to_value(&c.metadata).unwrap_or(Value::Null)),
             },
+            change_seq: i64::try_from(c.change_seq).unwrap_or(i64::MAX),
         }
     }
 }
@@ -89,6 +104,8 @@ pub struct HouseholdChange {
     pub shadow: Option<Shadow>,
     /// For registry changes: the household's version after the change.
     pub version: Option<i64>,
+    /// The household's change sequence number (resume with `after`).
+    pub change_seq: i64,
 }
 
 impl HouseholdChange {
@@ -101,6 +118,7 @@ impl HouseholdChange {
             room_id: None,
             shadow: Some(d.shadow),
             version: None,
+            change_seq: d.change_seq,
         }
     }
 
@@ -112,6 +130,7 @@ impl HouseholdChange {
             room_id: r.room_id.map(|d| ID(d.to_string())),
             shadow: None,
             version: i64::try_from(r.version).ok(),
+            change_seq: i64::try_from(r.change_seq).unwrap_or(i64::MAX),
         }
     }
 }

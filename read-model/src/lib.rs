@@ -76,14 +76,19 @@ pub struct DeviceAccess {
     /// `None` when the user is not a member.
     pub role: Option<Role>,
     pub removed: bool,
+    /// Online as of the shadow (offline when it never said so).
+    pub online: bool,
+    /// The shadow's version (0 before its first change).
+    pub version: i64,
 }
 
 /// The device `device` of `household` (removed ones included) with `user`'s
 /// role there; `None` when the household has no such device.
 pub async fn device_access(pool: &PgPool, household: Uuid, device: Uuid, user: Uuid) -> Result<Option<DeviceAccess>, sqlx::Error> {
     let row = sqlx::query(
-        "SELECT d.kind, m.role, d.removed_at IS NOT NULL FROM devices d
+        "SELECT d.kind, m.role, d.removed_at IS NOT NULL, COALESCE(s.online, false), COALESCE(s.version, 0) FROM devices d
            LEFT JOIN household_members m ON m.household_id = d.household_id AND m.user_id = $3
+           LEFT JOIN device_shadows s ON s.device_id = d.device_id
          WHERE d.device_id = $1 AND d.household_id = $2",
     )
     .bind(device)
@@ -94,7 +99,7 @@ pub async fn device_access(pool: &PgPool, household: Uuid, device: Uuid, user: U
     Ok(row.and_then(|r| {
         let kind: DeviceKind = r.get::<String, _>(0).parse().ok()?;
         let role = r.get::<Option<String>, _>(1).and_then(|x| x.parse().ok());
-        Some(DeviceAccess { kind, role, removed: r.get(2) })
+        Some(DeviceAccess { kind, role, removed: r.get(2), online: r.get(3), version: r.get(4) })
     }))
 }
 
@@ -129,4 +134,18 @@ pub async fn applied_through(db: &mut PgConnection, topic: &str, partition: i32,
     .await?;
     let (next, pushed): (i64, i64) = (row.get(0), row.get(1));
     Ok(next >= end || next + pushed >= end)
+}
+
+/// Whether the projection has applied the record at `offset` of a partition
+/// (read your writes: a consistency token's position).
+pub async fn position_applied(db: &mut PgConnection, topic: &str, partition: i32, offset: i64) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        r#"SELECT COALESCE((SELECT next_offset FROM projector_offsets WHERE topic = $1 AND partition = $2), 0) > $3
+               OR EXISTS (SELECT 1 FROM projector_pushed WHERE topic = $1 AND partition = $2 AND "offset" = $3)"#,
+    )
+    .bind(topic)
+    .bind(partition)
+    .bind(offset)
+    .fetch_one(db)
+    .await
 }

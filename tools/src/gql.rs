@@ -9,8 +9,23 @@ use tokio_tungstenite::tungstenite::Message;
 
 /// Runs a query with an access token; returns the whole response (`data` and `errors`).
 pub async fn query(http: &reqwest::Client, url: &str, token: &str, query: &str, variables: Value) -> crate::Result<Value> {
-    let r = http.post(url).bearer_auth(token).json(&json!({"query": query, "variables": variables})).send().await?;
-    Ok(r.json().await?)
+    query_with_headers(http, url, token, query, variables, &[]).await
+}
+
+/// [`query`] with extra headers (e.g. `HomeLink-Consistency-Token`).
+pub async fn query_with_headers(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    query: &str,
+    variables: Value,
+    headers: &[(&str, &str)],
+) -> crate::Result<Value> {
+    let mut req = http.post(url).bearer_auth(token).json(&json!({"query": query, "variables": variables}));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    Ok(req.send().await?.json().await?)
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;

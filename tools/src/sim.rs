@@ -151,9 +151,12 @@ pub async fn run(spec: DeviceSpec, target: Target, observed: Option<mpsc::Unboun
             }
             ev = eventloop.poll() => match ev {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    // Subscribed before it says it is online: the broker handles
+                    // both in order, so the commands queued while it was away
+                    // (sent when the bridge sees `online`) find the subscription.
+                    let _ = client.subscribe(topic(Channel::Cmd), QoS::AtLeastOnce).await;
                     let online = serde_json::to_vec(&StatusMsg { v: PROTOCOL_VERSION, status: Presence::Online }).unwrap_or_default();
                     let _ = client.publish(topic(Channel::Status), QoS::AtLeastOnce, true, online).await;
-                    let _ = client.subscribe(topic(Channel::Cmd), QoS::AtLeastOnce).await;
                     let _ = publish_state(&client, topic(Channel::State), spec.kind, &state, next_seq()).await;
                 }
                 Ok(Event::Incoming(Packet::SubAck(_))) => {

@@ -33,6 +33,8 @@ pub struct Env {
     pub use_all_brokers: bool,
     /// Whether a deployment runs its bridge as a process ([`Env::bridge_as_process`]).
     pub bridge_as_process: bool,
+    /// query-api's change buffer per household ([`Env::hub_buffer`]; `None`: its default).
+    pub hub_buffer: Option<usize>,
     pub bridge_password: String,
     pub pki: PkiDir,
     pub bin_dir: std::path::PathBuf,
@@ -61,6 +63,7 @@ impl Env {
             pid_files: var("HOMELINK_TEST_MQTT_PID_FILES").split(',').map(Into::into).collect(),
             use_all_brokers: false,
             bridge_as_process: false,
+            hub_buffer: None,
             bridge_password: var("HOMELINK_TEST_MQTT_BRIDGE_PASSWORD"),
             pki: PkiDir(var("HOMELINK_TEST_PKI_DIR").into()),
             bin_dir: std::env::var("HOMELINK_TEST_BIN_DIR")
@@ -83,6 +86,13 @@ impl Env {
     /// default a deployment uses the first only).
     pub fn all_brokers(mut self) -> Self {
         self.use_all_brokers = true;
+        self
+    }
+
+    /// The same components, with query-api's per-household change buffer
+    /// this small (a lagging subscriber is easy to make).
+    pub fn hub_buffer(mut self, n: usize) -> Self {
+        self.hub_buffer = Some(n);
         self
     }
 
@@ -291,6 +301,9 @@ impl Stack {
 
         let mut qc = homelink_query_api::Config::new(&db_url, format!("http://127.0.0.1:{command_port}/.well-known/jwks.json"));
         qc.jwks_refresh = Duration::from_millis(200);
+        if let Some(n) = env.hub_buffer {
+            qc.subscriptions.buffer = n;
+        }
         let query = homelink_query_api::Application::build(qc).await.expect("query-api");
         let query_port = query.port();
         tokio::spawn(query.run_until_stopped(cancel.clone()));

@@ -8,7 +8,7 @@
 //! rebuild, so the result is the same.
 
 use homelink_events::household::Household;
-use homelink_events::topics::{MembershipChanged, RegistryChanged, MEMBERSHIP_CHANGED_CHANNEL, REGISTRY_CHANGED_CHANNEL};
+use homelink_events::topics::{MembershipChanged, RegistryChanged, MEMBERSHIP_CHANGED_CHANNEL};
 use homelink_events::Event;
 use homelink_kit::push::Located;
 use homelink_read_model::load_household;
@@ -19,13 +19,15 @@ use uuid::Uuid;
 pub struct Folded {
     /// `(channel, payload)` notifications to send on commit.
     pub notifications: Vec<(&'static str, String)>,
+    /// Registry changes, announced once they have their change sequence numbers.
+    pub registry: Vec<RegistryChanged>,
     /// Event ids the fold refused.
     pub refused: HashSet<Uuid>,
 }
 
 /// Applies the household-stream events of a batch in log order.
 pub async fn fold(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]) -> Result<Folded, sqlx::Error> {
-    let mut out = Folded { notifications: Vec::new(), refused: HashSet::new() };
+    let mut out = Folded { notifications: Vec::new(), registry: Vec::new(), refused: HashSet::new() };
     for (l, ev) in work {
         let Some(he) = ev.household_event() else {
             continue;
@@ -203,8 +205,14 @@ pub async fn fold(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]
             out.notifications.push((MEMBERSHIP_CHANGED_CHANNEL, n));
         }
         if let Some((device_id, room_id)) = registry {
-            let change = RegistryChanged { household_id: h, change: env.event_type.clone(), device_id, room_id, version: agg.version };
-            out.notifications.push((REGISTRY_CHANGED_CHANNEL, serde_json::to_string(&change).unwrap_or_default()));
+            out.registry.push(RegistryChanged {
+                household_id: h,
+                change: env.event_type.clone(),
+                device_id,
+                room_id,
+                version: agg.version,
+                change_seq: 0,
+            });
         }
     }
     Ok(out)

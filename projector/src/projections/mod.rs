@@ -5,21 +5,23 @@
 //! | projection | tables | events |
 //! |---|---|---|
 //! | [`households`] (members, invitations, rooms, registry) | `households`, `household_members`, `household_invitations`, `household_refused_events`, `rooms`, `devices` | the household stream, folded through `Household::apply` |
-//! | [`shadows`] | `device_shadows` | `DeviceStateReported`, `DeviceStatusChanged` |
-//! | [`commands`] | `device_commands` | `DeviceCommandRequested`, `DeviceCommandAcked` |
+//! | [`commands`] | `device_commands` | `DeviceCommandRequested`, `…Delivered`, `…Acked`, `…Expired` |
+//! | [`shadows`] | `device_shadows` (and `device_commands`: confirmations) | `DeviceStateReported`, `DeviceStatusChanged`, `DeviceCommandRequested`, `DeviceCommandExpired` |
+//! | [`changes`] | `household_change_seqs`, `household_changes` | every shadow and registry change: its `changeSeq` |
 //! | [`audit`] | `audit_log` | household commands, device commands, `CommandDenied` |
 //! | [`counts`] | `household_event_counts` | every event |
 //!
 //! Each returns the notifications to send on commit, if any.
 
 pub mod audit;
+pub mod changes;
 pub mod commands;
 pub mod counts;
 pub mod households;
 pub mod shadows;
 
-use homelink_events::shadow::pack_notifications;
-use homelink_events::topics::SHADOW_CHANGED_CHANNEL;
+use homelink_events::shadow::{notification_line, pack_notifications};
+use homelink_events::topics::{REGISTRY_CHANGED_CHANNEL, SHADOW_CHANGED_CHANNEL};
 use homelink_events::Event;
 use homelink_kit::push::Located;
 use sqlx::{Postgres, Transaction};
@@ -27,14 +29,21 @@ use sqlx::{Postgres, Transaction};
 /// Applies decoded events in log order; returns the notifications to send on
 /// commit as `(channel, payload)`.
 pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]) -> Result<Vec<(&'static str, String)>, sqlx::Error> {
-    let folded = households::fold(tx, work).await?;
-    let shadow_notes = shadows::apply(tx, work).await?;
+    let mut folded = households::fold(tx, work).await?;
+    // Commands first: a report in this batch may confirm one requested in it.
     commands::apply(tx, work).await?;
+    let shadows = shadows::apply(tx, work).await?;
+    commands::confirm(tx, &shadows.confirmed).await?;
+    let mut shadow_changes = shadows.notes;
+    let mut registry = std::mem::take(&mut folded.registry);
+    changes::sequence(tx, &mut shadow_changes, &mut registry).await?;
+    let shadow_notes: Vec<String> = shadow_changes.iter().map(notification_line).collect();
     audit::apply(tx, work, &folded.refused).await?;
     counts::apply(tx, work).await?;
     // One notification per batch (a few when it is large), not one per change.
     let mut notes: Vec<(&'static str, String)> =
         pack_notifications(shadow_notes).into_iter().map(|n| (SHADOW_CHANGED_CHANNEL, n)).collect();
     notes.extend(folded.notifications);
+    notes.extend(registry.iter().map(|r| (REGISTRY_CHANGED_CHANNEL, serde_json::to_string(r).unwrap_or_default())));
     Ok(notes)
 }

@@ -1,9 +1,10 @@
-//! `device_shadows`: each device's reported state, battery, presence and
-//! versions, folded with [`Shadow::apply`]; announces every committed change
-//! on `homelink_shadow_changed`.
+//! `device_shadows`: each device's twin — reported and desired state,
+//! per-property metadata, battery, presence and versions — folded with
+//! [`Shadow::apply_twin`]; announces every committed change on
+//! `homelink_shadow_changed` and returns the commands a report confirmed.
 
 use chrono::{DateTime, Utc};
-use homelink_events::shadow::{notification_line, Shadow, ShadowChanged};
+use homelink_events::shadow::{Shadow, ShadowChanged};
 use homelink_events::Event;
 use homelink_kit::push::Located;
 use serde_json::{Map, Value};
@@ -14,20 +15,16 @@ use uuid::Uuid;
 
 /// Loads the shadows the batch touches, folds the events in log order with
 /// [`Shadow::apply`], and writes the changed ones back in one statement.
-/// Returns one notification line per changed shadow.
-pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]) -> Result<Vec<String>, sqlx::Error> {
-    let touched: Vec<Uuid> = work
-        .iter()
-        .filter(|(_, e)| matches!(e, Event::DeviceStateReported(_) | Event::DeviceStatusChanged(_)))
-        .filter_map(|(_, e)| e.device_id())
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
+/// Returns one change per changed shadow and the commands
+/// confirmed, with the time of the report that confirmed them.
+pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]) -> Result<Applied, sqlx::Error> {
+    let touched: Vec<Uuid> =
+        work.iter().filter(|(_, e)| touches(e)).filter_map(|(_, e)| e.device_id()).collect::<HashSet<_>>().into_iter().collect();
     if touched.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Applied::default());
     }
     let rows = sqlx::query(
-        "SELECT device_id, reported, seq, version, battery, online, last_seen, status_offset, property_seq, battery_seq
+        "SELECT device_id, reported, seq, version, battery, online, last_seen, status_offset, property_seq, battery_seq, desired, metadata
          FROM device_shadows WHERE device_id = ANY($1)",
     )
     .bind(&touched)
@@ -51,43 +48,52 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
                 status_offset: r.get(7),
                 property_seq: serde_json::from_value(r.get::<Value, _>(8)).unwrap_or_default(),
                 battery_seq: r.get::<i64, _>(9).max(0) as u64,
+                desired: match r.get::<Value, _>(10) {
+                    Value::Object(m) => m,
+                    _ => Map::new(),
+                },
+                metadata: serde_json::from_value(r.get::<Value, _>(11)).unwrap_or_default(),
             },
         );
     }
     let mut changed: HashMap<Uuid, Uuid> = HashMap::new(); // device -> household
+    let mut confirmed = Vec::new();
     for (l, ev) in work {
         let Some(device) = ev.device_id() else {
             continue;
         };
-        if !matches!(ev, Event::DeviceStateReported(_) | Event::DeviceStatusChanged(_)) {
+        if !touches(ev) {
             continue;
         }
         let shadow = current.entry(device).or_default();
-        if shadow.apply(ev, l.envelope.occurred_at, l.offset) {
+        let applied = shadow.apply_twin(ev, l.envelope.occurred_at, l.offset);
+        if applied.changed {
             changed.insert(device, l.envelope.household_id);
         }
+        confirmed.extend(applied.confirmed.into_iter().map(|c| (c, l.envelope.occurred_at)));
     }
     if changed.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Applied { notes: Vec::new(), confirmed });
     }
     let mut cols = ShadowColumns::default();
     let mut notes = Vec::with_capacity(changed.len());
     for (device, household) in &changed {
         let s = &current[device];
         cols.push(*device, *household, s);
-        notes.push(notification_line(&ShadowChanged::new(*household, *device, s)));
+        notes.push(ShadowChanged::new(*household, *device, s));
     }
     sqlx::query(
         r#"INSERT INTO device_shadows (device_id, household_id, reported, seq, version, battery, online, last_seen, status_offset,
-                                      property_seq, battery_seq, updated_at)
-           SELECT d, h, r, s, v, b, o, l, so, ps, bs, now()
+                                      property_seq, battery_seq, desired, metadata, updated_at)
+           SELECT d, h, r, s, v, b, o, l, so, ps, bs, de, md, now()
            FROM UNNEST($1::uuid[], $2::uuid[], $3::jsonb[], $4::bigint[], $5::bigint[], $6::smallint[], $7::bool[], $8::timestamptz[],
-                       $9::bigint[], $10::jsonb[], $11::bigint[])
-             AS u(d, h, r, s, v, b, o, l, so, ps, bs)
+                       $9::bigint[], $10::jsonb[], $11::bigint[], $12::jsonb[], $13::jsonb[])
+             AS u(d, h, r, s, v, b, o, l, so, ps, bs, de, md)
            ON CONFLICT (device_id) DO UPDATE SET
              reported = EXCLUDED.reported, seq = EXCLUDED.seq, version = EXCLUDED.version, battery = EXCLUDED.battery,
              online = EXCLUDED.online, last_seen = EXCLUDED.last_seen, status_offset = EXCLUDED.status_offset,
-             property_seq = EXCLUDED.property_seq, battery_seq = EXCLUDED.battery_seq, updated_at = now()"#,
+             property_seq = EXCLUDED.property_seq, battery_seq = EXCLUDED.battery_seq,
+             desired = EXCLUDED.desired, metadata = EXCLUDED.metadata, updated_at = now()"#,
     )
     .bind(&cols.device)
     .bind(&cols.household)
@@ -100,9 +106,28 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
     .bind(&cols.status_offset)
     .bind(&cols.property_seq)
     .bind(&cols.battery_seq)
+    .bind(&cols.desired)
+    .bind(&cols.metadata)
     .execute(&mut **tx)
     .await?;
-    Ok(notes)
+    Ok(Applied { notes, confirmed })
+}
+
+/// Whether an event changes a shadow.
+fn touches(e: &Event) -> bool {
+    matches!(
+        e,
+        Event::DeviceStateReported(_) | Event::DeviceStatusChanged(_) | Event::DeviceCommandRequested(_) | Event::DeviceCommandExpired(_)
+    )
+}
+
+/// What a batch did to the shadows.
+#[derive(Default)]
+pub struct Applied {
+    /// One change per changed shadow (its change sequence number still 0).
+    pub notes: Vec<ShadowChanged>,
+    /// Commands a report confirmed, with the report's time.
+    pub confirmed: Vec<(Uuid, DateTime<Utc>)>,
 }
 
 #[derive(Default)]
@@ -118,6 +143,8 @@ struct ShadowColumns {
     status_offset: Vec<i64>,
     property_seq: Vec<Value>,
     battery_seq: Vec<i64>,
+    desired: Vec<Value>,
+    metadata: Vec<Value>,
 }
 
 impl ShadowColumns {
@@ -135,5 +162,7 @@ impl ShadowColumns {
         self.status_offset.push(s.status_offset);
         self.property_seq.push(serde_json::to_value(&s.property_seq).unwrap_or_default());
         self.battery_seq.push(i64::try_from(s.battery_seq).unwrap_or(i64::MAX));
+        self.desired.push(Value::Object(s.desired.clone()));
+        self.metadata.push(serde_json::to_value(&s.metadata).unwrap_or_default());
     }
 }

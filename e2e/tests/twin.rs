@@ -1,0 +1,447 @@
+//! The device twin through the real services (issue 11): desired state and
+//! its delta, `PUT …/desired` with a version, every step of a command's life,
+//! the offline queue, presence after a silent disconnect, shuffled partial
+//! reports, and reading your own writes with a consistency token.
+
+mod common;
+
+use common::{eventually, spec, Stack};
+use homelink_events::DeviceKind;
+use homelink_tools::sim::DeviceSpec;
+use rumqttc::v5::mqttbytes::v5::{LastWill, Packet};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event};
+use serde_json::{json, Value};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+/// A device driven by the test: it subscribes to its `cmd` topic, then says
+/// it is online (retained), and hands every command it receives to the test.
+struct RawDevice {
+    client: AsyncClient,
+    commands: mpsc::UnboundedReceiver<Value>,
+    freeze: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+    spec: DeviceSpec,
+}
+
+fn topic(spec: &DeviceSpec, channel: &str) -> String {
+    format!("home/{}/device/{}/{channel}", spec.household_id, spec.device_id)
+}
+
+impl RawDevice {
+    async fn connect(stack: &Stack, spec: DeviceSpec, keep_alive: Duration) -> Self {
+        let target = homelink_tools::sim::Target { port: spec.port.unwrap_or(stack.env.target().port), ..stack.env.target() };
+        let mut o =
+            homelink_tools::sim::device_options(spec.household_id, spec.device_id, &spec.cert_pem, &spec.key_pem, &target, keep_alive);
+        let offline = serde_json::to_vec(&json!({"v": 1, "status": "offline"})).expect("json");
+        o.set_last_will(LastWill::new(topic(&spec, "status"), offline, QoS::AtLeastOnce, true, None));
+        let (client, mut eventloop) = AsyncClient::new(o, 64);
+        let (tx, commands) = mpsc::unbounded_channel();
+        let (freeze_tx, mut freeze) = oneshot::channel::<()>();
+        let (ready_tx, ready) = oneshot::channel::<()>();
+        let (c, s) = (client.clone(), spec.clone());
+        let task = tokio::spawn(async move {
+            let mut ready_tx = Some(ready_tx);
+            loop {
+                tokio::select! {
+                    _ = &mut freeze => {
+                        // Stops talking without closing the socket: a stopped process, not a FIN.
+                        let _kept_open = eventloop;
+                        std::future::pending::<()>().await;
+                        return;
+                    }
+                    ev = eventloop.poll() => match ev {
+                        Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                            let _ = c.subscribe(topic(&s, "cmd"), QoS::AtLeastOnce).await;
+                            let online = serde_json::to_vec(&json!({"v": 1, "status": "online"})).expect("json");
+                            let _ = c.publish(topic(&s, "status"), QoS::AtLeastOnce, true, online).await;
+                        }
+                        Ok(Event::Incoming(Packet::SubAck(_))) => {
+                            if let Some(r) = ready_tx.take() {
+                                let _ = r.send(());
+                            }
+                        }
+                        Ok(Event::Incoming(Packet::Publish(p))) => {
+                            if let Ok(v) = serde_json::from_slice::<Value>(&p.payload) {
+                                let _ = tx.send(v);
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                    }
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(30), ready).await.expect("device connected").expect("device task");
+        Self { client, commands, freeze: Some(freeze_tx), task, spec }
+    }
+
+    async fn send(&self, channel: &str, body: Value) {
+        self.client
+            .publish(topic(&self.spec, channel), QoS::AtLeastOnce, false, serde_json::to_vec(&body).expect("json"))
+            .await
+            .expect("publish");
+    }
+
+    /// Every command that arrives within `wait`.
+    async fn commands_within(&mut self, wait: Duration) -> Vec<Value> {
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + wait;
+        while let Ok(Some(c)) = tokio::time::timeout_at(deadline, self.commands.recv()).await {
+            got.push(c);
+        }
+        got
+    }
+
+    fn freeze(&mut self) {
+        if let Some(f) = self.freeze.take() {
+            let _ = f.send(());
+        }
+    }
+}
+
+impl Drop for RawDevice {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn post_command(stack: &Stack, home: &homelink_tools::seed::SeededHousehold, device: Uuid, body: Value) -> Value {
+    let r = stack.command(home, device).json(&body).send().await.expect("post command");
+    assert_eq!(r.status(), 202, "{body}");
+    r.json().await.expect("json")
+}
+
+const COMMAND: &str = "query($id: ID!) { command(id: $id) { id status ackStatus reason queued requestedAt expiresAt deliveredAt ackedAt
+    confirmedAt expiredAt supersededAt supersededBy set } }";
+
+async fn command(stack: &Stack, token: &str, id: &str) -> Value {
+    stack.gql(token, COMMAND, json!({"id": id})).await["data"]["command"].clone()
+}
+
+async fn command_when(stack: &Stack, token: &str, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    eventually(Duration::from_secs(30), what, || async {
+        let c = command(stack, token, id).await;
+        pred(&c).then_some(c)
+    })
+    .await
+}
+
+fn at(v: &Value) -> chrono::DateTime<chrono::Utc> {
+    v.as_str().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("a time, got {v}"))
+}
+
+const SHADOW: &str = "query($id: ID!) { device(id: $id) { shadow { reported desired delta metadata version online } } }";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_offline_device_gets_its_still_desired_commands_once_when_it_connects_and_never_an_expired_one() {
+    let stack = Stack::start().await;
+    let home = stack.seed(&[(DeviceKind::Light, "Lamp", "Hall")]).await;
+    let (light, owner) = (home.devices[0].id, home.accounts[0].access_token.clone());
+    let desired_url = format!("{}/v1/households/{}/devices/{light}/desired", stack.api(), home.household_id);
+
+    // Never connected: version 0. A stale version is refused like AWS shadows do.
+    let r = stack
+        .http
+        .put(&desired_url)
+        .bearer_auth(&owner)
+        .json(&json!({"desired": {"colorTemp": 3000}, "version": 5}))
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(r.status(), 409);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let problem: Value = r.json().await.expect("json");
+    assert!(problem["type"].as_str().is_some_and(|t| t.ends_with("version-conflict")), "{problem}");
+
+    let r = stack
+        .http
+        .put(&desired_url)
+        .bearer_auth(&owner)
+        .json(&json!({"desired": {"colorTemp": 3000}, "version": 0}))
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(r.status(), 202);
+    let header_token = r.headers().get("homelink-consistency-token").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let desired: Value = r.json().await.expect("json");
+    assert_eq!(desired["status"], "queued", "the device is offline: {desired}");
+    let token = desired["consistencyToken"].as_str().expect("consistencyToken").to_owned();
+    assert_eq!(header_token.as_deref(), Some(token.as_str()), "the header and the body carry the same token");
+
+    // Read your writes: with the token, the very next query shows it.
+    let shadow = homelink_tools::gql::query_with_headers(
+        &stack.http,
+        &stack.graphql_url(),
+        &owner,
+        SHADOW,
+        json!({"id": light}),
+        &[("homelink-consistency-token", &token)],
+    )
+    .await
+    .expect("query");
+    let s = &shadow["data"]["device"]["shadow"];
+    assert_eq!(s["desired"], json!({"colorTemp": 3000}), "{shadow}");
+    assert_eq!(s["delta"], json!({"colorTemp": 3000}));
+    assert_eq!(s["metadata"]["colorTemp"]["commandId"], desired["commandId"]);
+    assert!(s["metadata"]["colorTemp"]["desiredAt"].is_string());
+    // A token that is not one answers a clear error.
+    let bad = homelink_tools::gql::query_with_headers(
+        &stack.http,
+        &stack.graphql_url(),
+        &owner,
+        SHADOW,
+        json!({"id": light}),
+        &[("homelink-consistency-token", "bm90LWEtdG9rZW4")],
+    )
+    .await
+    .expect("query");
+    assert_eq!(bad["errors"][0]["extensions"]["code"], "BAD_REQUEST", "{bad}");
+
+    // A command that expires while the device is away, and two that supersede each other.
+    let expiring = post_command(&stack, &home, light, json!({"set": {"on": false}, "ttlSeconds": 1})).await;
+    assert_eq!(expiring["status"], "queued");
+    let first = post_command(&stack, &home, light, json!({"set": {"brightness": 10}, "ttlSeconds": 120})).await;
+    let second = post_command(&stack, &home, light, json!({"set": {"brightness": 20}, "ttlSeconds": 120})).await;
+    let (expiring_id, first_id, second_id, desired_id) = (
+        expiring["commandId"].as_str().unwrap().to_owned(),
+        first["commandId"].as_str().unwrap().to_owned(),
+        second["commandId"].as_str().unwrap().to_owned(),
+        desired["commandId"].as_str().unwrap().to_owned(),
+    );
+    let expired = command_when(&stack, &owner, &expiring_id, "the expiry timer", |c| c["status"] == "expired").await;
+    assert!(at(&expired["expiredAt"]) >= at(&expired["expiresAt"]), "{expired}");
+    assert!(expired["deliveredAt"].is_null());
+    let superseded = command_when(&stack, &owner, &first_id, "superseded", |c| c["status"] == "superseded").await;
+    assert_eq!(superseded["supersededBy"], json!(second_id));
+    eventually(Duration::from_secs(30), "the expired value is no longer desired", || async {
+        let s = stack.gql(&owner, SHADOW, json!({"id": light})).await["data"]["device"]["shadow"].clone();
+        (s["desired"] == json!({"colorTemp": 3000, "brightness": 20})).then_some(())
+    })
+    .await;
+
+    // The device connects: the still-desired commands arrive, each once; the
+    // expired and the superseded one never.
+    let mut device = RawDevice::connect(&stack, spec(&home, 0, None), Duration::from_secs(30)).await;
+    let got = device.commands_within(Duration::from_secs(8)).await;
+    let mut ids: Vec<&str> = got.iter().filter_map(|c| c["commandId"].as_str()).collect();
+    ids.sort();
+    let mut want = vec![desired_id.as_str(), second_id.as_str()];
+    want.sort();
+    assert_eq!(ids, want, "{got:?}");
+    for id in [&desired_id, &second_id] {
+        command_when(&stack, &owner, id, "delivered", |c| c["deliveredAt"].is_string()).await;
+    }
+
+    // It acks the brightness and reports it: confirmed; it rejects the colour.
+    device.send("ack", json!({"v": 1, "commandId": second_id, "status": "ok"})).await;
+    device.send("ack", json!({"v": 1, "commandId": desired_id, "status": "rejected", "reason": "bulb cannot do 3000 K"})).await;
+    device.send("state", json!({"v": 1, "seq": 1, "state": {"on": true, "brightness": 20, "colorTemp": 2700}})).await;
+    let done = command_when(&stack, &owner, &second_id, "confirmed", |c| c["status"] == "confirmed").await;
+    assert_eq!(done["ackStatus"], "ok");
+    let (requested, delivered, acked, confirmed) =
+        (at(&done["requestedAt"]), at(&done["deliveredAt"]), at(&done["ackedAt"]), at(&done["confirmedAt"]));
+    assert!(requested <= delivered && delivered <= acked && acked <= confirmed, "{done}");
+    let rejected = command_when(&stack, &owner, &desired_id, "rejected", |c| c["status"] == "rejected").await;
+    assert_eq!(rejected["reason"], "bulb cannot do 3000 K");
+
+    // Delta: the colour is still desired and differs; brightness is reached.
+    let s = stack.gql(&owner, SHADOW, json!({"id": light})).await["data"]["device"]["shadow"].clone();
+    assert_eq!(s["delta"], json!({"colorTemp": 3000}), "{s}");
+    assert!(s["metadata"]["brightness"]["reportedAt"].is_string());
+    // Reconnecting sends nothing again: every command was delivered once.
+    drop(device);
+    let mut again = RawDevice::connect(&stack, spec(&home, 0, None), Duration::from_secs(30)).await;
+    let resent = again.commands_within(Duration::from_secs(4)).await;
+    assert!(resent.is_empty(), "{resent:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_device_that_stops_without_closing_its_socket_is_offline_within_one_and_a_half_keepalives_and_two_seconds() {
+    let stack = Stack::start().await;
+    let home = stack.seed(&[(DeviceKind::Sensor, "Climate", "Hall")]).await;
+    let (sensor, owner) = (home.devices[0].id, home.accounts[0].access_token.clone());
+    let keep_alive = Duration::from_secs(5);
+    let mut device = RawDevice::connect(&stack, spec(&home, 0, None), keep_alive).await;
+    device.send("state", json!({"v": 1, "seq": 1, "state": {"temperature": 21.0}})).await;
+    eventually(Duration::from_secs(30), "online", || async {
+        let s = stack.gql(&owner, SHADOW, json!({"id": sensor})).await["data"]["device"]["shadow"].clone();
+        (s["online"] == true && s["reported"]["temperature"] == 21.0).then_some(())
+    })
+    .await;
+    device.freeze();
+    let stopped = std::time::Instant::now();
+    // The bound is the protocol's (the broker fires the will after 1.5 ×
+    // keepalive), plus 2 s for the bridge and the projector.
+    let bound = keep_alive.mul_f64(1.5) + Duration::from_secs(2);
+    eventually(bound + Duration::from_millis(500), "offline after the silent disconnect", || async {
+        let s = stack.gql(&owner, SHADOW, json!({"id": sensor})).await["data"]["device"]["shadow"].clone();
+        (s["online"] == false).then_some(())
+    })
+    .await;
+    let took = stopped.elapsed();
+    assert!(took <= bound + Duration::from_millis(500), "offline after {took:?}, bound {bound:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_expiry_timer_survives_a_kill_of_the_bridge_that_owns_it() {
+    let mut stack = Stack::start_on(common::Env::from_env().bridge_as_process()).await;
+    let home = stack.seed(&[(DeviceKind::Lock, "Door", "Hall")]).await;
+    let (lock, owner) = (home.devices[0].id, home.accounts[0].access_token.clone());
+    let accepted = post_command(&stack, &home, lock, json!({"set": {"locked": true}, "ttlSeconds": 2})).await;
+    let id = accepted["commandId"].as_str().expect("id").to_owned();
+    command_when(&stack, &owner, &id, "the command recorded", |c| c["status"] == "queued").await;
+    // The bridge dies before the command comes due and is back after it did.
+    stack.bridge_process.as_mut().expect("the bridge runs as a process").kill();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let c = command(&stack, &owner, &id).await;
+    assert_eq!(c["status"], "queued", "nothing expired it while the bridge was down: {c}");
+    stack.bridge_process.as_mut().expect("the bridge runs as a process").restart();
+    let expired = command_when(&stack, &owner, &id, "expired after the restart", |c| c["status"] == "expired").await;
+    assert!(at(&expired["expiredAt"]) >= at(&expired["expiresAt"]));
+    let s = stack.gql(&owner, SHADOW, json!({"id": lock})).await["data"]["device"]["shadow"].clone();
+    assert!(s["desired"].as_object().is_none_or(|d| d.is_empty()), "{s}");
+}
+
+const RESUME: &str = "subscription($h: ID!, $after: Int) { householdChanges(householdId: $h, after: $after) {
+    change changeSeq deviceId shadow { reported } } }";
+
+/// The household's last change number.
+async fn last_change(stack: &Stack, household: Uuid) -> i64 {
+    sqlx::query_scalar("SELECT COALESCE((SELECT last_seq FROM household_change_seqs WHERE household_id = $1), 0)")
+        .bind(household)
+        .fetch_one(&stack.pool)
+        .await
+        .expect("last change")
+}
+
+/// Publishes reports (brightness = seq % 101) from `from` on until the
+/// household has at least `changes` more changes, and every report is applied;
+/// returns the next seq.
+async fn make_changes(stack: &Stack, device: &RawDevice, household: Uuid, from: u64, changes: i64) -> u64 {
+    let start = last_change(stack, household).await;
+    let mut seq = from;
+    while last_change(stack, household).await < start + changes {
+        for _ in 0..50 {
+            device.send("state", json!({"v": 1, "seq": seq, "state": {"brightness": seq % 101}})).await;
+            seq += 1;
+        }
+        let want = (seq - 1) as i64;
+        eventually(Duration::from_secs(30), "the reports applied", || async {
+            let got: Option<i64> = sqlx::query_scalar("SELECT seq FROM device_shadows WHERE device_id = $1")
+                .bind(device.spec.device_id)
+                .fetch_optional(&stack.pool)
+                .await
+                .ok()?;
+            (got == Some(want)).then_some(())
+        })
+        .await;
+    }
+    seq
+}
+
+/// The retained changes after `after`: `(changeSeq, reported brightness)`.
+async fn retained(stack: &Stack, household: Uuid, after: i64) -> Vec<(i64, Value)> {
+    let rows: Vec<(i64, Value)> = sqlx::query_as(
+        "SELECT change_seq, change->'reported'->'brightness' FROM household_changes WHERE household_id = $1 AND change_seq > $2 ORDER BY change_seq",
+    )
+    .bind(household)
+    .bind(after)
+    .fetch_all(&stack.pool)
+    .await
+    .expect("retained changes");
+    rows
+}
+
+/// Reports until the subscription (admitted at some point after it was
+/// sent) delivers one; returns the `changeSeq` of the last change delivered
+/// and the next report seq.
+async fn first_change(sub: &mut homelink_tools::gql::Subscription, device: &RawDevice) -> (i64, u64) {
+    let mut seq = 1;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        device.send("state", json!({"v": 1, "seq": seq, "state": {"brightness": seq % 101}})).await;
+        seq += 1;
+        assert!(tokio::time::Instant::now() < deadline, "no change on the subscription");
+        if let Ok(v) = tokio::time::timeout(Duration::from_millis(500), sub.next()).await {
+            // Whatever else is on its way (a report applied in a later batch) is read now.
+            let mut last = seq_and_brightness(&v.expect("payload")).0;
+            while let Ok(more) = tokio::time::timeout(Duration::from_millis(1500), sub.next()).await {
+                last = seq_and_brightness(&more.expect("payload")).0;
+            }
+            return (last, seq);
+        }
+    }
+}
+
+fn seq_and_brightness(v: &Value) -> (i64, Value) {
+    let c = &v["householdChanges"];
+    (c["changeSeq"].as_i64().expect("changeSeq"), c["shadow"]["reported"]["brightness"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_subscriber_that_resumes_after_a_change_gets_exactly_the_missed_ones_in_order_then_live_ones() {
+    let stack = Stack::start().await;
+    let home = stack.seed(&[(DeviceKind::Light, "Lamp", "Hall")]).await;
+    let (h, owner) = (home.household_id, home.accounts[0].access_token.clone());
+    let device = RawDevice::connect(&stack, spec(&home, 0, None), Duration::from_secs(30)).await;
+    let mut sub = homelink_tools::gql::Subscription::start(&stack.graphql_ws(), &owner, RESUME, json!({"h": h})).await.expect("subscribe");
+    let (seen, from) = first_change(&mut sub, &device).await;
+    drop(sub);
+
+    // Away while 500 changes happen.
+    let next = make_changes(&stack, &device, h, from, 500).await;
+    let missed = retained(&stack, h, seen).await;
+    assert!(missed.len() >= 500, "{} changes", missed.len());
+    assert_eq!(missed.first().map(|m| m.0), Some(seen + 1));
+
+    let mut sub = homelink_tools::gql::Subscription::start(&stack.graphql_ws(), &owner, RESUME, json!({"h": h, "after": seen}))
+        .await
+        .expect("resume");
+    let mut got = Vec::new();
+    while got.len() < missed.len() {
+        let v = tokio::time::timeout(Duration::from_secs(30), sub.next()).await.expect("a replayed change").expect("payload");
+        got.push(seq_and_brightness(&v));
+    }
+    assert_eq!(got, missed, "exactly the missed changes, in order");
+    // Then live ones, with the next number.
+    device.send("state", json!({"v": 1, "seq": next, "state": {"brightness": 100}})).await;
+    let live = tokio::time::timeout(Duration::from_secs(30), sub.next()).await.expect("a live change").expect("payload");
+    assert_eq!(seq_and_brightness(&live), (missed.last().map(|m| m.0).unwrap_or(seen) + 1, json!(100)));
+    drop(sub);
+
+    // Once changes after `after` are gone (the retention), resuming there is refused.
+    sqlx::query("DELETE FROM household_changes WHERE household_id = $1 AND change_seq <= $2")
+        .bind(h)
+        .bind(seen + 10)
+        .execute(&stack.pool)
+        .await
+        .expect("retention");
+    let mut old = homelink_tools::gql::Subscription::start(&stack.graphql_ws(), &owner, RESUME, json!({"h": h, "after": seen}))
+        .await
+        .expect("subscribe");
+    let err = tokio::time::timeout(Duration::from_secs(30), old.next()).await.expect("an answer").expect_err("refused");
+    assert!(err.to_string().contains("RESUME_TOO_OLD"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_subscriber_that_falls_behind_its_buffer_misses_nothing() {
+    // A buffer of 4 changes: bursts of reports overflow it at once.
+    let stack = Stack::start_on(common::Env::from_env().hub_buffer(4)).await;
+    let home = stack.seed(&[(DeviceKind::Light, "Lamp", "Hall")]).await;
+    let (h, owner) = (home.household_id, home.accounts[0].access_token.clone());
+    let device = RawDevice::connect(&stack, spec(&home, 0, None), Duration::from_secs(30)).await;
+    let mut sub = homelink_tools::gql::Subscription::start(&stack.graphql_ws(), &owner, RESUME, json!({"h": h})).await.expect("subscribe");
+    let (start, from) = first_change(&mut sub, &device).await;
+    // Not reading while 300 changes happen.
+    make_changes(&stack, &device, h, from, 300).await;
+    let want = retained(&stack, h, start).await;
+    let mut got = Vec::new();
+    while got.len() < want.len() {
+        let v = tokio::time::timeout(Duration::from_secs(30), sub.next()).await.expect("a change").expect("payload");
+        got.push(seq_and_brightness(&v));
+    }
+    assert_eq!(got, want, "every change, in order, none twice");
+}
