@@ -88,6 +88,12 @@ pub struct RegisterDevice {
         pattern = "^-----BEGIN CERTIFICATE REQUEST-----\\r?\\n[A-Za-z0-9+/=\\r\\n]+-----END CERTIFICATE REQUEST-----(?:\\r?\\n)?$"
     )]
     pub csr: Option<String>,
+    /// How often the device reports, 5–86400 s (default 30): after two
+    /// missed intervals it shows `stale` (and so does each property not
+    /// reported for two intervals).
+    #[serde(default, deserialize_with = "crate::validate::opt_whole")]
+    #[schema(minimum = 5, maximum = 86400)]
+    pub report_interval_secs: Option<u32>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -142,6 +148,9 @@ pub async fn register(
     let req = body.0;
     let name = name_of(&req.name, "name")?;
     let serial = req.serial.as_deref().map(serial_of).transpose()?;
+    if req.report_interval_secs.is_some_and(|i| !(5..=86_400).contains(&i)) {
+        return Err(ApiError::BadRequest("reportIntervalSecs must be between 5 and 86400".into()));
+    }
     let (ca, dev) = match (&s.device_ca, &s.devices) {
         (Some(ca), Some(dev)) => (ca.clone(), dev.clone()),
         _ => return Err(ApiError::Unavailable("the device CA is not configured".into())),
@@ -174,6 +183,7 @@ pub async fn register(
         serial: serial.clone(),
         cert_serial: Some(issued.serial_hex.clone()),
         broker: Some(broker),
+        report_interval_secs: req.report_interval_secs,
     });
     let written = s.write_household(&who, cmd(), |_, _| Ok(ev)).await;
     if let Err(e) = written {

@@ -41,6 +41,7 @@ async fn append_history(appender: &Appender, topics: &Topics) -> (Vec<(String, P
             serial: None,
             cert_serial: None,
             broker: None,
+            report_interval_secs: None,
         });
         push(topics.households(), Envelope::new(h, sys.clone(), &ev, Utc::now()));
     }

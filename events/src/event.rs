@@ -97,6 +97,10 @@ pub struct DeviceRegistered {
     /// deployment's broker list (absent: the first). Commands go out there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub broker: Option<u16>,
+    /// How often the device reports, in seconds (absent: the product's 30 s).
+    /// Two missed intervals make it, or one of its properties, stale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_interval_secs: Option<u32>,
 }
 
 /// A device left the registry; its certificate is revoked. Its shadow and

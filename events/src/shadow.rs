@@ -44,6 +44,24 @@ pub fn delta_of(reported: &Map<String, Value>, desired: &Map<String, Value>) -> 
     desired.iter().filter(|(k, v)| !reported.get(*k).is_some_and(|r| same_value(r, v))).map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
+/// The product's report interval (product.md: status every 30 s).
+pub const DEFAULT_REPORT_INTERVAL_SECS: u32 = 30;
+
+/// Staleness, computed from time so it shows even when nothing arrives: a
+/// device is stale when it was last seen more than two report intervals
+/// before `now`; a property, when it was last reported that long ago.
+pub fn staleness(
+    last_seen: Option<DateTime<Utc>>,
+    metadata: &BTreeMap<String, PropertyMeta>,
+    interval_secs: u32,
+    now: DateTime<Utc>,
+) -> (bool, Vec<String>) {
+    let limit = now - chrono::Duration::seconds(2 * i64::from(interval_secs.max(1)));
+    let stale = last_seen.is_some_and(|t| t < limit);
+    let props = metadata.iter().filter(|(_, m)| m.reported_at.is_some_and(|t| t < limit)).map(|(k, _)| k.clone()).collect();
+    (stale, props)
+}
+
 /// Whether two property values are the same (`20` and `20.0` are).
 pub fn same_value(a: &Value, b: &Value) -> bool {
     match (a.as_f64(), b.as_f64()) {
@@ -76,6 +94,13 @@ pub struct ShadowChanged {
     /// projector in the transaction that commits the change.
     #[serde(default)]
     pub change_seq: u64,
+    /// The device's report interval (staleness is computed from it at delivery).
+    #[serde(default = "default_interval")]
+    pub report_interval_secs: u32,
+}
+
+fn default_interval() -> u32 {
+    DEFAULT_REPORT_INTERVAL_SECS
 }
 
 impl ShadowChanged {
@@ -93,6 +118,7 @@ impl ShadowChanged {
             delta: s.delta(),
             metadata: s.metadata.clone(),
             change_seq: 0,
+            report_interval_secs: DEFAULT_REPORT_INTERVAL_SECS,
         }
     }
 }
@@ -614,6 +640,7 @@ mod notification_tests {
             delta: Map::new(),
             metadata: BTreeMap::new(),
             change_seq: 0,
+            report_interval_secs: 30,
         }
     }
 

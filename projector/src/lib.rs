@@ -21,6 +21,7 @@
 pub mod apply;
 pub mod consume;
 pub mod projections;
+pub mod stale;
 
 use apply::{Applier, Batch, Outcome, Source};
 use axum::extract::State;
@@ -59,6 +60,8 @@ pub struct Config {
     pub change_retention: Duration,
     /// How often rows past their retention are deleted.
     pub retention_every: Duration,
+    /// How often the stale sweep announces devices that went quiet.
+    pub stale_every: Duration,
     /// The service-to-service token pushes must carry; `None` refuses every push.
     pub internal_token: Option<secrecy::SecretString>,
 }
@@ -76,6 +79,7 @@ impl Config {
             command_retention: Duration::from_secs(30 * 24 * 3600),
             change_retention: Duration::from_secs(24 * 3600),
             retention_every: Duration::from_secs(600),
+            stale_every: Duration::from_secs(5),
             internal_token: None,
         }
     }
@@ -106,6 +110,7 @@ pub struct Application {
     jobs_tx: mpsc::Sender<Job>,
     consumer: consume::CatchUp,
     retention: (Duration, Duration, Duration),
+    stale_every: Duration,
 }
 
 /// Applies the read-model migrations (`homelink-read-model`).
@@ -150,7 +155,7 @@ impl Application {
         let public = homelink_kit::ops::router(metrics.clone(), homelink_kit::ops::postgres_ready(pool.clone()));
         let listeners = homelink_kit::ops::Listeners::bind(&cfg.listen, public, &cfg.internal_listen, internal).await?;
         let retention = (cfg.command_retention, cfg.change_retention, cfg.retention_every);
-        Ok(Self { listeners, pool, metrics, applier, jobs_rx, jobs_tx, consumer, retention })
+        Ok(Self { listeners, pool, metrics, applier, jobs_rx, jobs_tx, consumer, retention, stale_every: cfg.stale_every })
     }
 
     /// The public listener's port (ops routes).
@@ -177,6 +182,7 @@ impl Application {
         let writer = tokio::spawn(run_applier(self.applier, self.jobs_rx, self.metrics.clone(), positions.clone(), cancel.clone()));
         let catch_up = tokio::spawn(self.consumer.run(self.jobs_tx, positions, cancel.clone()));
         tokio::spawn(expire_rows(self.pool.clone(), self.retention, self.metrics.clone(), cancel.clone()));
+        tokio::spawn(stale::run(self.pool.clone(), self.stale_every, self.metrics.clone(), cancel.clone()));
         self.listeners.serve(cancel.clone()).await?;
         let _ = catch_up.await;
         let _ = writer.await;

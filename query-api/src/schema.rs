@@ -195,7 +195,8 @@ pub struct Membership {
 /// Devices with their rooms, shadows and the viewer's role (`m.role`, joined by the caller).
 const DEVICE_SELECT: &str =
     "SELECT d.device_id, d.household_id, d.kind, d.name, d.room_id, rm.name AS room_name, d.serial, d.registered_at,
-       d.removed_at, s.reported, s.seq, s.version, s.battery, s.online, s.last_seen, s.desired, s.metadata, m.role
+       d.removed_at, s.reported, s.seq, s.version, s.battery, s.online, s.last_seen, s.desired, s.metadata,
+       d.report_interval_secs, m.role
      FROM devices d LEFT JOIN device_shadows s ON s.device_id = d.device_id LEFT JOIN rooms rm ON rm.room_id = d.room_id";
 
 /// Most devices per page.
@@ -390,6 +391,8 @@ pub struct Device {
     pub removed_at: Option<DateTime<Utc>>,
     /// Online as of the last status the device sent.
     pub online: bool,
+    /// How often the device reports (seconds); two missed intervals make it stale.
+    pub report_interval_secs: i32,
     pub last_seen: Option<DateTime<Utc>>,
     /// Last known state; present once the device reported or changed status.
     pub shadow: Option<Shadow>,
@@ -486,12 +489,17 @@ struct DeviceRow {
     last_seen: Option<DateTime<Utc>>,
     desired: Option<Value>,
     metadata: Option<Value>,
+    report_interval_secs: i32,
     role: String,
 }
 
 impl From<DeviceRow> for Device {
     fn from(r: DeviceRow) -> Self {
         let delta = Json(delta(r.reported.as_ref(), r.desired.as_ref()));
+        let interval = r.report_interval_secs.max(1) as u32;
+        let metadata: std::collections::BTreeMap<String, homelink_events::shadow::PropertyMeta> =
+            r.metadata.clone().and_then(|m| serde_json::from_value(m).ok()).unwrap_or_default();
+        let (stale, stale_properties) = homelink_events::shadow::staleness(r.last_seen, &metadata, interval, Utc::now());
         let shadow = r.version.map(|version| Shadow {
             reported: Json(r.reported.unwrap_or(Value::Null)),
             seq: r.seq.unwrap_or(0),
@@ -502,6 +510,8 @@ impl From<DeviceRow> for Device {
             delta,
             desired: Json(r.desired.unwrap_or_else(|| Value::Object(Default::default()))),
             metadata: Json(r.metadata.unwrap_or_else(|| Value::Object(Default::default()))),
+            stale,
+            stale_properties,
         });
         let room = r.room_id.map(|id| RoomRef { id: ID(id.to_string()), name: r.room_name.unwrap_or_default() });
         Self {
@@ -515,6 +525,7 @@ impl From<DeviceRow> for Device {
             removed: r.removed_at.is_some(),
             removed_at: r.removed_at,
             online: shadow.as_ref().is_some_and(|s| s.online),
+            report_interval_secs: r.report_interval_secs,
             last_seen: shadow.as_ref().and_then(|s| s.last_seen),
             shadow,
             uuid: r.device_id,

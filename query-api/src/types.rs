@@ -59,6 +59,10 @@ pub struct Shadow {
     /// Per property: `reportedAt`, `desiredAt` and the `commandId` that set
     /// the desired value.
     pub metadata: Json<Value>,
+    /// Not seen for two report intervals (computed when read or pushed).
+    pub stale: bool,
+    /// Properties not reported for two report intervals, by name.
+    pub stale_properties: Vec<String>,
 }
 
 /// A committed change of one device's shadow.
@@ -73,6 +77,8 @@ pub struct DeviceChange {
 
 impl From<&ShadowChanged> for DeviceChange {
     fn from(c: &ShadowChanged) -> Self {
+        let (stale, stale_properties) =
+            homelink_events::shadow::staleness(c.last_seen, &c.metadata, c.report_interval_secs, chrono::Utc::now());
         Self {
             household_id: ID(c.household_id.to_string()),
             device_id: ID(c.device_id.to_string()),
@@ -86,6 +92,8 @@ impl From<&ShadowChanged> for DeviceChange {
                 desired: Json(Value::Object(c.desired.clone())),
                 delta: Json(Value::Object(c.delta.clone())),
                 metadata: Json(serde_json::to_value(&c.metadata).unwrap_or(Value::Null)),
+                stale,
+                stale_properties,
             },
             change_seq: i64::try_from(c.change_seq).unwrap_or(i64::MAX),
         }

@@ -122,8 +122,9 @@ pub async fn fold(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]
             }
             Event::DeviceRegistered(d) => {
                 sqlx::query(
-                    "INSERT INTO devices (device_id, household_id, kind, name, room, registered_at, room_id, serial, cert_serial, broker)
-                     VALUES ($1, $2, $3, $4, NULL, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
+                    "INSERT INTO devices (device_id, household_id, kind, name, room, registered_at, room_id, serial, cert_serial, broker,
+                                          report_interval_secs)
+                     VALUES ($1, $2, $3, $4, NULL, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING",
                 )
                 .bind(d.device_id)
                 .bind(h)
@@ -134,6 +135,7 @@ pub async fn fold(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]
                 .bind(&d.serial)
                 .bind(&d.cert_serial)
                 .bind(d.broker.unwrap_or(0) as i16)
+                .bind(d.report_interval_secs.unwrap_or(homelink_events::shadow::DEFAULT_REPORT_INTERVAL_SECS) as i32)
                 .execute(&mut **tx)
                 .await?;
                 registry = Some((Some(d.device_id), d.room_id));

@@ -4,7 +4,7 @@
 //! `homelink_shadow_changed` and returns the commands a report confirmed.
 
 use chrono::{DateTime, Utc};
-use homelink_events::shadow::{Shadow, ShadowChanged};
+use homelink_events::shadow::{Shadow, ShadowChanged, DEFAULT_REPORT_INTERVAL_SECS};
 use homelink_events::Event;
 use homelink_kit::push::Located;
 use serde_json::{Map, Value};
@@ -23,38 +23,26 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
     if touched.is_empty() {
         return Ok(Applied::default());
     }
+    // Every touched device with its report interval, and its shadow if it has one.
     let rows = sqlx::query(
-        "SELECT device_id, reported, seq, version, battery, online, last_seen, status_offset, property_seq, battery_seq, desired, metadata
-         FROM device_shadows WHERE device_id = ANY($1)",
+        "SELECT u.id, s.reported, s.seq, s.version, s.battery, s.online, s.last_seen, s.status_offset, s.property_seq, s.battery_seq,
+                s.desired, s.metadata, d.report_interval_secs, s.device_id IS NOT NULL
+         FROM UNNEST($1::uuid[]) AS u(id) LEFT JOIN device_shadows s ON s.device_id = u.id LEFT JOIN devices d ON d.device_id = u.id",
     )
     .bind(&touched)
     .fetch_all(&mut **tx)
     .await?;
     let mut current: HashMap<Uuid, Shadow> = HashMap::new();
+    let mut intervals: HashMap<Uuid, u32> = HashMap::new();
     for r in rows {
-        let reported: Value = r.get(1);
-        current.insert(
-            r.get(0),
-            Shadow {
-                reported: match reported {
-                    Value::Object(m) => m,
-                    _ => Map::new(),
-                },
-                seq: r.get::<i64, _>(2) as u64,
-                version: r.get::<i64, _>(3) as u64,
-                battery: r.get::<Option<i16>, _>(4).map(|b| b as u8),
-                online: r.get(5),
-                last_seen: r.get(6),
-                status_offset: r.get(7),
-                property_seq: serde_json::from_value(r.get::<Value, _>(8)).unwrap_or_default(),
-                battery_seq: r.get::<i64, _>(9).max(0) as u64,
-                desired: match r.get::<Value, _>(10) {
-                    Value::Object(m) => m,
-                    _ => Map::new(),
-                },
-                metadata: serde_json::from_value(r.get::<Value, _>(11)).unwrap_or_default(),
-            },
-        );
+        let id: Uuid = r.get(0);
+        if let Some(i) = r.get::<Option<i32>, _>(12) {
+            intervals.insert(id, i.max(1) as u32);
+        }
+        if !r.get::<bool, _>(13) {
+            continue;
+        }
+        current.insert(id, shadow_of(&r));
     }
     let mut changed: HashMap<Uuid, Uuid> = HashMap::new(); // device -> household
     let mut confirmed = Vec::new();
@@ -80,7 +68,9 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
     for (device, household) in &changed {
         let s = &current[device];
         cols.push(*device, *household, s);
-        notes.push(ShadowChanged::new(*household, *device, s));
+        let mut change = ShadowChanged::new(*household, *device, s);
+        change.report_interval_secs = intervals.get(device).copied().unwrap_or(DEFAULT_REPORT_INTERVAL_SECS);
+        notes.push(change);
     }
     sqlx::query(
         r#"INSERT INTO device_shadows (device_id, household_id, reported, seq, version, battery, online, last_seen, status_offset,
@@ -111,6 +101,29 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
     .execute(&mut **tx)
     .await?;
     Ok(Applied { notes, confirmed })
+}
+
+/// A shadow from a row whose columns 1–11 are `reported, seq, version,
+/// battery, online, last_seen, status_offset, property_seq, battery_seq,
+/// desired, metadata`.
+pub fn shadow_of(r: &sqlx::postgres::PgRow) -> Shadow {
+    let object = |v: Option<Value>| match v {
+        Some(Value::Object(m)) => m,
+        _ => Map::new(),
+    };
+    Shadow {
+        reported: object(r.get(1)),
+        seq: r.get::<Option<i64>, _>(2).unwrap_or(0).max(0) as u64,
+        version: r.get::<Option<i64>, _>(3).unwrap_or(0).max(0) as u64,
+        battery: r.get::<Option<i16>, _>(4).map(|b| b as u8),
+        online: r.get::<Option<bool>, _>(5).unwrap_or(false),
+        last_seen: r.get(6),
+        status_offset: r.get::<Option<i64>, _>(7).unwrap_or(-1),
+        property_seq: r.get::<Option<Value>, _>(8).and_then(|v| serde_json::from_value(v).ok()).unwrap_or_default(),
+        battery_seq: r.get::<Option<i64>, _>(9).unwrap_or(0).max(0) as u64,
+        desired: object(r.get(10)),
+        metadata: r.get::<Option<Value>, _>(11).and_then(|v| serde_json::from_value(v).ok()).unwrap_or_default(),
+    }
 }
 
 /// Whether an event changes a shadow.
