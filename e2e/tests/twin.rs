@@ -343,6 +343,24 @@ async fn the_expiry_timer_survives_a_kill_of_the_bridge_that_owns_it() {
     assert!(at(&expired["expiredAt"]) >= at(&expired["expiresAt"]));
     let s = stack.gql(&owner, SHADOW, json!({"id": lock})).await["data"]["device"]["shadow"].clone();
     assert!(s["desired"].as_object().is_none_or(|d| d.is_empty()), "{s}");
+
+    // The device connects (the expired command never arrives); a command it
+    // cannot carry out ends `failed` with its reason.
+    let mut device = RawDevice::connect(&stack, spec(&home, 0, None), Duration::from_secs(30)).await;
+    eventually(Duration::from_secs(30), "online", || async {
+        let s = stack.gql(&owner, SHADOW, json!({"id": lock})).await["data"]["device"]["shadow"].clone();
+        (s["online"] == true).then_some(())
+    })
+    .await;
+    let failing = post_command(&stack, &home, lock, json!({"set": {"locked": false}})).await;
+    assert_eq!(failing["status"], "requested");
+    let got = device.commands_within(Duration::from_secs(5)).await;
+    assert_eq!(got.iter().map(|c| c["commandId"].clone()).collect::<Vec<_>>(), vec![failing["commandId"].clone()], "{got:?}");
+    device.send("ack", json!({"v": 1, "commandId": failing["commandId"], "status": "failed", "reason": "bolt jammed"})).await;
+    let failed =
+        command_when(&stack, &owner, failing["commandId"].as_str().unwrap_or_default(), "failed", |c| c["status"] == "failed").await;
+    assert_eq!((failed["ackStatus"].clone(), failed["reason"].clone()), (json!("failed"), json!("bolt jammed")));
+    assert!(at(&failed["requestedAt"]) <= at(&failed["deliveredAt"]) && at(&failed["deliveredAt"]) <= at(&failed["ackedAt"]), "{failed}");
 }
 
 const RESUME: &str = "subscription($h: ID!, $after: Int) { householdChanges(householdId: $h, after: $after) {

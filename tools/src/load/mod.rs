@@ -147,6 +147,8 @@ pub struct Summary {
     pub memory: Option<MemorySummary>,
     /// The reconnect storm, when asked for.
     pub reconnect: Option<ReconnectSummary>,
+    /// A resumed subscription's replay, when there were probe households.
+    pub catch_up: Option<CatchUpSummary>,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -174,6 +176,32 @@ pub struct ReconnectSummary {
     pub errors: Vec<String>,
 }
 
+/// The command lifecycle (issue 11), read back with `command(id)` after the
+/// run: how long each step took after `requestedAt`.
+#[derive(Debug, Clone, Serialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct LifecycleSummary {
+    pub commands: usize,
+    /// Final statuses and how many ended in each.
+    pub statuses: BTreeMap<String, usize>,
+    pub requested_to_delivered: Option<Percentiles>,
+    pub requested_to_acked: Option<Percentiles>,
+    pub requested_to_confirmed: Option<Percentiles>,
+}
+
+/// A subscription resumed `after: 0` on a probe household once the run is
+/// over: how fast it replays the retained changes.
+#[derive(Debug, Clone, Serialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CatchUpSummary {
+    pub changes: usize,
+    pub seconds: f64,
+    pub changes_per_sec: f64,
+    /// Whether the `changeSeq`s came 1, 2, 3, … without a gap.
+    pub gap_free: bool,
+    pub errors: Vec<String>,
+}
+
 #[derive(Debug, Clone, Serialize, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct ProbeSummary {
@@ -198,6 +226,8 @@ pub struct CommandSummary {
     pub accepted: Option<Percentiles>,
     pub device_received: Option<Percentiles>,
     pub errors: Vec<String>,
+    /// Every step of the probe commands' lives, from their server-side times.
+    pub lifecycle: Option<LifecycleSummary>,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -412,6 +442,7 @@ pub async fn run(endpoints: &Endpoints, o: &Options) -> crate::Result<Summary> {
     let run_stop = CancellationToken::new();
     let commands = tokio::spawn(command_loop(
         http.clone(),
+        endpoints.graphql.clone(),
         format!("{api}/v1/households/{}/devices/{}/commands", fleet.command_probe.id, fleet.command_probe.devices[0].id),
         fresh.clone(),
         o.commands_per_sec,
@@ -485,6 +516,10 @@ pub async fn run(endpoints: &Endpoints, o: &Options) -> crate::Result<Summary> {
     let processes = meter.stop(acked, elapsed, idle.as_ref());
     lag_task.abort();
     let command_round_trip = commands.await.unwrap_or_default();
+    let catch_up = match fleet.households.first().filter(|_| probes > 0) {
+        Some(h) => Some(replay(&endpoints.graphql_ws, &fresh.get(), h.id).await),
+        None => None,
+    };
 
     // Probe analysis.
     let mut report_to_subscription =
@@ -550,7 +585,68 @@ pub async fn run(endpoints: &Endpoints, o: &Options) -> crate::Result<Summary> {
         load_processes,
         memory,
         reconnect,
+        catch_up,
     })
+}
+
+/// Resumes a household subscription `after: 0` and reads until it has been
+/// quiet for 2 s: the retained changes replayed, and their rate.
+async fn replay(ws: &str, token: &str, household: Uuid) -> CatchUpSummary {
+    let mut out = CatchUpSummary { gap_free: true, ..Default::default() };
+    let query = "subscription($h: ID!) { householdChanges(householdId: $h, after: 0) { changeSeq } }";
+    let mut sub = match Subscription::start(ws, token, query, json!({"h": household})).await {
+        Ok(s) => s,
+        Err(e) => {
+            out.errors.push(e.to_string());
+            return out;
+        }
+    };
+    let (mut first, mut last) = (None, Instant::now());
+    let mut expected = 1;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(2), sub.next()).await {
+            Ok(Ok(v)) => {
+                last = Instant::now();
+                first.get_or_insert(last);
+                out.changes += 1;
+                let seq = v["householdChanges"]["changeSeq"].as_u64().unwrap_or(0);
+                out.gap_free &= seq == expected;
+                expected = seq + 1;
+            }
+            Ok(Err(e)) => {
+                out.errors.push(e.to_string());
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    out.seconds = first.map_or(0.0, |f| last.duration_since(f).as_secs_f64());
+    out.changes_per_sec = if out.seconds > 0.0 { out.changes as f64 / out.seconds } else { 0.0 };
+    out
+}
+
+/// Reads every probe command back (`command(id)`) and measures each step
+/// after its request.
+async fn lifecycle(http: &reqwest::Client, graphql: &str, token: &str, ids: &[Uuid]) -> LifecycleSummary {
+    let mut out = LifecycleSummary { commands: ids.len(), ..Default::default() };
+    let (mut delivered, mut acked, mut confirmed) = (Vec::new(), Vec::new(), Vec::new());
+    let q = "query($id: ID!) { command(id: $id) { status requestedAt deliveredAt ackedAt confirmedAt } }";
+    let at = |v: &serde_json::Value| v.as_str().and_then(|s| s.parse::<chrono::DateTime<chrono::Utc>>().ok());
+    for id in ids {
+        let Ok(r) = crate::gql::query(http, graphql, token, q, json!({"id": id})).await else { continue };
+        let c = &r["data"]["command"];
+        *out.statuses.entry(c["status"].as_str().unwrap_or("unknown").to_owned()).or_default() += 1;
+        let Some(requested) = at(&c["requestedAt"]) else { continue };
+        for (field, into) in [("deliveredAt", &mut delivered), ("ackedAt", &mut acked), ("confirmedAt", &mut confirmed)] {
+            if let Some(t) = at(&c[field]) {
+                into.push((t - requested).to_std().unwrap_or_default());
+            }
+        }
+    }
+    out.requested_to_delivered = percentiles(delivered);
+    out.requested_to_acked = percentiles(acked);
+    out.requested_to_confirmed = percentiles(confirmed);
+    out
 }
 
 /// Publishes over `devs` at `o.rate` along `o`'s ramp and duration, round
@@ -678,6 +774,7 @@ async fn restart_broker(dir: &std::path::Path) -> std::io::Result<()> {
 /// HTTP accepted and device received.
 async fn command_loop(
     http: reqwest::Client,
+    graphql: String,
     url: String,
     token: Token,
     per_sec: f64,
@@ -688,7 +785,7 @@ async fn command_loop(
     if per_sec <= 0.0 {
         return out;
     }
-    let (mut accepted, mut received) = (Vec::new(), Vec::new());
+    let (mut accepted, mut received, mut ids) = (Vec::new(), Vec::new(), Vec::new());
     let mut every = tokio::time::interval(Duration::from_secs_f64(1.0 / per_sec));
     let mut i = 0u64;
     loop {
@@ -712,6 +809,7 @@ async fn command_loop(
             }
         };
         let Some(id) = id else { continue };
+        ids.push(id);
         let got = tokio::time::timeout(Duration::from_secs(5), async {
             while let Some(o) = observed.recv().await {
                 if let Observed::Command { command_id, at, .. } = o {
@@ -734,6 +832,9 @@ async fn command_loop(
     out.errors.truncate(20);
     out.accepted = percentiles(accepted);
     out.device_received = percentiles(received);
+    // The last steps (ack, the confirming report) land a moment after the device got it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    out.lifecycle = Some(lifecycle(&http, &graphql, &token.get(), &ids).await);
     out
 }
 
