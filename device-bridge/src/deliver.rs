@@ -325,12 +325,10 @@ pub(crate) async fn expiry_timer(s: Arc<Shared>, every: Duration, cancel: Cancel
     loop {
         tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(every) => {} }
         recent.retain(|_, at| at.elapsed() < Duration::from_secs(30));
-        match due(&s).await {
+        let skip: Vec<Uuid> = recent.keys().copied().collect();
+        match due(&s, &skip).await {
             Ok(due) => {
                 for (command_id, household, device_id, expires_at) in due {
-                    if recent.contains_key(&command_id) {
-                        continue;
-                    }
                     recent.insert(command_id, std::time::Instant::now());
                     let ev = Event::DeviceCommandExpired(DeviceCommandExpired { command_id, device_id, expires_at });
                     let envelope =
@@ -347,8 +345,10 @@ pub(crate) async fn expiry_timer(s: Arc<Shared>, every: Duration, cancel: Cancel
     }
 }
 
-/// Open commands past their expiry, if this bridge holds the timer's lock.
-async fn due(s: &Shared) -> Result<Vec<(Uuid, Uuid, Uuid, chrono::DateTime<Utc>)>, sqlx::Error> {
+/// Open commands past their expiry, if this bridge holds the timer's lock;
+/// not those in `skip` (expired a moment ago, not applied yet), so a lagging
+/// projector never starves the rest.
+async fn due(s: &Shared, skip: &[Uuid]) -> Result<Vec<(Uuid, Uuid, Uuid, chrono::DateTime<Utc>)>, sqlx::Error> {
     let mut tx = s.pool.begin().await?;
     let mine: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(7311001)").fetch_one(&mut *tx).await?;
     if !mine {
@@ -356,8 +356,9 @@ async fn due(s: &Shared) -> Result<Vec<(Uuid, Uuid, Uuid, chrono::DateTime<Utc>)
     }
     let rows = sqlx::query(
         "SELECT command_id, household_id, device_id, expires_at FROM device_commands
-          WHERE status_rank < 3 AND expires_at <= now() ORDER BY expires_at LIMIT 1000",
+          WHERE status_rank < 3 AND expires_at <= now() AND command_id <> ALL($1) ORDER BY expires_at LIMIT 1000",
     )
+    .bind(skip)
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;

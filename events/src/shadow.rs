@@ -15,7 +15,8 @@
 //! The twin on top (issue 11): each property's **desired** value comes from
 //! the latest command that set it (by request time, then command id); it is
 //! cleared when a report recorded at or after that request carries the same
-//! value (the command is then *confirmed*), or when its command expires.
+//! value (the command is then *confirmed*), or when its command expires or
+//! the device rejects it or fails to carry it out.
 //! The **delta** is what is desired and not (yet) reported. Per property,
 //! **metadata** says when it was last reported and last desired, and by
 //! which command.
@@ -222,10 +223,17 @@ impl Shadow {
                 }
                 return out;
             }
-            Event::DeviceCommandExpired(e) => {
+            // An expired command, or one the device refused or could not
+            // carry out, is no longer desired.
+            Event::DeviceCommandExpired(crate::event::DeviceCommandExpired { command_id, .. })
+            | Event::DeviceCommandAcked(crate::event::DeviceCommandAcked {
+                command_id,
+                status: crate::protocol::AckStatus::Rejected | crate::protocol::AckStatus::Failed,
+                ..
+            }) => {
                 let before = self.desired.len();
                 let metadata = &self.metadata;
-                self.desired.retain(|k, _| metadata.get(k).and_then(|m| m.command_id) != Some(e.command_id));
+                self.desired.retain(|k, _| metadata.get(k).and_then(|m| m.command_id) != Some(*command_id));
                 out.changed = self.desired.len() != before;
                 if out.changed {
                     self.version += 1;
@@ -481,6 +489,26 @@ mod tests {
         assert!(s.apply(&expired, t(11), 1));
         assert!(s.desired.is_empty());
         assert!(!s.apply(&expired, t(11), 1), "twice is once");
+    }
+
+    #[test]
+    fn a_command_the_device_rejects_or_fails_is_no_longer_desired_but_one_it_accepts_stays_until_reported() {
+        let ack = |id: u128, status| {
+            Event::DeviceCommandAcked(crate::event::DeviceCommandAcked {
+                command_id: Uuid::from_u128(id),
+                device_id: Uuid::nil(),
+                status,
+                reason: None,
+            })
+        };
+        let mut s = Shadow::default();
+        s.apply(&command(1, json!({"brightness": 90})), t(1), 0);
+        s.apply(&command(2, json!({"on": true})), t(2), 0);
+        assert!(s.apply(&ack(1, crate::protocol::AckStatus::Rejected), t(3), 0));
+        assert!(!s.apply(&ack(2, crate::protocol::AckStatus::Ok), t(3), 1));
+        assert_eq!(Value::Object(s.desired.clone()), json!({"on": true}));
+        assert!(s.apply(&ack(2, crate::protocol::AckStatus::Failed), t(4), 2));
+        assert!(s.desired.is_empty());
     }
 
     /// One generated telemetry event: a partial report or a status.

@@ -208,7 +208,7 @@ impl Hub {
                     if !self.watched(household_id) {
                         continue;
                     }
-                    match read_changes(pool, household_id, change_seq - 1, change_seq).await {
+                    match read_changes(pool, household_id, change_seq.saturating_sub(1), change_seq).await {
                         Ok(mut found) => match found.pop() {
                             Some(HubEvent::Shadow(c)) => Arc::unwrap_or_clone(c),
                             _ => continue,
@@ -396,6 +396,22 @@ impl Watch {
                 if first != Some(a as i64 + 1) {
                     return Err(ResumeError::TooOld);
                 }
+                // Nothing from before the viewer joined: a new member resumes
+                // from a refetch, not from the household's history.
+                let before_joining: bool = sqlx::query_scalar(
+                    "SELECT COALESCE((SELECT c.at < m.joined_at FROM household_changes c
+                                        JOIN household_members m ON m.household_id = c.household_id AND m.user_id = $3
+                                       WHERE c.household_id = $1 AND c.change_seq = $2), true)",
+                )
+                .bind(household)
+                .bind(a as i64 + 1)
+                .bind(user)
+                .fetch_one(&pool)
+                .await
+                .map_err(ResumeError::Unavailable)?;
+                if before_joining {
+                    return Err(ResumeError::TooOld);
+                }
                 a
             }
         };
@@ -424,7 +440,10 @@ impl Watch {
             if self.last_seq < self.target {
                 let upto = self.target.min(self.last_seq + REPLAY_PAGE as u64);
                 match read_changes(&self.pool, self.household, self.last_seq, upto).await {
-                    Ok(found) if found.first().map(change_seq) == Some(self.last_seq + 1) => {
+                    // Every number of the page, in order: a hole means changes are gone.
+                    Ok(found)
+                        if !found.is_empty() && found.iter().map(change_seq).eq(self.last_seq + 1..=self.last_seq + found.len() as u64) =>
+                    {
                         self.replay = found.into();
                         continue;
                     }

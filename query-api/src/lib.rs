@@ -79,6 +79,7 @@ struct AppState {
     schema: HomeLinkSchema,
     verifier: Verifier,
     pool: PgPool,
+    waiters: Arc<tokio::sync::Semaphore>,
 }
 
 /// How long a read given a consistency token waits for the read models.
@@ -91,32 +92,31 @@ pub enum NotConsistent {
     Invalid,
     /// The read models did not cover it within [`CONSISTENCY_WAIT`].
     Timeout,
+    /// Too many reads wait on tokens already.
+    Busy,
     Unavailable,
 }
 
-/// Waits, bounded, until the read models applied every position of `token`.
-pub async fn wait_consistent(pool: &PgPool, token: &str) -> Result<(), NotConsistent> {
+/// Reads waiting on a consistency token at once, per process: a token
+/// names positions nobody checks the existence of, so waiting is bounded
+/// in time (2 s) and in number.
+pub const MAX_CONSISTENCY_WAITERS: usize = 64;
+
+/// Waits, bounded, until the read models applied every position of `token`:
+/// one query per 10 ms, a pooled connection only for that query.
+pub async fn wait_consistent(pool: &PgPool, waiters: &tokio::sync::Semaphore, token: &str) -> Result<(), NotConsistent> {
     let token = homelink_kit::consistency::Token::parse(token).ok_or(NotConsistent::Invalid)?;
+    let _slot = waiters.try_acquire().map_err(|_| NotConsistent::Busy)?;
+    let positions: Vec<(String, i32, i64)> = token.0.into_iter().map(|p| (p.topic, p.partition, p.offset)).collect();
     let deadline = tokio::time::Instant::now() + CONSISTENCY_WAIT;
-    let mut conn = pool.acquire().await.map_err(|_| NotConsistent::Unavailable)?;
-    let mut pending = token.0;
     loop {
-        let mut still = Vec::new();
-        for p in pending {
-            let done = homelink_read_model::position_applied(&mut conn, &p.topic, p.partition, p.offset)
-                .await
-                .map_err(|_| NotConsistent::Unavailable)?;
-            if !done {
-                still.push(p);
-            }
-        }
-        if still.is_empty() {
+        let pending = homelink_read_model::positions_pending(pool, &positions).await.map_err(|_| NotConsistent::Unavailable)?;
+        if pending == 0 {
             return Ok(());
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(NotConsistent::Timeout);
         }
-        pending = still;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -130,6 +130,9 @@ fn consistency_error(e: &NotConsistent) -> (StatusCode, &'static str, String) {
             format!("the read models did not reach the consistency token within {} s; retry", CONSISTENCY_WAIT.as_secs()),
         ),
         NotConsistent::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE, "the read models are unavailable".into()),
+        NotConsistent::Busy => {
+            (StatusCode::SERVICE_UNAVAILABLE, codes::CONSISTENCY_TIMEOUT, "too many reads are waiting for consistency tokens; retry".into())
+        }
     }
 }
 
@@ -169,7 +172,12 @@ impl Application {
         let router = Router::new()
             .route("/graphql", get(graphiql_or_subscription).post(graphql))
             .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
-            .with_state(AppState { schema, verifier: verifier.clone(), pool: pool.clone() })
+            .with_state(AppState {
+                schema,
+                verifier: verifier.clone(),
+                pool: pool.clone(),
+                waiters: Arc::new(tokio::sync::Semaphore::new(MAX_CONSISTENCY_WAITERS)),
+            })
             .merge(homelink_kit::ops::router(metrics.clone(), ready));
         let listener = homelink_kit::ops::bind(&cfg.listen).await?;
         Ok(Self { listener, router, hub, pool, metrics, listening, verifier, jwks: (cfg.jwks_url, cfg.jwks_refresh) })
@@ -235,7 +243,7 @@ async fn graphql(State(s): State<AppState>, headers: HeaderMap, req: Request) ->
     // Read your writes: wait until the read models cover the token.
     if let Some(token) = headers.get(homelink_kit::consistency::HEADER) {
         let waited = match token.to_str() {
-            Ok(t) => wait_consistent(&s.pool, t).await,
+            Ok(t) => wait_consistent(&s.pool, &s.waiters, t).await,
             Err(_) => Err(NotConsistent::Invalid),
         };
         if let Err(e) = waited {
@@ -280,7 +288,7 @@ async fn graphiql_or_subscription(State(s): State<AppState>, req: Request) -> Re
         Ok(ws) => ws,
         Err(e) => return e.into_response(),
     };
-    let (schema, verifier, pool) = (s.schema.clone(), s.verifier.clone(), s.pool.clone());
+    let (schema, verifier, pool, waiters) = (s.schema.clone(), s.verifier.clone(), s.pool.clone(), s.waiters.clone());
     // A message is one GraphQL request: the same 64 KiB bound as over HTTP
     // (the WebSocket default would be 64 MiB).
     ws.protocols(ALL_WEBSOCKET_PROTOCOLS)
@@ -295,7 +303,7 @@ async fn graphiql_or_subscription(State(s): State<AppState>, req: Request) -> Re
                     // Read your writes: subscriptions start once the read models cover the token.
                     if let Some(token) = payload.get("consistencyToken") {
                         let waited = match token.as_str() {
-                            Some(t) => wait_consistent(&pool, t).await,
+                            Some(t) => wait_consistent(&pool, &waiters, t).await,
                             None => Err(NotConsistent::Invalid),
                         };
                         if let Err(e) = waited {

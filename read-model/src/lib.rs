@@ -136,16 +136,21 @@ pub async fn applied_through(db: &mut PgConnection, topic: &str, partition: i32,
     Ok(next >= end || next + pushed >= end)
 }
 
-/// Whether the projection has applied the record at `offset` of a partition
-/// (read your writes: a consistency token's position).
-pub async fn position_applied(db: &mut PgConnection, topic: &str, partition: i32, offset: i64) -> Result<bool, sqlx::Error> {
+/// How many of the positions `(topic, partition, offset)` the projection
+/// has not applied yet (read your writes: a consistency token's positions),
+/// in one query.
+pub async fn positions_pending(pool: &PgPool, positions: &[(String, i32, i64)]) -> Result<i64, sqlx::Error> {
+    let topics: Vec<&str> = positions.iter().map(|p| p.0.as_str()).collect();
+    let partitions: Vec<i32> = positions.iter().map(|p| p.1).collect();
+    let offsets: Vec<i64> = positions.iter().map(|p| p.2).collect();
     sqlx::query_scalar(
-        r#"SELECT COALESCE((SELECT next_offset FROM projector_offsets WHERE topic = $1 AND partition = $2), 0) > $3
-               OR EXISTS (SELECT 1 FROM projector_pushed WHERE topic = $1 AND partition = $2 AND "offset" = $3)"#,
+        r#"SELECT count(*) FROM UNNEST($1::text[], $2::int[], $3::bigint[]) AS u(t, p, o)
+            WHERE COALESCE((SELECT next_offset FROM projector_offsets WHERE topic = u.t AND partition = u.p), 0) <= u.o
+              AND NOT EXISTS (SELECT 1 FROM projector_pushed WHERE topic = u.t AND partition = u.p AND "offset" = u.o)"#,
     )
-    .bind(topic)
-    .bind(partition)
-    .bind(offset)
-    .fetch_one(db)
+    .bind(&topics)
+    .bind(&partitions)
+    .bind(&offsets)
+    .fetch_one(pool)
     .await
 }

@@ -9,7 +9,7 @@ use homelink_events::shadow::ShadowChanged;
 use homelink_events::topics::RegistryChanged;
 use serde_json::Value;
 use sqlx::{Postgres, Row, Transaction};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use uuid::Uuid;
 
 pub async fn sequence(
@@ -20,7 +20,9 @@ pub async fn sequence(
     if shadows.is_empty() && registry.is_empty() {
         return Ok(());
     }
-    let mut counts: HashMap<Uuid, i64> = HashMap::new();
+    // Sorted: two writers (the applier, the stale sweep) lock the rows in
+    // the same order, so they never deadlock.
+    let mut counts: BTreeMap<Uuid, i64> = BTreeMap::new();
     for h in registry.iter().map(|r| r.household_id).chain(shadows.iter().map(|s| s.household_id)) {
         *counts.entry(h).or_default() += 1;
     }
@@ -66,8 +68,11 @@ pub async fn sequence(
         bodies.push(serde_json::to_value(&*s).unwrap_or(Value::Null));
     }
     sqlx::query(
-        r#"INSERT INTO household_changes (household_id, change_seq, kind, change)
-           SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::text[], $4::jsonb[])
+        // `clock_timestamp()`, not the transaction's start: taken after the
+        // numbers' row lock, so `at` grows with `change_seq` and the
+        // retention (by `at`) never deletes a number and keeps an earlier one.
+        r#"INSERT INTO household_changes (household_id, change_seq, kind, change, at)
+           SELECT h, s, k, c, clock_timestamp() FROM UNNEST($1::uuid[], $2::bigint[], $3::text[], $4::jsonb[]) AS u(h, s, k, c)
            ON CONFLICT DO NOTHING"#,
     )
     .bind(&hs)

@@ -7,7 +7,7 @@
 //! | `delivered` | 2 | `DeviceCommandDelivered` (the broker took it for a connected device) |
 //! | `ok` / `rejected` / `failed` | 3 | `DeviceCommandAcked` |
 //! | `expired` | 3 | `DeviceCommandExpired` (the bridge's timer) |
-//! | `superseded` | 3 | a newer request setting one of its capabilities before it was acked |
+//! | `superseded` | 3 | a newer request setting every one of its capabilities before it was acked |
 //! | `confirmed` | 4 | a report carrying every value it set ([`confirm`], from the shadow fold) |
 //!
 //! The status only moves to a higher rank, whatever order the paths deliver
@@ -49,11 +49,12 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
                 .execute(&mut **tx)
                 .await?;
                 let keys: Vec<&String> = set.keys().collect();
-                // Older open commands of the device that set one of these capabilities…
+                // Older open commands of the device all of whose capabilities this one sets…
                 sqlx::query(
-                    r#"UPDATE device_commands SET status = 'superseded', status_rank = 3,
-                         superseded_at = COALESCE(superseded_at, $4), superseded_by = COALESCE(superseded_by, $2)
-                       WHERE device_id = $1 AND command_id <> $2 AND status_rank < 3 AND requested_at < $4 AND set_values ?| $3::text[]"#,
+                    r#"UPDATE device_commands o SET status = 'superseded', status_rank = 3,
+                         superseded_at = COALESCE(o.superseded_at, $4), superseded_by = COALESCE(o.superseded_by, $2)
+                       WHERE o.device_id = $1 AND o.command_id <> $2 AND o.status_rank < 3 AND o.requested_at < $4
+                         AND NOT EXISTS (SELECT 1 FROM jsonb_object_keys(o.set_values) AS k WHERE k <> ALL($3::text[]))"#,
                 )
                 .bind(device_id)
                 .bind(command_id)
@@ -66,7 +67,7 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
                     r#"UPDATE device_commands c SET status = 'superseded', status_rank = 3,
                          superseded_at = COALESCE(c.superseded_at, n.requested_at), superseded_by = COALESCE(c.superseded_by, n.command_id)
                        FROM (SELECT command_id, requested_at FROM device_commands
-                              WHERE device_id = $1 AND command_id <> $2 AND requested_at > $4 AND set_values ?| $3::text[]
+                              WHERE device_id = $1 AND command_id <> $2 AND requested_at > $4 AND set_values ?& $3::text[]
                               ORDER BY requested_at LIMIT 1) n
                        WHERE c.command_id = $2 AND c.status_rank < 3"#,
                 )

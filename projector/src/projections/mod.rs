@@ -41,9 +41,10 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
     audit::apply(tx, work, &folded.refused).await?;
     counts::apply(tx, work).await?;
     // One notification per batch (a few when it is large), not one per change.
+    // Registry changes first: they took the lower change numbers.
     let mut notes: Vec<(&'static str, String)> =
-        pack_notifications(shadow_notes).into_iter().map(|n| (SHADOW_CHANGED_CHANNEL, n)).collect();
+        registry.iter().map(|r| (REGISTRY_CHANGED_CHANNEL, serde_json::to_string(r).unwrap_or_default())).collect();
+    notes.extend(pack_notifications(shadow_notes).into_iter().map(|n| (SHADOW_CHANGED_CHANNEL, n)));
     notes.extend(folded.notifications);
-    notes.extend(registry.iter().map(|r| (REGISTRY_CHANGED_CHANNEL, serde_json::to_string(r).unwrap_or_default())));
     Ok(notes)
 }

@@ -130,7 +130,11 @@ pub fn shadow_of(r: &sqlx::postgres::PgRow) -> Shadow {
 fn touches(e: &Event) -> bool {
     matches!(
         e,
-        Event::DeviceStateReported(_) | Event::DeviceStatusChanged(_) | Event::DeviceCommandRequested(_) | Event::DeviceCommandExpired(_)
+        Event::DeviceStateReported(_)
+            | Event::DeviceStatusChanged(_)
+            | Event::DeviceCommandRequested(_)
+            | Event::DeviceCommandExpired(_)
+            | Event::DeviceCommandAcked(_)
     )
 }
 
