@@ -141,6 +141,15 @@ async fn an_offline_device_gets_its_still_desired_commands_once_when_it_connects
     let home = stack.seed(&[(DeviceKind::Light, "Lamp", "Hall")]).await;
     let (light, owner) = (home.devices[0].id, home.accounts[0].access_token.clone());
     let desired_url = format!("{}/v1/households/{}/devices/{light}/desired", stack.api(), home.household_id);
+    // The household subscription shows every step of every command's life.
+    let mut steps = homelink_tools::gql::Subscription::start(
+        &stack.graphql_ws(),
+        &owner,
+        "subscription($h: ID!) { householdChanges(householdId: $h) { change changeSeq commandId status } }",
+        json!({"h": home.household_id}),
+    )
+    .await
+    .expect("subscribe");
 
     // Never connected: version 0. A stale version is refused like AWS shadows do.
     let r = stack
@@ -255,6 +264,31 @@ async fn an_offline_device_gets_its_still_desired_commands_once_when_it_connects
     .await;
     assert_eq!(s["delta"], json!({}), "{s}");
     assert!(s["metadata"]["brightness"]["reportedAt"].is_string());
+    // The subscription showed the confirmed command's steps in order, and
+    // the other commands' ends.
+    let mut seen: Vec<(String, String, i64)> = Vec::new();
+    while !seen.iter().any(|(c, st, _)| c == &second_id && st == "confirmed") {
+        let v = tokio::time::timeout(Duration::from_secs(30), steps.next()).await.expect("a change").expect("payload");
+        let c = &v["householdChanges"];
+        if c["change"] == "command" {
+            seen.push((
+                c["commandId"].as_str().unwrap_or_default().to_owned(),
+                c["status"].as_str().unwrap_or_default().to_owned(),
+                c["changeSeq"].as_i64().unwrap_or(0),
+            ));
+        }
+    }
+    let of = |id: &str| seen.iter().filter(|(c, _, _)| c == id).map(|(_, st, _)| st.as_str()).collect::<Vec<_>>();
+    let second_steps = of(&second_id);
+    let rank = |st: &str| ["requested", "queued", "delivered", "ok", "confirmed"].iter().position(|r| *r == st);
+    assert!(second_steps.windows(2).all(|w| rank(w[0]) <= rank(w[1])), "{second_steps:?}");
+    for step in ["queued", "delivered", "confirmed"] {
+        assert!(second_steps.contains(&step), "{step} of {second_steps:?}");
+    }
+    assert!(of(&expiring_id).contains(&"expired"), "{seen:?}");
+    assert!(of(&first_id).contains(&"superseded"), "{seen:?}");
+    assert!(seen.windows(2).all(|w| w[0].2 < w[1].2), "changeSeq increases: {seen:?}");
+
     // Reconnecting sends nothing again: every command was delivered once.
     drop(device);
     let mut again = RawDevice::connect(&stack, spec(&home, 0, None), Duration::from_secs(30)).await;

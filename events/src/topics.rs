@@ -76,6 +76,24 @@ pub const MEMBERSHIP_CHANGED_CHANNEL: &str = "homelink_membership_changed";
 /// [`RegistryChanged`] JSON).
 pub const REGISTRY_CHANGED_CHANNEL: &str = "homelink_registry_changed";
 
+/// The Postgres notification channel of committed command lifecycle steps
+/// (payload: [`CommandChanged`] JSON).
+pub const COMMAND_CHANGED_CHANNEL: &str = "homelink_command_changed";
+
+/// A command's status as a batch left it (requested, queued, delivered,
+/// ok, rejected, failed, expired, superseded or confirmed).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CommandChanged {
+    pub household_id: Uuid,
+    pub device_id: Uuid,
+    pub command_id: Uuid,
+    pub status: String,
+    /// The household's change sequence number (see [`crate::shadow::ShadowChanged::change_seq`]).
+    #[serde(default)]
+    pub change_seq: u64,
+}
+
 /// A device or room of a household was added, changed or removed.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -69,7 +69,7 @@ pub async fn sweep(pool: &PgPool) -> Result<usize, sqlx::Error> {
             c
         })
         .collect();
-    changes::sequence(&mut tx, &mut changes, &mut []).await?;
+    changes::sequence(&mut tx, &mut changes, &mut [], &mut []).await?;
     let payloads = pack_notifications(changes.iter().map(notification_line).collect());
     sqlx::query("SELECT pg_notify($1, n) FROM UNNEST($2::text[]) AS u(n)")
         .bind(SHADOW_CHANGED_CHANNEL)

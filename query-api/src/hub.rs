@@ -19,7 +19,8 @@ use async_graphql::futures_util::Stream;
 use homelink_events::household::Action;
 use homelink_events::shadow::{notification_lines, NotificationLine, ShadowChanged};
 use homelink_events::topics::{
-    MembershipChanged, RegistryChanged, MEMBERSHIP_CHANGED_CHANNEL, REGISTRY_CHANGED_CHANNEL, SHADOW_CHANGED_CHANNEL,
+    CommandChanged, MembershipChanged, RegistryChanged, COMMAND_CHANGED_CHANNEL, MEMBERSHIP_CHANGED_CHANNEL, REGISTRY_CHANGED_CHANNEL,
+    SHADOW_CHANGED_CHANNEL,
 };
 use homelink_events::{DeviceKind, Role};
 use homelink_kit::metrics::ServiceMetrics;
@@ -47,6 +48,8 @@ pub enum HubEvent {
     Shadow(Arc<ShadowChanged>),
     /// A device or room was added, changed or removed.
     Registry(Arc<RegistryChanged>),
+    /// A command's lifecycle moved.
+    Command(Arc<CommandChanged>),
     /// This user's membership changed: re-check their role.
     Membership(Uuid),
     /// Notifications may have been lost: re-check every role.
@@ -269,7 +272,10 @@ impl Hub {
                     tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(Duration::from_millis(500)) => continue }
                 }
             };
-            if let Err(e) = listener.listen_all([SHADOW_CHANGED_CHANNEL, MEMBERSHIP_CHANGED_CHANNEL, REGISTRY_CHANGED_CHANNEL]).await {
+            if let Err(e) = listener
+                .listen_all([SHADOW_CHANGED_CHANNEL, MEMBERSHIP_CHANGED_CHANNEL, REGISTRY_CHANGED_CHANNEL, COMMAND_CHANGED_CHANNEL])
+                .await
+            {
                 tracing::warn!(error = %e, "LISTEN failed");
                 tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(Duration::from_millis(500)) => continue }
             }
@@ -304,6 +310,16 @@ impl Hub {
                             metrics.errors.with_label_values(&["undecodable_notification"]).inc();
                         }
                     },
+                    Ok(Some(n)) if n.channel() == COMMAND_CHANGED_CHANNEL => match serde_json::from_str::<CommandChanged>(n.payload()) {
+                        Ok(c) => {
+                            metrics.messages_in.with_label_values(&["command_changed"]).inc();
+                            self.send(c.household_id, HubEvent::Command(Arc::new(c)));
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "undecodable notification");
+                            metrics.errors.with_label_values(&["undecodable_notification"]).inc();
+                        }
+                    },
                     Ok(Some(n)) => self.on_shadow_notification(&pool, n.payload(), &metrics).await,
                     // The connection was lost and re-established: notifications in between are gone.
                     Ok(None) => {
@@ -325,6 +341,7 @@ impl Hub {
 pub enum Visible {
     Shadow(Arc<ShadowChanged>),
     Registry(Arc<RegistryChanged>),
+    Command(Arc<CommandChanged>),
     /// The viewer was removed from the household.
     Removed,
     /// Changes to catch up with are no longer retained.
@@ -447,7 +464,16 @@ impl Watch {
                         self.replay = found.into();
                         continue;
                     }
-                    Ok(_) => return Some(Err(ResumeError::TooOld)),
+                    Ok(found) => {
+                        tracing::warn!(
+                            household = %self.household,
+                            after = self.last_seq,
+                            upto,
+                            found = ?found.iter().map(change_seq).collect::<Vec<_>>(),
+                            "retained changes missing: the subscription ends with RESUME_TOO_OLD"
+                        );
+                        return Some(Err(ResumeError::TooOld));
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "reading retained changes failed; retrying");
                         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -463,7 +489,7 @@ impl Watch {
                 Err(_) => HubEvent::Recheck,
             };
             match &ev {
-                HubEvent::Shadow(_) | HubEvent::Registry(_) => {
+                HubEvent::Shadow(_) | HubEvent::Registry(_) | HubEvent::Command(_) => {
                     let seq = change_seq(&ev);
                     if seq <= self.last_seq {
                         continue; // passed already (replayed)
@@ -542,7 +568,7 @@ impl Watch {
                     return Some(Visible::TooOld);
                 }
             };
-            if let HubEvent::Shadow(_) | HubEvent::Registry(_) = &ev {
+            if let HubEvent::Shadow(_) | HubEvent::Registry(_) | HubEvent::Command(_) = &ev {
                 self.last_seq = change_seq(&ev);
             }
             let recheck = match ev {
@@ -559,6 +585,13 @@ impl Watch {
                     false
                 }
                 HubEvent::Registry(_) => false,
+                HubEvent::Command(c) if registry => {
+                    if self.may_see(Some(c.device_id)).await {
+                        return Some(Visible::Command(c));
+                    }
+                    false
+                }
+                HubEvent::Command(_) => false,
                 HubEvent::Membership(u) => u == self.user,
                 HubEvent::Recheck => true,
             };
@@ -582,6 +615,7 @@ fn change_seq(ev: &HubEvent) -> u64 {
     match ev {
         HubEvent::Shadow(c) => c.change_seq,
         HubEvent::Registry(r) => r.change_seq,
+        HubEvent::Command(c) => c.change_seq,
         _ => 0,
     }
 }
@@ -610,6 +644,7 @@ async fn read_changes(pool: &PgPool, household: Uuid, after: u64, upto: u64) -> 
         .filter_map(|(kind, change)| match kind.as_str() {
             "shadow" => serde_json::from_value::<ShadowChanged>(change).ok().map(|c| HubEvent::Shadow(Arc::new(c))),
             "registry" => serde_json::from_value::<RegistryChanged>(change).ok().map(|r| HubEvent::Registry(Arc::new(r))),
+            "command" => serde_json::from_value::<CommandChanged>(change).ok().map(|c| HubEvent::Command(Arc::new(c))),
             _ => None,
         })
         .collect())
@@ -621,7 +656,7 @@ pub fn authorized_changes(watch: Watch) -> impl Stream<Item = async_graphql::Res
     futures::stream::unfold(watch, |mut w| async move {
         match w.next(false).await? {
             Visible::Shadow(c) => Some((Ok(DeviceChange::from(c.as_ref())), w)),
-            Visible::Registry(_) => None,
+            Visible::Registry(_) | Visible::Command(_) => None,
             Visible::Removed => Some((Err(removed()), w)),
             Visible::TooOld => Some((Err(too_old()), w)),
         }
@@ -634,6 +669,7 @@ pub fn authorized_household_changes(watch: Watch) -> impl Stream<Item = async_gr
         match w.next(true).await? {
             Visible::Shadow(c) => Some((Ok(HouseholdChange::from_shadow(c.as_ref())), w)),
             Visible::Registry(r) => Some((Ok(HouseholdChange::from_registry(r.as_ref())), w)),
+            Visible::Command(c) => Some((Ok(HouseholdChange::from_command(c.as_ref())), w)),
             Visible::Removed => Some((Err(removed()), w)),
             Visible::TooOld => Some((Err(too_old()), w)),
         }

@@ -295,12 +295,10 @@ impl Household {
         .fetch_all(pool)
         .await
         .map_err(unavailable)?;
-        let mut conn = Connection::new(after.is_some(), rows.len() > first as usize);
-        for r in rows.into_iter().take(first as usize) {
+        Ok(page(rows, first, after.is_some(), |r| {
             let d = Device::from(r);
-            conn.edges.push(Edge::new(device_cursor(&d.name, d.uuid), d));
-        }
-        Ok(conn)
+            (device_cursor(&d.name, d.uuid), d)
+        }))
     }
 
     /// The household's rooms, by name, each with the devices the viewer may see.
@@ -577,6 +575,22 @@ pub struct Command {
     pub superseded_by: Option<ID>,
 }
 
+/// A page of a connection from `first + 1` rows read (the extra one says
+/// whether there is a next page), each made a node with its cursor.
+fn page<R, T: async_graphql::OutputType>(
+    rows: Vec<R>,
+    first: i32,
+    has_previous: bool,
+    node: impl Fn(R) -> (String, T),
+) -> Connection<String, T> {
+    let mut conn = Connection::new(has_previous, rows.len() > first as usize);
+    for r in rows.into_iter().take(first as usize) {
+        let (cursor, n) = node(r);
+        conn.edges.push(Edge::new(cursor, n));
+    }
+    conn
+}
+
 /// Most commands per page.
 const MAX_COMMAND_PAGE: i32 = 100;
 
@@ -622,12 +636,10 @@ impl Device {
         .fetch_all(pool)
         .await
         .map_err(unavailable)?;
-        let mut conn = Connection::new(after.is_some(), rows.len() > first as usize);
-        for r in rows.into_iter().take(first as usize) {
+        Ok(page(rows, first, after.is_some(), |r| {
             let c = Command::from(r);
-            conn.edges.push(Edge::new(command_cursor(c.requested_at, &c.id), c));
-        }
-        Ok(conn)
+            (command_cursor(c.requested_at, &c.id), c)
+        }))
     }
 }
 

@@ -5,7 +5,7 @@
 use async_graphql::{InputObject, Json, SimpleObject, ID};
 use chrono::{DateTime, Utc};
 use homelink_events::shadow::ShadowChanged;
-use homelink_events::topics::RegistryChanged;
+use homelink_events::topics::{CommandChanged, RegistryChanged};
 use serde_json::Value;
 
 #[derive(InputObject, Default)]
@@ -103,7 +103,8 @@ impl From<&ShadowChanged> for DeviceChange {
 /// One change of a household, as the household subscription delivers it.
 #[derive(SimpleObject, Clone)]
 pub struct HouseholdChange {
-    /// `shadow` for device state; otherwise the registry event's name.
+    /// `shadow` for device state, `command` for a command's lifecycle step;
+    /// otherwise the registry event's name.
     pub change: String,
     pub household_id: ID,
     pub device_id: Option<ID>,
@@ -112,6 +113,9 @@ pub struct HouseholdChange {
     pub shadow: Option<Shadow>,
     /// For registry changes: the household's version after the change.
     pub version: Option<i64>,
+    /// For `command`: the command (read it with `command(id)`) and its new status.
+    pub command_id: Option<ID>,
+    pub status: Option<String>,
     /// The household's change sequence number (resume with `after`).
     pub change_seq: i64,
 }
@@ -127,6 +131,8 @@ impl HouseholdChange {
             shadow: Some(d.shadow),
             version: None,
             change_seq: d.change_seq,
+            command_id: None,
+            status: None,
         }
     }
 
@@ -139,6 +145,22 @@ impl HouseholdChange {
             shadow: None,
             version: i64::try_from(r.version).ok(),
             change_seq: i64::try_from(r.change_seq).unwrap_or(i64::MAX),
+            command_id: None,
+            status: None,
+        }
+    }
+
+    pub fn from_command(c: &CommandChanged) -> Self {
+        Self {
+            change: "command".into(),
+            household_id: ID(c.household_id.to_string()),
+            device_id: Some(ID(c.device_id.to_string())),
+            room_id: None,
+            shadow: None,
+            version: None,
+            change_seq: i64::try_from(c.change_seq).unwrap_or(i64::MAX),
+            command_id: Some(ID(c.command_id.to_string())),
+            status: Some(c.status.clone()),
         }
     }
 }

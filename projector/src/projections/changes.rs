@@ -1,4 +1,4 @@
-//! The household change sequence: every shadow and registry change a batch
+//! The household change sequence: every shadow, registry and command change a batch
 //! commits gets the next number of its household (`household_change_seqs`,
 //! one upsert per batch), and is retained in `household_changes` (one
 //! insert per batch) for subscribers that resume `after` a number. Gap-free
@@ -6,7 +6,7 @@
 //! changes, by the projector's single writer.
 
 use homelink_events::shadow::ShadowChanged;
-use homelink_events::topics::RegistryChanged;
+use homelink_events::topics::{CommandChanged, RegistryChanged};
 use serde_json::Value;
 use sqlx::{Postgres, Row, Transaction};
 use std::collections::{BTreeMap, HashMap};
@@ -16,14 +16,17 @@ pub async fn sequence(
     tx: &mut Transaction<'_, Postgres>,
     shadows: &mut [ShadowChanged],
     registry: &mut [RegistryChanged],
+    commands: &mut [CommandChanged],
 ) -> Result<(), sqlx::Error> {
-    if shadows.is_empty() && registry.is_empty() {
+    if shadows.is_empty() && registry.is_empty() && commands.is_empty() {
         return Ok(());
     }
     // Sorted: two writers (the applier, the stale sweep) lock the rows in
     // the same order, so they never deadlock.
     let mut counts: BTreeMap<Uuid, i64> = BTreeMap::new();
-    for h in registry.iter().map(|r| r.household_id).chain(shadows.iter().map(|s| s.household_id)) {
+    for h in
+        registry.iter().map(|r| r.household_id).chain(shadows.iter().map(|s| s.household_id)).chain(commands.iter().map(|c| c.household_id))
+    {
         *counts.entry(h).or_default() += 1;
     }
     let (households, ns): (Vec<Uuid>, Vec<i64>) = counts.iter().map(|(h, n)| (*h, *n)).unzip();
@@ -66,6 +69,13 @@ pub async fn sequence(
         seqs.push(s.change_seq as i64);
         kinds.push("shadow");
         bodies.push(serde_json::to_value(&*s).unwrap_or(Value::Null));
+    }
+    for c in commands.iter_mut() {
+        c.change_seq = take(c.household_id);
+        hs.push(c.household_id);
+        seqs.push(c.change_seq as i64);
+        kinds.push("command");
+        bodies.push(serde_json::to_value(&*c).unwrap_or(Value::Null));
     }
     sqlx::query(
         // `clock_timestamp()`, not the transaction's start: taken after the

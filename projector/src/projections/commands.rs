@@ -16,14 +16,21 @@
 
 use chrono::{DateTime, Utc};
 use homelink_events::event::{DeviceCommandAcked, DeviceCommandDelivered, DeviceCommandExpired, DeviceCommandRequested};
+use homelink_events::topics::CommandChanged;
 use homelink_events::Event;
 use homelink_kit::push::Located;
 use serde_json::Value;
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
-pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]) -> Result<(), sqlx::Error> {
+/// Returns the commands whose rows the batch touched (their statuses are
+/// read once the batch's confirmations are in: [`changed`]).
+pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]) -> Result<Vec<Uuid>, sqlx::Error> {
+    let mut touched: Vec<Uuid> = Vec::new();
     for (l, ev) in work {
+        if let Some(id) = command_of(ev) {
+            touched.push(id);
+        }
         let env = &l.envelope;
         match ev {
             Event::DeviceCommandRequested(DeviceCommandRequested { command_id, device_id, set, expires_at, queued }) => {
@@ -50,18 +57,20 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
                 .await?;
                 let keys: Vec<&String> = set.keys().collect();
                 // Older open commands of the device all of whose capabilities this one sets…
-                sqlx::query(
+                let superseded: Vec<Uuid> = sqlx::query_scalar(
                     r#"UPDATE device_commands o SET status = 'superseded', status_rank = 3,
                          superseded_at = COALESCE(o.superseded_at, $4), superseded_by = COALESCE(o.superseded_by, $2)
                        WHERE o.device_id = $1 AND o.command_id <> $2 AND o.status_rank < 3 AND o.requested_at < $4
-                         AND NOT EXISTS (SELECT 1 FROM jsonb_object_keys(o.set_values) AS k WHERE k <> ALL($3::text[]))"#,
+                         AND NOT EXISTS (SELECT 1 FROM jsonb_object_keys(o.set_values) AS k WHERE k <> ALL($3::text[]))
+                       RETURNING o.command_id"#,
                 )
                 .bind(device_id)
                 .bind(command_id)
                 .bind(&keys)
                 .bind(env.occurred_at)
-                .execute(&mut **tx)
+                .fetch_all(&mut **tx)
                 .await?;
+                touched.extend(superseded);
                 // …and this one, when a newer one was applied before it.
                 sqlx::query(
                     r#"UPDATE device_commands c SET status = 'superseded', status_rank = 3,
@@ -108,7 +117,35 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
             _ => {}
         }
     }
-    Ok(())
+    Ok(touched)
+}
+
+fn command_of(ev: &Event) -> Option<Uuid> {
+    match ev {
+        Event::DeviceCommandRequested(c) => Some(c.command_id),
+        Event::DeviceCommandDelivered(c) => Some(c.command_id),
+        Event::DeviceCommandAcked(c) => Some(c.command_id),
+        Event::DeviceCommandExpired(c) => Some(c.command_id),
+        _ => None,
+    }
+}
+
+/// The statuses of the commands a batch touched, as the batch leaves them:
+/// one change each for the household subscription.
+pub async fn changed(tx: &mut Transaction<'_, Postgres>, touched: &[Uuid]) -> Result<Vec<CommandChanged>, sqlx::Error> {
+    if touched.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<(Uuid, Uuid, Uuid, String)> = sqlx::query_as(
+        "SELECT household_id, device_id, command_id, status FROM device_commands WHERE command_id = ANY($1) ORDER BY command_id",
+    )
+    .bind(touched)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(household_id, device_id, command_id, status)| CommandChanged { household_id, device_id, command_id, status, change_seq: 0 })
+        .collect())
 }
 
 enum Step {

@@ -7,7 +7,7 @@
 //! | [`households`] (members, invitations, rooms, registry) | `households`, `household_members`, `household_invitations`, `household_refused_events`, `rooms`, `devices` | the household stream, folded through `Household::apply` |
 //! | [`commands`] | `device_commands` | `DeviceCommandRequested`, `…Delivered`, `…Acked`, `…Expired` |
 //! | [`shadows`] | `device_shadows` (and `device_commands`: confirmations) | `DeviceStateReported`, `DeviceStatusChanged`, `DeviceCommandRequested`, `DeviceCommandExpired` |
-//! | [`changes`] | `household_change_seqs`, `household_changes` | every shadow and registry change: its `changeSeq` |
+//! | [`changes`] | `household_change_seqs`, `household_changes` | every shadow, registry and command change: its `changeSeq` |
 //! | [`audit`] | `audit_log` | household commands, device commands, `CommandDenied` |
 //! | [`counts`] | `household_event_counts` | every event |
 //!
@@ -21,7 +21,7 @@ pub mod households;
 pub mod shadows;
 
 use homelink_events::shadow::{notification_line, pack_notifications};
-use homelink_events::topics::{REGISTRY_CHANGED_CHANNEL, SHADOW_CHANGED_CHANNEL};
+use homelink_events::topics::{COMMAND_CHANGED_CHANNEL, REGISTRY_CHANGED_CHANNEL, SHADOW_CHANGED_CHANNEL};
 use homelink_events::Event;
 use homelink_kit::push::Located;
 use sqlx::{Postgres, Transaction};
@@ -31,12 +31,16 @@ use sqlx::{Postgres, Transaction};
 pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]) -> Result<Vec<(&'static str, String)>, sqlx::Error> {
     let mut folded = households::fold(tx, work).await?;
     // Commands first: a report in this batch may confirm one requested in it.
-    commands::apply(tx, work).await?;
+    let mut touched = commands::apply(tx, work).await?;
     let shadows = shadows::apply(tx, work).await?;
     commands::confirm(tx, &shadows.confirmed).await?;
+    touched.extend(shadows.confirmed.iter().map(|(c, _)| *c));
+    touched.sort_unstable();
+    touched.dedup();
+    let mut command_changes = commands::changed(tx, &touched).await?;
     let mut shadow_changes = shadows.notes;
     let mut registry = std::mem::take(&mut folded.registry);
-    changes::sequence(tx, &mut shadow_changes, &mut registry).await?;
+    changes::sequence(tx, &mut shadow_changes, &mut registry, &mut command_changes).await?;
     let shadow_notes: Vec<String> = shadow_changes.iter().map(notification_line).collect();
     audit::apply(tx, work, &folded.refused).await?;
     counts::apply(tx, work).await?;
@@ -45,6 +49,7 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
     let mut notes: Vec<(&'static str, String)> =
         registry.iter().map(|r| (REGISTRY_CHANGED_CHANNEL, serde_json::to_string(r).unwrap_or_default())).collect();
     notes.extend(pack_notifications(shadow_notes).into_iter().map(|n| (SHADOW_CHANGED_CHANNEL, n)));
+    notes.extend(command_changes.iter().map(|c| (COMMAND_CHANGED_CHANNEL, serde_json::to_string(c).unwrap_or_default())));
     notes.extend(folded.notifications);
     Ok(notes)
 }
