@@ -219,13 +219,7 @@ pub async fn request_command(
             Some(ApiError::Forbidden(format!("a member with role {r} may not send this command to a {kind}")))
         }
         Some(_) if access.removed => Some(ApiError::Conflict("device-removed", "the device was removed from the household".into())),
-        Some(_) => match desired {
-            Some(Some(expected)) if i64::try_from(expected).ok() != Some(access.version) => Some(ApiError::Conflict(
-                "version-conflict",
-                format!("the shadow is at version {}, not {expected}: read it again and retry", access.version),
-            )),
-            _ => None,
-        },
+        Some(_) => None,
     };
     if let Some(e) = refused {
         audit_denied(s, who, household_id, role, "device.command", target, &e);
@@ -242,7 +236,17 @@ pub async fn request_command(
         .with_correlation(accepted.command_id)
         .with_meta(who.meta(role));
     let topic = s.topics.commands();
+    // A versioned `PUT …/desired` holds the device's lock from its version
+    // check until the read model has applied its change, so a second writer
+    // with the same version sees the new one and gets 409.
+    let guard = match desired {
+        Some(Some(expected)) => Some(version_guard(s, device_id, expected).await?),
+        _ => None,
+    };
     let pos = s.append(&topic, &envelope).await?;
+    if let Some(guard) = guard {
+        guard.release_when_applied(s, &topic, pos.partition, pos.offset).await;
+    }
     accepted.consistency_token = homelink_kit::consistency::Token(vec![homelink_kit::consistency::Position {
         topic: topic.clone(),
         partition: pos.partition,
@@ -254,6 +258,50 @@ pub async fn request_command(
     s.metrics.messages_out.with_label_values(&["command"]).inc();
     s.metrics.latency.with_label_values(&["command_accepted"]).observe(started.elapsed().as_secs_f64());
     Ok((StatusCode::ACCEPTED, Json(accepted)))
+}
+
+/// A device's lock, held in a transaction of its own.
+struct VersionGuard(sqlx::Transaction<'static, sqlx::Postgres>);
+
+/// Takes the device's lock and checks the shadow's version under it.
+async fn version_guard(s: &AppState, device: Uuid, expected: u64) -> Result<VersionGuard, ApiError> {
+    let mut tx = s.pool.begin().await.map_err(ApiError::db)?;
+    let b = device.as_bytes();
+    let key = i64::from_be_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]) ^ 0x4465_7369_7265_6421;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(key).execute(&mut *tx).await.map_err(ApiError::db)?;
+    let version: i64 = sqlx::query_scalar("SELECT COALESCE((SELECT version FROM device_shadows WHERE device_id = $1), 0)")
+        .bind(device)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(ApiError::db)?;
+    if i64::try_from(expected).ok() != Some(version) {
+        return Err(ApiError::Conflict(
+            "version-conflict",
+            format!("the shadow is at version {version}, not {expected}: read it again and retry"),
+        ));
+    }
+    Ok(VersionGuard(tx))
+}
+
+impl VersionGuard {
+    /// Releases the lock once the read model applied the position (at most
+    /// 10 s: past that, a later writer may pass a version check the
+    /// projector has not caught up with).
+    async fn release_when_applied(self, s: &AppState, topic: &str, partition: i32, offset: i64) {
+        let positions = [(topic.to_owned(), partition, offset)];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            match homelink_read_model::positions_pending(&s.pool, &positions).await {
+                Ok(0) => break,
+                Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "waiting for a desired change to be applied failed");
+                    break;
+                }
+            }
+        }
+        let _ = self.0.commit().await;
+    }
 }
 
 #[cfg(test)]

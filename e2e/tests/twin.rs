@@ -704,3 +704,24 @@ async fn a_device_that_misses_two_report_intervals_is_stale_and_so_is_each_prope
     assert_eq!(d["shadow"]["stale"], true, "{d}");
     drop(device);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn of_concurrent_desired_changes_based_on_the_same_version_exactly_one_wins() {
+    let stack = Stack::start().await;
+    let home = stack.seed(&[(DeviceKind::Light, "Lamp", "Hall")]).await;
+    let (light, owner) = (home.devices[0].id, home.accounts[0].access_token.clone());
+    let url = format!("{}/v1/households/{}/devices/{light}/desired", stack.api(), home.household_id);
+    for round in 0..3 {
+        let version = stack.gql(&owner, SHADOW, json!({"id": light})).await["data"]["device"]["shadow"]["version"].as_i64().unwrap_or(0);
+        let puts = (0..6).map(|i| {
+            let (http, url, owner) = (stack.http.clone(), url.clone(), owner.clone());
+            async move {
+                let body = json!({"desired": {"brightness": 10 * round + i}, "version": version});
+                http.put(&url).bearer_auth(&owner).json(&body).send().await.expect("put").status().as_u16()
+            }
+        });
+        let mut statuses = futures::future::join_all(puts).await;
+        statuses.sort();
+        assert_eq!(statuses, vec![202, 409, 409, 409, 409, 409], "round {round} at version {version}");
+    }
+}

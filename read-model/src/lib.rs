@@ -78,15 +78,13 @@ pub struct DeviceAccess {
     pub removed: bool,
     /// Online as of the shadow (offline when it never said so).
     pub online: bool,
-    /// The shadow's version (0 before its first change).
-    pub version: i64,
 }
 
 /// The device `device` of `household` (removed ones included) with `user`'s
 /// role there; `None` when the household has no such device.
 pub async fn device_access(pool: &PgPool, household: Uuid, device: Uuid, user: Uuid) -> Result<Option<DeviceAccess>, sqlx::Error> {
     let row = sqlx::query(
-        "SELECT d.kind, m.role, d.removed_at IS NOT NULL, COALESCE(s.online, false), COALESCE(s.version, 0) FROM devices d
+        "SELECT d.kind, m.role, d.removed_at IS NOT NULL, COALESCE(s.online, false) FROM devices d
            LEFT JOIN household_members m ON m.household_id = d.household_id AND m.user_id = $3
            LEFT JOIN device_shadows s ON s.device_id = d.device_id
          WHERE d.device_id = $1 AND d.household_id = $2",
@@ -99,7 +97,7 @@ pub async fn device_access(pool: &PgPool, household: Uuid, device: Uuid, user: U
     Ok(row.and_then(|r| {
         let kind: DeviceKind = r.get::<String, _>(0).parse().ok()?;
         let role = r.get::<Option<String>, _>(1).and_then(|x| x.parse().ok());
-        Some(DeviceAccess { kind, role, removed: r.get(2), online: r.get(3), version: r.get(4) })
+        Some(DeviceAccess { kind, role, removed: r.get(2), online: r.get(3) })
     }))
 }
 
