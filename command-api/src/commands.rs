@@ -244,9 +244,6 @@ pub async fn request_command(
         _ => None,
     };
     let pos = s.append(&topic, &envelope).await?;
-    if let Some(guard) = guard {
-        guard.release_when_applied(s, &topic, pos.partition, pos.offset).await;
-    }
     accepted.consistency_token = homelink_kit::consistency::Token(vec![homelink_kit::consistency::Position {
         topic: topic.clone(),
         partition: pos.partition,
@@ -254,7 +251,10 @@ pub async fn request_command(
     }])
     .encode();
     s.bridge.push(envelope.clone());
-    s.projector.push(Located { topic, partition: pos.partition, offset: pos.offset, envelope });
+    s.projector.push(Located { topic: topic.clone(), partition: pos.partition, offset: pos.offset, envelope });
+    if let Some(guard) = guard {
+        guard.release_when_applied(s, &topic, pos.partition, pos.offset).await;
+    }
     s.metrics.messages_out.with_label_values(&["command"]).inc();
     s.metrics.latency.with_label_values(&["command_accepted"]).observe(started.elapsed().as_secs_f64());
     Ok((StatusCode::ACCEPTED, Json(accepted)))

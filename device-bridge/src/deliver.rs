@@ -316,7 +316,9 @@ pub(crate) async fn flush_open(s: Arc<Shared>, household: Uuid, device: Uuid) {
 }
 
 /// The expiry timer: every second, commands past `expiresAt` without an
-/// ack get `DeviceCommandExpired`. Durable because it reads what is open
+/// ack get `DeviceCommandExpired` — and so do those acked `ok` whose values
+/// were never reported (their status stays `ok`; their values stop being
+/// desired). Durable because it reads what is open
 /// from the read model, not from memory: a bridge restarted after a crash
 /// expires what came due meanwhile. Bridges take turns through an advisory
 /// lock; an expiry recorded twice is harmless (the status only moves forward).
@@ -356,7 +358,8 @@ async fn due(s: &Shared, skip: &[Uuid]) -> Result<Vec<(Uuid, Uuid, Uuid, chrono:
     }
     let rows = sqlx::query(
         "SELECT command_id, household_id, device_id, expires_at FROM device_commands
-          WHERE status_rank < 3 AND expires_at <= now() AND command_id <> ALL($1) ORDER BY expires_at LIMIT 1000",
+          WHERE expired_at IS NULL AND (status_rank < 3 OR status = 'ok') AND expires_at <= now() AND command_id <> ALL($1)
+          ORDER BY expires_at LIMIT 1000",
     )
     .bind(skip)
     .fetch_all(&mut *tx)

@@ -399,6 +399,21 @@ async fn the_expiry_timer_survives_a_kill_of_the_bridge_that_owns_it() {
         command_when(&stack, &owner, failing["commandId"].as_str().unwrap_or_default(), "failed", |c| c["status"] == "failed").await;
     assert_eq!((failed["ackStatus"].clone(), failed["reason"].clone()), (json!("failed"), json!("bolt jammed")));
     assert!(at(&failed["requestedAt"]) <= at(&failed["deliveredAt"]) && at(&failed["deliveredAt"]) <= at(&failed["ackedAt"]), "{failed}");
+
+    // Acked `ok` but never reported: its value stops being desired at its
+    // expiry; the status stays `ok`.
+    let unconfirmed = post_command(&stack, &home, lock, json!({"set": {"locked": true}, "ttlSeconds": 8})).await;
+    let id = unconfirmed["commandId"].as_str().unwrap_or_default().to_owned();
+    let got = tokio::time::timeout(Duration::from_secs(5), device.commands.recv()).await.expect("the command").expect("device task");
+    assert_eq!(got["commandId"], json!(id));
+    device.send("ack", json!({"v": 1, "commandId": id, "status": "ok"})).await;
+    let lapsed = command_when(&stack, &owner, &id, "the values lapsed", |c| c["expiredAt"].is_string()).await;
+    assert_eq!(lapsed["status"], "ok");
+    eventually(Duration::from_secs(30), "no longer desired", || async {
+        let s = stack.gql(&owner, SHADOW, json!({"id": lock})).await["data"]["device"]["shadow"].clone();
+        s["desired"].as_object().is_some_and(|d| d.is_empty()).then_some(())
+    })
+    .await;
 }
 
 const RESUME: &str = "subscription($h: ID!, $after: Int) { householdChanges(householdId: $h, after: $after) {
@@ -720,8 +735,21 @@ async fn of_concurrent_desired_changes_based_on_the_same_version_exactly_one_win
                 http.put(&url).bearer_auth(&owner).json(&body).send().await.expect("put").status().as_u16()
             }
         });
-        let mut statuses = futures::future::join_all(puts).await;
-        statuses.sort();
-        assert_eq!(statuses, vec![202, 409, 409, 409, 409, 409], "round {round} at version {version}");
+        let statuses = futures::future::join_all(puts).await;
+        // 503: the outcome was not known within the answer deadline (a busy
+        // machine); the effect decides below.
+        assert!(statuses.iter().all(|s| [202, 409, 503].contains(s)), "{statuses:?}");
+        assert!(statuses.iter().filter(|s| **s == 202).count() <= 1, "round {round} at version {version}: {statuses:?}");
+        let want = i64::from(round) + 1;
+        eventually(Duration::from_secs(30), "exactly one change accepted", || async {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM device_commands WHERE device_id = $1")
+                .bind(light)
+                .fetch_one(&stack.pool)
+                .await
+                .ok()?;
+            assert!(n <= want, "round {round}: {n} commands accepted at version {version} ({statuses:?})");
+            (n == want).then_some(())
+        })
+        .await;
     }
 }
