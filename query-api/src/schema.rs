@@ -552,7 +552,7 @@ impl Device {
 /// broker took it for the connected device) → `ok` / `rejected` / `failed`
 /// (the device's ack) → `confirmed` (a report carried every value it set);
 /// or `expired` (no ack before `expiresAt`) or `superseded` (a newer command
-/// set one of its capabilities before it was acked). Each step keeps its
+/// set every one of its capabilities before it was acked). Each step keeps its
 /// time even when a later one already decided the status.
 #[derive(SimpleObject)]
 pub struct Command {
