@@ -2,8 +2,9 @@
 //! their JWKS document, and the extractor that authenticates every other route.
 //!
 //! - Passwords: argon2id (the crate's defaults: 19 MiB, 2 passes), hashed on
-//!   the blocking pool. An unknown e-mail costs the same hash as a wrong
-//!   password, so timing does not tell which.
+//!   the blocking pool, at most `hashing_permits` at once ([`Hashing`]: the
+//!   hash holds the permit, not the request). An unknown e-mail costs the
+//!   same hash as a wrong password, so timing does not tell which.
 //! - Access tokens: EdDSA JWTs, minutes long, with `kid`, `iss`, `aud`, `exp`,
 //!   `iat`, `sub`, `jti`. Verified by [`homelink_kit::auth::Verifier`].
 //! - Refresh tokens: 32 random bytes, stored as SHA-256, rotated on every use;
@@ -22,13 +23,15 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use homelink_kit::auth::{Caller, Claims, Jwk, JwkSet, Verifier, ALGORITHM, AUDIENCE, ISSUER};
+use homelink_kit::metrics::ServiceMetrics;
 use jsonwebtoken::{EncodingKey, Header};
+use prometheus::{IntCounter, IntGauge};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use sqlx::{PgPool, Row};
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -124,6 +127,17 @@ impl Keys {
         jsonwebtoken::encode(&header, &claims, &signer.key).ok().map(|t| (t, signer.kid.clone()))
     }
 
+    /// Signs a consistency token for `user`'s write (see
+    /// `homelink_kit::consistency`); `None` when nothing was written or no
+    /// key is active yet.
+    pub fn sign_consistency(&self, user: Uuid, written: &homelink_kit::consistency::Written) -> Option<String> {
+        let claims = homelink_kit::consistency::Claims::new(user, written, Utc::now().timestamp())?;
+        let signer = self.signer.read().unwrap_or_else(|e| e.into_inner()).clone()?;
+        let mut header = Header::new(ALGORITHM);
+        header.kid = Some(signer.kid.clone());
+        jsonwebtoken::encode(&header, &claims, &signer.key).ok()
+    }
+
     /// Re-reads the keys every `every` until cancelled.
     pub async fn keep_fresh(self, pool: PgPool, cfg: TokenConfig, cancel: homelink_kit::shutdown::CancellationToken) {
         loop {
@@ -212,6 +226,13 @@ pub fn caller_of(parts: &Parts, verifier: &Verifier) -> Option<Caller> {
     }
 }
 
+/// The user of a request's valid access token, quietly (its refusal, if
+/// any, is logged by the route).
+pub fn caller_of_request(req: &axum::extract::Request, verifier: &Verifier) -> Option<Uuid> {
+    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    verifier.verify(homelink_kit::auth::bearer(value)?).ok().map(|c| c.user_id)
+}
+
 /// The client a request came from (its User-Agent), for the audit log.
 pub fn client_of(parts: &Parts) -> Option<String> {
     let ua = parts.headers.get(header::USER_AGENT)?.to_str().ok()?;
@@ -271,24 +292,18 @@ pub struct Tokens {
 const MIN_PASSWORD: usize = 10;
 const MAX_PASSWORD: usize = 128;
 
-async fn hash_password(password: String) -> Result<String, ApiError> {
+fn hash_password(password: &str) -> Result<String, ApiError> {
     use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
-    tokio::task::spawn_blocking(move || {
-        let salt = SaltString::generate(&mut OsRng);
-        argon2::Argon2::default().hash_password(password.as_bytes(), &salt).map(|h| h.to_string())
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?
-    .map_err(|e| ApiError::Internal(e.to_string()))
+    let salt = SaltString::generate(&mut OsRng);
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| ApiError::Internal(e.to_string()))
 }
 
-async fn verify_password(password: String, hash: String) -> bool {
+fn verify_password(password: &str, hash: &str) -> bool {
     use argon2::password_hash::{PasswordHash, PasswordVerifier};
-    tokio::task::spawn_blocking(move || {
-        PasswordHash::new(&hash).is_ok_and(|h| argon2::Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
-    })
-    .await
-    .unwrap_or(false)
+    PasswordHash::new(hash).is_ok_and(|h| argon2::Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
 }
 
 /// A hash of a password nobody has, so an unknown e-mail costs a verification too.
@@ -350,7 +365,8 @@ pub async fn sign_up(
         s.metrics.errors.with_label_values(&["sign_up_throttled"]).inc();
         return Err(ApiError::TooManyAttempts);
     }
-    let hash = with_hashing(&s, hash_password(req.password)).await??;
+    let password = req.password;
+    let hash = s.hashing.run(s.identity.hashing_wait, move || hash_password(&password)).await??;
     let user = Uuid::now_v7();
     let inserted = sqlx::query(
         "INSERT INTO identity_users (user_id, email, display_name, password_hash) VALUES ($1, $2, $3, $4) ON CONFLICT (email) DO NOTHING",
@@ -431,15 +447,85 @@ async fn refund(pool: &sqlx::PgPool, key: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Runs password hashing work within the concurrency bound; 503 when no
-/// permit frees up within `hashing_wait`.
-async fn with_hashing<T>(s: &AppState, work: impl std::future::Future<Output = T>) -> Result<T, ApiError> {
-    let permit = tokio::time::timeout(s.identity.hashing_wait, s.hashing.clone().acquire_owned()).await;
-    let Ok(Ok(_permit)) = permit else {
-        s.metrics.errors.with_label_values(&["hashing_busy"]).inc();
-        return Err(ApiError::Busy("too many sign-ins at once; retry shortly".into()));
-    };
-    Ok(work.await)
+/// The bound on password hashing (`IdentityLimits::hashing_permits`). The
+/// permit is moved into the hashing itself, on the blocking pool: it is
+/// released when the hash ends, not when the request does — a client that
+/// disconnects drops its handler, but the hash it started runs on and keeps
+/// its permit, so at most `hashing_permits` hashes ever run at once.
+///
+/// Exported as `homelink_command_api_password_hashes_running` (now) and
+/// `homelink_command_api_password_hashes_running_peak` (the most at once
+/// since the process started).
+#[derive(Clone)]
+pub struct Hashing {
+    permits: Arc<tokio::sync::Semaphore>,
+    tally: Arc<Mutex<HashTally>>,
+    running: IntGauge,
+    peak: IntGauge,
+    busy: IntCounter,
+}
+
+#[derive(Default)]
+struct HashTally {
+    running: i64,
+    peak: i64,
+}
+
+impl Hashing {
+    /// `permits` hashes at once (at least 1), its gauges registered in `metrics`.
+    pub fn new(permits: usize, metrics: &ServiceMetrics) -> Self {
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            metrics.registry.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        Self {
+            permits: Arc::new(tokio::sync::Semaphore::new(permits.max(1))),
+            tally: Arc::default(),
+            running: gauge("homelink_command_api_password_hashes_running", "Password hashes running now"),
+            peak: gauge("homelink_command_api_password_hashes_running_peak", "Most password hashes running at once since the start"),
+            busy: metrics.errors.with_label_values(&["hashing_busy"]),
+        }
+    }
+
+    /// Runs `work` (a password hash) on the blocking pool once a permit is
+    /// free; 503 when none frees up within `wait`. The permit is released
+    /// when `work` returns, even if the caller stopped waiting for it.
+    pub async fn run<T: Send + 'static>(&self, wait: Duration, work: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+        let Ok(Ok(permit)) = tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await else {
+            self.busy.inc();
+            return Err(ApiError::Busy("too many sign-ins at once; retry shortly".into()));
+        };
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            // Dropped in reverse order: the count goes down before the permit is released.
+            let _permit = permit;
+            let _running = this.started();
+            work()
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))
+    }
+
+    fn started(&self) -> HashRunning<'_> {
+        let mut t = self.tally.lock().unwrap_or_else(|e| e.into_inner());
+        t.running += 1;
+        t.peak = t.peak.max(t.running);
+        self.running.set(t.running);
+        self.peak.set(t.peak);
+        HashRunning(self)
+    }
+}
+
+/// One hash running; counted down when dropped.
+struct HashRunning<'a>(&'a Hashing);
+
+impl Drop for HashRunning<'_> {
+    fn drop(&mut self) {
+        let mut t = self.0.tally.lock().unwrap_or_else(|e| e.into_inner());
+        t.running -= 1;
+        self.0.running.set(t.running);
+    }
 }
 
 /// Signs in with e-mail and password. After 10 failures for an e-mail (or
@@ -482,7 +568,8 @@ pub async fn sign_in(
         Some(r) => (Some(r.get::<Uuid, _>(0)), r.get::<String, _>(1)),
         None => (None, DUMMY_HASH.to_owned()),
     };
-    let ok = with_hashing(&s, verify_password(req.password, hash)).await?;
+    let password = req.password;
+    let ok = s.hashing.run(limits.hashing_wait, move || verify_password(&password, &hash)).await?;
     match user {
         Some(u) if ok => {
             // A success clears the e-mail's failures and does not count against the address.
@@ -561,4 +648,55 @@ pub async fn sign_out(State(s): State<Arc<AppState>>, body: crate::problem::Body
 #[utoipa::path(get, path = "/.well-known/jwks.json", tag = "identity", responses((status = 200, description = "JWKS (RFC 7517)")))]
 pub async fn jwks(State(s): State<Arc<AppState>>) -> ([(header::HeaderName, &'static str); 1], Json<JwkSet>) {
     ([(header::CACHE_CONTROL, "public, max-age=60")], Json(s.keys.jwks()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Defect 9 of issue 15: callers that give up (a client that closed its
+    /// socket drops its handler) must not free the permit of a hash that is
+    /// still running. With the permit held by the caller's future, every
+    /// caller that gave up let the next hash start beside its own: 20 callers
+    /// that each wait 10 ms for a 150 ms hash ran ~20 at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_caller_that_gives_up_keeps_the_permit_until_its_hash_ends() {
+        let metrics = ServiceMetrics::new("command_api");
+        let hashing = Hashing::new(2, &metrics);
+        let mut callers = Vec::new();
+        for _ in 0..20 {
+            let h = hashing.clone();
+            callers.push(tokio::spawn(async move {
+                let slow_hash = || std::thread::sleep(Duration::from_millis(150));
+                let _ = tokio::time::timeout(Duration::from_millis(10), h.run(Duration::from_secs(10), slow_hash)).await;
+            }));
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        for c in callers {
+            c.await.expect("caller");
+        }
+        // Every hash that started runs to its end.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while hashing.running.get() > 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(hashing.running.get(), 0);
+        let peak = hashing.peak.get();
+        assert!((1..=2).contains(&peak), "at most 2 hashes at once, saw {peak}");
+        let text = metrics.render();
+        assert!(text.contains("homelink_command_api_password_hashes_running 0"), "{text}");
+        assert!(text.contains(&format!("homelink_command_api_password_hashes_running_peak {peak}")), "{text}");
+    }
+
+    #[tokio::test]
+    async fn no_permit_within_the_wait_is_busy() {
+        let hashing = Hashing::new(1, &ServiceMetrics::new("command_api"));
+        let h = hashing.clone();
+        let first = tokio::spawn(async move { h.run(Duration::from_secs(1), || std::thread::sleep(Duration::from_millis(300))).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(matches!(hashing.run(Duration::from_millis(10), || ()).await, Err(ApiError::Busy(_))));
+        assert_eq!(hashing.busy.get(), 1);
+        first.await.expect("first").expect("hashed");
+        assert!(hashing.run(Duration::from_millis(10), || ()).await.is_ok());
+    }
 }

@@ -143,7 +143,7 @@ fn decide_within(
     }
     kind.validate_set(&req.set).map_err(|e| ApiError::Unprocessable("unsupported-capability", format!("a {kind}: {e}")))?;
     Ok(DeviceCommandRequested {
-        command_id: Uuid::now_v7(),
+        command_id: crate::idempotency::derived_id("command").unwrap_or_else(Uuid::now_v7),
         device_id,
         set: req.set,
         expires_at: now + ChronoDuration::seconds(i64::from(ttl)),
@@ -221,7 +221,10 @@ pub async fn request_command(
         Some(_) if access.removed => Some(ApiError::Conflict("device-removed", "the device was removed from the household".into())),
         Some(_) => None,
     };
-    if let Some(e) = refused {
+    if let Some(e) = refused.or_else(|| s.limiters.check(who.user, device_id).err()) {
+        if matches!(e, ApiError::RateLimited(..)) {
+            s.metrics.errors.with_label_values(&["rate_limited"]).inc();
+        }
         audit_denied(s, who, household_id, role, "device.command", target, &e);
         return Err(e);
     }
@@ -237,38 +240,125 @@ pub async fn request_command(
         .with_meta(who.meta(role));
     let topic = s.topics.commands();
     // A versioned `PUT …/desired` holds the device's lock from its version
-    // check until the read model has applied its change, so a second writer
-    // with the same version sees the new one and gets 409.
+    // check until its append is acknowledged and its position recorded; the
+    // next versioned writer waits for that position to be applied before it
+    // checks, so of two writers with the same version exactly one wins.
     let guard = match desired {
         Some(Some(expected)) => Some(version_guard(s, device_id, expected).await?),
         _ => None,
     };
     let pos = s.append(&topic, &envelope).await?;
-    accepted.consistency_token = homelink_kit::consistency::Token(vec![homelink_kit::consistency::Position {
-        topic: topic.clone(),
-        partition: pos.partition,
-        offset: pos.offset,
-    }])
-    .encode();
+    let mut written = homelink_kit::consistency::Written::default();
+    written.command(household_id, accepted.command_id);
+    accepted.consistency_token = s.keys.sign_consistency(who.user, &written).unwrap_or_default();
     s.bridge.push(envelope.clone());
     s.projector.push(Located { topic: topic.clone(), partition: pos.partition, offset: pos.offset, envelope });
     if let Some(guard) = guard {
-        guard.release_when_applied(s, &topic, pos.partition, pos.offset).await;
+        guard.release_after(&topic, pos.partition, pos.offset).await;
     }
     s.metrics.messages_out.with_label_values(&["command"]).inc();
     s.metrics.latency.with_label_values(&["command_accepted"]).observe(started.elapsed().as_secs_f64());
     Ok((StatusCode::ACCEPTED, Json(accepted)))
 }
 
-/// A device's lock, held in a transaction of its own.
-struct VersionGuard(sqlx::Transaction<'static, sqlx::Postgres>);
+/// After a membership change of `user` in `household` was applied: every
+/// open command of theirs (not delivered yet, not ended) that their role no
+/// longer allows ends `rejected` (a `DeviceCommandRevoked` with the reason,
+/// in the lifecycle and the audit log). Best effort: the bridge authorizes
+/// every command again at the moment it sends it, so one missed here is
+/// revoked there.
+pub async fn revoke_lost_rights(s: &AppState, household_id: Uuid, user: Uuid) {
+    /// `(command, device, set, device kind, sender's role now)`.
+    type OpenCommand = (Uuid, Uuid, Option<Value>, String, Option<String>);
+    let rows: Result<Vec<OpenCommand>, _> = sqlx::query_as(
+        "SELECT c.command_id, c.device_id, c.set_values, d.kind, m.role FROM device_commands c
+           JOIN devices d ON d.device_id = c.device_id
+           LEFT JOIN household_members m ON m.household_id = c.household_id AND m.user_id = $2
+         WHERE c.household_id = $1 AND c.status_rank < 2 AND c.expires_at > now()
+           AND c.actor->>'kind' = 'user' AND c.actor->>'id' = $2::text",
+    )
+    .bind(household_id)
+    .bind(user)
+    .fetch_all(&s.pool)
+    .await;
+    let rows = match rows {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, %household_id, "reading a member's open commands failed; the bridge re-checks them");
+            s.metrics.errors.with_label_values(&["revoke_commands"]).inc();
+            return;
+        }
+    };
+    let topic = s.topics.commands();
+    for (command_id, device_id, set, kind, role) in rows {
+        let (Some(Value::Object(set)), Ok(kind)) = (set, kind.parse::<DeviceKind>()) else { continue };
+        let role = role.and_then(|r| r.parse().ok());
+        let Some(reason) = homelink_events::household::revocation_reason(role, kind, &set) else { continue };
+        let ev = Event::DeviceCommandRevoked(homelink_events::event::DeviceCommandRevoked {
+            command_id,
+            device_id,
+            sender: user.to_string(),
+            reason,
+        });
+        let envelope =
+            Envelope::new(household_id, homelink_events::Actor::System("command-api".into()), &ev, Utc::now()).with_correlation(command_id);
+        match s.append(&topic, &envelope).await {
+            Ok(pos) => {
+                s.metrics.messages_out.with_label_values(&["command_revoked"]).inc();
+                s.projector.push(Located { topic: topic.clone(), partition: pos.partition, offset: pos.offset, envelope });
+            }
+            Err(e) => tracing::warn!(error = ?e, %command_id, "revoking a command failed; the bridge re-checks it"),
+        }
+    }
+}
 
-/// Takes the device's lock and checks the shadow's version under it.
+/// A device's lock: in this process a stripe (waiters hold no database
+/// connection), across processes an advisory lock in a transaction of the
+/// version pool's.
+struct VersionGuard {
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    device: Uuid,
+    _stripe: tokio::sync::OwnedMutexGuard<()>,
+}
+
+/// Longest a versioned write waits for the device's lock, and for the
+/// previous versioned write of the device to be applied: then 503 with
+/// nothing appended.
+const VERSION_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// In-process lock stripes of versioned writes.
+pub const DEVICE_STRIPES: usize = 256;
+
+/// Takes the device's lock, waits until the read model applied the
+/// device's last versioned change, and checks the shadow's version.
 async fn version_guard(s: &AppState, device: Uuid, expected: u64) -> Result<VersionGuard, ApiError> {
-    let mut tx = s.pool.begin().await.map_err(ApiError::db)?;
     let b = device.as_bytes();
     let key = i64::from_be_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]) ^ 0x4465_7369_7265_6421;
-    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(key).execute(&mut *tx).await.map_err(ApiError::db)?;
+    let busy = || {
+        s.metrics.errors.with_label_values(&["version_lock_wait"]).inc();
+        ApiError::Unavailable(format!("device {device} is busy with another versioned change; try again"))
+    };
+    let stripe = s.device_stripes[(key as u64 % DEVICE_STRIPES as u64) as usize].clone();
+    let _stripe = tokio::time::timeout(VERSION_WAIT, stripe.lock_owned()).await.map_err(|_| busy())?;
+    let mut tx = s.version_pool.begin().await.map_err(ApiError::db)?;
+    sqlx::query(&format!("SET LOCAL lock_timeout = '{}ms'", VERSION_WAIT.as_millis())).execute(&mut *tx).await.map_err(ApiError::db)?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(key).execute(&mut *tx).await.map_err(|_| busy())?;
+    let last: Option<(String, i32, i64)> =
+        sqlx::query_as(r#"SELECT topic, partition, "offset" FROM desired_positions WHERE device_id = $1"#)
+            .bind(device)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(ApiError::db)?;
+    if let Some(last) = last {
+        let deadline = std::time::Instant::now() + VERSION_WAIT;
+        while homelink_read_model::positions_pending(&s.pool, std::slice::from_ref(&last)).await.map_err(ApiError::db)? > 0 {
+            if std::time::Instant::now() > deadline {
+                s.metrics.errors.with_label_values(&["read_model_behind"]).inc();
+                return Err(ApiError::Unavailable("the device's last desired change is not applied yet; try again".into()));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
     let version: i64 = sqlx::query_scalar("SELECT COALESCE((SELECT version FROM device_shadows WHERE device_id = $1), 0)")
         .bind(device)
         .fetch_one(&mut *tx)
@@ -280,27 +370,29 @@ async fn version_guard(s: &AppState, device: Uuid, expected: u64) -> Result<Vers
             format!("the shadow is at version {version}, not {expected}: read it again and retry"),
         ));
     }
-    Ok(VersionGuard(tx))
+    Ok(VersionGuard { tx, device, _stripe })
 }
 
 impl VersionGuard {
-    /// Releases the lock once the read model applied the position (at most
-    /// 10 s: past that, a later writer may pass a version check the
-    /// projector has not caught up with).
-    async fn release_when_applied(self, s: &AppState, topic: &str, partition: i32, offset: i64) {
-        let positions = [(topic.to_owned(), partition, offset)];
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::time::Instant::now() < deadline {
-            match homelink_read_model::positions_pending(&s.pool, &positions).await {
-                Ok(0) => break,
-                Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
-                Err(e) => {
-                    tracing::warn!(error = %e, "waiting for a desired change to be applied failed");
-                    break;
-                }
-            }
+    /// Records the change's position for the next versioned writer and
+    /// releases the lock at once.
+    async fn release_after(mut self, topic: &str, partition: i32, offset: i64) {
+        let r = sqlx::query(
+            r#"INSERT INTO desired_positions (device_id, topic, partition, "offset") VALUES ($1, $2, $3, $4)
+               ON CONFLICT (device_id) DO UPDATE SET topic = EXCLUDED.topic, partition = EXCLUDED.partition, "offset" = EXCLUDED."offset""#,
+        )
+        .bind(self.device)
+        .bind(topic)
+        .bind(partition)
+        .bind(offset)
+        .execute(&mut *self.tx)
+        .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "recording a desired change's position failed");
         }
-        let _ = self.0.commit().await;
+        if let Err(e) = self.tx.commit().await {
+            tracing::warn!(error = %e, "releasing a device's version lock failed");
+        }
     }
 }
 

@@ -155,7 +155,9 @@ pub async fn register(
         (Some(ca), Some(dev)) => (ca.clone(), dev.clone()),
         _ => return Err(ApiError::Unavailable("the device CA is not configured".into())),
     };
-    let device_id = Uuid::new_v4();
+    // With an Idempotency-Key the id comes from the key, so a retry after
+    // an append of unknown fate cannot register a second device.
+    let device_id = crate::idempotency::derived_id("device").unwrap_or_else(Uuid::new_v4);
     let (broker, mqtt_port) = dev.assign(device_id);
     // Issue first (pure, local); a refused CSR stores nothing. Armour the
     // document states is 400; well-armoured DER that is no valid request, 422.
@@ -187,7 +189,9 @@ pub async fn register(
     });
     let written = s.write_household(&who, cmd(), |_, _| Ok(ev)).await;
     if let Err(e) = written {
-        if let Some(sn) = &serial {
+        // Released only when nothing may have been written: after an append
+        // of unknown fate the device may be registered, and its serial with it.
+        if let (Some(sn), false) = (&serial, matches!(e, ApiError::InDoubt(_))) {
             s.release_serial(sn, device_id).await;
         }
         return Err(e);
@@ -228,7 +232,8 @@ impl AppState {
         let won = sqlx::query(
             "INSERT INTO device_serial_claims (serial, household_id, device_id) VALUES ($1, $2, $3)
              ON CONFLICT (serial) DO UPDATE SET household_id = EXCLUDED.household_id, device_id = EXCLUDED.device_id, claimed_at = now()
-               WHERE device_serial_claims.claimed_at < now() - interval '5 minutes'
+               WHERE device_serial_claims.device_id = EXCLUDED.device_id
+                  OR device_serial_claims.claimed_at < now() - interval '5 minutes'
                  AND NOT EXISTS (SELECT 1 FROM devices d WHERE d.device_id = device_serial_claims.device_id AND d.removed_at IS NULL)
              RETURNING 1",
         )
@@ -381,7 +386,7 @@ pub async fn create_room(
 ) -> Result<(StatusCode, Json<RoomResponse>), ApiError> {
     let h = path_id(&household)?;
     let name = name_of(&body.0.name, "name")?;
-    let room_id = Uuid::now_v7();
+    let room_id = crate::idempotency::derived_id("room").unwrap_or_else(Uuid::now_v7);
     let ev = Event::RoomCreated(RoomCreated { room_id, name: name.clone() });
     s.write_household(&who, registry_cmd(h, "room.create", format!("room/{room_id}"), Action::ManageDevices), |_, _| Ok(ev)).await?;
     Ok((StatusCode::CREATED, Json(RoomResponse { room_id, name })))

@@ -61,7 +61,10 @@ pub async fn create(
     body: Body<CreateHousehold>,
 ) -> Result<(StatusCode, Json<HouseholdCreatedResponse>), ApiError> {
     let name = crate::validate::name(&body.0.name, "name")?;
-    let h = Uuid::now_v7();
+    // With an Idempotency-Key the id comes from the key: a retry after an
+    // append of unknown fate creates nothing new (the log refuses a second
+    // `HouseholdCreated` of one household by its seq).
+    let h = crate::idempotency::derived_id("household").unwrap_or_else(Uuid::now_v7);
     let ev = Event::HouseholdCreated(HouseholdCreated { name: name.clone(), created_by: Some(who.user) });
     let env = Envelope::new(h, who.actor(), &ev, Utc::now()).with_seq(1).with_meta(who.meta(Some(Role::Owner)));
     let mut conn = s.pool.acquire().await.map_err(ApiError::db)?;
@@ -108,7 +111,7 @@ pub async fn invite(
     }
     let role = body.0.role;
     let code = crate::auth::secret();
-    let invitation_id = Uuid::now_v7();
+    let invitation_id = crate::idempotency::derived_id("invitation").unwrap_or_else(Uuid::now_v7);
     let expires_at = Utc::now() + ChronoDuration::hours(i64::from(ttl));
     let cmd = HouseholdCommand {
         household: h,
@@ -196,6 +199,7 @@ pub async fn change_role(
         open_to_non_members: false,
     };
     s.write_household(&who, cmd, |_, _| Ok(Event::MemberRoleChanged(MemberRoleChanged { user_id: u, role }))).await?;
+    crate::commands::revoke_lost_rights(&s, h, u).await;
     Ok(Json(Membership { household_id: h, user_id: u, role }))
 }
 
@@ -219,6 +223,7 @@ pub async fn remove(
         open_to_non_members: false,
     };
     s.write_household(&who, cmd, |_, _| Ok(Event::MemberRemoved(MemberRemoved { user_id: u, left: false }))).await?;
+    crate::commands::revoke_lost_rights(&s, h, u).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -239,5 +244,6 @@ pub async fn leave(State(s): State<Arc<AppState>>, Caller(who): Caller, Path(hou
         open_to_non_members: false,
     };
     s.write_household(&who, cmd, |_, _| Ok(Event::MemberRemoved(MemberRemoved { user_id: user, left: true }))).await?;
+    crate::commands::revoke_lost_rights(&s, h, user).await;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -10,8 +10,15 @@
 //! retry while the first is still running gets 409 with `Retry-After`.
 //! A handler that has not finished within the answer deadline gets the client
 //! a 503 but runs on, holding the claim until its outcome is known (see
-//! [`layer`]). 5xx outcomes are not stored (nothing happened; the retry runs
-//! again).
+//! [`layer`]). While it runs, its claim is a lease it renews, so the stale
+//! takeover (a crashed process's key) never runs beside a live handler, and
+//! every wait of a handler is bounded. A 5xx outcome is stored like any
+//! other once the handler appended something (the write happened: the retry
+//! must answer it, not run again); a 5xx with nothing appended releases the
+//! key. A write that creates a resource derives its id from the key
+//! ([`derived_id`]), so even a retry after an append whose fate Kafka could
+//! not tell (a delivery timeout that was in fact written) names the same
+//! resource and has no second effect.
 //! Records are kept 24 hours. A response may name what to keep instead of its
 //! body ([`StoreInstead`]): a generated private key is shown once and never
 //! stored, so its replay answers without it.
@@ -34,6 +41,8 @@ const REPLAYED: &str = "idempotent-replayed";
 /// handler can run: librdkafka's delivery timeout (30 s) plus the waits of
 /// the household write path.
 const STALE_AFTER_SECONDS: f64 = 120.0;
+/// How often a running handler renews its claim's lease.
+const RENEW_EVERY: Duration = Duration::from_secs(30);
 
 /// A response extension: the body the idempotency record keeps instead of
 /// the one sent (the sent one holds a secret shown once).
@@ -97,24 +106,68 @@ pub async fn layer(State(s): State<Arc<AppState>>, req: Request, next: Next) -> 
     run_detached(&s, Some((scope, key)), next, Request::from_parts(parts, Body::from(bytes))).await
 }
 
-tokio::task_local! {
-    /// The log positions the running write appended (its consistency token).
-    pub static WRITTEN: std::sync::Arc<std::sync::Mutex<Vec<homelink_kit::consistency::Position>>>;
+/// What the running write appended: whether anything, and what its
+/// consistency token names.
+#[derive(Default)]
+pub struct Collected {
+    appended: bool,
+    written: homelink_kit::consistency::Written,
 }
 
-/// Records a position the current write appended, for its consistency token.
-pub fn wrote(p: homelink_kit::consistency::Position) {
-    let _ = WRITTEN.try_with(|w| w.lock().unwrap_or_else(|e| e.into_inner()).push(p));
+tokio::task_local! {
+    /// What the running write appended (its consistency token).
+    pub static WRITTEN: std::sync::Arc<std::sync::Mutex<Collected>>;
+    /// The running write's claim `(scope, key)`, if it has one.
+    static KEY: Option<(String, String)>;
+}
+
+/// A response extension: the write appended to the log before it answered.
+#[derive(Debug, Clone, Copy)]
+struct Appended;
+
+/// The id a resource created by the running write gets when the write has
+/// an `Idempotency-Key`: a function of the caller, the key and `what`, so a
+/// retry creates nothing new. `None` without a key (the caller picks a fresh id).
+pub fn derived_id(what: &str) -> Option<uuid::Uuid> {
+    KEY.try_with(|k| k.as_ref().map(|(scope, key)| key_id(scope, key, what))).ok().flatten()
+}
+
+/// A version-4-shaped id from a hash of the claim and `what`.
+fn key_id(scope: &str, key: &str, what: &str) -> uuid::Uuid {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("homelink-idempotent-id\n{scope}\n{key}\n{what}").as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_random_bytes(bytes).into_uuid()
+}
+
+/// Records an event the current write appended (`household_event`: on the
+/// households topic, where its seq is the household's new version), for its
+/// consistency token.
+pub fn wrote(household_event: bool, env: &homelink_events::Envelope) {
+    let _ = WRITTEN.try_with(|w| {
+        let mut w = w.lock().unwrap_or_else(|e| e.into_inner());
+        w.appended = true;
+        match (household_event, env.seq, env.event()) {
+            (true, Some(v), _) => w.written.household_version(env.household_id, v),
+            (false, _, Ok(homelink_events::Event::DeviceCommandRequested(c))) => w.written.command(env.household_id, c.command_id),
+            _ => {}
+        }
+    });
 }
 
 /// Runs the handler with a fresh [`WRITTEN`]; a response to a write that
-/// appended something carries the positions in `HomeLink-Consistency-Token`.
-async fn run_collecting(next: Next, req: Request) -> Response {
-    let written = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let mut r = WRITTEN.scope(written.clone(), next.run(req)).await;
-    let positions = std::mem::take(&mut *written.lock().unwrap_or_else(|e| e.into_inner()));
-    if !positions.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&homelink_kit::consistency::Token(positions).encode()) {
+/// appended something carries its signed token in `HomeLink-Consistency-Token`.
+async fn run_collecting(s: Arc<AppState>, key: Option<(String, String)>, next: Next, req: Request) -> Response {
+    let user = crate::auth::caller_of_request(&req, &s.keys.verifier);
+    let collected = std::sync::Arc::new(std::sync::Mutex::new(Collected::default()));
+    let mut r = KEY.scope(key, WRITTEN.scope(collected.clone(), next.run(req))).await;
+    let Collected { appended, written } = std::mem::take(&mut *collected.lock().unwrap_or_else(|e| e.into_inner()));
+    if appended {
+        r.extensions_mut().insert(Appended);
+    }
+    if let Some(token) = user.and_then(|u| s.keys.sign_consistency(u, &written)) {
+        if let Ok(v) = HeaderValue::from_str(&token) {
             r.headers_mut().insert(homelink_kit::consistency::HEADER, v);
         }
     }
@@ -125,17 +178,42 @@ async fn run_collecting(next: Next, req: Request) -> Response {
 /// `answer_within`, else 503 while the task goes on and records its outcome
 /// under the claim `(scope, key)` when it comes.
 async fn run_detached(s: &Arc<AppState>, claimed: Option<(String, String)>, next: Next, req: Request) -> Response {
-    let mut handler = tokio::spawn(run_collecting(next, req));
+    let mut handler = tokio::spawn(run_collecting(s.clone(), claimed.clone(), next, req));
+    let lease = claimed.clone().map(|(scope, key)| tokio::spawn(renew(s.pool.clone(), scope, key)));
+    let stop_lease = move || {
+        if let Some(l) = lease {
+            l.abort();
+        }
+    };
     match tokio::time::timeout(s.answer_within, &mut handler).await {
-        Ok(done) => settle(s, claimed.as_ref(), done).await,
+        Ok(done) => {
+            stop_lease();
+            settle(s, claimed.as_ref(), done).await
+        }
         Err(_) => {
             s.metrics.errors.with_label_values(&["answer_deadline"]).inc();
             let s = s.clone();
             tokio::spawn(async move {
                 let done = handler.await;
+                stop_lease();
                 let _ = settle(&s, claimed.as_ref(), done).await;
             });
             ApiError::Unavailable("the outcome is not known within the answer deadline; it is still being decided".into()).into_response()
+        }
+    }
+}
+
+/// Renews a running handler's claim every [`RENEW_EVERY`] until aborted.
+async fn renew(pool: sqlx::PgPool, scope: String, key: String) {
+    loop {
+        tokio::time::sleep(RENEW_EVERY).await;
+        let r = sqlx::query("UPDATE idempotency_keys SET created_at = now() WHERE scope = $1 AND key = $2 AND status IS NULL")
+            .bind(&scope)
+            .bind(&key)
+            .execute(&pool)
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "renewing an idempotency claim failed");
         }
     }
 }
@@ -196,13 +274,14 @@ async fn claim(s: &AppState, scope: &str, key: &str, hash: &str) -> Result<Claim
     Ok(Claim::Replay(r))
 }
 
-/// Stores a completed response (not a 5xx, whose outcome is unknown).
+/// Stores a completed response; a 5xx only when the write appended
+/// something (else nothing happened and the key is released for a retry).
 async fn record(s: &AppState, scope: &str, key: &str, response: Response) -> Response {
     let (parts, body) = response.into_parts();
     let Ok(bytes) = to_bytes(body, 1024 * 1024).await else {
         return ApiError::Internal("response too large to record".into()).into_response();
     };
-    let result = if parts.status.is_server_error() {
+    let result = if parts.status.is_server_error() && parts.extensions.get::<Appended>().is_none() {
         sqlx::query("DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2").bind(scope).bind(key).execute(&s.pool).await
     } else {
         let ct = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
@@ -254,6 +333,16 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert_ne!(a, d);
+    }
+
+    #[test]
+    fn an_id_derived_from_a_key_depends_on_the_caller_the_key_and_the_resource() {
+        let a = key_id("u1", "k", "household");
+        assert_eq!(a, key_id("u1", "k", "household"));
+        assert_ne!(a, key_id("u2", "k", "household"));
+        assert_ne!(a, key_id("u1", "k2", "household"));
+        assert_ne!(a, key_id("u1", "k", "device"));
+        assert_eq!(a.get_version_num(), 4);
     }
 
     #[test]

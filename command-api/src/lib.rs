@@ -25,6 +25,7 @@ pub mod commands;
 pub mod devices;
 pub mod households;
 pub mod idempotency;
+pub mod limits;
 pub mod openapi;
 pub mod problem;
 pub mod revocation;
@@ -85,6 +86,12 @@ pub struct Config {
     /// known yet") while the handler runs on to a known outcome, which an
     /// `Idempotency-Key` retry then gets.
     pub answer_within: Duration,
+    /// Longest a household write waits for the read model to apply its
+    /// event once Kafka acknowledged it; then it answers its result anyway
+    /// (the event is in the log and applies when the projector catches up).
+    pub apply_wait: Duration,
+    /// Command rates per member and per device (429 over them).
+    pub command_limits: limits::CommandLimits,
     pub tokens: auth::TokenConfig,
     pub identity: auth::IdentityLimits,
     /// The device CA and the broker address given to registered devices;
@@ -107,6 +114,8 @@ impl Config {
             internal_token: None,
             append_timeout: Duration::from_secs(2),
             answer_within: Duration::from_secs(2),
+            apply_wait: Duration::from_secs(30),
+            command_limits: limits::CommandLimits::default(),
             tokens: auth::TokenConfig::default(),
             identity: auth::IdentityLimits::default(),
             devices: None,
@@ -125,11 +134,20 @@ pub struct AppState {
     pub projector: Pusher<Located>,
     pub append_timeout: Duration,
     pub answer_within: Duration,
+    pub apply_wait: Duration,
+    pub limiters: limits::Limiters,
+    /// A small pool of its own for the device locks of versioned `PUT
+    /// …/desired`: writers waiting for a device's lock never take the
+    /// connections sign-in and every other write need.
+    pub version_pool: PgPool,
+    /// In-process lock stripes of versioned `PUT …/desired` (commands.rs).
+    pub device_stripes: Vec<Arc<tokio::sync::Mutex<()>>>,
     pub keys: auth::Keys,
     pub tokens: auth::TokenConfig,
     pub identity: auth::IdentityLimits,
-    /// Permits for password hashing (`identity.hashing_permits`).
-    pub hashing: Arc<tokio::sync::Semaphore>,
+    /// Permits for password hashing (`identity.hashing_permits`), held by
+    /// the hashing itself, and its gauges.
+    pub hashing: auth::Hashing,
     /// In-process lock stripes that queue household writes (see [`write_path`]).
     pub household_stripes: Vec<tokio::sync::Mutex<()>>,
     pub device_ca: Option<Arc<homelink_kit::pki::DeviceCa>>,
@@ -191,6 +209,10 @@ impl Application {
             (Some(ca), Some(r)) => Some(Arc::new(revocation::Revoker::new(ca.clone(), r.clone(), pool.clone()))),
             _ => None,
         };
+        let version_pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy(&cfg.database_url)?;
         let pc = ProducerConfig::new(&cfg.kafka_bootstrap);
         let state = Arc::new(AppState {
             device_ca,
@@ -199,7 +221,7 @@ impl Application {
             keys,
             tokens: cfg.tokens.clone(),
             identity: cfg.identity.clone(),
-            hashing: Arc::new(tokio::sync::Semaphore::new(cfg.identity.hashing_permits.max(1))),
+            hashing: auth::Hashing::new(cfg.identity.hashing_permits, &metrics),
             household_stripes: (0..write_path::HOUSEHOLD_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             appender: Appender::new(&pc)?,
             topics: cfg.topics.clone(),
@@ -209,6 +231,10 @@ impl Application {
             operations: openapi::operations(),
             append_timeout: cfg.append_timeout,
             answer_within: cfg.answer_within,
+            apply_wait: cfg.apply_wait,
+            limiters: limits::Limiters::new(&cfg.command_limits),
+            version_pool,
+            device_stripes: (0..commands::DEVICE_STRIPES).map(|_| Arc::new(tokio::sync::Mutex::new(()))).collect(),
             pool: pool.clone(),
         });
         let (api, doc) = openapi::routes().split_for_parts();
@@ -237,6 +263,12 @@ impl Application {
         let s = &self.state;
         tokio::spawn(s.keys.clone().keep_fresh(s.pool.clone(), s.tokens.clone(), cancel.clone()));
         tokio::spawn(idempotency::expire(s.pool.clone(), cancel.clone()));
+        let (st, c) = (s.clone(), cancel.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! { _ = c.cancelled() => return, _ = tokio::time::sleep(Duration::from_secs(60)) => st.limiters.prune() }
+            }
+        });
         if let Some(r) = &s.revoker {
             tokio::spawn(r.clone().run(cancel.clone()));
         }

@@ -49,6 +49,11 @@ struct Args {
     /// comes from `HOMELINK_BROKER_ADMIN_PASSWORD`. Never a command-line value.
     #[arg(long, env = "HOMELINK_BROKER_ADMIN_PASSWORD_FILE")]
     broker_admin_password_file: Option<std::path::PathBuf>,
+    /// Sign-ups allowed per client address per hour (then 429). Raise it
+    /// only on an operator's own test stack (a load generator signing up
+    /// installers from one address).
+    #[arg(long, env = "HOMELINK_SIGN_UPS_PER_ADDRESS_PER_HOUR", default_value_t = homelink_command_api::auth::IdentityLimits::default().sign_ups_per_address_per_hour, value_parser = clap::value_parser!(i32).range(1..))]
+    sign_ups_per_address_per_hour: i32,
     /// Rotate the token signing key and exit.
     #[arg(long)]
     rotate_signing_key: bool,
@@ -74,6 +79,7 @@ async fn run() -> anyhow::Result<()> {
     let mut cfg = Config::new(&a.common.database_url, &a.common.kafka_bootstrap, a.common.topics());
     cfg.tokens.access_ttl = std::time::Duration::from_secs(a.access_token_ttl.clamp(30, 3600));
     cfg.tokens.publish_delay = std::time::Duration::from_secs(a.key_publish_delay);
+    cfg.identity.sign_ups_per_address_per_hour = a.sign_ups_per_address_per_hour;
     if let (Some(ca_cert), Some(ca_key)) = (a.device_ca_cert, a.device_ca_key) {
         cfg.devices = Some(homelink_command_api::devices::DeviceConfig {
             ca_cert,
@@ -103,4 +109,20 @@ async fn run() -> anyhow::Result<()> {
     let app = Application::build(cfg).await?;
     tracing::info!(port = app.port(), "command API listening");
     Ok(app.run_until_stopped(homelink_kit::shutdown::on_signal()).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sign_up_limit_is_a_setting() {
+        let base = ["homelink-command-api", "--database-url", "postgres://x"];
+        if std::env::var_os("HOMELINK_SIGN_UPS_PER_ADDRESS_PER_HOUR").is_none() {
+            assert_eq!(Args::try_parse_from(base).expect("defaults").sign_ups_per_address_per_hour, 20);
+        }
+        let a = Args::try_parse_from(base.iter().copied().chain(["--sign-ups-per-address-per-hour", "5000"])).expect("set");
+        assert_eq!(a.sign_ups_per_address_per_hour, 5000);
+        assert!(Args::try_parse_from(base.iter().copied().chain(["--sign-ups-per-address-per-hour", "0"])).is_err());
+    }
 }

@@ -55,6 +55,14 @@ pub enum ApiError {
     TooManyAttempts,
     #[error("{0}")]
     Unavailable(String),
+    /// An append whose fate Kafka could not tell (it may still be written):
+    /// 503 like [`ApiError::Unavailable`], but whatever it claimed (a
+    /// serial) stays claimed.
+    #[error("{0}")]
+    InDoubt(String),
+    /// A write rate limit: 429 with `Retry-After` in seconds.
+    #[error("{0}")]
+    RateLimited(String, u64),
     /// Bounded work (password hashing) is at capacity.
     #[error("{0}")]
     Busy(String),
@@ -84,7 +92,8 @@ impl ApiError {
             ApiError::Unprocessable(slug, _) => (StatusCode::UNPROCESSABLE_ENTITY, slug, "Not applicable to this resource"),
             ApiError::IdempotencyInProgress => (StatusCode::CONFLICT, "idempotency-in-progress", "Request in progress"),
             ApiError::TooManyAttempts => (StatusCode::TOO_MANY_REQUESTS, "too-many-attempts", "Too many attempts"),
-            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Temporarily unavailable"),
+            ApiError::Unavailable(_) | ApiError::InDoubt(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Temporarily unavailable"),
+            ApiError::RateLimited(..) => (StatusCode::TOO_MANY_REQUESTS, "rate-limited", "Too many requests"),
             ApiError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy", "Busy"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
         }
@@ -94,7 +103,7 @@ impl ApiError {
         let (status, slug, title) = self.parts();
         let detail = match self {
             // Infrastructure detail stays in the logs.
-            ApiError::Unavailable(why) => {
+            ApiError::Unavailable(why) | ApiError::InDoubt(why) => {
                 tracing::warn!(%why, "answering 503");
                 "A dependency did not answer in time; retry with the same Idempotency-Key.".to_owned()
             }
@@ -116,11 +125,14 @@ impl IntoResponse for ApiError {
         if matches!(self, ApiError::Unauthorized | ApiError::InvalidRefreshToken | ApiError::InvalidCredentials) {
             r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
         }
-        if matches!(self, ApiError::IdempotencyInProgress | ApiError::Unavailable(_) | ApiError::Busy(_)) {
+        if matches!(self, ApiError::IdempotencyInProgress | ApiError::Unavailable(_) | ApiError::InDoubt(_) | ApiError::Busy(_)) {
             r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         }
         if matches!(self, ApiError::TooManyAttempts) {
             r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("900"));
+        }
+        if let ApiError::RateLimited(_, secs) = &self {
+            r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(*secs));
         }
         r
     }

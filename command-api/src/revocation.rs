@@ -13,7 +13,9 @@
 //!    same name is deleted, so the revoker creates and deletes one
 //!    (components.md). Every removed device is kicked until the broker
 //!    confirms it (`device_kicks_confirmed`), by the request and else by the
-//!    loop — also a removal whose request died after the append.
+//!    loop — also a removal whose request died after the append. Each
+//!    broker is kicked independently: one that is down or refuses delays
+//!    no kick on the others (its devices stay unconfirmed and are retried).
 //!
 //! A clustered production broker has a REST call for both.
 
@@ -91,35 +93,73 @@ impl Revoker {
         .map_err(|e| format!("registry: {e}"))?;
         let mut revoked: Vec<String> = removed.iter().filter_map(|(_, serial, _)| serial.clone()).collect();
         revoked.sort();
+        // Brokers not to kick on this round (their list is not in force), with why.
+        let mut unavailable: Vec<Option<String>> = vec![None; self.cfg.admins.len()];
+        let mut errors = Vec::new();
         let current = written.as_ref().is_some_and(|(set, at)| *set == revoked && at.elapsed() < CRL_REFRESH);
         if !current {
             let number = chrono::Utc::now().timestamp_millis().max(1) as u64;
             let pem = self.ca.crl(&revoked, number).map_err(|e| e.to_string())?;
             write_atomically(&self.cfg.crl_file, pem.as_bytes()).map_err(|e| format!("writing {}: {e}", self.cfg.crl_file.display()))?;
-            for pid_file in &self.cfg.broker_pid_files {
-                reload_broker(pid_file).await?;
+            // Every broker is reloaded, whichever fails.
+            let mut failed = Vec::new();
+            for (i, pid_file) in self.cfg.broker_pid_files.iter().enumerate() {
+                if let Err(e) = reload_broker(pid_file).await {
+                    tracing::warn!(broker = i, error = %e, "reloading the revocation list failed");
+                    failed.push((i, e));
+                }
             }
-            tracing::info!(revoked = revoked.len(), file = %self.cfg.crl_file.display(), "certificate revocation list written");
-            *written = Some((revoked, Instant::now()));
+            if failed.is_empty() {
+                tracing::info!(revoked = revoked.len(), file = %self.cfg.crl_file.display(), "certificate revocation list written");
+                *written = Some((revoked, Instant::now()));
+            } else if self.cfg.broker_pid_files.len() == self.cfg.admins.len() {
+                // One pid file per broker, in the same order: kick on the others.
+                for (i, e) in failed {
+                    errors.push(format!("broker {i}: reloading the revocation list: {e}"));
+                    unavailable[i] = Some(format!("its revocation list is not reloaded: {e}"));
+                }
+            } else {
+                let failed: Vec<String> = failed.into_iter().map(|(i, e)| format!("broker {i}: {e}")).collect();
+                return Err(format!("reloading the revocation list: {}", failed.join("; ")));
+            }
         }
         drop(written);
         if self.cfg.admins.is_empty() {
-            return Ok(());
+            return if errors.is_empty() { Ok(()) } else { Err(errors.join("; ")) };
         }
         // Removed devices not confirmed closed, and those the caller names (if the snapshot has them).
         let pending: Vec<Uuid> = removed.iter().filter(|(d, _, confirmed)| !confirmed || kick.contains(d)).map(|(d, _, _)| *d).collect();
-        for d in pending {
-            for admin in &self.cfg.admins {
-                kick_client(admin, &d.to_string()).await?;
-            }
-            sqlx::query("INSERT INTO device_kicks_confirmed (device_id) VALUES ($1) ON CONFLICT DO NOTHING")
+        let admins = &self.cfg.admins;
+        let kicks = kick_everywhere(unavailable, &pending, |b, d| kick_client(&admins[b], d)).await;
+        for d in &kicks.closed {
+            let recorded = sqlx::query("INSERT INTO device_kicks_confirmed (device_id) VALUES ($1) ON CONFLICT DO NOTHING")
                 .bind(d)
                 .execute(&self.pool)
-                .await
-                .map_err(|e| format!("recording the kick: {e}"))?;
-            tracing::info!(device = %d, "removed device disconnected at the broker");
+                .await;
+            match recorded {
+                Ok(_) => tracing::info!(device = %d, "removed device disconnected at the broker"),
+                Err(e) => errors.push(format!("recording the kick of {d}: {e}")),
+            }
         }
-        Ok(())
+        // A device not closed on every broker stays unconfirmed: the next round kicks it again.
+        for f in &kicks.failed {
+            tracing::warn!(broker = f.broker, port = admins[f.broker].port, device = %f.device, error = %f.error, "kicking a removed device failed");
+        }
+        if !kicks.failed.is_empty() {
+            let mut brokers: Vec<usize> = kicks.failed.iter().map(|f| f.broker).collect();
+            brokers.dedup();
+            errors.push(format!(
+                "{} of {} kicks failed (brokers {brokers:?}; first: {})",
+                kicks.failed.len(),
+                pending.len() * admins.len(),
+                kicks.failed[0].error
+            ));
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
     }
 
     /// Reconciles until cancelled.
@@ -159,9 +199,10 @@ async fn reload_broker(pid_file: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Closes the connection of the client named `username` through the
+/// Closes the connection of the client named by `device`'s id through the
 /// dynamic-security plugin: create a dynsec client of that name, delete it.
-async fn kick_client(admin: &BrokerAdmin, username: &str) -> Result<(), String> {
+async fn kick_client(admin: &BrokerAdmin, device: Uuid) -> Result<(), KickError> {
+    let username = device.to_string();
     let mut o = MqttOptions::new(format!("homelink-revoker-{}", Uuid::new_v4().simple()), &admin.host, admin.port);
     o.set_credentials(&admin.username, secrecy::ExposeSecret::expose_secret(&admin.password));
     o.set_keep_alive(Duration::from_secs(10));
@@ -170,34 +211,195 @@ async fn kick_client(admin: &BrokerAdmin, username: &str) -> Result<(), String> 
         {"command": "createClient", "username": username, "password": crate::auth::secret()},
         {"command": "deleteClient", "username": username},
     ]});
+    use KickError::{Refused, Unreachable};
     let run = async {
         let mut subscribed = false;
         loop {
-            match events.poll().await.map_err(|e| format!("broker admin connection: {e}"))? {
+            match events.poll().await.map_err(|e| Unreachable(format!("broker admin connection: {e}")))? {
                 Event::Incoming(Packet::ConnAck(_)) => {
                     client
                         .subscribe("$CONTROL/dynamic-security/v1/response", QoS::AtLeastOnce)
                         .await
-                        .map_err(|e| format!("subscribe: {e}"))?;
+                        .map_err(|e| Unreachable(format!("subscribe: {e}")))?;
                 }
                 Event::Incoming(Packet::SubAck(_)) if !subscribed => {
                     subscribed = true;
                     client
                         .publish("$CONTROL/dynamic-security/v1", QoS::AtLeastOnce, false, commands.to_string())
                         .await
-                        .map_err(|e| format!("publish: {e}"))?;
+                        .map_err(|e| Unreachable(format!("publish: {e}")))?;
                 }
                 Event::Incoming(Packet::Publish(p)) => {
                     let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap_or_default();
                     let failed: Vec<&serde_json::Value> =
                         v["responses"].as_array().map(|r| r.iter().filter(|x| x.get("error").is_some()).collect()).unwrap_or_default();
-                    return if failed.is_empty() { Ok(()) } else { Err(format!("dynamic security refused: {failed:?}")) };
+                    return if failed.is_empty() { Ok(()) } else { Err(Refused(format!("dynamic security refused: {failed:?}"))) };
                 }
                 _ => {}
             }
         }
     };
-    let r = tokio::time::timeout(Duration::from_secs(5), run).await.unwrap_or_else(|_| Err("broker admin: no answer within 5 s".into()));
+    let r = tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .unwrap_or_else(|_| Err(Unreachable("broker admin: no answer within 5 s".into())));
     let _ = client.disconnect().await;
     r
+}
+
+/// Why a kick failed.
+#[derive(Debug)]
+enum KickError {
+    /// The broker did not answer (refused the connection, timed out): its
+    /// other kicks this round are not tried.
+    Unreachable(String),
+    /// The broker answered and refused this kick.
+    Refused(String),
+}
+
+/// One kick that did not happen.
+#[derive(Debug, PartialEq)]
+struct FailedKick {
+    broker: usize,
+    device: Uuid,
+    error: String,
+}
+
+/// What a round of kicks did.
+#[derive(Debug, Default)]
+struct Kicks {
+    /// Devices closed on every broker (then recorded as confirmed), in `devices` order.
+    closed: Vec<Uuid>,
+    failed: Vec<FailedKick>,
+}
+
+/// Kicks every device on every broker (`unavailable` has one entry per
+/// broker: `Some(why)` for a broker not to kick on). The brokers are kicked
+/// concurrently and independently: one broker that fails (or is
+/// unreachable, after which its remaining kicks this round are not tried)
+/// stops no kick on another. A device is closed once every broker closed it.
+async fn kick_everywhere<F, Fut>(unavailable: Vec<Option<String>>, devices: &[Uuid], kick: F) -> Kicks
+where
+    F: Fn(usize, Uuid) -> Fut,
+    Fut: std::future::Future<Output = Result<(), KickError>>,
+{
+    let brokers = unavailable.len();
+    let per_broker = futures::future::join_all(unavailable.into_iter().enumerate().map(|(b, mut down)| {
+        let kick = &kick;
+        async move {
+            let mut results = Vec::with_capacity(devices.len());
+            for &d in devices {
+                let r = match &down {
+                    Some(why) => Err(format!("not tried: {why}")),
+                    None => match kick(b, d).await {
+                        Ok(()) => Ok(()),
+                        Err(KickError::Refused(e)) => Err(e),
+                        Err(KickError::Unreachable(e)) => {
+                            down = Some(e.clone());
+                            Err(e)
+                        }
+                    },
+                };
+                results.push(r);
+            }
+            results
+        }
+    }))
+    .await;
+    let mut kicks = Kicks::default();
+    for (i, &d) in devices.iter().enumerate() {
+        let mut everywhere = true;
+        for (b, results) in per_broker.iter().enumerate() {
+            if let Err(e) = &results[i] {
+                everywhere = false;
+                kicks.failed.push(FailedKick { broker: b, device: d, error: e.clone() });
+            }
+        }
+        if everywhere && brokers > 0 {
+            kicks.closed.push(d);
+        }
+    }
+    kicks.failed.sort_by_key(|f| f.broker);
+    kicks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    fn devices(n: usize) -> Vec<Uuid> {
+        (0..n).map(|_| Uuid::new_v4()).collect()
+    }
+
+    /// Issue 15, defect 11: with the first broker unreachable, the old loop
+    /// (`kick_client(admin, d).await?` for each device, each broker) returned
+    /// at the first kick, so no other broker closed any connection.
+    #[tokio::test]
+    async fn an_unreachable_broker_stops_no_kick_on_the_others() {
+        let ds = devices(3);
+        let calls = Mutex::new(Vec::new());
+        let kicks = kick_everywhere(vec![None; 3], &ds, |b, d| {
+            calls.lock().unwrap().push((b, d));
+            async move {
+                if b == 0 {
+                    Err(KickError::Unreachable("connection refused".into()))
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .await;
+        let calls = calls.into_inner().unwrap();
+        for b in [1, 2] {
+            for d in &ds {
+                assert!(calls.contains(&(b, *d)), "broker {b} kicks {d}: {calls:?}");
+            }
+        }
+        // The unreachable broker is tried once this round, not once per device.
+        assert_eq!(calls.iter().filter(|(b, _)| *b == 0).count(), 1);
+        // No device is closed everywhere, so none is confirmed: all are retried.
+        assert!(kicks.closed.is_empty());
+        assert_eq!(kicks.failed.len(), 3);
+        assert!(kicks.failed.iter().all(|f| f.broker == 0));
+        assert_eq!(kicks.failed[0].error, "connection refused");
+        assert!(kicks.failed[1].error.starts_with("not tried: connection refused"));
+    }
+
+    #[tokio::test]
+    async fn a_refused_kick_leaves_only_its_device_unconfirmed() {
+        let ds = devices(4);
+        let refused = ds[1];
+        let kicks = kick_everywhere(vec![None; 2], &ds, |b, d| async move {
+            if b == 1 && d == refused {
+                Err(KickError::Refused("dynamic security refused".into()))
+            } else {
+                Ok(())
+            }
+        })
+        .await;
+        assert_eq!(kicks.closed, vec![ds[0], ds[2], ds[3]]);
+        assert_eq!(kicks.failed, vec![FailedKick { broker: 1, device: refused, error: "dynamic security refused".into() }]);
+    }
+
+    #[tokio::test]
+    async fn a_broker_without_its_revocation_list_is_not_kicked_and_confirms_nothing() {
+        let ds = devices(2);
+        let calls = Mutex::new(Vec::new());
+        let kicks = kick_everywhere(vec![Some("no reload".into()), None], &ds, |b, d| {
+            calls.lock().unwrap().push((b, d));
+            async { Ok(()) }
+        })
+        .await;
+        assert_eq!(calls.into_inner().unwrap(), vec![(1, ds[0]), (1, ds[1])]);
+        assert!(kicks.closed.is_empty());
+        assert_eq!(kicks.failed.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn every_broker_closing_confirms_every_device() {
+        let ds = devices(3);
+        let kicks = kick_everywhere(vec![None; 2], &ds, |_, _| async { Ok(()) }).await;
+        assert_eq!(kicks.closed, ds);
+        assert!(kicks.failed.is_empty());
+    }
 }

@@ -16,7 +16,7 @@ use crate::Shared;
 use chrono::Utc;
 use futures::future::{BoxFuture, FutureExt, Shared as SharedFuture};
 use futures::StreamExt;
-use homelink_events::event::{DeviceCommandDelivered, DeviceCommandExpired, DeviceCommandRequested};
+use homelink_events::event::{DeviceCommandDelivered, DeviceCommandExpired, DeviceCommandRequested, DeviceCommandRevoked};
 use homelink_events::protocol::{device_topic, Channel, CmdMsg, PROTOCOL_VERSION};
 use homelink_events::{Actor, Envelope, Event};
 use homelink_kit::push::Located;
@@ -34,6 +34,10 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 const REMEMBERED: usize = 100_000;
+
+/// Longest the catch-up path waits for a command's PUBACK before it
+/// publishes the command again (devices ignore a `commandId` they handled).
+const PUBACK_WAIT: Duration = Duration::from_secs(30);
 
 /// Resolves once the broker acknowledged the publish: `Ok(true)` when it
 /// had a subscriber for it (the device is connected), `Ok(false)` when it
@@ -73,15 +77,16 @@ impl PubAcks {
         }
     }
 
-    fn enqueue(&self) -> oneshot::Receiver<bool> {
+    /// Queues a waiter and, in the same critical section, the publish
+    /// itself (`publish` must not block): the two queues always agree, and
+    /// no cancelled caller can leave a waiter without its publish. A refused
+    /// publish takes its waiter back.
+    fn publish_with<E>(&self, publish: impl FnOnce() -> Result<(), E>) -> Result<oneshot::Receiver<bool>, E> {
         let (tx, rx) = oneshot::channel();
-        self.queued.lock().unwrap_or_else(|e| e.into_inner()).push_back(tx);
-        rx
-    }
-
-    /// Undoes the last [`PubAcks::enqueue`] when its publish was refused before queueing.
-    fn unqueue_last(&self) {
-        self.queued.lock().unwrap_or_else(|e| e.into_inner()).pop_back();
+        let mut queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+        publish()?;
+        queued.push_back(tx);
+        Ok(rx)
     }
 }
 
@@ -92,8 +97,6 @@ pub struct Deliverer {
     clients: Vec<AsyncClient>,
     /// The PUBACK waiters of each broker connection.
     pub acks: Vec<PubAcks>,
-    /// Serializes queueing a waiter and queueing its publish, per broker, so both orders agree.
-    order: Vec<tokio::sync::Mutex<()>>,
     seen: Mutex<(HashMap<Uuid, Acked>, VecDeque<Uuid>)>,
 }
 
@@ -110,12 +113,7 @@ pub enum Delivery {
 
 impl Deliverer {
     pub fn new(clients: Vec<AsyncClient>) -> Self {
-        Self {
-            acks: clients.iter().map(|_| PubAcks::default()).collect(),
-            order: clients.iter().map(|_| tokio::sync::Mutex::new(())).collect(),
-            clients,
-            seen: Mutex::new((HashMap::new(), VecDeque::new())),
-        }
+        Self { acks: clients.iter().map(|_| PubAcks::default()).collect(), clients, seen: Mutex::new((HashMap::new(), VecDeque::new())) }
     }
 
     fn remember(&self, id: Uuid, acked: Acked) {
@@ -136,22 +134,18 @@ impl Deliverer {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).0.remove(&id);
     }
 
-    /// Queues one publish on broker `b`; resolves at its PUBACK.
-    async fn publish_on(&self, b: usize, topic: String, body: Vec<u8>) -> Result<oneshot::Receiver<bool>, rumqttc::v5::ClientError> {
-        let _order = self.order[b].lock().await;
-        let rx = self.acks[b].enqueue();
-        if let Err(e) = self.clients[b].publish(topic, QoS::AtLeastOnce, false, body).await {
-            self.acks[b].unqueue_last();
-            return Err(e);
-        }
-        Ok(rx)
+    /// Queues one publish on broker `b` without waiting (a full client
+    /// queue is an error: the caller tries again later, and no household
+    /// waits behind another's); resolves at its PUBACK.
+    fn publish_on(&self, b: usize, topic: String, body: Vec<u8>) -> Result<oneshot::Receiver<bool>, String> {
+        self.acks[b].publish_with(|| self.clients[b].try_publish(topic, QoS::AtLeastOnce, false, body).map_err(|e| e.to_string()))
     }
 
     /// Publishes the command in `envelope` on the device's broker (`None`,
     /// or a broker this bridge does not know: on every broker; a broker
     /// where the device is not connected drops it) unless it expired or
     /// went out already.
-    pub async fn deliver(&self, envelope: &Envelope, broker: Option<u16>) -> Result<Delivery, rumqttc::v5::ClientError> {
+    pub async fn deliver(&self, envelope: &Envelope, broker: Option<u16>) -> Result<Delivery, String> {
         let Ok(Event::DeviceCommandRequested(DeviceCommandRequested { command_id, device_id, set, expires_at, .. })) = envelope.event()
         else {
             return Ok(Delivery::NotACommand);
@@ -173,7 +167,7 @@ impl Deliverer {
         };
         let mut waits = Vec::with_capacity(brokers.len());
         for b in brokers {
-            match self.publish_on(b, topic.clone(), body.clone()).await {
+            match self.publish_on(b, topic.clone(), body.clone()) {
                 Ok(rx) => waits.push(rx),
                 Err(e) => {
                     self.forget(command_id);
@@ -200,17 +194,25 @@ impl Deliverer {
 pub(crate) async fn deliver_counted(s: &Shared, envelope: &Envelope, path: &str) -> Option<Acked> {
     s.metrics.messages_in.with_label_values(&[path]).inc();
     let started = std::time::Instant::now();
-    let broker = match envelope.event() {
+    let (broker, kind) = match envelope.event() {
         Ok(Event::DeviceCommandRequested(c)) => match s.registry.owner(c.device_id).await {
-            Ok(Some(owner)) => Some(owner.broker),
-            Ok(None) => None,
+            Ok(Some(owner)) => (Some(owner.broker), Some(owner.kind)),
+            Ok(None) => (None, None),
             Err(e) => {
                 tracing::warn!(error = %e, "registry lookup for a command failed; publishing on every broker");
-                None
+                (None, None)
             }
         },
-        _ => None,
+        _ => (None, None),
     };
+    if let (Ok(Event::DeviceCommandRequested(c)), Some(kind)) = (envelope.event(), kind) {
+        match still_allowed(s, envelope, &c, kind).await {
+            Some(true) => {}
+            Some(false) => return None,
+            // Not known now: not sent, and the catch-up path tries again.
+            None => return Some(async { Err(()) }.boxed().shared()),
+        }
+    }
     match s.deliverer.deliver(envelope, broker).await {
         Ok(Delivery::Published(acked)) => {
             s.metrics.messages_out.with_label_values(&["cmd"]).inc();
@@ -233,11 +235,48 @@ pub(crate) async fn deliver_counted(s: &Shared, envelope: &Envelope, path: &str)
             None
         }
         Err(e) => {
-            tracing::warn!(error = %e, "publishing a command failed");
+            tracing::warn!(error = %e, "publishing a command failed; the catch-up path tries again");
             s.metrics.errors.with_label_values(&["command_publish"]).inc();
-            None
+            Some(async { Err(()) }.boxed().shared())
         }
     }
+}
+
+/// Authorizes a user's command again at the moment it would be sent, against
+/// the household as it is now: a sender removed or demoted since gets the
+/// command revoked (`DeviceCommandRevoked`, it ends `rejected`) instead of
+/// published (`Some(false)`). `None`: the lookup failed, so it is not sent
+/// now (the catch-up path tries again, as does the device's next flush).
+async fn still_allowed(s: &Shared, envelope: &Envelope, c: &DeviceCommandRequested, kind: homelink_events::DeviceKind) -> Option<bool> {
+    let Actor::User(sender) = &envelope.actor else {
+        return Some(true);
+    };
+    let Ok(user) = sender.parse::<Uuid>() else {
+        return Some(false);
+    };
+    let role = match homelink_read_model::role_in(&s.pool, envelope.household_id, user).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading a command's sender's role failed; not sending it now");
+            s.metrics.errors.with_label_values(&["sender_role"]).inc();
+            return None;
+        }
+    };
+    let Some(reason) = homelink_events::household::revocation_reason(role, kind, &c.set) else {
+        return Some(true);
+    };
+    tracing::info!(command = %c.command_id, %reason, "a command's sender may no longer send it: revoked");
+    s.metrics.errors.with_label_values(&["command_revoked"]).inc();
+    let ev = Event::DeviceCommandRevoked(DeviceCommandRevoked {
+        command_id: c.command_id,
+        device_id: c.device_id,
+        sender: sender.clone(),
+        reason,
+    });
+    let revoked =
+        Envelope::new(envelope.household_id, Actor::System("device-bridge".into()), &ev, Utc::now()).with_correlation(c.command_id);
+    append_to(s, s.topics.commands(), revoked).await;
+    Some(false)
 }
 
 /// Appends `DeviceCommandDelivered` once the broker took the command for a
@@ -258,7 +297,11 @@ async fn record_delivery(s: Arc<Shared>, household: Uuid, command_id: Uuid, devi
 /// Appends a bridge event to the telemetry topic (retried a few times) and
 /// pushes it to the projector.
 async fn append_and_push(s: &Shared, envelope: Envelope) {
-    let topic = s.topics.telemetry();
+    append_to(s, s.topics.telemetry(), envelope).await
+}
+
+/// Appends an event to `topic` (retried a few times) and pushes it to the projector.
+async fn append_to(s: &Shared, topic: String, envelope: Envelope) {
     let mut backoff = Duration::from_millis(100);
     for _ in 0..8 {
         match s.appender.append(&topic, &envelope).await {
@@ -276,17 +319,72 @@ async fn append_and_push(s: &Shared, envelope: Envelope) {
     }
 }
 
-/// The offline queue: a device came online, so every command still open
-/// for it (requested or queued, not superseded, not expired) goes out now,
-/// oldest first, on its broker.
+/// Longest a device's offline queue waits to be flushed again after a flush:
+/// a device that says `online` in a loop costs one flush per window.
+const FLUSH_WINDOW: Duration = Duration::from_secs(2);
+
+/// Most open commands one flush sends: the newest. Supersession already
+/// leaves at most one open command per set of capabilities (a light has
+/// three writable ones); this bounds whatever is left.
+const FLUSH_LIMIT: i64 = 16;
+
+/// The debounce of each device's flush: when it last ran, or that one is
+/// scheduled.
+#[derive(Default)]
+pub struct Flushes(Mutex<HashMap<Uuid, FlushState>>);
+
+#[derive(Clone, Copy)]
+enum FlushState {
+    Ran(std::time::Instant),
+    Scheduled,
+}
+
+/// Flushes the device's offline queue now, or once its window is over if it
+/// flushed less than [`FLUSH_WINDOW`] ago (at most one scheduled per device).
+pub(crate) fn request_flush(s: Arc<Shared>, household: Uuid, device: Uuid) {
+    let now = std::time::Instant::now();
+    let delay = {
+        let mut m = s.flushes.0.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() > 100_000 {
+            m.retain(|_, st| !matches!(st, FlushState::Ran(at) if at.elapsed() > FLUSH_WINDOW));
+        }
+        match m.get(&device).copied() {
+            Some(FlushState::Scheduled) => {
+                s.metrics.errors.with_label_values(&["flush_debounced"]).inc();
+                return;
+            }
+            Some(FlushState::Ran(at)) if now.duration_since(at) < FLUSH_WINDOW => {
+                m.insert(device, FlushState::Scheduled);
+                s.metrics.errors.with_label_values(&["flush_debounced"]).inc();
+                Some(FLUSH_WINDOW - now.duration_since(at))
+            }
+            _ => {
+                m.insert(device, FlushState::Ran(now));
+                None
+            }
+        }
+    };
+    tokio::spawn(async move {
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
+            s.flushes.0.lock().unwrap_or_else(|e| e.into_inner()).insert(device, FlushState::Ran(std::time::Instant::now()));
+        }
+        flush_open(s, household, device).await;
+    });
+}
+
+/// The offline queue: a device came online, so the commands still open for
+/// it (requested or queued, not superseded, not expired; the newest
+/// [`FLUSH_LIMIT`]) go out now, oldest first, on its broker.
 pub(crate) async fn flush_open(s: Arc<Shared>, household: Uuid, device: Uuid) {
     let rows = sqlx::query(
-        "SELECT command_id, set_values, expires_at, requested_at FROM device_commands
+        "SELECT * FROM (SELECT command_id, set_values, expires_at, requested_at, actor FROM device_commands
           WHERE device_id = $1 AND household_id = $2 AND status_rank < 2 AND expires_at > now() AND set_values IS NOT NULL
-          ORDER BY requested_at",
+          ORDER BY requested_at DESC LIMIT $3) newest ORDER BY requested_at",
     )
     .bind(device)
     .bind(household)
+    .bind(FLUSH_LIMIT)
     .fetch_all(&s.pool)
     .await;
     let rows = match rows {
@@ -310,7 +408,12 @@ pub(crate) async fn flush_open(s: Arc<Shared>, household: Uuid, device: Uuid) {
             queued: true,
         });
         let at: Option<chrono::DateTime<Utc>> = r.get(3);
-        let envelope = Envelope::new(household, Actor::System("device-bridge".into()), &ev, at.unwrap_or_else(Utc::now));
+        // The sender's identity goes with it: it is authorized again before it is sent.
+        let actor = r.get::<Option<serde_json::Value>, _>(4).and_then(|a| serde_json::from_value::<Actor>(a).ok());
+        let Some(actor) = actor else {
+            continue;
+        };
+        let envelope = Envelope::new(household, actor, &ev, at.unwrap_or_else(Utc::now));
         deliver_counted(&s, &envelope, "command_queued").await;
     }
 }
@@ -433,9 +536,11 @@ pub(crate) async fn catch_up(s: std::sync::Arc<Shared>, consumer: StreamConsumer
                         None => break,
                         Some(a) => a,
                     };
+                    // Bounded: a PUBACK that never comes (a lost connection
+                    // whose session is gone) means publishing it again.
                     let done = tokio::select! {
                         _ = cancel.cancelled() => return lag.abort(),
-                        r = acked => r,
+                        r = tokio::time::timeout(PUBACK_WAIT, acked) => r.unwrap_or(Err(())),
                     };
                     if done.is_ok() {
                         tracing::debug!(partition = m.partition(), offset = m.offset(), "command acknowledged by its broker");
@@ -471,7 +576,8 @@ mod tests {
     #[test]
     fn a_puback_resolves_the_publish_that_left_with_its_packet_id() {
         let acks = PubAcks::default();
-        let (mut first, mut second) = (acks.enqueue(), acks.enqueue());
+        let ok = || Ok::<(), ()>(());
+        let (mut first, mut second) = (acks.publish_with(ok).unwrap(), acks.publish_with(ok).unwrap());
         acks.sent(7);
         acks.sent(8);
         // A retransmission after a reconnect keeps its packet id: still the first publish.
@@ -484,9 +590,19 @@ mod tests {
         acks.acked(7, true);
         assert!(first.try_recv().is_ok());
         // A packet id used again after its PUBACK belongs to the next publish.
-        let mut third = acks.enqueue();
+        let mut third = acks.publish_with(ok).unwrap();
         acks.sent(7);
         acks.acked(7, true);
         assert!(third.try_recv().is_ok());
+    }
+
+    #[test]
+    fn a_refused_publish_leaves_no_waiter_behind_to_take_the_next_puback() {
+        let acks = PubAcks::default();
+        assert!(acks.publish_with(|| Err::<(), _>("queue full")).is_err());
+        let mut next = acks.publish_with(|| Ok::<(), ()>(())).unwrap();
+        acks.sent(1);
+        acks.acked(1, true);
+        assert_eq!(next.try_recv(), Ok(true), "the PUBACK belongs to the publish that left");
     }
 }

@@ -143,7 +143,7 @@ async fn handle(s: &Arc<Shared>, p: &Publish, cancel: &CancellationToken) -> Fat
     s.projector.push(Located { topic: telemetry, partition: pos.partition, offset: pos.offset, envelope });
     // Online again: what was sent while it was away goes out now.
     if matches!(event, Event::DeviceStatusChanged(DeviceStatusChanged { online: true, .. })) {
-        tokio::spawn(crate::deliver::flush_open(s.clone(), t.household_id, t.device_id));
+        crate::deliver::request_flush(s.clone(), t.household_id, t.device_id);
     }
     Fate::Appended
 }

@@ -90,6 +90,10 @@ pub struct Config {
     pub internal_token: Option<secrecy::SecretString>,
     /// How often the expiry timer looks for commands past their expiry.
     pub expiry_every: Duration,
+    /// Requests each MQTT client queues while its broker is away; a command
+    /// that finds the queue full is not published now (the catch-up path
+    /// tries again) — no household waits behind another's.
+    pub mqtt_queue: usize,
 }
 
 impl Config {
@@ -117,6 +121,7 @@ impl Config {
             produce_linger: Duration::from_millis(5),
             internal_token: None,
             expiry_every: Duration::from_secs(1),
+            mqtt_queue: 8192,
         }
     }
 }
@@ -129,6 +134,8 @@ pub struct Shared {
     pub registry: Registry,
     pub projector: Pusher<Located>,
     pub deliverer: Deliverer,
+    /// The debounce of each device's offline-queue flush.
+    pub flushes: deliver::Flushes,
     /// The device-message JSON Schemas every message is checked against.
     pub schemas: schema::Schemas,
     /// Per broker: whether its subscription is granted.
@@ -175,7 +182,7 @@ impl Application {
                 let mut net = rumqttc::NetworkOptions::new();
                 net.set_tcp_nodelay(true);
                 opts.set_network_options(net);
-                AsyncClient::new(opts, 8192)
+                AsyncClient::new(opts, cfg.mqtt_queue.max(1))
             })
             .collect();
         let clients: Vec<AsyncClient> = connections.iter().map(|(c, _)| c.clone()).collect();
@@ -199,6 +206,7 @@ impl Application {
             appender,
             registry: Registry::new(pool.clone()),
             deliverer: Deliverer::new(clients),
+            flushes: deliver::Flushes::default(),
             subscribed: connections.iter().map(|_| AtomicBool::new(false)).collect(),
         });
         let s = shared.clone();

@@ -315,3 +315,70 @@ async fn password_hashing_is_bounded_and_addresses_are_budgeted() {
     assert_eq!(&statuses[..15], &[401; 15]);
     assert_eq!(statuses[15], 429);
 }
+
+/// Issue 15, defect 9: a client that closes its socket drops its handler;
+/// the permit must stay with the hash it started, which runs on. The old
+/// code held the permit in the handler's future: each client that gave up
+/// after 50 ms let the next queued sign-in start a hash beside the one still
+/// running on the blocking pool, and FIFO permits go to the oldest waiter —
+/// the one closest to its own deadline — so nearly every hash outlived its
+/// client, and tens ran at once with 2 permits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sign_ins_that_hang_up_cannot_run_more_hashes_than_the_permits() {
+    let permits = 2;
+    let identity = homelink_command_api::auth::IdentityLimits {
+        hashing_permits: permits,
+        hashing_wait: Duration::from_secs(5),
+        // Every attempt here is a failure from one address: no 429 may end the test early.
+        failures_per_address: 100_000,
+        ..Default::default()
+    };
+    let stack = Stack::start_with_identity(identity).await;
+    let (running, peak) = ("homelink_command_api_password_hashes_running", "homelink_command_api_password_hashes_running_peak");
+    let url = format!("{}/v1/auth/sign-in", stack.api());
+
+    // The gauge, sampled while the sign-ins arrive and for a while after.
+    let sampler = {
+        let stack_http = stack.http.clone();
+        let metrics = format!("http://127.0.0.1:{}/metrics", stack.command_port);
+        tokio::spawn(async move {
+            let mut most = 0.0f64;
+            let until = tokio::time::Instant::now() + Duration::from_secs(4);
+            while tokio::time::Instant::now() < until {
+                if let Ok(r) = stack_http.get(&metrics).send().await {
+                    let text = r.text().await.unwrap_or_default();
+                    let now = text.lines().find_map(|l| l.strip_prefix(running).and_then(|v| v.trim().parse::<f64>().ok()));
+                    most = most.max(now.unwrap_or(0.0));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            most
+        })
+    };
+
+    // 40 sign-ins (unknown e-mails: each costs a full hash), one every 3 ms,
+    // each hanging up after 50 ms.
+    let mut clients = Vec::new();
+    for i in 0..40 {
+        let (http, url) = (stack.http.clone(), url.clone());
+        clients.push(tokio::spawn(async move {
+            let body =
+                json!({"email": format!("hangs-up-{i}-{}@test.homelink.dev", Uuid::new_v4().simple()), "password": "wrong password!"});
+            let _ = http.post(url).json(&body).timeout(Duration::from_millis(50)).send().await;
+        }));
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    for c in clients {
+        c.await.expect("client");
+    }
+    let sampled = sampler.await.expect("sampler");
+    // Every hash that started has ended.
+    eventually(Duration::from_secs(30), "no hash running", || async {
+        (stack.metric(stack.command_port, running).await == 0.0).then_some(())
+    })
+    .await;
+    let most = stack.metric(stack.command_port, peak).await;
+    assert!(most >= 1.0, "the sign-ins hashed (peak {most})");
+    assert!(most <= permits as f64, "at most {permits} hashes at once, the process saw {most}");
+    assert!(sampled <= permits as f64, "at most {permits} hashes at once, sampled {sampled}");
+}

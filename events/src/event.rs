@@ -206,6 +206,21 @@ pub struct DeviceCommandExpired {
     pub expires_at: DateTime<Utc>,
 }
 
+/// A command's sender may no longer send it (removed from the household,
+/// or their role no longer allows it): it ends `rejected` with `reason`,
+/// its values stop being desired, and it is never published. Appended by
+/// command-api when a membership change takes the right away, and by the
+/// bridge when it re-authorizes a command at the moment it would send it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceCommandRevoked {
+    pub command_id: Uuid,
+    pub device_id: Uuid,
+    /// The command's sender (a user id).
+    pub sender: String,
+    pub reason: String,
+}
+
 /// A device answered a command.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -279,6 +294,7 @@ events! {
     RoomDeleted = 1,
     DeviceCommandDelivered = 1,
     DeviceCommandExpired = 1,
+    DeviceCommandRevoked = 1,
 }
 
 impl Event {
@@ -304,6 +320,7 @@ impl Event {
             Event::DeviceCommandAcked(e) => Some(e.device_id),
             Event::DeviceCommandDelivered(e) => Some(e.device_id),
             Event::DeviceCommandExpired(e) => Some(e.device_id),
+            Event::DeviceCommandRevoked(e) => Some(e.device_id),
         }
     }
 
@@ -395,6 +412,7 @@ mod tests {
             ("RoomCreated", json!({"roomId": d, "name": "Hall"})),
             ("RoomRenamed", json!({"roomId": d, "name": "Lobby"})),
             ("RoomDeleted", json!({"roomId": d})),
+            ("DeviceCommandRevoked", json!({"commandId": d, "deviceId": d, "sender": d, "reason": "the sender was removed"})),
         ];
         for (t, payload) in cases {
             let e = Event::from_parts(t, 1, payload.clone()).unwrap_or_else(|err| panic!("{t}: {err}"));

@@ -91,6 +91,20 @@ pub enum Action<'a> {
     SeeMembers,
 }
 
+/// Whether a command a member sent earlier may still go out, judged against
+/// their role *now* (`None`: no longer a member); the reason when it may not.
+/// A queued command is authorized again at the moment it would be sent, so
+/// a removed or demoted member's queued unlock never reaches the lock.
+pub fn revocation_reason(role: Option<Role>, kind: DeviceKind, set: &Map<String, Value>) -> Option<String> {
+    match role {
+        None => Some("its sender is no longer a member of the household".into()),
+        Some(r) if !r.allows(&Action::SeeDevice(kind)) || !r.allows(&Action::Control(kind, set)) => {
+            Some(format!("its sender's role ({r}) no longer allows this command to a {kind}"))
+        }
+        Some(_) => None,
+    }
+}
+
 /// An invitation as the aggregate knows it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Invitation {
@@ -324,6 +338,19 @@ mod tests {
 
     fn at() -> DateTime<Utc> {
         DateTime::from_timestamp(1_800_000_000, 0).unwrap()
+    }
+
+    #[test]
+    fn a_queued_command_is_judged_by_its_senders_role_now() {
+        let unlock = json!({"locked": false}).as_object().cloned().unwrap();
+        let lock = json!({"locked": true}).as_object().cloned().unwrap();
+        assert_eq!(revocation_reason(Some(Role::Adult), DeviceKind::Lock, &unlock), None);
+        assert!(revocation_reason(None, DeviceKind::Lock, &unlock).is_some_and(|r| r.contains("no longer a member")));
+        assert!(revocation_reason(Some(Role::Child), DeviceKind::Lock, &unlock).is_some_and(|r| r.contains("child")));
+        // A child may still lock.
+        assert_eq!(revocation_reason(Some(Role::Child), DeviceKind::Lock, &lock), None);
+        let record = json!({"recording": true}).as_object().cloned().unwrap();
+        assert!(revocation_reason(Some(Role::Child), DeviceKind::Camera, &record).is_some());
     }
 
     fn with_owners(n: u128) -> Household {

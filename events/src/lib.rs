@@ -28,6 +28,7 @@ pub mod schemas;
 pub mod shadow;
 pub mod text;
 pub mod topics;
+pub mod twin;
 
 pub use device::DeviceKind;
 pub use envelope::{Actor, Envelope, RequestMeta};

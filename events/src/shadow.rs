@@ -12,16 +12,20 @@
 //!   status messages and reports (a report means online);
 //! - `seq` is the highest report `seq`, `last_seen` the latest time.
 //!
-//! The twin on top (issue 11): each property's **desired** value comes from
-//! the latest command that set it (by request time, then command id); it is
-//! cleared when a report recorded at or after that request carries the same
-//! value (the command is then *confirmed*), or when its command expires or
-//! the device rejects it or fails to carry it out.
+//! The twin on top (issues 11 and 15): each property's **desired** value
+//! comes from the latest command that set it (by request time, then command
+//! id); it is cleared when the device acked that command `ok` and a report
+//! after the ack carries the value (the command is then *confirmed* once all
+//! its values were reported), or when its command expires, is revoked, or
+//! the device rejects it or fails to carry it out. Both are functions of the
+//! set of events, whatever order the two topics arrive in
+//! ([`crate::twin`]).
 //! The **delta** is what is desired and not (yet) reported. Per property,
 //! **metadata** says when it was last reported and last desired, and by
 //! which command.
 
 use crate::event::Event;
+use crate::twin::{Fact, Twin};
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -98,6 +102,11 @@ pub struct ShadowChanged {
     /// The device's report interval (staleness is computed from it at delivery).
     #[serde(default = "default_interval")]
     pub report_interval_secs: u32,
+    /// The reports merged into this one change passed through values the
+    /// final state does not show: per such property, every value it took in
+    /// the batch, in order (a door opened and closed: `{"contact": [false, true]}`).
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub transitions: Map<String, Value>,
 }
 
 fn default_interval() -> u32 {
@@ -120,7 +129,37 @@ impl ShadowChanged {
             metadata: s.metadata.clone(),
             change_seq: 0,
             report_interval_secs: DEFAULT_REPORT_INTERVAL_SECS,
+            transitions: Map::new(),
         }
+    }
+}
+
+/// The values each property took over a batch, to tell which transitions
+/// one merged change would hide.
+#[derive(Debug, Default)]
+pub struct Trail(BTreeMap<String, Vec<Value>>);
+
+impl Trail {
+    /// Notes the shadow's reported values (call it before the batch and after each event).
+    pub fn note(&mut self, reported: &Map<String, Value>) {
+        for (k, v) in reported {
+            let seen = self.0.entry(k.clone()).or_default();
+            if seen.last() != Some(v) {
+                seen.push(v.clone());
+            }
+        }
+    }
+
+    /// The properties that changed more than once, with every value they took
+    /// after the first (see [`ShadowChanged::transitions`]).
+    pub fn transitions(&self, had_before: &Map<String, Value>) -> Map<String, Value> {
+        self.0
+            .iter()
+            .filter_map(|(k, seen)| {
+                let taken: &[Value] = if had_before.contains_key(k) { seen.get(1..).unwrap_or(&[]) } else { seen };
+                (taken.len() > 1).then(|| (k.clone(), Value::Array(taken.to_vec())))
+            })
+            .collect()
     }
 }
 
@@ -144,17 +183,20 @@ pub struct Shadow {
     pub property_seq: BTreeMap<String, u64>,
     /// The `seq` of the report that set `battery`.
     pub battery_seq: u64,
-    /// Desired values not reported yet (see the module documentation).
+    /// Desired values not reported yet (see the module documentation),
+    /// derived from [`Shadow::twin`].
     pub desired: Map<String, Value>,
     pub metadata: BTreeMap<String, PropertyMeta>,
+    /// The facts of the device's commands the desired side is derived from.
+    pub twin: Twin,
 }
 
 /// What applying one event did.
 #[derive(Debug, Default, PartialEq)]
 pub struct Applied {
     pub changed: bool,
-    /// Commands whose every desired value has now been reported.
-    pub confirmed: Vec<Uuid>,
+    /// Commands now confirmed, with the time of the report that completed each.
+    pub confirmed: Vec<(Uuid, DateTime<Utc>)>,
 }
 
 impl Default for Shadow {
@@ -171,6 +213,7 @@ impl Default for Shadow {
             battery_seq: 0,
             desired: Map::new(),
             metadata: BTreeMap::new(),
+            twin: Twin::default(),
         }
     }
 }
@@ -190,73 +233,23 @@ impl Shadow {
     /// Like [`Shadow::apply`], also saying which commands it confirmed.
     pub fn apply_twin(&mut self, event: &Event, at: DateTime<Utc>, offset: i64) -> Applied {
         let mut out = Applied::default();
-        match event {
-            Event::DeviceCommandRequested(c) => {
-                for (k, v) in &c.set {
-                    let meta = self.metadata.entry(k.clone()).or_default();
-                    let newer = match (meta.desired_at, meta.command_id) {
-                        (None, _) => true,
-                        (Some(t), by) => at > t || (at == t && by.is_some_and(|b| c.command_id > b)),
-                    };
-                    if newer {
-                        meta.desired_at = Some(at);
-                        meta.command_id = Some(c.command_id);
-                        self.desired.insert(k.clone(), v.clone());
-                        out.changed = true;
-                    }
-                }
-                // Reported at or after the request already: nothing left to do.
-                let reached: Vec<String> = c
-                    .set
-                    .keys()
-                    .filter(|k| {
-                        let m = &self.metadata[*k];
-                        m.command_id == Some(c.command_id)
-                            && m.reported_at.is_some_and(|r| r >= at)
-                            && self.reported.get(*k).zip(self.desired.get(*k)).is_some_and(|(r, d)| same_value(r, d))
-                    })
-                    .cloned()
-                    .collect();
-                self.clear_reached(&reached, &mut out.confirmed);
-                if out.changed {
-                    self.version += 1;
-                }
-                return out;
+        let fact = match event {
+            Event::DeviceCommandRequested(c) => Some(Fact::Requested { command_id: c.command_id, set: &c.set, at }),
+            Event::DeviceCommandAcked(a) => Some(Fact::Acked { command_id: a.command_id, status: a.status, offset }),
+            Event::DeviceCommandExpired(e) => Some(Fact::Ended { command_id: e.command_id, refused: false }),
+            Event::DeviceCommandRevoked(r) => Some(Fact::Ended { command_id: r.command_id, refused: true }),
+            Event::DeviceStateReported(r) => {
+                out.changed = self.apply_reported(event, at, offset);
+                Some(Fact::Reported { state: &r.state, offset, at })
             }
-            // An expired command, or one the device refused or could not
-            // carry out, is no longer desired.
-            Event::DeviceCommandExpired(crate::event::DeviceCommandExpired { command_id, .. })
-            | Event::DeviceCommandAcked(crate::event::DeviceCommandAcked {
-                command_id,
-                status: crate::protocol::AckStatus::Rejected | crate::protocol::AckStatus::Failed,
-                ..
-            }) => {
-                let before = self.desired.len();
-                let metadata = &self.metadata;
-                self.desired.retain(|k, _| metadata.get(k).and_then(|m| m.command_id) != Some(*command_id));
-                out.changed = self.desired.len() != before;
-                if out.changed {
-                    self.version += 1;
-                }
-                return out;
+            _ => {
+                out.changed = self.apply_reported(event, at, offset);
+                None
             }
-            _ => {}
-        }
-        out.changed = self.apply_reported(event, at, offset);
-        if let Event::DeviceStateReported(r) = event {
-            // A report recorded at or after a request that carries its value
-            // clears it, whether or not it is the newest report of the property.
-            let reached: Vec<String> = r
-                .state
-                .iter()
-                .filter(|(k, v)| {
-                    self.desired.get(*k).is_some_and(|d| same_value(d, v))
-                        && self.metadata.get(*k).and_then(|m| m.desired_at).is_some_and(|t| at >= t)
-                })
-                .map(|(k, _)| k.clone())
-                .collect();
-            if !reached.is_empty() {
-                self.clear_reached(&reached, &mut out.confirmed);
+        };
+        if let Some(fact) = fact {
+            out.confirmed = self.twin.apply(fact);
+            if self.derive_desired() {
                 if !out.changed {
                     self.version += 1;
                 }
@@ -266,25 +259,21 @@ impl Shadow {
         out
     }
 
-    /// Clears desired properties that were reached; a command none of whose
-    /// desired values remain is confirmed.
-    fn clear_reached(&mut self, reached: &[String], confirmed: &mut Vec<Uuid>) {
-        let mut by: Vec<Uuid> = Vec::new();
-        for k in reached {
-            if self.desired.remove(k).is_some() {
-                if let Some(c) = self.metadata.get(k).and_then(|m| m.command_id) {
-                    if !by.contains(&c) {
-                        by.push(c);
-                    }
-                }
+    /// Sets `desired` and the desired side of `metadata` from the twin's
+    /// facts; whether anything changed.
+    fn derive_desired(&mut self) -> bool {
+        let d = self.twin.desired();
+        let mut changed = d.values != self.desired;
+        self.desired = d.values;
+        for (k, (command, requested)) in d.by {
+            let m = self.metadata.entry(k).or_default();
+            if m.command_id != Some(command) || m.desired_at != Some(requested) {
+                m.command_id = Some(command);
+                m.desired_at = Some(requested);
+                changed = true;
             }
         }
-        for c in by {
-            let pending = self.desired.keys().any(|k| self.metadata.get(k).and_then(|m| m.command_id) == Some(c));
-            if !pending {
-                confirmed.push(c);
-            }
-        }
+        changed
     }
 
     fn apply_reported(&mut self, event: &Event, at: DateTime<Utc>, offset: i64) -> bool {
@@ -446,8 +435,17 @@ mod tests {
         })
     }
 
+    fn ack(id: u128, status: crate::protocol::AckStatus) -> Event {
+        Event::DeviceCommandAcked(crate::event::DeviceCommandAcked {
+            command_id: Uuid::from_u128(id),
+            device_id: Uuid::nil(),
+            status,
+            reason: None,
+        })
+    }
+
     #[test]
-    fn desired_shows_in_the_delta_until_a_later_report_carries_it_then_the_command_is_confirmed() {
+    fn desired_shows_in_the_delta_until_a_report_after_the_ok_ack_carries_it_then_the_command_is_confirmed() {
         let mut s = Shadow::default();
         s.apply(&report(1, 10), t(1), 0);
         let a = s.apply_twin(&command(7, json!({"brightness": 80})), t(2), 0);
@@ -456,8 +454,12 @@ mod tests {
         assert_eq!(s.metadata["brightness"].command_id, Some(Uuid::from_u128(7)));
         // Another value reported: still desired.
         assert!(s.apply_twin(&report(2, 20), t(3), 1).confirmed.is_empty());
-        let done = s.apply_twin(&report(3, 80), t(4), 2);
-        assert_eq!(done.confirmed, vec![Uuid::from_u128(7)]);
+        // The value, but from before the device answered: still desired.
+        assert!(s.apply_twin(&report(3, 80), t(3), 2).confirmed.is_empty());
+        assert_eq!(Value::Object(s.desired.clone()), json!({"brightness": 80}));
+        s.apply(&ack(7, crate::protocol::AckStatus::Ok), t(4), 3);
+        let done = s.apply_twin(&report(4, 80), t(4), 4);
+        assert_eq!(done.confirmed, vec![(Uuid::from_u128(7), t(4))]);
         assert!(s.desired.is_empty() && s.delta().is_empty());
         assert_eq!((s.metadata["brightness"].reported_at, s.metadata["brightness"].desired_at), (Some(t(4)), Some(t(2))));
     }
@@ -476,10 +478,12 @@ mod tests {
     }
 
     #[test]
-    fn a_request_already_reported_is_confirmed_at_once_and_an_expired_one_is_no_longer_desired() {
+    fn a_request_whose_ack_and_report_came_first_is_confirmed_at_once_and_an_expired_one_is_no_longer_desired() {
         let mut s = Shadow::default();
-        s.apply(&report(4, 30), t(9), 0);
-        assert_eq!(s.apply_twin(&command(3, json!({"brightness": 30})), t(8), 0).confirmed, vec![Uuid::from_u128(3)]);
+        // The telemetry topic ran ahead of the commands topic.
+        s.apply(&ack(3, crate::protocol::AckStatus::Ok), t(9), 0);
+        s.apply(&report(4, 30), t(9), 1);
+        assert_eq!(s.apply_twin(&command(3, json!({"brightness": 30})), t(8), 0).confirmed, vec![(Uuid::from_u128(3), t(9))]);
         s.apply(&command(5, json!({"brightness": 60, "on": true})), t(10), 0);
         let expired = Event::DeviceCommandExpired(crate::event::DeviceCommandExpired {
             command_id: Uuid::from_u128(5),
@@ -493,14 +497,6 @@ mod tests {
 
     #[test]
     fn a_command_the_device_rejects_or_fails_is_no_longer_desired_but_one_it_accepts_stays_until_reported() {
-        let ack = |id: u128, status| {
-            Event::DeviceCommandAcked(crate::event::DeviceCommandAcked {
-                command_id: Uuid::from_u128(id),
-                device_id: Uuid::nil(),
-                status,
-                reason: None,
-            })
-        };
         let mut s = Shadow::default();
         s.apply(&command(1, json!({"brightness": 90})), t(1), 0);
         s.apply(&command(2, json!({"on": true})), t(2), 0);
@@ -669,6 +665,7 @@ mod notification_tests {
             metadata: BTreeMap::new(),
             change_seq: 0,
             report_interval_secs: 30,
+            transitions: Map::new(),
         }
     }
 

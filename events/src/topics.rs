@@ -76,6 +76,11 @@ pub const MEMBERSHIP_CHANGED_CHANNEL: &str = "homelink_membership_changed";
 /// [`RegistryChanged`] JSON).
 pub const REGISTRY_CHANGED_CHANNEL: &str = "homelink_registry_changed";
 
+/// The Postgres notification channel on which the projector announces every
+/// committed batch (empty payload): reads waiting for a consistency token
+/// look again.
+pub const APPLIED_CHANNEL: &str = "homelink_applied";
+
 /// The Postgres notification channel of committed command lifecycle steps
 /// (payload: [`CommandChanged`] JSON).
 pub const COMMAND_CHANGED_CHANNEL: &str = "homelink_command_changed";

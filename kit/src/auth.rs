@@ -116,6 +116,23 @@ impl Verifier {
     /// Verifies a token: algorithm pinned to EdDSA, known `kid`, signature,
     /// `iss`, `aud`, `exp`, `iat`, `sub` a user id.
     pub fn verify(&self, token: &str) -> Result<Caller, TokenError> {
+        let claims: Claims = self.decode(token, AUDIENCE)?;
+        if claims.iat > chrono::Utc::now().timestamp() + LEEWAY_SECONDS as i64 {
+            return Err(TokenError::Invalid("issued in the future".into()));
+        }
+        let user_id = Uuid::parse_str(&claims.sub).map_err(|_| TokenError::Invalid("subject".into()))?;
+        Ok(Caller { user_id })
+    }
+
+    /// Verifies a consistency token ([`crate::consistency`]) like an access
+    /// token, for its own audience; its writer is `sub`.
+    pub fn verify_consistency(&self, token: &str) -> Result<(Uuid, crate::consistency::Claims), TokenError> {
+        let claims: crate::consistency::Claims = self.decode(token, crate::consistency::AUDIENCE)?;
+        let user = Uuid::parse_str(&claims.sub).map_err(|_| TokenError::Invalid("subject".into()))?;
+        Ok((user, claims))
+    }
+
+    fn decode<C: serde::de::DeserializeOwned>(&self, token: &str, audience: &str) -> Result<C, TokenError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(TokenError::Malformed);
         }
@@ -128,15 +145,10 @@ impl Verifier {
         let key = keys.get(&kid).ok_or(TokenError::UnknownKey)?;
         let mut v = Validation::new(ALGORITHM);
         v.set_issuer(&[ISSUER]);
-        v.set_audience(&[AUDIENCE]);
+        v.set_audience(&[audience]);
         v.set_required_spec_claims(&["exp", "iat", "sub", "iss", "aud"]);
         v.leeway = LEEWAY_SECONDS;
-        let data = jsonwebtoken::decode::<Claims>(token, key, &v).map_err(|e| TokenError::Invalid(e.to_string()))?;
-        if data.claims.iat > chrono::Utc::now().timestamp() + LEEWAY_SECONDS as i64 {
-            return Err(TokenError::Invalid("issued in the future".into()));
-        }
-        let user_id = Uuid::parse_str(&data.claims.sub).map_err(|_| TokenError::Invalid("subject".into()))?;
-        Ok(Caller { user_id })
+        Ok(jsonwebtoken::decode::<C>(token, key, &v).map_err(|e| TokenError::Invalid(e.to_string()))?.claims)
     }
 
     /// Keeps the key set in step with a JWKS URL until `cancel`; the first

@@ -444,7 +444,11 @@ impl Applier {
         }
         let recorded = insert_dead(&mut tx, &dead).await?;
 
-        let notifications = crate::projections::apply(&mut tx, &work).await?;
+        let mut notifications = crate::projections::apply(&mut tx, &work).await?;
+        // Reads waiting for a consistency token look again after this batch.
+        if !work.is_empty() || !new_offsets.is_empty() {
+            notifications.push((homelink_events::topics::APPLIED_CHANNEL, String::new()));
+        }
 
         if !new_offsets.is_empty() {
             let (t, p, n) = unzip3(new_offsets.iter().map(|((t, p), n)| (t.clone(), *p, *n)));

@@ -260,7 +260,7 @@ fn admissible(topics: &Topics, l: &Located) -> Result<(), String> {
     } else if l.topic == topics.households() {
         ev.household_event().is_some()
     } else if l.topic == topics.commands() {
-        matches!(ev, Event::DeviceCommandRequested(_))
+        matches!(ev, Event::DeviceCommandRequested(_) | Event::DeviceCommandRevoked(_))
     } else if l.topic == topics.audit() {
         matches!(ev, Event::CommandDenied(_))
     } else {

@@ -2,6 +2,7 @@
 //! the check is in the resolver, next to the household it is about.
 
 use crate::errors::{codes, error};
+use crate::reads::RowBudget;
 use crate::types::{AuditEntry, AuditFilter};
 use async_graphql::connection::{Connection, Edge};
 use async_graphql::{Result, ID};
@@ -26,6 +27,7 @@ fn parse_cursor(c: &str) -> Option<(DateTime<Utc>, Uuid)> {
 
 pub async fn page(
     pool: &PgPool,
+    budget: &RowBudget,
     household: Uuid,
     first: i32,
     after: Option<String>,
@@ -38,29 +40,28 @@ pub async fn page(
         Some(c) => Some(parse_cursor(&c).ok_or_else(|| error(codes::BAD_USER_INPUT, "invalid cursor"))?),
         None => None,
     };
-    let rows = sqlx::query_as::<_, AuditRow>(
-        "SELECT event_id, at, actor_kind, actor_id, role, client, action, target, outcome, status, detail FROM audit_log
-         WHERE household_id = $1
-           AND ($2::text IS NULL OR actor_id = $2) AND ($3::text IS NULL OR action = $3) AND ($4::text IS NULL OR outcome = $4)
-           AND ($5::timestamptz IS NULL OR at >= $5) AND ($6::timestamptz IS NULL OR at < $6)
-           AND ($7::timestamptz IS NULL OR (at, event_id) < ($7, $8))
-         ORDER BY at DESC, event_id DESC LIMIT $9",
-    )
-    .bind(household)
-    .bind(f.actor_id)
-    .bind(f.action)
-    .bind(f.outcome)
-    .bind(f.since)
-    .bind(f.until)
-    .bind(after.map(|a| a.0))
-    .bind(after.map(|a| a.1))
-    .bind(i64::from(first) + 1)
-    .fetch_all(pool)
-    .await
-    .map_err(|e| {
-        tracing::warn!(error = %e, "audit query failed");
-        error(codes::UNAVAILABLE, "the read models are unavailable")
-    })?;
+    let rows = budget
+        .read(Some(i64::from(first) + 1), |limit| {
+            sqlx::query_as::<_, AuditRow>(
+                "SELECT event_id, at, actor_kind, actor_id, role, client, action, target, outcome, status, detail FROM audit_log
+                 WHERE household_id = $1
+                   AND ($2::text IS NULL OR actor_id = $2) AND ($3::text IS NULL OR action = $3) AND ($4::text IS NULL OR outcome = $4)
+                   AND ($5::timestamptz IS NULL OR at >= $5) AND ($6::timestamptz IS NULL OR at < $6)
+                   AND ($7::timestamptz IS NULL OR (at, event_id) < ($7, $8))
+                 ORDER BY at DESC, event_id DESC LIMIT $9",
+            )
+            .bind(household)
+            .bind(f.actor_id)
+            .bind(f.action)
+            .bind(f.outcome)
+            .bind(f.since)
+            .bind(f.until)
+            .bind(after.map(|a| a.0))
+            .bind(after.map(|a| a.1))
+            .bind(limit)
+            .fetch_all(pool)
+        })
+        .await?;
     let has_next = rows.len() > first as usize;
     let mut conn = Connection::new(after.is_some(), has_next);
     for r in rows.into_iter().take(first as usize) {

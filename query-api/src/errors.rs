@@ -14,6 +14,9 @@ pub mod codes {
     pub const TOO_MANY_ALIASES: &str = "TOO_MANY_ALIASES";
     pub const QUERY_TOO_DEEP: &str = "QUERY_TOO_DEEP";
     pub const QUERY_TOO_COMPLEX: &str = "QUERY_TOO_COMPLEX";
+    /// A query that would read more rows than one request may
+    /// ([`crate::reads::RowBudget`]); the whole request fails.
+    pub const QUERY_TOO_EXPENSIVE: &str = "QUERY_TOO_EXPENSIVE";
     pub const GRAPHQL_VALIDATION_FAILED: &str = "GRAPHQL_VALIDATION_FAILED";
     pub const INTERNAL: &str = "INTERNAL";
     /// Answered before execution, over HTTP only.

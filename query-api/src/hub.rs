@@ -78,6 +78,8 @@ impl Default for SubscriptionLimits {
 pub struct ConnectionSubscriptions(AtomicUsize);
 
 pub struct Hub {
+    /// Woken at every batch the projector commits (consistency waits).
+    pub applied: Arc<tokio::sync::Notify>,
     households: Mutex<HashMap<Uuid, broadcast::Sender<HubEvent>>>,
     per_user: Mutex<HashMap<Uuid, usize>>,
     limits: SubscriptionLimits,
@@ -130,6 +132,7 @@ impl Hub {
             g
         };
         Self {
+            applied: Arc::default(),
             households: Mutex::default(),
             per_user: Mutex::default(),
             limits,
@@ -273,7 +276,13 @@ impl Hub {
                 }
             };
             if let Err(e) = listener
-                .listen_all([SHADOW_CHANGED_CHANNEL, MEMBERSHIP_CHANGED_CHANNEL, REGISTRY_CHANGED_CHANNEL, COMMAND_CHANGED_CHANNEL])
+                .listen_all([
+                    SHADOW_CHANGED_CHANNEL,
+                    MEMBERSHIP_CHANGED_CHANNEL,
+                    REGISTRY_CHANGED_CHANNEL,
+                    COMMAND_CHANGED_CHANNEL,
+                    homelink_events::topics::APPLIED_CHANNEL,
+                ])
                 .await
             {
                 tracing::warn!(error = %e, "LISTEN failed");
@@ -288,6 +297,7 @@ impl Hub {
                     n = listener.try_recv() => n,
                 };
                 match n {
+                    Ok(Some(n)) if n.channel() == homelink_events::topics::APPLIED_CHANNEL => self.applied.notify_waiters(),
                     Ok(Some(n)) if n.channel() == MEMBERSHIP_CHANGED_CHANNEL => {
                         match serde_json::from_str::<MembershipChanged>(n.payload()) {
                             Ok(m) => {
@@ -324,6 +334,7 @@ impl Hub {
                     // The connection was lost and re-established: notifications in between are gone.
                     Ok(None) => {
                         metrics.errors.with_label_values(&["listen_reconnect"]).inc();
+                        self.applied.notify_waiters();
                         self.recheck_all();
                     }
                     Err(e) => {

@@ -7,15 +7,18 @@
 //!   [`types`]: the plain GraphQL types the fan-out and the audit log produce
 //!   too; [`errors`]: every error code in one place. [`hub`]: the fan-out of
 //!   the projector's committed-change notifications to subscriptions;
-//!   [`audit`]: the audit-log connection. Imports go one way: schema → hub,
-//!   audit → types, errors.
+//!   [`audit`]: the audit-log connection; [`reads`]: the rows one request may
+//!   read and the batching of nested lookups. Imports go one way: schema →
+//!   hub, audit, reads → types, errors.
 //!
 //! **Boundary**: only this crate knows GraphQL.
 
 pub mod audit;
+pub mod consistency;
 pub mod errors;
 pub mod hub;
 pub mod limits;
+pub mod reads;
 pub mod schema;
 pub mod types;
 
@@ -27,6 +30,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use consistency::{consistency_error, NotConsistent};
 use errors::codes;
 use homelink_kit::auth::Verifier;
 use homelink_kit::metrics::ServiceMetrics;
@@ -47,6 +51,8 @@ pub struct Config {
     pub jwks_url: String,
     pub jwks_refresh: Duration,
     pub subscriptions: hub::SubscriptionLimits,
+    /// Rows one GraphQL request may read ([`reads::RowBudget`]).
+    pub max_rows: i64,
 }
 
 impl Config {
@@ -58,6 +64,7 @@ impl Config {
             jwks_url: jwks_url.into(),
             jwks_refresh: Duration::from_secs(10),
             subscriptions: hub::SubscriptionLimits::default(),
+            max_rows: reads::DEFAULT_MAX_ROWS,
         }
     }
 }
@@ -78,62 +85,7 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 struct AppState {
     schema: HomeLinkSchema,
     verifier: Verifier,
-    pool: PgPool,
-    waiters: Arc<tokio::sync::Semaphore>,
-}
-
-/// How long a read given a consistency token waits for the read models.
-pub const CONSISTENCY_WAIT: Duration = Duration::from_secs(2);
-
-/// Why a read could not honour a consistency token.
-#[derive(Debug, PartialEq, Eq)]
-pub enum NotConsistent {
-    /// Not a token the command API wrote.
-    Invalid,
-    /// The read models did not cover it within [`CONSISTENCY_WAIT`].
-    Timeout,
-    /// Too many reads wait on tokens already.
-    Busy,
-    Unavailable,
-}
-
-/// Reads waiting on a consistency token at once, per process: a token
-/// names positions nobody checks the existence of, so waiting is bounded
-/// in time (2 s) and in number.
-pub const MAX_CONSISTENCY_WAITERS: usize = 64;
-
-/// Waits, bounded, until the read models applied every position of `token`:
-/// one query per 10 ms, a pooled connection only for that query.
-pub async fn wait_consistent(pool: &PgPool, waiters: &tokio::sync::Semaphore, token: &str) -> Result<(), NotConsistent> {
-    let token = homelink_kit::consistency::Token::parse(token).ok_or(NotConsistent::Invalid)?;
-    let _slot = waiters.try_acquire().map_err(|_| NotConsistent::Busy)?;
-    let positions: Vec<(String, i32, i64)> = token.0.into_iter().map(|p| (p.topic, p.partition, p.offset)).collect();
-    let deadline = tokio::time::Instant::now() + CONSISTENCY_WAIT;
-    loop {
-        let pending = homelink_read_model::positions_pending(pool, &positions).await.map_err(|_| NotConsistent::Unavailable)?;
-        if pending == 0 {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(NotConsistent::Timeout);
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-fn consistency_error(e: &NotConsistent) -> (StatusCode, &'static str, String) {
-    match e {
-        NotConsistent::Invalid => (StatusCode::BAD_REQUEST, codes::BAD_REQUEST, "not a consistency token of this deployment".into()),
-        NotConsistent::Timeout => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            codes::CONSISTENCY_TIMEOUT,
-            format!("the read models did not reach the consistency token within {} s; retry", CONSISTENCY_WAIT.as_secs()),
-        ),
-        NotConsistent::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE, "the read models are unavailable".into()),
-        NotConsistent::Busy => {
-            (StatusCode::SERVICE_UNAVAILABLE, codes::CONSISTENCY_TIMEOUT, "too many reads are waiting for consistency tokens; retry".into())
-        }
-    }
+    consistency: consistency::Consistency,
 }
 
 pub struct Application {
@@ -152,7 +104,7 @@ impl Application {
         let metrics = ServiceMetrics::new("query_api");
         let pool = homelink_kit::db::connect_with_retry(&cfg.database_url, 16, Duration::from_secs(30)).await?;
         let hub = Arc::new(Hub::new(cfg.subscriptions, &metrics));
-        let limits = Limits { introspection: cfg.introspection, ..Limits::default() };
+        let limits = Limits { introspection: cfg.introspection, rows: cfg.max_rows, ..Limits::default() };
         let schema = schema::build(pool.clone(), hub.clone(), &limits);
         let listening = Arc::new(AtomicBool::new(false));
         let verifier = Verifier::default();
@@ -175,8 +127,12 @@ impl Application {
             .with_state(AppState {
                 schema,
                 verifier: verifier.clone(),
-                pool: pool.clone(),
-                waiters: Arc::new(tokio::sync::Semaphore::new(MAX_CONSISTENCY_WAITERS)),
+                consistency: consistency::Consistency {
+                    pool: pool.clone(),
+                    verifier: verifier.clone(),
+                    waits: Arc::default(),
+                    applied: hub.applied.clone(),
+                },
             })
             .merge(homelink_kit::ops::router(metrics.clone(), ready));
         let listener = homelink_kit::ops::bind(&cfg.listen).await?;
@@ -243,7 +199,7 @@ async fn graphql(State(s): State<AppState>, headers: HeaderMap, req: Request) ->
     // Read your writes: wait until the read models cover the token.
     if let Some(token) = headers.get(homelink_kit::consistency::HEADER) {
         let waited = match token.to_str() {
-            Ok(t) => wait_consistent(&s.pool, &s.waiters, t).await,
+            Ok(t) => s.consistency.wait(viewer.user_id, t).await,
             Err(_) => Err(NotConsistent::Invalid),
         };
         if let Err(e) = waited {
@@ -288,7 +244,7 @@ async fn graphiql_or_subscription(State(s): State<AppState>, req: Request) -> Re
         Ok(ws) => ws,
         Err(e) => return e.into_response(),
     };
-    let (schema, verifier, pool, waiters) = (s.schema.clone(), s.verifier.clone(), s.pool.clone(), s.waiters.clone());
+    let (schema, verifier, consistency) = (s.schema.clone(), s.verifier.clone(), s.consistency.clone());
     // A message is one GraphQL request: the same 64 KiB bound as over HTTP
     // (the WebSocket default would be 64 MiB).
     ws.protocols(ALL_WEBSOCKET_PROTOCOLS)
@@ -303,7 +259,7 @@ async fn graphiql_or_subscription(State(s): State<AppState>, req: Request) -> Re
                     // Read your writes: subscriptions start once the read models cover the token.
                     if let Some(token) = payload.get("consistencyToken") {
                         let waited = match token.as_str() {
-                            Some(t) => wait_consistent(&pool, &waiters, t).await,
+                            Some(t) => consistency.wait(viewer.user_id, t).await,
                             None => Err(NotConsistent::Invalid),
                         };
                         if let Err(e) = waited {

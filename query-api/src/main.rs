@@ -16,6 +16,11 @@ struct Args {
     /// Serve the schema to introspection queries (turn off in production if wanted).
     #[arg(long, env = "HOMELINK_GRAPHQL_INTROSPECTION", default_value_t = true, action = clap::ArgAction::Set)]
     introspection: bool,
+    /// Rows one GraphQL request may read from the read models, over all its
+    /// fields; a request that needs more fails with `QUERY_TOO_EXPENSIVE`.
+    #[arg(long, env = "HOMELINK_GRAPHQL_MAX_ROWS", default_value_t = homelink_query_api::reads::DEFAULT_MAX_ROWS,
+          value_parser = clap::value_parser!(i64).range(1..))]
+    max_rows: i64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -31,6 +36,7 @@ async fn run() -> anyhow::Result<()> {
     let mut cfg = Config::new(a.database_url, a.jwks_url);
     cfg.listen = a.listen;
     cfg.introspection = a.introspection;
+    cfg.max_rows = a.max_rows;
     let app = Application::build(cfg).await?;
     tracing::info!(port = app.port(), "query API listening");
     Ok(app.run_until_stopped(homelink_kit::shutdown::on_signal()).await?)

@@ -5,6 +5,7 @@
 
 use crate::errors::{codes, error, not_found, unavailable};
 use crate::hub::Hub;
+use crate::reads::{budget, Batch};
 pub use crate::types::{AuditEntry, AuditFilter, DeviceChange, HouseholdChange, Shadow};
 use async_graphql::connection::Connection;
 use async_graphql::connection::Edge;
@@ -17,37 +18,87 @@ use homelink_events::household::Action;
 use homelink_events::{DeviceKind, Role};
 use serde_json::Value;
 use sqlx::PgPool;
+use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::Arc;
 use uuid::Uuid;
 
 pub type HomeLinkSchema = Schema<Query, async_graphql::EmptyMutation, SubscriptionRoot>;
 
-/// Limits applied before any resolver runs.
+/// Limits of one request: depth, complexity and aliases are checked before
+/// any resolver runs, the rows while it runs.
+///
+/// Complexity counts lists by their size: a field with `first` costs
+/// `first × (its selection) + 1` ([`page_cost`]), a list without one its
+/// counted size × its selection + 1 ([`list_cost`]: [`ROOMS_COUNTED`],
+/// [`ROOM_DEVICES_COUNTED`], [`MEMBERS_COUNTED`], [`MEMBERSHIPS_COUNTED`]),
+/// every other field 1 + its selection. Those sizes are estimates of a large
+/// household; what a request really reads is capped by `rows`
+/// ([`crate::reads::RowBudget`]).
 pub struct Limits {
     pub depth: usize,
     pub complexity: usize,
     pub aliases: usize,
     pub introspection: bool,
+    /// Rows one request may read.
+    pub rows: i64,
 }
 
 impl Default for Limits {
+    /// The largest queries the app sends cost about 7,200 (every membership
+    /// with its members and first 50 devices) and 4,300 (a page of 200
+    /// devices with its rooms' devices); 30 aliases of either, or a room's
+    /// devices' commands, cost far more than 10,000.
     fn default() -> Self {
-        Self { depth: 10, complexity: 500, aliases: 30, introspection: true }
+        Self { depth: 10, complexity: 10_000, aliases: 30, introspection: true, rows: crate::reads::DEFAULT_MAX_ROWS }
     }
 }
 
+/// Rooms a household is counted with in complexity (no `first`).
+pub const ROOMS_COUNTED: i32 = 20;
+/// Devices a room is counted with: 20 rooms of 50, a household of 1,000.
+pub const ROOM_DEVICES_COUNTED: i32 = 50;
+/// Members a household is counted with.
+pub const MEMBERS_COUNTED: i32 = 20;
+/// Households a user is counted with (`me { memberships }`).
+pub const MEMBERSHIPS_COUNTED: i32 = 10;
+
+/// No one field costs more: sums of them cannot overflow, and anything
+/// near it is refused anyway.
+const MAX_FIELD_COST: usize = 1_000_000_000;
+
+/// The complexity of a list of `items` whose selection costs `child`.
+fn list_cost(items: i32, child: usize) -> usize {
+    usize::try_from(items.max(0)).unwrap_or(0).saturating_mul(child).saturating_add(1).min(MAX_FIELD_COST)
+}
+
+/// The complexity of a page of `first` (at most `max`, the resolver refuses
+/// more) whose selection costs `child`.
+fn page_cost(first: i32, max: i32, child: usize) -> usize {
+    list_cost(first.clamp(0, max), child)
+}
+
 pub fn build(pool: PgPool, hub: Arc<Hub>, limits: &Limits) -> HomeLinkSchema {
+    builder(pool, hub, limits).finish()
+}
+
+fn builder(
+    pool: PgPool,
+    hub: Arc<Hub>,
+    limits: &Limits,
+) -> async_graphql::SchemaBuilder<Query, async_graphql::EmptyMutation, SubscriptionRoot> {
     let mut b = Schema::build(Query, async_graphql::EmptyMutation, SubscriptionRoot)
         .data(pool)
         .data(hub)
         .extension(crate::limits::AliasLimit(limits.aliases))
+        .extension(crate::reads::ReadLimit::<Loaders>::new(limits.rows))
         .limit_depth(limits.depth)
         .limit_complexity(limits.complexity)
         .limit_directives(10);
     if !limits.introspection {
         b = b.disable_introspection();
     }
-    b.finish()
+    b
 }
 
 /// The signed-in user a request runs for (from the verified access token).
@@ -74,14 +125,17 @@ impl Query {
     async fn me(&self, ctx: &Context<'_>) -> Result<Me> {
         let user = viewer(ctx)?;
         let pool = ctx.data::<PgPool>()?;
-        let rows = sqlx::query_as::<_, HouseholdRow>(
-            "SELECT h.household_id, h.name, m.role FROM household_members m JOIN households h ON h.household_id = m.household_id
-             WHERE m.user_id = $1 ORDER BY h.name, h.household_id",
-        )
-        .bind(user)
-        .fetch_all(pool)
-        .await
-        .map_err(unavailable)?;
+        let rows = budget(ctx)?
+            .read(None, |limit| {
+                sqlx::query_as::<_, HouseholdRow>(
+                    "SELECT h.household_id, h.name, m.role FROM household_members m JOIN households h ON h.household_id = m.household_id
+                     WHERE m.user_id = $1 ORDER BY h.name, h.household_id LIMIT $2",
+                )
+                .bind(user)
+                .bind(limit)
+                .fetch_all(pool)
+            })
+            .await?;
         let memberships = rows
             .into_iter()
             .filter_map(HouseholdRow::household)
@@ -97,15 +151,17 @@ impl Query {
             return Ok(None);
         };
         let pool = ctx.data::<PgPool>()?;
-        let row = sqlx::query_as::<_, HouseholdRow>(
-            "SELECT h.household_id, h.name, m.role FROM households h JOIN household_members m ON m.household_id = h.household_id AND m.user_id = $2
-             WHERE h.household_id = $1",
-        )
-        .bind(id)
-        .bind(user)
-        .fetch_optional(pool)
-        .await
-        .map_err(unavailable)?;
+        let row = budget(ctx)?
+            .read_one(|| {
+                sqlx::query_as::<_, HouseholdRow>(
+                    "SELECT h.household_id, h.name, m.role FROM households h JOIN household_members m ON m.household_id = h.household_id AND m.user_id = $2
+                     WHERE h.household_id = $1",
+                )
+                .bind(id)
+                .bind(user)
+                .fetch_optional(pool)
+            })
+            .await?;
         Ok(row.and_then(HouseholdRow::household))
     }
 
@@ -116,14 +172,10 @@ impl Query {
             return Ok(None);
         };
         let pool = ctx.data::<PgPool>()?;
-        let row = sqlx::query_as::<_, DeviceRow>(&format!(
+        let sql = format!(
             "{DEVICE_SELECT} JOIN household_members m ON m.household_id = d.household_id AND m.user_id = $2 WHERE d.device_id = $1"
-        ))
-        .bind(id)
-        .bind(user)
-        .fetch_optional(pool)
-        .await
-        .map_err(unavailable)?;
+        );
+        let row = budget(ctx)?.read_one(|| sqlx::query_as::<_, DeviceRow>(&sql).bind(id).bind(user).fetch_optional(pool)).await?;
         Ok(row.map(Device::from).filter(|d| d.visible_to(d.viewer_role)))
     }
 
@@ -134,16 +186,12 @@ impl Query {
             return Ok(None);
         };
         let pool = ctx.data::<PgPool>()?;
-        let row = sqlx::query_as::<_, CommandRow>(&format!(
+        let sql = format!(
             "{COMMAND_SELECT} JOIN devices d ON d.device_id = c.device_id AND d.household_id = c.household_id
              JOIN household_members m ON m.household_id = c.household_id AND m.user_id = $2
              WHERE c.command_id = $1"
-        ))
-        .bind(id)
-        .bind(user)
-        .fetch_optional(pool)
-        .await
-        .map_err(unavailable)?;
+        );
+        let row = budget(ctx)?.read_one(|| sqlx::query_as::<_, CommandRow>(&sql).bind(id).bind(user).fetch_optional(pool)).await?;
         let Some(r) = row else {
             return Ok(None);
         };
@@ -158,6 +206,7 @@ impl Query {
     }
 
     /// The household's audit log, newest first (owners only).
+    #[graphql(complexity = "page_cost(first, crate::audit::MAX_PAGE, child_complexity)")]
     async fn audit_log(
         &self,
         ctx: &Context<'_>,
@@ -169,18 +218,20 @@ impl Query {
         let user = viewer(ctx)?;
         let pool = ctx.data::<PgPool>()?;
         let h = parse_id(&household_id).ok_or_else(not_found)?;
-        match role_in(pool, h, user).await.map_err(unavailable)? {
+        let budget = budget(ctx)?;
+        match budget.read_one(|| role_in(pool, h, user)).await? {
             None => return Err(not_found()),
             Some(r) if !r.allows(&Action::ReadAudit) => return Err(error(codes::FORBIDDEN, "only owners read the audit log")),
             Some(_) => {}
         }
-        crate::audit::page(pool, h, first, after, filter.unwrap_or_default()).await
+        crate::audit::page(pool, budget, h, first, after, filter.unwrap_or_default()).await
     }
 }
 
 #[derive(SimpleObject)]
 pub struct Me {
     pub user_id: ID,
+    #[graphql(complexity = "list_cost(MEMBERSHIPS_COUNTED, child_complexity)")]
     pub memberships: Vec<Membership>,
 }
 
@@ -201,6 +252,9 @@ const DEVICE_SELECT: &str =
 
 /// Most devices per page.
 const MAX_DEVICE_PAGE: i32 = 200;
+
+/// Most devices of one room in `Room.devices`.
+const MAX_ROOM_DEVICES: i64 = 1000;
 
 /// Filters of a household's devices; all optional, combined with AND.
 #[derive(InputObject, Default)]
@@ -249,6 +303,7 @@ impl Household {
     }
 
     /// The household's devices the viewer may see, by name, a page at a time.
+    #[graphql(complexity = "page_cost(first, MAX_DEVICE_PAGE, child_complexity)")]
     async fn devices(
         &self,
         ctx: &Context<'_>,
@@ -271,60 +326,115 @@ impl Household {
         if let Some(k) = &f.kind {
             k.parse::<DeviceKind>().map_err(|_| error(codes::BAD_USER_INPUT, format!("unknown kind `{k}`")))?;
         }
-        let pool = ctx.data::<PgPool>()?;
-        let rows = sqlx::query_as::<_, DeviceRow>(&format!(
-            "{DEVICE_SELECT} JOIN household_members m ON m.household_id = d.household_id AND m.user_id = $2
-             WHERE d.household_id = $1 AND d.kind = ANY($3)
-               AND ($4::uuid IS NULL OR d.room_id = $4) AND (NOT $5 OR d.room_id IS NULL)
-               AND ($6::text IS NULL OR d.kind = $6) AND ($7::bool IS NULL OR COALESCE(s.online, false) = $7)
-               AND ($8 OR d.removed_at IS NULL)
-               AND ($9::text IS NULL OR (d.name, d.device_id) > ($9, $10))
-             ORDER BY d.name, d.device_id LIMIT $11"
-        ))
-        .bind(self.uuid)
-        .bind(viewer(ctx)?)
-        .bind(visible_kinds(self.role))
-        .bind(room)
-        .bind(f.unassigned.unwrap_or(false))
-        .bind(&f.kind)
-        .bind(f.online)
-        .bind(f.include_removed.unwrap_or(false))
-        .bind(after.as_ref().map(|a| a.0.clone()))
-        .bind(after.as_ref().map(|a| a.1))
-        .bind(i64::from(first) + 1)
-        .fetch_all(pool)
-        .await
-        .map_err(unavailable)?;
-        Ok(page(rows, first, after.is_some(), |r| {
+        let (pool, budget, user) = (ctx.data::<PgPool>()?, budget(ctx)?, viewer(ctx)?);
+        let has_previous = after.is_some();
+        let args = DevicePage {
+            role: self.role,
+            first,
+            after,
+            room,
+            unassigned: f.unassigned.unwrap_or(false),
+            kind: f.kind,
+            online: f.online,
+            include_removed: f.include_removed.unwrap_or(false),
+        };
+        let rows = loaders(ctx)?
+            .device_pages
+            .load(args, self.uuid, |g, households| async move {
+                let per_household = i64::from(g.first) + 1;
+                let sql = format!(
+                    "SELECT x.* FROM unnest($1::uuid[]) AS k(household_id) CROSS JOIN LATERAL (
+                       {} JOIN household_members m ON m.household_id = d.household_id AND m.user_id = $2
+                       WHERE d.household_id = k.household_id AND d.kind = ANY($3)
+                         AND ($4::uuid IS NULL OR d.room_id = $4) AND (NOT $5 OR d.room_id IS NULL)
+                         AND ($6::text IS NULL OR d.kind = $6) AND ($7::bool IS NULL OR COALESCE(s.online, false) = $7)
+                         AND ($8 OR d.removed_at IS NULL)
+                         AND ($9::text IS NULL OR (d.name, d.device_id) > ($9, $10))
+                       ORDER BY d.name, d.device_id LIMIT $11) x LIMIT $12",
+                    ranked(DEVICE_SELECT, "d.name, d.device_id")
+                );
+                let want = per_household * households.len() as i64;
+                let rows = budget
+                    .read(Some(want), |limit| {
+                        sqlx::query_as::<_, Ranked<DeviceRow>>(&sql)
+                            .bind(&households)
+                            .bind(user)
+                            .bind(visible_kinds(g.role))
+                            .bind(g.room)
+                            .bind(g.unassigned)
+                            .bind(&g.kind)
+                            .bind(g.online)
+                            .bind(g.include_removed)
+                            .bind(g.after.as_ref().map(|a| a.0.clone()))
+                            .bind(g.after.as_ref().map(|a| a.1))
+                            .bind(per_household)
+                            .bind(limit)
+                            .fetch_all(pool)
+                    })
+                    .await?;
+                Ok(by_parent(rows, |r| r.household_id))
+            })
+            .await?
+            .unwrap_or_default();
+        Ok(page(rows, first, has_previous, |r| {
             let d = Device::from(r);
             (device_cursor(&d.name, d.uuid), d)
         }))
     }
 
     /// The household's rooms, by name, each with the devices the viewer may see.
+    #[graphql(complexity = "list_cost(ROOMS_COUNTED, child_complexity)")]
     async fn rooms(&self, ctx: &Context<'_>) -> Result<Vec<Room>> {
-        let pool = ctx.data::<PgPool>()?;
-        let rows: Vec<(Uuid, String)> = sqlx::query_as("SELECT room_id, name FROM rooms WHERE household_id = $1 ORDER BY name, room_id")
-            .bind(self.uuid)
-            .fetch_all(pool)
-            .await
-            .map_err(unavailable)?;
-        Ok(rows.into_iter().map(|(uuid, name)| Room { id: ID(uuid.to_string()), name, uuid, role: self.role }).collect())
+        let (pool, budget) = (ctx.data::<PgPool>()?, budget(ctx)?);
+        let rows = loaders(ctx)?
+            .rooms
+            .load((), self.uuid, |(), households| async move {
+                let rows = budget
+                    .read(None, |limit| {
+                        sqlx::query_as::<_, Ranked<RoomRow>>(
+                            "SELECT x.* FROM unnest($1::uuid[]) AS k(household_id) CROSS JOIN LATERAL (
+                               SELECT row_number() OVER (ORDER BY name, room_id) AS rn, household_id, room_id, name
+                               FROM rooms WHERE household_id = k.household_id ORDER BY name, room_id) x LIMIT $2",
+                        )
+                        .bind(&households)
+                        .bind(limit)
+                        .fetch_all(pool)
+                    })
+                    .await?;
+                Ok(by_parent(rows, |r| r.household_id))
+            })
+            .await?
+            .unwrap_or_default();
+        Ok(rows.into_iter().map(|r| Room { id: ID(r.room_id.to_string()), name: r.name, uuid: r.room_id, role: self.role }).collect())
     }
 
     /// The members and their roles.
+    #[graphql(complexity = "list_cost(MEMBERS_COUNTED, child_complexity)")]
     async fn members(&self, ctx: &Context<'_>) -> Result<Vec<Member>> {
         if !self.role.allows(&Action::SeeMembers) {
             return Err(error(codes::FORBIDDEN, "not allowed"));
         }
-        let pool = ctx.data::<PgPool>()?;
-        let rows: Vec<(Uuid, String, DateTime<Utc>)> =
-            sqlx::query_as("SELECT user_id, role, joined_at FROM household_members WHERE household_id = $1 ORDER BY joined_at, user_id")
-                .bind(self.uuid)
-                .fetch_all(pool)
-                .await
-                .map_err(unavailable)?;
-        Ok(rows.into_iter().map(|(user, role, joined_at)| Member { user_id: ID(user.to_string()), role, joined_at }).collect())
+        let (pool, budget) = (ctx.data::<PgPool>()?, budget(ctx)?);
+        let rows = loaders(ctx)?
+            .members
+            .load((), self.uuid, |(), households| async move {
+                let rows = budget
+                    .read(None, |limit| {
+                        sqlx::query_as::<_, Ranked<MemberRow>>(
+                            "SELECT x.* FROM unnest($1::uuid[]) AS k(household_id) CROSS JOIN LATERAL (
+                               SELECT row_number() OVER (ORDER BY joined_at, user_id) AS rn, household_id, user_id, role, joined_at
+                               FROM household_members WHERE household_id = k.household_id ORDER BY joined_at, user_id) x LIMIT $2",
+                        )
+                        .bind(&households)
+                        .bind(limit)
+                        .fetch_all(pool)
+                    })
+                    .await?;
+                Ok(by_parent(rows, |r| r.household_id))
+            })
+            .await?
+            .unwrap_or_default();
+        Ok(rows.into_iter().map(|r| Member { user_id: ID(r.user_id.to_string()), role: r.role, joined_at: r.joined_at }).collect())
     }
 }
 
@@ -341,19 +451,35 @@ pub struct Room {
 
 #[ComplexObject]
 impl Room {
-    /// The room's devices the viewer may see (not removed), by name.
+    /// The room's devices the viewer may see (not removed), by name (at most 1,000).
+    #[graphql(complexity = "list_cost(ROOM_DEVICES_COUNTED, child_complexity)")]
     async fn devices(&self, ctx: &Context<'_>) -> Result<Vec<Device>> {
-        let pool = ctx.data::<PgPool>()?;
-        let rows = sqlx::query_as::<_, DeviceRow>(&format!(
-            "{DEVICE_SELECT} JOIN household_members m ON m.household_id = d.household_id AND m.user_id = $2
-             WHERE d.room_id = $1 AND d.kind = ANY($3) AND d.removed_at IS NULL ORDER BY d.name, d.device_id LIMIT 1000"
-        ))
-        .bind(self.uuid)
-        .bind(viewer(ctx)?)
-        .bind(visible_kinds(self.role))
-        .fetch_all(pool)
-        .await
-        .map_err(unavailable)?;
+        let (pool, budget, user) = (ctx.data::<PgPool>()?, budget(ctx)?, viewer(ctx)?);
+        let rows = loaders(ctx)?
+            .room_devices
+            .load(self.role, self.uuid, |role, rooms| async move {
+                let sql = format!(
+                    "SELECT x.* FROM unnest($1::uuid[]) AS k(room_id) CROSS JOIN LATERAL (
+                       {} JOIN household_members m ON m.household_id = d.household_id AND m.user_id = $2
+                       WHERE d.room_id = k.room_id AND d.kind = ANY($3) AND d.removed_at IS NULL
+                       ORDER BY d.name, d.device_id LIMIT {MAX_ROOM_DEVICES}) x LIMIT $4",
+                    ranked(DEVICE_SELECT, "d.name, d.device_id")
+                );
+                let want = MAX_ROOM_DEVICES * rooms.len() as i64;
+                let rows = budget
+                    .read(Some(want), |limit| {
+                        sqlx::query_as::<_, Ranked<DeviceRow>>(&sql)
+                            .bind(&rooms)
+                            .bind(user)
+                            .bind(visible_kinds(role))
+                            .bind(limit)
+                            .fetch_all(pool)
+                    })
+                    .await?;
+                Ok(by_parent(rows, |r| r.room_id.unwrap_or_default()))
+            })
+            .await?
+            .unwrap_or_default();
         Ok(rows.into_iter().map(Device::from).collect())
     }
 }
@@ -420,11 +546,11 @@ impl HouseholdRow {
 /// (`d.kind`, `m.role`: joined by the caller).
 const COMMAND_SELECT: &str = "SELECT c.command_id, c.device_id, c.status, c.ack_status, c.reason, c.set_values, c.queued,
        c.requested_at, c.expires_at, c.delivered_at, c.acked_at, c.confirmed_at, c.expired_at, c.superseded_at, c.superseded_by,
-       d.kind, m.role
+       c.revoked_at, d.kind, m.role
      FROM device_commands c";
 
 /// One row of [`COMMAND_SELECT`].
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, Clone)]
 struct CommandRow {
     command_id: Uuid,
     device_id: Uuid,
@@ -441,6 +567,7 @@ struct CommandRow {
     expired_at: Option<DateTime<Utc>>,
     superseded_at: Option<DateTime<Utc>>,
     superseded_by: Option<Uuid>,
+    revoked_at: Option<DateTime<Utc>>,
     kind: String,
     role: String,
 }
@@ -463,12 +590,13 @@ impl From<CommandRow> for Command {
             expired_at: r.expired_at,
             superseded_at: r.superseded_at,
             superseded_by: r.superseded_by.map(|u| ID(u.to_string())),
+            revoked_at: r.revoked_at,
         }
     }
 }
 
 /// One row of [`DEVICE_SELECT`].
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, Clone)]
 struct DeviceRow {
     device_id: Uuid,
     household_id: Uuid,
@@ -552,7 +680,9 @@ impl Device {
 /// broker took it for the connected device) → `ok` / `rejected` / `failed`
 /// (the device's ack) → `confirmed` (a report carried every value it set);
 /// or `expired` (no ack before `expiresAt`) or `superseded` (a newer command
-/// set every one of its capabilities before it was acked). Each step keeps its
+/// set every one of its capabilities before it was acked), or `rejected`
+/// by the platform before it was sent (`revokedAt`, with the `reason`): its
+/// sender lost the right to send it. Each step keeps its
 /// time even when a later one already decided the status.
 #[derive(SimpleObject)]
 pub struct Command {
@@ -573,6 +703,9 @@ pub struct Command {
     pub expired_at: Option<DateTime<Utc>>,
     pub superseded_at: Option<DateTime<Utc>>,
     pub superseded_by: Option<ID>,
+    /// When the platform ended it because its sender may no longer send it
+    /// (removed from the household, or a role that does not allow it).
+    pub revoked_at: Option<DateTime<Utc>>,
 }
 
 /// A page of a connection from `first + 1` rows read (the extra one says
@@ -607,6 +740,7 @@ fn parse_command_cursor(c: &str) -> Option<(DateTime<Utc>, Uuid)> {
 #[ComplexObject]
 impl Device {
     /// The device's commands, newest first, a page at a time.
+    #[graphql(complexity = "page_cost(first, MAX_COMMAND_PAGE, child_complexity)")]
     async fn commands(
         &self,
         ctx: &Context<'_>,
@@ -620,27 +754,128 @@ impl Device {
             Some(c) => Some(parse_command_cursor(&c).ok_or_else(|| error(codes::BAD_USER_INPUT, "invalid cursor"))?),
             None => None,
         };
-        let pool = ctx.data::<PgPool>()?;
-        let rows = sqlx::query_as::<_, CommandRow>(&format!(
-            "{COMMAND_SELECT} JOIN devices d ON d.device_id = c.device_id AND d.household_id = c.household_id
-             JOIN household_members m ON m.household_id = c.household_id AND m.user_id = $2
-             WHERE c.device_id = $1 AND c.requested_at IS NOT NULL
-               AND ($3::timestamptz IS NULL OR (c.requested_at, c.command_id) < ($3, $4))
-             ORDER BY c.requested_at DESC, c.command_id DESC LIMIT $5"
-        ))
-        .bind(self.uuid)
-        .bind(viewer(ctx)?)
-        .bind(after.map(|a| a.0))
-        .bind(after.map(|a| a.1))
-        .bind(i64::from(first) + 1)
-        .fetch_all(pool)
-        .await
-        .map_err(unavailable)?;
+        let (pool, budget, user) = (ctx.data::<PgPool>()?, budget(ctx)?, viewer(ctx)?);
+        let rows = loaders(ctx)?
+            .commands
+            .load(CommandPage { first, after }, self.uuid, |g, devices| async move {
+                let per_device = i64::from(g.first) + 1;
+                let sql = format!(
+                    "SELECT x.* FROM unnest($1::uuid[]) AS k(device_id) CROSS JOIN LATERAL (
+                       {} JOIN devices d ON d.device_id = c.device_id AND d.household_id = c.household_id
+                       JOIN household_members m ON m.household_id = c.household_id AND m.user_id = $2
+                       WHERE c.device_id = k.device_id AND c.requested_at IS NOT NULL
+                         AND ($3::timestamptz IS NULL OR (c.requested_at, c.command_id) < ($3, $4))
+                       ORDER BY c.requested_at DESC, c.command_id DESC LIMIT $5) x LIMIT $6",
+                    ranked(COMMAND_SELECT, "c.requested_at DESC, c.command_id DESC")
+                );
+                let want = per_device * devices.len() as i64;
+                let rows = budget
+                    .read(Some(want), |limit| {
+                        sqlx::query_as::<_, Ranked<CommandRow>>(&sql)
+                            .bind(&devices)
+                            .bind(user)
+                            .bind(g.after.map(|a| a.0))
+                            .bind(g.after.map(|a| a.1))
+                            .bind(per_device)
+                            .bind(limit)
+                            .fetch_all(pool)
+                    })
+                    .await?;
+                Ok(by_parent(rows, |r| r.device_id))
+            })
+            .await?
+            .unwrap_or_default();
         Ok(page(rows, first, after.is_some(), |r| {
             let c = Command::from(r);
             (command_cursor(c.requested_at, &c.id), c)
         }))
     }
+}
+
+/// The batches of nested lookups of one request ([`crate::reads::Batch`]):
+/// each level of a query reads its parents' children with one query per
+/// distinct set of arguments, not one per parent.
+#[derive(Default)]
+pub struct Loaders {
+    /// `Household.devices`, by household.
+    device_pages: Batch<DevicePage, Uuid, Vec<DeviceRow>>,
+    /// `Room.devices`, by room, for the viewer's role.
+    room_devices: Batch<Role, Uuid, Vec<DeviceRow>>,
+    /// `Device.commands`, by device.
+    commands: Batch<CommandPage, Uuid, Vec<CommandRow>>,
+    /// `Household.rooms`, by household.
+    rooms: Batch<(), Uuid, Vec<RoomRow>>,
+    /// `Household.members`, by household.
+    members: Batch<(), Uuid, Vec<MemberRow>>,
+}
+
+fn loaders<'a>(ctx: &Context<'a>) -> Result<&'a Loaders> {
+    ctx.data::<Loaders>()
+}
+
+/// The arguments of a `Household.devices` page (and the role, which decides
+/// the kinds the viewer sees).
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct DevicePage {
+    role: Role,
+    first: i32,
+    after: Option<(String, Uuid)>,
+    room: Option<Uuid>,
+    unassigned: bool,
+    kind: Option<String>,
+    online: Option<bool>,
+    include_removed: bool,
+}
+
+/// The arguments of a `Device.commands` page.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct CommandPage {
+    first: i32,
+    after: Option<(DateTime<Utc>, Uuid)>,
+}
+
+#[derive(sqlx::FromRow, Clone)]
+struct RoomRow {
+    household_id: Uuid,
+    room_id: Uuid,
+    name: String,
+}
+
+#[derive(sqlx::FromRow, Clone)]
+struct MemberRow {
+    household_id: Uuid,
+    user_id: Uuid,
+    role: String,
+    joined_at: DateTime<Utc>,
+}
+
+/// A row of a batch query with its rank among its parent's rows (`rn`).
+#[derive(sqlx::FromRow)]
+struct Ranked<T> {
+    #[sqlx(flatten)]
+    row: T,
+    rn: i64,
+}
+
+/// `select` (a `SELECT …` of one parent's rows) with each row's rank in
+/// `order` as `rn`: a batch's rows come back in any order.
+fn ranked(select: &str, order: &str) -> String {
+    select.replacen("SELECT ", &format!("SELECT row_number() OVER (ORDER BY {order}) AS rn, "), 1)
+}
+
+/// The rows of a batch query by parent, each parent's in rank order.
+fn by_parent<K: Hash + Eq, T>(rows: Vec<Ranked<T>>, parent: impl Fn(&T) -> K) -> HashMap<K, Vec<T>> {
+    let mut ranked: HashMap<K, Vec<(i64, T)>> = HashMap::new();
+    for r in rows {
+        ranked.entry(parent(&r.row)).or_default().push((r.rn, r.row));
+    }
+    ranked
+        .into_iter()
+        .map(|(k, mut rows)| {
+            rows.sort_by_key(|(rn, _)| *rn);
+            (k, rows.into_iter().map(|(_, r)| r).collect())
+        })
+        .collect()
 }
 
 pub struct SubscriptionRoot;
@@ -714,5 +949,88 @@ impl SubscriptionRoot {
         after: Option<i64>,
     ) -> Result<impl Stream<Item = Result<HouseholdChange>>> {
         Ok(crate::hub::authorized_household_changes(watch(ctx, &household_id, after).await?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The complexity of `query` under the default limits, or `None` when
+    /// it is refused as too complex. Runs without a viewer: every resolver
+    /// stops at `UNAUTHENTICATED`, nothing is read.
+    async fn complexity(query: &str, variables: Value) -> Option<usize> {
+        let pool = sqlx::postgres::PgPoolOptions::new().connect_lazy("postgres://nobody@127.0.0.1:1/none").expect("lazy pool");
+        let hub = Arc::new(Hub::new(Default::default(), &homelink_kit::metrics::ServiceMetrics::new("test")));
+        let schema = builder(pool, hub, &Limits::default()).extension(async_graphql::extensions::Analyzer).finish();
+        let request = async_graphql::Request::new(query).variables(async_graphql::Variables::from_json(variables));
+        let r = serde_json::to_value(schema.execute(request).await).expect("json");
+        if r["errors"].as_array().into_iter().flatten().any(|e| e["message"].as_str().is_some_and(|m| m.contains("too complex"))) {
+            return None;
+        }
+        let c = r["extensions"]["analyzer"]["complexity"].as_u64().unwrap_or_else(|| panic!("{query}: {r}"));
+        Some(c as usize)
+    }
+
+    /// The queries the app, the tools and the tests send, with their
+    /// complexity: each fits the default limit of 10,000.
+    #[tokio::test]
+    async fn the_apps_queries_fit_the_complexity_limit() {
+        let h = json!({"h": Uuid::nil(), "id": Uuid::nil()});
+        let queries: &[(&str, usize)] = &[
+            ("{ me { userId } }", 2),
+            ("query($id: ID!) { device(id: $id) { id } }", 2),
+            ("query($id: ID!) { command(id: $id) { id status ackStatus reason queued requestedAt expiresAt deliveredAt ackedAt confirmedAt expiredAt supersededAt supersededBy set } }", 15),
+            ("query($id: ID!) { device(id: $id) { shadow { reported desired delta metadata version online } } }", 8),
+            // tools/src/load: a page of 200 devices.
+            ("query($h: ID!, $after: String) { household(id: $h) { devices(first: 200, after: $after) { edges { cursor node { id shadow { seq } } } } } }", 1202),
+            ("query($h: ID!) { household(id: $h) { name devices { nodes { id kind shadow { reported online } } } } }", 303),
+            ("query($h: ID!) { household(id: $h) { rooms { name devices { id } } devices(filter: { includeRemoved: true }) { nodes { id name serial removed room { name } shadow { reported } } } } }", 1493),
+            ("query($h: ID!) { household(id: $h) { rooms { name } unassigned: devices(filter: { unassigned: true }) { nodes { name room { name } } }
+                thermostats: devices(filter: { kind: \"thermostat\" }) { nodes { name } }
+                page: devices(first: 1) { edges { cursor node { name } } pageInfo { hasNextPage endCursor } } } }", 332),
+            ("query($h: ID!, $id: ID!) { me { userId memberships { role } } household(id: $h) { myRole devices { nodes { kind } } members { role } }
+                cam: device(id: $id) { id } lamp: device(id: $id) { id } command(id: $id) { id } }", 143),
+            ("query($h: ID!) { auditLog(householdId: $h, first: 100) { edges { node { action outcome actorKind detail } } } }", 601),
+            ("query($h: ID!) { household(id: $h) { devices(first: 50) { nodes { id shadow { online seq } } } } }", 252),
+            // README: the registry with a page of 200 devices.
+            ("query($h: ID!) { household(id: $h) { rooms { name devices { name } } devices(first: 200) { edges { cursor
+                node { id name kind room { name } removed online lastSeen shadow { reported } } } pageInfo { hasNextPage endCursor } } } }", 4243),
+            ("query($id: ID!) { device(id: $id) { commands(first: 20) { edges { cursor node { id status ackStatus reason queued
+                requestedAt deliveredAt ackedAt confirmedAt expiredAt supersededAt supersededBy expiresAt } } pageInfo { hasNextPage endCursor } } } }", 382),
+            // One alias of the wide query in e2e/tests/api.rs: every household with its members and devices.
+            ("{ me { userId memberships { role household { id name myRole members { userId role joinedAt }
+                devices { nodes { id kind name room { name } shadow { reported seq version battery online lastSeen } } } } } } }", 7173),
+        ];
+        for (q, expected) in queries {
+            assert_eq!(complexity(q, h.clone()).await, Some(*expected), "{q}");
+        }
+        // Variables count as their values.
+        let q = "query($h: ID!, $first: Int!) { auditLog(householdId: $h, first: $first) { edges { cursor node { at actorId role client
+            action target outcome status detail } } pageInfo { hasNextPage endCursor } } }";
+        assert_eq!(complexity(q, json!({"h": Uuid::nil(), "first": 10})).await, Some(151));
+        assert_eq!(complexity(q, json!({"h": Uuid::nil(), "first": 200})).await, Some(3001));
+    }
+
+    #[tokio::test]
+    async fn lists_are_counted_by_their_size() {
+        let h = json!({"h": Uuid::nil()});
+        // Defect 10: a room's devices' commands, under one alias or 30.
+        let nested = "household(id: $h) { rooms { devices { commands(first: 100) { nodes { id } } } } }";
+        assert_eq!(complexity(&format!("query($h: ID!) {{ {nested} }}"), h.clone()).await, None);
+        let aliased: String = (0..30).map(|i| format!("a{i}: {nested} ")).collect();
+        assert_eq!(complexity(&format!("query($h: ID!) {{ {aliased} }}"), h.clone()).await, None);
+        // `first` multiplies: 200 × (nodes + id) + 1, + household.
+        assert_eq!(complexity("query($h: ID!) { household(id: $h) { devices(first: 200) { nodes { id } } } }", h.clone()).await, Some(402));
+        assert_eq!(complexity("query($h: ID!) { household(id: $h) { devices(first: 2) { nodes { id } } } }", h.clone()).await, Some(6));
+        // An out-of-range `first` counts as the page maximum (and the resolver refuses it).
+        assert_eq!(
+            complexity("query($h: ID!) { household(id: $h) { devices(first: 100000) { nodes { id } } } }", h.clone()).await,
+            Some(402)
+        );
+        // 30 aliases of a full page are too many.
+        let pages: String = (0..30).map(|i| format!("a{i}: household(id: $h) {{ devices(first: 200) {{ nodes {{ id }} }} }} ")).collect();
+        assert_eq!(complexity(&format!("query($h: ID!) {{ {pages} }}"), h).await, None);
     }
 }

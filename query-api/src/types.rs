@@ -73,6 +73,10 @@ pub struct DeviceChange {
     pub shadow: Shadow,
     /// The household's change sequence number (resume with `after`).
     pub change_seq: i64,
+    /// Reports merged into this change that passed through values the shadow
+    /// no longer shows: per property, every value it took, in order (a door
+    /// opened and closed: `{"contact": [false, true]}`); `null` when none.
+    pub transitions: Option<Json<Value>>,
 }
 
 impl From<&ShadowChanged> for DeviceChange {
@@ -96,6 +100,7 @@ impl From<&ShadowChanged> for DeviceChange {
                 stale_properties,
             },
             change_seq: i64::try_from(c.change_seq).unwrap_or(i64::MAX),
+            transitions: (!c.transitions.is_empty()).then(|| Json(Value::Object(c.transitions.clone()))),
         }
     }
 }
@@ -111,6 +116,9 @@ pub struct HouseholdChange {
     pub room_id: Option<ID>,
     /// For `shadow`: the device's new shadow.
     pub shadow: Option<Shadow>,
+    /// For `shadow`: the values properties passed through within the change
+    /// (see `DeviceChange.transitions`).
+    pub transitions: Option<Json<Value>>,
     /// For registry changes: the household's version after the change.
     pub version: Option<i64>,
     /// For `command`: the command (read it with `command(id)`) and its new status.
@@ -129,6 +137,7 @@ impl HouseholdChange {
             device_id: Some(d.device_id),
             room_id: None,
             shadow: Some(d.shadow),
+            transitions: d.transitions,
             version: None,
             change_seq: d.change_seq,
             command_id: None,
@@ -143,6 +152,7 @@ impl HouseholdChange {
             device_id: r.device_id.map(|d| ID(d.to_string())),
             room_id: r.room_id.map(|d| ID(d.to_string())),
             shadow: None,
+            transitions: None,
             version: i64::try_from(r.version).ok(),
             change_seq: i64::try_from(r.change_seq).unwrap_or(i64::MAX),
             command_id: None,
@@ -157,6 +167,7 @@ impl HouseholdChange {
             device_id: Some(ID(c.device_id.to_string())),
             room_id: None,
             shadow: None,
+            transitions: None,
             version: None,
             change_seq: i64::try_from(c.change_seq).unwrap_or(i64::MAX),
             command_id: Some(ID(c.command_id.to_string())),

@@ -4,6 +4,8 @@
 //! topic prefix, and runs the services in-process on port 0.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use homelink_events::{DeviceKind, Topics};
 use homelink_kit::kafka::{Appender, ProducerConfig};
 use homelink_kit::shutdown::CancellationToken;
@@ -35,6 +37,10 @@ pub struct Env {
     pub bridge_as_process: bool,
     /// query-api's change buffer per household ([`Env::hub_buffer`]; `None`: its default).
     pub hub_buffer: Option<usize>,
+    /// command-api's wait for the read model to apply a household write ([`Env::apply_wait`]).
+    pub apply_wait: Option<Duration>,
+    /// The bridge's MQTT request queue per broker ([`Env::bridge_queue`]).
+    pub bridge_queue: Option<usize>,
     pub bridge_password: String,
     pub pki: PkiDir,
     pub bin_dir: std::path::PathBuf,
@@ -64,6 +70,8 @@ impl Env {
             use_all_brokers: false,
             bridge_as_process: false,
             hub_buffer: None,
+            apply_wait: None,
+            bridge_queue: None,
             bridge_password: var("HOMELINK_TEST_MQTT_BRIDGE_PASSWORD"),
             pki: PkiDir(var("HOMELINK_TEST_PKI_DIR").into()),
             bin_dir: std::env::var("HOMELINK_TEST_BIN_DIR")
@@ -93,6 +101,20 @@ impl Env {
     /// this small (a lagging subscriber is easy to make).
     pub fn hub_buffer(mut self, n: usize) -> Self {
         self.hub_buffer = Some(n);
+        self
+    }
+
+    /// The same components, with command-api waiting only this long for the
+    /// read model to apply a household write before it answers.
+    pub fn apply_wait(mut self, d: Duration) -> Self {
+        self.apply_wait = Some(d);
+        self
+    }
+
+    /// The same components, with the (in-process) bridge queueing only this
+    /// many MQTT requests per broker while a broker is away.
+    pub fn bridge_queue(mut self, n: usize) -> Self {
+        self.bridge_queue = Some(n);
         self
     }
 
@@ -163,6 +185,9 @@ pub async fn spawn_bridge(
     bc.client_id = format!("bridge-{}", Uuid::new_v4().simple());
     bc.projector_push_url = Some(format!("http://127.0.0.1:{projector_internal_port}/internal/v1/events"));
     bc.internal_token = Some(INTERNAL_TOKEN.into());
+    if let Some(n) = env.bridge_queue {
+        bc.mqtt_queue = n;
+    }
     let bridge = homelink_device_bridge::Application::build(bc).await.expect("bridge");
     let ports = (bridge.port(), bridge.internal_port());
     tokio::spawn(bridge.run_until_stopped(cancel.clone()));
@@ -286,6 +311,9 @@ impl Stack {
             mqtt_ports: env.brokers().0,
         });
         cc.revocation = revocation;
+        if let Some(d) = env.apply_wait {
+            cc.apply_wait = d;
+        }
         cc.identity = identity.unwrap_or_else(|| homelink_command_api::auth::IdentityLimits {
             // Tests sign up many accounts from one address.
             sign_ups_per_address_per_hour: 100_000,
@@ -603,8 +631,18 @@ pub struct PrivateBroker {
     dir: std::path::PathBuf,
 }
 
+/// A free port for a child process to bind, outside the kernel's ephemeral
+/// range (32768–60999): a port the kernel hands out for `:0` binds (every
+/// in-process service) could be taken before the child binds it.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
+    use rand::Rng;
+    let mut rng = rand::rng();
+    loop {
+        let port = rng.random_range(10_000..20_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 impl PrivateBroker {
@@ -695,6 +733,23 @@ impl BridgeProcess {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// SIGSTOP: the process stops reading, its sockets stay open.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`BridgeProcess::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let ok = std::process::Command::new("kill").args([sig, &c.id().to_string()]).status().is_ok_and(|s| s.success());
+            assert!(ok, "kill {sig} the bridge");
         }
     }
 

@@ -50,6 +50,12 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
             Event::RoomCreated(r) => ("room.create", Some(format!("room/{}", r.room_id)), 201, Some(r.name.clone())),
             Event::RoomRenamed(r) => ("room.rename", Some(format!("room/{}", r.room_id)), 200, Some(r.name.clone())),
             Event::RoomDeleted(r) => ("room.delete", Some(format!("room/{}", r.room_id)), 204, None),
+            Event::DeviceCommandRevoked(r) => (
+                "device.command.revoke",
+                Some(format!("device/{}", r.device_id)),
+                403,
+                Some(format!("command {} of user {}: {}", r.command_id, r.sender, r.reason)),
+            ),
             Event::CommandDenied(CommandDenied { action, target, status, reason }) => {
                 (action.as_str(), target.clone(), i32::from(*status), Some(reason.clone()))
             }
@@ -58,6 +64,7 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
         let outcome = match ev {
             Event::CommandDenied(d) if d.status == 409 => "conflict",
             Event::CommandDenied(_) => "denied",
+            Event::DeviceCommandRevoked(_) => "revoked",
             _ if refused.contains(&env.event_id) => "superseded",
             _ => "accepted",
         };

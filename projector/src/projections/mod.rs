@@ -45,11 +45,12 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
     audit::apply(tx, work, &folded.refused).await?;
     counts::apply(tx, work).await?;
     // One notification per batch (a few when it is large), not one per change.
-    // Registry changes first: they took the lower change numbers.
-    let mut notes: Vec<(&'static str, String)> =
-        registry.iter().map(|r| (REGISTRY_CHANGED_CHANNEL, serde_json::to_string(r).unwrap_or_default())).collect();
+    // Membership changes first, so a subscriber demoted or removed in this
+    // batch loses what it may no longer see before this batch's changes
+    // reach it; then registry changes: they took the lower change numbers.
+    let mut notes: Vec<(&'static str, String)> = std::mem::take(&mut folded.notifications);
+    notes.extend(registry.iter().map(|r| (REGISTRY_CHANGED_CHANNEL, serde_json::to_string(r).unwrap_or_default())));
     notes.extend(pack_notifications(shadow_notes).into_iter().map(|n| (SHADOW_CHANGED_CHANNEL, n)));
     notes.extend(command_changes.iter().map(|c| (COMMAND_CHANGED_CHANNEL, serde_json::to_string(c).unwrap_or_default())));
-    notes.extend(folded.notifications);
     Ok(notes)
 }

@@ -4,7 +4,7 @@
 //! `homelink_shadow_changed` and returns the commands a report confirmed.
 
 use chrono::{DateTime, Utc};
-use homelink_events::shadow::{Shadow, ShadowChanged, DEFAULT_REPORT_INTERVAL_SECS};
+use homelink_events::shadow::{Shadow, ShadowChanged, Trail, DEFAULT_REPORT_INTERVAL_SECS};
 use homelink_events::Event;
 use homelink_kit::push::Located;
 use serde_json::{Map, Value};
@@ -26,7 +26,7 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
     // Every touched device with its report interval, and its shadow if it has one.
     let rows = sqlx::query(
         "SELECT u.id, s.reported, s.seq, s.version, s.battery, s.online, s.last_seen, s.status_offset, s.property_seq, s.battery_seq,
-                s.desired, s.metadata, d.report_interval_secs, s.device_id IS NOT NULL
+                s.desired, s.metadata, d.report_interval_secs, s.device_id IS NOT NULL, s.twin
          FROM UNNEST($1::uuid[]) AS u(id) LEFT JOIN device_shadows s ON s.device_id = u.id LEFT JOIN devices d ON d.device_id = u.id",
     )
     .bind(&touched)
@@ -46,6 +46,8 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
     }
     let mut changed: HashMap<Uuid, Uuid> = HashMap::new(); // device -> household
     let mut confirmed = Vec::new();
+    // What each device reported before the batch, and every value each property took in it.
+    let mut trails: HashMap<Uuid, (Map<String, Value>, Trail)> = HashMap::new();
     for (l, ev) in work {
         let Some(device) = ev.device_id() else {
             continue;
@@ -54,11 +56,17 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
             continue;
         }
         let shadow = current.entry(device).or_default();
+        let (_, trail) = trails.entry(device).or_insert_with(|| {
+            let mut t = Trail::default();
+            t.note(&shadow.reported);
+            (shadow.reported.clone(), t)
+        });
         let applied = shadow.apply_twin(ev, l.envelope.occurred_at, l.offset);
+        trail.note(&shadow.reported);
         if applied.changed {
             changed.insert(device, l.envelope.household_id);
         }
-        confirmed.extend(applied.confirmed.into_iter().map(|c| (c, l.envelope.occurred_at)));
+        confirmed.extend(applied.confirmed);
     }
     if changed.is_empty() {
         return Ok(Applied { notes: Vec::new(), confirmed });
@@ -70,20 +78,23 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
         cols.push(*device, *household, s);
         let mut change = ShadowChanged::new(*household, *device, s);
         change.report_interval_secs = intervals.get(device).copied().unwrap_or(DEFAULT_REPORT_INTERVAL_SECS);
+        if let Some((before, trail)) = trails.get(device) {
+            change.transitions = trail.transitions(before);
+        }
         notes.push(change);
     }
     sqlx::query(
         r#"INSERT INTO device_shadows (device_id, household_id, reported, seq, version, battery, online, last_seen, status_offset,
-                                      property_seq, battery_seq, desired, metadata, updated_at)
-           SELECT d, h, r, s, v, b, o, l, so, ps, bs, de, md, now()
+                                      property_seq, battery_seq, desired, metadata, twin, updated_at)
+           SELECT d, h, r, s, v, b, o, l, so, ps, bs, de, md, tw, now()
            FROM UNNEST($1::uuid[], $2::uuid[], $3::jsonb[], $4::bigint[], $5::bigint[], $6::smallint[], $7::bool[], $8::timestamptz[],
-                       $9::bigint[], $10::jsonb[], $11::bigint[], $12::jsonb[], $13::jsonb[])
-             AS u(d, h, r, s, v, b, o, l, so, ps, bs, de, md)
+                       $9::bigint[], $10::jsonb[], $11::bigint[], $12::jsonb[], $13::jsonb[], $14::jsonb[])
+             AS u(d, h, r, s, v, b, o, l, so, ps, bs, de, md, tw)
            ON CONFLICT (device_id) DO UPDATE SET
              reported = EXCLUDED.reported, seq = EXCLUDED.seq, version = EXCLUDED.version, battery = EXCLUDED.battery,
              online = EXCLUDED.online, last_seen = EXCLUDED.last_seen, status_offset = EXCLUDED.status_offset,
              property_seq = EXCLUDED.property_seq, battery_seq = EXCLUDED.battery_seq,
-             desired = EXCLUDED.desired, metadata = EXCLUDED.metadata, updated_at = now()"#,
+             desired = EXCLUDED.desired, metadata = EXCLUDED.metadata, twin = EXCLUDED.twin, updated_at = now()"#,
     )
     .bind(&cols.device)
     .bind(&cols.household)
@@ -98,6 +109,7 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
     .bind(&cols.battery_seq)
     .bind(&cols.desired)
     .bind(&cols.metadata)
+    .bind(&cols.twin)
     .execute(&mut **tx)
     .await?;
     Ok(Applied { notes, confirmed })
@@ -105,7 +117,7 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
 
 /// A shadow from a row whose columns 1–11 are `reported, seq, version,
 /// battery, online, last_seen, status_offset, property_seq, battery_seq,
-/// desired, metadata`.
+/// desired, metadata`, and column 14 (if any) its twin's facts.
 pub fn shadow_of(r: &sqlx::postgres::PgRow) -> Shadow {
     let object = |v: Option<Value>| match v {
         Some(Value::Object(m)) => m,
@@ -123,6 +135,7 @@ pub fn shadow_of(r: &sqlx::postgres::PgRow) -> Shadow {
         battery_seq: r.get::<Option<i64>, _>(9).unwrap_or(0).max(0) as u64,
         desired: object(r.get(10)),
         metadata: r.get::<Option<Value>, _>(11).and_then(|v| serde_json::from_value(v).ok()).unwrap_or_default(),
+        twin: r.try_get::<Option<Value>, _>(14).ok().flatten().and_then(|v| serde_json::from_value(v).ok()).unwrap_or_default(),
     }
 }
 
@@ -134,6 +147,7 @@ fn touches(e: &Event) -> bool {
             | Event::DeviceStatusChanged(_)
             | Event::DeviceCommandRequested(_)
             | Event::DeviceCommandExpired(_)
+            | Event::DeviceCommandRevoked(_)
             | Event::DeviceCommandAcked(_)
     )
 }
@@ -143,7 +157,7 @@ fn touches(e: &Event) -> bool {
 pub struct Applied {
     /// One change per changed shadow (its change sequence number still 0).
     pub notes: Vec<ShadowChanged>,
-    /// Commands a report confirmed, with the report's time.
+    /// Commands now confirmed, with the time of the report that completed each.
     pub confirmed: Vec<(Uuid, DateTime<Utc>)>,
 }
 
@@ -162,6 +176,7 @@ struct ShadowColumns {
     battery_seq: Vec<i64>,
     desired: Vec<Value>,
     metadata: Vec<Value>,
+    twin: Vec<Value>,
 }
 
 impl ShadowColumns {
@@ -181,5 +196,6 @@ impl ShadowColumns {
         self.battery_seq.push(i64::try_from(s.battery_seq).unwrap_or(i64::MAX));
         self.desired.push(Value::Object(s.desired.clone()));
         self.metadata.push(serde_json::to_value(&s.metadata).unwrap_or_default());
+        self.twin.push(serde_json::to_value(&s.twin).unwrap_or_default());
     }
 }

@@ -132,6 +132,14 @@ struct LoadArgs {
     /// Provision a new fleet even if one of this shape is cached.
     #[arg(long)]
     fresh: bool,
+    /// Provision with this existing installer account (signed in, not
+    /// signed up); with --password-file.
+    #[arg(long, requires = "password_file")]
+    email: Option<String>,
+    /// A file holding the --email account's password (a trailing newline
+    /// trimmed).
+    #[arg(long, requires = "email")]
+    password_file: Option<PathBuf>,
     /// Also write the JSON summary here.
     #[arg(long)]
     json_out: Option<PathBuf>,
@@ -357,6 +365,9 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
     o.connect_concurrency = a.connect_concurrency.max(1);
     o.provision_concurrency = a.provision_concurrency.max(1);
     o.restart_brokers = a.restart_brokers;
+    if let (Some(email), Some(file)) = (&a.email, &a.password_file) {
+        o.installer = Some(load::fleet::Installer::with_password_file(email, file)?);
+    }
     let cache = load::fleet::cache_path(&state_dir, a.households, a.devices_per_household);
     if a.fresh {
         let _ = std::fs::remove_file(&cache);
@@ -448,5 +459,21 @@ fn print_load(s: &homelink_tools::load::Summary) {
     }
     for e in &v.errors {
         println!("  error: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_takes_an_existing_installer_account() {
+        let args = ["homelink", "load", "--email", "ops@example.com", "--password-file", "/run/secrets/installer"];
+        let Cmd::Load(a) = Cli::try_parse_from(args).expect("parses").cmd else { panic!("not load") };
+        assert_eq!(a.email.as_deref(), Some("ops@example.com"));
+        assert_eq!(a.password_file.as_deref(), Some(std::path::Path::new("/run/secrets/installer")));
+        // One without the other is refused.
+        assert!(Cli::try_parse_from(["homelink", "load", "--email", "ops@example.com"]).is_err());
+        assert!(Cli::try_parse_from(["homelink", "load", "--password-file", "/x"]).is_err());
     }
 }

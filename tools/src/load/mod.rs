@@ -62,6 +62,8 @@ pub struct Options {
     pub connect_concurrency: usize,
     /// Where the fleet is cached (`None`: always provision).
     pub fleet_cache: Option<PathBuf>,
+    /// An existing installer account to provision with (`None`: sign up a new one).
+    pub installer: Option<fleet::Installer>,
     /// The stack's state folder, for its pid files (`None`: only this process is measured).
     pub state_dir: Option<PathBuf>,
     pub progress: bool,
@@ -90,6 +92,7 @@ impl Options {
             provision_concurrency: 16,
             connect_concurrency: 64,
             fleet_cache: None,
+            installer: None,
             state_dir: None,
             progress: false,
             devices_per_process: 15_000,
@@ -277,6 +280,7 @@ pub async fn run(endpoints: &Endpoints, o: &Options) -> crate::Result<Summary> {
         &http,
         api,
         o.fleet_cache.as_deref(),
+        o.installer.as_ref(),
         o.households,
         o.devices_per_household,
         o.provision_concurrency,
@@ -309,7 +313,7 @@ pub async fn run(endpoints: &Endpoints, o: &Options) -> crate::Result<Summary> {
             Some(p) => p.clone(),
             None => {
                 let p = std::env::temp_dir().join(format!("homelink-fleet-{}.json", Uuid::new_v4().simple()));
-                std::fs::write(&p, serde_json::to_vec(&fleet)?)?;
+                fleet::write_private(&p, &serde_json::to_vec(&fleet)?)?;
                 p
             }
         };

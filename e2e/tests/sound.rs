@@ -1,0 +1,671 @@
+//! The twin tried as an attacker, a crash and a busy evening would (issue
+//! 15): every test here failed before its fix.
+
+mod common;
+
+use common::raw::RawDevice;
+use common::{eventually, spec, Stack};
+use homelink_events::DeviceKind;
+use serde_json::{json, Value};
+use std::time::Duration;
+use uuid::Uuid;
+
+const COMMAND: &str = "query($id: ID!) { command(id: $id) { id status reason revokedAt deliveredAt } }";
+
+async fn command(stack: &Stack, token: &str, id: &str) -> Value {
+    stack.gql(token, COMMAND, json!({"id": id})).await["data"]["command"].clone()
+}
+
+/// PUT …/desired as `token`; the answer's body.
+async fn put_desired(stack: &Stack, household: Uuid, device: Uuid, token: &str, body: Value) -> Value {
+    let url = format!("{}/v1/households/{household}/devices/{device}/desired", stack.api());
+    let r = stack.http.put(&url).bearer_auth(token).json(&body).send().await.expect("put desired");
+    assert_eq!(r.status(), 202, "{body}");
+    r.json().await.expect("json")
+}
+
+async fn audit(stack: &Stack, owner: &str, household: Uuid) -> Vec<Value> {
+    let q = "query($h: ID!) { auditLog(householdId: $h, first: 100) { edges { node { action outcome actorKind detail } } } }";
+    let r = stack.gql(owner, q, json!({"h": household})).await;
+    r["data"]["auditLog"]["edges"].as_array().cloned().unwrap_or_default().into_iter().map(|e| e["node"].clone()).collect()
+}
+
+/// Defect 1: a queued command outlives its sender's rights. An adult queues
+/// an unlock for an offline lock and is removed; another adult queues one
+/// and is made a child. Both commands end `rejected` with a reason (in the
+/// lifecycle and the audit log), and neither lock receives anything when it
+/// comes online. A third unlock, whose sender is removed behind command-api's
+/// back (the event appended straight to the log, so no revocation runs
+/// there), is refused by the bridge at the moment it would send it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_removed_or_demoted_members_queued_unlock_never_reaches_the_lock() {
+    let stack = Stack::start().await;
+    let locks = [(DeviceKind::Lock, "Front", "Hall"), (DeviceKind::Lock, "Back", "Hall"), (DeviceKind::Lock, "Shed", "Garden")];
+    let home = stack.household_with(&["adult", "adult", "adult"], &locks).await;
+    let h = home.household_id;
+    let owner = home.accounts[0].access_token.clone();
+    let (removed, demoted, bypassed) = (&home.accounts[1], &home.accounts[2], &home.accounts[3]);
+
+    // Three week-long unlocks queued for offline locks, each by another adult.
+    let unlock = json!({"desired": {"locked": false}, "ttlSeconds": 604_800});
+    let mut ids = Vec::new();
+    for (i, who) in [removed, demoted, bypassed].iter().enumerate() {
+        let a = put_desired(&stack, h, home.devices[i].id, &who.access_token, unlock.clone()).await;
+        assert_eq!(a["status"], "queued", "{a}");
+        ids.push(a["commandId"].as_str().expect("commandId").to_owned());
+    }
+
+    // The owner removes one and demotes the other.
+    let api = stack.api();
+    let r =
+        stack.http.delete(format!("{api}/v1/households/{h}/members/{}", removed.user_id)).bearer_auth(&owner).send().await.expect("remove");
+    assert_eq!(r.status(), 204);
+    let r = stack
+        .http
+        .put(format!("{api}/v1/households/{h}/members/{}/role", demoted.user_id))
+        .bearer_auth(&owner)
+        .json(&json!({"role": "child"}))
+        .send()
+        .await
+        .expect("demote");
+    assert_eq!(r.status(), 200);
+
+    // Both queued unlocks end rejected, with the reason and the time.
+    for (id, why) in [(&ids[0], "no longer a member"), (&ids[1], "child")] {
+        let c = eventually(Duration::from_secs(20), "the queued unlock rejected", || async {
+            let c = command(&stack, &owner, id).await;
+            (c["status"] == "rejected").then_some(c)
+        })
+        .await;
+        assert!(c["reason"].as_str().is_some_and(|r| r.contains(why)), "{c}");
+        assert!(c["revokedAt"].is_string(), "{c}");
+        assert!(c["deliveredAt"].is_null(), "{c}");
+    }
+    let revoked: Vec<Value> = audit(&stack, &owner, h).await.into_iter().filter(|e| e["action"] == "device.command.revoke").collect();
+    assert_eq!(revoked.len(), 2, "one audit entry per revoked command: {revoked:?}");
+    assert!(revoked.iter().all(|e| e["outcome"] == "revoked"), "{revoked:?}");
+    // No longer desired: the delta is empty again.
+    let shadow = stack.gql(&owner, "query($id: ID!) { device(id: $id) { shadow { desired } } }", json!({"id": home.devices[0].id})).await;
+    assert_eq!(shadow["data"]["device"]["shadow"]["desired"], json!({}), "{shadow}");
+
+    // The third sender is removed by an event command-api never saw.
+    let version: i64 = sqlx::query_scalar("SELECT version FROM households WHERE household_id = $1")
+        .bind(h)
+        .fetch_one(&stack.pool)
+        .await
+        .expect("household version");
+    let ev = homelink_events::Event::MemberRemoved(homelink_events::event::MemberRemoved { user_id: bypassed.user_id, left: false });
+    let env =
+        homelink_events::Envelope::new(h, homelink_events::Actor::User(home.accounts[0].user_id.to_string()), &ev, chrono::Utc::now())
+            .with_seq(version as u64 + 1);
+    stack.appender.append(&stack.topics.households(), &env).await.expect("append the removal");
+    eventually(Duration::from_secs(20), "the removal applied", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM household_members WHERE household_id = $1 AND user_id = $2")
+            .bind(h)
+            .bind(bypassed.user_id)
+            .fetch_one(&stack.pool)
+            .await
+            .ok()?;
+        (n == 0).then_some(())
+    })
+    .await;
+    assert_eq!(command(&stack, &owner, &ids[2]).await["status"], "queued", "nothing revoked it yet");
+
+    // The locks come online: none receives an unlock.
+    let mut devices = Vec::new();
+    for i in 0..3 {
+        devices.push(RawDevice::connect(&stack, spec(&home, i, None), Duration::from_secs(30)).await);
+    }
+    for d in &mut devices {
+        let got = d.commands_within(Duration::from_secs(3)).await;
+        assert!(got.is_empty(), "a lock received {got:?}");
+    }
+    let c = eventually(Duration::from_secs(20), "the bypassed unlock rejected by the bridge", || async {
+        let c = command(&stack, &owner, &ids[2]).await;
+        (c["status"] == "rejected").then_some(c)
+    })
+    .await;
+    assert!(c["reason"].as_str().is_some_and(|r| r.contains("no longer a member")), "{c}");
+
+    // The owner's own unlock still goes out at once.
+    let a = put_desired(&stack, h, home.devices[0].id, &owner, json!({"desired": {"locked": false}})).await;
+    let got = devices[0].commands_within(Duration::from_secs(5)).await;
+    assert!(got.iter().any(|c| c["commandId"] == a["commandId"]), "the owner's unlock arrives: {got:?}");
+}
+
+/// Defect 2: a write whose append Kafka acknowledged has happened, whatever
+/// the read model does. With the projector stalled (its tables locked), a
+/// `POST /v1/households` with a key answers 503 at the answer deadline and
+/// runs on; once its apply wait is over it records its 201, so a retry with
+/// the same key gets that household, not a second one. A registration with
+/// a serial keeps its claim, so no other household can take the serial.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retried_write_has_one_effect_however_slow_the_read_model() {
+    let stack = Stack::start_on(common::Env::from_env().apply_wait(Duration::from_secs(3))).await;
+    let other = stack.seed(&[]).await;
+    let me = stack.account("owner").await;
+    let api = stack.api();
+    let created = homelink_tools::api::create_household(&stack.http, &api, &me, "First").await.expect("household");
+
+    // Stall the projector: every write it makes waits for this transaction.
+    let mut stall = stack.pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE households, devices IN EXCLUSIVE MODE").execute(&mut *stall).await.expect("lock");
+
+    let serial = format!("SN-{}", Uuid::new_v4().simple());
+    let register = || {
+        stack
+            .http
+            .post(format!("{api}/v1/households/{created}/devices"))
+            .bearer_auth(&me.access_token)
+            .header("idempotency-key", "register-1")
+            .json(&json!({"kind": "lock", "name": "Door", "serial": serial}))
+    };
+    let r = register().send().await.expect("register");
+    assert_eq!(r.status(), 503, "{}", r.text().await.unwrap_or_default());
+    let post = || stack.http.post(format!("{api}/v1/households")).bearer_auth(&me.access_token).header("idempotency-key", "create-1");
+    let r = post().json(&json!({"name": "Second"})).send().await.expect("post");
+    assert_eq!(r.status(), 503, "the read model is stalled: the answer deadline passes");
+
+    // Past the apply wait: the retries answer the first outcome.
+    let second = eventually(Duration::from_secs(20), "the create's outcome recorded", || async {
+        let r = post().json(&json!({"name": "Second"})).send().await.ok()?;
+        (r.status() == 201).then_some(())?;
+        assert_eq!(r.headers().get("idempotent-replayed").and_then(|v| v.to_str().ok()), Some("true"));
+        r.json::<Value>().await.ok()
+    })
+    .await;
+    let device = eventually(Duration::from_secs(20), "the registration's outcome recorded", || async {
+        let r = register().send().await.ok()?;
+        (r.status() == 201).then_some(())?;
+        r.json::<Value>().await.ok()
+    })
+    .await;
+    stall.rollback().await.expect("release the projector");
+
+    // One household more, one device, and the serial is nobody else's.
+    let memberships = eventually(Duration::from_secs(20), "both households visible", || async {
+        let r = stack.gql(&me.access_token, "{ me { memberships { household { id } } } }", json!({})).await;
+        let m = r["data"]["me"]["memberships"].as_array().cloned()?;
+        (m.len() >= 2).then_some(m)
+    })
+    .await;
+    assert_eq!(memberships.len(), 2, "{memberships:?}");
+    assert!(memberships.iter().any(|m| m["household"]["id"] == second["householdId"]), "{memberships:?} {second}");
+    let r = stack
+        .http
+        .post(format!("{api}/v1/households/{}/devices", other.household_id))
+        .bearer_auth(&other.accounts[0].access_token)
+        .json(&json!({"kind": "lock", "name": "Door", "serial": serial}))
+        .send()
+        .await
+        .expect("register elsewhere");
+    assert_eq!(r.status(), 409, "the serial belongs to {device}");
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM devices WHERE household_id = $1")
+        .bind(created)
+        .fetch_one(&stack.pool)
+        .await
+        .expect("devices");
+    assert_eq!(n, 1);
+}
+
+/// The read models of one device's commands and shadow, as comparable text.
+async fn twin_rows(pool: &sqlx::PgPool, device: Uuid) -> (Vec<String>, String) {
+    let commands: Vec<String> = sqlx::query_scalar(
+        "SELECT concat_ws('|', command_id, status, status_rank, ack_status, superseded_by, confirmed_at, acked_at, reason)
+           FROM device_commands WHERE device_id = $1 ORDER BY command_id",
+    )
+    .bind(device)
+    .fetch_all(pool)
+    .await
+    .expect("commands");
+    let shadow: Option<String> = sqlx::query_scalar(
+        "SELECT concat_ws('|', reported::text, desired::text, metadata::text, seq) FROM device_shadows WHERE device_id = $1",
+    )
+    .bind(device)
+    .fetch_optional(pool)
+    .await
+    .expect("shadow");
+    (commands, shadow.unwrap_or_default())
+}
+
+/// Defect 4: the twin's fold depends on the order in which the commands and
+/// telemetry topics arrive. The live projector here gets all the device's
+/// telemetry (acks, deliveries, reports) before the requests those answer —
+/// a refusal before its request, reports and an ack before theirs — and a
+/// rebuild reads the same log in the consumer's own order. Both give the
+/// in-order answer: the refused command leaves nothing desired, the older
+/// command is superseded, the one reported after its ack is confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_twin_is_the_same_whatever_order_the_two_topics_arrive_in() {
+    use homelink_events::event::{DeviceCommandAcked, DeviceCommandDelivered, DeviceCommandRequested, DeviceStateReported};
+    use homelink_events::protocol::AckStatus;
+    use homelink_events::{Actor, Envelope, Event};
+    let stack = Stack::start().await;
+    let home = stack.seed(&[(DeviceKind::Light, "Lamp", "Hall")]).await;
+    let (h, light) = (home.household_id, home.devices[0].id);
+    let owner = Actor::User(home.accounts[0].user_id.to_string());
+    let t0 = chrono::Utc::now();
+    let at = |s: i64| t0 + chrono::Duration::seconds(s);
+    let obj = |v: Value| v.as_object().cloned().expect("object");
+    let ids: Vec<Uuid> = (0..4).map(|_| Uuid::now_v7()).collect();
+    let request = |i: usize, set: Value| {
+        let ev = Event::DeviceCommandRequested(DeviceCommandRequested {
+            command_id: ids[i],
+            device_id: light,
+            set: obj(set),
+            expires_at: at(600),
+            queued: false,
+        });
+        Envelope::new(h, owner.clone(), &ev, at(i as i64))
+    };
+    let device = |ev: Event, s: i64| Envelope::new(h, Actor::Device(light), &ev, at(s));
+    let ack =
+        |i: usize, status| Event::DeviceCommandAcked(DeviceCommandAcked { command_id: ids[i], device_id: light, status, reason: None });
+    let report = |seq: u64, state: Value| {
+        Event::DeviceStateReported(DeviceStateReported { device_id: light, seq, device_ts: None, state: obj(state), battery: None })
+    };
+    let delivered = |i: usize| Event::DeviceCommandDelivered(DeviceCommandDelivered { command_id: ids[i], device_id: light });
+    let commands = vec![
+        request(0, json!({"brightness": 10})),
+        request(1, json!({"on": false})),
+        request(2, json!({"brightness": 20})),
+        request(3, json!({"colorTemp": 3000})),
+    ];
+    let telemetry = vec![
+        device(ack(1, AckStatus::Rejected), 10),
+        device(delivered(2), 11),
+        device(delivered(3), 11),
+        device(ack(3, AckStatus::Ok), 12),
+        device(report(1, json!({"colorTemp": 3000})), 13),
+        device(report(2, json!({"colorTemp": 4000})), 14),
+        device(ack(2, AckStatus::Ok), 15),
+    ];
+    let push = |topic: String, envs: &[Envelope]| {
+        let stack = &stack;
+        let envs = envs.to_vec();
+        async move {
+            let mut located = Vec::new();
+            for e in envs {
+                let pos = stack.appender.append(&topic, &e).await.expect("append");
+                located.push(homelink_kit::push::Located {
+                    topic: topic.clone(),
+                    partition: pos.partition,
+                    offset: pos.offset,
+                    envelope: e,
+                });
+            }
+            // Pushed twice: the live projector applies them now, duplicates included.
+            let url = format!("http://127.0.0.1:{}/internal/v1/events", stack.projector_internal_port);
+            for _ in 0..2 {
+                let r = stack.http.post(&url).bearer_auth(common::INTERNAL_TOKEN).json(&located).send().await.expect("push");
+                assert!(r.status().is_success(), "{}", r.status());
+            }
+        }
+    };
+    // Telemetry first, applied before any request is appended.
+    push(stack.topics.telemetry(), &telemetry).await;
+    eventually(Duration::from_secs(20), "the telemetry applied", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM device_commands WHERE device_id = $1 AND acked_at IS NOT NULL")
+            .bind(light)
+            .fetch_one(&stack.pool)
+            .await
+            .ok()?;
+        (n == 3).then_some(())
+    })
+    .await;
+    push(stack.topics.commands(), &commands).await;
+    let live = eventually(Duration::from_secs(20), "the requests applied", || async {
+        let rows = twin_rows(&stack.pool, light).await;
+        (rows.0.len() == 4 && rows.0.iter().all(|r| !r.contains("|requested|"))).then_some(rows)
+    })
+    .await;
+
+    let status: Vec<String> = sqlx::query_scalar("SELECT status FROM device_commands WHERE device_id = $1 ORDER BY requested_at")
+        .bind(light)
+        .fetch_all(&stack.pool)
+        .await
+        .expect("statuses");
+    assert_eq!(status, ["superseded", "rejected", "ok", "confirmed"], "{live:?}");
+    let desired: Value = sqlx::query_scalar("SELECT desired FROM device_shadows WHERE device_id = $1")
+        .bind(light)
+        .fetch_one(&stack.pool)
+        .await
+        .expect("desired");
+    assert_eq!(desired, json!({"brightness": 20}), "the refused `on` is not desired, the confirmed colour no longer");
+
+    // A rebuild from the log, in the consumer's order, gives the same rows.
+    let fresh_url = stack.env.fresh_database().await;
+    let cfg = homelink_projector::Config::new(&fresh_url, &stack.env.kafka, stack.topics.clone());
+    let app = homelink_projector::Application::build(cfg).await.expect("projector");
+    let fresh = app.pool();
+    let cancel = homelink_kit::shutdown::CancellationToken::new();
+    tokio::spawn(app.run_until_stopped(cancel.clone()));
+    let rebuilt = eventually(Duration::from_secs(60), "the rebuild caught up", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM device_commands WHERE device_id = $1 AND status <> 'requested'")
+            .bind(light)
+            .fetch_one(&fresh)
+            .await
+            .ok()?;
+        let rows = twin_rows(&fresh, light).await;
+        (n == 4 && rows.1 == live.1).then_some(rows)
+    })
+    .await;
+    cancel.cancel();
+    assert_eq!(rebuilt, live);
+}
+
+/// Defect 5: an old report confirms a newer command. Reports queued at the
+/// broker behind a stopped bridge reach the log after a command that asks
+/// for the value they carry; they were sent before the device got the
+/// command, so they confirm nothing: the value stays desired, and the
+/// device receives the command when it comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_report_sent_before_the_device_got_a_command_never_confirms_it() {
+    let mut stack = Stack::start_on(common::Env::from_env().bridge_as_process()).await;
+    let home = stack.seed(&[(DeviceKind::Light, "Lamp", "Hall")]).await;
+    let (h, light, owner) = (home.household_id, home.devices[0].id, home.accounts[0].access_token.clone());
+    let device = RawDevice::connect(&stack, spec(&home, 0, None), Duration::from_secs(30)).await;
+    eventually(Duration::from_secs(20), "online", || async {
+        let r = stack.gql(&owner, "query($id: ID!) { device(id: $id) { shadow { online } } }", json!({"id": light})).await;
+        (r["data"]["device"]["shadow"]["online"] == true).then_some(())
+    })
+    .await;
+
+    stack.bridge_process.as_mut().expect("bridge process").pause();
+    device.send("state", json!({"v": 1, "seq": 1, "state": {"brightness": 30}})).await;
+    device.send("state", json!({"v": 1, "seq": 2, "state": {"brightness": 70}})).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(device);
+    let a = put_desired(&stack, h, light, &owner, json!({"desired": {"brightness": 30}})).await;
+    let id = a["commandId"].as_str().expect("commandId").to_owned();
+
+    // The bridge dies with the reports unread; its successor reads them.
+    stack.bridge_process.as_mut().expect("bridge process").restart();
+    let shadow = eventually(Duration::from_secs(30), "the queued reports applied", || async {
+        let r = stack.gql(&owner, "query($id: ID!) { device(id: $id) { shadow { reported desired } } }", json!({"id": light})).await;
+        let s = r["data"]["device"]["shadow"].clone();
+        (s["reported"]["brightness"] == 70).then_some(s)
+    })
+    .await;
+    assert_eq!(shadow["desired"], json!({"brightness": 30}), "still desired: {shadow}");
+    let c = command(&stack, &owner, &id).await;
+    assert_ne!(c["status"], "confirmed", "{c}");
+
+    // Back online, it gets the command.
+    let mut device = RawDevice::connect(&stack, spec(&home, 0, None), Duration::from_secs(30)).await;
+    let got = device.commands_within(Duration::from_secs(10)).await;
+    assert!(got.iter().any(|c| c["commandId"] == id.as_str()), "the device receives it: {got:?}");
+}
+
+/// Defect 3: one device can stall command delivery for a whole broker. A
+/// member's flood of week-long desired changes to their own light is cut at
+/// the rate limits (429 with `Retry-After`), the light saying `online` in a
+/// loop without subscribing costs one flush per window, and another
+/// household's commands on the same broker all arrive meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_noisy_device_never_stalls_another_households_commands() {
+    let stack = Stack::start().await;
+    let noisy = stack.seed(&[(DeviceKind::Light, "Noisy", "Attic")]).await;
+    let quiet = stack.seed(&[(DeviceKind::Light, "Quiet", "Hall")]).await;
+    let (nh, nl, nowner) = (noisy.household_id, noisy.devices[0].id, noisy.accounts[0].access_token.clone());
+
+    // The flood: accepted up to the device's burst, then 429 with Retry-After.
+    let mut limited = None;
+    for i in 0..60 {
+        let url = format!("{}/v1/households/{nh}/devices/{nl}/desired", stack.api());
+        let body = json!({"desired": {"brightness": i % 100}, "ttlSeconds": 604_800});
+        let r = stack.http.put(&url).bearer_auth(&nowner).json(&body).send().await.expect("put");
+        if r.status() == 429 {
+            limited = Some(r);
+            break;
+        }
+        assert_eq!(r.status(), 202);
+    }
+    let r = limited.expect("the flood is rate-limited");
+    let retry: u64 = r.headers()["retry-after"].to_str().ok().and_then(|v| v.parse().ok()).expect("Retry-After seconds");
+    assert!(retry >= 1);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let p: Value = r.json().await.expect("problem");
+    assert!(p["type"].as_str().is_some_and(|t| t.ends_with("rate-limited")), "{p}");
+    // Only the newest is still open: the rest were superseded.
+    let open: i64 = eventually(Duration::from_secs(20), "supersession applied", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM device_commands WHERE device_id = $1 AND status_rank < 2")
+            .bind(nl)
+            .fetch_one(&stack.pool)
+            .await
+            .ok()?;
+        (n == 1).then_some(n)
+    })
+    .await;
+    assert_eq!(open, 1);
+
+    // The noisy light says `online` again and again, never subscribing.
+    let s = spec(&noisy, 0, None);
+    let target = homelink_tools::sim::Target { port: s.port.unwrap_or(stack.env.target().port), ..stack.env.target() };
+    let o = homelink_tools::sim::device_options(s.household_id, s.device_id, &s.cert_pem, &s.key_pem, &target, Duration::from_secs(30));
+    let (client, mut events) = rumqttc::v5::AsyncClient::new(o, 1024);
+    let spin = tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    let online = serde_json::to_vec(&json!({"v": 1, "status": "online"})).expect("json");
+    let status = common::raw::topic(&s, "status");
+    let flood = tokio::spawn(async move {
+        for _ in 0..300 {
+            let _ = client.publish(status.clone(), rumqttc::v5::mqttbytes::QoS::AtLeastOnce, true, online.clone()).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+
+    // Meanwhile the other household's light gets every command.
+    let mut lamp = RawDevice::connect(&stack, spec(&quiet, 0, None), Duration::from_secs(30)).await;
+    let mut sent = Vec::new();
+    for i in 0..10 {
+        let r = stack.command(&quiet, quiet.devices[0].id).json(&json!({"set": {"brightness": i}})).send().await.expect("command");
+        assert_eq!(r.status(), 202);
+        sent.push(r.json::<Value>().await.expect("json")["commandId"].clone());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = lamp.commands_within(Duration::from_secs(5)).await;
+    for id in &sent {
+        assert!(got.iter().any(|c| &c["commandId"] == id), "{id} arrived: {got:?}");
+    }
+    flood.await.expect("flood");
+    spin.abort();
+    let debounced = stack.metric(stack.bridge_port, "homelink_bridge_errors_total{kind=\"flush_debounced\"}").await;
+    assert!(debounced > 0.0, "the online loop was debounced");
+}
+
+/// Defect 7: a versioned `PUT desired` tied up the command API's pool.
+/// Forty concurrent versioned writes by one child leave sign-in and other
+/// members' commands answering as usual, and exactly one of them wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_versioned_writes_never_starve_the_rest_and_one_wins() {
+    let stack = Stack::start().await;
+    let home = stack.household_with(&["child"], &[(DeviceKind::Light, "Lamp", "Kids"), (DeviceKind::Plug, "Fan", "Hall")]).await;
+    let (h, light, plug) = (home.household_id, home.devices[0].id, home.devices[1].id);
+    let child = home.accounts[1].access_token.clone();
+    let url = format!("{}/v1/households/{h}/devices/{light}/desired", stack.api());
+    let puts: Vec<_> = (0..40)
+        .map(|i| {
+            let (http, url, child) = (stack.http.clone(), url.clone(), child.clone());
+            tokio::spawn(async move {
+                let body = json!({"desired": {"brightness": i}, "version": 0});
+                http.put(&url).bearer_auth(&child).json(&body).send().await.map(|r| r.status().as_u16()).unwrap_or(0)
+            })
+        })
+        .collect();
+    // Meanwhile: a sign-in and the owner's command answer as usual.
+    let owner = &home.accounts[0];
+    let r = stack
+        .http
+        .post(format!("{}/v1/auth/sign-in", stack.api()))
+        .json(&json!({"email": owner.email, "password": owner.password}))
+        .send()
+        .await
+        .expect("sign-in");
+    assert_eq!(r.status(), 200);
+    let r = stack.command(&home, plug).json(&json!({"set": {"on": true}})).send().await.expect("command");
+    assert_eq!(r.status(), 202);
+    let mut statuses = Vec::new();
+    for p in puts {
+        statuses.push(p.await.expect("put"));
+    }
+    assert_eq!(statuses.iter().filter(|s| **s == 202).count(), 1, "exactly one winner: {statuses:?}");
+    assert!(statuses.iter().all(|s| [202, 409, 429, 503].contains(s)), "{statuses:?}");
+}
+
+/// Defect 8: a PUBACK matched to the wrong command. With the broker away,
+/// more commands than the bridge's MQTT queue holds; once it is back, every
+/// command is delivered to its device, and a command counts as delivered
+/// only if its device received it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_the_broker_away_every_command_is_marked_delivered_only_when_its_device_got_it() {
+    let mut broker = common::PrivateBroker::start();
+    let mut env = common::Env::from_env().bridge_queue(8);
+    (env.device_port, env.bridge_port) = (broker.device_port, broker.bridge_port);
+    let stack = Stack::start_on(env).await;
+    let lights = [(DeviceKind::Light, "A", "Hall"), (DeviceKind::Light, "B", "Hall"), (DeviceKind::Light, "C", "Hall")];
+    let home = stack.household_with(&["adult"], &lights).await;
+    let mut devices = Vec::new();
+    for i in 0..3 {
+        devices.push(RawDevice::connect(&stack, spec(&home, i, None), Duration::from_secs(30)).await);
+    }
+    eventually(Duration::from_secs(20), "online", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM device_shadows WHERE online AND household_id = $1")
+            .bind(home.household_id)
+            .fetch_one(&stack.pool)
+            .await
+            .ok()?;
+        (n == 3).then_some(())
+    })
+    .await;
+
+    broker.stop();
+    let mut sent: Vec<(usize, String)> = Vec::new();
+    for i in 0..36 {
+        let (who, d) = (&home.accounts[i % 2].access_token, i % 3);
+        let url = format!("{}/v1/households/{}/devices/{}/commands", stack.api(), home.household_id, home.devices[d].id);
+        let r =
+            stack.http.post(&url).bearer_auth(who).json(&json!({"set": {"brightness": i}, "ttlSeconds": 300})).send().await.expect("post");
+        assert_eq!(r.status(), 202);
+        sent.push((d, r.json::<Value>().await.expect("json")["commandId"].as_str().expect("id").to_owned()));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    broker.restart();
+
+    // The newest command of each device reaches it (older ones of the same
+    // capability were superseded meanwhile and need not)…
+    let mut received: Vec<std::collections::HashSet<String>> = vec![Default::default(); 3];
+    let newest: Vec<String> = (0..3).map(|d| sent.iter().rev().find(|(x, _)| *x == d).expect("sent").1.clone()).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while (0..3).any(|d| !received[d].contains(&newest[d])) && tokio::time::Instant::now() < deadline {
+        for (i, d) in devices.iter_mut().enumerate() {
+            for c in d.commands_within(Duration::from_millis(200)).await {
+                received[i].insert(c["commandId"].as_str().unwrap_or_default().to_owned());
+            }
+        }
+    }
+    for d in 0..3 {
+        assert!(received[d].contains(&newest[d]), "the newest command reached device {d}: {:?}", received[d]);
+    }
+    // …and what is marked delivered is exactly what the devices got.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        for (i, d) in devices.iter_mut().enumerate() {
+            for c in d.commands_within(Duration::from_millis(100)).await {
+                received[i].insert(c["commandId"].as_str().unwrap_or_default().to_owned());
+            }
+        }
+        let rows: Vec<(uuid::Uuid, uuid::Uuid)> =
+            sqlx::query_as("SELECT command_id, device_id FROM device_commands WHERE household_id = $1 AND delivered_at IS NOT NULL")
+                .bind(home.household_id)
+                .fetch_all(&stack.pool)
+                .await
+                .expect("deliveries");
+        let marked: Vec<std::collections::HashSet<String>> =
+            (0..3).map(|i| rows.iter().filter(|(_, d)| *d == home.devices[i].id).map(|(c, _)| c.to_string()).collect()).collect();
+        for i in 0..3 {
+            let wrong: Vec<&String> = marked[i].difference(&received[i]).collect();
+            assert!(wrong.is_empty(), "marked delivered to device {i}, which never got them: {wrong:?}");
+        }
+        if marked == received {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "received but never marked delivered: {received:?} vs {marked:?}");
+    }
+}
+
+/// A GraphQL read with a consistency token: the status and the body.
+async fn read_with(stack: &Stack, access: &str, token: &str) -> (u16, Value) {
+    let r = stack
+        .http
+        .post(stack.graphql_url())
+        .bearer_auth(access)
+        .header("homelink-consistency-token", token)
+        .json(&json!({"query": "{ me { userId } }"}))
+        .send()
+        .await
+        .expect("read");
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+/// Defect 6: anyone signed in could block every read-your-writes wait. A
+/// token is checked before it can make anyone wait: a forged one (a position
+/// far beyond the log's end) and another user's are refused at once, and
+/// while one user has many reads waiting on a write the stalled projector
+/// has not applied, another household's reads answer as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nobody_can_make_other_users_reads_wait() {
+    use base64::Engine;
+    let stack = Stack::start().await;
+    let a = stack.seed(&[(DeviceKind::Light, "A", "Hall")]).await;
+    let b = stack.seed(&[(DeviceKind::Light, "B", "Hall")]).await;
+    let (a_access, b_access) = (a.accounts[0].access_token.clone(), b.accounts[0].access_token.clone());
+    let r = stack.command(&b, b.devices[0].id).json(&json!({"set": {"on": true}})).send().await.expect("command");
+    assert_eq!(r.status(), 202);
+    let b_token = r.json::<Value>().await.expect("json")["consistencyToken"].as_str().expect("token").to_owned();
+    assert_eq!(read_with(&stack, &b_access, &b_token).await.0, 200);
+    // The token says nothing about the log: no topic, no offset.
+    assert!(!b_token.contains(&stack.topics.commands()), "{b_token}");
+
+    let forged = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{}:0:999999999", stack.topics.commands()));
+    let (status, body) = read_with(&stack, &a_access, &forged).await;
+    assert_eq!((status, body["errors"][0]["extensions"]["code"].as_str()), (400, Some("BAD_REQUEST")), "{body}");
+    let (status, _) = read_with(&stack, &a_access, &b_token).await;
+    assert_eq!(status, 400, "another user's token");
+
+    // A's write is in the log but the stalled projector has not applied it.
+    let mut stall = stack.pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE device_commands IN EXCLUSIVE MODE").execute(&mut *stall).await.expect("lock");
+    let r = stack.command(&a, a.devices[0].id).json(&json!({"set": {"on": true}})).send().await.expect("command");
+    assert_eq!(r.status(), 202);
+    let a_token = r.json::<Value>().await.expect("json")["consistencyToken"].as_str().expect("token").to_owned();
+    let waits: Vec<_> = (0..64)
+        .map(|_| {
+            let (http, url, access, token) = (stack.http.clone(), stack.graphql_url(), a_access.clone(), a_token.clone());
+            tokio::spawn(async move {
+                http.post(url)
+                    .bearer_auth(access)
+                    .header("homelink-consistency-token", token)
+                    .json(&json!({"query": "{ me { userId } }"}))
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, body) = read_with(&stack, &b_access, &b_token).await;
+    assert_eq!(status, 200, "another household's read answers at once: {body}");
+    let mut statuses = Vec::new();
+    for w in waits {
+        statuses.push(w.await.expect("read"));
+    }
+    assert!(statuses.iter().all(|s| *s == 503), "{statuses:?}");
+    stall.rollback().await.expect("release the projector");
+    let (status, body) = eventually(Duration::from_secs(20), "A's write visible", || async {
+        let r = read_with(&stack, &a_access, &a_token).await;
+        (r.0 == 200).then_some(r)
+    })
+    .await;
+    assert_eq!(body["data"]["me"]["userId"], json!(a.accounts[0].user_id.to_string()), "{status} {body}");
+}
