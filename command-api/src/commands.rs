@@ -158,7 +158,10 @@ fn decide_within(
     security(("bearer" = [])),
     params(("householdId" = Uuid, Path), ("deviceId" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header, description = "makes a retry safe")),
     responses((status = 202, body = CommandAccepted), (status = 400, body = Problem, content_type = "application/problem+json"), (status = 401, body = Problem, content_type = "application/problem+json"), (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"), (status = 413, body = Problem, content_type = "application/problem+json"), (status = 503, body = Problem, content_type = "application/problem+json")))]
+        (status = 404, body = Problem, content_type = "application/problem+json"), (status = 413, body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "rate-limited: over 10 commands a second (bursts of 40) from you, or 5 a second (bursts of 20) to this device", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "seconds to wait before retrying"))),
+        (status = 503, body = Problem, content_type = "application/problem+json")))]
 pub async fn request(
     State(s): State<Arc<AppState>>,
     Caller(who): Caller,
@@ -179,7 +182,10 @@ pub async fn request(
     security(("bearer" = [])),
     params(("householdId" = Uuid, Path), ("deviceId" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header, description = "makes a retry safe")),
     responses((status = 202, body = CommandAccepted), (status = 400, body = Problem, content_type = "application/problem+json"), (status = 401, body = Problem, content_type = "application/problem+json"), (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"), (status = 409, body = Problem, content_type = "application/problem+json"), (status = 413, body = Problem, content_type = "application/problem+json"), (status = 503, body = Problem, content_type = "application/problem+json")))]
+        (status = 404, body = Problem, content_type = "application/problem+json"), (status = 409, body = Problem, content_type = "application/problem+json"), (status = 413, body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "rate-limited: over 10 commands a second (bursts of 40) from you, or 5 a second (bursts of 20) to this device", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "seconds to wait before retrying"))),
+        (status = 503, body = Problem, content_type = "application/problem+json")))]
 pub async fn put_desired(
     State(s): State<Arc<AppState>>,
     Caller(who): Caller,

@@ -189,6 +189,22 @@ impl Deliverer {
     }
 }
 
+/// Whether `command` was sent to `device`: published by this bridge
+/// lately, or known to the read model. A failed lookup says yes (an ack is
+/// never lost to a hiccup).
+pub(crate) async fn knows_command(s: &Shared, command: Uuid, device: Uuid) -> bool {
+    if s.deliverer.seen.lock().unwrap_or_else(|e| e.into_inner()).0.contains_key(&command) {
+        return true;
+    }
+    let known: Result<Option<i32>, _> =
+        sqlx::query_scalar("SELECT 1 FROM device_commands WHERE command_id = $1 AND device_id = $2 AND set_values IS NOT NULL")
+            .bind(command)
+            .bind(device)
+            .fetch_optional(&s.pool)
+            .await;
+    !matches!(known, Ok(None))
+}
+
 /// Delivers one envelope and counts the outcome under `path`; returns the
 /// PUBACK to wait for (`None`: nothing was or will be published).
 pub(crate) async fn deliver_counted(s: &Shared, envelope: &Envelope, path: &str) -> Option<Acked> {

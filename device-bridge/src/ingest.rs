@@ -29,6 +29,40 @@ pub enum Fate {
     Dropped,
 }
 
+/// One device's messages reach the log in the order they arrived, though
+/// many are handled at once: each message waits, right before its append,
+/// for the previous message of its device to be appended (or dropped). The
+/// twin relies on it: a report the device sent after its ack must land
+/// after the ack (`events::twin`).
+#[derive(Default)]
+struct DeviceOrder(std::collections::HashMap<uuid::Uuid, Turn>);
+
+type Turn = futures::future::Shared<tokio::sync::oneshot::Receiver<()>>;
+
+impl DeviceOrder {
+    /// The turn of the previous message of `device` to wait for, and the
+    /// signal this message gives when its append is done (on drop).
+    fn next(&mut self, device: uuid::Uuid) -> (Option<Turn>, TurnDone) {
+        use futures::FutureExt;
+        if self.0.len() > 100_000 {
+            self.0.retain(|_, t| t.peek().is_none());
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (self.0.insert(device, rx.shared()), TurnDone(Some(tx)))
+    }
+}
+
+/// Gives the next message of the device its turn when dropped.
+struct TurnDone(Option<tokio::sync::oneshot::Sender<()>>);
+
+impl Drop for TurnDone {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
 /// Handles publishes in order of arrival, many at a time, and acknowledges
 /// each one once its fate is durable.
 pub(crate) async fn run(
@@ -39,6 +73,7 @@ pub(crate) async fn run(
 ) {
     let mut inflight = FuturesOrdered::new();
     let max_inflight = 4_096;
+    let mut order = DeviceOrder::default();
     loop {
         tokio::select! {
             biased;
@@ -57,8 +92,9 @@ pub(crate) async fn run(
                 Some((broker, p)) => {
                     let s = shared.clone();
                     let c = cancel.clone();
+                    let turn = parse_device_topic(&String::from_utf8_lossy(&p.topic)).map(|t| order.next(t.device_id));
                     inflight.push_back(async move {
-                        let fate = handle(&s, &p, &c).await;
+                        let fate = handle(&s, &p, &c, turn).await;
                         (broker, p, fate)
                     });
                 }
@@ -69,7 +105,8 @@ pub(crate) async fn run(
     }
 }
 
-async fn handle(s: &Arc<Shared>, p: &Publish, cancel: &CancellationToken) -> Fate {
+async fn handle(s: &Arc<Shared>, p: &Publish, cancel: &CancellationToken, turn: Option<(Option<Turn>, TurnDone)>) -> Fate {
+    let (previous, done) = turn.unzip();
     let started = Instant::now();
     let topic = String::from_utf8_lossy(&p.topic).into_owned();
     let Some(t) = parse_device_topic(&topic) else {
@@ -97,6 +134,10 @@ async fn handle(s: &Arc<Shared>, p: &Publish, cancel: &CancellationToken) -> Fat
         s.metrics.errors.with_label_values(&["foreign_household"]).inc();
         return Fate::Dropped;
     }
+    if s.device_rate.check_key(&t.device_id).is_err() {
+        s.metrics.errors.with_label_values(&["device_rate_limited"]).inc();
+        return Fate::Dropped;
+    }
     // Parsed once: the published schema first (its reason is what device
     // makers see), then the typed decoder on the same parsed value (it
     // agrees with the schema; schema.rs tests that).
@@ -112,6 +153,14 @@ async fn handle(s: &Arc<Shared>, p: &Publish, cancel: &CancellationToken) -> Fat
         Ok(m) => m,
         Err((kind, reason)) => return dead_letter(s, &topic, kind, &reason, &p.payload, cancel).await,
     };
+    // An ack of a command this device was never sent is dropped: it would
+    // only make rows and changes for nothing.
+    if let DeviceMessage::Ack(a) = &msg {
+        if !crate::deliver::knows_command(s, a.command_id, t.device_id).await {
+            s.metrics.errors.with_label_values(&["unknown_command_ack"]).inc();
+            return Fate::Dropped;
+        }
+    }
     let event = match msg {
         DeviceMessage::State(m) => Event::DeviceStateReported(DeviceStateReported {
             device_id: t.device_id,
@@ -135,7 +184,10 @@ async fn handle(s: &Arc<Shared>, p: &Publish, cancel: &CancellationToken) -> Fat
         envelope = envelope.with_correlation(a.command_id);
     }
     let telemetry = s.topics.telemetry();
-    let Some(pos) = append_until_done(s, &telemetry, &envelope, cancel).await else {
+    if let Some(Some(previous)) = previous {
+        let _ = previous.await;
+    }
+    let Some(pos) = append_in_turn(s, &telemetry, &envelope, cancel, done).await else {
         return Fate::Dropped;
     };
     s.metrics.messages_out.with_label_values(&["telemetry"]).inc();
@@ -148,17 +200,28 @@ async fn handle(s: &Arc<Shared>, p: &Publish, cancel: &CancellationToken) -> Fat
     Fate::Appended
 }
 
-/// Appends, retrying with backoff while Kafka refuses. `None` only when shutting
-/// down, and then the message is not acknowledged (the broker redelivers it).
-async fn append_until_done(
+/// Appends, retrying with backoff while Kafka refuses, and gives the
+/// device's next message its turn as soon as this one is queued in the
+/// producer (which keeps the order): one device's messages keep their order
+/// without waiting for each other's acknowledgements. `None` only when
+/// shutting down (the message is not acknowledged; the broker redelivers it).
+async fn append_in_turn(
     s: &Shared,
     topic: &str,
     envelope: &Envelope,
     cancel: &CancellationToken,
+    mut turn: Option<TurnDone>,
 ) -> Option<homelink_kit::kafka::Position> {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match s.appender.append(topic, envelope).await {
+        let outcome = match s.appender.enqueue(topic, envelope) {
+            Ok(delivery) => {
+                drop(turn.take());
+                delivery.await
+            }
+            Err(e) => Err(e),
+        };
+        match outcome {
             Ok(p) => return Some(p),
             Err(e) => {
                 tracing::warn!(error = %e, "append failed, retrying");

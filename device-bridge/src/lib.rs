@@ -94,6 +94,10 @@ pub struct Config {
     /// that finds the queue full is not published now (the catch-up path
     /// tries again) — no household waits behind another's.
     pub mqtt_queue: usize,
+    /// Messages one device may send a second, and its burst: beyond them
+    /// its messages are acknowledged and dropped (counted as
+    /// `device_rate_limited`), so one device cannot flood the log.
+    pub device_rate: (u32, u32),
 }
 
 impl Config {
@@ -122,6 +126,7 @@ impl Config {
             internal_token: None,
             expiry_every: Duration::from_secs(1),
             mqtt_queue: 8192,
+            device_rate: (50, 500),
         }
     }
 }
@@ -136,6 +141,8 @@ pub struct Shared {
     pub deliverer: Deliverer,
     /// The debounce of each device's offline-queue flush.
     pub flushes: deliver::Flushes,
+    /// Each device's message rate ([`Config::device_rate`]).
+    pub device_rate: governor::DefaultKeyedRateLimiter<uuid::Uuid>,
     /// The device-message JSON Schemas every message is checked against.
     pub schemas: schema::Schemas,
     /// Per broker: whether its subscription is granted.
@@ -207,6 +214,10 @@ impl Application {
             registry: Registry::new(pool.clone()),
             deliverer: Deliverer::new(clients),
             flushes: deliver::Flushes::default(),
+            device_rate: governor::RateLimiter::keyed(
+                governor::Quota::per_second(std::num::NonZeroU32::new(cfg.device_rate.0.max(1)).unwrap_or(std::num::NonZeroU32::MIN))
+                    .allow_burst(std::num::NonZeroU32::new(cfg.device_rate.1.max(1)).unwrap_or(std::num::NonZeroU32::MIN)),
+            ),
             subscribed: connections.iter().map(|_| AtomicBool::new(false)).collect(),
         });
         let s = shared.clone();
@@ -254,6 +265,15 @@ impl Application {
         let ingest = tokio::spawn(ingest::run(self.shared.clone(), clients.clone(), rx, cancel.clone()));
         let catch_up = tokio::spawn(deliver::catch_up(self.shared.clone(), self.commands, cancel.clone()));
         let timer = tokio::spawn(deliver::expiry_timer(self.shared.clone(), self.cfg.expiry_every, cancel.clone()));
+        // Devices whose buckets are full again are forgotten: bounded memory.
+        let (s, c) = (self.shared.clone(), cancel.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! { _ = c.cancelled() => return, _ = tokio::time::sleep(Duration::from_secs(60)) => {} }
+                s.device_rate.retain_recent();
+                s.device_rate.shrink_to_fit();
+            }
+        });
         let filters: Vec<String> =
             ["state", "ack", "status"].iter().map(|c| format!("$share/{}/home/+/device/+/{c}", self.cfg.share_group)).collect();
         let mqtt: Vec<_> = self

@@ -41,6 +41,15 @@ struct Args {
     /// long, since every fetch costs the broker CPU even with nothing to read.
     #[arg(long, env = "HOMELINK_BRIDGE_COMMAND_FETCH_WAIT_MS", default_value_t = 2000)]
     command_fetch_wait_ms: u64,
+    /// Messages one device may send a second; beyond it (and its burst) they
+    /// are acknowledged and dropped, counted as `device_rate_limited`.
+    #[arg(long, env = "HOMELINK_BRIDGE_DEVICE_RATE", default_value_t = 50)]
+    device_rate: u32,
+    #[arg(long, env = "HOMELINK_BRIDGE_DEVICE_BURST", default_value_t = 500)]
+    device_burst: u32,
+    /// Requests each MQTT client queues while its broker is away.
+    #[arg(long, env = "HOMELINK_BRIDGE_MQTT_QUEUE", default_value_t = 8192)]
+    mqtt_queue: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -65,6 +74,8 @@ async fn run() -> anyhow::Result<()> {
     cfg.produce_linger = std::time::Duration::from_millis(a.produce_linger_ms);
     cfg.internal_token = a.common.internal_token()?;
     cfg.command_fetch_wait = std::time::Duration::from_millis(a.command_fetch_wait_ms.max(1));
+    cfg.device_rate = (a.device_rate, a.device_burst);
+    cfg.mqtt_queue = a.mqtt_queue;
     let app = Application::build(cfg).await?;
     tracing::info!(port = app.port(), internal_port = app.internal_port(), "device bridge listening");
     Ok(app.run_until_stopped(homelink_kit::shutdown::on_signal()).await?)

@@ -6,6 +6,8 @@ mod common;
 use common::raw::RawDevice;
 use common::{eventually, spec, Stack};
 use homelink_events::DeviceKind;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::QoS;
 use serde_json::{json, Value};
 use std::time::Duration;
 use uuid::Uuid;
@@ -668,4 +670,257 @@ async fn nobody_can_make_other_users_reads_wait() {
     })
     .await;
     assert_eq!(body["data"]["me"]["userId"], json!(a.accounts[0].user_id.to_string()), "{status} {body}");
+}
+
+/// Defect 11: a device could ack random command ids (each made a row and a
+/// change) and report without limit. Acks of commands it was never sent are
+/// dropped and counted; beyond its rate, its messages are dropped and
+/// counted, and the log holds only what was accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_device_cannot_flood_the_log_with_random_acks_or_reports() {
+    let stack = Stack::start_on(common::Env::from_env().device_rate(1, 10)).await;
+    let home = stack.seed(&[(DeviceKind::Light, "Lamp", "Hall")]).await;
+    let light = home.devices[0].id;
+    let device = RawDevice::connect(&stack, spec(&home, 0, None), Duration::from_secs(30)).await;
+    for _ in 0..5 {
+        device.send("ack", json!({"v": 1, "commandId": Uuid::new_v4(), "status": "ok"})).await;
+    }
+    eventually(Duration::from_secs(20), "random acks dropped", || async {
+        let n = stack.metric(stack.bridge_port, "homelink_bridge_errors_total{kind=\"unknown_command_ack\"}").await;
+        (n >= 5.0).then_some(())
+    })
+    .await;
+    for seq in 1..=40u64 {
+        device.send("state", json!({"v": 1, "seq": seq, "state": {"brightness": seq}})).await;
+    }
+    let limited = eventually(Duration::from_secs(20), "the flood limited", || async {
+        let n = stack.metric(stack.bridge_port, "homelink_bridge_errors_total{kind=\"device_rate_limited\"}").await;
+        (n >= 20.0).then_some(n)
+    })
+    .await;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM device_commands WHERE device_id = $1")
+        .bind(light)
+        .fetch_one(&stack.pool)
+        .await
+        .expect("rows");
+    assert_eq!(rows, 0, "no row for an ack of a command never sent");
+    // Every message is either appended or counted as dropped: the online
+    // status and the 40 reports.
+    let (appended, dropped) = eventually(Duration::from_secs(20), "every report's fate known", || async {
+        let appended = stack.metric(stack.bridge_port, "homelink_bridge_messages_out_total{kind=\"telemetry\"}").await;
+        let dropped = stack.metric(stack.bridge_port, "homelink_bridge_errors_total{kind=\"device_rate_limited\"}").await;
+        (appended + dropped >= 41.0).then_some((appended, dropped))
+    })
+    .await;
+    assert_eq!(appended + dropped, 41.0, "{appended} appended, {dropped} dropped ({limited} seen first)");
+    assert!(appended <= 12.0, "the burst and a refill at most: {appended}");
+}
+
+/// A client TLS configuration that keeps its sessions (rustls' in-memory
+/// cache), as a device that resumes to reconnect fast would.
+fn resuming_tls(ca_pem: &str, cert_pem: &str, key_pem: &str) -> std::sync::Arc<rumqttc::tokio_rustls::rustls::ClientConfig> {
+    use rumqttc::tokio_rustls::rustls::pki_types::pem::PemObject;
+    use rumqttc::tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use rumqttc::tokio_rustls::rustls::{ClientConfig, RootCertStore};
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.expect("CA certificate")).expect("root");
+    }
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(cert_pem.as_bytes()).map(|c| c.expect("certificate")).collect();
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("key");
+    std::sync::Arc::new(ClientConfig::builder().with_root_certificates(roots).with_client_auth_cert(chain, key).expect("client auth"))
+}
+
+/// MQTT options for `device` over `tls`.
+fn resuming_options(
+    stack: &Stack,
+    r: &homelink_tools::api::Registered,
+    tls: &std::sync::Arc<rumqttc::tokio_rustls::rustls::ClientConfig>,
+) -> rumqttc::v5::MqttOptions {
+    let port = r.mqtt.as_ref().map(|m| m.port).unwrap_or(stack.env.device_port);
+    let mut o = rumqttc::v5::MqttOptions::new(r.device_id.to_string(), &stack.env.mqtt_host, port);
+    o.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(tls.clone())));
+    o.set_keep_alive(Duration::from_secs(30)).set_clean_start(true);
+    o
+}
+
+/// Connects; `Ok` at a successful CONNACK, `Err` when refused (TLS or MQTT).
+async fn connack(o: rumqttc::v5::MqttOptions) -> Result<(rumqttc::v5::AsyncClient, rumqttc::v5::EventLoop), String> {
+    let (client, mut ev) = rumqttc::v5::AsyncClient::new(o, 10);
+    let r = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ev.poll().await {
+                Ok(rumqttc::v5::Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| Err("no CONNACK within 10 s".into()));
+    r.map(|_| (client, ev))
+}
+
+/// Whether a TLS handshake with `tls` to the device listener resumes a session.
+async fn handshake_resumes(stack: &Stack, port: u16, tls: &std::sync::Arc<rumqttc::tokio_rustls::rustls::ClientConfig>) -> Option<bool> {
+    use rumqttc::tokio_rustls::rustls::pki_types::ServerName;
+    let tcp = tokio::net::TcpStream::connect((stack.env.mqtt_host.as_str(), port)).await.ok()?;
+    let name = ServerName::try_from(stack.env.mqtt_host.clone()).ok()?;
+    let conn = rumqttc::tokio_rustls::TlsConnector::from(tls.clone()).connect(name, tcp).await.ok()?;
+    Some(conn.get_ref().1.handshake_kind() == Some(rumqttc::tokio_rustls::rustls::HandshakeKind::Resumed))
+}
+
+/// Defect 11: a resumed TLS session must not get a removed device past the
+/// revocation list. The device connects with a client that keeps its TLS
+/// sessions, is removed (revoked, kicked), and reconnects with the same
+/// sessions: refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_resumed_tls_session_does_not_get_a_removed_device_past_the_revocation_list() {
+    let stack = Stack::start_revoking().await;
+    let home = stack.seed(&[]).await;
+    let (owner, h) = (&home.accounts[0], home.household_id);
+    let reg = homelink_tools::api::register_device(&stack.http, &stack.api(), owner, h, DeviceKind::Plug, "Kettle", None, None, None)
+        .await
+        .expect("register");
+    let key = reg.private_key_pem.clone().expect("key");
+    let tls = resuming_tls(&stack.env.target().ca_pem, &reg.certificate_pem, &key);
+    let (client, mut ev) = connack(resuming_options(&stack, &reg, &tls)).await.expect("the registered device connects");
+    let _ = client
+        .publish(format!("home/{h}/device/{}/status", reg.device_id), QoS::AtLeastOnce, true, &br#"{"v":1,"status":"online"}"#[..])
+        .await;
+    let spin = tokio::spawn(async move { while ev.poll().await.is_ok() {} });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let port = reg.mqtt.as_ref().map(|m| m.port).unwrap_or(stack.env.device_port);
+    let resumed_before = handshake_resumes(&stack, port, &tls).await;
+
+    let r = stack
+        .http
+        .delete(format!("{}/v1/households/{h}/devices/{}", stack.api(), reg.device_id))
+        .bearer_auth(&owner.access_token)
+        .send()
+        .await
+        .expect("remove");
+    assert_eq!(r.status(), 204);
+    tokio::time::timeout(Duration::from_secs(15), spin).await.expect("the removed device's connection was closed").ok();
+
+    let again = connack(resuming_options(&stack, &reg, &tls)).await;
+    assert!(
+        again.is_err(),
+        "a removed device reconnecting with its TLS session is refused (resumption worked before removal: {resumed_before:?})"
+    );
+    let resumed_after = handshake_resumes(&stack, port, &tls).await;
+    assert_ne!(resumed_after, Some(true), "no TLS session of the removed device is resumed after the revocation");
+}
+
+/// Appends `events` (topic, envelope) to the log and pushes them to the
+/// projector in one request, so they are applied in one batch.
+async fn one_batch(stack: &Stack, events: Vec<(String, homelink_events::Envelope)>) {
+    let mut located = Vec::new();
+    for (topic, e) in events {
+        let pos = stack.appender.append(&topic, &e).await.expect("append");
+        located.push(homelink_kit::push::Located { topic, partition: pos.partition, offset: pos.offset, envelope: e });
+    }
+    let url = format!("http://127.0.0.1:{}/internal/v1/events", stack.projector_internal_port);
+    let r = stack.http.post(&url).bearer_auth(common::INTERNAL_TOKEN).json(&located).send().await.expect("push");
+    assert!(r.status().is_success(), "{}", r.status());
+}
+
+fn reported(device: Uuid, seq: u64, state: Value) -> homelink_events::Event {
+    homelink_events::Event::DeviceStateReported(homelink_events::event::DeviceStateReported {
+        device_id: device,
+        seq,
+        device_ts: None,
+        state: state.as_object().cloned().expect("object"),
+        battery: None,
+    })
+}
+
+/// Defect 11: a camera change committed in the same batch as a member's
+/// demotion to child reached the child, because the batch announced the
+/// membership change last. It is announced first now: the demoted member's
+/// subscription never shows the camera.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_change_committed_with_a_demotion_never_reaches_the_demoted_member() {
+    use homelink_events::{Actor, Envelope, Event};
+    let stack = Stack::start().await;
+    let home = stack.household_with(&["adult"], &[(DeviceKind::Camera, "Door cam", "Hall"), (DeviceKind::Light, "Lamp", "Hall")]).await;
+    let (h, camera, light) = (home.household_id, home.devices[0].id, home.devices[1].id);
+    let adult = &home.accounts[1];
+    let q = "subscription($h: ID!) { householdChanges(householdId: $h) { change deviceId } }";
+    let mut sub =
+        homelink_tools::gql::Subscription::start(&stack.graphql_ws(), &adult.access_token, q, json!({"h": h})).await.expect("subscribe");
+    // The subscription is live: a camera change reaches the adult.
+    one_batch(
+        &stack,
+        vec![(
+            stack.topics.telemetry(),
+            Envelope::new(h, Actor::Device(camera), &reported(camera, 1, json!({"motion": false})), chrono::Utc::now()),
+        )],
+    )
+    .await;
+    common::next_matching(&mut sub, "the camera, seen as an adult", |v| v["householdChanges"]["deviceId"] == json!(camera)).await;
+
+    let version: i64 =
+        sqlx::query_scalar("SELECT version FROM households WHERE household_id = $1").bind(h).fetch_one(&stack.pool).await.expect("version");
+    let owner = Actor::User(home.accounts[0].user_id.to_string());
+    let demote =
+        Event::MemberRoleChanged(homelink_events::event::MemberRoleChanged { user_id: adult.user_id, role: homelink_events::Role::Child });
+    one_batch(
+        &stack,
+        vec![
+            (
+                stack.topics.telemetry(),
+                Envelope::new(h, Actor::Device(camera), &reported(camera, 2, json!({"motion": true})), chrono::Utc::now()),
+            ),
+            (stack.topics.households(), Envelope::new(h, owner, &demote, chrono::Utc::now()).with_seq(version as u64 + 1)),
+        ],
+    )
+    .await;
+    one_batch(
+        &stack,
+        vec![(
+            stack.topics.telemetry(),
+            Envelope::new(h, Actor::Device(light), &reported(light, 1, json!({"on": true})), chrono::Utc::now()),
+        )],
+    )
+    .await;
+    let mut seen = Vec::new();
+    let last = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let v = sub.next().await.expect("subscription payload");
+            seen.push(v["householdChanges"]["deviceId"].clone());
+            if v["householdChanges"]["deviceId"] == json!(light) {
+                return v;
+            }
+        }
+    })
+    .await
+    .expect("the light after the demotion");
+    assert!(!seen.contains(&json!(camera)), "the camera change of the demotion's batch reached the child: {seen:?} then {last}");
+}
+
+/// The change feed, said exactly: reports applied in one batch become one
+/// change per device, and a transition that came and went inside it (motion
+/// started and stopped) is still visible, in `transitions`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_merged_change_keeps_the_transitions_it_hides() {
+    use homelink_events::{Actor, Envelope};
+    let stack = Stack::start().await;
+    let home = stack.seed(&[(DeviceKind::Sensor, "Hall motion", "Hall")]).await;
+    let (h, sensor) = (home.household_id, home.devices[0].id);
+    let q = "subscription($h: ID!) { householdChanges(householdId: $h) { change deviceId transitions shadow { reported } } }";
+    let mut sub = homelink_tools::gql::Subscription::start(&stack.graphql_ws(), &home.accounts[0].access_token, q, json!({"h": h}))
+        .await
+        .expect("subscribe");
+    let at = chrono::Utc::now();
+    let report = |seq, state| (stack.topics.telemetry(), Envelope::new(h, Actor::Device(sensor), &reported(sensor, seq, state), at));
+    one_batch(&stack, vec![report(1, json!({"motion": false, "temperature": 20}))]).await;
+    let first = common::next_matching(&mut sub, "the first report", |v| v["householdChanges"]["deviceId"] == json!(sensor)).await;
+    assert_eq!(first["householdChanges"]["transitions"], Value::Null, "nothing hidden: {first}");
+    one_batch(&stack, vec![report(2, json!({"motion": true})), report(3, json!({"motion": false, "temperature": 21}))]).await;
+    let merged = common::next_matching(&mut sub, "the merged change", |v| v["householdChanges"]["deviceId"] == json!(sensor)).await;
+    let c = &merged["householdChanges"];
+    assert_eq!(c["shadow"]["reported"]["motion"], false);
+    assert_eq!(c["transitions"], json!({"motion": [true, false]}), "motion came and went inside the change: {merged}");
 }

@@ -197,6 +197,8 @@ pub struct Applied {
     pub changed: bool,
     /// Commands now confirmed, with the time of the report that completed each.
     pub confirmed: Vec<(Uuid, DateTime<Utc>)>,
+    /// The twin's facts changed (to be stored even if nothing shown changed).
+    pub facts_changed: bool,
 }
 
 impl Default for Shadow {
@@ -248,7 +250,7 @@ impl Shadow {
             }
         };
         if let Some(fact) = fact {
-            out.confirmed = self.twin.apply(fact);
+            (out.confirmed, out.facts_changed) = self.twin.apply_noting(fact);
             if self.derive_desired() {
                 if !out.changed {
                     self.version += 1;
@@ -505,6 +507,18 @@ mod tests {
         assert_eq!(Value::Object(s.desired.clone()), json!({"on": true}));
         assert!(s.apply(&ack(2, crate::protocol::AckStatus::Failed), t(4), 2));
         assert!(s.desired.is_empty());
+    }
+
+    #[test]
+    fn a_trail_names_only_the_transitions_the_final_state_hides() {
+        let obj = |v: Value| v.as_object().cloned().unwrap();
+        let before = obj(json!({"motion": false, "temperature": 20}));
+        let mut trail = Trail::default();
+        trail.note(&before);
+        trail.note(&obj(json!({"motion": true, "temperature": 20})));
+        trail.note(&obj(json!({"motion": false, "temperature": 21, "humidity": 40})));
+        // Motion came and went; temperature changed once; humidity is new: only motion.
+        assert_eq!(Value::Object(trail.transitions(&before)), json!({"motion": [true, false]}));
     }
 
     /// One generated telemetry event: a partial report or a status.

@@ -84,28 +84,33 @@ impl CommandFacts {
 
     /// A report of `s.property` after the `ok` ack: reached when it carries
     /// the command's value; remembered when the request is not known yet.
-    fn hear(&mut self, s: &Sighting) {
+    /// Whether the facts changed.
+    fn hear(&mut self, s: &Sighting) -> bool {
         if self.ok_at.is_none_or(|o| s.offset <= o) {
-            return;
+            return false;
         }
         match &self.set {
             Some(set) => {
-                if set.get(&s.property).is_some_and(|want| same_value(&s.value, want)) {
-                    let better = self.reached.get(&s.property).is_none_or(|(o, _)| s.offset < *o);
-                    if better {
-                        self.reached.insert(s.property.clone(), (s.offset, s.at));
-                    }
+                let better = set.get(&s.property).is_some_and(|want| same_value(&s.value, want))
+                    && self.reached.get(&s.property).is_none_or(|(o, _)| s.offset < *o);
+                if better {
+                    self.reached.insert(s.property.clone(), (s.offset, s.at));
                 }
+                better
             }
             None => {
                 let same = self.heard.iter().position(|h| h.property == s.property && same_value(&h.value, &s.value));
                 match same {
-                    Some(i) if self.heard[i].offset > s.offset => self.heard[i] = s.clone(),
-                    Some(_) => {}
+                    Some(i) if self.heard[i].offset > s.offset => {
+                        self.heard[i] = s.clone();
+                        true
+                    }
+                    Some(_) => false,
                     None => {
                         self.heard.push(s.clone());
                         self.heard.sort_by_key(|h| h.offset);
                         self.heard.truncate(MAX_HEARD);
+                        self.heard.iter().any(|h| h.offset == s.offset && h.property == s.property)
                     }
                 }
             }
@@ -166,7 +171,16 @@ impl Twin {
     /// Folds one fact in; returns the commands it confirmed, with the time
     /// of the report that completed each.
     pub fn apply(&mut self, fact: Fact<'_>) -> Vec<(Uuid, DateTime<Utc>)> {
+        self.apply_noting(fact).0
+    }
+
+    /// [`Twin::apply`], also saying whether the facts changed (so they are
+    /// stored even when nothing shown changed).
+    pub fn apply_noting(&mut self, fact: Fact<'_>) -> (Vec<(Uuid, DateTime<Utc>)>, bool) {
         let before: Vec<Uuid> = self.confirmed_ids();
+        // Facts of the command side change with every such event; a report
+        // changes them only when a command heard it.
+        let mut changed = !matches!(fact, Fact::Reported { .. });
         match fact {
             Fact::Requested { command_id, set, at } => {
                 let f = self.commands.entry(command_id).or_default();
@@ -174,7 +188,7 @@ impl Twin {
                 if f.set.is_none() {
                     f.set = Some(set.clone());
                     for s in std::mem::take(&mut f.heard) {
-                        f.hear(&s);
+                        let _ = f.hear(&s);
                     }
                 }
             }
@@ -199,13 +213,15 @@ impl Twin {
                 for (k, v) in state {
                     let s = Sighting { property: k.clone(), value: v.clone(), offset, at };
                     for f in self.commands.values_mut() {
-                        f.hear(&s);
+                        changed |= f.hear(&s);
                     }
                 }
             }
         }
         self.prune();
-        self.commands.iter().filter(|(id, _)| !before.contains(id)).filter_map(|(id, f)| f.confirmed().map(|at| (*id, at))).collect()
+        let confirmed =
+            self.commands.iter().filter(|(id, _)| !before.contains(id)).filter_map(|(id, f)| f.confirmed().map(|at| (*id, at))).collect();
+        (confirmed, changed)
     }
 
     fn confirmed_ids(&self) -> Vec<Uuid> {

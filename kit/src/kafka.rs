@@ -104,6 +104,32 @@ impl Appender {
         self.append_raw(topic, &key, &envelope.to_json()).await
     }
 
+    /// Queues one envelope in the producer now (librdkafka keeps the order of
+    /// what is queued for a partition) and returns the wait for the broker's
+    /// acknowledgement. `Err` when it could not be queued (a full queue).
+    pub fn enqueue(
+        &self,
+        topic: &str,
+        envelope: &Envelope,
+    ) -> Result<impl std::future::Future<Output = Result<Position, crate::Error>> + Send + 'static, crate::Error> {
+        let key = household_key(envelope.household_id);
+        let payload = envelope.to_json();
+        let record = FutureRecord::to(topic).key(&key).payload(&payload);
+        let producer = self.current();
+        let delivery = producer.send_result(record).map_err(|(e, _)| crate::Error::from(e))?;
+        let me = self.clone();
+        Ok(async move {
+            match delivery.await {
+                Ok(Ok(d)) => Ok(Position { partition: d.partition, offset: d.offset }),
+                Ok(Err((e, _))) => {
+                    me.recover(&producer, &e);
+                    Err(e.into())
+                }
+                Err(_) => Err(crate::Error::Other("the producer dropped the record".into())),
+            }
+        })
+    }
+
     /// Appends raw bytes under `key` (dead-letter records).
     pub async fn append_raw(&self, topic: &str, key: &str, payload: &[u8]) -> Result<Position, crate::Error> {
         let record = FutureRecord::to(topic).key(key).payload(payload);

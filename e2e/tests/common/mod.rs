@@ -41,6 +41,8 @@ pub struct Env {
     pub apply_wait: Option<Duration>,
     /// The bridge's MQTT request queue per broker ([`Env::bridge_queue`]).
     pub bridge_queue: Option<usize>,
+    /// The bridge's per-device message rate and burst ([`Env::device_rate`]).
+    pub device_rate: Option<(u32, u32)>,
     pub bridge_password: String,
     pub pki: PkiDir,
     pub bin_dir: std::path::PathBuf,
@@ -72,6 +74,7 @@ impl Env {
             hub_buffer: None,
             apply_wait: None,
             bridge_queue: None,
+            device_rate: None,
             bridge_password: var("HOMELINK_TEST_MQTT_BRIDGE_PASSWORD"),
             pki: PkiDir(var("HOMELINK_TEST_PKI_DIR").into()),
             bin_dir: std::env::var("HOMELINK_TEST_BIN_DIR")
@@ -115,6 +118,13 @@ impl Env {
     /// many MQTT requests per broker while a broker is away.
     pub fn bridge_queue(mut self, n: usize) -> Self {
         self.bridge_queue = Some(n);
+        self
+    }
+
+    /// The same components, with the (in-process) bridge accepting only this
+    /// many messages a second from one device, and this burst.
+    pub fn device_rate(mut self, per_second: u32, burst: u32) -> Self {
+        self.device_rate = Some((per_second, burst));
         self
     }
 
@@ -187,6 +197,9 @@ pub async fn spawn_bridge(
     bc.internal_token = Some(INTERNAL_TOKEN.into());
     if let Some(n) = env.bridge_queue {
         bc.mqtt_queue = n;
+    }
+    if let Some(r) = env.device_rate {
+        bc.device_rate = r;
     }
     let bridge = homelink_device_bridge::Application::build(bc).await.expect("bridge");
     let ports = (bridge.port(), bridge.internal_port());

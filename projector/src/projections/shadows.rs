@@ -48,6 +48,8 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
     let mut confirmed = Vec::new();
     // What each device reported before the batch, and every value each property took in it.
     let mut trails: HashMap<Uuid, (Map<String, Value>, Trail)> = HashMap::new();
+    // Shadows whose twin facts changed but nothing shown: stored, not announced.
+    let mut facts_only: HashMap<Uuid, Uuid> = HashMap::new();
     for (l, ev) in work {
         let Some(device) = ev.device_id() else {
             continue;
@@ -65,13 +67,18 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
         trail.note(&shadow.reported);
         if applied.changed {
             changed.insert(device, l.envelope.household_id);
+        } else if applied.facts_changed {
+            facts_only.insert(device, l.envelope.household_id);
         }
         confirmed.extend(applied.confirmed);
     }
-    if changed.is_empty() {
+    if changed.is_empty() && facts_only.is_empty() {
         return Ok(Applied { notes: Vec::new(), confirmed });
     }
     let mut cols = ShadowColumns::default();
+    for (device, household) in facts_only.iter().filter(|(d, _)| !changed.contains_key(*d)) {
+        cols.push(*device, *household, &current[device]);
+    }
     let mut notes = Vec::with_capacity(changed.len());
     for (device, household) in &changed {
         let s = &current[device];
