@@ -238,8 +238,8 @@ impl Shadow {
         let fact = match event {
             Event::DeviceCommandRequested(c) => Some(Fact::Requested { command_id: c.command_id, set: &c.set, at }),
             Event::DeviceCommandAcked(a) => Some(Fact::Acked { command_id: a.command_id, status: a.status, offset }),
-            Event::DeviceCommandExpired(e) => Some(Fact::Ended { command_id: e.command_id, refused: false }),
-            Event::DeviceCommandRevoked(r) => Some(Fact::Ended { command_id: r.command_id, refused: true }),
+            Event::DeviceCommandExpired(e) => Some(Fact::Ended { command_id: e.command_id }),
+            Event::DeviceCommandRevoked(r) => Some(Fact::Ended { command_id: r.command_id }),
             Event::DeviceStateReported(r) => {
                 out.changed = self.apply_reported(event, at, offset);
                 Some(Fact::Reported { state: &r.state, offset, at })
@@ -505,8 +505,12 @@ mod tests {
         assert!(s.apply(&ack(1, crate::protocol::AckStatus::Rejected), t(3), 0));
         assert!(!s.apply(&ack(2, crate::protocol::AckStatus::Ok), t(3), 1));
         assert_eq!(Value::Object(s.desired.clone()), json!({"on": true}));
-        assert!(s.apply(&ack(2, crate::protocol::AckStatus::Failed), t(4), 2));
-        assert!(s.desired.is_empty());
+        // The first ack decides: a later, different one changes nothing.
+        assert!(!s.apply(&ack(2, crate::protocol::AckStatus::Failed), t(4), 2));
+        assert_eq!(Value::Object(s.desired.clone()), json!({"on": true}));
+        s.apply(&command(4, json!({"brightness": 5})), t(5), 1);
+        assert!(s.apply(&ack(4, crate::protocol::AckStatus::Failed), t(6), 3));
+        assert_eq!(Value::Object(s.desired.clone()), json!({"on": true}));
     }
 
     #[test]
