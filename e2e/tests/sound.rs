@@ -793,6 +793,7 @@ async fn a_resumed_tls_session_does_not_get_a_removed_device_past_the_revocation
     tokio::time::sleep(Duration::from_millis(500)).await;
     let port = reg.mqtt.as_ref().map(|m| m.port).unwrap_or(stack.env.device_port);
     let resumed_before = handshake_resumes(&stack, port, &tls).await;
+    eprintln!("a TLS session of the device resumed before its removal: {resumed_before:?}");
 
     let r = stack
         .http
@@ -810,6 +811,7 @@ async fn a_resumed_tls_session_does_not_get_a_removed_device_past_the_revocation
         "a removed device reconnecting with its TLS session is refused (resumption worked before removal: {resumed_before:?})"
     );
     let resumed_after = handshake_resumes(&stack, port, &tls).await;
+    eprintln!("after its removal: {resumed_after:?} (None: the handshake was refused)");
     assert_ne!(resumed_after, Some(true), "no TLS session of the removed device is resumed after the revocation");
 }
 
