@@ -79,9 +79,20 @@ impl Appender {
         self.producer.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Replaces the producer after a fatal error.
+    /// Replaces the producer after a fatal error, or after a broker error
+    /// that leaves an idempotent producer's sequence out of step for good:
+    /// a restarted tansu that lost the producer's state answers every later
+    /// record with "Unknown broker error" (seen after `kill -9` of tansu
+    /// under load: every append of the bridge failed until it was replaced).
     fn recover(&self, failed: &FutureProducer, error: &rdkafka::error::KafkaError) {
-        if failed.client().fatal_error().is_none() {
+        use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+        let stuck = matches!(
+            error,
+            KafkaError::MessageProduction(
+                RDKafkaErrorCode::Unknown | RDKafkaErrorCode::UnknownProducerId | RDKafkaErrorCode::OutOfOrderSequenceNumber
+            )
+        );
+        if failed.client().fatal_error().is_none() && !stuck {
             return;
         }
         let mut last = self.last_reset.lock().unwrap_or_else(|e| e.into_inner());
@@ -116,7 +127,10 @@ impl Appender {
         let payload = envelope.to_json();
         let record = FutureRecord::to(topic).key(&key).payload(&payload);
         let producer = self.current();
-        let delivery = producer.send_result(record).map_err(|(e, _)| crate::Error::from(e))?;
+        let delivery = producer.send_result(record).map_err(|(e, _)| {
+            self.recover(&producer, &e);
+            crate::Error::from(e)
+        })?;
         let me = self.clone();
         Ok(async move {
             match delivery.await {
