@@ -52,6 +52,33 @@ impl DeviceOrder {
     }
 }
 
+/// When an append last failed, to tell whether appends are failing lately.
+pub struct Failing {
+    started: Instant,
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Failing {
+    fn default() -> Self {
+        Self { started: Instant::now(), last_ms: std::sync::atomic::AtomicU64::new(0) }
+    }
+}
+
+impl Failing {
+    /// Within this long of a failure, appends count as failing.
+    const LATELY: Duration = Duration::from_secs(10);
+
+    pub fn now(&self) {
+        let ms = self.started.elapsed().as_millis() as u64 + 1;
+        self.last_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn recently(&self) -> bool {
+        let last = self.last_ms.load(std::sync::atomic::Ordering::Relaxed);
+        last > 0 && self.started.elapsed().as_millis() as u64 + 1 - last < Self::LATELY.as_millis() as u64
+    }
+}
+
 /// Gives the next message of the device its turn when dropped.
 struct TurnDone(Option<tokio::sync::oneshot::Sender<()>>);
 
@@ -187,7 +214,14 @@ async fn handle(s: &Arc<Shared>, p: &Publish, cancel: &CancellationToken, turn: 
     if let Some(Some(previous)) = previous {
         let _ = previous.await;
     }
-    let Some(pos) = append_in_turn(s, &telemetry, &envelope, cancel, done).await else {
+    // An ack holds its device's next message until it is in the log, even
+    // through retries: the report that follows an ack must land after it
+    // (the twin confirms by that order). Other messages pass the turn on
+    // once they are queued.
+    // While appends are failing, every message holds it: retries must not
+    // overtake one another.
+    let hold = matches!(event, Event::DeviceCommandAcked(_)) || s.appends_failing.recently();
+    let Some(pos) = append_in_turn(s, &telemetry, &envelope, cancel, done, hold).await else {
         return Fate::Dropped;
     };
     s.metrics.messages_out.with_label_values(&["telemetry"]).inc();
@@ -203,20 +237,25 @@ async fn handle(s: &Arc<Shared>, p: &Publish, cancel: &CancellationToken, turn: 
 /// Appends, retrying with backoff while Kafka refuses, and gives the
 /// device's next message its turn as soon as this one is queued in the
 /// producer (which keeps the order): one device's messages keep their order
-/// without waiting for each other's acknowledgements. `None` only when
-/// shutting down (the message is not acknowledged; the broker redelivers it).
+/// without waiting for each other's acknowledgements — or, with `hold`, only
+/// once this one is in the log, so a failed and retried append cannot land
+/// after the next. `None` only when shutting down (the message is not
+/// acknowledged; the broker redelivers it).
 async fn append_in_turn(
     s: &Shared,
     topic: &str,
     envelope: &Envelope,
     cancel: &CancellationToken,
     mut turn: Option<TurnDone>,
+    hold: bool,
 ) -> Option<homelink_kit::kafka::Position> {
     let mut backoff = Duration::from_millis(100);
     loop {
         let outcome = match s.appender.enqueue(topic, envelope) {
             Ok(delivery) => {
-                drop(turn.take());
+                if !hold {
+                    drop(turn.take());
+                }
                 delivery.await
             }
             Err(e) => Err(e),
@@ -226,6 +265,7 @@ async fn append_in_turn(
             Err(e) => {
                 tracing::warn!(error = %e, "append failed, retrying");
                 s.metrics.errors.with_label_values(&["kafka_produce"]).inc();
+                s.appends_failing.now();
                 if sleep_or_cancel(cancel, backoff).await {
                     return None;
                 }

@@ -141,6 +141,9 @@ pub struct Shared {
     pub deliverer: Deliverer,
     /// The debounce of each device's offline-queue flush.
     pub flushes: deliver::Flushes,
+    /// When an append last failed (a device's messages then keep their
+    /// order through retries, `ingest.rs`).
+    pub appends_failing: ingest::Failing,
     /// Each device's message rate ([`Config::device_rate`]).
     pub device_rate: governor::DefaultKeyedRateLimiter<uuid::Uuid>,
     /// The device-message JSON Schemas every message is checked against.
@@ -214,6 +217,7 @@ impl Application {
             registry: Registry::new(pool.clone()),
             deliverer: Deliverer::new(clients),
             flushes: deliver::Flushes::default(),
+            appends_failing: ingest::Failing::default(),
             device_rate: governor::RateLimiter::keyed(
                 governor::Quota::per_second(std::num::NonZeroU32::new(cfg.device_rate.0.max(1)).unwrap_or(std::num::NonZeroU32::MIN))
                     .allow_burst(std::num::NonZeroU32::new(cfg.device_rate.1.max(1)).unwrap_or(std::num::NonZeroU32::MIN)),

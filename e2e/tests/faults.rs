@@ -199,3 +199,50 @@ async fn a_command_the_broker_never_acknowledged_survives_a_bridge_crash() {
     .await;
     assert_eq!(got, Ok(true), "the device received the command after the bridge crash");
 }
+
+/// With Kafka down, a device acks a command and reports its values: both
+/// appends fail and are retried, and the report still lands after the ack,
+/// so the command is confirmed once Kafka is back (an ack holds its device's
+/// next message until it is in the log, issue 15).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_ack_and_the_report_after_it_keep_their_order_through_a_kafka_outage() {
+    let mut kafka = PrivateKafka::start();
+    let mut env = Env::from_env();
+    env.kafka = kafka.bootstrap();
+    let stack = Stack::start_on(env).await;
+    let home = stack.seed(&light_and_sensor()).await;
+    let light = home.devices[0].id;
+    let mut device = common::raw::RawDevice::connect(&stack, common::spec(&home, 0, None), Duration::from_secs(30)).await;
+    let r = stack.command(&home, light).json(&json!({"set": {"brightness": 42}, "ttlSeconds": 300})).send().await.expect("command");
+    assert_eq!(r.status(), 202);
+    let id = r.json::<serde_json::Value>().await.expect("json")["commandId"].as_str().expect("id").to_owned();
+    let got = device.commands_within(Duration::from_secs(10)).await;
+    assert!(got.iter().any(|c| c["commandId"] == id.as_str()), "{got:?}");
+    // Wait until the delivery is recorded, so the only open steps are the device's.
+    eventually(Duration::from_secs(20), "delivered", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM device_commands WHERE command_id = $1::uuid AND delivered_at IS NOT NULL")
+            .bind(&id)
+            .fetch_one(&stack.pool)
+            .await
+            .ok()?;
+        (n == 1).then_some(())
+    })
+    .await;
+
+    kafka.kill();
+    device.send("ack", json!({"v": 1, "commandId": id, "status": "ok"})).await;
+    device.send("state", json!({"v": 1, "seq": 1, "state": {"on": true, "brightness": 42}})).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    kafka.restart();
+
+    let status = eventually(Duration::from_secs(90), "confirmed after the outage", || async {
+        let s: String = sqlx::query_scalar("SELECT status FROM device_commands WHERE command_id = $1::uuid")
+            .bind(&id)
+            .fetch_one(&stack.pool)
+            .await
+            .ok()?;
+        (s == "confirmed").then_some(s)
+    })
+    .await;
+    assert_eq!(status, "confirmed");
+}
