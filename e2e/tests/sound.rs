@@ -849,9 +849,12 @@ async fn a_change_committed_with_a_demotion_never_reaches_the_demoted_member() {
     let home = stack.household_with(&["adult"], &[(DeviceKind::Camera, "Door cam", "Hall"), (DeviceKind::Light, "Lamp", "Hall")]).await;
     let (h, camera, light) = (home.household_id, home.devices[0].id, home.devices[1].id);
     let adult = &home.accounts[1];
-    let q = "subscription($h: ID!) { householdChanges(householdId: $h) { change deviceId } }";
-    let mut sub =
-        homelink_tools::gql::Subscription::start(&stack.graphql_ws(), &adult.access_token, q, json!({"h": h})).await.expect("subscribe");
+    // Resumed from the last change: nothing is missed however soon the first push comes.
+    let q = "subscription($h: ID!, $after: Int) { householdChanges(householdId: $h, after: $after) { change deviceId } }";
+    let after = last_change(&stack, h).await;
+    let mut sub = homelink_tools::gql::Subscription::start(&stack.graphql_ws(), &adult.access_token, q, json!({"h": h, "after": after}))
+        .await
+        .expect("subscribe");
     // The subscription is live: a camera change reaches the adult.
     one_batch(
         &stack,
@@ -911,10 +914,13 @@ async fn a_merged_change_keeps_the_transitions_it_hides() {
     let stack = Stack::start().await;
     let home = stack.seed(&[(DeviceKind::Sensor, "Hall motion", "Hall")]).await;
     let (h, sensor) = (home.household_id, home.devices[0].id);
-    let q = "subscription($h: ID!) { householdChanges(householdId: $h) { change deviceId transitions shadow { reported } } }";
-    let mut sub = homelink_tools::gql::Subscription::start(&stack.graphql_ws(), &home.accounts[0].access_token, q, json!({"h": h}))
-        .await
-        .expect("subscribe");
+    let q = "subscription($h: ID!, $after: Int) { householdChanges(householdId: $h, after: $after) {
+        change deviceId transitions shadow { reported } } }";
+    let after = last_change(&stack, h).await;
+    let mut sub =
+        homelink_tools::gql::Subscription::start(&stack.graphql_ws(), &home.accounts[0].access_token, q, json!({"h": h, "after": after}))
+            .await
+            .expect("subscribe");
     let at = chrono::Utc::now();
     let report = |seq, state| (stack.topics.telemetry(), Envelope::new(h, Actor::Device(sensor), &reported(sensor, seq, state), at));
     one_batch(&stack, vec![report(1, json!({"motion": false, "temperature": 20}))]).await;
@@ -925,4 +931,13 @@ async fn a_merged_change_keeps_the_transitions_it_hides() {
     let c = &merged["householdChanges"];
     assert_eq!(c["shadow"]["reported"]["motion"], false);
     assert_eq!(c["transitions"], json!({"motion": [true, false]}), "motion came and went inside the change: {merged}");
+}
+
+/// The household's last change number (subscribe `after` it: nothing missed).
+async fn last_change(stack: &Stack, household: Uuid) -> i64 {
+    sqlx::query_scalar("SELECT COALESCE((SELECT last_seq FROM household_change_seqs WHERE household_id = $1), 0)")
+        .bind(household)
+        .fetch_one(&stack.pool)
+        .await
+        .expect("last change")
 }

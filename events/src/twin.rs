@@ -7,12 +7,14 @@
 //! The fold keeps *facts* per command ([`CommandFacts`]): when it was
 //! requested and what it sets, the log position of the device's first `ok`
 //! ack, whether it ended (expired, revoked, refused by the device) and which
-//! properties a report after that ack carried with the command's value. An
-//! ack and the reports after it are on one topic, so they always arrive in
-//! that order; only the request may come later. Until it does, the facts
-//! remember the first report of each value after the ack ([`Sighting`]),
-//! and the request then finds the one that answers it. Everything shown is
-//! derived from the facts:
+//! properties a report after that ack carried with the command's value
+//! (positions in the telemetry log decide "after", not arrival). Until both
+//! the request and an `ok` ack are known — the commands topic may lag, and a
+//! push may overtake the log so a report is applied before the ack it
+//! answers — the facts remember the reports of the command's properties
+//! ([`Sighting`], the most recent [`MAX_HEARD`]), and whichever comes last
+//! finds the one that answers it. Everything shown is derived from the
+//! facts:
 //! - **desired** `k`: the value of the latest command setting `k` (by request
 //!   time, then command id), unless that command ended or `k` was reached;
 //! - a command is **confirmed** when the device acked it `ok` and reports
@@ -31,9 +33,12 @@
 //! rest the [`MAX_OTHER`] latest requested ones and the
 //! [`MAX_UNREQUESTED`] greatest ids of commands whose request was not seen
 //! yet (an ack with a random `commandId` costs at most that much), each
-//! remembering at most [`MAX_HEARD`] values. The result is exact as long as
-//! a device reports fewer than [`MAX_HEARD`] distinct values between its
-//! ack and the arrival of the request.
+//! remembering at most [`MAX_HEARD`] reports. The result is exact as long as
+//! a device reports its command's properties fewer than [`MAX_HEARD`] times
+//! between the command and the arrival of its request or ack. When a report
+//! that answers a command is applied after the command was confirmed by a
+//! later one (a push overtaking the log), `confirmedAt` keeps the later
+//! report's time (held by the two property tests below).
 
 use crate::protocol::AckStatus;
 use crate::shadow::same_value;
@@ -43,8 +48,9 @@ use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use uuid::Uuid;
 
-/// Values remembered per command whose request has not arrived yet.
-pub const MAX_HEARD: usize = 16;
+/// Reports remembered per command whose request or `ok` ack has not
+/// arrived yet.
+pub const MAX_HEARD: usize = 32;
 /// Facts kept of requested commands that no longer decide any property.
 pub const MAX_OTHER: usize = 4;
 /// Facts kept of commands whose request was not seen (yet).
@@ -101,15 +107,17 @@ impl CommandFacts {
         set.keys().map(|k| self.reached.get(k).map(|(_, at)| *at)).collect::<Option<Vec<_>>>()?.into_iter().max()
     }
 
-    /// A report of `s.property` after the `ok` ack: reached when it carries
-    /// the command's value; remembered when the request is not known yet.
-    /// Whether the facts changed.
+    /// A report of `s.property`: with the request and an `ok` ack known,
+    /// it reaches the property when it came after the ack and carries the
+    /// command's value; before either is known, it is remembered (the most
+    /// recent [`MAX_HEARD`]), since a push may overtake the log and the ack
+    /// or the request come later. Whether the facts changed.
     fn hear(&mut self, s: &Sighting) -> bool {
-        if self.ok_at().is_none_or(|o| s.offset <= o) {
+        if self.refused() || self.ok_at().is_some_and(|o| s.offset <= o) {
             return false;
         }
-        match &self.set {
-            Some(set) => {
+        match (&self.set, self.ok_at()) {
+            (Some(set), Some(_)) => {
                 let better = set.get(&s.property).is_some_and(|want| same_value(&s.value, want))
                     && self.reached.get(&s.property).is_none_or(|(o, _)| s.offset < *o);
                 if better {
@@ -117,22 +125,25 @@ impl CommandFacts {
                 }
                 better
             }
-            None => {
-                let same = self.heard.iter().position(|h| h.property == s.property && same_value(&h.value, &s.value));
-                match same {
-                    Some(i) if self.heard[i].offset > s.offset => {
-                        self.heard[i] = s.clone();
-                        true
-                    }
-                    Some(_) => false,
-                    None => {
-                        self.heard.push(s.clone());
-                        self.heard.sort_by_key(|h| h.offset);
-                        self.heard.truncate(MAX_HEARD);
-                        self.heard.iter().any(|h| h.offset == s.offset && h.property == s.property)
-                    }
+            (Some(set), None) if !set.contains_key(&s.property) => false,
+            _ => {
+                if self.heard.iter().any(|h| h.offset == s.offset && h.property == s.property) {
+                    return false;
                 }
+                self.heard.push(s.clone());
+                self.heard.sort_by_key(|h| h.offset);
+                if self.heard.len() > MAX_HEARD {
+                    self.heard.remove(0);
+                }
+                self.heard.iter().any(|h| h.offset == s.offset && h.property == s.property)
             }
+        }
+    }
+
+    /// Looks again at what was remembered, now that more is known.
+    fn rehear(&mut self) {
+        for s in std::mem::take(&mut self.heard) {
+            let _ = self.hear(&s);
         }
     }
 }
@@ -193,7 +204,8 @@ pub struct Desired {
 
 impl Twin {
     /// Folds one fact in; returns the commands it confirmed, with the time
-    /// of the report that completed each.
+    /// of the report that completed each (again when that time moved
+    /// earlier: keep the earliest).
     pub fn apply(&mut self, fact: Fact<'_>) -> Vec<(Uuid, DateTime<Utc>)> {
         self.apply_noting(fact).0
     }
@@ -208,7 +220,7 @@ impl Twin {
         if id.is_some_and(|id| self.done.binary_search(&id).is_ok()) {
             return (Vec::new(), false);
         }
-        let before: Vec<Uuid> = self.confirmed_ids();
+        let before: Vec<(Uuid, DateTime<Utc>)> = self.confirmed_now();
         // Facts of the command side change with every such event; a report
         // changes them only when a command heard it.
         let mut changed = !matches!(fact, Fact::Reported { .. });
@@ -218,17 +230,16 @@ impl Twin {
                 f.requested_at = Some(f.requested_at.map_or(at, |t| t.min(at)));
                 if f.set.is_none() {
                     f.set = Some(set.clone());
-                    for s in std::mem::take(&mut f.heard) {
-                        let _ = f.hear(&s);
-                    }
+                    f.rehear();
                 }
             }
             Fact::Acked { command_id, status, offset } => {
                 let f = self.commands.entry(command_id).or_default();
-                // The first ack decides. The reports that answer an `ok`
-                // come after it on the same topic: nothing earlier to look at.
+                // The first ack decides; what was heard before it is known
+                // is looked at again.
                 if f.ack.is_none_or(|(o, _)| offset < o) {
                     f.ack = Some((offset, status));
+                    f.rehear();
                 }
             }
             Fact::Ended { command_id } => {
@@ -245,14 +256,15 @@ impl Twin {
         }
         // Confirmations are told before pruning: a command confirmed now may
         // be dropped at once (it no longer decides anything).
-        let confirmed =
-            self.commands.iter().filter(|(id, _)| !before.contains(id)).filter_map(|(id, f)| f.confirmed().map(|at| (*id, at))).collect();
+        let confirmed = self.confirmed_now().into_iter().filter(|c| !before.contains(c)).collect();
         self.prune();
         (confirmed, changed)
     }
 
-    fn confirmed_ids(&self) -> Vec<Uuid> {
-        self.commands.iter().filter(|(_, f)| f.confirmed().is_some()).map(|(id, _)| *id).collect()
+    /// Every confirmed command with its time: one whose time moved earlier
+    /// (a report that arrived late) is told again.
+    fn confirmed_now(&self) -> Vec<(Uuid, DateTime<Utc>)> {
+        self.commands.iter().filter_map(|(id, f)| f.confirmed().map(|at| (*id, at))).collect()
     }
 
     /// Per property, the latest request that set it.
@@ -425,6 +437,7 @@ mod tests {
         let (mut c, mut tel) = (0i64, 0i64);
         let mut sets: BTreeMap<u8, Vec<(u8, u8)>> = BTreeMap::new();
         let mut first: BTreeMap<u8, i64> = BTreeMap::new();
+        let mut acks: BTreeMap<u8, (i64, u8)> = BTreeMap::new();
         steps
             .iter()
             .map(|s| match s {
@@ -439,12 +452,17 @@ mod tests {
                 let on_commands = matches!(s, Step::Request { .. } | Step::Revoke { .. });
                 let pos = if on_commands { &mut c } else { &mut tel };
                 *pos += 1;
-                // A request's time (its position here) is its first one's: a duplicate is the same record.
-                let at = match s {
-                    Step::Request { cmd, .. } => *first.entry(*cmd).or_insert(*pos),
-                    _ => *pos,
-                };
-                (on_commands, at, s.clone())
+                // A command is requested once and acked once: a second step
+                // of either is a duplicate of the first record (its position,
+                // and the ack its status).
+                match s {
+                    Step::Request { cmd, .. } => (on_commands, *first.entry(*cmd).or_insert(*pos), s.clone()),
+                    Step::Ack { cmd, status } => {
+                        let (at, status) = *acks.entry(*cmd).or_insert((*pos, *status));
+                        (on_commands, at, Step::Ack { cmd: *cmd, status })
+                    }
+                    _ => (on_commands, *pos, s.clone()),
+                }
             })
             .collect()
     }
@@ -503,6 +521,34 @@ mod tests {
             }
             prop_assert_eq!(mixed.desired(), in_order.desired());
             prop_assert_eq!(told, told_in_order, "the same confirmations, at the same times");
+        }
+
+        /// The live case: the requests are applied at once (command-api pushes
+        /// them), and the telemetry in any order — a push may overtake the
+        /// log (an ack applied after the report that answers it) — with
+        /// duplicates: the same desired state and confirmations.
+        #[test]
+        fn telemetry_in_any_order_after_the_requests_gives_the_in_order_twin(
+            steps in proptest::collection::vec(step(), 1..20),
+            seed in any::<u64>(),
+        ) {
+            let all = located(&steps);
+            let (mut in_order, mut told_in_order) = (Twin::default(), BTreeMap::new());
+            for s in &all { fold(&mut in_order, &mut told_in_order, s); }
+            let telemetry: Vec<&(bool, i64, Step)> = all.iter().filter(|s| !s.0).collect();
+            let mut shuffled: Vec<&(bool, i64, Step)> = telemetry.iter().copied().chain(telemetry.iter().copied().step_by(3)).collect();
+            let mut x = seed | 1;
+            for i in (1..shuffled.len()).rev() {
+                x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+                shuffled.swap(i, (x % (i as u64 + 1)) as usize);
+            }
+            let (mut mixed, mut told) = (Twin::default(), BTreeMap::new());
+            for s in all.iter().filter(|s| s.0).chain(shuffled) { fold(&mut mixed, &mut told, s); }
+            prop_assert_eq!(mixed.desired(), in_order.desired());
+            // The same commands confirmed; the time may be a later report's
+            // when the earliest answer arrived after the command was settled.
+            let (ids, ids_in_order): (Vec<&Uuid>, Vec<&Uuid>) = (told.keys().collect(), told_in_order.keys().collect());
+            prop_assert_eq!(ids, ids_in_order, "the same commands confirmed");
         }
     }
 }
