@@ -52,7 +52,7 @@ use uuid::Uuid;
 /// arrived yet.
 pub const MAX_HEARD: usize = 32;
 /// Facts kept of requested commands that no longer decide any property.
-pub const MAX_OTHER: usize = 4;
+pub const MAX_OTHER: usize = 64;
 /// Facts kept of commands whose request was not seen (yet).
 pub const MAX_UNREQUESTED: usize = 16;
 /// Ids of dropped commands remembered.
