@@ -791,6 +791,9 @@ async fn command_loop(
     }
     let (mut accepted, mut received, mut ids) = (Vec::new(), Vec::new(), Vec::new());
     let mut every = tokio::time::interval(Duration::from_secs_f64(1.0 / per_sec));
+    // A stall (an outage, a slow answer) is not made up for with a burst:
+    // the probe would only hit the device's rate limit.
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut i = 0u64;
     loop {
         tokio::select! { _ = stop.cancelled() => break, _ = every.tick() => {} }
@@ -805,6 +808,11 @@ async fn command_loop(
             }
             Ok(r) => {
                 out.errors.push(format!("command answered {}", r.status()));
+                // Rate-limited: wait as told before the next one.
+                let wait = r.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+                if let Some(secs) = wait.filter(|_| r.status().as_u16() == 429) {
+                    tokio::select! { _ = stop.cancelled() => break, _ = tokio::time::sleep(Duration::from_secs(secs.min(60))) => {} }
+                }
                 None
             }
             Err(e) => {
