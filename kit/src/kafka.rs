@@ -1,10 +1,11 @@
 //! Kafka clients configured for HomeLink's delivery guarantees (quality.md):
 //! producers with `acks=all`, idempotence and bounded retries; consumers that
-//! never auto-commit. Only the bootstrap address differs between the local
-//! broker (tansu) and Apache Kafka / Redpanda in production.
+//! never auto-commit. Locally and in CI the broker is Apache Kafka (KRaft);
+//! a managed cluster (MSK, Confluent, Redpanda) differs only by configuration:
+//! the bootstrap address and the librdkafka properties of [`client_config`].
 
 use homelink_events::topics::household_key;
-use homelink_events::Envelope;
+use homelink_events::{Envelope, Topics};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -62,8 +63,7 @@ impl Appender {
     }
 
     fn create(cfg: &ProducerConfig) -> Result<FutureProducer, crate::Error> {
-        let producer = ClientConfig::new()
-            .set("bootstrap.servers", &cfg.bootstrap)
+        let producer = client_config(&cfg.bootstrap)
             .set("acks", "all")
             .set("enable.idempotence", "true")
             .set("linger.ms", cfg.linger.as_millis().to_string())
@@ -80,10 +80,11 @@ impl Appender {
     }
 
     /// Replaces the producer after a fatal error, or after a broker error
-    /// that leaves an idempotent producer's sequence out of step for good:
-    /// a restarted tansu that lost the producer's state answers every later
-    /// record with "Unknown broker error" (seen after `kill -9` of tansu
-    /// under load: every append of the bridge failed until it was replaced).
+    /// that leaves an idempotent producer's sequence out of step for good
+    /// (a restarted broker that lost the producer's state answers every later
+    /// record with an unknown-producer or out-of-order error; seen after
+    /// `kill -9` of a single broker under load: every append of the bridge
+    /// failed until it was replaced).
     fn recover(&self, failed: &FutureProducer, error: &rdkafka::error::KafkaError) {
         use rdkafka::error::{KafkaError, RDKafkaErrorCode};
         let stuck = matches!(
@@ -187,12 +188,11 @@ pub fn consumer(bootstrap: &str, group: &str, fetch_wait: Duration) -> Result<St
 /// coming back) takes over its partitions at once instead of waiting for the
 /// group to give up on the dead one.
 pub fn group_member(bootstrap: &str, group: &str, instance: Option<&str>, fetch_wait: Duration) -> Result<StreamConsumer, crate::Error> {
-    let mut config = ClientConfig::new();
+    let mut config = client_config(bootstrap);
     if let Some(id) = instance {
         config.set("group.instance.id", id);
     }
     let c: StreamConsumer = config
-        .set("bootstrap.servers", bootstrap)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -215,11 +215,90 @@ pub fn group_member(bootstrap: &str, group: &str, instance: Option<&str>, fetch_
     Ok(c)
 }
 
-/// Creates the topics that do not exist yet, each with `partitions` partitions.
-pub async fn ensure_topics(bootstrap: &str, topics: &[String], partitions: i32) -> Result<(), crate::Error> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
-    let new: Vec<NewTopic> = topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1))).collect();
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+/// How a deployment's topics are created: the one place for their
+/// partitions, replication and retention (`homelink topics` and the tests
+/// call it; the broker itself never creates a topic).
+#[derive(Debug, Clone)]
+pub struct TopicPlan {
+    pub partitions: i32,
+    /// Copies of every partition: 1 on a single broker, 3 in a cluster.
+    pub replication: i32,
+    /// How long telemetry is kept (`None`: for ever). The household stream,
+    /// the commands and the audit are always kept for ever: a rebuild reads them.
+    pub telemetry_retention: Option<Duration>,
+    /// How long dead letters are kept for an operator to look at.
+    pub dead_letter_retention: Duration,
+}
+
+/// Telemetry's default retention: a week of reports.
+pub const TELEMETRY_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+impl TopicPlan {
+    pub fn new(partitions: i32, replication: i32) -> Self {
+        Self {
+            partitions,
+            replication,
+            telemetry_retention: Some(TELEMETRY_RETENTION),
+            dead_letter_retention: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+
+    /// `min.insync.replicas`: with three copies an append needs two (one
+    /// broker may fail without losing an acknowledged record or refusing writes).
+    pub fn min_insync(&self) -> i32 {
+        if self.replication >= 3 {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// Every topic of `topics` with its topic-level settings.
+    pub fn specs(&self, topics: &Topics) -> Vec<TopicSpec> {
+        let ms = |d: Option<Duration>| d.map_or_else(|| "-1".to_owned(), |d| d.as_millis().max(1).to_string());
+        let spec = |name: String, retention: Option<Duration>| TopicSpec {
+            name,
+            partitions: self.partitions,
+            replication: self.replication,
+            config: vec![
+                ("retention.ms", ms(retention)),
+                ("retention.bytes", "-1".to_owned()),
+                ("min.insync.replicas", self.min_insync().to_string()),
+                ("unclean.leader.election.enable", "false".to_owned()),
+                ("cleanup.policy", "delete".to_owned()),
+            ],
+        };
+        vec![
+            spec(topics.households(), None),
+            spec(topics.commands(), None),
+            spec(topics.audit(), None),
+            spec(topics.telemetry(), self.telemetry_retention),
+            spec(topics.dead_letter(), Some(self.dead_letter_retention)),
+        ]
+    }
+}
+
+/// One topic as it is created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSpec {
+    pub name: String,
+    pub partitions: i32,
+    pub replication: i32,
+    pub config: Vec<(&'static str, String)>,
+}
+
+/// Creates the topics of `topics` that do not exist yet, as `plan` says
+/// (existing topics are left as they are).
+pub async fn ensure_topics(bootstrap: &str, topics: &Topics, plan: &TopicPlan) -> Result<(), crate::Error> {
+    let admin: AdminClient<DefaultClientContext> = client_config(bootstrap).create()?;
+    let specs = plan.specs(topics);
+    let new: Vec<NewTopic> = specs
+        .iter()
+        .map(|t| {
+            t.config.iter().fold(NewTopic::new(&t.name, t.partitions, TopicReplication::Fixed(t.replication)), |n, (k, v)| n.set(k, v))
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     for result in admin.create_topics(&new, &opts).await? {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
@@ -227,6 +306,97 @@ pub async fn ensure_topics(bootstrap: &str, topics: &[String], partitions: i32) 
         }
     }
     Ok(())
+}
+
+/// Waits until the cluster answers metadata requests with at least `brokers`
+/// brokers and a controller: the broker's health, asked in the Kafka protocol.
+pub async fn wait_for_brokers(bootstrap: &str, brokers: usize, timeout: Duration) -> Result<usize, crate::Error> {
+    let admin: AdminClient<DefaultClientContext> = client_config(bootstrap).create()?;
+    let admin = std::sync::Arc::new(admin);
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let a = admin.clone();
+        let seen = tokio::task::spawn_blocking(move || a.inner().fetch_metadata(None, Duration::from_secs(2)).map(|m| m.brokers().len()))
+            .await
+            .map_err(|e| crate::Error::Other(e.to_string()))?;
+        match seen {
+            Ok(n) if n >= brokers => return Ok(n),
+            Ok(n) if std::time::Instant::now() >= deadline => {
+                return Err(crate::Error::Other(format!("{n} of {brokers} Kafka brokers answer at {bootstrap}")))
+            }
+            Err(e) if std::time::Instant::now() >= deadline => return Err(e.into()),
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// The base configuration of every Kafka client of a service: the bootstrap
+/// servers, then every librdkafka property the deployment sets as
+/// `HOMELINK_KAFKA_<PROPERTY>` (in the environment or the configuration
+/// file; the property's dots written as underscores, e.g.
+/// `HOMELINK_KAFKA_SECURITY_PROTOCOL=SASL_SSL`), or as
+/// `HOMELINK_KAFKA_<PROPERTY>_FILE` naming a file that holds the value (a
+/// SASL password). The properties that carry HomeLink's delivery guarantees
+/// are not taken from there (see [`RESERVED`]).
+pub fn client_config(bootstrap: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", bootstrap);
+    for (k, v) in deployment_properties().iter() {
+        c.set(k, v);
+    }
+    c
+}
+
+/// Properties a deployment may not change: the delivery guarantees
+/// (quality.md) and what the code sets itself.
+pub const RESERVED: [&str; 7] =
+    ["bootstrap.servers", "acks", "enable.idempotence", "enable.auto.commit", "enable.auto.offset.store", "group.id", "group.instance.id"];
+
+/// The `HOMELINK_KAFKA_…` properties of this process, read once.
+fn deployment_properties() -> &'static [(String, String)] {
+    static PROPS: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
+    PROPS.get_or_init(|| {
+        let (props, ignored) = properties_from(std::env::vars(), |p| std::fs::read_to_string(p));
+        for (var, why) in ignored {
+            tracing::warn!(%var, %why, "Kafka property ignored");
+        }
+        props
+    })
+}
+
+/// Settings that are HomeLink's own, not librdkafka properties.
+const NOT_PROPERTIES: [&str; 2] = ["HOMELINK_KAFKA_BOOTSTRAP", "HOMELINK_KAFKA_BROKERS"];
+
+/// A property and its value, or a variable and why it was ignored.
+type Pair = (String, String);
+
+/// The librdkafka properties among `vars`, and the variables ignored with why.
+fn properties_from(vars: impl Iterator<Item = (String, String)>, read: impl Fn(&str) -> std::io::Result<String>) -> (Vec<Pair>, Vec<Pair>) {
+    let (mut props, mut ignored) = (Vec::new(), Vec::new());
+    for (var, value) in vars {
+        let Some(rest) = var.strip_prefix("HOMELINK_KAFKA_") else { continue };
+        if NOT_PROPERTIES.contains(&var.as_str()) || rest.is_empty() {
+            continue;
+        }
+        let (rest, value) = match rest.strip_suffix("_FILE") {
+            Some(r) => match read(&value) {
+                Ok(v) => (r, v.trim_end_matches(['\n', '\r']).to_owned()),
+                Err(e) => {
+                    ignored.push((var.clone(), format!("reading {value}: {e}")));
+                    continue;
+                }
+            },
+            None => (rest, value),
+        };
+        let property = rest.to_ascii_lowercase().replace('_', ".");
+        if RESERVED.contains(&property.as_str()) {
+            ignored.push((var.clone(), format!("{property} is set by HomeLink (delivery guarantees)")));
+            continue;
+        }
+        props.push((property, value));
+    }
+    props.sort();
+    (props, ignored)
 }
 
 /// The partitions of `topic` as the broker reports them.
@@ -292,4 +462,50 @@ pub fn positions(consumer: &StreamConsumer) -> std::collections::HashMap<(String
             _ => None,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deployment_properties_come_from_homelink_kafka_variables() {
+        let vars = [
+            ("HOMELINK_KAFKA_BOOTSTRAP", "b:9092"),
+            ("HOMELINK_KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+            ("HOMELINK_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
+            ("HOMELINK_KAFKA_SASL_PASSWORD_FILE", "/run/secrets/kafka"),
+            ("HOMELINK_KAFKA_ACKS", "1"),
+            ("HOMELINK_KAFKA_SSL_CA_LOCATION_FILE", "/missing"),
+            ("PATH", "/bin"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let read = |p: &str| if p == "/run/secrets/kafka" { Ok("s3cret\n".to_owned()) } else { Err(std::io::ErrorKind::NotFound.into()) };
+        let (props, ignored) = properties_from(vars.into_iter(), read);
+        assert_eq!(
+            props,
+            [("sasl.mechanism", "SCRAM-SHA-512"), ("sasl.password", "s3cret"), ("security.protocol", "SASL_SSL")]
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        );
+        let ignored: Vec<&str> = ignored.iter().map(|(v, _)| v.as_str()).collect();
+        assert_eq!(ignored, ["HOMELINK_KAFKA_ACKS", "HOMELINK_KAFKA_SSL_CA_LOCATION_FILE"]);
+    }
+
+    #[test]
+    fn the_log_is_kept_for_ever_and_telemetry_for_its_time() {
+        let plan = TopicPlan::new(6, 3);
+        let specs = plan.specs(&Topics::new("t."));
+        let get = |name: &str, key: &str| {
+            let s = specs.iter().find(|s| s.name == name).expect("topic");
+            s.config.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone()).expect("setting")
+        };
+        for t in ["t.households", "t.commands", "t.audit"] {
+            assert_eq!(get(t, "retention.ms"), "-1");
+        }
+        assert_eq!(get("t.telemetry", "retention.ms"), TELEMETRY_RETENTION.as_millis().to_string());
+        assert_eq!(get("t.telemetry", "min.insync.replicas"), "2");
+        assert_eq!(TopicPlan::new(2, 1).min_insync(), 1);
+        assert_eq!(specs.len(), Topics::new("t.").all().len());
+        assert!(specs.iter().all(|s| s.partitions == 6 && s.replication == 3));
+    }
 }

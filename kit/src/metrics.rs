@@ -4,7 +4,7 @@
 //! Each service owns a [`Registry`] (not the global one) so that several
 //! services can run in one test process.
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
 /// The metrics every service has.
 #[derive(Clone)]
@@ -20,6 +20,11 @@ pub struct ServiceMetrics {
     pub latency: HistogramVec,
     /// Consumer lag in records, by `topic` and `partition`.
     pub consumer_lag: IntGaugeVec,
+    /// Consumer lag in seconds (age of the last record handled while records
+    /// are behind; 0 when none is), by `topic` and `partition`.
+    pub consumer_lag_seconds: GaugeVec,
+    /// Records per batch read from the log.
+    pub consumer_batch_records: Histogram,
 }
 
 impl ServiceMetrics {
@@ -37,12 +42,24 @@ impl ServiceMetrics {
         .expect("valid metric");
         let consumer_lag = IntGaugeVec::new(Opts::new(name("consumer_lag_records"), "Records behind the log end"), &["topic", "partition"])
             .expect("valid metric");
+        let consumer_lag_seconds = GaugeVec::new(
+            Opts::new(name("consumer_lag_seconds"), "Age of the last record handled while records are behind"),
+            &["topic", "partition"],
+        )
+        .expect("valid metric");
+        let consumer_batch_records = Histogram::with_opts(
+            HistogramOpts::new(name("consumer_batch_records"), "Records per batch read from the log")
+                .buckets(vec![1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0]),
+        )
+        .expect("valid metric");
+        registry.register(Box::new(consumer_lag_seconds.clone())).expect("unique metric");
+        registry.register(Box::new(consumer_batch_records.clone())).expect("unique metric");
         for c in [&messages_in, &messages_out, &errors] {
             registry.register(Box::new(c.clone())).expect("unique metric");
         }
         registry.register(Box::new(latency.clone())).expect("unique metric");
         registry.register(Box::new(consumer_lag.clone())).expect("unique metric");
-        Self { registry, messages_in, messages_out, errors, latency, consumer_lag }
+        Self { registry, messages_in, messages_out, errors, latency, consumer_lag, consumer_lag_seconds, consumer_batch_records }
     }
 
     /// The Prometheus text exposition of this registry.

@@ -97,14 +97,4 @@ pub async fn require_token(
     next.run(req).await
 }
 
-/// An event with its place in the log, as the push channel carries it: the
-/// receiver deduplicates against its catch-up consumer by `(topic, partition,
-/// offset)`.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Located {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-    pub envelope: homelink_events::Envelope,
-}
+pub use crate::reader::Located;

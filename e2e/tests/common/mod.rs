@@ -1,4 +1,4 @@
-//! The test stack: real Postgres, real Kafka protocol broker (tansu), real
+//! The test stack: real Postgres, real Apache Kafka (KRaft), real
 //! Mosquitto, started by `infra/dev test`, which passes their addresses in
 //! `HOMELINK_TEST_*` variables. Each test gets a fresh database and a fresh
 //! topic prefix, and runs the services in-process on port 0.
@@ -54,7 +54,7 @@ fn ports(list: &str) -> Vec<u16> {
 
 fn var(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
-        panic!("{name} is not set: run the tests with `infra/dev test`, which starts Postgres, tansu and Mosquitto for them")
+        panic!("{name} is not set: run the tests with `infra/dev test`, which starts Postgres, Kafka and Mosquitto for them")
     })
 }
 
@@ -215,7 +215,8 @@ pub async fn isolated() -> (Env, Topics, String) {
 /// Like [`isolated`] on the components `env` names.
 pub async fn isolated_on(env: Env) -> (Env, Topics, String) {
     let topics = Topics::new(format!("t{}.", Uuid::new_v4().simple()));
-    homelink_kit::kafka::ensure_topics(&env.kafka, &topics.all(), 2).await.expect("create topics");
+    homelink_kit::kafka::wait_for_brokers(&env.kafka, 1, Duration::from_secs(60)).await.expect("kafka answers");
+    homelink_kit::kafka::ensure_topics(&env.kafka, &topics, &homelink_kit::kafka::TopicPlan::new(2, 1)).await.expect("create topics");
     let db_url = env.fresh_database().await;
     (env, topics, db_url)
 }
@@ -562,47 +563,108 @@ pub fn light_and_sensor() -> Vec<(DeviceKind, &'static str, &'static str)> {
     vec![(DeviceKind::Light, "Lamp", "Living room"), (DeviceKind::Sensor, "Climate", "Bedroom")]
 }
 
-/// A Kafka-compatible broker (tansu, SQLite storage) of a test's own, for
-/// tests that stop the broker; the shared one serves every other test.
+/// An Apache Kafka of a test's own (one node, or a KRaft cluster of
+/// several), for tests that stop brokers; the shared one serves every other
+/// test. Each node runs `infra/kafka/node` (the script `infra/dev` runs) on
+/// ports and a folder of its own.
 pub struct PrivateKafka {
-    child: Option<std::process::Child>,
-    port: u16,
+    nodes: Vec<KafkaNode>,
+    voters: String,
+    cluster_id: String,
     dir: std::path::PathBuf,
 }
 
+struct KafkaNode {
+    id: usize,
+    port: u16,
+    controller_port: u16,
+    child: Option<std::process::Child>,
+}
+
 impl PrivateKafka {
+    /// One node.
     pub fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+        Self::cluster(1)
+    }
+
+    /// `n` nodes, each broker and controller (KRaft); with three or more,
+    /// topics get three copies and `min.insync.replicas` 2.
+    pub fn cluster(n: usize) -> Self {
+        use base64::Engine as _;
         let dir = std::env::temp_dir().join(format!("homelink-kafka-{}", Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).expect("kafka folder");
-        let mut k = Self { child: None, port, dir };
+        let nodes: Vec<KafkaNode> =
+            (1..=n).map(|id| KafkaNode { id, port: free_port(), controller_port: free_port(), child: None }).collect();
+        let voters = nodes.iter().map(|k| format!("{}@127.0.0.1:{}", k.id, k.controller_port)).collect::<Vec<_>>().join(",");
+        let cluster_id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Uuid::new_v4().as_bytes());
+        let mut k = Self { nodes, voters, cluster_id, dir };
         k.restart();
         k
     }
 
     pub fn bootstrap(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        self.nodes.iter().map(|k| format!("127.0.0.1:{}", k.port)).collect::<Vec<_>>().join(",")
     }
 
-    /// Starts the broker on the same port and log (after [`Self::kill`]).
-    pub fn restart(&mut self) {
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let child = std::process::Command::new(std::env::var("HOMELINK_TEST_TANSU").unwrap_or_else(|_| "tansu".into()))
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "sqlite://log.db"])
-            .current_dir(&self.dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start tansu (infra/dev test installs it)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "tansu did not open its port");
-            std::thread::sleep(Duration::from_millis(20));
+    /// The replication a topic on this cluster gets.
+    pub fn replication(&self) -> i32 {
+        if self.nodes.len() >= 3 {
+            3
+        } else {
+            1
         }
     }
 
-    /// SIGSTOP: the broker stalls (a slow broker) without losing anything.
+    /// Starts every node that is not running, on its port and log (after [`Self::kill`]).
+    pub fn restart(&mut self) {
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].child.is_none() {
+                self.start_node(i);
+            }
+        }
+        for k in &self.nodes {
+            wait_for_port(k.port, Duration::from_secs(60), "kafka");
+        }
+    }
+
+    /// Starts node `i` (0-based) again after [`Self::kill_node`].
+    pub fn restart_node(&mut self, i: usize) {
+        self.start_node(i);
+        wait_for_port(self.nodes[i].port, Duration::from_secs(60), "kafka");
+    }
+
+    fn start_node(&mut self, i: usize) {
+        let script = var("HOMELINK_TEST_KAFKA_NODE");
+        let k = &mut self.nodes[i];
+        let node_dir = self.dir.join(format!("node-{}", k.id));
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join(format!("node-{}.log", k.id))).expect("log");
+        let child = std::process::Command::new(script)
+            .args([
+                node_dir.to_str().expect("utf-8 path"),
+                &k.id.to_string(),
+                &k.port.to_string(),
+                &k.controller_port.to_string(),
+                &self.voters,
+                &self.cluster_id,
+            ])
+            .env("HOMELINK_BROKER_HEAP", "256m")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start a Kafka node (infra/dev test fetches Kafka)");
+        k.child = Some(child);
+    }
+
+    /// The node (0-based) leading `topic`'s `partition`, asked in the Kafka protocol.
+    pub fn leader_of(&self, topic: &str, partition: i32) -> Option<usize> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let c: BaseConsumer = homelink_kit::kafka::client_config(&self.bootstrap()).create().ok()?;
+        let md = c.fetch_metadata(Some(topic), Duration::from_secs(5)).ok()?;
+        let leader = md.topics().iter().find(|t| t.name() == topic)?.partitions().iter().find(|p| p.id() == partition)?.leader();
+        self.nodes.iter().position(|k| k.id as i32 == leader)
+    }
+
+    /// SIGSTOP: every node stalls (a slow broker) without losing anything.
     pub fn pause(&self) {
         self.signal("-STOP");
     }
@@ -613,17 +675,34 @@ impl PrivateKafka {
     }
 
     fn signal(&self, sig: &str) {
-        let pid = self.child.as_ref().expect("broker running").id().to_string();
-        let ok = std::process::Command::new("kill").args([sig, &pid]).status().expect("kill").success();
-        assert!(ok, "kill {sig} {pid}");
+        for k in &self.nodes {
+            let pid = k.child.as_ref().expect("broker running").id().to_string();
+            let ok = std::process::Command::new("kill").args([sig, &pid]).status().expect("kill").success();
+            assert!(ok, "kill {sig} {pid}");
+        }
     }
 
-    /// SIGKILL, as a crash would.
+    /// SIGKILL of every node, as a crash would.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
+        for i in 0..self.nodes.len() {
+            self.kill_node(i);
+        }
+    }
+
+    /// SIGKILL of node `i` (0-based).
+    pub fn kill_node(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+fn wait_for_port(port: u16, within: Duration, what: &str) {
+    let deadline = Instant::now() + within;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not open port {port}");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -23,7 +23,8 @@ enum Cmd {
         #[arg(long)]
         dir: PathBuf,
     },
-    /// Create the topics of a deployment (existing ones are left alone).
+    /// Create the topics of a deployment (existing ones are left alone),
+    /// after waiting for the cluster to answer with `--replication` brokers.
     Topics {
         #[arg(long, env = "HOMELINK_KAFKA_BOOTSTRAP")]
         bootstrap: String,
@@ -31,6 +32,26 @@ enum Cmd {
         prefix: String,
         #[arg(long, default_value_t = 6)]
         partitions: i32,
+        /// Copies of each partition (3 on a cluster; min.insync.replicas follows: 2 of 3).
+        #[arg(long, default_value_t = 1)]
+        replication: i32,
+        /// How long telemetry is kept, in hours (0: for ever). The household
+        /// stream, commands and audit are always kept for ever.
+        #[arg(long, env = "HOMELINK_TELEMETRY_RETENTION_HOURS", default_value_t = 168)]
+        telemetry_retention_hours: u64,
+        /// How long to wait for the brokers to answer.
+        #[arg(long, default_value_t = 120)]
+        wait_secs: u64,
+    },
+    /// Wait until the Kafka cluster answers in the Kafka protocol with
+    /// `--brokers` brokers (the broker's health check); fails after `--wait-secs`.
+    KafkaReady {
+        #[arg(long, env = "HOMELINK_KAFKA_BOOTSTRAP")]
+        bootstrap: String,
+        #[arg(long, default_value_t = 1)]
+        brokers: usize,
+        #[arg(long, default_value_t = 120)]
+        wait_secs: u64,
     },
     /// Seed the demo household (once) and write endpoints.json.
     DemoSeed {
@@ -216,8 +237,17 @@ async fn main() -> anyhow::Result<()> {
         Cmd::PkiInit { dir } => {
             pki::init(&dir)?;
         }
-        Cmd::Topics { bootstrap, prefix, partitions } => {
-            homelink_kit::kafka::ensure_topics(&bootstrap, &Topics::new(prefix).all(), partitions).await?;
+        Cmd::KafkaReady { bootstrap, brokers, wait_secs } => {
+            let n = homelink_kit::kafka::wait_for_brokers(&bootstrap, brokers, std::time::Duration::from_secs(wait_secs)).await?;
+            println!("ready: {n} broker(s) answer at {bootstrap}");
+        }
+        Cmd::Topics { bootstrap, prefix, partitions, replication, telemetry_retention_hours, wait_secs } => {
+            use homelink_kit::kafka::{ensure_topics, wait_for_brokers, TopicPlan};
+            wait_for_brokers(&bootstrap, replication.max(1) as usize, std::time::Duration::from_secs(wait_secs)).await?;
+            let mut plan = TopicPlan::new(partitions, replication);
+            plan.telemetry_retention =
+                (telemetry_retention_hours > 0).then(|| std::time::Duration::from_secs(telemetry_retention_hours * 3600));
+            ensure_topics(&bootstrap, &Topics::new(prefix), &plan).await?;
         }
         Cmd::DemoSeed { state_dir, bootstrap, prefix, command_api, query_api, metrics, prometheus, mqtt_host, mqtt_port } => {
             let pki_dir = state_dir.join("pki");

@@ -1,5 +1,5 @@
 //! The CPU time and memory of every process of a running stack, read from
-//! `/proc`: the services, tansu and Mosquitto from their pid files, Postgres
+//! `/proc`: the services, the Kafka nodes and Mosquitto from their pid files, Postgres
 //! as its postmaster and every backend under it, and the load generator itself.
 
 use serde::Serialize;
