@@ -13,7 +13,6 @@ use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use homelink_events::event::DeviceCommandRequested;
 use homelink_events::household::Action;
 use homelink_events::{DeviceKind, Envelope, Event};
-use homelink_kit::push::Located;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::sync::Arc;
@@ -199,8 +198,8 @@ pub async fn put_desired(
     request_command(&s, &who, household_id, device_id, req, Some(version)).await
 }
 
-/// Authorizes, validates, appends, pushes. Answers only after Kafka
-/// acknowledged. `desired`: a `PUT …/desired` with its expected version.
+/// Authorizes, validates, appends. Answers only after Kafka acknowledged
+/// (the bridge reads the command from the log at once). `desired`: a `PUT …/desired` with its expected version.
 pub async fn request_command(
     s: &AppState,
     who: &Requester,
@@ -257,8 +256,6 @@ pub async fn request_command(
     let mut written = homelink_kit::consistency::Written::default();
     written.command(household_id, accepted.command_id);
     accepted.consistency_token = s.keys.sign_consistency(who.user, &written).unwrap_or_default();
-    s.bridge.push(envelope.clone());
-    s.projector.push(Located { topic: topic.clone(), partition: pos.partition, offset: pos.offset, envelope });
     if let Some(guard) = guard {
         guard.release_after(&topic, pos.partition, pos.offset).await;
     }
@@ -309,10 +306,7 @@ pub async fn revoke_lost_rights(s: &AppState, household_id: Uuid, user: Uuid) {
         let envelope =
             Envelope::new(household_id, homelink_events::Actor::System("command-api".into()), &ev, Utc::now()).with_correlation(command_id);
         match s.append(&topic, &envelope).await {
-            Ok(pos) => {
-                s.metrics.messages_out.with_label_values(&["command_revoked"]).inc();
-                s.projector.push(Located { topic: topic.clone(), partition: pos.partition, offset: pos.offset, envelope });
-            }
+            Ok(_) => s.metrics.messages_out.with_label_values(&["command_revoked"]).inc(),
             Err(e) => tracing::warn!(error = ?e, %command_id, "revoking a command failed; the bridge re-checks it"),
         }
     }

@@ -1,7 +1,7 @@
 //! command-api: the HTTP JSON API for every write. It validates, appends
 //! events to Kafka (keyed by household) and answers once the append is
-//! acknowledged; then it hands the event to the device bridge's push channel
-//! so a tap reaches the device without waiting on a Kafka consumer.
+//! acknowledged; the device bridge and the projector read it from the log
+//! (Apache Kafka answers their fetches as soon as it is appended).
 //!
 //! Layout:
 //! - [`auth`]: sign-up, sign-in, refresh, sign-out, signing keys and JWKS, the
@@ -36,10 +36,9 @@ pub mod write_path;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
 use axum::{Json, Router};
-use homelink_events::{Envelope, Topics};
+use homelink_events::Topics;
 use homelink_kit::kafka::{Appender, ProducerConfig};
 use homelink_kit::metrics::ServiceMetrics;
-use homelink_kit::push::{Located, Pusher};
 use homelink_kit::shutdown::CancellationToken;
 use sqlx::PgPool;
 use std::sync::Arc;
@@ -73,12 +72,6 @@ pub struct Config {
     pub kafka_bootstrap: String,
     pub topics: Topics,
     pub listen: String,
-    /// The bridge's command push endpoint; `None` leaves delivery to its catch-up consumer.
-    pub bridge_push_url: Option<String>,
-    /// The projector's push endpoint, so a command's lifecycle is readable at once.
-    pub projector_push_url: Option<String>,
-    /// The service-to-service token pushes carry; `None` pushes nothing.
-    pub internal_token: Option<secrecy::SecretString>,
     /// Longest wait for the read model and Kafka's watermark on the household
     /// write path.
     pub append_timeout: Duration,
@@ -109,9 +102,6 @@ impl Config {
             kafka_bootstrap: kafka_bootstrap.into(),
             topics,
             listen: "127.0.0.1:0".into(),
-            bridge_push_url: None,
-            projector_push_url: None,
-            internal_token: None,
             append_timeout: Duration::from_secs(2),
             answer_within: Duration::from_secs(2),
             apply_wait: Duration::from_secs(30),
@@ -130,8 +120,6 @@ pub struct AppState {
     pub appender: Appender,
     pub topics: Topics,
     pub metrics: ServiceMetrics,
-    pub bridge: Pusher<Envelope>,
-    pub projector: Pusher<Located>,
     pub append_timeout: Duration,
     pub answer_within: Duration,
     pub apply_wait: Duration,
@@ -226,8 +214,6 @@ impl Application {
             appender: Appender::new(&pc)?,
             topics: cfg.topics.clone(),
             metrics: metrics.clone(),
-            bridge: Pusher::spawn(cfg.bridge_push_url.clone(), cfg.internal_token.clone(), "bridge", metrics.clone()),
-            projector: Pusher::spawn(cfg.projector_push_url.clone(), cfg.internal_token.clone(), "projector", metrics.clone()),
             operations: openapi::operations(),
             append_timeout: cfg.append_timeout,
             answer_within: cfg.answer_within,

@@ -10,10 +10,6 @@ struct Args {
     common: homelink_kit::config::CommonArgs,
     #[arg(long, env = "HOMELINK_COMMAND_API_LISTEN", default_value = "127.0.0.1:8080")]
     listen: String,
-    #[arg(long, env = "HOMELINK_BRIDGE_PUSH_URL")]
-    bridge_push_url: Option<String>,
-    #[arg(long, env = "HOMELINK_PROJECTOR_PUSH_URL")]
-    projector_push_url: Option<String>,
     /// Access-token lifetime in seconds.
     #[arg(long, env = "HOMELINK_ACCESS_TOKEN_TTL", default_value_t = 300)]
     access_token_ttl: u64,
@@ -103,9 +99,6 @@ async fn run() -> anyhow::Result<()> {
         cfg.revocation = Some(homelink_command_api::revocation::RevocationConfig::new(crl_file, a.broker_pid_file, admins));
     }
     cfg.listen = a.listen;
-    cfg.bridge_push_url = a.bridge_push_url;
-    cfg.projector_push_url = a.projector_push_url;
-    cfg.internal_token = a.common.internal_token()?;
     let app = Application::build(cfg).await?;
     tracing::info!(port = app.port(), "command API listening");
     Ok(app.run_until_stopped(homelink_kit::shutdown::on_signal()).await?)

@@ -25,7 +25,6 @@ use crate::AppState;
 use chrono::Utc;
 use homelink_events::household::{Action, Household, Violation};
 use homelink_events::{Envelope, Event, Role};
-use homelink_kit::push::Located;
 use homelink_read_model::load_household;
 use sqlx::PgConnection;
 use std::time::{Duration, Instant};
@@ -173,7 +172,7 @@ impl AppState {
         }
     }
 
-    /// Appends a household event, pushes it to the projector and waits until
+    /// Appends a household event and waits until
     /// the read model shows `version`, so the caller reads their own write
     /// and the change is in effect for authorization (a demoted member's
     /// next command sees the new role).
@@ -184,8 +183,7 @@ impl AppState {
     /// that result and never a second effect. The next write of the
     /// household waits for the read model to catch up before it decides.
     pub async fn append_and_apply(&self, db: &mut PgConnection, topic: &str, env: Envelope, h: Uuid, version: u64) -> Result<(), ApiError> {
-        let pos = self.append(topic, &env).await?;
-        self.projector.push(Located { topic: topic.to_owned(), partition: pos.partition, offset: pos.offset, envelope: env });
+        self.append(topic, &env).await?;
         let deadline = Instant::now() + self.apply_wait;
         let mut pause = Duration::from_millis(2);
         loop {

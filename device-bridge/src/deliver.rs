@@ -1,32 +1,31 @@
-//! Kafka → device. Requested commands arrive by two paths: pushed by
-//! command-api right after its append was acknowledged (fast), and from the
-//! commands topic through a consumer group (catch-up after a restart or a
-//! failed push). Both end in [`Deliverer::deliver`], which skips expired and
-//! already-published commands and publishes the `cmd` message (QoS 1).
+//! Kafka → device. Requested commands are read from the commands topic
+//! through the shared log reader (a consumer group: the bridges split the
+//! partitions; Apache Kafka answers the fetch as soon as the command is
+//! appended, so this is also the fast path) and end in
+//! [`Deliverer::deliver`], which skips expired and already-published commands
+//! and publishes the `cmd` message (QoS 1). The offline queue
+//! ([`flush_open`]) sends a device's open commands again when it comes online.
 //!
 //! At least once: a command counts as sent only when its broker acknowledged
 //! the publish (PUBACK, matched to the publish by packet id in
-//! [`PubAcks`]), and the catch-up consumer commits a record's offset only
-//! then — also for a record the push published first. A bridge that dies
-//! between its publish and the broker's PUBACK has committed nothing past the
-//! command, so its successor publishes it again. Devices ignore a `commandId`
-//! they have handled, so the effect is once.
+//! [`PubAcks`]), and a batch's offsets are committed only once every command
+//! in it was acknowledged. A bridge that dies between its publish and the
+//! broker's PUBACK has committed nothing past the command, so its successor
+//! publishes it again. Devices ignore a `commandId` they have handled, so the
+//! effect is once.
 
 use crate::Shared;
 use chrono::Utc;
 use futures::future::{BoxFuture, FutureExt, Shared as SharedFuture};
-use futures::StreamExt;
 use homelink_events::event::{DeviceCommandDelivered, DeviceCommandExpired, DeviceCommandRequested, DeviceCommandRevoked};
 use homelink_events::protocol::{device_topic, Channel, CmdMsg, PROTOCOL_VERSION};
 use homelink_events::{Actor, Envelope, Event};
-use homelink_kit::push::Located;
+use homelink_kit::reader::{LogBatch, LogReader};
 use homelink_kit::shutdown::CancellationToken;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::Message;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::AsyncClient;
 use sqlx::Row;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -35,9 +34,16 @@ use uuid::Uuid;
 
 const REMEMBERED: usize = 100_000;
 
-/// Longest the catch-up path waits for a command's PUBACK before it
+/// Longest the command consumer waits for a command's PUBACK before it
 /// publishes the command again (devices ignore a `commandId` they handled).
 const PUBACK_WAIT: Duration = Duration::from_secs(30);
+
+/// Most commands read from the log in one batch (published together, their
+/// PUBACKs awaited together, their offsets committed together).
+pub const COMMAND_BATCH: usize = 512;
+
+/// How often the command consumer's lag metrics are published.
+const LAG_EVERY: Duration = Duration::from_secs(5);
 
 /// Resolves once the broker acknowledged the publish: `Ok(true)` when it
 /// had a subscriber for it (the device is connected), `Ok(false)` when it
@@ -105,7 +111,7 @@ pub struct Deliverer {
 pub enum Delivery {
     /// Published now; resolves at its PUBACK.
     Published(Acked),
-    /// Published before (by the other path); resolves at that PUBACK.
+    /// Published before (read again, or sent by the offline queue); resolves at that PUBACK.
     Duplicate(Acked),
     Expired,
     NotACommand,
@@ -225,7 +231,7 @@ pub(crate) async fn deliver_counted(s: &Shared, envelope: &Envelope, path: &str)
         match still_allowed(s, envelope, &c, kind).await {
             Some(true) => {}
             Some(false) => return None,
-            // Not known now: not sent, and the catch-up path tries again.
+            // Not known now: not sent, and the command consumer tries again.
             None => return Some(async { Err(()) }.boxed().shared()),
         }
     }
@@ -251,7 +257,7 @@ pub(crate) async fn deliver_counted(s: &Shared, envelope: &Envelope, path: &str)
             None
         }
         Err(e) => {
-            tracing::warn!(error = %e, "publishing a command failed; the catch-up path tries again");
+            tracing::warn!(error = %e, "publishing a command failed; the command consumer tries again");
             s.metrics.errors.with_label_values(&["command_publish"]).inc();
             Some(async { Err(()) }.boxed().shared())
         }
@@ -262,7 +268,7 @@ pub(crate) async fn deliver_counted(s: &Shared, envelope: &Envelope, path: &str)
 /// the household as it is now: a sender removed or demoted since gets the
 /// command revoked (`DeviceCommandRevoked`, it ends `rejected`) instead of
 /// published (`Some(false)`). `None`: the lookup failed, so it is not sent
-/// now (the catch-up path tries again, as does the device's next flush).
+/// now (the command consumer tries again, as does the device's next flush).
 async fn still_allowed(s: &Shared, envelope: &Envelope, c: &DeviceCommandRequested, kind: homelink_events::DeviceKind) -> Option<bool> {
     let Actor::User(sender) = &envelope.actor else {
         return Some(true);
@@ -303,28 +309,19 @@ async fn record_delivery(s: Arc<Shared>, household: Uuid, command_id: Uuid, devi
         Ok(true) => {
             let ev = Event::DeviceCommandDelivered(DeviceCommandDelivered { command_id, device_id });
             let envelope = Envelope::new(household, Actor::System("device-bridge".into()), &ev, Utc::now()).with_correlation(command_id);
-            append_and_push(&s, envelope).await;
+            append_to(&s, s.topics.telemetry(), envelope).await;
         }
         Ok(false) => s.metrics.errors.with_label_values(&["command_no_subscriber"]).inc(),
         Err(()) => {}
     }
 }
 
-/// Appends a bridge event to the telemetry topic (retried a few times) and
-/// pushes it to the projector.
-async fn append_and_push(s: &Shared, envelope: Envelope) {
-    append_to(s, s.topics.telemetry(), envelope).await
-}
-
-/// Appends an event to `topic` (retried a few times) and pushes it to the projector.
+/// Appends a bridge event to `topic`, retried a few times.
 async fn append_to(s: &Shared, topic: String, envelope: Envelope) {
     let mut backoff = Duration::from_millis(100);
     for _ in 0..8 {
         match s.appender.append(&topic, &envelope).await {
-            Ok(pos) => {
-                s.projector.push(Located { topic, partition: pos.partition, offset: pos.offset, envelope });
-                return;
-            }
+            Ok(_) => return,
             Err(e) => {
                 tracing::warn!(error = %e, event = %envelope.event_type, "append failed, retrying");
                 s.metrics.errors.with_label_values(&["kafka_produce"]).inc();
@@ -454,7 +451,7 @@ pub(crate) async fn expiry_timer(s: Arc<Shared>, every: Duration, cancel: Cancel
                     let ev = Event::DeviceCommandExpired(DeviceCommandExpired { command_id, device_id, expires_at });
                     let envelope =
                         Envelope::new(household, Actor::System("device-bridge".into()), &ev, Utc::now()).with_correlation(command_id);
-                    append_and_push(&s, envelope).await;
+                    append_to(&s, s.topics.telemetry(), envelope).await;
                     s.metrics.messages_out.with_label_values(&["command_expired"]).inc();
                 }
             }
@@ -487,102 +484,99 @@ async fn due(s: &Shared, skip: &[Uuid]) -> Result<Vec<(Uuid, Uuid, Uuid, chrono:
     Ok(rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect())
 }
 
-/// Whether a command read from the log still has to go out: not when the
-/// read model says it was delivered or ended (superseded, expired, acked)
-/// meanwhile. A command the read model does not know yet, or a failed
-/// lookup, goes out (at least once).
-async fn still_open(s: &Shared, envelope: &Envelope) -> bool {
-    let Ok(Event::DeviceCommandRequested(c)) = envelope.event() else {
-        return true;
-    };
-    let rank: Result<Option<i16>, _> = sqlx::query_scalar("SELECT status_rank FROM device_commands WHERE command_id = $1")
-        .bind(c.command_id)
-        .fetch_optional(&s.pool)
-        .await;
-    match rank {
-        Ok(Some(r)) => r < 2,
-        Ok(None) => true,
+/// The commands of `events` that need not go out any more: the read model
+/// says they were delivered or ended (superseded, expired, acked) meanwhile
+/// — a bridge reading the log again after a restart. A command the read
+/// model does not know yet goes out; so does every one when the lookup fails
+/// (at least once). One query per batch.
+async fn closed(s: &Shared, events: &[&Envelope]) -> HashSet<Uuid> {
+    let ids: Vec<Uuid> = events
+        .iter()
+        .filter_map(|e| match e.event() {
+            Ok(Event::DeviceCommandRequested(c)) => Some(c.command_id),
+            _ => None,
+        })
+        .collect();
+    if ids.is_empty() {
+        return HashSet::new();
+    }
+    let rows: Result<Vec<Uuid>, _> =
+        sqlx::query_scalar("SELECT command_id FROM device_commands WHERE command_id = ANY($1) AND status_rank >= 2")
+            .bind(&ids)
+            .fetch_all(&s.pool)
+            .await;
+    match rows {
+        Ok(r) => r.into_iter().collect(),
         Err(e) => {
-            tracing::warn!(error = %e, "reading a command's status failed; sending it");
-            true
+            tracing::warn!(error = %e, "reading commands' status failed; sending them");
+            s.metrics.errors.with_label_values(&["command_status"]).inc();
+            HashSet::new()
         }
     }
 }
 
-/// The catch-up path: the commands topic through a consumer group, offsets
-/// committed to Kafka after the commands were handed to the MQTT client.
-pub(crate) async fn catch_up(s: std::sync::Arc<Shared>, consumer: StreamConsumer, cancel: CancellationToken) {
-    let consumer = std::sync::Arc::new(consumer);
-    let c = consumer.clone();
-    let lag = tokio::spawn(homelink_kit::kafka::report_lag(
-        consumer.clone(),
-        move || homelink_kit::kafka::positions(&c),
-        s.metrics.clone(),
-        cancel.clone(),
-    ));
-    let mut stream = consumer.stream();
-    loop {
-        let m = tokio::select! {
-            _ = cancel.cancelled() => break,
-            m = stream.next() => m,
-        };
-        let Some(m) = m else { break };
-        let m = match m {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "commands consumer error");
-                s.metrics.errors.with_label_values(&["kafka_consume"]).inc();
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-        };
-        tracing::debug!(partition = m.partition(), offset = m.offset(), "command record read");
-        match Envelope::from_json(m.payload().unwrap_or_default()) {
-            Ok(env) => {
-                // Committed only once the broker has the command: until its
-                // PUBACK (this path's publish or the push's), a successor
-                // bridge must read the record again.
-                let mut backoff = Duration::from_millis(200);
-                loop {
-                    if !still_open(&s, &env).await {
-                        s.metrics.errors.with_label_values(&["command_closed"]).inc();
-                        break;
-                    }
-                    let acked = match deliver_counted(&s, &env, "command_log").await {
-                        None => break,
-                        Some(a) => a,
-                    };
-                    // Bounded: a PUBACK that never comes (a lost connection
-                    // whose session is gone) means publishing it again.
-                    let done = tokio::select! {
-                        _ = cancel.cancelled() => return lag.abort(),
-                        r = tokio::time::timeout(PUBACK_WAIT, acked) => r.unwrap_or(Err(())),
-                    };
-                    if done.is_ok() {
-                        tracing::debug!(partition = m.partition(), offset = m.offset(), "command acknowledged by its broker");
-                        break;
-                    }
-                    // Never left: publish again.
-                    if let Ok(Event::DeviceCommandRequested(c)) = env.event() {
-                        s.deliverer.forget(c.command_id);
-                    }
-                    tokio::select! {
-                        _ = cancel.cancelled() => return lag.abort(),
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "undecodable command record skipped");
-                s.metrics.errors.with_label_values(&["undecodable_record"]).inc();
-            }
+/// The command consumer: reads the commands topic in batches, publishes
+/// each command in log order, waits for every PUBACK of the batch together,
+/// and commits the batch's offsets only then. A command whose publish
+/// failed or was not acknowledged within [`PUBACK_WAIT`] is published again
+/// (with backoff) before the batch is committed; one the read model says is
+/// closed meanwhile is not.
+pub(crate) async fn consume_commands(s: Arc<Shared>, reader: LogReader, cancel: CancellationToken) {
+    let lag = reader.report_lag(LAG_EVERY, cancel.clone());
+    while let Some(batch) = reader.next(&cancel).await {
+        if batch.is_empty() {
+            continue;
         }
-        if let Err(e) = consumer.commit_message(&m, CommitMode::Async) {
-            tracing::debug!(error = %e, "commit failed");
+        if !deliver_batch(&s, &batch, &cancel).await {
+            break;
         }
+        reader.commit(&batch);
     }
     lag.abort();
+}
+
+/// Delivers a batch until every command in it was acknowledged by its
+/// broker or needs no delivery; `false` when cancelled first.
+async fn deliver_batch(s: &Shared, batch: &LogBatch, cancel: &CancellationToken) -> bool {
+    for u in &batch.undecodable {
+        tracing::warn!(topic = %u.topic, partition = u.partition, offset = u.offset, "undecodable command record skipped");
+    }
+    let mut pending: Vec<&Envelope> = batch.events.iter().map(|l| &l.envelope).collect();
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let closed = closed(s, &pending).await;
+        let mut waits = Vec::with_capacity(pending.len());
+        for env in pending {
+            if let Ok(Event::DeviceCommandRequested(c)) = env.event() {
+                if closed.contains(&c.command_id) {
+                    s.metrics.errors.with_label_values(&["command_closed"]).inc();
+                    continue;
+                }
+            }
+            if let Some(acked) = deliver_counted(s, env, "command_log").await {
+                waits.push(async move { (env, tokio::time::timeout(PUBACK_WAIT, acked).await.unwrap_or(Err(()))) });
+            }
+        }
+        let outcomes = tokio::select! {
+            _ = cancel.cancelled() => return false,
+            o = futures::future::join_all(waits) => o,
+        };
+        // Never left, or never acknowledged: publish again.
+        pending = outcomes.into_iter().filter(|(_, r)| r.is_err()).map(|(env, _)| env).collect();
+        if pending.is_empty() {
+            return true;
+        }
+        for env in &pending {
+            if let Ok(Event::DeviceCommandRequested(c)) = env.event() {
+                s.deliverer.forget(c.command_id);
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return false,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
 }
 
 #[cfg(test)]

@@ -12,7 +12,6 @@ use homelink_events::protocol::{
     decode_device_message, decode_device_value, parse_device_topic, Channel, DeviceMessage, Presence, MAX_PAYLOAD_BYTES,
 };
 use homelink_events::{Actor, Envelope, Event};
-use homelink_kit::push::Located;
 use homelink_kit::shutdown::CancellationToken;
 use rumqttc::v5::mqttbytes::v5::Publish;
 use rumqttc::v5::AsyncClient;
@@ -221,12 +220,11 @@ async fn handle(s: &Arc<Shared>, p: &Publish, cancel: &CancellationToken, turn: 
     // While appends are failing, every message holds it: retries must not
     // overtake one another.
     let hold = matches!(event, Event::DeviceCommandAcked(_)) || s.appends_failing.recently();
-    let Some(pos) = append_in_turn(s, &telemetry, &envelope, cancel, done, hold).await else {
+    if append_in_turn(s, &telemetry, &envelope, cancel, done, hold).await.is_none() {
         return Fate::Dropped;
-    };
+    }
     s.metrics.messages_out.with_label_values(&["telemetry"]).inc();
     s.metrics.latency.with_label_values(&["report_appended"]).observe(started.elapsed().as_secs_f64());
-    s.projector.push(Located { topic: telemetry, partition: pos.partition, offset: pos.offset, envelope });
     // Online again: what was sent while it was away goes out now.
     if matches!(event, Event::DeviceStatusChanged(DeviceStatusChanged { online: true, .. })) {
         crate::deliver::request_flush(s.clone(), t.household_id, t.device_id);

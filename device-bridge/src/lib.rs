@@ -2,31 +2,27 @@
 //!
 //! Layout:
 //! - [`ingest`]: device messages in — topic, owner and payload checks, append
-//!   to the telemetry topic, PUBACK only after Kafka acknowledged, then hand
-//!   the located event to the projector's push channel.
-//! - [`deliver`]: commands out — from command-api's push and from the commands
-//!   topic (catch-up), published on the device's `cmd` topic.
+//!   to the telemetry topic, PUBACK only after Kafka acknowledged.
+//! - [`deliver`]: commands out — read from the commands topic through the
+//!   shared log reader ([`homelink_kit::reader`]), published on the device's
+//!   `cmd` topic, offsets committed once the MQTT broker acknowledged them.
 //! - [`registry`]: who owns which device (cached read of the registry).
 //!
 //! The bridge joins a shared subscription (`$share/<group>/…`), so several
 //! bridges split the device traffic, and a Kafka consumer group, so they split
-//! the command catch-up.
+//! the commands.
 
 pub mod deliver;
 pub mod ingest;
 pub mod registry;
 pub mod schema;
 
-use axum::extract::State;
-use axum::routing::post;
-use axum::{Json, Router};
 use deliver::Deliverer;
-use homelink_events::{Envelope, Topics};
+use homelink_events::Topics;
 use homelink_kit::kafka::{Appender, ProducerConfig};
 use homelink_kit::metrics::ServiceMetrics;
-use homelink_kit::push::{Located, Pusher};
+use homelink_kit::reader::{LogReader, ReaderConfig, Start};
 use homelink_kit::shutdown::CancellationToken;
-use rdkafka::consumer::Consumer;
 use registry::Registry;
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
@@ -78,16 +74,11 @@ pub struct Config {
     pub share_group: String,
     /// The public listener (ops routes).
     pub listen: String,
-    /// The internal listener (command-api's push), reachable by the services only.
-    pub internal_listen: String,
-    /// The projector's push endpoint; `None` leaves everything to its catch-up consumer.
-    pub projector_push_url: Option<String>,
+    /// Longest an empty fetch of the commands topic waits at the broker (a
+    /// command ends the wait at once).
     pub command_fetch_wait: Duration,
     /// librdkafka's `linger.ms` for the telemetry appends.
     pub produce_linger: Duration,
-    /// The service-to-service token of the push channel (sent to the
-    /// projector, required from command-api); `None` pushes nothing and refuses every push.
-    pub internal_token: Option<secrecy::SecretString>,
     /// How often the expiry timer looks for commands past their expiry.
     pub expiry_every: Duration,
     /// Requests each MQTT client queues while its broker is away; a command
@@ -119,11 +110,8 @@ impl Config {
             client_id: "homelink-bridge-0".into(),
             share_group: "homelink-bridge".into(),
             listen: "127.0.0.1:0".into(),
-            internal_listen: "127.0.0.1:0".into(),
-            projector_push_url: None,
             command_fetch_wait: Duration::from_millis(500),
             produce_linger: Duration::from_millis(5),
-            internal_token: None,
             expiry_every: Duration::from_secs(1),
             mqtt_queue: 8192,
             device_rate: (50, 500),
@@ -137,7 +125,6 @@ pub struct Shared {
     pub topics: Topics,
     pub appender: Appender,
     pub registry: Registry,
-    pub projector: Pusher<Located>,
     pub deliverer: Deliverer,
     /// The debounce of each device's offline-queue flush.
     pub flushes: deliver::Flushes,
@@ -157,11 +144,12 @@ pub struct Shared {
 }
 
 pub struct Application {
-    listeners: homelink_kit::ops::Listeners,
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
     shared: Arc<Shared>,
     /// One connection per broker, in the deployment's broker order.
     connections: Vec<(AsyncClient, EventLoop)>,
-    commands: rdkafka::consumer::StreamConsumer,
+    commands: LogReader,
     cfg: Config,
 }
 
@@ -197,20 +185,24 @@ impl Application {
             .collect();
         let clients: Vec<AsyncClient> = connections.iter().map(|(c, _)| c.clone()).collect();
 
-        let commands = homelink_kit::kafka::group_member(
-            &cfg.kafka_bootstrap,
-            &format!("{}-commands", cfg.share_group),
-            Some(&cfg.client_id),
-            cfg.command_fetch_wait,
+        // Static membership: a bridge restarted under its id gets its
+        // partitions back at once, without a rebalance.
+        let commands = LogReader::new(
+            &ReaderConfig {
+                bootstrap: cfg.kafka_bootstrap.clone(),
+                group: format!("{}-commands", cfg.share_group),
+                fetch_wait: cfg.command_fetch_wait,
+                batch_max: deliver::COMMAND_BATCH,
+            },
+            Start::Group { topics: vec![cfg.topics.commands()], instance: Some(cfg.client_id.clone()) },
+            metrics.clone(),
         )?;
-        commands.subscribe(&[&cfg.topics.commands()])?;
 
         let schemas = schema::Schemas::compile()?;
         let shared = Arc::new_cyclic(|me| Shared {
             pool: pool.clone(),
             me: me.clone(),
             schemas,
-            projector: Pusher::spawn(cfg.projector_push_url.clone(), cfg.internal_token.clone(), "projector", metrics.clone()),
             metrics: metrics.clone(),
             topics: cfg.topics.clone(),
             appender,
@@ -235,23 +227,14 @@ impl Application {
                 pg().await
             })
         });
-        let internal = Router::new()
-            .route("/internal/v1/commands", post(push_commands))
-            .route_layer(axum::middleware::from_fn_with_state(cfg.internal_token.clone().map(Arc::new), homelink_kit::push::require_token))
-            .with_state(shared.clone());
-        let public = homelink_kit::ops::router(metrics, ready);
-        let listeners = homelink_kit::ops::Listeners::bind(&cfg.listen, public, &cfg.internal_listen, internal).await?;
-        Ok(Self { listeners, shared, connections, commands, cfg })
+        let router = homelink_kit::ops::router(metrics, ready);
+        let listener = homelink_kit::ops::bind(&cfg.listen).await?;
+        Ok(Self { listener, router, shared, connections, commands, cfg })
     }
 
-    /// The public listener's port (ops routes).
+    /// The listener's port (ops routes).
     pub fn port(&self) -> u16 {
-        self.listeners.public_port()
-    }
-
-    /// The internal listener's port (command-api's push).
-    pub fn internal_port(&self) -> u16 {
-        self.listeners.internal_port()
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
     }
 
     pub fn metrics(&self) -> ServiceMetrics {
@@ -267,7 +250,7 @@ impl Application {
         let (tx, rx) = mpsc::unbounded_channel();
         let clients: Vec<AsyncClient> = self.connections.iter().map(|(c, _)| c.clone()).collect();
         let ingest = tokio::spawn(ingest::run(self.shared.clone(), clients.clone(), rx, cancel.clone()));
-        let catch_up = tokio::spawn(deliver::catch_up(self.shared.clone(), self.commands, cancel.clone()));
+        let commands = tokio::spawn(deliver::consume_commands(self.shared.clone(), self.commands, cancel.clone()));
         let timer = tokio::spawn(deliver::expiry_timer(self.shared.clone(), self.cfg.expiry_every, cancel.clone()));
         // Devices whose buckets are full again are forgotten: bounded memory.
         let (s, c) = (self.shared.clone(), cancel.clone());
@@ -289,9 +272,9 @@ impl Application {
             })
             .collect();
         drop(tx);
-        self.listeners.serve(cancel.clone()).await?;
+        homelink_kit::ops::serve(self.listener, self.router, cancel.clone()).await?;
         let _ = ingest.await;
-        let _ = catch_up.await;
+        let _ = commands.await;
         timer.abort();
         for c in &clients {
             let _ = c.disconnect().await;
@@ -361,12 +344,4 @@ async fn poll_mqtt(
             }
         }
     }
-}
-
-/// `POST /internal/v1/commands`: command-api hands over commands it appended.
-async fn push_commands(State(s): State<Arc<Shared>>, Json(envelopes): Json<Vec<Envelope>>) -> Json<serde_json::Value> {
-    for env in &envelopes {
-        deliver::deliver_counted(&s, env, "command_push").await;
-    }
-    Json(serde_json::json!({"received": envelopes.len()}))
 }

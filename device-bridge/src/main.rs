@@ -28,18 +28,14 @@ struct Args {
     share_group: String,
     #[arg(long, env = "HOMELINK_BRIDGE_LISTEN", default_value = "127.0.0.1:8082")]
     listen: String,
-    /// The push channel's listener: reachable by the services only, never public.
-    #[arg(long, env = "HOMELINK_BRIDGE_INTERNAL_LISTEN", default_value = "127.0.0.1:8182")]
-    internal_listen: String,
-    #[arg(long, env = "HOMELINK_PROJECTOR_PUSH_URL")]
-    projector_push_url: Option<String>,
     /// How long reports wait to be appended together (librdkafka `linger.ms`):
     /// the broker pays per produce request, so a few milliseconds buy large batches.
     #[arg(long, env = "HOMELINK_BRIDGE_PRODUCE_LINGER_MS", default_value_t = 5)]
     produce_linger_ms: u64,
-    /// Fetch wait of the command catch-up consumer (commands the push missed):
-    /// long, since every fetch costs the broker CPU even with nothing to read.
-    #[arg(long, env = "HOMELINK_BRIDGE_COMMAND_FETCH_WAIT_MS", default_value_t = 2000)]
+    /// Longest an empty fetch of the commands topic waits at the broker; a
+    /// command ends the wait at once, so this only sets how often an idle
+    /// bridge asks (Apache Kafka answers a fetch as soon as a record arrives).
+    #[arg(long, env = "HOMELINK_BRIDGE_COMMAND_FETCH_WAIT_MS", default_value_t = 500)]
     command_fetch_wait_ms: u64,
     /// Messages one device may send a second; beyond it (and its burst) they
     /// are acknowledged and dropped, counted as `device_rate_limited`.
@@ -69,14 +65,11 @@ async fn run() -> anyhow::Result<()> {
     cfg.client_id = a.client_id;
     cfg.share_group = a.share_group;
     cfg.listen = a.listen;
-    cfg.internal_listen = a.internal_listen;
-    cfg.projector_push_url = a.projector_push_url;
     cfg.produce_linger = std::time::Duration::from_millis(a.produce_linger_ms);
-    cfg.internal_token = a.common.internal_token()?;
     cfg.command_fetch_wait = std::time::Duration::from_millis(a.command_fetch_wait_ms.max(1));
     cfg.device_rate = (a.device_rate, a.device_burst);
     cfg.mqtt_queue = a.mqtt_queue;
     let app = Application::build(cfg).await?;
-    tracing::info!(port = app.port(), internal_port = app.internal_port(), "device bridge listening");
+    tracing::info!(port = app.port(), "device bridge listening");
     Ok(app.run_until_stopped(homelink_kit::shutdown::on_signal()).await?)
 }

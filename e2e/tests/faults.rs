@@ -2,36 +2,12 @@
 
 mod common;
 
-use common::{eventually, light_and_sensor, Env, PrivateKafka, Stack};
+use common::{counting_connection, eventually, light_and_sensor, Env, PrivateKafka, Stack};
 use homelink_tools::sim;
-use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event};
 use serde_json::json;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
-
-/// A connected device client that counts the PUBACKs it gets.
-async fn counting_connection(opts: rumqttc::v5::MqttOptions, capacity: usize) -> (AsyncClient, Arc<AtomicU64>) {
-    let (client, mut ev) = AsyncClient::new(opts, capacity);
-    let acked = Arc::new(AtomicU64::new(0));
-    let connected = Arc::new(tokio::sync::Notify::new());
-    let (a, c) = (acked.clone(), connected.clone());
-    tokio::spawn(async move {
-        while let Ok(e) = ev.poll().await {
-            match e {
-                Event::Incoming(Packet::ConnAck(_)) => c.notify_one(),
-                Event::Incoming(Packet::PubAck(_)) => {
-                    a.fetch_add(1, Ordering::SeqCst);
-                }
-                _ => {}
-            }
-        }
-    });
-    tokio::time::timeout(Duration::from_secs(20), connected.notified()).await.expect("device connected");
-    (client, acked)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_kafka_down_writes_get_503_reports_are_held_and_everything_resumes_without_loss() {
@@ -138,8 +114,8 @@ async fn a_backlog_larger_than_the_bridge_queues_drains_without_loss() {
 }
 
 /// A command the broker never acknowledged is not lost with the bridge: with
-/// Mosquitto stopped, the bridge has the command (pushed, and read from the
-/// log) but no PUBACK; it is killed; once Mosquitto and a new bridge are
+/// Mosquitto stopped, the bridge has the command (read from the log) but no
+/// PUBACK; it is killed; once Mosquitto and a new bridge are
 /// back, the device receives the command. (Before, the catch-up consumer
 /// committed past a command as soon as it was queued for publishing.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -3,9 +3,9 @@
 //! - A NUL character is refused at every edge (HTTP, MQTT, GraphQL) with a
 //!   clear error.
 //! - A record the projector cannot apply — written to the log behind the
-//!   edges' backs, pushed or consumed, or not even an envelope — is recorded
-//!   in `projector_dead_letters` with its position and reason, counted, and
-//!   the projection moves on: later records of the same partitions apply.
+//!   edges' backs, or not even an envelope — is recorded in
+//!   `projector_dead_letters` with its position and reason, counted, and the
+//!   projection moves on: later records of the same partitions apply.
 //! - A COMMIT that reaches disk while the projector sees the connection drop
 //!   is not applied a second time on retry.
 
@@ -17,7 +17,6 @@ use homelink_events::event::{DeviceCommandAcked, DeviceStateReported, HouseholdC
 use homelink_events::protocol::AckStatus;
 use homelink_events::{Actor, Envelope, Event};
 use homelink_kit::kafka::{Appender, ProducerConfig};
-use homelink_kit::push::Located;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -61,18 +60,6 @@ async fn a_poison_record_is_dead_lettered_and_the_projection_moves_on() {
     let bad_ack = stack.appender.append(&stack.topics.telemetry(), &ack_env).await.expect("append");
     let key = homelink_events::topics::household_key(home.household_id);
     let garbage = stack.appender.append_raw(&stack.topics.telemetry(), &key, b"\x00not an envelope").await.expect("append");
-    // The poisoned ack also comes by the push channel, as the bridge would hand it over.
-    let pushed = vec![Located { topic: stack.topics.telemetry(), partition: bad_ack.partition, offset: bad_ack.offset, envelope: ack_env }];
-    let r = stack
-        .http
-        .post(format!("http://127.0.0.1:{}/internal/v1/events", stack.projector_internal_port))
-        .bearer_auth(common::INTERNAL_TOKEN)
-        .json(&pushed)
-        .send()
-        .await
-        .expect("push");
-    assert!(r.status().is_success(), "the push of a poison record answers {}", r.status());
-
     // A report whose seq does not fit Postgres's bigint (the MQTT edge refuses it).
     let huge = Event::DeviceStateReported(DeviceStateReported {
         device_id: light,
@@ -88,7 +75,7 @@ async fn a_poison_record_is_dead_lettered_and_the_projection_moves_on() {
         .expect("append");
 
     // After them, on the same partitions: a valid creation of that household
-    // (log only) and a report of the light (log only, no push).
+    // and a report of the light, appended to the log.
     stack.appender.append(&stack.topics.households(), &created("Fine name")).await.expect("append");
     let report = Event::DeviceStateReported(DeviceStateReported {
         device_id: light,

@@ -1,18 +1,21 @@
 //! The projector under restarts: killed (SIGKILL) several times in the middle
 //! of a stream, it loses nothing and applies nothing twice — its read models
-//! equal those of an uninterrupted rebuild. And events that arrive by both the
-//! push channel and the catch-up consumer are applied once.
+//! equal those of an uninterrupted rebuild. And a log holding duplicate
+//! records (producer retries), read by a projector stopped part-way and
+//! started again, gives the read models of a single reading of the log
+//! without them.
 
 mod common;
 
 use chrono::Utc;
-use common::{eventually, isolated};
+use common::{eventually, isolated, isolated_on};
 use homelink_events::event::{DeviceRegistered, DeviceStateReported, DeviceStatusChanged, HouseholdCreated};
 use homelink_events::{Actor, DeviceKind, Envelope, Event, Topics};
 use homelink_kit::kafka::{Appender, Position, ProducerConfig};
-use homelink_kit::push::Located;
+use homelink_kit::shutdown::CancellationToken;
 use serde_json::json;
 use sqlx::PgPool;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::process::{Child, Command};
 use std::time::Duration;
 use uuid::Uuid;
@@ -20,14 +23,19 @@ use uuid::Uuid;
 const DEVICES: usize = 4;
 const REPORTS: u64 = 250;
 
-/// Appends a household's history: registrations, reports, and a status flip every 25 reports.
-async fn append_history(appender: &Appender, topics: &Topics) -> (Vec<(String, Position, Envelope)>, usize) {
+/// Which topic of a deployment an event goes to.
+type TopicOf = fn(&Topics) -> String;
+
+/// A household's history: registrations, reports, and a status flip every 25 reports.
+fn history() -> Vec<(TopicOf, Envelope)> {
     let h = Uuid::new_v4();
     let sys = Actor::System("test".into());
+    let households: TopicOf = Topics::households;
+    let telemetry: TopicOf = Topics::telemetry;
     let mut out = Vec::new();
-    let mut push = |topic: String, e: Envelope| out.push((topic, e));
+    let mut push = |topic: TopicOf, e: Envelope| out.push((topic, e));
     push(
-        topics.households(),
+        households,
         Envelope::new(h, sys.clone(), &Event::HouseholdCreated(HouseholdCreated { name: "H".into(), created_by: None }), Utc::now()),
     );
     let devices: Vec<Uuid> = (0..DEVICES).map(|_| Uuid::new_v4()).collect();
@@ -43,43 +51,47 @@ async fn append_history(appender: &Appender, topics: &Topics) -> (Vec<(String, P
             broker: None,
             report_interval_secs: None,
         });
-        push(topics.households(), Envelope::new(h, sys.clone(), &ev, Utc::now()));
+        push(households, Envelope::new(h, sys.clone(), &ev, Utc::now()));
     }
     for seq in 1..=REPORTS {
         for d in &devices {
             let state = json!({"brightness": (seq % 100), "on": seq % 2 == 0}).as_object().cloned().unwrap_or_default();
             let ev = Event::DeviceStateReported(DeviceStateReported { device_id: *d, seq, device_ts: None, state, battery: None });
-            push(topics.telemetry(), Envelope::new(h, Actor::Device(*d), &ev, Utc::now()));
+            push(telemetry, Envelope::new(h, Actor::Device(*d), &ev, Utc::now()));
             if seq % 25 == 0 {
                 let ev = Event::DeviceStatusChanged(DeviceStatusChanged { device_id: *d, online: seq % 50 != 0 });
-                push(topics.telemetry(), Envelope::new(h, Actor::Device(*d), &ev, Utc::now()));
+                push(telemetry, Envelope::new(h, Actor::Device(*d), &ev, Utc::now()));
             }
         }
     }
-    let total = out.len();
-    let mut located = Vec::with_capacity(total);
-    for chunk in out.chunks(200) {
-        let results = futures::future::join_all(chunk.iter().map(|(t, e)| appender.append(t, e))).await;
+    out
+}
+
+/// Appends `events` to the topics of `topics`, in order (the producer keeps
+/// the order of what is queued for a partition); returns where each landed.
+async fn append_all(appender: &Appender, topics: &Topics, events: &[(TopicOf, Envelope)]) -> Vec<(String, Position, Envelope)> {
+    let mut located = Vec::with_capacity(events.len());
+    for chunk in events.chunks(200) {
+        let waits: Vec<_> = chunk.iter().map(|(t, e)| appender.enqueue(&t(topics), e).expect("queue the append")).collect();
+        let results = futures::future::join_all(waits).await;
         for ((t, e), r) in chunk.iter().zip(results) {
-            located.push((t.clone(), r.expect("append"), e.clone()));
+            located.push((t(topics), r.expect("append"), e.clone()));
         }
     }
+    located
+}
+
+/// Appends a household's [`history`].
+async fn append_history(appender: &Appender, topics: &Topics) -> (Vec<(String, Position, Envelope)>, usize) {
+    let located = append_all(appender, topics, &history()).await;
+    let total = located.len();
     (located, total)
 }
 
 fn spawn_projector(env: &common::Env, db_url: &str, topics: &Topics, batch_max: usize) -> Child {
     Command::new(env.bin_dir.join("homelink-projector"))
         .args(["--database-url", db_url, "--kafka-bootstrap", &env.kafka, "--topic-prefix", topics.prefix()])
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--internal-listen",
-            "127.0.0.1:0",
-            "--fetch-wait-ms",
-            "100",
-            "--batch-max",
-            &batch_max.to_string(),
-        ])
+        .args(["--listen", "127.0.0.1:0", "--fetch-wait-ms", "100", "--batch-max", &batch_max.to_string()])
         .env("RUST_LOG", "warn")
         .spawn()
         .expect("start the projector binary (built by `cargo build --workspace`)")
@@ -155,57 +167,107 @@ async fn killed_mid_stream_the_projector_loses_nothing_and_applies_nothing_twice
     assert!(seqs.iter().all(|s| *s == REPORTS as i64));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn events_arriving_by_push_and_by_the_log_are_applied_once() {
-    let (env, topics, db_url) = isolated().await;
-    let appender = Appender::new(&ProducerConfig::new(&env.kafka)).expect("producer");
-    let (located, total) = append_history(&appender, &topics).await;
+/// The per-household event counts, by household and event type.
+async fn counts(pool: &PgPool) -> BTreeMap<(Uuid, String), i64> {
+    let rows: Vec<(Uuid, String, i64)> =
+        sqlx::query_as("SELECT household_id, event_type, applied FROM household_event_counts").fetch_all(pool).await.expect("counts");
+    rows.into_iter().map(|(h, t, n)| ((h, t), n)).collect()
+}
 
-    let mut cfg = homelink_projector::Config::new(&db_url, &env.kafka, topics.clone());
-    cfg.internal_token = Some(common::INTERNAL_TOKEN.into());
+/// An in-process projector reading `topics` into `db_url`, in batches of at most `batch_max`.
+async fn start_projector(
+    env: &common::Env,
+    db_url: &str,
+    topics: &Topics,
+    batch_max: usize,
+) -> (CancellationToken, tokio::task::JoinHandle<Result<(), homelink_projector::Error>>) {
+    let mut cfg = homelink_projector::Config::new(db_url, &env.kafka, topics.clone());
+    cfg.fetch_wait = Duration::from_millis(100);
+    cfg.batch_max = batch_max;
     let app = homelink_projector::Application::build(cfg).await.expect("projector");
-    let (public_port, port) = (app.port(), app.internal_port());
-    let pool = app.pool();
-    let cancel = homelink_kit::shutdown::CancellationToken::new();
-    tokio::spawn(app.run_until_stopped(cancel.clone()));
+    let cancel = CancellationToken::new();
+    (cancel.clone(), tokio::spawn(app.run_until_stopped(cancel)))
+}
 
-    // Push every event (twice for a third of them) while the consumer catches up.
-    let http = reqwest::Client::new();
-    let url = format!("http://127.0.0.1:{port}/internal/v1/events");
-    // The push channel is on the internal listener only.
-    let public = format!("http://127.0.0.1:{public_port}/internal/v1/events");
-    let r = http.post(&public).bearer_auth(common::INTERNAL_TOKEN).json(&json!([])).send().await.expect("push");
-    assert_eq!(r.status(), 404, "the public listener has no push channel");
-    let pushed: Vec<Located> = located
-        .iter()
-        .map(|(t, p, e)| Located { topic: t.clone(), partition: p.partition, offset: p.offset, envelope: e.clone() })
-        .collect();
-    // Only a holder of the deployment's token may push, and only what the topic can hold.
-    for token in [None, Some("not-the-token")] {
-        let mut req = http.post(&url).json(&pushed[..1]);
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn duplicate_records_and_a_restart_give_the_read_models_of_a_single_reading() {
+    let (env, topics, db_url) = isolated().await;
+    let (_, clean_topics, clean_url) = isolated_on(env.clone()).await;
+    let appender = Appender::new(&ProducerConfig::new(&env.kafka)).expect("producer");
+
+    // One history, appended twice: as it is to one log, and to another with a
+    // third of its records appended again right after themselves — the same
+    // envelope, event id included, at a new offset, as a producer retry
+    // leaves it.
+    let events = history();
+    let mut with_duplicates: Vec<(TopicOf, Envelope)> = Vec::with_capacity(events.len() + events.len() / 3 + 1);
+    let mut duplicated: HashMap<String, i64> = HashMap::new();
+    for (i, (t, e)) in events.iter().enumerate() {
+        with_duplicates.push((*t, e.clone()));
+        if i % 3 == 0 {
+            with_duplicates.push((*t, e.clone()));
+            *duplicated.entry(e.event_type.clone()).or_default() += 1;
         }
-        assert_eq!(req.send().await.expect("push").status(), 401, "a push with token {token:?}");
     }
-    let household_event = pushed.iter().find(|l| l.topic == topics.households()).expect("a household event").clone();
-    let forged = Located { topic: topics.telemetry(), ..household_event };
-    let r = http.post(&url).bearer_auth(common::INTERNAL_TOKEN).json(&[forged]).send().await.expect("push");
-    assert_eq!(r.status(), 422, "a household event pushed as telemetry");
+    let (total, records) = (events.len() as i64, with_duplicates.len() as i64);
+    append_all(&appender, &clean_topics, &events).await;
+    let located = append_all(&appender, &topics, &with_duplicates).await;
+    let positions: HashSet<(&str, i32, i64)> = located.iter().map(|(t, p, _)| (t.as_str(), p.partition, p.offset)).collect();
+    assert_eq!(positions.len() as i64, records, "every duplicate is a record of its own, at a new offset");
 
-    for chunk in pushed.chunks(100).chain(pushed.chunks(300).step_by(3)) {
-        let r = http.post(&url).bearer_auth(common::INTERNAL_TOKEN).json(chunk).send().await.expect("push");
-        assert!(r.status().is_success(), "push refused: {}", r.status());
+    // The log with duplicates, read by a projector stopped part-way (tiny
+    // batches so a stop lands in the middle of the stream) and started again
+    // over the same database.
+    let pool = PgPool::connect(&db_url).await.expect("pool");
+    let mut stops = 0;
+    let mut running = start_projector(&env, &db_url, &topics, 5).await;
+    let mut last = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while stops < 3 && std::time::Instant::now() < deadline {
+        let now = applied(&pool).await;
+        if now >= records {
+            break;
+        }
+        if now > last {
+            running.0.cancel();
+            running.1.await.expect("projector task").expect("projector stopped cleanly");
+            stops += 1;
+            last = now;
+            running = start_projector(&env, &db_url, &topics, 5).await;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    eventually(Duration::from_secs(120), "every event applied", || async { (applied(&pool).await >= total as i64).then_some(()) }).await;
-    // Wait until the consumer has passed every pushed event, then nothing is left to skip.
-    eventually(Duration::from_secs(120), "consumer caught up", || async {
-        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM projector_pushed").fetch_one(&pool).await.ok()?;
-        (left == 0).then_some(())
-    })
-    .await;
-    assert_eq!(applied(&pool).await, total as i64, "each event applied exactly once");
-    cancel.cancel();
+    assert!(stops >= 1, "the stream ended before the projector could be stopped part-way");
+    eventually(Duration::from_secs(120), "every record applied", || async { (applied(&pool).await >= records).then_some(()) }).await;
+    // Give a second application every chance to show up before comparing.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    running.0.cancel();
+    let _ = running.1.await;
+    assert_eq!(applied(&pool).await, records, "each record applied exactly once across the restarts");
+
+    // A projector that reads the log without duplicates once.
+    let (clean_cancel, clean_task) = start_projector(&env, &clean_url, &clean_topics, 5000).await;
+    let clean_pool = PgPool::connect(&clean_url).await.expect("pool");
+    eventually(Duration::from_secs(120), "the single reading complete", || async { (applied(&clean_pool).await >= total).then_some(()) })
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    clean_cancel.cancel();
+    let _ = clean_task.await;
+    assert_eq!(applied(&clean_pool).await, total, "each event applied exactly once");
+
+    // The same shadows and registry; the per-household counts differ by the
+    // duplicate records only (each record counts once).
+    let (a, b) = (snapshot(&pool).await, snapshot(&clean_pool).await);
+    assert_eq!(a.0.len(), DEVICES);
+    assert_eq!(a.0, b.0, "device shadows");
+    assert_eq!(a.2, b.2, "devices");
+    let mut expected = counts(&clean_pool).await;
+    for ((_, event_type), n) in expected.iter_mut() {
+        *n += duplicated.get(event_type).copied().unwrap_or(0);
+    }
+    assert_eq!(counts(&pool).await, expected, "event counts: the single reading's plus the duplicates");
+    let seqs: Vec<i64> = sqlx::query_scalar("SELECT seq FROM device_shadows").fetch_all(&pool).await.expect("seqs");
+    assert!(seqs.iter().all(|s| *s == REPORTS as i64));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -253,7 +315,7 @@ async fn a_service_takes_its_settings_from_a_configuration_file_beneath_the_envi
     std::fs::create_dir_all(&dir).expect("dir");
     let file = dir.join("homelink.toml");
     let toml = format!(
-        "HOMELINK_DATABASE_URL = \"{db_url}\"\nHOMELINK_KAFKA_BOOTSTRAP = \"{}\"\nHOMELINK_TOPIC_PREFIX = \"wrong.\"\nHOMELINK_PROJECTOR_LISTEN = \"127.0.0.1:0\"\nHOMELINK_PROJECTOR_INTERNAL_LISTEN = \"127.0.0.1:0\"\nHOMELINK_PROJECTOR_FETCH_WAIT_MS = 100\n",
+        "HOMELINK_DATABASE_URL = \"{db_url}\"\nHOMELINK_KAFKA_BOOTSTRAP = \"{}\"\nHOMELINK_TOPIC_PREFIX = \"wrong.\"\nHOMELINK_PROJECTOR_LISTEN = \"127.0.0.1:0\"\nHOMELINK_PROJECTOR_FETCH_WAIT_MS = 100\n",
         env.kafka
     );
     std::fs::write(&file, toml).expect("write config");

@@ -282,30 +282,21 @@ async fn the_twin_is_the_same_whatever_order_the_two_topics_arrive_in() {
         device(report(2, json!({"colorTemp": 4000})), 14),
         device(ack(2, AckStatus::Ok), 15),
     ];
-    let push = |topic: String, envs: &[Envelope]| {
+    // Appended to the log in order; the live projector reads them from there.
+    let append = |topic: String, envs: &[Envelope]| {
         let stack = &stack;
         let envs = envs.to_vec();
         async move {
-            let mut located = Vec::new();
+            let mut at = Vec::new();
             for e in envs {
-                let pos = stack.appender.append(&topic, &e).await.expect("append");
-                located.push(homelink_kit::push::Located {
-                    topic: topic.clone(),
-                    partition: pos.partition,
-                    offset: pos.offset,
-                    envelope: e,
-                });
+                at.push((topic.clone(), stack.appender.append(&topic, &e).await.expect("append")));
             }
-            // Pushed twice: the live projector applies them now, duplicates included.
-            let url = format!("http://127.0.0.1:{}/internal/v1/events", stack.projector_internal_port);
-            for _ in 0..2 {
-                let r = stack.http.post(&url).bearer_auth(common::INTERNAL_TOKEN).json(&located).send().await.expect("push");
-                assert!(r.status().is_success(), "{}", r.status());
-            }
+            at
         }
     };
     // Telemetry first, applied before any request is appended.
-    push(stack.topics.telemetry(), &telemetry).await;
+    let appended = append(stack.topics.telemetry(), &telemetry).await;
+    applied_through(&stack, &appended).await;
     eventually(Duration::from_secs(20), "the telemetry applied", || async {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM device_commands WHERE device_id = $1 AND acked_at IS NOT NULL")
             .bind(light)
@@ -315,7 +306,7 @@ async fn the_twin_is_the_same_whatever_order_the_two_topics_arrive_in() {
         (n == 3).then_some(())
     })
     .await;
-    push(stack.topics.commands(), &commands).await;
+    append(stack.topics.commands(), &commands).await;
     let live = eventually(Duration::from_secs(20), "the requests applied", || async {
         let rows = twin_rows(&stack.pool, light).await;
         (rows.0.len() == 4 && rows.0.iter().all(|r| !r.contains("|requested|"))).then_some(rows)
@@ -815,17 +806,40 @@ async fn a_resumed_tls_session_does_not_get_a_removed_device_past_the_revocation
     assert_ne!(resumed_after, Some(true), "no TLS session of the removed device is resumed after the revocation");
 }
 
-/// Appends `events` (topic, envelope) to the log and pushes them to the
-/// projector in one request, so they are applied in one batch.
+/// Waits until the live projector has applied the log past every one of
+/// these positions (its committed next offset of the partition is beyond it).
+async fn applied_through(stack: &Stack, at: &[(String, homelink_kit::kafka::Position)]) {
+    eventually(Duration::from_secs(20), "the projector applied the appended records", || async {
+        for (topic, p) in at {
+            let next: Option<i64> = sqlx::query_scalar("SELECT next_offset FROM projector_offsets WHERE topic = $1 AND partition = $2")
+                .bind(topic)
+                .bind(p.partition)
+                .fetch_optional(&stack.pool)
+                .await
+                .ok()?;
+            if next? <= p.offset {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+}
+
+/// Appends `events` (topic, envelope) to the log together — all queued at
+/// once, so they travel in one produce request and the projector reads them
+/// in one fetch and applies them in one batch — and waits until the live
+/// projector has applied them.
 async fn one_batch(stack: &Stack, events: Vec<(String, homelink_events::Envelope)>) {
-    let mut located = Vec::new();
-    for (topic, e) in events {
-        let pos = stack.appender.append(&topic, &e).await.expect("append");
-        located.push(homelink_kit::push::Located { topic, partition: pos.partition, offset: pos.offset, envelope: e });
+    let mut queued = Vec::with_capacity(events.len());
+    for (topic, e) in &events {
+        queued.push((topic.clone(), stack.appender.enqueue(topic, e).expect("queue the append")));
     }
-    let url = format!("http://127.0.0.1:{}/internal/v1/events", stack.projector_internal_port);
-    let r = stack.http.post(&url).bearer_auth(common::INTERNAL_TOKEN).json(&located).send().await.expect("push");
-    assert!(r.status().is_success(), "{}", r.status());
+    let mut at = Vec::with_capacity(queued.len());
+    for (topic, acked) in queued {
+        at.push((topic, acked.await.expect("append")));
+    }
+    applied_through(stack, &at).await;
 }
 
 fn reported(device: Uuid, seq: u64, state: Value) -> homelink_events::Event {
@@ -871,14 +885,16 @@ async fn a_change_committed_with_a_demotion_never_reaches_the_demoted_member() {
     let owner = Actor::User(home.accounts[0].user_id.to_string());
     let demote =
         Event::MemberRoleChanged(homelink_events::event::MemberRoleChanged { user_id: adult.user_id, role: homelink_events::Role::Child });
+    // Appended together, so applied in one batch. Were they ever read in two,
+    // the demotion is queued first: the camera change must stay hidden all the same.
     one_batch(
         &stack,
         vec![
+            (stack.topics.households(), Envelope::new(h, owner, &demote, chrono::Utc::now()).with_seq(version as u64 + 1)),
             (
                 stack.topics.telemetry(),
                 Envelope::new(h, Actor::Device(camera), &reported(camera, 2, json!({"motion": true})), chrono::Utc::now()),
             ),
-            (stack.topics.households(), Envelope::new(h, owner, &demote, chrono::Utc::now()).with_seq(version as u64 + 1)),
         ],
     )
     .await;

@@ -1,8 +1,8 @@
 //! How a device shadow evolves: the pure fold the projector runs per batch.
 //!
 //! **Invariant**: the shadow depends on the *set* of events applied, not on
-//! their order, so duplicates and any arrival order (the push channel ahead of
-//! the log, a partition caught up later) converge to the in-order result
+//! their order, so duplicates and any arrival order (a batch applied twice
+//! after a crash, a partition caught up later) converge to the in-order result
 //! (the change counter `version` aside):
 //! - each reported property holds the value of the report with the highest
 //!   `seq` that carried it (a partial report never overwrites a newer value of

@@ -14,28 +14,18 @@ pub struct CommonArgs {
     /// PostgreSQL URL of the read-model database.
     #[arg(long, env = "HOMELINK_DATABASE_URL")]
     pub database_url: String,
-    /// Kafka bootstrap servers (tansu locally, any Kafka-API broker in production).
+    /// Kafka bootstrap servers (Apache Kafka locally; any Kafka-API cluster in production, with its
+    /// client properties as `HOMELINK_KAFKA_<PROPERTY>`, see `kafka::client_config`).
     #[arg(long, env = "HOMELINK_KAFKA_BOOTSTRAP", default_value = "127.0.0.1:9092")]
     pub kafka_bootstrap: String,
     /// Prefix of every topic name of this deployment.
     #[arg(long, env = "HOMELINK_TOPIC_PREFIX", default_value = "homelink.")]
     pub topic_prefix: String,
-    /// A file holding the deployment's service-to-service token (the push
-    /// channel). Without it, the token comes from `HOMELINK_INTERNAL_TOKEN`.
-    #[arg(long, env = "HOMELINK_INTERNAL_TOKEN_FILE")]
-    pub internal_token_file: Option<std::path::PathBuf>,
 }
 
 impl CommonArgs {
     pub fn topics(&self) -> homelink_events::Topics {
         homelink_events::Topics::new(&self.topic_prefix)
-    }
-
-    /// The service-to-service token; `None` when none is configured (the
-    /// push channel then refuses every call and pushes nothing).
-    pub fn internal_token(&self) -> std::io::Result<Option<secrecy::SecretString>> {
-        let t = secret("HOMELINK_INTERNAL_TOKEN", self.internal_token_file.as_deref())?;
-        Ok((!secrecy::ExposeSecret::expose_secret(&t).is_empty()).then_some(t))
     }
 }
 

@@ -401,67 +401,26 @@ fn properties_from(vars: impl Iterator<Item = (String, String)>, read: impl Fn(&
 
 /// The partitions of `topic` as the broker reports them.
 pub fn partitions_of(consumer: &StreamConsumer, topic: &str, timeout: Duration) -> Result<Vec<i32>, crate::Error> {
-    let md = consumer.fetch_metadata(Some(topic), timeout)?;
-    let parts: Vec<i32> = md
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic && t.error().is_none())
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    if parts.is_empty() {
-        return Err(crate::Error::Other(format!("topic {topic} has no partitions (not created?)")));
-    }
-    Ok(parts)
-}
-
-/// Publishes `consumer_lag_records` every 5 s for each partition `consumer`
-/// holds: the log end minus `position()[(topic, partition)]` (0 when unknown).
-pub async fn report_lag<F>(
-    consumer: std::sync::Arc<StreamConsumer>,
-    position: F,
-    metrics: crate::metrics::ServiceMetrics,
-    cancel: tokio_util::sync::CancellationToken,
-) where
-    F: Fn() -> std::collections::HashMap<(String, i32), i64> + Send + 'static,
-{
+    // A topic created a moment ago may not be in every broker's metadata
+    // yet: ask again until `timeout`.
+    let deadline = std::time::Instant::now() + timeout;
     loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        let left = deadline.saturating_duration_since(std::time::Instant::now()).max(Duration::from_millis(100));
+        let md = consumer.fetch_metadata(Some(topic), left)?;
+        let parts: Vec<i32> = md
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic && t.error().is_none())
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        if !parts.is_empty() {
+            return Ok(parts);
         }
-        let c = consumer.clone();
-        // librdkafka's metadata calls block: keep them off the async workers.
-        let highs = tokio::task::spawn_blocking(move || {
-            let Ok(assigned) = c.assignment() else { return Vec::new() };
-            assigned
-                .elements()
-                .iter()
-                .filter_map(|e| {
-                    let (t, p) = (e.topic().to_owned(), e.partition());
-                    c.fetch_watermarks(&t, p, Duration::from_secs(1)).ok().map(|(_, high)| (t, p, high))
-                })
-                .collect::<Vec<_>>()
-        })
-        .await
-        .unwrap_or_default();
-        let pos = position();
-        for (t, p, high) in highs {
-            let at = pos.get(&(t.clone(), p)).copied().unwrap_or(0);
-            metrics.consumer_lag.with_label_values(&[&t, &p.to_string()]).set((high - at).max(0));
+        if std::time::Instant::now() >= deadline {
+            return Err(crate::Error::Other(format!("topic {topic} has no partitions (not created?)")));
         }
+        std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// The next offset `consumer` will read per partition (for [`report_lag`]).
-pub fn positions(consumer: &StreamConsumer) -> std::collections::HashMap<(String, i32), i64> {
-    let Ok(tpl) = consumer.position() else { return Default::default() };
-    tpl.elements()
-        .iter()
-        .filter_map(|e| match e.offset() {
-            rdkafka::Offset::Offset(o) => Some(((e.topic().to_owned(), e.partition()), o)),
-            _ => None,
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -17,7 +17,6 @@ pub mod kafka;
 pub mod metrics;
 pub mod ops;
 pub mod pki;
-pub mod push;
 pub mod reader;
 pub mod shutdown;
 pub mod telemetry;

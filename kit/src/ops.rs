@@ -65,35 +65,3 @@ pub async fn serve(listener: tokio::net::TcpListener, router: Router, cancel: to
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await
 }
-
-/// A service's two listeners: the public one (its API, if any, and the ops
-/// routes) and the internal one (the service-to-service push channel), so a
-/// deployment exposes them to different networks.
-pub struct Listeners {
-    pub public: (tokio::net::TcpListener, Router),
-    pub internal: (tokio::net::TcpListener, Router),
-}
-
-impl Listeners {
-    /// Binds `public` and `internal` (port 0 picks a free port).
-    pub async fn bind(public: &str, public_router: Router, internal: &str, internal_router: Router) -> std::io::Result<Self> {
-        Ok(Self { public: (bind(public).await?, public_router), internal: (bind(internal).await?, internal_router) })
-    }
-
-    pub fn public_port(&self) -> u16 {
-        self.public.0.local_addr().map(|a| a.port()).unwrap_or(0)
-    }
-
-    pub fn internal_port(&self) -> u16 {
-        self.internal.0.local_addr().map(|a| a.port()).unwrap_or(0)
-    }
-
-    /// Serves both until `cancel` fires.
-    pub async fn serve(self, cancel: tokio_util::sync::CancellationToken) -> std::io::Result<()> {
-        let (public, internal) = tokio::join!(
-            serve(self.public.0, self.public.1, cancel.clone()),
-            serve(self.internal.0, self.internal.1.route("/healthz", get(|| async { "ok" })), cancel)
-        );
-        public.and(internal)
-    }
-}

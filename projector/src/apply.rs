@@ -1,14 +1,11 @@
 //! The applier: the projector's single writer, the transaction engine. What
 //! each read model does with an event is in [`crate::projections`]. Every
-//! batch, from the catch-up
-//! consumer or the push channel, is applied in one Postgres transaction
-//! together with the consumer offsets and the push bookkeeping, so a crash at
-//! any point leaves either all of a batch or none of it.
+//! batch read from the log is applied in one Postgres transaction together
+//! with its partitions' next offsets, so a crash at any point leaves either
+//! all of a batch or none of it.
 //!
-//! Deduplication is by log position `(topic, partition, offset)`:
-//! - an event below the committed `next_offset` of its partition was applied;
-//! - an event applied through the push channel is recorded in
-//!   `projector_pushed` and skipped (and forgotten) when the consumer passes it.
+//! Deduplication is by log position `(topic, partition, offset)`: an event
+//! below the committed `next_offset` of its partition was applied.
 //!
 //! A record the applier cannot apply because of its content (Postgres refuses
 //! a value, the envelope does not decode) is isolated by bisecting the batch
@@ -26,29 +23,19 @@
 
 use homelink_events::Event;
 use homelink_kit::metrics::ServiceMetrics;
-use homelink_kit::push::Located;
+use homelink_kit::reader::Located;
 use sqlx::{PgPool, Postgres, Row, Transaction};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use uuid::Uuid;
 
 pub use homelink_events::topics::{MEMBERSHIP_CHANGED_CHANNEL, REGISTRY_CHANGED_CHANNEL, SHADOW_CHANGED_CHANNEL};
 
-/// Where a batch came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    /// The catch-up consumer: contiguous, advances the offsets.
-    Log,
-    /// The push channel: ahead of the consumer, recorded in `projector_pushed`.
-    Push,
-}
-
-/// A batch of located events from one source.
+/// A batch of located events read from the log.
 #[derive(Debug)]
 pub struct Batch {
-    pub source: Source,
     pub events: Vec<Located>,
-    /// For `Source::Log`: the next offset per `(topic, partition)` once this
-    /// batch is applied (it also covers undecodable records that were skipped).
+    /// The next offset per `(topic, partition)` once this batch is applied
+    /// (it also covers undecodable records that were skipped).
     pub next_offsets: Vec<(String, i32, i64)>,
     /// Records that could not even be decoded, recorded as dead letters in
     /// the same transaction.
@@ -57,11 +44,7 @@ pub struct Batch {
 
 impl Batch {
     pub fn log(events: Vec<Located>, next_offsets: Vec<(String, i32, i64)>, dead: Vec<DeadRecord>) -> Self {
-        Self { source: Source::Log, events, next_offsets, dead }
-    }
-
-    pub fn push(events: Vec<Located>) -> Self {
-        Self { source: Source::Push, events, next_offsets: Vec::new(), dead: Vec::new() }
+        Self { events, next_offsets, dead }
     }
 }
 
@@ -71,7 +54,6 @@ pub struct DeadRecord {
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
-    pub source: Source,
     pub event_id: Option<Uuid>,
     pub household_id: Option<Uuid>,
     pub event_type: Option<String>,
@@ -89,7 +71,6 @@ impl DeadRecord {
             topic: topic.to_owned(),
             partition,
             offset,
-            source: Source::Log,
             event_id: None,
             household_id: None,
             event_type: None,
@@ -99,12 +80,11 @@ impl DeadRecord {
     }
 
     /// A decoded envelope that could not be applied.
-    pub fn of(l: &Located, source: Source, reason: &str) -> Self {
+    pub fn of(l: &Located, reason: &str) -> Self {
         Self {
             topic: l.topic.clone(),
             partition: l.partition,
             offset: l.offset,
-            source,
             event_id: Some(l.envelope.event_id),
             household_id: Some(l.envelope.household_id),
             event_type: Some(storable(&l.envelope.event_type)),
@@ -161,9 +141,6 @@ pub struct Applier {
     next_offsets: HashMap<(String, i32), i64>,
     /// A transaction failed since the mirror was last read.
     stale: bool,
-    /// Rows in `projector_pushed` (this is its only writer): while there
-    /// are none, a batch does not ask to delete any.
-    pushed_rows: i64,
 }
 
 type Key = (String, i32, i64);
@@ -172,8 +149,7 @@ impl Applier {
     pub async fn load(pool: PgPool, metrics: ServiceMetrics) -> Result<Self, sqlx::Error> {
         let rows = sqlx::query("SELECT topic, partition, next_offset FROM projector_offsets").fetch_all(&pool).await?;
         let next_offsets = rows.into_iter().map(|r| ((r.get::<String, _>(0), r.get::<i32, _>(1)), r.get::<i64, _>(2))).collect();
-        let pushed_rows = sqlx::query_scalar("SELECT count(*) FROM projector_pushed").fetch_one(&pool).await?;
-        Ok(Self { pool, metrics, next_offsets, stale: false, pushed_rows })
+        Ok(Self { pool, metrics, next_offsets, stale: false })
     }
 
     /// Every partition's committed next offset (as of the last commit).
@@ -202,22 +178,19 @@ impl Applier {
     /// record either applied or, alone, failed on its content and was
     /// dead-lettered; then commits the batches' own end positions.
     async fn isolate(&mut self, batches: &[&Batch]) -> Result<Outcome, sqlx::Error> {
-        let mut units: BTreeMap<Key, (&Located, Source)> = BTreeMap::new();
+        let mut units: BTreeMap<Key, &Located> = BTreeMap::new();
         for b in batches {
             for e in &b.events {
-                let slot = units.entry((e.topic.clone(), e.partition, e.offset)).or_insert((e, b.source));
-                if b.source == Source::Log {
-                    slot.1 = Source::Log;
-                }
+                units.entry((e.topic.clone(), e.partition, e.offset)).or_insert(e);
             }
         }
-        let units: Vec<(&Located, Source)> = units.into_values().collect();
+        let units: Vec<&Located> = units.into_values().collect();
         let mut out = Outcome::default();
         // The batches' undecodable records first: the sub-batches below move
         // offsets past them, and a crash in between must not lose their rows.
         let dead: Vec<DeadRecord> = batches.iter().flat_map(|b| b.dead.iter().cloned()).collect();
         if !dead.is_empty() {
-            let only_dead = Batch { source: Source::Log, events: Vec::new(), next_offsets: Vec::new(), dead };
+            let only_dead = Batch { events: Vec::new(), next_offsets: Vec::new(), dead };
             self.apply_once(&[&only_dead]).await?;
         }
         // Ranges to try, the next one on top: halves are pushed right first.
@@ -226,17 +199,15 @@ impl Applier {
             if lo >= hi {
                 continue;
             }
-            let part = sub_batches(&units[lo..hi]);
-            let refs: Vec<&Batch> = part.iter().collect();
-            match self.apply_once(&refs).await {
+            let part = sub_batch(&units[lo..hi]);
+            match self.apply_once(&[&part]).await {
                 Ok(o) => {
                     out.applied += o.applied;
                     out.skipped += o.skipped;
                 }
                 Err(e) if is_transient(&e) => return Err(e),
                 Err(e) if hi - lo == 1 => {
-                    let (l, source) = units[lo];
-                    self.dead_letter(&DeadRecord::of(l, source, &e.to_string())).await?;
+                    self.dead_letter(&DeadRecord::of(units[lo], &e.to_string())).await?;
                     out.skipped += 1;
                 }
                 Err(_) => {
@@ -249,7 +220,7 @@ impl Applier {
         let ends: Vec<Batch> = batches
             .iter()
             .filter(|b| !b.next_offsets.is_empty() || !b.dead.is_empty())
-            .map(|b| Batch { source: b.source, events: Vec::new(), next_offsets: b.next_offsets.clone(), dead: b.dead.clone() })
+            .map(|b| Batch { events: Vec::new(), next_offsets: b.next_offsets.clone(), dead: b.dead.clone() })
             .collect();
         if !ends.is_empty() {
             let refs: Vec<&Batch> = ends.iter().collect();
@@ -258,47 +229,27 @@ impl Applier {
         Ok(out)
     }
 
-    /// Records one record the projector cannot apply and moves past it: a log
-    /// record advances its partition's offset, a pushed one is marked applied
-    /// so the consumer skips it.
+    /// Records one record the projector cannot apply and moves past it (its
+    /// partition's offset advances in the same transaction).
     async fn dead_letter(&mut self, d: &DeadRecord) -> Result<(), sqlx::Error> {
         tracing::error!(topic = %d.topic, partition = d.partition, offset = d.offset, reason = %d.reason, "record dead-lettered");
         let mut tx = self.pool.begin().await?;
         let recorded = insert_dead(&mut tx, std::slice::from_ref(d)).await?;
-        match d.source {
-            Source::Log => {
-                sqlx::query(
-                    r#"INSERT INTO projector_offsets (topic, partition, next_offset) VALUES ($1, $2, $3)
-                       ON CONFLICT (topic, partition) DO UPDATE SET next_offset = GREATEST(projector_offsets.next_offset, EXCLUDED.next_offset)"#,
-                )
-                .bind(&d.topic)
-                .bind(d.partition)
-                .bind(d.offset + 1)
-                .execute(&mut *tx)
-                .await?;
-            }
-            Source::Push => {
-                sqlx::query(r#"INSERT INTO projector_pushed (topic, partition, "offset") VALUES ($1, $2, $3) ON CONFLICT DO NOTHING"#)
-                    .bind(&d.topic)
-                    .bind(d.partition)
-                    .bind(d.offset)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-        }
+        sqlx::query(
+            r#"INSERT INTO projector_offsets (topic, partition, next_offset) VALUES ($1, $2, $3)
+               ON CONFLICT (topic, partition) DO UPDATE SET next_offset = GREATEST(projector_offsets.next_offset, EXCLUDED.next_offset)"#,
+        )
+        .bind(&d.topic)
+        .bind(d.partition)
+        .bind(d.offset + 1)
+        .execute(&mut *tx)
+        .await?;
         if let Err(e) = tx.commit().await {
             self.stale = true;
             return Err(e);
         }
-        if d.source == Source::Push {
-            // Possibly a row more (ON CONFLICT may have kept an old one): an
-            // overcount only costs a DELETE that finds nothing.
-            self.pushed_rows += 1;
-        }
-        if d.source == Source::Log {
-            let cur = self.next_offsets.entry((d.topic.clone(), d.partition)).or_insert(d.offset + 1);
-            *cur = (*cur).max(d.offset + 1);
-        }
+        let cur = self.next_offsets.entry((d.topic.clone(), d.partition)).or_insert(d.offset + 1);
+        *cur = (*cur).max(d.offset + 1);
         self.metrics.errors.with_label_values(&["dead_letter"]).inc_by(recorded);
         Ok(())
     }
@@ -319,28 +270,18 @@ impl Applier {
             // what is committed is the truth, not the mirror.
             let rows = sqlx::query("SELECT topic, partition, next_offset FROM projector_offsets").fetch_all(&mut *tx).await?;
             self.next_offsets = rows.into_iter().map(|r| ((r.get::<String, _>(0), r.get::<i32, _>(1)), r.get::<i64, _>(2))).collect();
-            self.pushed_rows = sqlx::query_scalar("SELECT count(*) FROM projector_pushed").fetch_one(&mut *tx).await?;
             self.stale = false;
         }
 
-        // Collect events by position; the same event may come by both paths.
-        let mut by_pos: BTreeMap<Key, (&Located, Source)> = BTreeMap::new();
+        // Collect events by position, past what is committed.
+        let mut by_pos: BTreeMap<Key, &Located> = BTreeMap::new();
         let mut new_offsets: HashMap<(String, i32), i64> = HashMap::new();
         for b in batches {
             for e in &b.events {
-                let k = (e.topic.clone(), e.partition, e.offset);
-                let below = self.next_offset(&e.topic, e.partition).is_some_and(|n| e.offset < n);
-                if below {
+                if self.next_offset(&e.topic, e.partition).is_some_and(|n| e.offset < n) {
                     continue;
                 }
-                by_pos
-                    .entry(k)
-                    .and_modify(|s| {
-                        if b.source == Source::Log {
-                            s.1 = Source::Log
-                        }
-                    })
-                    .or_insert((e, b.source));
+                by_pos.entry((e.topic.clone(), e.partition, e.offset)).or_insert(e);
             }
             for (t, p, n) in &b.next_offsets {
                 let cur = new_offsets.entry((t.clone(), *p)).or_insert(*n);
@@ -349,96 +290,21 @@ impl Applier {
         }
         let total: usize = batches.iter().map(|b| b.events.len()).sum();
 
-        // Pushed events that continue their partition's position are applied
-        // as if read from the log: the position moves past them in this
-        // transaction, nothing is recorded per event, and the catch-up
-        // consumer never fetches them. Only pushes after a gap are recorded
-        // in `projector_pushed` for the consumer to skip.
-        let mut contiguous: HashSet<Key> = HashSet::new();
-        let mut cursors: HashMap<(String, i32), Option<i64>> = HashMap::new();
-        for (k, (_, source)) in &by_pos {
-            let tp = (k.0.clone(), k.1);
-            let cursor = cursors.entry(tp).or_insert_with_key(|tp| {
-                let committed = self.next_offsets.get(tp).copied().unwrap_or(0);
-                Some(committed.max(new_offsets.get(tp).copied().unwrap_or(0)))
-            });
-            match cursor {
-                Some(c) if k.2 < *c => {}
-                Some(c) if k.2 == *c && *source == Source::Push => {
-                    contiguous.insert(k.clone());
-                    *c += 1;
-                }
-                _ => *cursor = None,
-            }
-        }
-        for k in &contiguous {
-            let n = new_offsets.entry((k.0.clone(), k.1)).or_insert(k.2 + 1);
-            *n = (*n).max(k.2 + 1);
-        }
-
-        // Events the consumer reaches that the push channel applied already.
-        let mut already: HashSet<Key> = HashSet::new();
-        let (mut deleted, mut inserted) = (0i64, 0i64);
-        if !new_offsets.is_empty() && self.pushed_rows > 0 {
-            let (t, p, n) = unzip3(new_offsets.iter().map(|((t, p), n)| (t.clone(), *p, *n)));
-            let rows = sqlx::query(
-                r#"DELETE FROM projector_pushed a USING UNNEST($1::text[], $2::int[], $3::bigint[]) AS u(t, p, n)
-                   WHERE a.topic = u.t AND a.partition = u.p AND a."offset" < u.n
-                   RETURNING a.topic, a.partition, a."offset""#,
-            )
-            .bind(&t)
-            .bind(&p)
-            .bind(&n)
-            .fetch_all(&mut *tx)
-            .await?;
-            deleted = rows.len() as i64;
-            already.extend(rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2))));
-        }
-        // Pushed events: record them; a conflict means an earlier push applied it.
-        let pushed: Vec<&Key> = by_pos
-            .iter()
-            .filter(|(k, (_, s))| *s == Source::Push && !already.contains(*k) && !contiguous.contains(*k))
-            .map(|(k, _)| k)
-            .collect();
-        if !pushed.is_empty() {
-            let (t, p, o) = unzip3(pushed.iter().map(|(t, p, o)| (t.clone(), *p, *o)));
-            let rows = sqlx::query(
-                r#"INSERT INTO projector_pushed (topic, partition, "offset")
-                   SELECT * FROM UNNEST($1::text[], $2::int[], $3::bigint[])
-                   ON CONFLICT DO NOTHING RETURNING topic, partition, "offset""#,
-            )
-            .bind(&t)
-            .bind(&p)
-            .bind(&o)
-            .fetch_all(&mut *tx)
-            .await?;
-            inserted = rows.len() as i64;
-            let recorded: HashSet<Key> = rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
-            for k in pushed {
-                if !recorded.contains(k) {
-                    already.insert(k.clone());
-                }
-            }
-        }
-
         let mut work = Vec::new();
         let mut dead: Vec<DeadRecord> = batches.iter().flat_map(|b| b.dead.iter().cloned()).collect();
-        for (k, (located, source)) in &by_pos {
-            if already.contains(k) {
-                continue;
-            }
+        for (k, located) in &by_pos {
             match located.envelope.event() {
                 Ok(ev) => match unstorable(&located.envelope, &ev) {
                     None => work.push((*located, ev)),
                     Some(why) => {
                         tracing::warn!(topic = %k.0, offset = k.2, %why, "unstorable event dead-lettered");
-                        dead.push(DeadRecord::of(located, *source, &why));
+                        dead.push(DeadRecord::of(located, &why));
                     }
                 },
                 Err(e) => {
                     tracing::warn!(error = %e, topic = %k.0, offset = k.2, "undecodable event dead-lettered");
                     self.metrics.errors.with_label_values(&["undecodable_event"]).inc();
-                    dead.push(DeadRecord::of(located, *source, &format!("undecodable event: {e}")));
+                    dead.push(DeadRecord::of(located, &format!("undecodable event: {e}")));
                 }
             }
         }
@@ -472,7 +338,6 @@ impl Applier {
                 .await?;
         }
         tx.commit().await?;
-        self.pushed_rows += inserted - deleted;
 
         for ((t, p), n) in new_offsets {
             let cur = self.next_offsets.entry((t, p)).or_insert(n);
@@ -500,24 +365,16 @@ fn unstorable(env: &homelink_events::Envelope, ev: &Event) -> Option<String> {
     }
 }
 
-/// The events of `units` (in log position order) as at most two batches: the
-/// log ones, whose end positions follow from their offsets, and the pushed ones.
-fn sub_batches(units: &[(&Located, Source)]) -> Vec<Batch> {
-    let mut log = Vec::new();
-    let mut push = Vec::new();
+/// The events of `units` (in log position order) as one batch, whose end
+/// positions follow from their offsets.
+fn sub_batch(units: &[&Located]) -> Batch {
     let mut ends: BTreeMap<(String, i32), i64> = BTreeMap::new();
-    for (l, source) in units {
-        match source {
-            Source::Log => {
-                let end = ends.entry((l.topic.clone(), l.partition)).or_insert(l.offset + 1);
-                *end = (*end).max(l.offset + 1);
-                log.push((*l).clone());
-            }
-            Source::Push => push.push((*l).clone()),
-        }
+    for l in units {
+        let end = ends.entry((l.topic.clone(), l.partition)).or_insert(l.offset + 1);
+        *end = (*end).max(l.offset + 1);
     }
     let next_offsets = ends.into_iter().map(|((t, p), n)| (t, p, n)).collect();
-    vec![Batch::log(log, next_offsets, Vec::new()), Batch::push(push)]
+    Batch::log(units.iter().map(|l| (*l).clone()).collect(), next_offsets, Vec::new())
 }
 
 /// Records dead letters (each position once); returns how many are new.
@@ -527,12 +384,7 @@ async fn insert_dead(tx: &mut Transaction<'_, Postgres>, dead: &[DeadRecord]) ->
     }
     let col = |f: fn(&DeadRecord) -> Option<String>| dead.iter().map(f).collect::<Vec<_>>();
     let topics = col(|d| Some(d.topic.clone()));
-    let sources = col(|d| {
-        Some(match d.source {
-            Source::Log => "log".to_owned(),
-            Source::Push => "push".to_owned(),
-        })
-    });
+    let sources = col(|_| Some("log".to_owned()));
     let types = col(|d| d.event_type.clone());
     let reasons = col(|d| Some(d.reason.clone()));
     let payloads = col(|d| Some(d.payload.clone()));

@@ -11,13 +11,10 @@ struct Args {
     common: homelink_kit::config::CommonArgs,
     #[arg(long, env = "HOMELINK_PROJECTOR_LISTEN", default_value = "127.0.0.1:8083")]
     listen: String,
-    /// The push channel's listener: reachable by the services only, never public.
-    #[arg(long, env = "HOMELINK_PROJECTOR_INTERNAL_LISTEN", default_value = "127.0.0.1:8183")]
-    internal_listen: String,
-    /// Fetch wait of the catch-up consumer, in milliseconds.
+    /// Longest an empty fetch waits at the broker, in milliseconds (a record ends the wait at once).
     #[arg(long, env = "HOMELINK_PROJECTOR_FETCH_WAIT_MS", default_value_t = 500)]
     fetch_wait_ms: u64,
-    /// Most records per catch-up transaction.
+    /// Most records per transaction.
     #[arg(long, env = "HOMELINK_PROJECTOR_BATCH_MAX", default_value_t = 5000)]
     batch_max: usize,
     /// How long household changes stay available to subscriptions resuming `after` them, in seconds.
@@ -37,12 +34,10 @@ async fn run() -> anyhow::Result<()> {
     let a = Args::parse();
     let mut cfg = Config::new(&a.common.database_url, &a.common.kafka_bootstrap, a.common.topics());
     cfg.listen = a.listen;
-    cfg.internal_listen = a.internal_listen;
     cfg.fetch_wait = Duration::from_millis(a.fetch_wait_ms);
     cfg.batch_max = a.batch_max.max(1);
     cfg.change_retention = Duration::from_secs(a.change_retention_secs.max(1));
-    cfg.internal_token = a.common.internal_token()?;
     let app = Application::build(cfg).await?;
-    tracing::info!(port = app.port(), internal_port = app.internal_port(), "projector listening");
+    tracing::info!(port = app.port(), "projector listening");
     Ok(app.run_until_stopped(homelink_kit::shutdown::on_signal()).await?)
 }

@@ -116,22 +116,15 @@ pub async fn household_partition(db: &mut PgConnection, household: Uuid) -> Resu
 }
 
 /// Whether the projection has applied every record of `(topic, partition)`
-/// below `end` — by the catch-up consumer (its committed offset) or ahead of
-/// it through the push channel.
+/// below `end` (its committed position, stored with the read models).
 pub async fn applied_through(db: &mut PgConnection, topic: &str, partition: i32, end: i64) -> Result<bool, sqlx::Error> {
-    let row = sqlx::query(
-        r#"SELECT COALESCE((SELECT next_offset FROM projector_offsets WHERE topic = $1 AND partition = $2), 0),
-                  (SELECT count(*) FROM projector_pushed WHERE topic = $1 AND partition = $2
-                     AND "offset" >= COALESCE((SELECT next_offset FROM projector_offsets WHERE topic = $1 AND partition = $2), 0)
-                     AND "offset" < $3)"#,
-    )
-    .bind(topic)
-    .bind(partition)
-    .bind(end)
-    .fetch_one(db)
-    .await?;
-    let (next, pushed): (i64, i64) = (row.get(0), row.get(1));
-    Ok(next >= end || next + pushed >= end)
+    let next: i64 =
+        sqlx::query_scalar("SELECT COALESCE((SELECT next_offset FROM projector_offsets WHERE topic = $1 AND partition = $2), 0)")
+            .bind(topic)
+            .bind(partition)
+            .fetch_one(db)
+            .await?;
+    Ok(next >= end)
 }
 
 /// How many of the positions `(topic, partition, offset)` the projection
@@ -143,8 +136,7 @@ pub async fn positions_pending(pool: &PgPool, positions: &[(String, i32, i64)]) 
     let offsets: Vec<i64> = positions.iter().map(|p| p.2).collect();
     sqlx::query_scalar(
         r#"SELECT count(*) FROM UNNEST($1::text[], $2::int[], $3::bigint[]) AS u(t, p, o)
-            WHERE COALESCE((SELECT next_offset FROM projector_offsets WHERE topic = u.t AND partition = u.p), 0) <= u.o
-              AND NOT EXISTS (SELECT 1 FROM projector_pushed WHERE topic = u.t AND partition = u.p AND "offset" = u.o)"#,
+            WHERE COALESCE((SELECT next_offset FROM projector_offsets WHERE topic = u.t AND partition = u.p), 0) <= u.o"#,
     )
     .bind(&topics)
     .bind(&partitions)

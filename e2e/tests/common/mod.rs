@@ -23,6 +23,9 @@ use uuid::Uuid;
 pub struct Env {
     pub admin_db_url: String,
     pub kafka: String,
+    /// How many Kafka brokers answer at `kafka`, and the replication factor
+    /// a deployment's topics get ([`Env::on_kafka`]).
+    pub kafka_nodes: (usize, i32),
     pub mqtt_host: String,
     /// Broker 0 (every deployment's first broker).
     pub device_port: u16,
@@ -63,6 +66,7 @@ impl Env {
         Self {
             admin_db_url: var("HOMELINK_TEST_DATABASE_URL"),
             kafka: var("HOMELINK_TEST_KAFKA"),
+            kafka_nodes: (1, 1),
             mqtt_host: var("HOMELINK_TEST_MQTT_HOST"),
             device_port: var("HOMELINK_TEST_MQTT_DEVICE_PORT").parse().expect("port"),
             bridge_port: var("HOMELINK_TEST_MQTT_BRIDGE_PORT").parse().expect("port"),
@@ -91,6 +95,14 @@ impl Env {
         admin.close().await;
         let base = self.admin_db_url.rsplit_once('/').expect("url with a database").0;
         format!("{base}/{name}")
+    }
+
+    /// The deployment uses `kafka` (a private broker or cluster) instead of
+    /// the test stack's.
+    pub fn on_kafka(mut self, kafka: &PrivateKafka) -> Self {
+        self.kafka = kafka.bootstrap();
+        self.kafka_nodes = (kafka.nodes.len(), kafka.replication());
+        self
     }
 
     /// The same components, with the services using every broker (by
@@ -163,38 +175,21 @@ pub struct Stack {
     pub http: reqwest::Client,
     pub cancel: CancellationToken,
     pub projector_port: u16,
-    /// The projector's push channel (internal listener).
-    pub projector_internal_port: u16,
     pub query_port: u16,
     pub bridge_port: u16,
-    /// The bridge's push channel (internal listener).
-    pub bridge_internal_port: u16,
     pub command_port: u16,
     pub share_group: String,
     /// The bridge's process, when the environment asked for one.
     pub bridge_process: Option<BridgeProcess>,
 }
 
-/// The service-to-service token of every test deployment (test-only).
-pub const INTERNAL_TOKEN: &str = "test-only-service-token";
-
-/// Starts a device bridge in `share_group` (its own client id) pushing to
-/// the projector's internal port; returns its public and internal ports.
-pub async fn spawn_bridge(
-    env: &Env,
-    topics: &Topics,
-    db_url: &str,
-    share_group: &str,
-    projector_internal_port: u16,
-    cancel: &CancellationToken,
-) -> (u16, u16) {
+/// Starts a device bridge in `share_group` (its own client id); returns its port.
+pub async fn spawn_bridge(env: &Env, topics: &Topics, db_url: &str, share_group: &str, cancel: &CancellationToken) -> u16 {
     let mut bc = homelink_device_bridge::Config::new(db_url, &env.kafka, topics.clone(), &env.mqtt_host, env.bridge_port);
     bc.mqtt_ports = env.brokers().1;
     bc.mqtt_password = env.bridge_password.clone().into();
     bc.share_group = share_group.to_owned();
     bc.client_id = format!("bridge-{}", Uuid::new_v4().simple());
-    bc.projector_push_url = Some(format!("http://127.0.0.1:{projector_internal_port}/internal/v1/events"));
-    bc.internal_token = Some(INTERNAL_TOKEN.into());
     if let Some(n) = env.bridge_queue {
         bc.mqtt_queue = n;
     }
@@ -202,9 +197,9 @@ pub async fn spawn_bridge(
         bc.device_rate = r;
     }
     let bridge = homelink_device_bridge::Application::build(bc).await.expect("bridge");
-    let ports = (bridge.port(), bridge.internal_port());
+    let port = bridge.port();
     tokio::spawn(bridge.run_until_stopped(cancel.clone()));
-    ports
+    port
 }
 
 /// A fresh prefix and database with the topics created.
@@ -215,8 +210,11 @@ pub async fn isolated() -> (Env, Topics, String) {
 /// Like [`isolated`] on the components `env` names.
 pub async fn isolated_on(env: Env) -> (Env, Topics, String) {
     let topics = Topics::new(format!("t{}.", Uuid::new_v4().simple()));
-    homelink_kit::kafka::wait_for_brokers(&env.kafka, 1, Duration::from_secs(60)).await.expect("kafka answers");
-    homelink_kit::kafka::ensure_topics(&env.kafka, &topics, &homelink_kit::kafka::TopicPlan::new(2, 1)).await.expect("create topics");
+    let (nodes, replication) = env.kafka_nodes;
+    homelink_kit::kafka::wait_for_brokers(&env.kafka, nodes, Duration::from_secs(90)).await.expect("kafka answers");
+    homelink_kit::kafka::ensure_topics(&env.kafka, &topics, &homelink_kit::kafka::TopicPlan::new(2, replication))
+        .await
+        .expect("create topics");
     let db_url = env.fresh_database().await;
     (env, topics, db_url)
 }
@@ -275,16 +273,15 @@ impl Stack {
         let (env, topics, db_url) = isolated_on(env).await;
         let cancel = CancellationToken::new();
 
-        let mut pc = homelink_projector::Config::new(&db_url, &env.kafka, topics.clone());
-        pc.internal_token = Some(INTERNAL_TOKEN.into());
+        let pc = homelink_projector::Config::new(&db_url, &env.kafka, topics.clone());
         let projector = homelink_projector::Application::build(pc).await.expect("projector");
-        let (projector_port, projector_internal_port) = (projector.port(), projector.internal_port());
+        let projector_port = projector.port();
         tokio::spawn(projector.run_until_stopped(cancel.clone()));
 
         // Each test is its own deployment: its own shared-subscription group.
         let share_group = format!("hl-{}", Uuid::new_v4().simple());
-        let (bridge_port, bridge_internal_port, bridge_process) = if env.bridge_as_process {
-            let (port, internal_port) = (free_port(), free_port());
+        let (bridge_port, bridge_process) = if env.bridge_as_process {
+            let port = free_port();
             let ports: Vec<String> = env.brokers().1.iter().map(u16::to_string).collect();
             let args = [
                 ("--database-url", db_url.clone()),
@@ -295,25 +292,18 @@ impl Stack {
                 ("--client-id", format!("bridge-{}", Uuid::new_v4().simple())),
                 ("--share-group", share_group.clone()),
                 ("--listen", format!("127.0.0.1:{port}")),
-                ("--internal-listen", format!("127.0.0.1:{internal_port}")),
-                ("--projector-push-url", format!("http://127.0.0.1:{projector_internal_port}/internal/v1/events")),
                 ("--command-fetch-wait-ms", "200".to_owned()),
             ];
             let mut p = BridgeProcess {
                 child: None,
                 args: args.into_iter().flat_map(|(k, v)| [k.to_owned(), v]).collect(),
-                envs: vec![
-                    ("HOMELINK_MQTT_BRIDGE_PASSWORD".into(), env.bridge_password.clone()),
-                    ("HOMELINK_INTERNAL_TOKEN".into(), INTERNAL_TOKEN.into()),
-                ],
+                envs: vec![("HOMELINK_MQTT_BRIDGE_PASSWORD".into(), env.bridge_password.clone())],
                 bin: env.bin_dir.join("homelink-device-bridge"),
-                internal_port,
             };
             p.restart();
-            (port, internal_port, Some(p))
+            (port, Some(p))
         } else {
-            let (port, internal_port) = spawn_bridge(&env, &topics, &db_url, &share_group, projector_internal_port, &cancel).await;
-            (port, internal_port, None)
+            (spawn_bridge(&env, &topics, &db_url, &share_group, &cancel).await, None)
         };
 
         let mut cc = homelink_command_api::Config::new(&db_url, &env.kafka, topics.clone());
@@ -334,9 +324,6 @@ impl Stack {
             ..Default::default()
         });
         cc.tokens.publish_delay = Duration::from_secs(1);
-        cc.bridge_push_url = Some(format!("http://127.0.0.1:{bridge_internal_port}/internal/v1/commands"));
-        cc.projector_push_url = Some(format!("http://127.0.0.1:{projector_internal_port}/internal/v1/events"));
-        cc.internal_token = Some(INTERNAL_TOKEN.into());
         let command = homelink_command_api::Application::build(cc).await.expect("command-api");
         let command_port = command.port();
         tokio::spawn(command.run_until_stopped(cancel.clone()));
@@ -359,10 +346,8 @@ impl Stack {
             db_url,
             cancel,
             projector_port,
-            projector_internal_port,
             query_port,
             bridge_port,
-            bridge_internal_port,
             command_port,
             share_group,
             bridge_process,
@@ -563,6 +548,30 @@ pub fn light_and_sensor() -> Vec<(DeviceKind, &'static str, &'static str)> {
     vec![(DeviceKind::Light, "Lamp", "Living room"), (DeviceKind::Sensor, "Climate", "Bedroom")]
 }
 
+/// A connected device client that counts the PUBACKs it gets.
+pub async fn counting_connection(
+    opts: rumqttc::v5::MqttOptions,
+    capacity: usize,
+) -> (rumqttc::v5::AsyncClient, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    let (client, mut ev) = rumqttc::v5::AsyncClient::new(opts, capacity);
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let connected = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (a, c) = (acked.clone(), connected.clone());
+    tokio::spawn(async move {
+        while let Ok(e) = ev.poll().await {
+            match e {
+                rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::ConnAck(_)) => c.notify_one(),
+                rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubAck(_)) => {
+                    a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                _ => {}
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(20), connected.notified()).await.expect("device connected");
+    (client, acked)
+}
+
 /// An Apache Kafka of a test's own (one node, or a KRaft cluster of
 /// several), for tests that stop brokers; the shared one serves every other
 /// test. Each node runs `infra/kafka/node` (the script `infra/dev` runs) on
@@ -662,6 +671,14 @@ impl PrivateKafka {
         let md = c.fetch_metadata(Some(topic), Duration::from_secs(5)).ok()?;
         let leader = md.topics().iter().find(|t| t.name() == topic)?.partitions().iter().find(|p| p.id() == partition)?.leader();
         self.nodes.iter().position(|k| k.id as i32 == leader)
+    }
+
+    /// How many replicas of `topic`'s `partition` are in sync, asked in the Kafka protocol.
+    pub fn in_sync(&self, topic: &str, partition: i32) -> Option<usize> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let c: BaseConsumer = homelink_kit::kafka::client_config(&self.bootstrap()).create().ok()?;
+        let md = c.fetch_metadata(Some(topic), Duration::from_secs(5)).ok()?;
+        Some(md.topics().iter().find(|t| t.name() == topic)?.partitions().iter().find(|p| p.id() == partition)?.isr().len())
     }
 
     /// SIGSTOP: every node stalls (a slow broker) without losing anything.
@@ -816,7 +833,6 @@ pub struct BridgeProcess {
     args: Vec<String>,
     envs: Vec<(String, String)>,
     bin: std::path::PathBuf,
-    pub internal_port: u16,
 }
 
 impl BridgeProcess {

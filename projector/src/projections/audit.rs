@@ -3,7 +3,7 @@
 
 use homelink_events::event::CommandDenied;
 use homelink_events::{Actor, Event};
-use homelink_kit::push::Located;
+use homelink_kit::reader::Located;
 use serde_json::Value;
 use sqlx::{Postgres, Transaction};
 use std::collections::HashSet;

@@ -26,7 +26,7 @@ use homelink_events::event::{
 };
 use homelink_events::topics::CommandChanged;
 use homelink_events::Event;
-use homelink_kit::push::Located;
+use homelink_kit::reader::Located;
 use serde_json::Value;
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;

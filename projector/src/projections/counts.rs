@@ -2,7 +2,7 @@
 //! household — cheap statistics, and what makes a double application visible.
 
 use homelink_events::Event;
-use homelink_kit::push::Located;
+use homelink_kit::reader::Located;
 use sqlx::{Postgres, Transaction};
 use std::collections::HashMap;
 use uuid::Uuid;

@@ -10,7 +10,7 @@
 use homelink_events::household::Household;
 use homelink_events::topics::{MembershipChanged, RegistryChanged, MEMBERSHIP_CHANGED_CHANNEL};
 use homelink_events::Event;
-use homelink_kit::push::Located;
+use homelink_kit::reader::Located;
 use homelink_read_model::load_household;
 use sqlx::{Postgres, Transaction};
 use std::collections::HashSet;

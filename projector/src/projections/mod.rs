@@ -23,7 +23,7 @@ pub mod shadows;
 use homelink_events::shadow::{notification_line, pack_notifications};
 use homelink_events::topics::{COMMAND_CHANGED_CHANNEL, REGISTRY_CHANGED_CHANNEL, SHADOW_CHANGED_CHANNEL};
 use homelink_events::Event;
-use homelink_kit::push::Located;
+use homelink_kit::reader::Located;
 use sqlx::{Postgres, Transaction};
 
 /// Applies decoded events in log order; returns the notifications to send on

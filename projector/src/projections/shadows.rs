@@ -3,10 +3,10 @@
 //! [`Shadow::apply_twin`]; announces every committed change on
 //! `homelink_shadow_changed` and returns the commands a report confirmed.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use homelink_events::shadow::{Shadow, ShadowChanged, Trail, DEFAULT_REPORT_INTERVAL_SECS};
 use homelink_events::Event;
-use homelink_kit::push::Located;
+use homelink_kit::reader::Located;
 use serde_json::{Map, Value};
 use sqlx::Row;
 use sqlx::{Postgres, Transaction};
@@ -63,7 +63,10 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
             t.note(&shadow.reported);
             (shadow.reported.clone(), t)
         });
-        let applied = shadow.apply_twin(ev, l.envelope.occurred_at, l.offset);
+        // At the precision Postgres keeps (µs): a shadow read back from its
+        // row compares equal to the one folded in memory, so a record read
+        // again (a producer's retry, in another batch) changes nothing.
+        let applied = shadow.apply_twin(ev, l.envelope.occurred_at.trunc_subsecs(6), l.offset);
         trail.note(&shadow.reported);
         if applied.changed {
             changed.insert(device, l.envelope.household_id);
