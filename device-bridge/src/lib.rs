@@ -6,7 +6,8 @@
 //! - [`deliver`]: commands out — read from the commands topic through the
 //!   shared log reader ([`homelink_kit::reader`]), published on the device's
 //!   `cmd` topic, offsets committed once the MQTT broker acknowledged them.
-//! - [`registry`]: who owns which device (cached read of the registry).
+//! - [`registry`]: who owns which device, in memory, kept current from the
+//!   household stream.
 //!
 //! The bridge joins a shared subscription (`$share/<group>/…`), so several
 //! bridges split the device traffic, and a Kafka consumer group, so they split
@@ -150,6 +151,8 @@ pub struct Application {
     /// One connection per broker, in the deployment's broker order.
     connections: Vec<(AsyncClient, EventLoop)>,
     commands: LogReader,
+    /// The household stream, from where the registry's snapshot left it.
+    households: LogReader,
     cfg: Config,
 }
 
@@ -198,6 +201,23 @@ impl Application {
             metrics.clone(),
         )?;
 
+        // The registry in memory, then the household stream from the
+        // projection's positions of the same snapshot (registry.rs).
+        homelink_read_model::migrate(&pool).await?;
+        let households_topic = cfg.topics.households();
+        let parts = homelink_kit::reader::partitions(&cfg.kafka_bootstrap, std::slice::from_ref(&households_topic)).await?;
+        let (registry, from) = Registry::load(pool.clone(), &households_topic, &parts).await?;
+        let households = LogReader::new(
+            &ReaderConfig {
+                bootstrap: cfg.kafka_bootstrap.clone(),
+                group: format!("{}-registry", cfg.share_group),
+                fetch_wait: Duration::from_millis(500),
+                batch_max: 512,
+            },
+            Start::Assigned(from),
+            metrics.clone(),
+        )?;
+
         let schemas = schema::Schemas::compile()?;
         let shared = Arc::new_cyclic(|me| Shared {
             pool: pool.clone(),
@@ -206,7 +226,7 @@ impl Application {
             metrics: metrics.clone(),
             topics: cfg.topics.clone(),
             appender,
-            registry: Registry::new(pool.clone()),
+            registry,
             deliverer: Deliverer::new(clients),
             flushes: deliver::Flushes::default(),
             appends_failing: ingest::Failing::default(),
@@ -229,7 +249,7 @@ impl Application {
         });
         let router = homelink_kit::ops::router(metrics, ready);
         let listener = homelink_kit::ops::bind(&cfg.listen).await?;
-        Ok(Self { listener, router, shared, connections, commands, cfg })
+        Ok(Self { listener, router, shared, connections, commands, households, cfg })
     }
 
     /// The listener's port (ops routes).
@@ -251,6 +271,7 @@ impl Application {
         let clients: Vec<AsyncClient> = self.connections.iter().map(|(c, _)| c.clone()).collect();
         let ingest = tokio::spawn(ingest::run(self.shared.clone(), clients.clone(), rx, cancel.clone()));
         let commands = tokio::spawn(deliver::consume_commands(self.shared.clone(), self.commands, cancel.clone()));
+        let households = tokio::spawn(registry::follow(self.shared.clone(), self.households, cancel.clone()));
         let timer = tokio::spawn(deliver::expiry_timer(self.shared.clone(), self.cfg.expiry_every, cancel.clone()));
         // Devices whose buckets are full again are forgotten: bounded memory.
         let (s, c) = (self.shared.clone(), cancel.clone());
@@ -275,6 +296,7 @@ impl Application {
         homelink_kit::ops::serve(self.listener, self.router, cancel.clone()).await?;
         let _ = ingest.await;
         let _ = commands.await;
+        let _ = households.await;
         timer.abort();
         for c in &clients {
             let _ = c.disconnect().await;

@@ -511,6 +511,13 @@ async fn the_owner_reads_every_command_accepted_or_denied_in_the_audit_log() {
         (edges.len() == 2).then_some(edges)
     })
     .await;
+    // The accepted lock is on the commands topic, the denials on the
+    // household stream: the projector may apply them in either order.
+    eventually(Duration::from_secs(20), "the accepted lock in the audit log", || async {
+        let r = stack.gql(&owner.access_token, q, json!({"h": h, "first": 10, "f": {"outcome": "accepted"}})).await;
+        r["data"]["auditLog"]["edges"].as_array()?.iter().any(|e| e["node"]["action"] == "device.command").then_some(())
+    })
+    .await;
     let unlock = denied.iter().map(|e| &e["node"]).find(|n| n["action"] == "device.command").expect("the unlock");
     assert_eq!(unlock["actorId"], json!(child.user_id.to_string()));
     assert_eq!(unlock["role"], "child");

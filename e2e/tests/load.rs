@@ -109,4 +109,5 @@ async fn a_fleet_split_over_processes_and_brokers_loses_nothing() {
     assert_eq!(s.verification.devices_checked, 200);
     assert!(s.lossless(), "{:?}", s.verification);
     assert!(s.puback.is_some());
+    stack.assert_shadow_cache_sound().await;
 }

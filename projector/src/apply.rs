@@ -21,6 +21,7 @@
 //! status only moves forward. So a duplicate record (a producer retry at a
 //! new offset) changes nothing either.
 
+use crate::projections::shadows::{ShadowCache, SHADOW_CACHE_MAX};
 use homelink_events::Event;
 use homelink_kit::metrics::ServiceMetrics;
 use homelink_kit::reader::Located;
@@ -141,6 +142,8 @@ pub struct Applier {
     next_offsets: HashMap<(String, i32), i64>,
     /// A transaction failed since the mirror was last read.
     stale: bool,
+    /// The committed shadows of recently seen devices (emptied with `stale`).
+    shadows: ShadowCache,
 }
 
 type Key = (String, i32, i64);
@@ -149,7 +152,7 @@ impl Applier {
     pub async fn load(pool: PgPool, metrics: ServiceMetrics) -> Result<Self, sqlx::Error> {
         let rows = sqlx::query("SELECT topic, partition, next_offset FROM projector_offsets").fetch_all(&pool).await?;
         let next_offsets = rows.into_iter().map(|r| ((r.get::<String, _>(0), r.get::<i32, _>(1)), r.get::<i64, _>(2))).collect();
-        Ok(Self { pool, metrics, next_offsets, stale: false })
+        Ok(Self { pool, metrics, next_offsets, stale: false, shadows: ShadowCache::new(SHADOW_CACHE_MAX) })
     }
 
     /// Every partition's committed next offset (as of the last commit).
@@ -259,6 +262,7 @@ impl Applier {
         let r = self.apply_tx(batches).await;
         if r.is_err() {
             self.stale = true;
+            self.shadows.clear();
         }
         r
     }
@@ -310,7 +314,9 @@ impl Applier {
         }
         let recorded = insert_dead(&mut tx, &dead).await?;
 
-        let mut notifications = crate::projections::apply(&mut tx, &work).await?;
+        let crate::projections::Applied { mut notifications, shadows, diverged } =
+            crate::projections::apply(&mut tx, &work, &self.shadows).await?;
+        self.metrics.errors.with_label_values(&["shadow_cache_diverged"]).inc_by(diverged);
         // Reads waiting for a consistency token look again after this batch.
         if !work.is_empty() || !new_offsets.is_empty() {
             notifications.push((homelink_events::topics::APPLIED_CHANNEL, String::new()));
@@ -338,6 +344,7 @@ impl Applier {
                 .await?;
         }
         tx.commit().await?;
+        self.shadows.commit(shadows);
 
         for ((t, p), n) in new_offsets {
             let cur = self.next_offsets.entry((t, p)).or_insert(n);

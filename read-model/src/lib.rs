@@ -69,6 +69,39 @@ pub async fn device_owner(pool: &PgPool, device: Uuid) -> Result<Option<DeviceOw
     }))
 }
 
+/// Every registered device with its owner, and how far the projection had
+/// applied each partition of `households_topic` when they were read (one
+/// snapshot): a reader that continues the household stream from those
+/// positions keeps the registry current without reading it again.
+pub async fn registry_snapshot(pool: &PgPool, households_topic: &str) -> Result<RegistrySnapshot, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
+    let positions = sqlx::query_as::<_, (i32, i64)>("SELECT partition, next_offset FROM projector_offsets WHERE topic = $1")
+        .bind(households_topic)
+        .fetch_all(&mut *tx)
+        .await?;
+    let rows =
+        sqlx::query("SELECT device_id, household_id, kind, broker FROM devices WHERE removed_at IS NULL").fetch_all(&mut *tx).await?;
+    tx.commit().await?;
+    let devices = rows
+        .iter()
+        .filter_map(|r| {
+            let kind = r.get::<String, _>(2).parse().ok()?;
+            Some((r.get(0), DeviceOwner { household_id: r.get(1), kind, broker: r.get::<i16, _>(3).max(0) as u16 }))
+        })
+        .collect();
+    Ok(RegistrySnapshot { devices, positions })
+}
+
+/// See [`registry_snapshot`].
+#[derive(Debug, Default)]
+pub struct RegistrySnapshot {
+    pub devices: Vec<(Uuid, DeviceOwner)>,
+    /// Next offset per partition of the household stream (partitions not
+    /// listed: nothing applied yet).
+    pub positions: Vec<(i32, i64)>,
+}
+
 /// A device of a household as a member sees it for a command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeviceAccess {

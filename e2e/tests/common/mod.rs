@@ -460,6 +460,13 @@ impl Stack {
         .await;
     }
 
+    /// The projector's shadow cache held exactly what is stored for every
+    /// shadow it served (debug builds check each hit against its row).
+    pub async fn assert_shadow_cache_sound(&self) {
+        let n = self.metric(self.projector_port, "homelink_projector_errors_total{kind=\"shadow_cache_diverged\"}").await;
+        assert_eq!(n, 0.0, "cached shadows differed from their rows (the projector's log says which)");
+    }
+
     /// A metric line's value from a service's `/metrics`, 0 when absent.
     pub async fn metric(&self, port: u16, series: &str) -> f64 {
         let text =

@@ -26,13 +26,26 @@ use homelink_events::Event;
 use homelink_kit::reader::Located;
 use sqlx::{Postgres, Transaction};
 
-/// Applies decoded events in log order; returns the notifications to send on
-/// commit as `(channel, payload)`.
-pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]) -> Result<Vec<(&'static str, String)>, sqlx::Error> {
+/// What a batch's projections leave for after its COMMIT.
+pub struct Applied {
+    /// The notifications to send on commit, as `(channel, payload)`.
+    pub notifications: Vec<(&'static str, String)>,
+    /// The touched shadows, for the single writer's cache.
+    pub shadows: shadows::Staged,
+    /// Cached shadows found to differ from their rows (debug builds).
+    pub diverged: u64,
+}
+
+/// Applies decoded events in log order.
+pub async fn apply(
+    tx: &mut Transaction<'_, Postgres>,
+    work: &[(&Located, Event)],
+    cache: &shadows::ShadowCache,
+) -> Result<Applied, sqlx::Error> {
     let mut folded = households::fold(tx, work).await?;
     // Commands first: a report in this batch may confirm one requested in it.
     let mut touched = commands::apply(tx, work).await?;
-    let shadows = shadows::apply(tx, work).await?;
+    let shadows = shadows::apply(tx, work, cache).await?;
     commands::confirm(tx, &shadows.confirmed).await?;
     touched.extend(shadows.confirmed.iter().map(|(c, _)| *c));
     touched.sort_unstable();
@@ -52,5 +65,5 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
     notes.extend(registry.iter().map(|r| (REGISTRY_CHANGED_CHANNEL, serde_json::to_string(r).unwrap_or_default())));
     notes.extend(pack_notifications(shadow_notes).into_iter().map(|n| (SHADOW_CHANGED_CHANNEL, n)));
     notes.extend(command_changes.iter().map(|c| (COMMAND_CHANGED_CHANNEL, serde_json::to_string(c).unwrap_or_default())));
-    Ok(notes)
+    Ok(Applied { notifications: notes, shadows: shadows.staged, diverged: shadows.diverged })
 }

@@ -2,6 +2,13 @@
 //! per-property metadata, battery, presence and versions — folded with
 //! [`Shadow::apply_twin`]; announces every committed change on
 //! `homelink_shadow_changed` and returns the commands a report confirmed.
+//!
+//! The single writer keeps the shadows it wrote or read in a
+//! [`ShadowCache`] (bounded; filled from Postgres on a miss), so a batch of
+//! reports from devices seen before is folded and written without reading
+//! their rows back. The cache holds only committed state: a batch's shadows
+//! enter it after its COMMIT, and any failed transaction empties it (its
+//! COMMIT may have landed although the client saw an error).
 
 use chrono::{DateTime, SubsecRound, Utc};
 use homelink_events::shadow::{Shadow, ShadowChanged, Trail, DEFAULT_REPORT_INTERVAL_SECS};
@@ -13,27 +20,93 @@ use sqlx::{Postgres, Transaction};
 use std::collections::{HashMap, HashSet};
 use uuid::Uuid;
 
-/// Loads the shadows the batch touches, folds the events in log order with
-/// [`Shadow::apply`], and writes the changed ones back in one statement.
-/// Returns one change per changed shadow and the commands
-/// confirmed, with the time of the report that confirmed them.
-pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]) -> Result<Applied, sqlx::Error> {
-    let touched: Vec<Uuid> =
-        work.iter().filter(|(_, e)| touches(e)).filter_map(|(_, e)| e.device_id()).collect::<HashSet<_>>().into_iter().collect();
+/// Most shadows the single writer keeps in memory (≈ 1–2 KB each): the
+/// devices reporting at the seed's operating point (100,000 online) fit.
+pub const SHADOW_CACHE_MAX: usize = 200_000;
+
+/// The committed shadows of the devices the projector saw last, with their
+/// report intervals; see the module documentation.
+pub struct ShadowCache {
+    entries: HashMap<Uuid, (Shadow, u32)>,
+    max: usize,
+}
+
+impl ShadowCache {
+    pub fn new(max: usize) -> Self {
+        Self { entries: HashMap::new(), max }
+    }
+
+    /// Forgets everything (after a failed transaction).
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
+    /// Takes in the shadows of a committed batch.
+    pub fn commit(&mut self, staged: Staged) {
+        for device in staged.unwritten {
+            self.entries.remove(&device);
+        }
+        for (device, shadow, interval) in staged.written {
+            self.entries.insert(device, (shadow, interval));
+        }
+        if self.entries.len() > self.max {
+            // Arbitrary victims (hash order) down to three quarters: cheap,
+            // and a victim costs one row in the next batch's read.
+            let excess = self.entries.len() - self.max * 3 / 4;
+            let victims: Vec<Uuid> = self.entries.keys().take(excess).copied().collect();
+            for v in victims {
+                self.entries.remove(&v);
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// Folds the events in log order with [`Shadow::apply_twin`] onto the
+/// shadows the batch touches (from `cache`, the others read in one
+/// statement), and writes the changed ones back in one statement. Returns
+/// one change per changed shadow, the commands confirmed with the time of
+/// the report that confirmed them, and the shadows for the cache once the
+/// transaction commits.
+pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)], cache: &ShadowCache) -> Result<Applied, sqlx::Error> {
+    let touched: HashSet<Uuid> = work.iter().filter(|(_, e)| touches(e)).filter_map(|(_, e)| e.device_id()).collect();
     if touched.is_empty() {
         return Ok(Applied::default());
     }
-    // Every touched device with its report interval, and its shadow if it has one.
-    let rows = sqlx::query(
-        "SELECT u.id, s.reported, s.seq, s.version, s.battery, s.online, s.last_seen, s.status_offset, s.property_seq, s.battery_seq,
+    let mut current: HashMap<Uuid, Shadow> = HashMap::with_capacity(touched.len());
+    let mut intervals: HashMap<Uuid, u32> = HashMap::with_capacity(touched.len());
+    let mut missing = Vec::new();
+    for device in touched {
+        match cache.entries.get(&device) {
+            Some((shadow, interval)) => {
+                current.insert(device, shadow.clone());
+                intervals.insert(device, *interval);
+            }
+            None => missing.push(device),
+        }
+    }
+    // Debug builds (every test) check each cached shadow against its row.
+    let diverged = if cfg!(debug_assertions) { diverged(tx, &mut current).await? } else { 0 };
+    // The others with their report interval, and their shadow if they have one.
+    let rows = if missing.is_empty() {
+        Vec::new()
+    } else {
+        sqlx::query(
+            "SELECT u.id, s.reported, s.seq, s.version, s.battery, s.online, s.last_seen, s.status_offset, s.property_seq, s.battery_seq,
                 s.desired, s.metadata, d.report_interval_secs, s.device_id IS NOT NULL, s.twin
          FROM UNNEST($1::uuid[]) AS u(id) LEFT JOIN device_shadows s ON s.device_id = u.id LEFT JOIN devices d ON d.device_id = u.id",
-    )
-    .bind(&touched)
-    .fetch_all(&mut **tx)
-    .await?;
-    let mut current: HashMap<Uuid, Shadow> = HashMap::new();
-    let mut intervals: HashMap<Uuid, u32> = HashMap::new();
+        )
+        .bind(&missing)
+        .fetch_all(&mut **tx)
+        .await?
+    };
     for r in rows {
         let id: Uuid = r.get(0);
         if let Some(i) = r.get::<Option<i32>, _>(12) {
@@ -75,8 +148,23 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
         }
         confirmed.extend(applied.confirmed);
     }
+    // The cache holds exactly what is stored: the shadows written, each
+    // with its report interval (a report ahead of its registration has
+    // none yet, and is not cached). A shadow the fold touched but did not
+    // write (a no-op, whose in-memory copy may still differ in what is not
+    // shown, such as the position of the last status) leaves the cache.
+    let staged = |mut current: HashMap<Uuid, Shadow>| -> Staged {
+        let mut staged = Staged::default();
+        for (device, shadow) in current.drain() {
+            match intervals.get(&device) {
+                Some(i) if changed.contains_key(&device) || facts_only.contains_key(&device) => staged.written.push((device, shadow, *i)),
+                _ => staged.unwritten.push(device),
+            }
+        }
+        staged
+    };
     if changed.is_empty() && facts_only.is_empty() {
-        return Ok(Applied { notes: Vec::new(), confirmed });
+        return Ok(Applied { notes: Vec::new(), confirmed, staged: staged(current), diverged });
     }
     let mut cols = ShadowColumns::default();
     for (device, household) in facts_only.iter().filter(|(d, _)| !changed.contains_key(*d)) {
@@ -122,7 +210,7 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
     .bind(&cols.twin)
     .execute(&mut **tx)
     .await?;
-    Ok(Applied { notes, confirmed })
+    Ok(Applied { notes, confirmed, staged: staged(current), diverged })
 }
 
 /// A shadow from a row whose columns 1–11 are `reported, seq, version,
@@ -169,6 +257,48 @@ pub struct Applied {
     pub notes: Vec<ShadowChanged>,
     /// Commands now confirmed, with the time of the report that completed each.
     pub confirmed: Vec<(Uuid, DateTime<Utc>)>,
+    /// The touched shadows, for [`ShadowCache::commit`].
+    pub staged: Staged,
+    /// Cached shadows that differed from their rows (checked in debug
+    /// builds only; always 0 unless the cache is wrong).
+    pub diverged: u64,
+}
+
+/// Compares the cached shadows in `current` with their rows; replaces any
+/// that differ with the stored one, and says how many did.
+async fn diverged(tx: &mut Transaction<'_, Postgres>, current: &mut HashMap<Uuid, Shadow>) -> Result<u64, sqlx::Error> {
+    let ids: Vec<Uuid> = current.keys().copied().collect();
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let rows = sqlx::query(
+        "SELECT u.id, s.reported, s.seq, s.version, s.battery, s.online, s.last_seen, s.status_offset, s.property_seq, s.battery_seq,
+                s.desired, s.metadata, NULL, s.device_id IS NOT NULL, s.twin
+         FROM UNNEST($1::uuid[]) AS u(id) LEFT JOIN device_shadows s ON s.device_id = u.id",
+    )
+    .bind(&ids)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut n = 0;
+    for r in rows {
+        let id: Uuid = r.get(0);
+        let stored = if r.get::<bool, _>(13) { shadow_of(&r) } else { Shadow::default() };
+        if current.get(&id) != Some(&stored) {
+            tracing::error!(device = %id, cached = ?current.get(&id), ?stored, "the shadow cache differs from the stored shadow");
+            current.insert(id, stored);
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// What a batch leaves for the shadow cache.
+#[derive(Default)]
+pub struct Staged {
+    /// The shadows written, with their report intervals.
+    pub written: Vec<(Uuid, Shadow, u32)>,
+    /// Devices touched but not written (or without an interval).
+    pub unwritten: Vec<Uuid>,
 }
 
 #[derive(Default)]
