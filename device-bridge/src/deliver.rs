@@ -344,7 +344,7 @@ const FLUSH_LIMIT: i64 = 16;
 /// The debounce of each device's flush: when it last ran, or that one is
 /// scheduled.
 #[derive(Default)]
-pub struct Flushes(Mutex<HashMap<Uuid, FlushState>>);
+pub struct Flushes(Mutex<HashMap<Uuid, FlushState>>, std::sync::atomic::AtomicUsize);
 
 #[derive(Clone, Copy)]
 enum FlushState {
@@ -358,8 +358,12 @@ pub(crate) fn request_flush(s: Arc<Shared>, household: Uuid, device: Uuid) {
     let now = std::time::Instant::now();
     let delay = {
         let mut m = s.flushes.0.lock().unwrap_or_else(|e| e.into_inner());
-        if m.len() > 100_000 {
+        // Swept when it doubled since the last sweep: amortized O(1) even
+        // when a reconnect storm flushes 100,000 devices within the window.
+        let sweep_at = s.flushes.1.load(std::sync::atomic::Ordering::Relaxed).max(100_000);
+        if m.len() > sweep_at {
             m.retain(|_, st| !matches!(st, FlushState::Ran(at) if at.elapsed() > FLUSH_WINDOW));
+            s.flushes.1.store(m.len() * 2, std::sync::atomic::Ordering::Relaxed);
         }
         match m.get(&device).copied() {
             Some(FlushState::Scheduled) => {

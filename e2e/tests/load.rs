@@ -1,5 +1,5 @@
 //! The load generator as a correctness test: a short run against a whole
-//! stack (real mTLS devices, Mosquitto, tansu, Postgres, every service) loses
+//! stack (real mTLS devices, Mosquitto, Kafka, Postgres, every service) loses
 //! no acknowledged report, lets no probe change go missing on its
 //! subscription, and writes a well-formed summary; a second run reuses the
 //! cached fleet. No timing is asserted: figures are for BENCHMARKS.md.
