@@ -638,15 +638,32 @@ impl PrivateKafka {
                 self.start_node(i);
             }
         }
-        for k in &self.nodes {
-            wait_for_port(k.port, Duration::from_secs(60), "kafka");
+        for i in 0..self.nodes.len() {
+            self.wait_node(i);
+        }
+    }
+
+    /// Waits until node `i` answers on its port. A JVM on a busy 2-core
+    /// machine may take a while; a node that exited says why (its log)
+    /// instead of a bare timeout.
+    fn wait_node(&mut self, i: usize) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let k = &mut self.nodes[i];
+        while std::net::TcpStream::connect(("127.0.0.1", k.port)).is_err() {
+            let exited = k.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || Instant::now() >= deadline {
+                let log = std::fs::read_to_string(self.dir.join(format!("node-{}.log", k.id))).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
+                panic!("kafka node {} did not open port {} (exit: {exited:?}); its log ends:\n{}", k.id, k.port, tail.join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
     /// Starts node `i` (0-based) again after [`Self::kill_node`].
     pub fn restart_node(&mut self, i: usize) {
         self.start_node(i);
-        wait_for_port(self.nodes[i].port, Duration::from_secs(60), "kafka");
+        self.wait_node(i);
     }
 
     fn start_node(&mut self, i: usize) {
@@ -719,14 +736,6 @@ impl PrivateKafka {
             let _ = c.kill();
             let _ = c.wait();
         }
-    }
-}
-
-fn wait_for_port(port: u16, within: Duration, what: &str) {
-    let deadline = Instant::now() + within;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{what} did not open port {port}");
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
