@@ -230,10 +230,9 @@ async fn every_role_gets_exactly_what_the_roles_table_says() {
     }
     // The subscription: members may subscribe; a stranger gets the same error as for
     // a household that does not exist; without a token the connection is refused.
-    let sq = "subscription($h: ID!) { deviceChanges(householdId: $h) { deviceId } }";
+    let sq = "subscription($h: ID!, $after: Int) { deviceChanges(householdId: $h, after: $after) { deviceId } }";
     for who in [Who::Owner, Who::Adult, Who::Child] {
-        let mut sub =
-            Subscription::start(&w.stack.graphql_ws(), w.token(who).expect("token"), sq, json!({"h": h})).await.expect("subscribe");
+        let mut sub = w.stack.subscribe_from_now(w.token(who).expect("token"), sq, json!({}), h).await;
         let light_report = report(&w.home, light, 1_000 + who as u64);
         w.stack.appender.append(&w.stack.topics.telemetry(), &light_report).await.expect("append");
         next_matching(&mut sub, "a light change", |v| v["deviceChanges"]["deviceId"] == json!(light)).await;
@@ -562,9 +561,8 @@ async fn a_subscription_narrows_on_demotion_and_ends_on_removal() {
     let home = stack.household_with(&["adult"], &[(DeviceKind::Camera, "Cam", "Garden"), (DeviceKind::Light, "Lamp", "Hall")]).await;
     let (owner, adult) = (&home.accounts[0], &home.accounts[1]);
     let (camera, light) = (home.devices[0].id, home.devices[1].id);
-    let q = "subscription($h: ID!) { deviceChanges(householdId: $h) { deviceId shadow { seq } } }";
-    let mut sub =
-        Subscription::start(&stack.graphql_ws(), &adult.access_token, q, json!({"h": home.household_id})).await.expect("subscribe");
+    let q = "subscription($h: ID!, $after: Int) { deviceChanges(householdId: $h, after: $after) { deviceId shadow { seq } } }";
+    let mut sub = stack.subscribe_from_now(&adult.access_token, q, json!({}), home.household_id).await;
     let telemetry = stack.topics.telemetry();
 
     // As an adult: camera changes arrive.

@@ -5,22 +5,19 @@ mod common;
 
 use common::{eventually, light_and_sensor, next_matching, spec, Stack};
 use homelink_kit::shutdown::CancellationToken;
-use homelink_tools::gql::Subscription;
 use homelink_tools::sim::{self, Observed};
 use serde_json::{json, Value};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-const CHANGES: &str = "subscription($h: ID!) { deviceChanges(householdId: $h) { deviceId shadow { reported seq version online } } }";
+const CHANGES: &str = "subscription($h: ID!, $after: Int) { deviceChanges(householdId: $h, after: $after) { deviceId shadow { reported seq version online } } }";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_device_report_reaches_the_shadow_the_query_and_the_subscription() {
     let stack = Stack::start().await;
     let home = stack.seed(&light_and_sensor()).await;
     let light = home.devices[0].id;
-    let mut sub = Subscription::start(&stack.graphql_ws(), &home.accounts[0].access_token, CHANGES, json!({"h": home.household_id}))
-        .await
-        .expect("subscribe");
+    let mut sub = stack.subscribe_from_now(&home.accounts[0].access_token, CHANGES, json!({}), home.household_id).await;
 
     let devices = CancellationToken::new();
     for i in 0..home.devices.len() {
@@ -64,9 +61,7 @@ async fn a_command_reaches_the_device_and_its_new_state_comes_back_on_the_subscr
     let stack = Stack::start().await;
     let home = stack.seed(&light_and_sensor()).await;
     let light = home.devices[0].id;
-    let mut sub = Subscription::start(&stack.graphql_ws(), &home.accounts[0].access_token, CHANGES, json!({"h": home.household_id}))
-        .await
-        .expect("subscribe");
+    let mut sub = stack.subscribe_from_now(&home.accounts[0].access_token, CHANGES, json!({}), home.household_id).await;
 
     let (tx, mut observed) = mpsc::unbounded_channel();
     let devices = CancellationToken::new();

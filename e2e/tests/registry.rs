@@ -8,7 +8,6 @@ mod common;
 use common::{eventually, next_matching, Stack};
 use homelink_events::DeviceKind;
 use homelink_tools::api::{self, Account, Registered};
-use homelink_tools::gql::Subscription;
 use homelink_tools::seed::SeededHousehold;
 use homelink_tools::sim::{self, DeviceSpec};
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, SubscribeReasonCode};
@@ -108,8 +107,8 @@ async fn register_connect_report_remove_and_reregister_through_the_broker() {
     let home = stack.household_with(&["adult", "child"], &[]).await;
     let (owner, adult, child) = (&home.accounts[0], &home.accounts[1], &home.accounts[2]);
     let h = home.household_id;
-    let q = "subscription($h: ID!) { householdChanges(householdId: $h) { change deviceId roomId shadow { reported } } }";
-    let mut sub = Subscription::start(&stack.graphql_ws(), &owner.access_token, q, json!({"h": h})).await.expect("subscribe");
+    let q = "subscription($h: ID!, $after: Int) { householdChanges(householdId: $h, after: $after) { change deviceId roomId shadow { reported } } }";
+    let mut sub = stack.subscribe_from_now(&owner.access_token, q, json!({}), h).await;
 
     // A child may not register; an adult may, into a room.
     assert_eq!(register(&stack, child, h, DeviceKind::Lock, None).await.status(), 403);

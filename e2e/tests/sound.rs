@@ -891,11 +891,7 @@ async fn a_change_committed_with_a_demotion_never_reaches_the_demoted_member() {
         }
         // Resumed from the last change: nothing is missed however soon the first push comes.
         let q = "subscription($h: ID!, $after: Int) { householdChanges(householdId: $h, after: $after) { change deviceId } }";
-        let after = last_change(&stack, h).await;
-        let mut sub =
-            homelink_tools::gql::Subscription::start(&stack.graphql_ws(), &adult.access_token, q, json!({"h": h, "after": after}))
-                .await
-                .expect("subscribe");
+        let mut sub = stack.subscribe_from_now(&adult.access_token, q, json!({}), h).await;
         // The subscription is live: a camera change reaches the adult.
         one_batch(
             &stack,
@@ -981,11 +977,7 @@ async fn a_merged_change_keeps_the_transitions_it_hides() {
     let (h, sensor) = (home.household_id, home.devices[0].id);
     let q = "subscription($h: ID!, $after: Int) { householdChanges(householdId: $h, after: $after) {
         change deviceId transitions shadow { reported } } }";
-    let after = last_change(&stack, h).await;
-    let mut sub =
-        homelink_tools::gql::Subscription::start(&stack.graphql_ws(), &home.accounts[0].access_token, q, json!({"h": h, "after": after}))
-            .await
-            .expect("subscribe");
+    let mut sub = stack.subscribe_from_now(&home.accounts[0].access_token, q, json!({}), h).await;
     let at = chrono::Utc::now();
     let report = |seq, state| (stack.topics.telemetry(), Envelope::new(h, Actor::Device(sensor), &reported(sensor, seq, state), at));
     one_batch(&stack, vec![report(1, json!({"motion": false, "temperature": 20}))]).await;
@@ -1010,13 +1002,4 @@ async fn a_merged_change_keeps_the_transitions_it_hides() {
         return;
     }
     panic!("the two reports were never applied in one batch in 8 attempts");
-}
-
-/// The household's last change number (subscribe `after` it: nothing missed).
-async fn last_change(stack: &Stack, household: Uuid) -> i64 {
-    sqlx::query_scalar("SELECT COALESCE((SELECT last_seq FROM household_change_seqs WHERE household_id = $1), 0)")
-        .bind(household)
-        .fetch_one(&stack.pool)
-        .await
-        .expect("last change")
 }

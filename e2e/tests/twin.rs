@@ -51,14 +51,14 @@ async fn an_offline_device_gets_its_still_desired_commands_once_when_it_connects
     let (light, owner) = (home.devices[0].id, home.accounts[0].access_token.clone());
     let desired_url = format!("{}/v1/households/{}/devices/{light}/desired", stack.api(), home.household_id);
     // The household subscription shows every step of every command's life.
-    let mut steps = homelink_tools::gql::Subscription::start(
-        &stack.graphql_ws(),
-        &owner,
-        "subscription($h: ID!) { householdChanges(householdId: $h) { change changeSeq commandId status } }",
-        json!({"h": home.household_id}),
-    )
-    .await
-    .expect("subscribe");
+    let mut steps = stack
+        .subscribe_from_now(
+            &owner,
+            "subscription($h: ID!, $after: Int) { householdChanges(householdId: $h, after: $after) { change changeSeq commandId status } }",
+            json!({}),
+            home.household_id,
+        )
+        .await;
 
     // Never connected: version 0. A stale version is refused like AWS shadows do.
     let r = stack
@@ -328,22 +328,13 @@ async fn the_expiry_timer_survives_a_kill_of_the_bridge_that_owns_it() {
 const RESUME: &str = "subscription($h: ID!, $after: Int) { householdChanges(householdId: $h, after: $after) {
     change changeSeq deviceId shadow { reported } } }";
 
-/// The household's last change number.
-async fn last_change(stack: &Stack, household: Uuid) -> i64 {
-    sqlx::query_scalar("SELECT COALESCE((SELECT last_seq FROM household_change_seqs WHERE household_id = $1), 0)")
-        .bind(household)
-        .fetch_one(&stack.pool)
-        .await
-        .expect("last change")
-}
-
 /// Publishes reports (brightness = seq % 101) from `from` on until the
 /// household has at least `changes` more changes, and every report is applied;
 /// returns the next seq.
 async fn make_changes(stack: &Stack, device: &RawDevice, household: Uuid, from: u64, changes: i64) -> u64 {
-    let start = last_change(stack, household).await;
+    let start = stack.last_change(household).await;
     let mut seq = from;
-    while last_change(stack, household).await < start + changes {
+    while stack.last_change(household).await < start + changes {
         for _ in 0..50 {
             device.send("state", json!({"v": 1, "seq": seq, "state": {"brightness": seq % 101}})).await;
             seq += 1;
@@ -594,14 +585,14 @@ async fn a_device_that_misses_two_report_intervals_is_stale_and_so_is_each_prope
     })
     .await;
     let device = RawDevice::connect(&stack, spec, Duration::from_secs(30)).await;
-    let mut sub = homelink_tools::gql::Subscription::start(
-        &stack.graphql_ws(),
-        &owner,
-        "subscription($h: ID!) { deviceChanges(householdId: $h) { changeSeq shadow { online stale staleProperties } } }",
-        json!({"h": h}),
-    )
-    .await
-    .expect("subscribe");
+    let mut sub = stack
+        .subscribe_from_now(
+            &owner,
+            "subscription($h: ID!, $after: Int) { deviceChanges(householdId: $h, after: $after) { changeSeq shadow { online stale staleProperties } } }",
+            json!({}),
+            h,
+        )
+        .await;
     let q = "query($id: ID!) { device(id: $id) { reportIntervalSecs shadow { online stale staleProperties lastSeen } } }";
     // Humidity once, then only temperature, every 2 s, for 14 s.
     device.send("state", json!({"v": 1, "seq": 1, "state": {"temperature": 20.0, "humidity": 40}})).await;

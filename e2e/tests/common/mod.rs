@@ -389,6 +389,35 @@ impl Stack {
         homelink_tools::gql::query(&self.http, &self.graphql_url(), token, query, variables).await.expect("graphql request")
     }
 
+    /// The household's last change number.
+    pub async fn last_change(&self, household: Uuid) -> i64 {
+        sqlx::query_scalar("SELECT COALESCE((SELECT last_seq FROM household_change_seqs WHERE household_id = $1), 0)")
+            .bind(household)
+            .fetch_one(&self.pool)
+            .await
+            .expect("last change")
+    }
+
+    /// A household subscription that misses nothing from now on. graphql-ws
+    /// does not confirm a `subscribe`, so a change committed right after it
+    /// may reach the server before the subscription is admitted; resumed
+    /// `after` the household's last change, it is replayed instead. `query`
+    /// declares `$h: ID!` and `$after: Int` and passes both; `variables`
+    /// gets them.
+    pub async fn subscribe_from_now(
+        &self,
+        token: &str,
+        query: &str,
+        mut variables: Value,
+        household: Uuid,
+    ) -> homelink_tools::gql::Subscription {
+        assert!(query.contains("$after: Int"), "the query resumes after a change number: {query}");
+        let after = self.last_change(household).await;
+        variables["h"] = serde_json::json!(household);
+        variables["after"] = serde_json::json!(after);
+        homelink_tools::gql::Subscription::start(&self.graphql_ws(), token, query, variables).await.expect("subscribe")
+    }
+
     /// A new signed-up account.
     pub async fn account(&self, name: &str) -> Account {
         let email = format!("{name}-{}@test.homelink.dev", Uuid::new_v4().simple());
@@ -612,7 +641,10 @@ impl PrivateKafka {
         let nodes: Vec<KafkaNode> =
             (1..=n).map(|id| KafkaNode { id, port: free_port(), controller_port: free_port(), child: None }).collect();
         let voters = nodes.iter().map(|k| format!("{}@127.0.0.1:{}", k.id, k.controller_port)).collect::<Vec<_>>().join(",");
-        let cluster_id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Uuid::new_v4().as_bytes());
+        // Like Kafka's own ids, never one starting with '-' (a command line takes it for an option).
+        let cluster_id = std::iter::repeat_with(|| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Uuid::new_v4().as_bytes()))
+            .find(|c| !c.starts_with('-'))
+            .expect("an id");
         let mut k = Self { nodes, voters, cluster_id, dir };
         k.restart();
         k
