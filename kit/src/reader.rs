@@ -11,7 +11,10 @@
 //! - **fetching**: a fetch returns as soon as a record arrives
 //!   (`fetch.min.bytes` 1; `fetch_wait` bounds an empty fetch), then every
 //!   record already fetched is taken into the same batch, up to `batch_max`:
-//!   batches grow with load and stay one record at rest;
+//!   batches grow with load and stay one record at rest. A reader with a
+//!   `gather` window keeps taking records for that long after the first one
+//!   (a few milliseconds of latency for fewer, larger batches: the
+//!   projector's transactions);
 //! - **decoding**: records that are not envelopes come in
 //!   [`LogBatch::undecodable`], with the batch's positions already past
 //!   them, for the caller to dead-letter in the same effect;
@@ -90,6 +93,9 @@ pub struct ReaderConfig {
     pub fetch_wait: Duration,
     /// Most records in one batch.
     pub batch_max: usize,
+    /// How long a batch keeps taking records after its first one (zero:
+    /// only what is already fetched).
+    pub gather: Duration,
 }
 
 /// Where the reader's positions live.
@@ -108,6 +114,7 @@ pub enum Start {
 pub struct LogReader {
     consumer: Arc<StreamConsumer>,
     batch_max: usize,
+    gather: Duration,
     metrics: ServiceMetrics,
     /// What the caller handled: the next offset and the newest record time per partition.
     handled: Arc<Mutex<HashMap<Tp, (i64, i64)>>>,
@@ -138,11 +145,19 @@ impl LogReader {
                 consumer.subscribe(&names)?;
             }
         }
-        Ok(Self { consumer: Arc::new(consumer), batch_max: cfg.batch_max.max(1), metrics, handled: Arc::new(Mutex::new(handled)), group })
+        Ok(Self {
+            consumer: Arc::new(consumer),
+            batch_max: cfg.batch_max.max(1),
+            gather: cfg.gather,
+            metrics,
+            handled: Arc::new(Mutex::new(handled)),
+            group,
+        })
     }
 
     /// The next batch: waits for one record, then takes what else has been
-    /// fetched already. `None` when `cancel` fired.
+    /// fetched already, or arrives within the `gather` window. `None` when
+    /// `cancel` fired.
     pub async fn next(&self, cancel: &crate::shutdown::CancellationToken) -> Option<LogBatch> {
         let mut batch = LogBatch::default();
         let mut next: HashMap<Tp, i64> = HashMap::new();
@@ -151,10 +166,15 @@ impl LogReader {
             m = self.consumer.recv() => m,
         };
         self.take(first, &mut batch, &mut next);
+        let until = tokio::time::Instant::now() + self.gather;
         while batch.len() < self.batch_max {
             match self.consumer.recv().now_or_never() {
                 Some(m) => self.take(m, &mut batch, &mut next),
-                None => break,
+                None if self.gather.is_zero() => break,
+                None => match tokio::time::timeout_at(until, self.consumer.recv()).await {
+                    Ok(m) => self.take(m, &mut batch, &mut next),
+                    Err(_) => break,
+                },
             }
         }
         batch.next_offsets = next.into_iter().map(|((t, p), n)| (t, p, n)).collect();

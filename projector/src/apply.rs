@@ -314,7 +314,7 @@ impl Applier {
         }
         let recorded = insert_dead(&mut tx, &dead).await?;
 
-        let crate::projections::Applied { mut notifications, shadows, diverged } =
+        let crate::projections::Applied { mut notifications, shadows, diverged, counts } =
             crate::projections::apply(&mut tx, &work, &self.shadows).await?;
         self.metrics.errors.with_label_values(&["shadow_cache_diverged"]).inc_by(diverged);
         // Reads waiting for a consistency token look again after this batch.
@@ -322,26 +322,32 @@ impl Applier {
             notifications.push((homelink_events::topics::APPLIED_CHANNEL, String::new()));
         }
 
-        if !new_offsets.is_empty() {
+        // The batch's closing statement: its event counts, its positions and
+        // its notifications (sent on commit), one round trip.
+        if !counts.households.is_empty() || !new_offsets.is_empty() || !notifications.is_empty() {
             let (t, p, n) = unzip3(new_offsets.iter().map(|((t, p), n)| (t.clone(), *p, *n)));
+            let (channels, payloads): (Vec<&str>, Vec<String>) = notifications.into_iter().unzip();
             sqlx::query(
-                r#"INSERT INTO projector_offsets (topic, partition, next_offset)
-                   SELECT * FROM UNNEST($1::text[], $2::int[], $3::bigint[])
-                   ON CONFLICT (topic, partition) DO UPDATE SET next_offset = GREATEST(projector_offsets.next_offset, EXCLUDED.next_offset)"#,
+                r#"WITH counted AS (
+                     INSERT INTO household_event_counts (household_id, event_type, applied)
+                     SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::bigint[])
+                     ON CONFLICT (household_id, event_type) DO UPDATE SET applied = household_event_counts.applied + EXCLUDED.applied),
+                   positions AS (
+                     INSERT INTO projector_offsets (topic, partition, next_offset)
+                     SELECT * FROM UNNEST($4::text[], $5::int[], $6::bigint[])
+                     ON CONFLICT (topic, partition) DO UPDATE SET next_offset = GREATEST(projector_offsets.next_offset, EXCLUDED.next_offset))
+                   SELECT pg_notify(c, n) FROM UNNEST($7::text[], $8::text[]) AS u(c, n)"#,
             )
+            .bind(&counts.households)
+            .bind(&counts.types)
+            .bind(&counts.applied)
             .bind(&t)
             .bind(&p)
             .bind(&n)
+            .bind(&channels)
+            .bind(&payloads)
             .execute(&mut *tx)
             .await?;
-        }
-        if !notifications.is_empty() {
-            let (channels, payloads): (Vec<&str>, Vec<String>) = notifications.into_iter().unzip();
-            sqlx::query("SELECT pg_notify(c, n) FROM UNNEST($1::text[], $2::text[]) AS u(c, n)")
-                .bind(&channels)
-                .bind(&payloads)
-                .execute(&mut *tx)
-                .await?;
         }
         tx.commit().await?;
         self.shadows.commit(shadows);

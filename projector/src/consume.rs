@@ -30,6 +30,7 @@ impl Input {
             group: "homelink-projector".into(),
             fetch_wait: cfg.fetch_wait,
             batch_max: cfg.batch_max,
+            gather: cfg.gather,
         };
         Ok(Self { reader: LogReader::new(&rc, Start::Assigned(start), metrics)? })
     }

@@ -45,6 +45,9 @@ pub struct Config {
     pub fetch_wait: Duration,
     /// Most records per batch (one transaction).
     pub batch_max: usize,
+    /// How long a batch keeps taking records after its first one: fewer,
+    /// larger transactions for that much latency.
+    pub gather: Duration,
     /// How long a device command's row is kept after it was requested (its
     /// events stay in the log; the audit log keeps who did what).
     pub command_retention: Duration,
@@ -66,6 +69,7 @@ impl Config {
             listen: "127.0.0.1:0".into(),
             fetch_wait: Duration::from_millis(500),
             batch_max: 5_000,
+            gather: Duration::ZERO,
             command_retention: Duration::from_secs(30 * 24 * 3600),
             change_retention: Duration::from_secs(24 * 3600),
             retention_every: Duration::from_secs(600),

@@ -11,7 +11,11 @@
 //! | [`audit`] | `audit_log` | household commands, device commands, `CommandDenied` |
 //! | [`counts`] | `household_event_counts` | every event |
 //!
-//! Each returns the notifications to send on commit, if any.
+//! Each returns the notifications to send on commit, if any. The counts are
+//! written by the applier's closing statement, with the batch's positions
+//! and its notifications: a batch of reports is three statements between
+//! `BEGIN` and `COMMIT` (shadows, change numbers with the retained changes,
+//! and that closing one).
 
 pub mod audit;
 pub mod changes;
@@ -34,6 +38,8 @@ pub struct Applied {
     pub shadows: shadows::Staged,
     /// Cached shadows found to differ from their rows (debug builds).
     pub diverged: u64,
+    /// The events counted per household and type.
+    pub counts: counts::Counts,
 }
 
 /// Applies decoded events in log order.
@@ -56,7 +62,6 @@ pub async fn apply(
     changes::sequence(tx, &mut shadow_changes, &mut registry, &mut command_changes).await?;
     let shadow_notes: Vec<String> = shadow_changes.iter().map(notification_line).collect();
     audit::apply(tx, work, &folded.refused).await?;
-    counts::apply(tx, work).await?;
     // One notification per batch (a few when it is large), not one per change.
     // Membership changes first, so a subscriber demoted or removed in this
     // batch loses what it may no longer see before this batch's changes
@@ -65,5 +70,5 @@ pub async fn apply(
     notes.extend(registry.iter().map(|r| (REGISTRY_CHANGED_CHANNEL, serde_json::to_string(r).unwrap_or_default())));
     notes.extend(pack_notifications(shadow_notes).into_iter().map(|n| (SHADOW_CHANGED_CHANNEL, n)));
     notes.extend(command_changes.iter().map(|c| (COMMAND_CHANGED_CHANNEL, serde_json::to_string(c).unwrap_or_default())));
-    Ok(Applied { notifications: notes, shadows: shadows.staged, diverged: shadows.diverged })
+    Ok(Applied { notifications: notes, shadows: shadows.staged, diverged: shadows.diverged, counts: counts::of(work) })
 }
