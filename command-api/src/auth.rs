@@ -24,6 +24,7 @@ use base64::Engine;
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use homelink_kit::auth::{Caller, Claims, Jwk, JwkSet, Verifier, ALGORITHM, AUDIENCE, ISSUER};
 use homelink_kit::metrics::ServiceMetrics;
+use homelink_read_model::locks::Lock;
 use jsonwebtoken::{EncodingKey, Header};
 use prometheus::{IntCounter, IntGauge};
 use rand::RngCore;
@@ -165,7 +166,7 @@ fn generate_key() -> anyhow::Result<(String, String, String)> {
 /// Creates the first signing key if there is none (active at once).
 pub async fn ensure_key(pool: &PgPool) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock(7410001)").execute(&mut *tx).await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(Lock::SigningKeys.key()).execute(&mut *tx).await?;
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM identity_signing_keys").fetch_one(&mut *tx).await?;
     if n == 0 {
         let (kid, pem, x) = generate_key()?;
@@ -188,7 +189,7 @@ pub async fn ensure_key(pool: &PgPool) -> anyhow::Result<()> {
 pub async fn rotate(pool: &PgPool, publish_delay: Duration) -> anyhow::Result<String> {
     let (kid, pem, x) = generate_key()?;
     let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock(7410001)").execute(&mut *tx).await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(Lock::SigningKeys.key()).execute(&mut *tx).await?;
     let activates: DateTime<Utc> = Utc::now() + ChronoDuration::from_std(publish_delay)?;
     sqlx::query("UPDATE identity_signing_keys SET retires_at = $1 WHERE retires_at IS NULL").bind(activates).execute(&mut *tx).await?;
     sqlx::query("INSERT INTO identity_signing_keys (kid, algorithm, private_pem, public_x, activates_at) VALUES ($1, 'EdDSA', $2, $3, $4)")

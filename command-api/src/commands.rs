@@ -273,17 +273,16 @@ pub async fn request_command(
 pub async fn revoke_lost_rights(s: &AppState, household_id: Uuid, user: Uuid) {
     /// `(command, device, set, device kind, sender's role now)`.
     type OpenCommand = (Uuid, Uuid, Option<Value>, String, Option<String>);
-    let rows: Result<Vec<OpenCommand>, _> = sqlx::query_as(
+    // The rank in the statement, not bound: the planner sees it (partial indexes).
+    let sql = format!(
         "SELECT c.command_id, c.device_id, c.set_values, d.kind, m.role FROM device_commands c
            JOIN devices d ON d.device_id = c.device_id
            LEFT JOIN household_members m ON m.household_id = c.household_id AND m.user_id = $2
-         WHERE c.household_id = $1 AND c.status_rank < 2 AND c.expires_at > now()
+         WHERE c.household_id = $1 AND c.status_rank < {open} AND c.expires_at > now()
            AND c.actor->>'kind' = 'user' AND c.actor->>'id' = $2::text",
-    )
-    .bind(household_id)
-    .bind(user)
-    .fetch_all(&s.pool)
-    .await;
+        open = homelink_read_model::lifecycle::Rank::Delivered.value()
+    );
+    let rows: Result<Vec<OpenCommand>, _> = sqlx::query_as(&sql).bind(household_id).bind(user).fetch_all(&s.pool).await;
     let rows = match rows {
         Ok(r) => r,
         Err(e) => {
@@ -332,8 +331,7 @@ pub const DEVICE_STRIPES: usize = 256;
 /// Takes the device's lock, waits until the read model applied the
 /// device's last versioned change, and checks the shadow's version.
 async fn version_guard(s: &AppState, device: Uuid, expected: u64) -> Result<VersionGuard, ApiError> {
-    let b = device.as_bytes();
-    let key = i64::from_be_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]) ^ 0x4465_7369_7265_6421;
+    let key = homelink_read_model::locks::Lock::DeviceDesired(device).key();
     let busy = || {
         s.metrics.errors.with_label_values(&["version_lock_wait"]).inc();
         ApiError::Unavailable(format!("device {device} is busy with another versioned change; try again"))

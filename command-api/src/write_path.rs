@@ -77,8 +77,7 @@ pub const HOUSEHOLD_STRIPES: usize = 256;
 
 /// Advisory-lock key of a household.
 fn lock_key(h: Uuid) -> i64 {
-    let b = h.as_bytes();
-    i64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) ^ 0x486f_6d65_4c69_6e6b
+    homelink_read_model::locks::Lock::Household(h).key()
 }
 
 impl AppState {

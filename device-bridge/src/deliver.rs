@@ -22,6 +22,8 @@ use homelink_events::protocol::{device_topic, Channel, CmdMsg, PROTOCOL_VERSION}
 use homelink_events::{Actor, Envelope, Event};
 use homelink_kit::reader::{LogBatch, LogReader};
 use homelink_kit::shutdown::CancellationToken;
+use homelink_read_model::lifecycle::Rank;
+use homelink_read_model::locks::Lock;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::AsyncClient;
 use sqlx::Row;
@@ -394,11 +396,14 @@ pub(crate) fn request_flush(s: Arc<Shared>, household: Uuid, device: Uuid) {
 /// it (requested or queued, not superseded, not expired; the newest
 /// [`FLUSH_LIMIT`]) go out now, oldest first, on its broker.
 pub(crate) async fn flush_open(s: Arc<Shared>, household: Uuid, device: Uuid) {
-    let rows = sqlx::query(
+    // The rank is written into the statement, not bound: a partial index
+    // (`status_rank < 2`) serves it only when the planner sees the number.
+    let rows = sqlx::query(&format!(
         "SELECT * FROM (SELECT command_id, set_values, expires_at, requested_at, actor FROM device_commands
-          WHERE device_id = $1 AND household_id = $2 AND status_rank < 2 AND expires_at > now() AND set_values IS NOT NULL
+          WHERE device_id = $1 AND household_id = $2 AND status_rank < {open} AND expires_at > now() AND set_values IS NOT NULL
           ORDER BY requested_at DESC LIMIT $3) newest ORDER BY requested_at",
-    )
+        open = Rank::Delivered.value()
+    ))
     .bind(device)
     .bind(household)
     .bind(FLUSH_LIMIT)
@@ -472,15 +477,17 @@ pub(crate) async fn expiry_timer(s: Arc<Shared>, every: Duration, cancel: Cancel
 /// projector never starves the rest.
 async fn due(s: &Shared, skip: &[Uuid]) -> Result<Vec<(Uuid, Uuid, Uuid, chrono::DateTime<Utc>)>, sqlx::Error> {
     let mut tx = s.pool.begin().await?;
-    let mine: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(7311001)").fetch_one(&mut *tx).await?;
+    let mine: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)").bind(Lock::ExpirySweep.key()).fetch_one(&mut *tx).await?;
     if !mine {
         return Ok(Vec::new());
     }
-    let rows = sqlx::query(
+    // The rank in the statement, not bound: the partial index of due commands needs it.
+    let rows = sqlx::query(&format!(
         "SELECT command_id, household_id, device_id, expires_at FROM device_commands
-          WHERE expired_at IS NULL AND (status_rank < 3 OR status = 'ok') AND expires_at <= now() AND command_id <> ALL($1)
+          WHERE expired_at IS NULL AND (status_rank < {ended} OR status = 'ok') AND expires_at <= now() AND command_id <> ALL($1)
           ORDER BY expires_at LIMIT 1000",
-    )
+        ended = Rank::Ended.value()
+    ))
     .bind(skip)
     .fetch_all(&mut *tx)
     .await?;
@@ -505,8 +512,9 @@ async fn closed(s: &Shared, events: &[&Envelope]) -> HashSet<Uuid> {
         return HashSet::new();
     }
     let rows: Result<Vec<Uuid>, _> =
-        sqlx::query_scalar("SELECT command_id FROM device_commands WHERE command_id = ANY($1) AND status_rank >= 2")
+        sqlx::query_scalar("SELECT command_id FROM device_commands WHERE command_id = ANY($1) AND status_rank >= $2")
             .bind(&ids)
+            .bind(Rank::Delivered.value())
             .fetch_all(&s.pool)
             .await;
     match rows {

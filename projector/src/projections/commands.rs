@@ -6,7 +6,7 @@
 //! columns by one rule, [`STATUS`], so it is a function of the set of the
 //! command's events, never of their arrival order (issue 15):
 //!
-//! | status | rank | when |
+//! | status | rank ([`Rank`]) | when |
 //! |---|---|---|
 //! | `confirmed` | 4 | the shadow fold confirmed it: acked `ok` and every value reported after the ack ([`confirm`]) |
 //! | `ok` / `rejected` / `failed` | 3 | the device acked it (its word beats the platform's) |
@@ -27,6 +27,7 @@ use homelink_events::event::{
 use homelink_events::topics::CommandChanged;
 use homelink_events::Event;
 use homelink_kit::reader::Located;
+use homelink_read_model::lifecycle::Rank;
 use serde_json::Value;
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
@@ -42,7 +43,7 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
         let env = &l.envelope;
         match ev {
             Event::DeviceCommandRequested(DeviceCommandRequested { command_id, device_id, set, expires_at, queued }) => {
-                let (status, rank): (&str, i16) = if *queued { ("queued", 1) } else { ("requested", 0) };
+                let (status, rank) = if *queued { ("queued", Rank::Queued) } else { ("requested", Rank::Requested) };
                 sqlx::query(
                     r#"INSERT INTO device_commands (command_id, household_id, device_id, set_values, status, status_rank, actor, requested_at, expires_at, queued)
                        VALUES ($1, $2, $3, $4, $8, $9, $5, $6, $7, $10)
@@ -58,7 +59,7 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
                 .bind(env.occurred_at)
                 .bind(expires_at)
                 .bind(status)
-                .bind(rank)
+                .bind(rank.value())
                 .bind(queued)
                 .execute(&mut **tx)
                 .await?;
@@ -109,7 +110,7 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
                 // The reason shown is the device's when it acked, else the revocation's.
                 sqlx::query(
                     r#"INSERT INTO device_commands (command_id, household_id, device_id, status, status_rank, reason, revoked_at)
-                       VALUES ($1, $2, $3, 'rejected', 3, $4, $5)
+                       VALUES ($1, $2, $3, 'rejected', $6, $4, $5)
                        ON CONFLICT (command_id) DO UPDATE SET
                          reason = CASE WHEN device_commands.ack_status IS NULL
                                         AND (device_commands.revoked_at IS NULL OR EXCLUDED.revoked_at < device_commands.revoked_at)
@@ -122,6 +123,7 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
                 .bind(device_id)
                 .bind(reason)
                 .bind(env.occurred_at)
+                .bind(Rank::Ended.value())
                 .execute(&mut **tx)
                 .await?;
             }
@@ -129,7 +131,7 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
                 sqlx::query(
                     // The earliest ack decides (then the lowest status name, for equal times).
                     r#"INSERT INTO device_commands (command_id, household_id, device_id, status, status_rank, reason, acked_at, ack_status)
-                       VALUES ($1, $2, $3, $4, 3, $5, $6, $4)
+                       VALUES ($1, $2, $3, $4, $7, $5, $6, $4)
                        ON CONFLICT (command_id) DO UPDATE SET
                          reason = CASE WHEN (device_commands.ack_status IS NULL OR (EXCLUDED.acked_at, EXCLUDED.ack_status) < (device_commands.acked_at, device_commands.ack_status))
                                        THEN EXCLUDED.reason ELSE device_commands.reason END,
@@ -144,6 +146,7 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
                 .bind(status.as_str())
                 .bind(reason)
                 .bind(env.occurred_at)
+                .bind(Rank::Ended.value())
                 .execute(&mut **tx)
                 .await?;
             }
@@ -174,12 +177,6 @@ pub const STATUS: &str = "CASE WHEN confirmed_at IS NOT NULL THEN 'confirmed'
        WHEN delivered_at IS NOT NULL THEN 'delivered'
        WHEN queued THEN 'queued' ELSE 'requested' END";
 
-/// The rank of [`STATUS`]: requested 0, queued 1, delivered 2, ended 3, confirmed 4.
-pub const STATUS_RANK: &str = "CASE WHEN confirmed_at IS NOT NULL THEN 4
-       WHEN ack_status IS NOT NULL OR revoked_at IS NOT NULL OR superseded_at IS NOT NULL OR expired_at IS NOT NULL THEN 3
-       WHEN delivered_at IS NOT NULL THEN 2
-       WHEN queued THEN 1 ELSE 0 END";
-
 /// The statuses of the commands a batch touched, as the batch leaves them
 /// (derived again from their columns): one change each for the household
 /// subscription.
@@ -187,9 +184,10 @@ pub async fn changed(tx: &mut Transaction<'_, Postgres>, touched: &[Uuid]) -> Re
     if touched.is_empty() {
         return Ok(Vec::new());
     }
+    let rank = homelink_read_model::lifecycle::rank_sql();
     sqlx::query(&format!(
-        "UPDATE device_commands SET status = {STATUS}, status_rank = {STATUS_RANK}
-          WHERE command_id = ANY($1) AND (status, status_rank) IS DISTINCT FROM ({STATUS}, {STATUS_RANK})"
+        "UPDATE device_commands SET status = {STATUS}, status_rank = {rank}
+          WHERE command_id = ANY($1) AND (status, status_rank) IS DISTINCT FROM ({STATUS}, {rank})"
     ))
     .bind(touched)
     .execute(&mut **tx)
@@ -221,8 +219,8 @@ async fn step(
     at: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
     let (status, rank, column) = match step {
-        Step::Delivered => ("delivered", 2i16, "delivered_at"),
-        Step::Expired => ("expired", 3i16, "expired_at"),
+        Step::Delivered => ("delivered", Rank::Delivered, "delivered_at"),
+        Step::Expired => ("expired", Rank::Ended, "expired_at"),
     };
     let sql = format!(
         r#"INSERT INTO device_commands (command_id, household_id, device_id, status, status_rank, {column})
@@ -231,7 +229,15 @@ async fn step(
              {column} = LEAST(device_commands.{column}, EXCLUDED.{column})
            WHERE device_commands.device_id = EXCLUDED.device_id"#
     );
-    sqlx::query(&sql).bind(command_id).bind(household_id).bind(device_id).bind(status).bind(rank).bind(at).execute(&mut **tx).await?;
+    sqlx::query(&sql)
+        .bind(command_id)
+        .bind(household_id)
+        .bind(device_id)
+        .bind(status)
+        .bind(rank.value())
+        .bind(at)
+        .execute(&mut **tx)
+        .await?;
     Ok(())
 }
 
