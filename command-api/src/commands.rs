@@ -9,7 +9,8 @@ use crate::AppState;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
-use chrono::{DateTime, Duration as ChronoDuration, Utc};
+use chrono::{DateTime, Utc};
+use homelink_events::command::{Life, Refused, COMMAND_LIFE, DESIRED_LIFE};
 use homelink_events::event::DeviceCommandRequested;
 use homelink_events::household::Action;
 use homelink_events::{DeviceKind, Envelope, Event};
@@ -67,11 +68,6 @@ pub struct DesiredRequest {
     pub ttl_seconds: Option<u32>,
 }
 
-const DEFAULT_TTL: u32 = 10;
-const MAX_TTL: u32 = 300;
-const DEFAULT_DESIRED_TTL: u32 = 3600;
-const MAX_DESIRED_TTL: u32 = 7 * 24 * 3600;
-
 /// The document's schema of `set`: every writable capability of any kind
 /// with its value's type and range, at least one (from the capability table).
 pub fn set_schema() -> utoipa::openapi::Object {
@@ -95,58 +91,26 @@ pub fn set_schema() -> utoipa::openapi::Object {
     o.build()
 }
 
-/// JSON Schema counts `77.0` as an integer: an integer capability's value
-/// goes to the device as `77`.
-fn whole_numbers(set: &mut Map<String, Value>) {
-    use homelink_events::device::ValueType;
-    let ints: Vec<&str> =
-        DeviceKind::writable_capabilities().into_iter().filter(|c| matches!(c.value, ValueType::Int { .. })).map(|c| c.name).collect();
-    for (name, v) in set.iter_mut() {
-        if let Some(f) = v.as_f64().filter(|f| !v.is_i64() && !v.is_u64() && f.fract() == 0.0 && f.abs() < 1e15) {
-            if ints.contains(&name.as_str()) {
-                *v = Value::from(f as i64);
-            }
-        }
-    }
-}
-
-/// Pure decision: the event for a valid request to a device of `kind`. A
-/// request that breaks the document is 400; one the document allows but this
-/// device's kind does not (a light asked to unlock) is 422.
+/// Pure decision: the event for a valid request to a device of `kind`
+/// ([`homelink_events::command::decide`]). A request that breaks the
+/// document is 400; one the document allows but this device's kind does not
+/// (a light asked to unlock) is 422.
 pub fn decide(kind: DeviceKind, device_id: Uuid, req: CommandRequest, now: DateTime<Utc>) -> Result<DeviceCommandRequested, ApiError> {
-    decide_within(kind, device_id, req, now, (DEFAULT_TTL, MAX_TTL))
+    decide_within(kind, device_id, req, now, COMMAND_LIFE)
 }
 
-/// [`decide`] with a default and a maximum life (seconds).
+/// [`decide`] with a life (default and most).
 fn decide_within(
     kind: DeviceKind,
     device_id: Uuid,
-    mut req: CommandRequest,
+    req: CommandRequest,
     now: DateTime<Utc>,
-    (default_ttl, max_ttl): (u32, u32),
+    life: Life,
 ) -> Result<DeviceCommandRequested, ApiError> {
-    whole_numbers(&mut req.set);
-    let ttl = req.ttl_seconds.unwrap_or(default_ttl);
-    if ttl == 0 || ttl > max_ttl {
-        return Err(ApiError::BadRequest(format!("ttlSeconds must be between 1 and {max_ttl}")));
-    }
-    if req.set.is_empty() {
-        return Err(ApiError::BadRequest("set must name at least one capability".into()));
-    }
-    let any_kind = DeviceKind::writable_capabilities();
-    for (name, value) in &req.set {
-        let Some(c) = any_kind.iter().find(|c| c.name == name) else {
-            return Err(ApiError::BadRequest(format!("{name} is not a writable capability of any device kind")));
-        };
-        c.check(value).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    }
-    kind.validate_set(&req.set).map_err(|e| ApiError::Unprocessable("unsupported-capability", format!("a {kind}: {e}")))?;
-    Ok(DeviceCommandRequested {
-        command_id: crate::idempotency::derived_id("command").unwrap_or_else(Uuid::now_v7),
-        device_id,
-        set: req.set,
-        expires_at: now + ChronoDuration::seconds(i64::from(ttl)),
-        queued: false,
+    let command_id = crate::idempotency::derived_id("command").unwrap_or_else(Uuid::now_v7);
+    homelink_events::command::decide(kind, device_id, command_id, req.set, req.ttl_seconds, life, now).map_err(|e| match e {
+        Refused::Invalid(why) => ApiError::BadRequest(why),
+        Refused::Unsupported(why) => ApiError::Unprocessable("unsupported-capability", why),
     })
 }
 
@@ -233,7 +197,7 @@ pub async fn request_command(
         audit_denied(s, who, household_id, role, "device.command", target, &e);
         return Err(e);
     }
-    let life = if desired.is_some() { (DEFAULT_DESIRED_TTL, MAX_DESIRED_TTL) } else { (DEFAULT_TTL, MAX_TTL) };
+    let life = if desired.is_some() { DESIRED_LIFE } else { COMMAND_LIFE };
     let mut cmd = decide_within(kind, device_id, req, Utc::now(), life)
         .inspect_err(|_| s.metrics.errors.with_label_values(&["invalid_command"]).inc())?;
     cmd.queued = !access.online;
@@ -397,6 +361,7 @@ impl VersionGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::Duration as ChronoDuration;
     use serde_json::json;
 
     fn req(v: Value) -> CommandRequest {

@@ -19,6 +19,7 @@
 //! **Invariant**: this crate does no I/O and knows nothing of tokio, Kafka,
 //! Postgres or MQTT clients.
 
+pub mod command;
 pub mod device;
 pub mod envelope;
 pub mod event;
