@@ -10,8 +10,8 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
-use homelink_events::event::{HouseholdCreated, MemberInvited, MemberJoined, MemberRemoved, MemberRoleChanged};
-use homelink_events::household::Action;
+use homelink_events::event::{HouseholdCreated, MemberInvited, MemberJoined, MemberRemoved, MemberRoleChanged, PresenceChanged};
+use homelink_events::household::{Action, Presence};
 use homelink_events::{Envelope, Event, Role};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
@@ -246,4 +246,65 @@ pub async fn leave(State(s): State<Arc<AppState>>, Caller(who): Caller, Path(hou
     s.write_household(&who, cmd, |_, _| Ok(Event::MemberRemoved(MemberRemoved { user_id: user, left: true }))).await?;
     crate::commands::revoke_lost_rights(&s, h, user).await;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `home` or `away` in the OpenAPI document.
+fn presence_schema() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(["home", "away"]))
+        .description(Some("Where the member is: `home` or `away`."))
+        .build()
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ReportPresence {
+    #[schema(schema_with = presence_schema)]
+    pub state: Presence,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PresenceReported {
+    pub household_id: Uuid,
+    pub user_id: Uuid,
+    #[schema(schema_with = presence_schema)]
+    pub state: Presence,
+    /// Members home after this report.
+    pub members_home: u32,
+}
+
+/// Reports the caller's presence (any member; an app calls it from a
+/// geofence). Automations react to arrivals and departures.
+#[utoipa::path(put, path = "/v1/households/{householdId}/presence", tag = "households", request_body = ReportPresence,
+    security(("bearer" = [])),
+    params(("householdId" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header, description = "makes a retry safe")),
+    responses((status = 200, body = PresenceReported), (status = 401, body = Problem, content_type = "application/problem+json"), (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the caller left the household meanwhile", body = Problem, content_type = "application/problem+json")))]
+pub async fn report_presence(
+    State(s): State<Arc<AppState>>,
+    Caller(who): Caller,
+    Path(household): Path<String>,
+    body: Body<ReportPresence>,
+) -> Result<Json<PresenceReported>, ApiError> {
+    let h = path_id(&household)?;
+    let (user, state) = (who.user, body.0.state);
+    let cmd = HouseholdCommand {
+        household: h,
+        action: "member.presence",
+        target: Some(format!("user/{user}")),
+        invitation: None,
+        requires: None,
+        open_to_non_members: false,
+    };
+    let mut home = 0;
+    s.write_household(&who, cmd, |current, _| {
+        let mut after = current.clone();
+        after.presence.insert(user, state);
+        home = after.members_home() as u32;
+        Ok(Event::PresenceChanged(PresenceChanged { user_id: user, presence: state }))
+    })
+    .await?;
+    Ok(Json(PresenceReported { household_id: h, user_id: user, state, members_home: home }))
 }

@@ -43,6 +43,7 @@ pub fn routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(households::change_role))
         .routes(routes!(households::remove))
         .routes(routes!(households::leave))
+        .routes(routes!(households::report_presence))
         .routes(routes!(commands::request))
         .routes(routes!(commands::put_desired))
         .routes(routes!(devices::register))
@@ -160,7 +161,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(operations, 22);
+        assert_eq!(operations, 23);
     }
 
     /// The patterns the document publishes are the ones the handlers check

@@ -5,7 +5,7 @@
 //! version, keep a golden JSON of the old one under test, and upcast here.
 
 use crate::device::DeviceKind;
-use crate::household::{HouseholdEvent, Role};
+use crate::household::{HouseholdEvent, Presence, Role};
 use crate::protocol::AckStatus;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -232,6 +232,15 @@ pub struct DeviceCommandAcked {
     pub reason: Option<String>,
 }
 
+/// A member's app reported where they are (`PUT …/presence`, from a
+/// geofence). Repeats are recorded too; only a change moves `presenceSince`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PresenceChanged {
+    pub user_id: Uuid,
+    pub presence: Presence,
+}
+
 macro_rules! events {
     ($($name:ident = $v:literal),* $(,)?) => {
         /// Every event HomeLink stores.
@@ -295,6 +304,7 @@ events! {
     DeviceCommandDelivered = 1,
     DeviceCommandExpired = 1,
     DeviceCommandRevoked = 1,
+    PresenceChanged = 1,
 }
 
 impl Event {
@@ -309,7 +319,8 @@ impl Event {
             | Event::CommandDenied(_)
             | Event::RoomCreated(_)
             | Event::RoomRenamed(_)
-            | Event::RoomDeleted(_) => None,
+            | Event::RoomDeleted(_)
+            | Event::PresenceChanged(_) => None,
             Event::DeviceRegistered(e) => Some(e.device_id),
             Event::DeviceRemoved(e) => Some(e.device_id),
             Event::DeviceRenamed(e) => Some(e.device_id),
@@ -353,6 +364,7 @@ impl Event {
             Event::RoomCreated(e) => HouseholdEvent::RoomCreated { room_id: e.room_id, name: &e.name },
             Event::RoomRenamed(e) => HouseholdEvent::RoomRenamed { room_id: e.room_id, name: &e.name },
             Event::RoomDeleted(e) => HouseholdEvent::RoomDeleted { room_id: e.room_id },
+            Event::PresenceChanged(e) => HouseholdEvent::PresenceChanged { user_id: e.user_id, presence: e.presence },
             _ => return None,
         })
     }
@@ -413,6 +425,7 @@ mod tests {
             ("RoomRenamed", json!({"roomId": d, "name": "Lobby"})),
             ("RoomDeleted", json!({"roomId": d})),
             ("DeviceCommandRevoked", json!({"commandId": d, "deviceId": d, "sender": d, "reason": "the sender was removed"})),
+            ("PresenceChanged", json!({"userId": d, "presence": "away"})),
         ];
         for (t, payload) in cases {
             let e = Event::from_parts(t, 1, payload.clone()).unwrap_or_else(|err| panic!("{t}: {err}"));

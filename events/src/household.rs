@@ -74,6 +74,40 @@ impl FromStr for Role {
     }
 }
 
+/// Where a member is, as their app last reported it (a geofence).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Presence {
+    Home,
+    Away,
+}
+
+impl Presence {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Presence::Home => "home",
+            Presence::Away => "away",
+        }
+    }
+}
+
+impl fmt::Display for Presence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Presence {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "home" => Ok(Presence::Home),
+            "away" => Ok(Presence::Away),
+            _ => Err(format!("unknown presence `{s}` (home or away)")),
+        }
+    }
+}
+
 /// What a member may try to do; the argument of [`Role::allows`].
 #[derive(Debug, Clone, Copy)]
 pub enum Action<'a> {
@@ -133,6 +167,9 @@ pub struct Household {
     /// Rooms by id, with their names.
     pub rooms: BTreeMap<Uuid, String>,
     pub devices: BTreeMap<Uuid, RegisteredDevice>,
+    /// Members' last reported presence (a member who never reported has none;
+    /// a member who leaves takes theirs along).
+    pub presence: BTreeMap<Uuid, Presence>,
 }
 
 /// Why an event may not apply to a household.
@@ -173,6 +210,11 @@ pub enum Violation {
 impl Household {
     pub fn role_of(&self, user: Uuid) -> Option<Role> {
         self.members.get(&user).copied()
+    }
+
+    /// Members whose last report says they are home.
+    pub fn members_home(&self) -> usize {
+        self.presence.iter().filter(|(u, p)| **p == Presence::Home && self.members.contains_key(u)).count()
     }
 
     pub fn owners(&self) -> usize {
@@ -238,6 +280,11 @@ impl Household {
                     return Err(Violation::LastOwner);
                 }
                 next.members.remove(user_id);
+                next.presence.remove(user_id);
+            }
+            HouseholdEvent::PresenceChanged { user_id, presence } => {
+                self.role_of(*user_id).ok_or(Violation::NotAMember)?;
+                next.presence.insert(*user_id, *presence);
             }
             HouseholdEvent::DeviceRegistered { device_id, kind, room_id } => {
                 if self.devices.contains_key(device_id) {
@@ -329,6 +376,7 @@ pub enum HouseholdEvent<'a> {
     RoomCreated { room_id: Uuid, name: &'a str },
     RoomRenamed { room_id: Uuid, name: &'a str },
     RoomDeleted { room_id: Uuid },
+    PresenceChanged { user_id: Uuid, presence: Presence },
 }
 
 #[cfg(test)]
@@ -427,6 +475,26 @@ mod tests {
         h.apply(&HouseholdEvent::DeviceRemoved { device_id: dev }, None, at()).unwrap();
         assert_eq!(h.apply(&HouseholdEvent::DeviceRenamed { device_id: dev }, None, at()), Err(Violation::DeviceRemoved));
         assert_eq!(h.apply(&HouseholdEvent::DeviceRemoved { device_id: dev }, None, at()), Err(Violation::DeviceRemoved));
+    }
+
+    #[test]
+    fn presence_is_a_members_and_leaves_with_them() {
+        let mut h = with_owners(2);
+        let (a, b, stranger) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(99));
+        assert_eq!(h.members_home(), 0, "nobody reported: nobody is home");
+        h.apply(&HouseholdEvent::PresenceChanged { user_id: a, presence: Presence::Home }, None, at()).unwrap();
+        h.apply(&HouseholdEvent::PresenceChanged { user_id: b, presence: Presence::Home }, None, at()).unwrap();
+        assert_eq!(h.members_home(), 2);
+        h.apply(&HouseholdEvent::PresenceChanged { user_id: b, presence: Presence::Away }, None, at()).unwrap();
+        assert_eq!(h.members_home(), 1);
+        assert_eq!(
+            h.apply(&HouseholdEvent::PresenceChanged { user_id: stranger, presence: Presence::Home }, None, at()),
+            Err(Violation::NotAMember)
+        );
+        h.apply(&HouseholdEvent::RoleChanged { user_id: a, role: Role::Adult }, None, at()).unwrap();
+        h.apply(&HouseholdEvent::Removed { user_id: a }, None, at()).unwrap();
+        assert_eq!(h.members_home(), 0, "a member who left is nobody's presence");
+        assert!(!h.presence.contains_key(&a));
     }
 
     #[test]

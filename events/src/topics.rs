@@ -99,7 +99,8 @@ pub struct CommandChanged {
     pub change_seq: u64,
 }
 
-/// A device or room of a household was added, changed or removed.
+/// A device or room of a household was added, changed or removed, or a
+/// member's presence was reported.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RegistryChanged {
@@ -115,6 +116,12 @@ pub struct RegistryChanged {
     /// The household's change sequence number (see [`crate::shadow::ShadowChanged::change_seq`]).
     #[serde(default)]
     pub change_seq: u64,
+    /// The member a `PresenceChanged` is about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<Uuid>,
+    /// Their presence after it (`home` or `away`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence: Option<String>,
 }
 
 /// A member of a household joined, changed role or left.

@@ -381,6 +381,13 @@ pub struct Watch {
     replay: VecDeque<HubEvent>,
 }
 
+/// An admitted subscription's receiver and ticket; fields drop in order, so
+/// the receiver is gone when the ticket looks whether anyone still listens.
+struct Admitted {
+    rx: broadcast::Receiver<HubEvent>,
+    ticket: Ticket,
+}
+
 /// Most retained changes read at once.
 const REPLAY_PAGE: i64 = 500;
 
@@ -407,7 +414,11 @@ impl Watch {
         role: Role,
         after: Option<u64>,
     ) -> Result<Self, ResumeError> {
-        let household = ticket.household;
+        // Held together so that every early return drops the receiver before
+        // the ticket (parameters drop in reverse order: the ticket would go
+        // first, see a receiver left, and keep the channel for ever).
+        let held = Admitted { rx, ticket };
+        let household = held.ticket.household;
         let last = last_change(&pool, household).await.map_err(ResumeError::Unavailable)?;
         let from = match after {
             None => last,
@@ -443,6 +454,7 @@ impl Watch {
                 a
             }
         };
+        let Admitted { rx, ticket } = held;
         Ok(Self {
             rx: BroadcastStream::new(rx),
             _ticket: ticket,
@@ -685,4 +697,29 @@ pub fn authorized_household_changes(watch: Watch) -> impl Stream<Item = async_gr
             Visible::TooOld => Some((Err(too_old()), w)),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A subscription whose start fails (the database is unreachable) leaves
+    /// no channel behind (seen in the suite: the gauge stuck at 1 after a
+    /// start that found the pool busy).
+    #[tokio::test]
+    async fn a_failed_start_leaves_no_channel() {
+        let metrics = ServiceMetrics::new("hub_test");
+        let hub = Arc::new(Hub::new(SubscriptionLimits::default(), &metrics));
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .acquire_timeout(std::time::Duration::from_millis(200))
+            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+            .expect("lazy pool");
+        let ticket = hub.admit(Uuid::new_v4(), Uuid::new_v4(), Arc::default()).expect("admitted");
+        let rx = hub.subscribe(&ticket);
+        assert_eq!(hub.channels.get(), 1);
+        let started = Watch::start(rx, ticket, pool, Uuid::new_v4(), Role::Owner, None).await;
+        assert!(matches!(started, Err(ResumeError::Unavailable(_))));
+        assert_eq!(hub.channels.get(), 0, "the channel went with its only subscriber");
+        assert_eq!(hub.active.get(), 0);
+    }
 }

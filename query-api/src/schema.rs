@@ -422,7 +422,8 @@ impl Household {
                     .read(None, |limit| {
                         sqlx::query_as::<_, Ranked<MemberRow>>(
                             "SELECT x.* FROM unnest($1::uuid[]) AS k(household_id) CROSS JOIN LATERAL (
-                               SELECT row_number() OVER (ORDER BY joined_at, user_id) AS rn, household_id, user_id, role, joined_at
+                               SELECT row_number() OVER (ORDER BY joined_at, user_id) AS rn, household_id, user_id, role, joined_at,
+                                      presence, presence_since
                                FROM household_members WHERE household_id = k.household_id ORDER BY joined_at, user_id) x LIMIT $2",
                         )
                         .bind(&households)
@@ -434,7 +435,16 @@ impl Household {
             })
             .await?
             .unwrap_or_default();
-        Ok(rows.into_iter().map(|r| Member { user_id: ID(r.user_id.to_string()), role: r.role, joined_at: r.joined_at }).collect())
+        Ok(rows
+            .into_iter()
+            .map(|r| Member {
+                user_id: ID(r.user_id.to_string()),
+                role: r.role,
+                joined_at: r.joined_at,
+                home: r.presence.as_deref().map(|p| p == "home"),
+                presence_since: r.presence_since,
+            })
+            .collect())
     }
 }
 
@@ -489,6 +499,11 @@ pub struct Member {
     pub user_id: ID,
     pub role: String,
     pub joined_at: DateTime<Utc>,
+    /// Whether the member is home, as their app last reported it
+    /// (`PUT …/presence`); `null` when it never reported.
+    pub home: Option<bool>,
+    /// When `home` last changed.
+    pub presence_since: Option<DateTime<Utc>>,
 }
 
 /// A room as a device refers to it.
@@ -847,6 +862,8 @@ struct MemberRow {
     user_id: Uuid,
     role: String,
     joined_at: DateTime<Utc>,
+    presence: Option<String>,
+    presence_since: Option<DateTime<Utc>>,
 }
 
 /// A row of a batch query with its rank among its parent's rows (`rn`).
@@ -940,7 +957,8 @@ impl SubscriptionRoot {
     /// Everything that changes in the household the viewer may see: device
     /// state (`change: "shadow"`) and registry changes (`DeviceRegistered`,
     /// `DeviceRemoved`, `DeviceRenamed`, `DeviceMoved`, `RoomCreated`,
-    /// `RoomRenamed`, `RoomDeleted`). Ends like `deviceChanges` on removal.
+    /// `RoomRenamed`, `RoomDeleted`), and members' presence (`PresenceChanged`
+    /// with `userId` and `home`). Ends like `deviceChanges` on removal.
     /// Resumes with `after` like `deviceChanges`.
     async fn household_changes(
         &self,

@@ -124,6 +124,9 @@ pub struct HouseholdChange {
     /// For `command`: the command (read it with `command(id)`) and its new status.
     pub command_id: Option<ID>,
     pub status: Option<String>,
+    /// For `PresenceChanged`: the member and whether they are home now.
+    pub user_id: Option<ID>,
+    pub home: Option<bool>,
     /// The household's change sequence number (resume with `after`).
     pub change_seq: i64,
 }
@@ -142,6 +145,8 @@ impl HouseholdChange {
             change_seq: d.change_seq,
             command_id: None,
             status: None,
+            user_id: None,
+            home: None,
         }
     }
 
@@ -157,6 +162,8 @@ impl HouseholdChange {
             change_seq: i64::try_from(r.change_seq).unwrap_or(i64::MAX),
             command_id: None,
             status: None,
+            user_id: r.user_id.map(|u| ID(u.to_string())),
+            home: r.presence.as_deref().map(|p| p == "home"),
         }
     }
 
@@ -172,6 +179,8 @@ impl HouseholdChange {
             change_seq: i64::try_from(c.change_seq).unwrap_or(i64::MAX),
             command_id: Some(ID(c.command_id.to_string())),
             status: Some(c.status.clone()),
+            user_id: None,
+            home: None,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The household aggregate as the read models hold it: command-api decides
 //! household commands against it.
 
-use homelink_events::household::{Household, Invitation, RegisteredDevice, Role};
+use homelink_events::household::{Household, Invitation, Presence, RegisteredDevice, Role};
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
@@ -15,11 +15,16 @@ pub async fn load_household(db: &mut PgConnection, household: Uuid, invitation: 
     };
     h.exists = true;
     h.version = row.get::<i64, _>(0).max(0) as u64;
-    let members =
-        sqlx::query("SELECT user_id, role FROM household_members WHERE household_id = $1").bind(household).fetch_all(&mut *db).await?;
+    let members = sqlx::query("SELECT user_id, role, presence FROM household_members WHERE household_id = $1")
+        .bind(household)
+        .fetch_all(&mut *db)
+        .await?;
     for m in members {
         if let Ok(role) = m.get::<String, _>(1).parse::<Role>() {
             h.members.insert(m.get(0), role);
+        }
+        if let Some(Ok(p)) = m.get::<Option<String>, _>(2).map(|p| p.parse::<Presence>()) {
+            h.presence.insert(m.get(0), p);
         }
     }
     let rooms = sqlx::query("SELECT room_id, name FROM rooms WHERE household_id = $1").bind(household).fetch_all(&mut *db).await?;

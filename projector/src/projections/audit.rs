@@ -50,6 +50,7 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
             Event::RoomCreated(r) => ("room.create", Some(format!("room/{}", r.room_id)), 201, Some(r.name.clone())),
             Event::RoomRenamed(r) => ("room.rename", Some(format!("room/{}", r.room_id)), 200, Some(r.name.clone())),
             Event::RoomDeleted(r) => ("room.delete", Some(format!("room/{}", r.room_id)), 204, None),
+            Event::PresenceChanged(p) => ("member.presence", Some(format!("user/{}", p.user_id)), 200, Some(p.presence.to_string())),
             Event::DeviceCommandRevoked(r) => (
                 "device.command.revoke",
                 Some(format!("device/{}", r.device_id)),

@@ -58,6 +58,7 @@ pub async fn fold(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]
         let version = agg.version as i64;
         let mut changed_member = None;
         let mut registry: Option<(Option<Uuid>, Option<Uuid>)> = None;
+        let mut presence = None;
         match ev {
             Event::HouseholdCreated(c) => {
                 sqlx::query(
@@ -119,6 +120,20 @@ pub async fn fold(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]
                     .execute(&mut **tx)
                     .await?;
                 changed_member = Some(r.user_id);
+            }
+            Event::PresenceChanged(p) => {
+                sqlx::query(
+                    "UPDATE household_members
+                        SET presence_since = CASE WHEN presence IS DISTINCT FROM $3 THEN $4 ELSE presence_since END, presence = $3
+                      WHERE household_id = $1 AND user_id = $2",
+                )
+                .bind(h)
+                .bind(p.user_id)
+                .bind(p.presence.as_str())
+                .bind(env.occurred_at)
+                .execute(&mut **tx)
+                .await?;
+                presence = Some((p.user_id, p.presence));
             }
             Event::DeviceRegistered(d) => {
                 sqlx::query(
@@ -214,6 +229,20 @@ pub async fn fold(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]
                 room_id,
                 version: agg.version,
                 change_seq: 0,
+                user_id: None,
+                presence: None,
+            });
+        }
+        if let Some((user_id, p)) = presence {
+            out.registry.push(RegistryChanged {
+                household_id: h,
+                change: env.event_type.clone(),
+                device_id: None,
+                room_id: None,
+                version: agg.version,
+                change_seq: 0,
+                user_id: Some(user_id),
+                presence: Some(p.as_str().to_owned()),
             });
         }
     }
