@@ -12,6 +12,7 @@
 //! - [`households`]: households and members (routes);
 //! - [`devices`]: the registry (routes); [`revocation`]: shutting removed
 //!   devices out at the broker; [`validate`]: the text rules;
+//! - [`scenes`]: scenes (routes) and their activation;
 //! - [`commands`]: device commands (authorization by role, then validation);
 //! - [`idempotency`]: the `Idempotency-Key` middleware;
 //! - [`problem`]: the error type and its problem+json form, the body extractor;
@@ -29,6 +30,7 @@ pub mod limits;
 pub mod openapi;
 pub mod problem;
 pub mod revocation;
+pub mod scenes;
 pub mod schemas;
 pub mod validate;
 pub mod write_path;

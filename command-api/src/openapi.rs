@@ -2,7 +2,7 @@
 //! documentation (`utoipa-axum`), so a route cannot exist undocumented; a test
 //! compares the served document with the committed `openapi.json`.
 
-use crate::{auth, commands, devices, households, schemas, AppState};
+use crate::{auth, commands, devices, households, scenes, schemas, AppState};
 use std::sync::Arc;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -14,7 +14,7 @@ use utoipa_axum::routes;
     info(title = "HomeLink command API", version = "1.0.0",
         description = "Every write of HomeLink. Errors are application/problem+json with a stable `type`. Writes accept an `Idempotency-Key` header. No string may contain the NUL character (U+0000): it is refused with 400."),
     modifiers(&Bearer),
-    tags((name = "identity"), (name = "households"), (name = "devices"), (name = "device protocol"))
+    tags((name = "identity"), (name = "households"), (name = "scenes"), (name = "devices"), (name = "device protocol"))
 )]
 pub struct ApiDoc;
 
@@ -44,6 +44,9 @@ pub fn routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(households::remove))
         .routes(routes!(households::leave))
         .routes(routes!(households::report_presence))
+        .routes(routes!(scenes::create))
+        .routes(routes!(scenes::change, scenes::delete))
+        .routes(routes!(scenes::activate))
         .routes(routes!(commands::request))
         .routes(routes!(commands::put_desired))
         .routes(routes!(devices::register))
@@ -161,7 +164,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(operations, 23);
+        assert_eq!(operations, 27);
     }
 
     /// The patterns the document publishes are the ones the handlers check
@@ -170,7 +173,14 @@ mod tests {
     fn the_published_patterns_are_the_checked_ones() {
         let v: serde_json::Value = serde_json::from_str(&document()).expect("json");
         let schemas = &v["components"]["schemas"];
-        for (schema, field) in [("CreateHousehold", "name"), ("RegisterDevice", "name"), ("Rename", "name"), ("SignUp", "displayName")] {
+        for (schema, field) in [
+            ("CreateHousehold", "name"),
+            ("RegisterDevice", "name"),
+            ("Rename", "name"),
+            ("SignUp", "displayName"),
+            ("CreateScene", "name"),
+            ("ChangeScene", "name"),
+        ] {
             assert_eq!(schemas[schema]["properties"][field]["pattern"], crate::validate::NAME_PATTERN, "{schema}.{field}");
             assert_eq!(schemas[schema]["properties"][field]["maxLength"], crate::validate::NAME_MAX, "{schema}.{field}");
         }

@@ -21,6 +21,9 @@ pub struct Problem {
     pub title: String,
     pub status: u16,
     pub detail: String,
+    /// The JSON pointer of the fault in the request body, when one field is at fault.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
 }
 
 /// An API error; each variant maps to one status and one stable `type`.
@@ -28,6 +31,13 @@ pub struct Problem {
 pub enum ApiError {
     #[error("{0}")]
     BadRequest(String),
+    /// 400 naming the faulty field (`path`, a JSON pointer into the body).
+    #[error("{0}: {1}")]
+    InvalidAt(String, String),
+    /// 422: the field at `path` is well formed but does not fit (a
+    /// capability the device's kind lacks).
+    #[error("{0}: {1}")]
+    UnfitAt(String, String),
     /// Missing, malformed, expired or otherwise invalid access token.
     #[error("a valid access token is required")]
     Unauthorized,
@@ -78,7 +88,8 @@ impl ApiError {
     /// Status, stable slug and title.
     pub fn parts(&self) -> (StatusCode, &'static str, &'static str) {
         match self {
-            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid-request", "The request is invalid"),
+            ApiError::BadRequest(_) | ApiError::InvalidAt(..) => (StatusCode::BAD_REQUEST, "invalid-request", "The request is invalid"),
+            ApiError::UnfitAt(..) => (StatusCode::UNPROCESSABLE_ENTITY, "unsupported-capability", "Not applicable to this resource"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", "Authentication required"),
             ApiError::InvalidCredentials => (StatusCode::UNAUTHORIZED, "invalid-credentials", "Sign-in failed"),
             ApiError::InvalidRefreshToken => (StatusCode::UNAUTHORIZED, "invalid-refresh-token", "Refresh failed"),
@@ -113,7 +124,11 @@ impl ApiError {
             }
             other => other.to_string(),
         };
-        Problem { type_: format!("{PROBLEM_BASE}{slug}"), title: title.to_owned(), status: status.as_u16(), detail }
+        let path = match self {
+            ApiError::InvalidAt(path, _) | ApiError::UnfitAt(path, _) => Some(path.clone()),
+            _ => None,
+        };
+        Problem { type_: format!("{PROBLEM_BASE}{slug}"), title: title.to_owned(), status: status.as_u16(), detail, path }
     }
 }
 

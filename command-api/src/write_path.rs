@@ -55,6 +55,15 @@ fn conflict(v: &Violation) -> ApiError {
         Violation::DeviceRemoved => "device-removed",
         Violation::DeviceExists => "device-exists",
         Violation::RoomNameTaken => "room-name-taken",
+        Violation::UnknownScene => return ApiError::NotFound,
+        Violation::SceneExists => "scene-exists",
+        Violation::SceneNameTaken => "scene-name-taken",
+        Violation::InvalidScene(homelink_events::scene::TargetFault::Invalid { path, reason }) => {
+            return ApiError::InvalidAt(path.clone(), reason.clone())
+        }
+        Violation::InvalidScene(homelink_events::scene::TargetFault::Unfit { path, reason }) => {
+            return ApiError::UnfitAt(path.clone(), reason.clone())
+        }
         Violation::LastOwner => "last-owner",
         Violation::StaleVersion { .. } => "stale-version",
         Violation::NotAMember => "not-a-member",
@@ -212,6 +221,26 @@ impl AppState {
         })?;
         crate::idempotency::wrote(topic == self.topics.households(), env);
         Ok(pos)
+    }
+
+    /// Appends several envelopes in this order (librdkafka keeps the order of
+    /// what is queued for a partition, and they share the household's key)
+    /// and waits for every acknowledgement.
+    pub async fn append_all(&self, topic: &str, envelopes: &[Envelope]) -> Result<(), ApiError> {
+        let failed = |e: homelink_kit::Error| {
+            self.metrics.errors.with_label_values(&["kafka_produce"]).inc();
+            ApiError::InDoubt(format!("kafka: {e}"))
+        };
+        let mut acks = Vec::with_capacity(envelopes.len());
+        for env in envelopes {
+            let ack = self.appender.enqueue(topic, env).map_err(failed)?;
+            crate::idempotency::wrote(topic == self.topics.households(), env);
+            acks.push(ack);
+        }
+        for ack in futures::future::join_all(acks).await {
+            ack.map_err(failed)?;
+        }
+        Ok(())
     }
 
     /// Waits until the read model applied every record of the household's

@@ -7,6 +7,7 @@
 use crate::device::DeviceKind;
 use crate::household::{HouseholdEvent, Presence, Role};
 use crate::protocol::AckStatus;
+use crate::scene::{SceneTarget, Skipped};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -241,6 +242,55 @@ pub struct PresenceChanged {
     pub presence: Presence,
 }
 
+/// A scene was made (owners and adults): its devices' target states.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SceneCreated {
+    pub scene_id: Uuid,
+    pub name: String,
+    pub devices: Vec<SceneTarget>,
+    #[serde(default)]
+    pub child_allowed: bool,
+}
+
+/// A scene was renamed or changed: the whole scene after the change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SceneChanged {
+    pub scene_id: Uuid,
+    pub name: String,
+    pub devices: Vec<SceneTarget>,
+    #[serde(default)]
+    pub child_allowed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SceneDeleted {
+    pub scene_id: Uuid,
+}
+
+/// One device's command of an activation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ActivatedCommand {
+    pub device_id: Uuid,
+    pub command_id: Uuid,
+}
+
+/// A member activated a scene: appended on the commands topic right before
+/// its commands, each of which has this activation as its causation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SceneActivated {
+    pub activation_id: Uuid,
+    pub scene_id: Uuid,
+    pub commands: Vec<ActivatedCommand>,
+    /// Devices of the scene that got no command, each with the reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<Skipped>,
+}
+
 macro_rules! events {
     ($($name:ident = $v:literal),* $(,)?) => {
         /// Every event HomeLink stores.
@@ -305,6 +355,10 @@ events! {
     DeviceCommandExpired = 1,
     DeviceCommandRevoked = 1,
     PresenceChanged = 1,
+    SceneCreated = 1,
+    SceneChanged = 1,
+    SceneDeleted = 1,
+    SceneActivated = 1,
 }
 
 impl Event {
@@ -320,7 +374,11 @@ impl Event {
             | Event::RoomCreated(_)
             | Event::RoomRenamed(_)
             | Event::RoomDeleted(_)
-            | Event::PresenceChanged(_) => None,
+            | Event::PresenceChanged(_)
+            | Event::SceneCreated(_)
+            | Event::SceneChanged(_)
+            | Event::SceneDeleted(_)
+            | Event::SceneActivated(_) => None,
             Event::DeviceRegistered(e) => Some(e.device_id),
             Event::DeviceRemoved(e) => Some(e.device_id),
             Event::DeviceRenamed(e) => Some(e.device_id),
@@ -341,6 +399,7 @@ impl Event {
     pub fn stream(&self) -> String {
         match (self, self.device_id()) {
             (Event::CommandDenied(_), _) => "audit".to_owned(),
+            (Event::SceneActivated(a), _) => format!("scene/{}", a.scene_id),
             _ if self.household_event().is_some() => "household".to_owned(),
             (_, Some(d)) => format!("device/{d}"),
             (_, None) => "household".to_owned(),
@@ -365,6 +424,21 @@ impl Event {
             Event::RoomRenamed(e) => HouseholdEvent::RoomRenamed { room_id: e.room_id, name: &e.name },
             Event::RoomDeleted(e) => HouseholdEvent::RoomDeleted { room_id: e.room_id },
             Event::PresenceChanged(e) => HouseholdEvent::PresenceChanged { user_id: e.user_id, presence: e.presence },
+            Event::SceneCreated(e) => HouseholdEvent::SceneCreated {
+                scene_id: e.scene_id,
+                name: &e.name,
+                targets: &e.devices,
+                child_allowed: e.child_allowed,
+                create: true,
+            },
+            Event::SceneChanged(e) => HouseholdEvent::SceneCreated {
+                scene_id: e.scene_id,
+                name: &e.name,
+                targets: &e.devices,
+                child_allowed: e.child_allowed,
+                create: false,
+            },
+            Event::SceneDeleted(e) => HouseholdEvent::SceneDeleted { scene_id: e.scene_id },
             _ => return None,
         })
     }
@@ -426,6 +500,17 @@ mod tests {
             ("RoomDeleted", json!({"roomId": d})),
             ("DeviceCommandRevoked", json!({"commandId": d, "deviceId": d, "sender": d, "reason": "the sender was removed"})),
             ("PresenceChanged", json!({"userId": d, "presence": "away"})),
+            (
+                "SceneCreated",
+                json!({"sceneId": d, "name": "Night", "devices": [{"deviceId": d, "set": {"on": false}}], "childAllowed": true}),
+            ),
+            ("SceneChanged", json!({"sceneId": d, "name": "Night", "devices": [], "childAllowed": false})),
+            ("SceneDeleted", json!({"sceneId": d})),
+            (
+                "SceneActivated",
+                json!({"activationId": d, "sceneId": d, "commands": [{"deviceId": d, "commandId": d}],
+                       "skipped": [{"deviceId": d, "reason": "removed"}]}),
+            ),
         ];
         for (t, payload) in cases {
             let e = Event::from_parts(t, 1, payload.clone()).unwrap_or_else(|err| panic!("{t}: {err}"));

@@ -12,6 +12,7 @@
 //! and query-api goes through it.
 
 use crate::device::DeviceKind;
+use crate::scene::{Scene, SceneTarget, TargetFault};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -170,6 +171,7 @@ pub struct Household {
     /// Members' last reported presence (a member who never reported has none;
     /// a member who leaves takes theirs along).
     pub presence: BTreeMap<Uuid, Presence>,
+    pub scenes: BTreeMap<Uuid, Scene>,
 }
 
 /// Why an event may not apply to a household.
@@ -205,6 +207,14 @@ pub enum Violation {
     UnknownRoom,
     #[error("a room with this name exists")]
     RoomNameTaken,
+    #[error("the scene does not exist")]
+    UnknownScene,
+    #[error("a scene with this id exists")]
+    SceneExists,
+    #[error("a scene with this name exists")]
+    SceneNameTaken,
+    #[error("{0}")]
+    InvalidScene(TargetFault),
 }
 
 impl Household {
@@ -281,6 +291,27 @@ impl Household {
                 }
                 next.members.remove(user_id);
                 next.presence.remove(user_id);
+            }
+            HouseholdEvent::SceneCreated { scene_id, name, targets, child_allowed, create } => {
+                if *create == self.scenes.contains_key(scene_id) {
+                    return Err(if *create { Violation::SceneExists } else { Violation::UnknownScene });
+                }
+                let wanted = name.trim().to_lowercase();
+                if self.scenes.iter().any(|(id, s)| id != scene_id && s.name.trim().to_lowercase() == wanted) {
+                    return Err(Violation::SceneNameTaken);
+                }
+                // Values were checked at the edge; the fold checks what the
+                // log orders: every device it adds still a live device (one
+                // removed since it was added stays, and is skipped when
+                // activated).
+                let had = |d: Uuid| self.scenes.get(scene_id).is_some_and(|s| s.targets.iter().any(|t| t.device_id == d));
+                for t in targets.iter().filter(|t| !had(t.device_id)) {
+                    self.live_device(t.device_id)?;
+                }
+                next.scenes.insert(*scene_id, Scene { name: (*name).to_owned(), targets: targets.to_vec(), child_allowed: *child_allowed });
+            }
+            HouseholdEvent::SceneDeleted { scene_id } => {
+                next.scenes.remove(scene_id).ok_or(Violation::UnknownScene)?;
             }
             HouseholdEvent::PresenceChanged { user_id, presence } => {
                 self.role_of(*user_id).ok_or(Violation::NotAMember)?;
@@ -364,19 +395,68 @@ impl Household {
 /// A borrowed view of the events that make up the household stream.
 #[derive(Debug, Clone, Copy)]
 pub enum HouseholdEvent<'a> {
-    Created { created_by: Option<Uuid> },
-    Invited { invitation_id: Uuid, role: Role, code_hash: &'a str, expires_at: DateTime<Utc> },
-    Joined { user_id: Uuid, role: Role, invitation_id: Option<Uuid> },
-    RoleChanged { user_id: Uuid, role: Role },
-    Removed { user_id: Uuid },
-    DeviceRegistered { device_id: Uuid, kind: DeviceKind, room_id: Option<Uuid> },
-    DeviceRemoved { device_id: Uuid },
-    DeviceRenamed { device_id: Uuid },
-    DeviceMoved { device_id: Uuid, room_id: Option<Uuid> },
-    RoomCreated { room_id: Uuid, name: &'a str },
-    RoomRenamed { room_id: Uuid, name: &'a str },
-    RoomDeleted { room_id: Uuid },
-    PresenceChanged { user_id: Uuid, presence: Presence },
+    Created {
+        created_by: Option<Uuid>,
+    },
+    Invited {
+        invitation_id: Uuid,
+        role: Role,
+        code_hash: &'a str,
+        expires_at: DateTime<Utc>,
+    },
+    Joined {
+        user_id: Uuid,
+        role: Role,
+        invitation_id: Option<Uuid>,
+    },
+    RoleChanged {
+        user_id: Uuid,
+        role: Role,
+    },
+    Removed {
+        user_id: Uuid,
+    },
+    DeviceRegistered {
+        device_id: Uuid,
+        kind: DeviceKind,
+        room_id: Option<Uuid>,
+    },
+    DeviceRemoved {
+        device_id: Uuid,
+    },
+    DeviceRenamed {
+        device_id: Uuid,
+    },
+    DeviceMoved {
+        device_id: Uuid,
+        room_id: Option<Uuid>,
+    },
+    RoomCreated {
+        room_id: Uuid,
+        name: &'a str,
+    },
+    RoomRenamed {
+        room_id: Uuid,
+        name: &'a str,
+    },
+    RoomDeleted {
+        room_id: Uuid,
+    },
+    PresenceChanged {
+        user_id: Uuid,
+        presence: Presence,
+    },
+    /// A scene made (`create`) or changed: the whole scene after it.
+    SceneCreated {
+        scene_id: Uuid,
+        name: &'a str,
+        targets: &'a [SceneTarget],
+        child_allowed: bool,
+        create: bool,
+    },
+    SceneDeleted {
+        scene_id: Uuid,
+    },
 }
 
 #[cfg(test)]

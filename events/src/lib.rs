@@ -12,6 +12,8 @@
 //!   last-owner invariant) and the roles table (`Role::allows`).
 //! - [`schemas`]: the JSON Schemas of the device messages, generated from the
 //!   capability table (and committed under `schemas/device/`).
+//! - [`scene`]: scenes' targets checked like commands, and what activating
+//!   one decides (one command per device, or why not).
 //! - [`shadow`]: how a device shadow evolves from events (`Shadow::apply`).
 //! - [`text`]: what text every store can hold (no NUL characters).
 //! - [`topics`]: topic names (with a deployment prefix) and the household key.
@@ -25,6 +27,7 @@ pub mod envelope;
 pub mod event;
 pub mod household;
 pub mod protocol;
+pub mod scene;
 pub mod schemas;
 pub mod shadow;
 pub mod text;

@@ -97,6 +97,9 @@ pub struct CommandChanged {
     /// The household's change sequence number (see [`crate::shadow::ShadowChanged::change_seq`]).
     #[serde(default)]
     pub change_seq: u64,
+    /// The scene activation that sent the command, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caused_by: Option<Uuid>,
 }
 
 /// A device or room of a household was added, changed or removed, or a
@@ -122,6 +125,9 @@ pub struct RegistryChanged {
     /// Their presence after it (`home` or `away`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub presence: Option<String>,
+    /// The scene a `SceneCreated`, `SceneChanged` or `SceneDeleted` is about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scene_id: Option<Uuid>,
 }
 
 /// A member of a household joined, changed role or left.

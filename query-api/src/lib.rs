@@ -7,7 +7,8 @@
 //!   [`types`]: the plain GraphQL types the fan-out and the audit log produce
 //!   too; [`errors`]: every error code in one place. [`hub`]: the fan-out of
 //!   the projector's committed-change notifications to subscriptions;
-//!   [`audit`]: the audit-log connection; [`reads`]: the rows one request may
+//!   [`audit`]: the audit-log connection; [`scenes`]: scenes and their
+//!   activations' progress; [`reads`]: the rows one request may
 //!   read and the batching of nested lookups. Imports go one way: schema →
 //!   hub, audit, reads → types, errors.
 //!
@@ -19,6 +20,7 @@ pub mod errors;
 pub mod hub;
 pub mod limits;
 pub mod reads;
+pub mod scenes;
 pub mod schema;
 pub mod types;
 

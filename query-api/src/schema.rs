@@ -205,6 +205,16 @@ impl Query {
         Ok(Some(Command::from(r)))
     }
 
+    /// A scene activation of a household the viewer belongs to, with its
+    /// devices' progress; `null` otherwise.
+    async fn scene_activation(&self, ctx: &Context<'_>, id: ID) -> Result<Option<crate::scenes::SceneActivation>> {
+        let user = viewer(ctx)?;
+        let Some(id) = parse_id(&id) else {
+            return Ok(None);
+        };
+        crate::scenes::activation(ctx.data::<PgPool>()?, budget(ctx)?, id, user).await
+    }
+
     /// The household's audit log, newest first (owners only).
     #[graphql(complexity = "page_cost(first, crate::audit::MAX_PAGE, child_complexity)")]
     async fn audit_log(
@@ -300,6 +310,11 @@ impl Household {
     /// The viewer's role in this household: `owner`, `adult` or `child`.
     async fn my_role(&self) -> &str {
         self.role.as_str()
+    }
+
+    /// The household's scenes, by name (a child sees the `childAllowed` ones).
+    async fn scenes(&self, ctx: &Context<'_>) -> Result<Vec<crate::scenes::Scene>> {
+        crate::scenes::of_household(ctx.data::<PgPool>()?, budget(ctx)?, self.uuid, self.role).await
     }
 
     /// The household's devices the viewer may see, by name, a page at a time.
@@ -561,7 +576,7 @@ impl HouseholdRow {
 /// (`d.kind`, `m.role`: joined by the caller).
 const COMMAND_SELECT: &str = "SELECT c.command_id, c.device_id, c.status, c.ack_status, c.reason, c.set_values, c.queued,
        c.requested_at, c.expires_at, c.delivered_at, c.acked_at, c.confirmed_at, c.expired_at, c.superseded_at, c.superseded_by,
-       c.revoked_at, d.kind, m.role
+       c.revoked_at, c.caused_by, d.kind, m.role
      FROM device_commands c";
 
 /// One row of [`COMMAND_SELECT`].
@@ -583,6 +598,7 @@ struct CommandRow {
     superseded_at: Option<DateTime<Utc>>,
     superseded_by: Option<Uuid>,
     revoked_at: Option<DateTime<Utc>>,
+    caused_by: Option<Uuid>,
     kind: String,
     role: String,
 }
@@ -606,6 +622,7 @@ impl From<CommandRow> for Command {
             superseded_at: r.superseded_at,
             superseded_by: r.superseded_by.map(|u| ID(u.to_string())),
             revoked_at: r.revoked_at,
+            caused_by: r.caused_by.map(|c| ID(c.to_string())),
         }
     }
 }
@@ -721,6 +738,9 @@ pub struct Command {
     /// When the platform ended it because its sender may no longer send it
     /// (removed from the household, or a role that does not allow it).
     pub revoked_at: Option<DateTime<Utc>>,
+    /// What sent it besides its sender's tap: the scene activation
+    /// (`sceneActivation(id)`); `null` for a command sent on its own.
+    pub caused_by: Option<ID>,
 }
 
 /// A page of a connection from `first + 1` rows read (the extra one says

@@ -127,6 +127,11 @@ pub struct HouseholdChange {
     /// For `PresenceChanged`: the member and whether they are home now.
     pub user_id: Option<ID>,
     pub home: Option<bool>,
+    /// For `SceneCreated`, `SceneChanged`, `SceneDeleted`: the scene.
+    pub scene_id: Option<ID>,
+    /// For `command`: the scene activation that sent it, if one did
+    /// (`sceneActivation(id)` counts its progress).
+    pub caused_by: Option<ID>,
     /// The household's change sequence number (resume with `after`).
     pub change_seq: i64,
 }
@@ -147,6 +152,8 @@ impl HouseholdChange {
             status: None,
             user_id: None,
             home: None,
+            scene_id: None,
+            caused_by: None,
         }
     }
 
@@ -164,6 +171,8 @@ impl HouseholdChange {
             status: None,
             user_id: r.user_id.map(|u| ID(u.to_string())),
             home: r.presence.as_deref().map(|p| p == "home"),
+            scene_id: r.scene_id.map(|d| ID(d.to_string())),
+            caused_by: None,
         }
     }
 
@@ -181,6 +190,8 @@ impl HouseholdChange {
             status: Some(c.status.clone()),
             user_id: None,
             home: None,
+            scene_id: None,
+            caused_by: c.caused_by.map(|d| ID(d.to_string())),
         }
     }
 }

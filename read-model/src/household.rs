@@ -2,6 +2,7 @@
 //! household commands against it.
 
 use homelink_events::household::{Household, Invitation, Presence, RegisteredDevice, Role};
+use homelink_events::scene::Scene;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
@@ -25,6 +26,15 @@ pub async fn load_household(db: &mut PgConnection, household: Uuid, invitation: 
         }
         if let Some(Ok(p)) = m.get::<Option<String>, _>(2).map(|p| p.parse::<Presence>()) {
             h.presence.insert(m.get(0), p);
+        }
+    }
+    let scenes = sqlx::query("SELECT scene_id, name, devices, child_allowed FROM scenes WHERE household_id = $1")
+        .bind(household)
+        .fetch_all(&mut *db)
+        .await?;
+    for r in scenes {
+        if let Ok(targets) = serde_json::from_value(r.get::<serde_json::Value, _>(2)) {
+            h.scenes.insert(r.get(0), Scene { name: r.get(1), targets, child_allowed: r.get(3) });
         }
     }
     let rooms = sqlx::query("SELECT room_id, name FROM rooms WHERE household_id = $1").bind(household).fetch_all(&mut *db).await?;

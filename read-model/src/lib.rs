@@ -138,6 +138,18 @@ pub async fn device_access(pool: &PgPool, household: Uuid, device: Uuid, user: U
     }))
 }
 
+/// Which of `devices` are connected now (their shadow says online).
+pub async fn devices_online(pool: &PgPool, devices: &[Uuid]) -> Result<std::collections::HashSet<Uuid>, sqlx::Error> {
+    if devices.is_empty() {
+        return Ok(Default::default());
+    }
+    let rows: Vec<Uuid> = sqlx::query_scalar("SELECT device_id FROM device_shadows WHERE device_id = ANY($1) AND online")
+        .bind(devices)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows.into_iter().collect())
+}
+
 /// The household's version as projected (`None` before it exists).
 pub async fn household_version(db: &mut PgConnection, household: Uuid) -> Result<Option<i64>, sqlx::Error> {
     sqlx::query_scalar("SELECT version FROM households WHERE household_id = $1").bind(household).fetch_optional(db).await

@@ -139,6 +139,22 @@ pub async fn create_room(http: &reqwest::Client, base: &str, who: &Account, hous
     Ok(v["roomId"].as_str().ok_or_else(|| crate::missing("roomId"))?.parse()?)
 }
 
+/// Makes a scene of `devices` (`[{deviceId, set}]`); answers its id.
+pub async fn create_scene(
+    http: &reqwest::Client,
+    base: &str,
+    who: &Account,
+    household: Uuid,
+    name: &str,
+    devices: serde_json::Value,
+    child_allowed: bool,
+) -> crate::Result<Uuid> {
+    let body = json!({"name": name, "devices": devices, "childAllowed": child_allowed});
+    let r = http.post(format!("{base}/v1/households/{household}/scenes")).header("authorization", who.bearer()).json(&body).send().await?;
+    let v = expect(r, 201, "create scene").await?;
+    Ok(v["sceneId"].as_str().ok_or_else(|| crate::missing("sceneId"))?.parse()?)
+}
+
 /// Registers a device; with `csr` the device keeps its key.
 #[allow(clippy::too_many_arguments)]
 pub async fn register_device(

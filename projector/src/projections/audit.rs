@@ -51,6 +51,15 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
             Event::RoomRenamed(r) => ("room.rename", Some(format!("room/{}", r.room_id)), 200, Some(r.name.clone())),
             Event::RoomDeleted(r) => ("room.delete", Some(format!("room/{}", r.room_id)), 204, None),
             Event::PresenceChanged(p) => ("member.presence", Some(format!("user/{}", p.user_id)), 200, Some(p.presence.to_string())),
+            Event::SceneCreated(c) => ("scene.create", Some(format!("scene/{}", c.scene_id)), 201, Some(c.name.clone())),
+            Event::SceneChanged(c) => ("scene.change", Some(format!("scene/{}", c.scene_id)), 200, Some(c.name.clone())),
+            Event::SceneDeleted(d) => ("scene.delete", Some(format!("scene/{}", d.scene_id)), 204, None),
+            Event::SceneActivated(a) => (
+                "scene.activate",
+                Some(format!("scene/{}", a.scene_id)),
+                202,
+                Some(format!("activation {}: {} commands, {} skipped", a.activation_id, a.commands.len(), a.skipped.len())),
+            ),
             Event::DeviceCommandRevoked(r) => (
                 "device.command.revoke",
                 Some(format!("device/{}", r.device_id)),

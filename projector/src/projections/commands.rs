@@ -45,10 +45,12 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
             Event::DeviceCommandRequested(DeviceCommandRequested { command_id, device_id, set, expires_at, queued }) => {
                 let (status, rank) = if *queued { ("queued", Rank::Queued) } else { ("requested", Rank::Requested) };
                 sqlx::query(
-                    r#"INSERT INTO device_commands (command_id, household_id, device_id, set_values, status, status_rank, actor, requested_at, expires_at, queued)
-                       VALUES ($1, $2, $3, $4, $8, $9, $5, $6, $7, $10)
+                    r#"INSERT INTO device_commands (command_id, household_id, device_id, set_values, status, status_rank, actor, requested_at, expires_at, queued,
+                                                   caused_by)
+                       VALUES ($1, $2, $3, $4, $8, $9, $5, $6, $7, $10, $11)
                        ON CONFLICT (command_id) DO UPDATE SET set_values = EXCLUDED.set_values, actor = EXCLUDED.actor,
-                         requested_at = EXCLUDED.requested_at, expires_at = EXCLUDED.expires_at, queued = EXCLUDED.queued
+                         requested_at = EXCLUDED.requested_at, expires_at = EXCLUDED.expires_at, queued = EXCLUDED.queued,
+                         caused_by = EXCLUDED.caused_by
                        WHERE device_commands.device_id = EXCLUDED.device_id"#,
                 )
                 .bind(command_id)
@@ -61,6 +63,7 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
                 .bind(status)
                 .bind(rank.value())
                 .bind(queued)
+                .bind(env.causation_id)
                 .execute(&mut **tx)
                 .await?;
                 let keys: Vec<&String> = set.keys().collect();
@@ -105,6 +108,21 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
             }
             Event::DeviceCommandExpired(DeviceCommandExpired { command_id, device_id, .. }) => {
                 step(tx, *command_id, env.household_id, *device_id, Step::Expired, env.occurred_at).await?;
+            }
+            Event::SceneActivated(a) => {
+                sqlx::query(
+                    "INSERT INTO scene_activations (activation_id, household_id, scene_id, actor, at, commands, skipped)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (activation_id) DO NOTHING",
+                )
+                .bind(a.activation_id)
+                .bind(env.household_id)
+                .bind(a.scene_id)
+                .bind(serde_json::to_value(&env.actor).unwrap_or(Value::Null))
+                .bind(env.occurred_at)
+                .bind(serde_json::to_value(&a.commands).unwrap_or(Value::Null))
+                .bind(serde_json::to_value(&a.skipped).unwrap_or(Value::Null))
+                .execute(&mut **tx)
+                .await?;
             }
             Event::DeviceCommandRevoked(DeviceCommandRevoked { command_id, device_id, reason, .. }) => {
                 // The reason shown is the device's when it acked, else the revocation's.
@@ -192,15 +210,22 @@ pub async fn changed(tx: &mut Transaction<'_, Postgres>, touched: &[Uuid]) -> Re
     .bind(touched)
     .execute(&mut **tx)
     .await?;
-    let rows: Vec<(Uuid, Uuid, Uuid, String)> = sqlx::query_as(
-        "SELECT household_id, device_id, command_id, status FROM device_commands WHERE command_id = ANY($1) ORDER BY command_id",
+    let rows: Vec<(Uuid, Uuid, Uuid, String, Option<Uuid>)> = sqlx::query_as(
+        "SELECT household_id, device_id, command_id, status, caused_by FROM device_commands WHERE command_id = ANY($1) ORDER BY command_id",
     )
     .bind(touched)
     .fetch_all(&mut **tx)
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(household_id, device_id, command_id, status)| CommandChanged { household_id, device_id, command_id, status, change_seq: 0 })
+        .map(|(household_id, device_id, command_id, status, caused_by)| CommandChanged {
+            household_id,
+            device_id,
+            command_id,
+            status,
+            change_seq: 0,
+            caused_by,
+        })
         .collect())
 }
 

@@ -59,6 +59,7 @@ pub async fn fold(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]
         let mut changed_member = None;
         let mut registry: Option<(Option<Uuid>, Option<Uuid>)> = None;
         let mut presence = None;
+        let mut scene = None;
         match ev {
             Event::HouseholdCreated(c) => {
                 sqlx::query(
@@ -134,6 +135,25 @@ pub async fn fold(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]
                 .execute(&mut **tx)
                 .await?;
                 presence = Some((p.user_id, p.presence));
+            }
+            Event::SceneCreated(c) => {
+                upsert_scene(tx, h, c.scene_id, &c.name, &c.devices, c.child_allowed, env.occurred_at).await?;
+                registry = Some((None, None));
+                scene = Some(c.scene_id);
+            }
+            Event::SceneChanged(c) => {
+                upsert_scene(tx, h, c.scene_id, &c.name, &c.devices, c.child_allowed, env.occurred_at).await?;
+                registry = Some((None, None));
+                scene = Some(c.scene_id);
+            }
+            Event::SceneDeleted(d) => {
+                sqlx::query("DELETE FROM scenes WHERE scene_id = $1 AND household_id = $2")
+                    .bind(d.scene_id)
+                    .bind(h)
+                    .execute(&mut **tx)
+                    .await?;
+                registry = Some((None, None));
+                scene = Some(d.scene_id);
             }
             Event::DeviceRegistered(d) => {
                 sqlx::query(
@@ -231,6 +251,7 @@ pub async fn fold(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]
                 change_seq: 0,
                 user_id: None,
                 presence: None,
+                scene_id: scene,
             });
         }
         if let Some((user_id, p)) = presence {
@@ -243,6 +264,7 @@ pub async fn fold(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]
                 change_seq: 0,
                 user_id: Some(user_id),
                 presence: Some(p.as_str().to_owned()),
+                scene_id: None,
             });
         }
     }
@@ -263,5 +285,31 @@ async fn insert_member(
         .bind(at)
         .execute(&mut **tx)
         .await?;
+    Ok(())
+}
+
+async fn upsert_scene(
+    tx: &mut Transaction<'_, Postgres>,
+    h: Uuid,
+    scene: Uuid,
+    name: &str,
+    devices: &[homelink_events::scene::SceneTarget],
+    child_allowed: bool,
+    at: chrono::DateTime<chrono::Utc>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO scenes (scene_id, household_id, name, devices, child_allowed, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $6)
+         ON CONFLICT (scene_id) DO UPDATE SET name = EXCLUDED.name, devices = EXCLUDED.devices,
+           child_allowed = EXCLUDED.child_allowed, updated_at = EXCLUDED.updated_at
+         WHERE scenes.household_id = EXCLUDED.household_id",
+    )
+    .bind(scene)
+    .bind(h)
+    .bind(name)
+    .bind(serde_json::to_value(devices).unwrap_or_default())
+    .bind(child_allowed)
+    .bind(at)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }

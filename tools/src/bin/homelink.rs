@@ -1,7 +1,7 @@
 //! `homelink`: developer CLI — PKI, topics, demo seeding, device simulator, benchmark, load generator.
 
 use clap::{Parser, Subcommand};
-use homelink_events::Topics;
+use homelink_events::{DeviceKind, Topics};
 use homelink_tools::endpoints::{Demo, Endpoints, MqttListener};
 use homelink_tools::pki::{self, PkiDir};
 use homelink_tools::seed::{self, SeededHousehold};
@@ -227,6 +227,16 @@ async fn demo_household(command_api: &str, state_dir: &std::path::Path) -> anyho
         api::add_member(&http, command_api, &accounts[0], household, member, member.role.as_deref().unwrap_or("child")).await?;
     }
     let devices = seed::register_devices(&http, command_api, &accounts[0], household, &seed::demo_devices()).await?;
+    // "Good night": every light and plug off, the front door locked.
+    let parts: Vec<serde_json::Value> = devices
+        .iter()
+        .filter_map(|d| match d.kind {
+            DeviceKind::Light | DeviceKind::Plug => Some(serde_json::json!({"deviceId": d.id, "set": {"on": false}})),
+            DeviceKind::Lock => Some(serde_json::json!({"deviceId": d.id, "set": {"locked": true}})),
+            _ => None,
+        })
+        .collect();
+    api::create_scene(&http, command_api, &accounts[0], household, "Good night", serde_json::Value::Array(parts), true).await?;
     Ok(SeededHousehold { household_id: household, name: "Demo home".into(), devices, accounts })
 }
 

@@ -1,0 +1,250 @@
+//! Scenes (issue 17) through the running services: create / change / delete
+//! and the roles table for them, bad definitions answered with the path of
+//! the fault, and an activation that sends one command per device through
+//! the ordinary command path, counts the devices' answers and names the
+//! device that never took its part.
+
+mod common;
+
+use common::{eventually, next_matching, spec, Stack};
+use homelink_events::DeviceKind;
+use homelink_kit::shutdown::CancellationToken;
+use homelink_tools::sim;
+use serde_json::{json, Value};
+use std::time::Duration;
+use uuid::Uuid;
+
+async fn call(stack: &Stack, token: Option<&str>, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    let mut r = stack.http.request(method, format!("{}{path}", stack.api()));
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let r = r.send().await.expect("request");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+fn devices() -> Vec<(DeviceKind, &'static str, &'static str)> {
+    vec![(DeviceKind::Light, "Lamp", "Hall"), (DeviceKind::Lock, "Front door", "Hall"), (DeviceKind::Light, "Porch", "Garden")]
+}
+
+const SCENES: &str = "query($h: ID!) { household(id: $h) { scenes { id name childAllowed devices { deviceId set } } } }";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scenes_follow_the_roles_table_and_bad_definitions_name_their_fault() {
+    use reqwest::Method;
+    let stack = Stack::start().await;
+    let home = stack.household_with(&["adult", "child"], &devices()).await;
+    let stranger = stack.seed(&devices()).await.accounts[0].clone();
+    let (owner, adult, child) = (&home.accounts[0].access_token, &home.accounts[1].access_token, &home.accounts[2].access_token);
+    let (lamp, lock) = (home.devices[0].id, home.devices[1].id);
+    let base = format!("/v1/households/{}/scenes", home.household_id);
+    let night =
+        json!({"name": "Good night", "devices": [{"deviceId": lamp, "set": {"on": false}}, {"deviceId": lock, "set": {"locked": true}}]});
+
+    // Who may make one: owners and adults.
+    let (status, body) = call(&stack, Some(owner), Method::POST, &base, Some(night.clone())).await;
+    assert_eq!(status, 201, "{body}");
+    let scene = body["sceneId"].as_str().expect("scene id").to_owned();
+    assert_eq!(body["childAllowed"], false);
+    let movie = json!({"name": "Movie", "devices": [{"deviceId": lamp, "set": {"brightness": 20.0}}]});
+    let (status, body) = call(&stack, Some(adult), Method::POST, &base, Some(movie)).await;
+    assert_eq!(status, 201, "{body}");
+    assert!(body["devices"][0]["set"]["brightness"].is_i64(), "integers stored as integers: {body}");
+    let other = json!({"name": "Other", "devices": [{"deviceId": lamp, "set": {"on": true}}]});
+    assert_eq!(call(&stack, Some(child), Method::POST, &base, Some(other.clone())).await.0, 403);
+    assert_eq!(call(&stack, Some(&stranger.access_token), Method::POST, &base, Some(other.clone())).await.0, 404);
+    assert_eq!(call(&stack, None, Method::POST, &base, Some(other.clone())).await.0, 401);
+    let (status, body) =
+        call(&stack, Some(owner), Method::POST, &base, Some(json!({"name": " good NIGHT", "devices": night["devices"]}))).await;
+    assert_eq!(status, 400, "leading space: {body}");
+    let (status, body) =
+        call(&stack, Some(owner), Method::POST, &base, Some(json!({"name": "good NIGHT", "devices": night["devices"]}))).await;
+    assert_eq!((status, body["type"].as_str()), (409, Some("https://homelink.dev/problems/scene-name-taken")), "{body}");
+
+    // Bad definitions name the field at fault: 400 for what the schema rules
+    // out, 422 for what this household cannot take (a device it does not
+    // have, one named twice, a capability the kind lacks).
+    let foreign = stack.seed(&devices()).await.devices[0].id;
+    for (devices, want, path) in [
+        (json!([{"deviceId": Uuid::new_v4(), "set": {"on": true}}]), 422, "/devices/0/deviceId"),
+        (json!([{"deviceId": lamp, "set": {"on": true}}, {"deviceId": foreign, "set": {"on": true}}]), 422, "/devices/1/deviceId"),
+        (json!([{"deviceId": lamp, "set": {"on": true}}, {"deviceId": lamp, "set": {"on": false}}]), 422, "/devices/1/deviceId"),
+        (json!([{"deviceId": lamp, "set": {"brightness": 101}}]), 400, "/devices/0/set"),
+        (json!([{"deviceId": lamp, "set": {}}]), 400, "/devices/0/set"),
+        (json!([{"deviceId": lamp, "set": {"locked": true}}]), 422, "/devices/0/set"),
+        (json!([]), 400, "/devices"),
+    ] {
+        let (status, body) = call(&stack, Some(owner), Method::POST, &base, Some(json!({"name": "Bad", "devices": devices}))).await;
+        assert_eq!((status, body["path"].as_str()), (want, Some(path)), "{devices}: {body}");
+    }
+    for (body, why) in [
+        (json!({"name": "Bad\u{0}", "devices": night["devices"]}), "NUL"),
+        (json!({"name": "Bad", "devices": night["devices"], "householdId": Uuid::nil()}), "a field it does not own"),
+        (json!({"name": "Bad"}), "no devices"),
+        (json!({"name": "Bad", "devices": [{"deviceId": "nope", "set": {"on": true}}]}), "not an id"),
+        (
+            json!({"name": "Bad", "devices": (0..101).map(|_| json!({"deviceId": lamp, "set": {"on": true}})).collect::<Vec<_>>()}),
+            "too many",
+        ),
+    ] {
+        assert_eq!(call(&stack, Some(owner), Method::POST, &base, Some(body)).await.0, 400, "{why}");
+    }
+
+    // Change: owners and adults; the fields given replace the scene's.
+    let one = format!("{base}/{scene}");
+    let (status, body) = call(&stack, Some(adult), Method::PATCH, &one, Some(json!({"childAllowed": true}))).await;
+    assert_eq!((status, body["name"].as_str(), body["childAllowed"].as_bool()), (200, Some("Good night"), Some(true)), "{body}");
+    assert_eq!(body["devices"].as_array().map(Vec::len), Some(2));
+    assert_eq!(call(&stack, Some(child), Method::PATCH, &one, Some(json!({"name": "Mine"}))).await.0, 403);
+    for nothing in [json!({}), json!({"name": null})] {
+        let (status, same) = call(&stack, Some(owner), Method::PATCH, &one, Some(nothing)).await;
+        assert_eq!((status, same["childAllowed"].as_bool()), (200, Some(true)), "no field given: unchanged {same}");
+    }
+    assert_eq!(call(&stack, Some(child), Method::PATCH, &one, Some(json!({}))).await.0, 403, "even a no-op is for owners and adults");
+    let (status, body) =
+        call(&stack, Some(owner), Method::PATCH, &one, Some(json!({"devices": [{"deviceId": lock, "set": {"on": true}}]}))).await;
+    assert_eq!((status, body["path"].as_str()), (422, Some("/devices/0/set")), "{body}");
+    assert_eq!(call(&stack, Some(owner), Method::PATCH, &format!("{base}/{}", Uuid::new_v4()), Some(json!({"name": "X"}))).await.0, 404);
+
+    // GraphQL: a child sees only the childAllowed scenes.
+    let h = json!({"h": home.household_id});
+    let all = stack.gql(owner, SCENES, h.clone()).await;
+    assert_eq!(all["data"]["household"]["scenes"].as_array().map(Vec::len), Some(2), "{all}");
+    let mine = stack.gql(child, SCENES, h.clone()).await;
+    let mine = mine["data"]["household"]["scenes"].as_array().cloned().unwrap_or_default();
+    assert_eq!(mine.len(), 1, "{mine:?}");
+    assert_eq!(mine[0]["name"], "Good night");
+    assert_eq!(mine[0]["devices"][1]["set"], json!({"locked": true}));
+
+    // Delete: owners and adults.
+    assert_eq!(call(&stack, Some(child), Method::DELETE, &one, None).await.0, 403);
+    assert_eq!(call(&stack, Some(&stranger.access_token), Method::DELETE, &one, None).await.0, 404);
+    assert_eq!(call(&stack, Some(adult), Method::DELETE, &one, None).await.0, 204);
+    assert_eq!(call(&stack, Some(adult), Method::DELETE, &one, None).await.0, 404);
+    let left = stack.gql(owner, SCENES, h).await;
+    assert_eq!(left["data"]["household"]["scenes"].as_array().map(Vec::len), Some(1), "{left}");
+
+    // Every change is in the audit log.
+    let aq = "query($h: ID!) { auditLog(householdId: $h, first: 50) { edges { node { action outcome } } } }";
+    let audit = stack.gql(owner, aq, json!({"h": home.household_id})).await;
+    let actions: Vec<String> = audit["data"]["auditLog"]["edges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| format!("{} {}", e["node"]["action"].as_str().unwrap_or(""), e["node"]["outcome"].as_str().unwrap_or("")))
+        .collect();
+    for want in ["scene.create accepted", "scene.change accepted", "scene.delete accepted", "scene.create denied"] {
+        assert!(actions.iter().any(|a| a == want), "{want} in {actions:?}");
+    }
+}
+
+const ACTIVATION: &str = "query($id: ID!) { sceneActivation(id: $id) { sceneId actorId total acked failed expired skipped pending done
+    devices { deviceId commandId status reason } } }";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_activation_sends_one_command_per_device_and_names_the_device_that_never_answered() {
+    use reqwest::Method;
+    let stack = Stack::start().await;
+    let home = stack.household_with(&["child"], &devices()).await;
+    let (owner, child) = (&home.accounts[0], &home.accounts[1]);
+    let (lamp, lock, porch) = (home.devices[0].id, home.devices[1].id, home.devices[2].id);
+    let base = format!("/v1/households/{}/scenes", home.household_id);
+    let body = json!({"name": "Away", "devices": [
+        {"deviceId": lamp, "set": {"on": false}}, {"deviceId": lock, "set": {"locked": true}}, {"deviceId": porch, "set": {"on": false}}]});
+    let (status, created) = call(&stack, Some(&owner.access_token), Method::POST, &base, Some(body)).await;
+    assert_eq!(status, 201, "{created}");
+    let activate = format!("{base}/{}/activate", created["sceneId"].as_str().unwrap_or_default());
+
+    // The lamp and the lock are connected and answer; the porch light never connects.
+    let running = CancellationToken::new();
+    for i in 0..2 {
+        tokio::spawn(sim::run(spec(&home, i, None), stack.env.target(), None, running.clone()));
+    }
+    let q = "query($h: ID!) { household(id: $h) { devices { nodes { id shadow { online } } } } }";
+    eventually(Duration::from_secs(30), "lamp and lock online", || async {
+        let r = stack.gql(&owner.access_token, q, json!({"h": home.household_id})).await;
+        let nodes = r["data"]["household"]["devices"]["nodes"].as_array()?.clone();
+        (nodes.iter().filter(|n| n["shadow"]["online"] == true).count() == 2).then_some(())
+    })
+    .await;
+
+    // Not childAllowed: a child may not; a stranger does not see it.
+    assert_eq!(call(&stack, Some(&child.access_token), Method::POST, &activate, None).await.0, 403);
+    let stranger = stack.account("stranger").await;
+    assert_eq!(call(&stack, Some(&stranger.access_token), Method::POST, &activate, None).await.0, 404);
+
+    let mut sub = stack
+        .subscribe_from_now(
+            &owner.access_token,
+            "subscription($h: ID!, $after: Int) { householdChanges(householdId: $h, after: $after) { change deviceId commandId status causedBy } }",
+            json!({}),
+            home.household_id,
+        )
+        .await;
+    let (status, accepted) = call(&stack, Some(&owner.access_token), Method::POST, &activate, None).await;
+    assert_eq!(status, 202, "{accepted}");
+    let activation = accepted["activationId"].as_str().expect("activation id").to_owned();
+    let commands = accepted["commands"].as_array().cloned().unwrap_or_default();
+    let status_of = |d: Uuid| commands.iter().find(|c| c["deviceId"] == d.to_string()).map(|c| c["status"].clone());
+    assert_eq!(commands.len(), 3, "{accepted}");
+    assert_eq!(status_of(lamp), Some(json!("requested")));
+    assert_eq!(status_of(porch), Some(json!("queued")), "offline: queued like a single command");
+
+    // Each command's steps are pushed naming the activation.
+    let acked = next_matching(&mut sub, "the lamp's ack", |v| {
+        v["householdChanges"]["deviceId"] == lamp.to_string()
+            && (v["householdChanges"]["status"] == "ok" || v["householdChanges"]["status"] == "confirmed")
+    })
+    .await;
+    assert_eq!(acked["householdChanges"]["causedBy"], activation.as_str(), "{acked}");
+
+    // Progress: two acked at once; the porch light expires within its 30 s life and is named.
+    let vars = json!({"id": activation});
+    let progress = eventually(Duration::from_secs(90), "the activation done", || async {
+        let r = stack.gql(&owner.access_token, ACTIVATION, vars.clone()).await;
+        (r["data"]["sceneActivation"]["done"] == true).then(|| r["data"]["sceneActivation"].clone())
+    })
+    .await;
+    assert_eq!(
+        (progress["total"].as_i64(), progress["acked"].as_i64(), progress["expired"].as_i64()),
+        (Some(3), Some(2), Some(1)),
+        "{progress}"
+    );
+    let porch_part = progress["devices"].as_array().and_then(|d| d.iter().find(|d| d["deviceId"] == porch.to_string()).cloned());
+    assert_eq!(porch_part.map(|p| p["status"].clone()), Some(json!("expired")), "{progress}");
+    assert_eq!(progress["actorId"], owner.user_id.to_string());
+
+    // A command names its cause.
+    let lamp_command = commands.iter().find(|c| c["deviceId"] == lamp.to_string()).map(|c| c["commandId"].clone()).unwrap_or_default();
+    let c = stack.gql(&owner.access_token, "query($id: ID!) { command(id: $id) { status causedBy } }", json!({"id": lamp_command})).await;
+    assert_eq!(c["data"]["command"]["causedBy"], activation.as_str(), "{c}");
+
+    // A device removed since the scene was made is named as skipped.
+    let r = call(&stack, Some(&owner.access_token), Method::DELETE, &format!("/v1/households/{}/devices/{porch}", home.household_id), None)
+        .await;
+    assert_eq!(r.0, 204, "{}", r.1);
+    let (status, again) = call(&stack, Some(&owner.access_token), Method::POST, &activate, None).await;
+    assert_eq!(status, 202, "{again}");
+    assert_eq!(again["commands"].as_array().map(Vec::len), Some(2));
+    assert_eq!(again["skipped"][0]["deviceId"], porch.to_string(), "{again}");
+    let id = again["activationId"].clone();
+    let progress = eventually(Duration::from_secs(60), "the second activation done", || async {
+        let r = stack.gql(&owner.access_token, ACTIVATION, json!({"id": id})).await;
+        (r["data"]["sceneActivation"]["done"] == true).then(|| r["data"]["sceneActivation"].clone())
+    })
+    .await;
+    assert_eq!(
+        (progress["acked"].as_i64(), progress["skipped"].as_i64(), progress["total"].as_i64()),
+        (Some(2), Some(1), Some(3)),
+        "{progress}"
+    );
+
+    // Someone else's activation id reads as nothing.
+    let r = stack.gql(&stranger.access_token, ACTIVATION, json!({"id": activation})).await;
+    assert!(r["data"]["sceneActivation"].is_null(), "{r}");
+    running.cancel();
+}

@@ -1,0 +1,200 @@
+//! Scenes and their activations' progress, as GraphQL shows them.
+//!
+//! A child sees only the scenes marked `childAllowed`. An activation's
+//! progress is counted from its commands' lifecycle (the same rows as
+//! `command(id)`), so it is exactly as current as the commands.
+
+use crate::reads::RowBudget;
+use async_graphql::{Json, SimpleObject, ID};
+use chrono::{DateTime, Utc};
+use homelink_events::Role;
+use serde_json::Value;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+#[derive(SimpleObject)]
+pub struct SceneDevice {
+    pub device_id: ID,
+    /// The values the device takes when the scene is activated.
+    pub set: Json<Value>,
+}
+
+#[derive(SimpleObject)]
+pub struct Scene {
+    pub id: ID,
+    pub name: String,
+    /// Whether a child may activate it.
+    pub child_allowed: bool,
+    pub devices: Vec<SceneDevice>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// One device's part of an activation.
+#[derive(SimpleObject)]
+pub struct ActivationDevice {
+    pub device_id: ID,
+    /// Its command (read its whole lifecycle with `command(id)`); `null`
+    /// when the device got none (see `reason`).
+    pub command_id: Option<ID>,
+    /// The command's status (`requested`, `queued`, `delivered`, `ok`,
+    /// `confirmed`, `rejected`, `failed`, `expired`, `superseded`), or
+    /// `skipped`.
+    pub status: String,
+    /// Why it failed, was rejected or skipped.
+    pub reason: Option<String>,
+}
+
+/// A scene's activation and how far its devices got.
+#[derive(SimpleObject)]
+pub struct SceneActivation {
+    pub id: ID,
+    pub scene_id: ID,
+    pub at: DateTime<Utc>,
+    /// Who activated it (`user`) and their id.
+    pub actor_kind: String,
+    pub actor_id: String,
+    pub total: i32,
+    /// Devices that answered `ok` (or reported the values).
+    pub acked: i32,
+    /// Devices that answered `rejected` or `failed`, or whose command was
+    /// revoked.
+    pub failed: i32,
+    /// Devices that never answered within the command's life.
+    pub expired: i32,
+    /// Devices skipped (removed since the scene was made).
+    pub skipped: i32,
+    /// Commands still on their way.
+    pub pending: i32,
+    /// Nothing is pending any more.
+    pub done: bool,
+    /// Each device, in the scene's order: the ones that did not take their
+    /// part are named here with their status and reason.
+    pub devices: Vec<ActivationDevice>,
+}
+
+#[derive(sqlx::FromRow)]
+struct SceneRow {
+    scene_id: Uuid,
+    name: String,
+    devices: Value,
+    child_allowed: bool,
+    updated_at: DateTime<Utc>,
+}
+
+/// The household's scenes the viewer may see, by name.
+pub async fn of_household(pool: &PgPool, budget: &RowBudget, household: Uuid, role: Role) -> async_graphql::Result<Vec<Scene>> {
+    let rows = budget
+        .read(None, |limit| {
+            sqlx::query_as::<_, SceneRow>(
+                "SELECT scene_id, name, devices, child_allowed, updated_at FROM scenes
+                  WHERE household_id = $1 AND (child_allowed OR $2) ORDER BY lower(name), scene_id LIMIT $3",
+            )
+            .bind(household)
+            .bind(role != Role::Child)
+            .bind(limit)
+            .fetch_all(pool)
+        })
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let devices = r
+                .devices
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|d| SceneDevice {
+                            device_id: ID(d["deviceId"].as_str().unwrap_or_default().to_owned()),
+                            set: Json(d["set"].clone()),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            Scene { id: ID(r.scene_id.to_string()), name: r.name, child_allowed: r.child_allowed, devices, updated_at: r.updated_at }
+        })
+        .collect())
+}
+
+#[derive(sqlx::FromRow)]
+struct ActivationRow {
+    scene_id: Uuid,
+    actor: Value,
+    at: DateTime<Utc>,
+    commands: Value,
+    skipped: Value,
+}
+
+/// An activation of a household the viewer belongs to (`None` otherwise,
+/// exactly as for an id that does not exist).
+pub async fn activation(pool: &PgPool, budget: &RowBudget, id: Uuid, viewer: Uuid) -> async_graphql::Result<Option<SceneActivation>> {
+    let row = budget
+        .read_one(|| {
+            sqlx::query_as::<_, ActivationRow>(
+                "SELECT a.scene_id, a.actor, a.at, a.commands, a.skipped FROM scene_activations a
+                   JOIN household_members m ON m.household_id = a.household_id AND m.user_id = $2
+                  WHERE a.activation_id = $1",
+            )
+            .bind(id)
+            .bind(viewer)
+            .fetch_optional(pool)
+        })
+        .await?;
+    let Some(a) = row else {
+        return Ok(None);
+    };
+    let statuses: Vec<(Uuid, String, Option<String>)> = budget
+        .read(None, |limit| {
+            sqlx::query_as("SELECT command_id, status, reason FROM device_commands WHERE caused_by = $1 LIMIT $2")
+                .bind(id)
+                .bind(limit)
+                .fetch_all(pool)
+        })
+        .await?;
+    let mut out = SceneActivation {
+        id: ID(id.to_string()),
+        scene_id: ID(a.scene_id.to_string()),
+        at: a.at,
+        actor_kind: a.actor["kind"].as_str().unwrap_or_default().to_owned(),
+        actor_id: a.actor["id"].as_str().unwrap_or_default().to_owned(),
+        total: 0,
+        acked: 0,
+        failed: 0,
+        expired: 0,
+        skipped: 0,
+        pending: 0,
+        done: false,
+        devices: Vec::new(),
+    };
+    for c in a.commands.as_array().into_iter().flatten() {
+        let command = c["commandId"].as_str().and_then(|s| Uuid::parse_str(s).ok());
+        let found = statuses.iter().find(|(cid, ..)| Some(*cid) == command);
+        // Not projected yet: the command is on its way.
+        let (status, reason) = found.map(|(_, s, r)| (s.clone(), r.clone())).unwrap_or(("requested".into(), None));
+        match status.as_str() {
+            "ok" | "confirmed" => out.acked += 1,
+            "rejected" | "failed" => out.failed += 1,
+            "expired" => out.expired += 1,
+            // Replaced by a newer command to the device: this scene's part is over.
+            "superseded" => {}
+            _ => out.pending += 1,
+        }
+        out.devices.push(ActivationDevice {
+            device_id: ID(c["deviceId"].as_str().unwrap_or_default().to_owned()),
+            command_id: command.map(|c| ID(c.to_string())),
+            status,
+            reason,
+        });
+    }
+    for k in a.skipped.as_array().into_iter().flatten() {
+        out.skipped += 1;
+        out.devices.push(ActivationDevice {
+            device_id: ID(k["deviceId"].as_str().unwrap_or_default().to_owned()),
+            command_id: None,
+            status: "skipped".into(),
+            reason: k["reason"].as_str().map(str::to_owned),
+        });
+    }
+    out.total = out.devices.len() as i32;
+    out.done = out.pending == 0;
+    Ok(Some(out))
+}
