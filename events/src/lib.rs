@@ -1,6 +1,8 @@
 //! HomeLink's event and message types: pure data and pure logic, no I/O.
 //!
 //! Layout:
+//! - [`automation`]: automations' definitions, their validation, conditions
+//!   judged against a snapshot, schedules that daylight saving does not break.
 //! - [`envelope`]: the stored event envelope (`Envelope`) and its JSON encoding;
 //!   every record on a HomeLink Kafka topic is one envelope.
 //! - [`event`]: the typed events (`Event`) and the one place that maps a stored
@@ -21,6 +23,7 @@
 //! **Invariant**: this crate does no I/O and knows nothing of tokio, Kafka,
 //! Postgres or MQTT clients.
 
+pub mod automation;
 pub mod command;
 pub mod device;
 pub mod envelope;
