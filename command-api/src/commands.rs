@@ -68,27 +68,9 @@ pub struct DesiredRequest {
     pub ttl_seconds: Option<u32>,
 }
 
-/// The document's schema of `set`: every writable capability of any kind
-/// with its value's type and range, at least one (from the capability table).
+/// The document's schema of `set` ([`homelink_events::command::set_schema`]).
 pub fn set_schema() -> utoipa::openapi::Object {
-    use homelink_events::device::ValueType;
-    use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, Type};
-    let mut o = ObjectBuilder::new()
-        .schema_type(Type::Object)
-        .min_properties(Some(1))
-        .additional_properties(Some(AdditionalProperties::<utoipa::openapi::Schema>::FreeForm(false)));
-    for c in DeviceKind::writable_capabilities() {
-        let v = match c.value {
-            ValueType::Bool => ObjectBuilder::new().schema_type(Type::Boolean),
-            ValueType::Int { min, max } => ObjectBuilder::new().schema_type(Type::Integer).minimum(Some(min)).maximum(Some(max)),
-            ValueType::Number { min, max, step } => {
-                ObjectBuilder::new().schema_type(Type::Number).minimum(Some(min)).maximum(Some(max)).multiple_of(step)
-            }
-            ValueType::Enum(values) => ObjectBuilder::new().schema_type(Type::String).enum_values(Some(values.iter().copied())),
-        };
-        o = o.property(c.name, v.build());
-    }
-    o.build()
+    homelink_events::command::set_schema()
 }
 
 /// Pure decision: the event for a valid request to a device of `kind`

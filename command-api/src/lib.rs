@@ -12,6 +12,7 @@
 //! - [`households`]: households and members (routes);
 //! - [`devices`]: the registry (routes); [`revocation`]: shutting removed
 //!   devices out at the broker; [`validate`]: the text rules;
+//! - [`automations`]: automations and the household's time zone (routes);
 //! - [`scenes`]: scenes (routes) and their activation;
 //! - [`commands`]: device commands (authorization by role, then validation);
 //! - [`idempotency`]: the `Idempotency-Key` middleware;
@@ -21,6 +22,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod automations;
 pub mod caller;
 pub mod commands;
 pub mod devices;

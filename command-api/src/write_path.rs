@@ -64,6 +64,14 @@ fn conflict(v: &Violation) -> ApiError {
         Violation::InvalidScene(homelink_events::scene::TargetFault::Unfit { path, reason }) => {
             return ApiError::UnfitAt(path.clone(), reason.clone())
         }
+        Violation::UnknownAutomation => return ApiError::NotFound,
+        Violation::AutomationExists => "automation-exists",
+        Violation::AutomationNameTaken => "automation-name-taken",
+        Violation::InvalidAutomation(f) => {
+            let path = format!("/definition{}", f.path);
+            return if f.unfit { ApiError::UnfitAt(path, f.reason.clone()) } else { ApiError::InvalidAt(path, f.reason.clone()) };
+        }
+        Violation::UnknownTimeZone(_) => return ApiError::InvalidAt("/timeZone".into(), v.to_string()),
         Violation::LastOwner => "last-owner",
         Violation::StaleVersion { .. } => "stale-version",
         Violation::NotAMember => "not-a-member",

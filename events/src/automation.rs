@@ -28,6 +28,7 @@ pub const MAX_SECS: u32 = 24 * 3600;
 pub const DEFAULT_DEBOUNCE_SECS: u32 = 120;
 
 /// A day of the week, as definitions name it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Day {
@@ -55,6 +56,7 @@ impl Day {
 }
 
 /// Whose presence a trigger watches.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Who {
@@ -68,6 +70,7 @@ pub enum Who {
     Member,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Movement {
@@ -76,6 +79,7 @@ pub enum Movement {
 }
 
 /// What starts a run.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "camelCase", deny_unknown_fields)]
 pub enum Trigger {
@@ -91,7 +95,8 @@ pub enum Trigger {
         above: Option<f64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         below: Option<f64>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "whole::opt")]
+        #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 86400))]
         for_secs: Option<u32>,
     },
     /// A device goes offline (`online: false`) or comes online.
@@ -99,7 +104,8 @@ pub enum Trigger {
     Status {
         device_id: Uuid,
         online: bool,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "whole::opt")]
+        #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 86400))]
         for_secs: Option<u32>,
     },
     /// Members arrive or leave.
@@ -110,13 +116,15 @@ pub enum Trigger {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         user_id: Option<Uuid>,
         /// How long the change must hold (default 120 s).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "whole::opt")]
+        #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 86400))]
         debounce_secs: Option<u32>,
     },
     /// A time of day (`HH:MM`, the household's time zone), on `days` (every
     /// day when empty).
     #[serde(rename_all = "camelCase")]
     Time {
+        #[cfg_attr(feature = "openapi", schema(pattern = "^([01][0-9]|2[0-3]):[0-5][0-9]$"))]
         at: String,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         days: Vec<Day>,
@@ -124,6 +132,7 @@ pub enum Trigger {
 }
 
 /// What must hold for a run to act.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema), schema(no_recursion))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "camelCase", deny_unknown_fields)]
 pub enum Condition {
@@ -142,8 +151,10 @@ pub enum Condition {
     #[serde(rename_all = "camelCase")]
     Time {
         #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[cfg_attr(feature = "openapi", schema(pattern = "^([01][0-9]|2[0-3]):[0-5][0-9]$"))]
         after: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[cfg_attr(feature = "openapi", schema(pattern = "^([01][0-9]|2[0-3]):[0-5][0-9]$"))]
         before: Option<String>,
     },
     #[serde(rename_all = "camelCase")]
@@ -169,21 +180,36 @@ pub enum Condition {
 }
 
 /// One step of a run, in order.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "camelCase", deny_unknown_fields)]
 pub enum Step {
     #[serde(rename_all = "camelCase")]
-    Command { device_id: Uuid, set: Map<String, Value> },
+    Command {
+        device_id: Uuid,
+        #[cfg_attr(feature = "openapi", schema(schema_with = crate::command::set_schema))]
+        set: Map<String, Value>,
+    },
     #[serde(rename_all = "camelCase")]
     Scene { scene_id: Uuid },
     #[serde(rename_all = "camelCase")]
-    Delay { secs: u32 },
+    Delay {
+        #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 86400))]
+        #[serde(deserialize_with = "whole::one")]
+        secs: u32,
+    },
     /// Waits until `trigger` fires, at most `timeoutSecs`; then goes on either way.
     #[serde(rename_all = "camelCase")]
-    WaitFor { trigger: Trigger, timeout_secs: u32 },
+    WaitFor {
+        trigger: Trigger,
+        #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 86400))]
+        #[serde(deserialize_with = "whole::one")]
+        timeout_secs: u32,
+    },
 }
 
 /// What a trigger does while a run of the automation is still going.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Mode {
@@ -198,18 +224,46 @@ pub enum Mode {
     Parallel,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Definition {
+    #[cfg_attr(feature = "openapi", schema(min_items = 1, max_items = 10))]
     pub triggers: Vec<Trigger>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    #[cfg_attr(feature = "openapi", schema(min_items = 1, max_items = 20))]
     pub actions: Vec<Step>,
     #[serde(default)]
     pub mode: Mode,
     /// For `queued` and `parallel`: 1 to 10 (default 10).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "whole::opt")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 10))]
     pub max: Option<u32>,
+}
+
+/// Whole numbers as JSON Schema counts them (`90` or `90.0`) into a `u32`.
+mod whole {
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer};
+
+    fn of<E: Error>(n: serde_json::Number) -> Result<u32, E> {
+        if let Some(u) = n.as_u64() {
+            return u32::try_from(u).map_err(|_| E::custom(format!("{n} is larger than {}", u32::MAX)));
+        }
+        match n.as_f64() {
+            Some(f) if f.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&f) => Ok(f as u32),
+            _ => Err(E::custom(format!("expected a whole number from 0 to {}, got {n}", u32::MAX))),
+        }
+    }
+
+    pub fn one<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        of(serde_json::Number::deserialize(d)?)
+    }
+
+    pub fn opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+        Option::<serde_json::Number>::deserialize(d)?.map(of).transpose()
+    }
 }
 
 /// Why a definition is refused, with the JSON pointer of the fault under
@@ -353,7 +407,7 @@ fn check_condition(household: &Household, path: &str, c: &Condition, depth: usiz
         }
         Condition::Weekday { days } => {
             if days.is_empty() {
-                return Err(invalid(format!("{path}/days"), "at least one day"));
+                return Err(unfit(format!("{path}/days"), "at least one day"));
             }
         }
         Condition::Presence { user_id: Some(u), .. } if !household.members.contains_key(u) => {
@@ -362,7 +416,7 @@ fn check_condition(household: &Household, path: &str, c: &Condition, depth: usiz
         Condition::Presence { .. } => {}
         Condition::All { conditions } | Condition::Any { conditions } => {
             if conditions.is_empty() {
-                return Err(invalid(format!("{path}/conditions"), "at least one condition"));
+                return Err(unfit(format!("{path}/conditions"), "at least one condition"));
             }
             for (i, c) in conditions.iter().enumerate() {
                 check_condition(household, &format!("{path}/conditions/{i}"), c, depth + 1, count)?;
@@ -707,6 +761,9 @@ mod tests {
     #[test]
     fn comparisons() {
         assert!(compares(Some(&json!(5)), Some(&json!(5.0)), None, None));
+        let d: Step = serde_json::from_value(json!({"type": "delay", "secs": 90.0})).unwrap();
+        assert_eq!(d, Step::Delay { secs: 90 });
+        assert!(serde_json::from_value::<Step>(json!({"type": "delay", "secs": 90.5})).is_err());
         assert!(!compares(Some(&json!(true)), Some(&json!(false)), None, None));
         assert!(compares(Some(&json!(21)), None, Some(20.0), Some(22.0)));
         assert!(!compares(Some(&json!(20)), None, Some(20.0), None));

@@ -64,6 +64,30 @@ pub fn decide(
     Ok(DeviceCommandRequested { command_id, device_id, set, expires_at: now + Duration::seconds(i64::from(ttl)), queued: false })
 }
 
+/// The document's schema of `set`: every writable capability of any kind
+/// with its value's type and range, at least one (from the capability table).
+#[cfg(feature = "openapi")]
+pub fn set_schema() -> utoipa::openapi::Object {
+    use crate::device::ValueType;
+    use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, Type};
+    let mut o = ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .min_properties(Some(1))
+        .additional_properties(Some(AdditionalProperties::<utoipa::openapi::Schema>::FreeForm(false)));
+    for c in DeviceKind::writable_capabilities() {
+        let v = match c.value {
+            ValueType::Bool => ObjectBuilder::new().schema_type(Type::Boolean),
+            ValueType::Int { min, max } => ObjectBuilder::new().schema_type(Type::Integer).minimum(Some(min)).maximum(Some(max)),
+            ValueType::Number { min, max, step } => {
+                ObjectBuilder::new().schema_type(Type::Number).minimum(Some(min)).maximum(Some(max)).multiple_of(step)
+            }
+            ValueType::Enum(values) => ObjectBuilder::new().schema_type(Type::String).enum_values(Some(values.iter().copied())),
+        };
+        o = o.property(c.name, v.build());
+    }
+    o.build()
+}
+
 /// JSON Schema counts `77.0` as an integer: an integer capability's value
 /// goes to the device as `77`.
 fn whole_numbers(set: &mut Map<String, Value>) {

@@ -4,6 +4,7 @@
 //! payload)` into a typed event. When a payload changes shape, bump its
 //! version, keep a golden JSON of the old one under test, and upcast here.
 
+use crate::automation::Definition;
 use crate::device::DeviceKind;
 use crate::household::{HouseholdEvent, Presence, Role};
 use crate::protocol::AckStatus;
@@ -291,6 +292,42 @@ pub struct SceneActivated {
     pub skipped: Vec<Skipped>,
 }
 
+/// An automation was made (owners and adults). It acts with its creator's
+/// rights at the moment it runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AutomationCreated {
+    pub automation_id: Uuid,
+    pub name: String,
+    pub enabled: bool,
+    pub created_by: Uuid,
+    pub definition: Definition,
+}
+
+/// An automation was changed: the whole of it after the change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AutomationChanged {
+    pub automation_id: Uuid,
+    pub name: String,
+    pub enabled: bool,
+    pub definition: Definition,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AutomationDeleted {
+    pub automation_id: Uuid,
+}
+
+/// The household's time zone (an IANA name; UTC until set): schedules and
+/// time conditions are read in it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HouseholdTimeZoneSet {
+    pub time_zone: String,
+}
+
 macro_rules! events {
     ($($name:ident = $v:literal),* $(,)?) => {
         /// Every event HomeLink stores.
@@ -359,6 +396,10 @@ events! {
     SceneChanged = 1,
     SceneDeleted = 1,
     SceneActivated = 1,
+    AutomationCreated = 1,
+    AutomationChanged = 1,
+    AutomationDeleted = 1,
+    HouseholdTimeZoneSet = 1,
 }
 
 impl Event {
@@ -378,7 +419,11 @@ impl Event {
             | Event::SceneCreated(_)
             | Event::SceneChanged(_)
             | Event::SceneDeleted(_)
-            | Event::SceneActivated(_) => None,
+            | Event::SceneActivated(_)
+            | Event::AutomationCreated(_)
+            | Event::AutomationChanged(_)
+            | Event::AutomationDeleted(_)
+            | Event::HouseholdTimeZoneSet(_) => None,
             Event::DeviceRegistered(e) => Some(e.device_id),
             Event::DeviceRemoved(e) => Some(e.device_id),
             Event::DeviceRenamed(e) => Some(e.device_id),
@@ -439,6 +484,22 @@ impl Event {
                 create: false,
             },
             Event::SceneDeleted(e) => HouseholdEvent::SceneDeleted { scene_id: e.scene_id },
+            Event::AutomationCreated(e) => HouseholdEvent::AutomationSaved {
+                automation_id: e.automation_id,
+                name: &e.name,
+                enabled: e.enabled,
+                created_by: Some(e.created_by),
+                definition: &e.definition,
+            },
+            Event::AutomationChanged(e) => HouseholdEvent::AutomationSaved {
+                automation_id: e.automation_id,
+                name: &e.name,
+                enabled: e.enabled,
+                created_by: None,
+                definition: &e.definition,
+            },
+            Event::AutomationDeleted(e) => HouseholdEvent::AutomationDeleted { automation_id: e.automation_id },
+            Event::HouseholdTimeZoneSet(e) => HouseholdEvent::TimeZoneSet { time_zone: &e.time_zone },
             _ => return None,
         })
     }
@@ -506,6 +567,20 @@ mod tests {
             ),
             ("SceneChanged", json!({"sceneId": d, "name": "Night", "devices": [], "childAllowed": false})),
             ("SceneDeleted", json!({"sceneId": d})),
+            (
+                "AutomationCreated",
+                json!({"automationId": d, "name": "Leaving", "enabled": true, "createdBy": d, "definition": {
+                    "triggers": [{"type": "presence", "who": "last", "movement": "leave"}],
+                    "actions": [{"type": "scene", "sceneId": d}], "mode": "single"}}),
+            ),
+            (
+                "AutomationChanged",
+                json!({"automationId": d, "name": "Leaving", "enabled": false, "definition": {
+                    "triggers": [{"type": "time", "at": "07:30", "days": ["mon"]}],
+                    "actions": [{"type": "delay", "secs": 5}], "mode": "queued", "max": 2}}),
+            ),
+            ("AutomationDeleted", json!({"automationId": d})),
+            ("HouseholdTimeZoneSet", json!({"timeZone": "Europe/Berlin"})),
             (
                 "SceneActivated",
                 json!({"activationId": d, "sceneId": d, "commands": [{"deviceId": d, "commandId": d}],

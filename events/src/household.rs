@@ -11,6 +11,7 @@
 //! [`Role::allows`] is the roles table; every authorization check in command-api
 //! and query-api goes through it.
 
+use crate::automation::{Definition, Fault};
 use crate::device::DeviceKind;
 use crate::scene::{Scene, SceneTarget, TargetFault};
 use chrono::{DateTime, Utc};
@@ -172,6 +173,19 @@ pub struct Household {
     /// a member who leaves takes theirs along).
     pub presence: BTreeMap<Uuid, Presence>,
     pub scenes: BTreeMap<Uuid, Scene>,
+    pub automations: BTreeMap<Uuid, Automation>,
+    /// An IANA name; `None` is UTC.
+    pub time_zone: Option<String>,
+}
+
+/// An automation as the household aggregate holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Automation {
+    pub name: String,
+    pub enabled: bool,
+    /// Whose rights it acts with (at the moment it runs).
+    pub created_by: Uuid,
+    pub definition: Definition,
 }
 
 /// Why an event may not apply to a household.
@@ -215,9 +229,24 @@ pub enum Violation {
     SceneNameTaken,
     #[error("{0}")]
     InvalidScene(TargetFault),
+    #[error("the automation does not exist")]
+    UnknownAutomation,
+    #[error("an automation with this id exists")]
+    AutomationExists,
+    #[error("an automation with this name exists")]
+    AutomationNameTaken,
+    #[error("{0}")]
+    InvalidAutomation(Fault),
+    #[error("unknown time zone `{0}` (an IANA name such as Europe/Berlin)")]
+    UnknownTimeZone(String),
 }
 
 impl Household {
+    /// The household's time zone (UTC until one is set).
+    pub fn tz(&self) -> chrono_tz::Tz {
+        self.time_zone.as_deref().and_then(|t| t.parse().ok()).unwrap_or(chrono_tz::UTC)
+    }
+
     pub fn role_of(&self, user: Uuid) -> Option<Role> {
         self.members.get(&user).copied()
     }
@@ -312,6 +341,32 @@ impl Household {
             }
             HouseholdEvent::SceneDeleted { scene_id } => {
                 next.scenes.remove(scene_id).ok_or(Violation::UnknownScene)?;
+            }
+            HouseholdEvent::AutomationSaved { automation_id, name, enabled, created_by, definition } => {
+                let old = self.automations.get(automation_id);
+                let created_by = match (created_by, old) {
+                    (Some(_), Some(_)) => return Err(Violation::AutomationExists),
+                    (None, None) => return Err(Violation::UnknownAutomation),
+                    (Some(c), None) => *c,
+                    (None, Some(o)) => o.created_by,
+                };
+                let wanted = name.trim().to_lowercase();
+                if self.automations.iter().any(|(id, a)| id != automation_id && a.name.trim().to_lowercase() == wanted) {
+                    return Err(Violation::AutomationNameTaken);
+                }
+                next.automations.insert(
+                    *automation_id,
+                    Automation { name: (*name).to_owned(), enabled: *enabled, created_by, definition: (*definition).clone() },
+                );
+            }
+            HouseholdEvent::AutomationDeleted { automation_id } => {
+                next.automations.remove(automation_id).ok_or(Violation::UnknownAutomation)?;
+            }
+            HouseholdEvent::TimeZoneSet { time_zone } => {
+                if time_zone.parse::<chrono_tz::Tz>().is_err() {
+                    return Err(Violation::UnknownTimeZone((*time_zone).to_owned()));
+                }
+                next.time_zone = Some((*time_zone).to_owned());
             }
             HouseholdEvent::PresenceChanged { user_id, presence } => {
                 self.role_of(*user_id).ok_or(Violation::NotAMember)?;
@@ -456,6 +511,20 @@ pub enum HouseholdEvent<'a> {
     },
     SceneDeleted {
         scene_id: Uuid,
+    },
+    /// An automation made (`created_by` given) or changed: the whole of it.
+    AutomationSaved {
+        automation_id: Uuid,
+        name: &'a str,
+        enabled: bool,
+        created_by: Option<Uuid>,
+        definition: &'a Definition,
+    },
+    AutomationDeleted {
+        automation_id: Uuid,
+    },
+    TimeZoneSet {
+        time_zone: &'a str,
     },
 }
 

@@ -128,6 +128,9 @@ pub struct RegistryChanged {
     /// The scene a `SceneCreated`, `SceneChanged` or `SceneDeleted` is about.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scene_id: Option<Uuid>,
+    /// The automation an `AutomationCreated`, `…Changed` or `…Deleted` is about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub automation_id: Option<Uuid>,
 }
 
 /// A member of a household joined, changed role or left.

@@ -7,7 +7,8 @@
 //!   [`types`]: the plain GraphQL types the fan-out and the audit log produce
 //!   too; [`errors`]: every error code in one place. [`hub`]: the fan-out of
 //!   the projector's committed-change notifications to subscriptions;
-//!   [`audit`]: the audit-log connection; [`scenes`]: scenes and their
+//!   [`audit`]: the audit-log connection; [`automations`]: automations and
+//!   the time zone; [`scenes`]: scenes and their
 //!   activations' progress; [`reads`]: the rows one request may
 //!   read and the batching of nested lookups. Imports go one way: schema →
 //!   hub, audit, reads → types, errors.
@@ -15,6 +16,7 @@
 //! **Boundary**: only this crate knows GraphQL.
 
 pub mod audit;
+pub mod automations;
 pub mod consistency;
 pub mod errors;
 pub mod hub;

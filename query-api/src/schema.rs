@@ -312,6 +312,17 @@ impl Household {
         self.role.as_str()
     }
 
+    /// The household's automations, by name.
+    async fn automations(&self, ctx: &Context<'_>) -> Result<Vec<crate::automations::Automation>> {
+        crate::automations::of_household(ctx.data::<PgPool>()?, budget(ctx)?, self.uuid).await
+    }
+
+    /// The IANA time zone schedules and time conditions are read in (`UTC`
+    /// until set).
+    async fn time_zone(&self, ctx: &Context<'_>) -> Result<String> {
+        crate::automations::time_zone(ctx.data::<PgPool>()?, budget(ctx)?, self.uuid).await
+    }
+
     /// The household's scenes, by name (a child sees the `childAllowed` ones).
     async fn scenes(&self, ctx: &Context<'_>) -> Result<Vec<crate::scenes::Scene>> {
         crate::scenes::of_household(ctx.data::<PgPool>()?, budget(ctx)?, self.uuid, self.role).await

@@ -129,6 +129,8 @@ pub struct HouseholdChange {
     pub home: Option<bool>,
     /// For `SceneCreated`, `SceneChanged`, `SceneDeleted`: the scene.
     pub scene_id: Option<ID>,
+    /// For `AutomationCreated`, `AutomationChanged`, `AutomationDeleted`.
+    pub automation_id: Option<ID>,
     /// For `command`: the scene activation that sent it, if one did
     /// (`sceneActivation(id)` counts its progress).
     pub caused_by: Option<ID>,
@@ -153,6 +155,7 @@ impl HouseholdChange {
             user_id: None,
             home: None,
             scene_id: None,
+            automation_id: None,
             caused_by: None,
         }
     }
@@ -172,6 +175,7 @@ impl HouseholdChange {
             user_id: r.user_id.map(|u| ID(u.to_string())),
             home: r.presence.as_deref().map(|p| p == "home"),
             scene_id: r.scene_id.map(|d| ID(d.to_string())),
+            automation_id: r.automation_id.map(|d| ID(d.to_string())),
             caused_by: None,
         }
     }
@@ -191,6 +195,7 @@ impl HouseholdChange {
             user_id: None,
             home: None,
             scene_id: None,
+            automation_id: None,
             caused_by: c.caused_by.map(|d| ID(d.to_string())),
         }
     }

@@ -1,7 +1,7 @@
 //! The household aggregate as the read models hold it: command-api decides
 //! household commands against it.
 
-use homelink_events::household::{Household, Invitation, Presence, RegisteredDevice, Role};
+use homelink_events::household::{Automation, Household, Invitation, Presence, RegisteredDevice, Role};
 use homelink_events::scene::Scene;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
@@ -10,12 +10,23 @@ use uuid::Uuid;
 /// (when asked for) one invitation.
 pub async fn load_household(db: &mut PgConnection, household: Uuid, invitation: Option<Uuid>) -> Result<Household, sqlx::Error> {
     let mut h = Household::default();
-    let Some(row) = sqlx::query("SELECT version FROM households WHERE household_id = $1").bind(household).fetch_optional(&mut *db).await?
+    let Some(row) =
+        sqlx::query("SELECT version, time_zone FROM households WHERE household_id = $1").bind(household).fetch_optional(&mut *db).await?
     else {
         return Ok(h);
     };
     h.exists = true;
     h.version = row.get::<i64, _>(0).max(0) as u64;
+    h.time_zone = row.get(1);
+    let automations = sqlx::query("SELECT automation_id, name, enabled, created_by, definition FROM automations WHERE household_id = $1")
+        .bind(household)
+        .fetch_all(&mut *db)
+        .await?;
+    for r in automations {
+        if let Ok(definition) = serde_json::from_value(r.get::<serde_json::Value, _>(4)) {
+            h.automations.insert(r.get(0), Automation { name: r.get(1), enabled: r.get(2), created_by: r.get(3), definition });
+        }
+    }
     let members = sqlx::query("SELECT user_id, role, presence FROM household_members WHERE household_id = $1")
         .bind(household)
         .fetch_all(&mut *db)

@@ -60,6 +60,14 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
                 202,
                 Some(format!("activation {}: {} commands, {} skipped", a.activation_id, a.commands.len(), a.skipped.len())),
             ),
+            Event::AutomationCreated(a) => {
+                ("automation.create", Some(format!("automation/{}", a.automation_id)), 201, Some(a.name.clone()))
+            }
+            Event::AutomationChanged(a) => {
+                ("automation.change", Some(format!("automation/{}", a.automation_id)), 200, Some(a.name.clone()))
+            }
+            Event::AutomationDeleted(a) => ("automation.delete", Some(format!("automation/{}", a.automation_id)), 204, None),
+            Event::HouseholdTimeZoneSet(t) => ("household.time-zone", None, 200, Some(t.time_zone.clone())),
             Event::DeviceCommandRevoked(r) => (
                 "device.command.revoke",
                 Some(format!("device/{}", r.device_id)),

@@ -60,6 +60,7 @@ pub async fn fold(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]
         let mut registry: Option<(Option<Uuid>, Option<Uuid>)> = None;
         let mut presence = None;
         let mut scene = None;
+        let mut automation = None;
         match ev {
             Event::HouseholdCreated(c) => {
                 sqlx::query(
@@ -154,6 +155,56 @@ pub async fn fold(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]
                     .await?;
                 registry = Some((None, None));
                 scene = Some(d.scene_id);
+            }
+            Event::AutomationCreated(a) => {
+                sqlx::query(
+                    "INSERT INTO automations (automation_id, household_id, name, enabled, created_by, definition, created_at, updated_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $7) ON CONFLICT (automation_id) DO NOTHING",
+                )
+                .bind(a.automation_id)
+                .bind(h)
+                .bind(&a.name)
+                .bind(a.enabled)
+                .bind(a.created_by)
+                .bind(serde_json::to_value(&a.definition).unwrap_or_default())
+                .bind(env.occurred_at)
+                .execute(&mut **tx)
+                .await?;
+                registry = Some((None, None));
+                automation = Some(a.automation_id);
+            }
+            Event::AutomationChanged(a) => {
+                sqlx::query(
+                    "UPDATE automations SET name = $3, enabled = $4, definition = $5, updated_at = $6
+                      WHERE automation_id = $1 AND household_id = $2",
+                )
+                .bind(a.automation_id)
+                .bind(h)
+                .bind(&a.name)
+                .bind(a.enabled)
+                .bind(serde_json::to_value(&a.definition).unwrap_or_default())
+                .bind(env.occurred_at)
+                .execute(&mut **tx)
+                .await?;
+                registry = Some((None, None));
+                automation = Some(a.automation_id);
+            }
+            Event::AutomationDeleted(a) => {
+                sqlx::query("DELETE FROM automations WHERE automation_id = $1 AND household_id = $2")
+                    .bind(a.automation_id)
+                    .bind(h)
+                    .execute(&mut **tx)
+                    .await?;
+                registry = Some((None, None));
+                automation = Some(a.automation_id);
+            }
+            Event::HouseholdTimeZoneSet(t) => {
+                sqlx::query("UPDATE households SET time_zone = $2 WHERE household_id = $1")
+                    .bind(h)
+                    .bind(&t.time_zone)
+                    .execute(&mut **tx)
+                    .await?;
+                registry = Some((None, None));
             }
             Event::DeviceRegistered(d) => {
                 sqlx::query(
@@ -252,6 +303,7 @@ pub async fn fold(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]
                 user_id: None,
                 presence: None,
                 scene_id: scene,
+                automation_id: automation,
             });
         }
         if let Some((user_id, p)) = presence {
@@ -265,6 +317,7 @@ pub async fn fold(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)]
                 user_id: Some(user_id),
                 presence: Some(p.as_str().to_owned()),
                 scene_id: None,
+                automation_id: None,
             });
         }
     }

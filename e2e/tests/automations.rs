@@ -1,0 +1,170 @@
+//! Automations' definitions (issue 17) through the running services: the
+//! roles table for them, the household's time zone, and bad definitions
+//! answered with the JSON pointer of the fault and nothing stored.
+
+mod common;
+
+use common::Stack;
+use homelink_events::DeviceKind;
+use reqwest::Method;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+async fn call(stack: &Stack, token: Option<&str>, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    let mut r = stack.http.request(method, format!("{}{path}", stack.api()));
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let r = r.send().await.expect("request");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+const AUTOMATIONS: &str = "query($h: ID!) { household(id: $h) { timeZone automations { id name enabled createdBy definition } } }";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn automations_follow_the_roles_table_and_bad_definitions_name_their_fault() {
+    let stack = Stack::start().await;
+    let devices =
+        [(DeviceKind::Light, "Hall light", "Hall"), (DeviceKind::Sensor, "Hall motion", "Hall"), (DeviceKind::Lock, "Door", "Hall")];
+    let home = stack.household_with(&["adult", "child"], &devices).await;
+    let stranger = stack.seed(&devices).await.accounts[0].clone();
+    let (owner, adult, child) = (&home.accounts[0], &home.accounts[1], &home.accounts[2]);
+    let (light, motion, lock) = (home.devices[0].id, home.devices[1].id, home.devices[2].id);
+    let h = home.household_id;
+    let base = format!("/v1/households/{h}/automations");
+    let night_light = json!({
+        "triggers": [{"type": "state", "deviceId": motion, "capability": "motion", "to": true}],
+        "conditions": [{"type": "time", "after": "20:00", "before": "06:00"}],
+        "actions": [{"type": "command", "deviceId": light, "set": {"on": true}}, {"type": "delay", "secs": 300},
+                    {"type": "command", "deviceId": light, "set": {"on": false}}],
+        "mode": "restart"
+    });
+    let leaving = json!({
+        "triggers": [{"type": "presence", "who": "last", "movement": "leave"}],
+        "actions": [{"type": "command", "deviceId": lock, "set": {"locked": true}}]
+    });
+
+    // Owners and adults make them; they act with their creator's rights.
+    let (status, body) =
+        call(&stack, Some(&owner.access_token), Method::POST, &base, Some(json!({"name": "Night light", "definition": night_light}))).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!((body["enabled"].as_bool(), body["createdBy"].as_str()), (Some(true), Some(owner.user_id.to_string().as_str())));
+    let id = body["automationId"].as_str().expect("id").to_owned();
+    let (status, body) =
+        call(&stack, Some(&adult.access_token), Method::POST, &base, Some(json!({"name": "Leaving", "definition": leaving}))).await;
+    assert_eq!(status, 201, "{body}");
+    let other = json!({"name": "Other", "definition": leaving});
+    assert_eq!(call(&stack, Some(&child.access_token), Method::POST, &base, Some(other.clone())).await.0, 403);
+    assert_eq!(call(&stack, Some(&stranger.access_token), Method::POST, &base, Some(other.clone())).await.0, 404);
+    assert_eq!(call(&stack, None, Method::POST, &base, Some(other.clone())).await.0, 401);
+    let (status, body) =
+        call(&stack, Some(&owner.access_token), Method::POST, &base, Some(json!({"name": "leaving", "definition": leaving}))).await;
+    assert_eq!((status, body["type"].as_str()), (409, Some("https://homelink.dev/problems/automation-name-taken")), "{body}");
+
+    // Bad definitions: the path of the fault, nothing stored.
+    let version = || async {
+        sqlx::query_scalar::<_, i64>("SELECT version FROM households WHERE household_id = $1")
+            .bind(h)
+            .fetch_one(&stack.pool)
+            .await
+            .expect("v")
+    };
+    let before = version().await;
+    let with = |patch: &dyn Fn(&mut Value)| {
+        let mut d = night_light.clone();
+        patch(&mut d);
+        json!({"name": "Bad", "definition": d})
+    };
+    let cases: Vec<(Value, u16, &str)> = vec![
+        (with(&|d| d["triggers"][0]["deviceId"] = json!(Uuid::new_v4())), 422, "/definition/triggers/0/deviceId"),
+        (with(&|d| d["triggers"][0]["capability"] = json!("warp")), 422, "/definition/triggers/0/capability"),
+        (with(&|d| d["triggers"][0]["to"] = json!(17)), 422, "/definition/triggers/0/to"),
+        (with(&|d| d["actions"][0]["set"] = json!({"brightness": 101})), 400, "/definition/actions/0/set"),
+        (with(&|d| d["actions"][0]["set"] = json!({"locked": false})), 422, "/definition/actions/0/set"),
+        (with(&|d| d["actions"][0]["deviceId"] = json!(Uuid::new_v4())), 422, "/definition/actions/0/deviceId"),
+        (with(&|d| d["actions"][1]["secs"] = json!(0)), 400, "/definition/actions/1/secs"),
+        (with(&|d| d["conditions"][0]["before"] = json!("24:00")), 400, "/definition/conditions/0/before"),
+        (with(&|d| d["actions"][0] = json!({"type": "scene", "sceneId": Uuid::new_v4()})), 422, "/definition/actions/0/sceneId"),
+        (with(&|d| d["triggers"] = json!((0..11).map(|_| d["triggers"][0].clone()).collect::<Vec<_>>())), 400, "/definition/triggers"),
+        (with(&|d| d["actions"] = json!([])), 400, "/definition/actions"),
+        (
+            with(&|d| d["triggers"][0] = json!({"type": "presence", "who": "member", "movement": "arrive", "userId": Uuid::new_v4()})),
+            422,
+            "/definition/triggers/0/userId",
+        ),
+    ];
+    for (body, want, path) in cases {
+        let (status, problem) = call(&stack, Some(&owner.access_token), Method::POST, &base, Some(body.clone())).await;
+        assert_eq!((status, problem["path"].as_str()), (want, Some(path)), "{body}: {problem}");
+    }
+    for (body, why) in [
+        (with(&|d| d["triggers"][0]["type"] = json!("telepathy")), "an unknown trigger"),
+        (with(&|d| d["triggers"][0]["extra"] = json!(1)), "a field a trigger does not own"),
+        (with(&|d| d["mode"] = json!("sometimes")), "an unknown mode"),
+        (json!({"name": "Bad\u{0}", "definition": night_light}), "NUL"),
+        (json!({"name": "Bad"}), "no definition"),
+    ] {
+        assert_eq!(call(&stack, Some(&owner.access_token), Method::POST, &base, Some(body)).await.0, 400, "{why}");
+    }
+    let deep = (0..200).fold(json!({"type": "weekday", "days": ["mon"]}), |c, _| json!({"type": "not", "condition": c}));
+    let (status, _) =
+        call(&stack, Some(&owner.access_token), Method::POST, &base, Some(with(&|d| d["conditions"][0] = deep.clone()))).await;
+    assert!(status == 400 || status == 422, "deep nesting refused: {status}");
+    assert_eq!(version().await, before, "nothing stored");
+
+    // Replace and delete: owners and adults.
+    let one = format!("{base}/{id}");
+    let (status, body) = call(
+        &stack,
+        Some(&adult.access_token),
+        Method::PUT,
+        &one,
+        Some(json!({"name": "Night light", "enabled": false, "definition": night_light})),
+    )
+    .await;
+    assert_eq!(
+        (status, body["enabled"].as_bool(), body["createdBy"].as_str()),
+        (200, Some(false), Some(owner.user_id.to_string().as_str())),
+        "{body}"
+    );
+    assert_eq!(call(&stack, Some(&child.access_token), Method::PUT, &one, Some(json!({"name": "X", "definition": leaving}))).await.0, 403);
+    assert_eq!(
+        call(
+            &stack,
+            Some(&owner.access_token),
+            Method::PUT,
+            &format!("{base}/{}", Uuid::new_v4()),
+            Some(json!({"name": "X", "definition": leaving}))
+        )
+        .await
+        .0,
+        404
+    );
+
+    // The time zone: an IANA name.
+    let tz = format!("/v1/households/{h}/time-zone");
+    assert_eq!(call(&stack, Some(&owner.access_token), Method::PUT, &tz, Some(json!({"timeZone": "Mars/Olympus"}))).await.0, 400);
+    assert_eq!(call(&stack, Some(&child.access_token), Method::PUT, &tz, Some(json!({"timeZone": "Europe/Berlin"}))).await.0, 403);
+    let (status, body) = call(&stack, Some(&adult.access_token), Method::PUT, &tz, Some(json!({"timeZone": "Europe/Berlin"}))).await;
+    assert_eq!((status, body["timeZone"].as_str()), (200, Some("Europe/Berlin")), "{body}");
+
+    // GraphQL: every member reads them.
+    let read = stack.gql(&child.access_token, AUTOMATIONS, json!({"h": h})).await;
+    let hh = &read["data"]["household"];
+    assert_eq!(hh["timeZone"], "Europe/Berlin", "{read}");
+    let list = hh["automations"].as_array().cloned().unwrap_or_default();
+    assert_eq!(list.iter().map(|a| a["name"].as_str().unwrap_or("")).collect::<Vec<_>>(), ["Leaving", "Night light"]);
+    assert_eq!(list[1]["enabled"], false);
+    assert_eq!(list[1]["definition"]["mode"], "restart");
+    assert_eq!(list[0]["createdBy"], adult.user_id.to_string());
+
+    assert_eq!(call(&stack, Some(&child.access_token), Method::DELETE, &one, None).await.0, 403);
+    assert_eq!(call(&stack, Some(&adult.access_token), Method::DELETE, &one, None).await.0, 204);
+    assert_eq!(call(&stack, Some(&adult.access_token), Method::DELETE, &one, None).await.0, 404);
+    let read = stack.gql(&owner.access_token, AUTOMATIONS, json!({"h": h})).await;
+    assert_eq!(read["data"]["household"]["automations"].as_array().map(Vec::len), Some(1), "{read}");
+}
