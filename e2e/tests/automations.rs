@@ -168,3 +168,117 @@ async fn automations_follow_the_roles_table_and_bad_definitions_name_their_fault
     let read = stack.gql(&owner.access_token, AUTOMATIONS, json!({"h": h})).await;
     assert_eq!(read["data"]["household"]["automations"].as_array().map(Vec::len), Some(1), "{read}");
 }
+
+const RUNS: &str = "query($id: ID!) { automation(id: $id) { runs(first: 10) { id what outcome reason conditions steps finishedAt } } }";
+
+/// The seed's example end to end: two members home, both leave (the
+/// presence API); after the debounce the automation activates "Away": every
+/// light gets `on: false` and the lock `locked: true`, the devices ack, and
+/// the run's trace shows it. A flap shorter than the debounce does nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_last_member_leaving_turns_every_light_off_and_locks_the_door() {
+    use common::{eventually, spec};
+    use homelink_kit::shutdown::CancellationToken;
+    use homelink_tools::sim;
+    use std::time::Duration;
+
+    let stack = Stack::start().await;
+    let devices =
+        [(DeviceKind::Light, "Hall light", "Hall"), (DeviceKind::Light, "Lamp", "Living room"), (DeviceKind::Lock, "Door", "Hall")];
+    let home = stack.household_with(&["adult"], &devices).await;
+    let (owner, adult) = (&home.accounts[0], &home.accounts[1]);
+    let h = home.household_id;
+    let running = CancellationToken::new();
+    for i in 0..3 {
+        tokio::spawn(sim::run(spec(&home, i, None), stack.env.target(), None, running.clone()));
+    }
+    let shadows = || async {
+        let rows: Vec<(Uuid, Option<Value>, bool)> = sqlx::query_as(
+            "SELECT s.device_id, s.reported, s.online FROM device_shadows s JOIN devices d USING (device_id) WHERE d.household_id = $1",
+        )
+        .bind(h)
+        .fetch_all(&stack.pool)
+        .await
+        .expect("shadows");
+        rows
+    };
+    eventually(Duration::from_secs(30), "three devices online", || async {
+        (shadows().await.iter().filter(|r| r.2).count() == 3).then_some(())
+    })
+    .await;
+    // The lights on and the door unlocked, to begin with.
+    let (lights, lock) = ([home.devices[0].id, home.devices[1].id], home.devices[2].id);
+    for (d, set) in [(lights[0], json!({"on": true})), (lights[1], json!({"on": true})), (lock, json!({"locked": false}))] {
+        let r = stack.command(&home, d).json(&json!({"set": set})).send().await.expect("command");
+        assert_eq!(r.status().as_u16(), 202);
+    }
+    let state_is = |want: [(Uuid, &'static str, Value); 3]| {
+        let want = want.clone();
+        async move {
+            let rows = shadows().await;
+            want.iter().all(|(d, k, v)| rows.iter().any(|r| r.0 == *d && r.1.as_ref().and_then(|s| s.get(*k)) == Some(v)))
+        }
+    };
+    eventually(Duration::from_secs(30), "lights on, door unlocked", || async {
+        state_is([(lights[0], "on", json!(true)), (lights[1], "on", json!(true)), (lock, "locked", json!(false))]).await.then_some(())
+    })
+    .await;
+
+    let base = format!("/v1/households/{h}");
+    let away = json!({"name": "Away", "devices": [
+        {"deviceId": lights[0], "set": {"on": false}}, {"deviceId": lights[1], "set": {"on": false}}, {"deviceId": lock, "set": {"locked": true}}]});
+    let (status, scene) = call(&stack, Some(&owner.access_token), Method::POST, &format!("{base}/scenes"), Some(away)).await;
+    assert_eq!(status, 201, "{scene}");
+    let leaving = json!({"name": "Leaving home", "definition": {
+        "triggers": [{"type": "presence", "who": "last", "movement": "leave", "debounceSecs": 3}],
+        "actions": [{"type": "scene", "sceneId": scene["sceneId"]}]}});
+    let (status, automation) = call(&stack, Some(&owner.access_token), Method::POST, &format!("{base}/automations"), Some(leaving)).await;
+    assert_eq!(status, 201, "{automation}");
+    let id = automation["automationId"].clone();
+    stack.start_automation().await;
+
+    let presence = |who: &homelink_tools::api::Account, state: &'static str| {
+        let (token, url) = (who.access_token.clone(), format!("{base}/presence"));
+        let stack = &stack;
+        async move {
+            let (status, body) = call(stack, Some(&token), Method::PUT, &url, Some(json!({"state": state}))).await;
+            assert_eq!(status, 200, "{body}");
+        }
+    };
+    presence(owner, "home").await;
+    presence(adult, "home").await;
+    presence(owner, "away").await;
+    // A flap: the adult "leaves" and is back within the debounce.
+    presence(adult, "away").await;
+    presence(adult, "home").await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let runs = stack.gql(&owner.access_token, RUNS, json!({"id": id})).await;
+    assert_eq!(runs["data"]["automation"]["runs"].as_array().map(Vec::len), Some(0), "a flap shorter than the debounce: {runs}");
+    assert!(state_is([(lights[0], "on", json!(true)), (lights[1], "on", json!(true)), (lock, "locked", json!(false))]).await);
+
+    // Both away for real.
+    presence(adult, "away").await;
+    let run = eventually(Duration::from_secs(60), "the run done", || async {
+        let r = stack.gql(&owner.access_token, RUNS, json!({"id": id})).await;
+        let runs = r["data"]["automation"]["runs"].as_array()?.clone();
+        runs.first().filter(|run| run["outcome"] == "done").cloned()
+    })
+    .await;
+    assert_eq!(run["what"].as_str().map(|w| w.starts_with("the last member left")), Some(true), "{run}");
+    assert_eq!(run["steps"][0]["outcome"], "sent", "{run}");
+    let commands: Vec<String> =
+        run["steps"][0]["commands"].as_array().into_iter().flatten().filter_map(|c| c.as_str().map(str::to_owned)).collect();
+    assert_eq!(commands.len(), 3, "{run}");
+    eventually(Duration::from_secs(30), "lights off, door locked", || async {
+        state_is([(lights[0], "on", json!(false)), (lights[1], "on", json!(false)), (lock, "locked", json!(true))]).await.then_some(())
+    })
+    .await;
+    for c in &commands {
+        let q = stack.gql(&owner.access_token, "query($id: ID!) { command(id: $id) { status causedBy } }", json!({"id": c})).await;
+        let status = q["data"]["command"]["status"].as_str().unwrap_or("").to_owned();
+        assert!(status == "ok" || status == "confirmed", "{q}");
+    }
+    let runs = stack.gql(&owner.access_token, RUNS, json!({"id": id})).await;
+    assert_eq!(runs["data"]["automation"]["runs"].as_array().map(Vec::len), Some(1), "exactly one run: {runs}");
+    running.cancel();
+}

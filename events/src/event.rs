@@ -4,7 +4,7 @@
 //! payload)` into a typed event. When a payload changes shape, bump its
 //! version, keep a golden JSON of the old one under test, and upcast here.
 
-use crate::automation::Definition;
+use crate::automation::{Definition, Judged};
 use crate::device::DeviceKind;
 use crate::household::{HouseholdEvent, Presence, Role};
 use crate::protocol::AckStatus;
@@ -328,6 +328,56 @@ pub struct HouseholdTimeZoneSet {
     pub time_zone: String,
 }
 
+/// The automation engine decided a trigger fired: the run it starts (or
+/// why it does not), with every condition as judged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AutomationTriggered {
+    pub automation_id: Uuid,
+    pub run_id: Uuid,
+    /// The trigger's index in the definition.
+    pub trigger: u32,
+    /// The event that fired it (absent for a schedule).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<Uuid>,
+    /// What the trigger saw, e.g. `motion: true`, `last member left`.
+    pub what: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Judged>,
+    /// `run`, `conditions` (they did not hold), `skipped` (mode single, a
+    /// run going; parallel at its max), `stopped` (the loop guard).
+    pub outcome: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// One step of a run, as it went.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AutomationRunStepped {
+    pub automation_id: Uuid,
+    pub run_id: Uuid,
+    pub step: u32,
+    /// `sent` (a command; a scene's commands), `refused` (its creator may no
+    /// longer), `skipped`, `waiting`, `waited`, `timedOut`, `delayed`, `resumed`.
+    pub outcome: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub commands: Vec<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// A run ended: `done`, `stopped` (restarted, loop guard) or `failed`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AutomationRunFinished {
+    pub automation_id: Uuid,
+    pub run_id: Uuid,
+    pub outcome: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
 macro_rules! events {
     ($($name:ident = $v:literal),* $(,)?) => {
         /// Every event HomeLink stores.
@@ -400,6 +450,9 @@ events! {
     AutomationChanged = 1,
     AutomationDeleted = 1,
     HouseholdTimeZoneSet = 1,
+    AutomationTriggered = 1,
+    AutomationRunStepped = 1,
+    AutomationRunFinished = 1,
 }
 
 impl Event {
@@ -423,7 +476,10 @@ impl Event {
             | Event::AutomationCreated(_)
             | Event::AutomationChanged(_)
             | Event::AutomationDeleted(_)
-            | Event::HouseholdTimeZoneSet(_) => None,
+            | Event::HouseholdTimeZoneSet(_)
+            | Event::AutomationTriggered(_)
+            | Event::AutomationRunStepped(_)
+            | Event::AutomationRunFinished(_) => None,
             Event::DeviceRegistered(e) => Some(e.device_id),
             Event::DeviceRemoved(e) => Some(e.device_id),
             Event::DeviceRenamed(e) => Some(e.device_id),
@@ -445,6 +501,9 @@ impl Event {
         match (self, self.device_id()) {
             (Event::CommandDenied(_), _) => "audit".to_owned(),
             (Event::SceneActivated(a), _) => format!("scene/{}", a.scene_id),
+            (Event::AutomationTriggered(a), _) => format!("automation/{}", a.automation_id),
+            (Event::AutomationRunStepped(a), _) => format!("automation/{}", a.automation_id),
+            (Event::AutomationRunFinished(a), _) => format!("automation/{}", a.automation_id),
             _ if self.household_event().is_some() => "household".to_owned(),
             (_, Some(d)) => format!("device/{d}"),
             (_, None) => "household".to_owned(),
@@ -581,6 +640,13 @@ mod tests {
             ),
             ("AutomationDeleted", json!({"automationId": d})),
             ("HouseholdTimeZoneSet", json!({"timeZone": "Europe/Berlin"})),
+            (
+                "AutomationTriggered",
+                json!({"automationId": d, "runId": d, "trigger": 0, "cause": d, "what": "the last member left",
+                       "conditions": [{"path": "/conditions/0", "held": true}], "outcome": "run"}),
+            ),
+            ("AutomationRunStepped", json!({"automationId": d, "runId": d, "step": 0, "outcome": "sent", "commands": [d]})),
+            ("AutomationRunFinished", json!({"automationId": d, "runId": d, "outcome": "done"})),
             (
                 "SceneActivated",
                 json!({"activationId": d, "sceneId": d, "commands": [{"deviceId": d, "commandId": d}],

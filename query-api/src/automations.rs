@@ -2,15 +2,18 @@
 //! adults change them through the command API).
 
 use crate::reads::RowBudget;
-use async_graphql::{Json, SimpleObject, ID};
+use async_graphql::{ComplexObject, Context, Json, SimpleObject, ID};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
 #[derive(SimpleObject)]
+#[graphql(complex)]
 pub struct Automation {
     pub id: ID,
+    #[graphql(skip)]
+    pub uuid: Uuid,
     pub name: String,
     pub enabled: bool,
     /// Whose rights it acts with, at the moment it runs.
@@ -50,6 +53,7 @@ pub async fn of_household(pool: &PgPool, budget: &RowBudget, household: Uuid) ->
         .into_iter()
         .map(|r| Automation {
             id: ID(r.automation_id.to_string()),
+            uuid: r.automation_id,
             name: r.name,
             enabled: r.enabled,
             created_by: ID(r.created_by.to_string()),
@@ -60,10 +64,113 @@ pub async fn of_household(pool: &PgPool, budget: &RowBudget, household: Uuid) ->
         .collect())
 }
 
+/// An automation of a household the viewer belongs to (`None` otherwise,
+/// exactly as for an id that does not exist).
+pub async fn one(pool: &PgPool, budget: &RowBudget, id: Uuid, viewer: Uuid) -> async_graphql::Result<Option<Automation>> {
+    let row = budget
+        .read_one(|| {
+            sqlx::query_as::<_, AutomationRow>(
+                "SELECT a.automation_id, a.name, a.enabled, a.created_by, a.definition, a.created_at, a.updated_at FROM automations a
+                   JOIN household_members m ON m.household_id = a.household_id AND m.user_id = $2
+                  WHERE a.automation_id = $1",
+            )
+            .bind(id)
+            .bind(viewer)
+            .fetch_optional(pool)
+        })
+        .await?;
+    Ok(row.map(|r| Automation {
+        id: ID(r.automation_id.to_string()),
+        uuid: r.automation_id,
+        name: r.name,
+        enabled: r.enabled,
+        created_by: ID(r.created_by.to_string()),
+        definition: Json(r.definition),
+        created_at: r.created_at,
+        updated_at: r.updated_at,
+    }))
+}
+
 /// The household's time zone (`UTC` until one is set).
 pub async fn time_zone(pool: &PgPool, budget: &RowBudget, household: Uuid) -> async_graphql::Result<String> {
     let tz: Option<Option<String>> = budget
         .read_one(|| sqlx::query_scalar("SELECT time_zone FROM households WHERE household_id = $1").bind(household).fetch_optional(pool))
         .await?;
     Ok(tz.flatten().unwrap_or_else(|| "UTC".into()))
+}
+
+/// One run of an automation: what fired it, each condition as judged, each
+/// step with its commands and outcome.
+#[derive(SimpleObject)]
+pub struct AutomationRun {
+    pub id: ID,
+    pub started_at: DateTime<Utc>,
+    /// The trigger's index in the definition, and what it saw.
+    pub trigger: i32,
+    pub what: String,
+    /// The event that fired it (absent for a schedule).
+    pub cause: Option<ID>,
+    /// `[{path, held, value}]`, every condition judged.
+    pub conditions: Json<Value>,
+    /// `run` while going; `done`, `stopped`, `failed`; or `conditions`,
+    /// `skipped`, `queued`, `missed` when it did not run.
+    pub outcome: String,
+    pub reason: Option<String>,
+    /// `[{step, outcome, commands, detail, at}]`, in order; a command's
+    /// lifecycle is `command(id)`.
+    pub steps: Json<Value>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+#[derive(sqlx::FromRow)]
+struct RunRow {
+    run_id: Uuid,
+    started_at: DateTime<Utc>,
+    trigger: i32,
+    what: String,
+    cause: Option<Uuid>,
+    conditions: Value,
+    outcome: String,
+    reason: Option<String>,
+    steps: Value,
+    finished_at: Option<DateTime<Utc>>,
+}
+
+/// Most runs one page holds.
+pub const MAX_RUNS: i32 = 100;
+
+#[ComplexObject]
+impl Automation {
+    /// Its runs, newest first.
+    async fn runs(&self, ctx: &Context<'_>, #[graphql(default = 20)] first: i32) -> async_graphql::Result<Vec<AutomationRun>> {
+        let (pool, budget) = (ctx.data::<PgPool>()?, crate::reads::budget(ctx)?);
+        let first = i64::from(first.clamp(0, MAX_RUNS));
+        let rows = budget
+            .read(None, |limit| {
+                sqlx::query_as::<_, RunRow>(
+                    "SELECT run_id, started_at, trigger, what, cause, conditions, outcome, reason, steps, finished_at FROM automation_runs
+                      WHERE automation_id = $1 ORDER BY started_at DESC, run_id DESC LIMIT LEAST($2, $3)",
+                )
+                .bind(self.uuid)
+                .bind(first)
+                .bind(limit)
+                .fetch_all(pool)
+            })
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| AutomationRun {
+                id: ID(r.run_id.to_string()),
+                started_at: r.started_at,
+                trigger: r.trigger,
+                what: r.what,
+                cause: r.cause.map(|c| ID(c.to_string())),
+                conditions: Json(r.conditions),
+                outcome: r.outcome,
+                reason: r.reason,
+                steps: Json(r.steps),
+                finished_at: r.finished_at,
+            })
+            .collect())
+    }
 }

@@ -205,6 +205,16 @@ impl Query {
         Ok(Some(Command::from(r)))
     }
 
+    /// An automation of a household the viewer belongs to, with its runs
+    /// (`runs(first)`, newest first); `null` otherwise.
+    async fn automation(&self, ctx: &Context<'_>, id: ID) -> Result<Option<crate::automations::Automation>> {
+        let user = viewer(ctx)?;
+        let Some(id) = parse_id(&id) else {
+            return Ok(None);
+        };
+        crate::automations::one(ctx.data::<PgPool>()?, budget(ctx)?, id, user).await
+    }
+
     /// A scene activation of a household the viewer belongs to, with its
     /// devices' progress; `null` otherwise.
     async fn scene_activation(&self, ctx: &Context<'_>, id: ID) -> Result<Option<crate::scenes::SceneActivation>> {

@@ -155,6 +155,22 @@ pub async fn create_scene(
     Ok(v["sceneId"].as_str().ok_or_else(|| crate::missing("sceneId"))?.parse()?)
 }
 
+/// Makes an automation; answers its id.
+pub async fn create_automation(
+    http: &reqwest::Client,
+    base: &str,
+    who: &Account,
+    household: Uuid,
+    name: &str,
+    definition: serde_json::Value,
+) -> crate::Result<Uuid> {
+    let body = json!({"name": name, "definition": definition});
+    let r =
+        http.post(format!("{base}/v1/households/{household}/automations")).header("authorization", who.bearer()).json(&body).send().await?;
+    let v = expect(r, 201, "create automation").await?;
+    Ok(v["automationId"].as_str().ok_or_else(|| crate::missing("automationId"))?.parse()?)
+}
+
 /// Registers a device; with `csr` the device keeps its key.
 #[allow(clippy::too_many_arguments)]
 pub async fn register_device(

@@ -473,6 +473,24 @@ impl Stack {
         home
     }
 
+    /// Starts the automation engine on this deployment (in this process,
+    /// stopped with the stack); it decides from the log's end at this moment.
+    /// Returns its port once it is ready.
+    pub async fn start_automation(&self) -> u16 {
+        let mut cfg = homelink_automation::Config::new(&self.db_url, &self.env.kafka, self.topics.clone());
+        cfg.tick = Duration::from_millis(100);
+        let app = homelink_automation::Application::build(cfg).await.expect("automation engine");
+        let port = app.port();
+        tokio::spawn(app.run_until_stopped(self.cancel.clone()));
+        let (http, url) = (self.http.clone(), format!("http://127.0.0.1:{port}/readyz"));
+        eventually(Duration::from_secs(30), "the automation engine ready", || {
+            let (http, url) = (http.clone(), url.clone());
+            async move { http.get(&url).send().await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
+        })
+        .await;
+        port
+    }
+
     /// Waits until exactly `n` events of `event_type` were applied (the
     /// per-household counts make a double application visible).
     pub async fn wait_applied(&self, event_type: &str, n: i64, timeout: Duration) {

@@ -4,11 +4,12 @@
 //!
 //! | projection | tables | events |
 //! |---|---|---|
-//! | [`households`] (members, invitations, rooms, registry) | `households`, `household_members`, `household_invitations`, `household_refused_events`, `rooms`, `devices` | the household stream, folded through `Household::apply` |
-//! | [`commands`] | `device_commands` | `DeviceCommandRequested`, `…Delivered`, `…Acked`, `…Expired` |
+//! | [`households`] (members, invitations, rooms, registry, presence, scenes, automations) | `households`, `household_members`, `household_invitations`, `household_refused_events`, `rooms`, `devices`, `scenes`, `automations` | the household stream, folded through `Household::apply` |
+//! | [`commands`] | `device_commands`, `scene_activations` | `DeviceCommandRequested`, `…Delivered`, `…Acked`, `…Expired`, `SceneActivated` |
 //! | [`shadows`] | `device_shadows` (and `device_commands`: confirmations) | `DeviceStateReported`, `DeviceStatusChanged`, `DeviceCommandRequested`, `DeviceCommandExpired` |
 //! | [`changes`] | `household_change_seqs`, `household_changes` | every shadow, registry and command change: its `changeSeq` |
 //! | [`audit`] | `audit_log` | household commands, device commands, `CommandDenied` |
+//! | [`runs`] | `automation_runs` | `AutomationTriggered`, `AutomationRunStepped`, `AutomationRunFinished` |
 //! | [`counts`] | `household_event_counts` | every event |
 //!
 //! Each returns the notifications to send on commit, if any. The counts are
@@ -22,6 +23,7 @@ pub mod changes;
 pub mod commands;
 pub mod counts;
 pub mod households;
+pub mod runs;
 pub mod shadows;
 
 use homelink_events::shadow::{notification_line, pack_notifications};
@@ -62,6 +64,7 @@ pub async fn apply(
     changes::sequence(tx, &mut shadow_changes, &mut registry, &mut command_changes).await?;
     let shadow_notes: Vec<String> = shadow_changes.iter().map(notification_line).collect();
     audit::apply(tx, work, &folded.refused).await?;
+    runs::apply(tx, work).await?;
     // One notification per batch (a few when it is large), not one per change.
     // Membership changes first, so a subscriber demoted or removed in this
     // batch loses what it may no longer see before this batch's changes

@@ -236,7 +236,27 @@ async fn demo_household(command_api: &str, state_dir: &std::path::Path) -> anyho
             _ => None,
         })
         .collect();
-    api::create_scene(&http, command_api, &accounts[0], household, "Good night", serde_json::Value::Array(parts), true).await?;
+    let parts = serde_json::Value::Array(parts);
+    api::create_scene(&http, command_api, &accounts[0], household, "Good night", parts.clone(), true).await?;
+    // "Away" (the same targets) when the last member leaves; the kitchen
+    // sensor's motion after 19:00 turns the ceiling light on for 5 minutes.
+    let away = api::create_scene(&http, command_api, &accounts[0], household, "Away", parts, false).await?;
+    let leaving = serde_json::json!({
+        "triggers": [{"type": "presence", "who": "last", "movement": "leave"}],
+        "actions": [{"type": "scene", "sceneId": away}]
+    });
+    api::create_automation(&http, command_api, &accounts[0], household, "Leaving home", leaving).await?;
+    let of = |name: &str| devices.iter().find(|d| d.name == name).map(|d| d.id);
+    if let (Some(sensor), Some(light)) = (of("Back door contact"), of("Ceiling light")) {
+        let night = serde_json::json!({
+            "triggers": [{"type": "state", "deviceId": sensor, "capability": "motion", "to": true}],
+            "conditions": [{"type": "time", "after": "19:00", "before": "06:00"}],
+            "actions": [{"type": "command", "deviceId": light, "set": {"on": true}}, {"type": "delay", "secs": 300},
+                        {"type": "command", "deviceId": light, "set": {"on": false}}],
+            "mode": "restart"
+        });
+        api::create_automation(&http, command_api, &accounts[0], household, "Night motion light", night).await?;
+    }
     Ok(SeededHousehold { household_id: household, name: "Demo home".into(), devices, accounts })
 }
 
