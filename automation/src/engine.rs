@@ -57,6 +57,9 @@ pub struct Engine {
     starts: HashMap<Uuid, VecDeque<DateTime<Utc>>>,
     /// Households with a run waiting for a trigger.
     waiting: HashSet<Uuid>,
+    /// Household-stream partitions not yet folded up to where decisions
+    /// start: timers wait until every household they name is known again.
+    pub replaying: HashSet<(String, i32)>,
 }
 
 /// What one decision round appends, in order.
@@ -94,6 +97,7 @@ impl Engine {
             sent: HashMap::new(),
             starts: HashMap::new(),
             waiting: HashSet::new(),
+            replaying: HashSet::new(),
         }
     }
 
@@ -115,6 +119,7 @@ impl Engine {
         for l in events {
             let Ok(ev) = l.envelope.event() else { continue };
             let decide = l.offset >= self.decided.get(&(l.topic.clone(), l.partition)).copied().unwrap_or(0);
+            tracing::debug!(topic = %l.topic, offset = l.offset, decide, event = %l.envelope.event_type, "record");
             let h = l.envelope.household_id;
             if l.topic == self.topics.households() {
                 let house = self.houses.entry(h).or_default();
@@ -183,6 +188,9 @@ impl Engine {
             .execute(&mut *tx)
             .await?;
             let d = self.decided.entry((topic.clone(), *partition)).or_insert(0);
+            if *next >= *d {
+                self.replaying.remove(&(topic.clone(), *partition));
+            }
             *d = (*d).max(*next);
         }
         self.append(&out).await;
@@ -269,6 +277,7 @@ impl Engine {
         now: DateTime<Utc>,
     ) -> Result<(), sqlx::Error> {
         let Some(house) = self.houses.get(&h) else { return Ok(()) };
+        tracing::debug!(household = %h, event = %env.event_id, ?fact, automations = house.agg.automations.len(), "fact");
         let mut fired = Vec::new();
         for (aid, a) in house.agg.automations.iter().filter(|(_, a)| a.enabled) {
             for (i, t) in a.definition.triggers.iter().enumerate() {
@@ -703,6 +712,9 @@ impl Engine {
     /// Fires the timers that are due (a bounded number per round). Returns
     /// how many it took.
     pub async fn tick(&mut self) -> Result<usize, sqlx::Error> {
+        if !self.replaying.is_empty() {
+            return Ok(0);
+        }
         let now = Utc::now();
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(

@@ -1,4 +1,5 @@
-//! The automation engine (issue 17): reads the household stream and the
+//! The automation engine (issue 17): reads the household stream (first up to
+//! where it decided last, alone, so every household is known) and the
 //! devices' telemetry from the log, decides which automations fire and what
 //! their runs do, and appends those decisions and the runs' commands to the
 //! log. Its waits (`for`, debounce, delays, waits, schedules, queued runs)
@@ -32,6 +33,8 @@ pub enum Error {
     Kit(#[from] homelink_kit::Error),
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+    #[error("replaying: {0}")]
+    Replay(String),
 }
 
 #[derive(Debug, Clone)]
@@ -104,8 +107,10 @@ impl Application {
                 None => appender.high_watermark(&tp.0, tp.1, Duration::from_secs(10)).await?,
             };
             engine.decided.insert(tp.clone(), decide_from);
-            let from = if tp.0 == cfg.topics.households() { None } else { Some(decide_from) };
-            start.push((tp, from));
+            if tp.0 == cfg.topics.households() && decide_from > 0 {
+                engine.replaying.insert(tp.clone());
+            }
+            start.push((tp, Some(decide_from)));
         }
         let rc = ReaderConfig {
             bootstrap: cfg.kafka_bootstrap.clone(),
@@ -114,6 +119,22 @@ impl Application {
             batch_max: 2_000,
             gather: Duration::ZERO,
         };
+        // First the household stream up to where decisions start, alone:
+        // every household is known before any report is looked at.
+        let replay: Vec<_> = engine.replaying.iter().map(|tp| (tp.clone(), None)).collect();
+        if !replay.is_empty() {
+            let reader = LogReader::new(&rc, Start::Assigned(replay), metrics.clone())?;
+            let never = CancellationToken::new();
+            while !engine.replaying.is_empty() {
+                let Some(read) = tokio::time::timeout(Duration::from_secs(60), reader.next(&never))
+                    .await
+                    .map_err(|_| Error::Replay("the household stream did not arrive within 60 s".into()))?
+                else {
+                    break;
+                };
+                engine.handle(&read.events, &read.next_offsets).await?;
+            }
+        }
         let reader = LogReader::new(&rc, Start::Assigned(start), metrics.clone())?;
         let router = homelink_kit::ops::router(metrics.clone(), homelink_kit::ops::postgres_ready(pool));
         let listener = homelink_kit::ops::bind(&cfg.listen).await?;

@@ -10,19 +10,6 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-async fn call(stack: &Stack, token: Option<&str>, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut r = stack.http.request(method, format!("{}{path}", stack.api()));
-    if let Some(t) = token {
-        r = r.bearer_auth(t);
-    }
-    if let Some(b) = body {
-        r = r.json(&b);
-    }
-    let r = r.send().await.expect("request");
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
 const AUTOMATIONS: &str = "query($h: ID!) { household(id: $h) { timeZone automations { id name enabled createdBy definition } } }";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -50,19 +37,19 @@ async fn automations_follow_the_roles_table_and_bad_definitions_name_their_fault
 
     // Owners and adults make them; they act with their creator's rights.
     let (status, body) =
-        call(&stack, Some(&owner.access_token), Method::POST, &base, Some(json!({"name": "Night light", "definition": night_light}))).await;
+        stack.call(Some(&owner.access_token), Method::POST, &base, Some(json!({"name": "Night light", "definition": night_light}))).await;
     assert_eq!(status, 201, "{body}");
     assert_eq!((body["enabled"].as_bool(), body["createdBy"].as_str()), (Some(true), Some(owner.user_id.to_string().as_str())));
     let id = body["automationId"].as_str().expect("id").to_owned();
     let (status, body) =
-        call(&stack, Some(&adult.access_token), Method::POST, &base, Some(json!({"name": "Leaving", "definition": leaving}))).await;
+        stack.call(Some(&adult.access_token), Method::POST, &base, Some(json!({"name": "Leaving", "definition": leaving}))).await;
     assert_eq!(status, 201, "{body}");
     let other = json!({"name": "Other", "definition": leaving});
-    assert_eq!(call(&stack, Some(&child.access_token), Method::POST, &base, Some(other.clone())).await.0, 403);
-    assert_eq!(call(&stack, Some(&stranger.access_token), Method::POST, &base, Some(other.clone())).await.0, 404);
-    assert_eq!(call(&stack, None, Method::POST, &base, Some(other.clone())).await.0, 401);
+    assert_eq!(stack.call(Some(&child.access_token), Method::POST, &base, Some(other.clone())).await.0, 403);
+    assert_eq!(stack.call(Some(&stranger.access_token), Method::POST, &base, Some(other.clone())).await.0, 404);
+    assert_eq!(stack.call(None, Method::POST, &base, Some(other.clone())).await.0, 401);
     let (status, body) =
-        call(&stack, Some(&owner.access_token), Method::POST, &base, Some(json!({"name": "leaving", "definition": leaving}))).await;
+        stack.call(Some(&owner.access_token), Method::POST, &base, Some(json!({"name": "leaving", "definition": leaving}))).await;
     assert_eq!((status, body["type"].as_str()), (409, Some("https://homelink.dev/problems/automation-name-taken")), "{body}");
 
     // Bad definitions: the path of the fault, nothing stored.
@@ -98,7 +85,7 @@ async fn automations_follow_the_roles_table_and_bad_definitions_name_their_fault
         ),
     ];
     for (body, want, path) in cases {
-        let (status, problem) = call(&stack, Some(&owner.access_token), Method::POST, &base, Some(body.clone())).await;
+        let (status, problem) = stack.call(Some(&owner.access_token), Method::POST, &base, Some(body.clone())).await;
         assert_eq!((status, problem["path"].as_str()), (want, Some(path)), "{body}: {problem}");
     }
     for (body, why) in [
@@ -108,48 +95,47 @@ async fn automations_follow_the_roles_table_and_bad_definitions_name_their_fault
         (json!({"name": "Bad\u{0}", "definition": night_light}), "NUL"),
         (json!({"name": "Bad"}), "no definition"),
     ] {
-        assert_eq!(call(&stack, Some(&owner.access_token), Method::POST, &base, Some(body)).await.0, 400, "{why}");
+        assert_eq!(stack.call(Some(&owner.access_token), Method::POST, &base, Some(body)).await.0, 400, "{why}");
     }
     let deep = (0..200).fold(json!({"type": "weekday", "days": ["mon"]}), |c, _| json!({"type": "not", "condition": c}));
-    let (status, _) =
-        call(&stack, Some(&owner.access_token), Method::POST, &base, Some(with(&|d| d["conditions"][0] = deep.clone()))).await;
+    let (status, _) = stack.call(Some(&owner.access_token), Method::POST, &base, Some(with(&|d| d["conditions"][0] = deep.clone()))).await;
     assert!(status == 400 || status == 422, "deep nesting refused: {status}");
     assert_eq!(version().await, before, "nothing stored");
 
     // Replace and delete: owners and adults.
     let one = format!("{base}/{id}");
-    let (status, body) = call(
-        &stack,
-        Some(&adult.access_token),
-        Method::PUT,
-        &one,
-        Some(json!({"name": "Night light", "enabled": false, "definition": night_light})),
-    )
-    .await;
+    let (status, body) = stack
+        .call(
+            Some(&adult.access_token),
+            Method::PUT,
+            &one,
+            Some(json!({"name": "Night light", "enabled": false, "definition": night_light})),
+        )
+        .await;
     assert_eq!(
         (status, body["enabled"].as_bool(), body["createdBy"].as_str()),
         (200, Some(false), Some(owner.user_id.to_string().as_str())),
         "{body}"
     );
-    assert_eq!(call(&stack, Some(&child.access_token), Method::PUT, &one, Some(json!({"name": "X", "definition": leaving}))).await.0, 403);
+    assert_eq!(stack.call(Some(&child.access_token), Method::PUT, &one, Some(json!({"name": "X", "definition": leaving}))).await.0, 403);
     assert_eq!(
-        call(
-            &stack,
-            Some(&owner.access_token),
-            Method::PUT,
-            &format!("{base}/{}", Uuid::new_v4()),
-            Some(json!({"name": "X", "definition": leaving}))
-        )
-        .await
-        .0,
+        stack
+            .call(
+                Some(&owner.access_token),
+                Method::PUT,
+                &format!("{base}/{}", Uuid::new_v4()),
+                Some(json!({"name": "X", "definition": leaving}))
+            )
+            .await
+            .0,
         404
     );
 
     // The time zone: an IANA name.
     let tz = format!("/v1/households/{h}/time-zone");
-    assert_eq!(call(&stack, Some(&owner.access_token), Method::PUT, &tz, Some(json!({"timeZone": "Mars/Olympus"}))).await.0, 400);
-    assert_eq!(call(&stack, Some(&child.access_token), Method::PUT, &tz, Some(json!({"timeZone": "Europe/Berlin"}))).await.0, 403);
-    let (status, body) = call(&stack, Some(&adult.access_token), Method::PUT, &tz, Some(json!({"timeZone": "Europe/Berlin"}))).await;
+    assert_eq!(stack.call(Some(&owner.access_token), Method::PUT, &tz, Some(json!({"timeZone": "Mars/Olympus"}))).await.0, 400);
+    assert_eq!(stack.call(Some(&child.access_token), Method::PUT, &tz, Some(json!({"timeZone": "Europe/Berlin"}))).await.0, 403);
+    let (status, body) = stack.call(Some(&adult.access_token), Method::PUT, &tz, Some(json!({"timeZone": "Europe/Berlin"}))).await;
     assert_eq!((status, body["timeZone"].as_str()), (200, Some("Europe/Berlin")), "{body}");
 
     // GraphQL: every member reads them.
@@ -162,9 +148,9 @@ async fn automations_follow_the_roles_table_and_bad_definitions_name_their_fault
     assert_eq!(list[1]["definition"]["mode"], "restart");
     assert_eq!(list[0]["createdBy"], adult.user_id.to_string());
 
-    assert_eq!(call(&stack, Some(&child.access_token), Method::DELETE, &one, None).await.0, 403);
-    assert_eq!(call(&stack, Some(&adult.access_token), Method::DELETE, &one, None).await.0, 204);
-    assert_eq!(call(&stack, Some(&adult.access_token), Method::DELETE, &one, None).await.0, 404);
+    assert_eq!(stack.call(Some(&child.access_token), Method::DELETE, &one, None).await.0, 403);
+    assert_eq!(stack.call(Some(&adult.access_token), Method::DELETE, &one, None).await.0, 204);
+    assert_eq!(stack.call(Some(&adult.access_token), Method::DELETE, &one, None).await.0, 404);
     let read = stack.gql(&owner.access_token, AUTOMATIONS, json!({"h": h})).await;
     assert_eq!(read["data"]["household"]["automations"].as_array().map(Vec::len), Some(1), "{read}");
 }
@@ -227,12 +213,12 @@ async fn the_last_member_leaving_turns_every_light_off_and_locks_the_door() {
     let base = format!("/v1/households/{h}");
     let away = json!({"name": "Away", "devices": [
         {"deviceId": lights[0], "set": {"on": false}}, {"deviceId": lights[1], "set": {"on": false}}, {"deviceId": lock, "set": {"locked": true}}]});
-    let (status, scene) = call(&stack, Some(&owner.access_token), Method::POST, &format!("{base}/scenes"), Some(away)).await;
+    let (status, scene) = stack.call(Some(&owner.access_token), Method::POST, &format!("{base}/scenes"), Some(away)).await;
     assert_eq!(status, 201, "{scene}");
     let leaving = json!({"name": "Leaving home", "definition": {
         "triggers": [{"type": "presence", "who": "last", "movement": "leave", "debounceSecs": 3}],
         "actions": [{"type": "scene", "sceneId": scene["sceneId"]}]}});
-    let (status, automation) = call(&stack, Some(&owner.access_token), Method::POST, &format!("{base}/automations"), Some(leaving)).await;
+    let (status, automation) = stack.call(Some(&owner.access_token), Method::POST, &format!("{base}/automations"), Some(leaving)).await;
     assert_eq!(status, 201, "{automation}");
     let id = automation["automationId"].clone();
     stack.start_automation().await;
@@ -241,7 +227,7 @@ async fn the_last_member_leaving_turns_every_light_off_and_locks_the_door() {
         let (token, url) = (who.access_token.clone(), format!("{base}/presence"));
         let stack = &stack;
         async move {
-            let (status, body) = call(stack, Some(&token), Method::PUT, &url, Some(json!({"state": state}))).await;
+            let (status, body) = stack.call(Some(&token), Method::PUT, &url, Some(json!({"state": state}))).await;
             assert_eq!(status, 200, "{body}");
         }
     };

@@ -10,22 +10,9 @@ use common::{eventually, next_matching, spec, Stack};
 use homelink_events::DeviceKind;
 use homelink_kit::shutdown::CancellationToken;
 use homelink_tools::sim;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::time::Duration;
 use uuid::Uuid;
-
-async fn call(stack: &Stack, token: Option<&str>, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut r = stack.http.request(method, format!("{}{path}", stack.api()));
-    if let Some(t) = token {
-        r = r.bearer_auth(t);
-    }
-    if let Some(b) = body {
-        r = r.json(&b);
-    }
-    let r = r.send().await.expect("request");
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
 
 fn devices() -> Vec<(DeviceKind, &'static str, &'static str)> {
     vec![(DeviceKind::Light, "Lamp", "Hall"), (DeviceKind::Lock, "Front door", "Hall"), (DeviceKind::Light, "Porch", "Garden")]
@@ -46,23 +33,23 @@ async fn scenes_follow_the_roles_table_and_bad_definitions_name_their_fault() {
         json!({"name": "Good night", "devices": [{"deviceId": lamp, "set": {"on": false}}, {"deviceId": lock, "set": {"locked": true}}]});
 
     // Who may make one: owners and adults.
-    let (status, body) = call(&stack, Some(owner), Method::POST, &base, Some(night.clone())).await;
+    let (status, body) = stack.call(Some(owner), Method::POST, &base, Some(night.clone())).await;
     assert_eq!(status, 201, "{body}");
     let scene = body["sceneId"].as_str().expect("scene id").to_owned();
     assert_eq!(body["childAllowed"], false);
     let movie = json!({"name": "Movie", "devices": [{"deviceId": lamp, "set": {"brightness": 20.0}}]});
-    let (status, body) = call(&stack, Some(adult), Method::POST, &base, Some(movie)).await;
+    let (status, body) = stack.call(Some(adult), Method::POST, &base, Some(movie)).await;
     assert_eq!(status, 201, "{body}");
     assert!(body["devices"][0]["set"]["brightness"].is_i64(), "integers stored as integers: {body}");
     let other = json!({"name": "Other", "devices": [{"deviceId": lamp, "set": {"on": true}}]});
-    assert_eq!(call(&stack, Some(child), Method::POST, &base, Some(other.clone())).await.0, 403);
-    assert_eq!(call(&stack, Some(&stranger.access_token), Method::POST, &base, Some(other.clone())).await.0, 404);
-    assert_eq!(call(&stack, None, Method::POST, &base, Some(other.clone())).await.0, 401);
+    assert_eq!(stack.call(Some(child), Method::POST, &base, Some(other.clone())).await.0, 403);
+    assert_eq!(stack.call(Some(&stranger.access_token), Method::POST, &base, Some(other.clone())).await.0, 404);
+    assert_eq!(stack.call(None, Method::POST, &base, Some(other.clone())).await.0, 401);
     let (status, body) =
-        call(&stack, Some(owner), Method::POST, &base, Some(json!({"name": " good NIGHT", "devices": night["devices"]}))).await;
+        stack.call(Some(owner), Method::POST, &base, Some(json!({"name": " good NIGHT", "devices": night["devices"]}))).await;
     assert_eq!(status, 400, "leading space: {body}");
     let (status, body) =
-        call(&stack, Some(owner), Method::POST, &base, Some(json!({"name": "good NIGHT", "devices": night["devices"]}))).await;
+        stack.call(Some(owner), Method::POST, &base, Some(json!({"name": "good NIGHT", "devices": night["devices"]}))).await;
     assert_eq!((status, body["type"].as_str()), (409, Some("https://homelink.dev/problems/scene-name-taken")), "{body}");
 
     // Bad definitions name the field at fault: 400 for what the schema rules
@@ -78,7 +65,7 @@ async fn scenes_follow_the_roles_table_and_bad_definitions_name_their_fault() {
         (json!([{"deviceId": lamp, "set": {"locked": true}}]), 422, "/devices/0/set"),
         (json!([]), 400, "/devices"),
     ] {
-        let (status, body) = call(&stack, Some(owner), Method::POST, &base, Some(json!({"name": "Bad", "devices": devices}))).await;
+        let (status, body) = stack.call(Some(owner), Method::POST, &base, Some(json!({"name": "Bad", "devices": devices}))).await;
         assert_eq!((status, body["path"].as_str()), (want, Some(path)), "{devices}: {body}");
     }
     for (body, why) in [
@@ -91,24 +78,24 @@ async fn scenes_follow_the_roles_table_and_bad_definitions_name_their_fault() {
             "too many",
         ),
     ] {
-        assert_eq!(call(&stack, Some(owner), Method::POST, &base, Some(body)).await.0, 400, "{why}");
+        assert_eq!(stack.call(Some(owner), Method::POST, &base, Some(body)).await.0, 400, "{why}");
     }
 
     // Change: owners and adults; the fields given replace the scene's.
     let one = format!("{base}/{scene}");
-    let (status, body) = call(&stack, Some(adult), Method::PATCH, &one, Some(json!({"childAllowed": true}))).await;
+    let (status, body) = stack.call(Some(adult), Method::PATCH, &one, Some(json!({"childAllowed": true}))).await;
     assert_eq!((status, body["name"].as_str(), body["childAllowed"].as_bool()), (200, Some("Good night"), Some(true)), "{body}");
     assert_eq!(body["devices"].as_array().map(Vec::len), Some(2));
-    assert_eq!(call(&stack, Some(child), Method::PATCH, &one, Some(json!({"name": "Mine"}))).await.0, 403);
+    assert_eq!(stack.call(Some(child), Method::PATCH, &one, Some(json!({"name": "Mine"}))).await.0, 403);
     for nothing in [json!({}), json!({"name": null})] {
-        let (status, same) = call(&stack, Some(owner), Method::PATCH, &one, Some(nothing)).await;
+        let (status, same) = stack.call(Some(owner), Method::PATCH, &one, Some(nothing)).await;
         assert_eq!((status, same["childAllowed"].as_bool()), (200, Some(true)), "no field given: unchanged {same}");
     }
-    assert_eq!(call(&stack, Some(child), Method::PATCH, &one, Some(json!({}))).await.0, 403, "even a no-op is for owners and adults");
+    assert_eq!(stack.call(Some(child), Method::PATCH, &one, Some(json!({}))).await.0, 403, "even a no-op is for owners and adults");
     let (status, body) =
-        call(&stack, Some(owner), Method::PATCH, &one, Some(json!({"devices": [{"deviceId": lock, "set": {"on": true}}]}))).await;
+        stack.call(Some(owner), Method::PATCH, &one, Some(json!({"devices": [{"deviceId": lock, "set": {"on": true}}]}))).await;
     assert_eq!((status, body["path"].as_str()), (422, Some("/devices/0/set")), "{body}");
-    assert_eq!(call(&stack, Some(owner), Method::PATCH, &format!("{base}/{}", Uuid::new_v4()), Some(json!({"name": "X"}))).await.0, 404);
+    assert_eq!(stack.call(Some(owner), Method::PATCH, &format!("{base}/{}", Uuid::new_v4()), Some(json!({"name": "X"}))).await.0, 404);
 
     // GraphQL: a child sees only the childAllowed scenes.
     let h = json!({"h": home.household_id});
@@ -121,10 +108,10 @@ async fn scenes_follow_the_roles_table_and_bad_definitions_name_their_fault() {
     assert_eq!(mine[0]["devices"][1]["set"], json!({"locked": true}));
 
     // Delete: owners and adults.
-    assert_eq!(call(&stack, Some(child), Method::DELETE, &one, None).await.0, 403);
-    assert_eq!(call(&stack, Some(&stranger.access_token), Method::DELETE, &one, None).await.0, 404);
-    assert_eq!(call(&stack, Some(adult), Method::DELETE, &one, None).await.0, 204);
-    assert_eq!(call(&stack, Some(adult), Method::DELETE, &one, None).await.0, 404);
+    assert_eq!(stack.call(Some(child), Method::DELETE, &one, None).await.0, 403);
+    assert_eq!(stack.call(Some(&stranger.access_token), Method::DELETE, &one, None).await.0, 404);
+    assert_eq!(stack.call(Some(adult), Method::DELETE, &one, None).await.0, 204);
+    assert_eq!(stack.call(Some(adult), Method::DELETE, &one, None).await.0, 404);
     let left = stack.gql(owner, SCENES, h).await;
     assert_eq!(left["data"]["household"]["scenes"].as_array().map(Vec::len), Some(1), "{left}");
 
@@ -155,7 +142,7 @@ async fn an_activation_sends_one_command_per_device_and_names_the_device_that_ne
     let base = format!("/v1/households/{}/scenes", home.household_id);
     let body = json!({"name": "Away", "devices": [
         {"deviceId": lamp, "set": {"on": false}}, {"deviceId": lock, "set": {"locked": true}}, {"deviceId": porch, "set": {"on": false}}]});
-    let (status, created) = call(&stack, Some(&owner.access_token), Method::POST, &base, Some(body)).await;
+    let (status, created) = stack.call(Some(&owner.access_token), Method::POST, &base, Some(body)).await;
     assert_eq!(status, 201, "{created}");
     let activate = format!("{base}/{}/activate", created["sceneId"].as_str().unwrap_or_default());
 
@@ -173,9 +160,9 @@ async fn an_activation_sends_one_command_per_device_and_names_the_device_that_ne
     .await;
 
     // Not childAllowed: a child may not; a stranger does not see it.
-    assert_eq!(call(&stack, Some(&child.access_token), Method::POST, &activate, None).await.0, 403);
+    assert_eq!(stack.call(Some(&child.access_token), Method::POST, &activate, None).await.0, 403);
     let stranger = stack.account("stranger").await;
-    assert_eq!(call(&stack, Some(&stranger.access_token), Method::POST, &activate, None).await.0, 404);
+    assert_eq!(stack.call(Some(&stranger.access_token), Method::POST, &activate, None).await.0, 404);
 
     let mut sub = stack
         .subscribe_from_now(
@@ -185,7 +172,7 @@ async fn an_activation_sends_one_command_per_device_and_names_the_device_that_ne
             home.household_id,
         )
         .await;
-    let (status, accepted) = call(&stack, Some(&owner.access_token), Method::POST, &activate, None).await;
+    let (status, accepted) = stack.call(Some(&owner.access_token), Method::POST, &activate, None).await;
     assert_eq!(status, 202, "{accepted}");
     let activation = accepted["activationId"].as_str().expect("activation id").to_owned();
     let commands = accepted["commands"].as_array().cloned().unwrap_or_default();
@@ -224,10 +211,10 @@ async fn an_activation_sends_one_command_per_device_and_names_the_device_that_ne
     assert_eq!(c["data"]["command"]["causedBy"], activation.as_str(), "{c}");
 
     // A device removed since the scene was made is named as skipped.
-    let r = call(&stack, Some(&owner.access_token), Method::DELETE, &format!("/v1/households/{}/devices/{porch}", home.household_id), None)
-        .await;
+    let r =
+        stack.call(Some(&owner.access_token), Method::DELETE, &format!("/v1/households/{}/devices/{porch}", home.household_id), None).await;
     assert_eq!(r.0, 204, "{}", r.1);
-    let (status, again) = call(&stack, Some(&owner.access_token), Method::POST, &activate, None).await;
+    let (status, again) = stack.call(Some(&owner.access_token), Method::POST, &activate, None).await;
     assert_eq!(status, 202, "{again}");
     assert_eq!(again["commands"].as_array().map(Vec::len), Some(2));
     assert_eq!(again["skipped"][0]["deviceId"], porch.to_string(), "{again}");

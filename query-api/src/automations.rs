@@ -36,6 +36,21 @@ struct AutomationRow {
     updated_at: DateTime<Utc>,
 }
 
+impl From<AutomationRow> for Automation {
+    fn from(r: AutomationRow) -> Self {
+        Self {
+            id: ID(r.automation_id.to_string()),
+            uuid: r.automation_id,
+            name: r.name,
+            enabled: r.enabled,
+            created_by: ID(r.created_by.to_string()),
+            definition: Json(r.definition),
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        }
+    }
+}
+
 /// The household's automations, by name.
 pub async fn of_household(pool: &PgPool, budget: &RowBudget, household: Uuid) -> async_graphql::Result<Vec<Automation>> {
     let rows = budget
@@ -49,19 +64,7 @@ pub async fn of_household(pool: &PgPool, budget: &RowBudget, household: Uuid) ->
             .fetch_all(pool)
         })
         .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| Automation {
-            id: ID(r.automation_id.to_string()),
-            uuid: r.automation_id,
-            name: r.name,
-            enabled: r.enabled,
-            created_by: ID(r.created_by.to_string()),
-            definition: Json(r.definition),
-            created_at: r.created_at,
-            updated_at: r.updated_at,
-        })
-        .collect())
+    Ok(rows.into_iter().map(Automation::from).collect())
 }
 
 /// An automation of a household the viewer belongs to (`None` otherwise,
@@ -79,16 +82,7 @@ pub async fn one(pool: &PgPool, budget: &RowBudget, id: Uuid, viewer: Uuid) -> a
             .fetch_optional(pool)
         })
         .await?;
-    Ok(row.map(|r| Automation {
-        id: ID(r.automation_id.to_string()),
-        uuid: r.automation_id,
-        name: r.name,
-        enabled: r.enabled,
-        created_by: ID(r.created_by.to_string()),
-        definition: Json(r.definition),
-        created_at: r.created_at,
-        updated_at: r.updated_at,
-    }))
+    Ok(row.map(Automation::from))
 }
 
 /// The household's time zone (`UTC` until one is set).

@@ -473,6 +473,21 @@ impl Stack {
         home
     }
 
+    /// One call to the command API, as `token` (anonymous without); its
+    /// status and JSON body (`null` when it has none).
+    pub async fn call(&self, token: Option<&str>, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut r = self.http.request(method, format!("{}{path}", self.api()));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let r = r.send().await.expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
     /// Starts the automation engine on this deployment (in this process,
     /// stopped with the stack); it decides from the log's end at this moment.
     /// Returns its port once it is ready.
@@ -809,7 +824,7 @@ pub struct PrivateBroker {
 /// A free port for a child process to bind, outside the kernel's ephemeral
 /// range (32768–60999): a port the kernel hands out for `:0` binds (every
 /// in-process service) could be taken before the child binds it.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     use rand::Rng;
     let mut rng = rand::rng();
     loop {
@@ -902,6 +917,11 @@ pub struct BridgeProcess {
 }
 
 impl BridgeProcess {
+    /// A service binary (`bin`) to run with `args` and `envs`; not started yet.
+    pub fn new(bin: std::path::PathBuf, args: Vec<String>, envs: Vec<(String, String)>) -> Self {
+        Self { child: None, args, envs, bin }
+    }
+
     /// SIGKILL, as a crash would.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

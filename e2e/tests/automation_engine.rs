@@ -1,0 +1,237 @@
+//! The automation engine's guarantees through the running services (issue
+//! 17): waits that span a `kill -9` of the engine fire exactly once, a loop
+//! of automations that trigger each other is stopped and recorded, and an
+//! automation acts with its creator's rights at the moment it runs.
+
+mod common;
+
+use common::{eventually, publish_as, spec, BridgeProcess, Stack};
+use homelink_events::DeviceKind;
+use homelink_kit::shutdown::CancellationToken;
+use homelink_tools::sim;
+use reqwest::Method;
+use serde_json::{json, Value};
+use std::time::Duration;
+use uuid::Uuid;
+
+const RUNS: &str = "query($id: ID!) { automation(id: $id) { runs(first: 50) { id what outcome reason steps } } }";
+
+async fn runs(stack: &Stack, token: &str, id: &Value) -> Vec<Value> {
+    let r = stack.gql(token, RUNS, json!({"id": id})).await;
+    r["data"]["automation"]["runs"].as_array().cloned().unwrap_or_default()
+}
+
+fn contact(seq: u64, closed: bool) -> Vec<u8> {
+    serde_json::to_vec(&json!({"v": 1, "seq": seq, "state": {"contact": closed}})).expect("json")
+}
+
+/// The engine as its own process, on the stack's database and topics.
+fn engine_process(stack: &Stack) -> (BridgeProcess, u16) {
+    let port = common::free_port();
+    let args = [
+        ("--database-url", stack.db_url.clone()),
+        ("--kafka-bootstrap", stack.env.kafka.clone()),
+        ("--topic-prefix", stack.topics.prefix().to_owned()),
+        ("--listen", format!("127.0.0.1:{port}")),
+    ];
+    let mut p = BridgeProcess::new(
+        stack.env.bin_dir.join("homelink-automation"),
+        args.into_iter().flat_map(|(k, v)| [k.to_owned(), v]).collect(),
+        vec![],
+    );
+    p.restart();
+    (p, port)
+}
+
+async fn ready(stack: &Stack, port: u16) {
+    let url = format!("http://127.0.0.1:{port}/readyz");
+    eventually(Duration::from_secs(60), "the engine ready", || async {
+        stack.http.get(&url).send().await.ok().filter(|r| r.status().is_success()).map(|_| ())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_for_and_a_delay_that_span_a_kill_of_the_engine_fire_exactly_once() {
+    let stack = Stack::start().await;
+    let home = stack.seed(&[(DeviceKind::Light, "Porch", "Garden"), (DeviceKind::Sensor, "Gate", "Garden")]).await;
+    let owner = home.accounts[0].access_token.clone();
+    let (light, gate) = (home.devices[0].id, home.devices[1].id);
+    let running = CancellationToken::new();
+    tokio::spawn(sim::run(spec(&home, 0, None), stack.env.target(), None, running.clone()));
+    // The gate open for 6 s: the porch light on for 6 s.
+    let definition = json!({
+        "triggers": [{"type": "state", "deviceId": gate, "capability": "contact", "to": false, "forSecs": 6}],
+        "actions": [{"type": "command", "deviceId": light, "set": {"on": true}}, {"type": "delay", "secs": 6},
+                    {"type": "command", "deviceId": light, "set": {"on": false}}]
+    });
+    let (status, body) = stack
+        .call(
+            Some(&owner),
+            Method::POST,
+            &format!("/v1/households/{}/automations", home.household_id),
+            Some(json!({"name": "Gate light", "definition": definition})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["automationId"].clone();
+    let (mut engine, port) = engine_process(&stack);
+    ready(&stack, port).await;
+
+    let gate_spec = spec(&home, 1, None);
+    let topic = format!("home/{}/device/{gate}/state", home.household_id);
+    publish_as(&stack, &gate_spec, topic.clone(), contact(1, true)).await;
+    publish_as(&stack, &gate_spec, topic.clone(), contact(2, false)).await;
+    // Killed while the `for` runs, and down past its end.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    engine.kill();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(runs(&stack, &owner, &id).await.is_empty(), "nothing ran while the engine was down");
+    engine.restart();
+    let run = eventually(Duration::from_secs(60), "the run delayed", || async {
+        let r = runs(&stack, &owner, &id).await;
+        r.first().filter(|run| run["steps"].as_array().is_some_and(|s| s.iter().any(|s| s["outcome"] == "delayed"))).cloned()
+    })
+    .await;
+    assert!(run["what"].as_str().is_some_and(|w| w.starts_with("contact: false")), "{run}");
+    // Killed again during the delay, and down past its end.
+    engine.kill();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    engine.restart();
+    let done = eventually(Duration::from_secs(60), "the run done", || async {
+        runs(&stack, &owner, &id).await.first().filter(|run| run["outcome"] == "done").cloned()
+    })
+    .await;
+    let outcomes: Vec<&str> = done["steps"].as_array().into_iter().flatten().filter_map(|s| s["outcome"].as_str()).collect();
+    assert_eq!(outcomes, ["sent", "delayed", "sent"], "{done}");
+    ready(&stack, port).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(runs(&stack, &owner, &id).await.len(), 1, "exactly one run");
+    let commands: i64 = sqlx::query_scalar("SELECT count(*) FROM device_commands WHERE device_id = $1 AND caused_by = $2")
+        .bind(light)
+        .bind(Uuid::parse_str(done["id"].as_str().unwrap_or_default()).expect("run id"))
+        .fetch_one(&stack.pool)
+        .await
+        .expect("count");
+    assert_eq!(commands, 2, "one command per command step, none repeated");
+    eventually(Duration::from_secs(30), "the porch light off again", || async {
+        let on: Option<Value> = sqlx::query_scalar("SELECT reported->'on' FROM device_shadows WHERE device_id = $1")
+            .bind(light)
+            .fetch_one(&stack.pool)
+            .await
+            .ok()?;
+        (on == Some(json!(false))).then_some(())
+    })
+    .await;
+    running.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_loop_of_two_automations_is_stopped_and_recorded() {
+    let stack = Stack::start().await;
+    let home = stack.seed(&[(DeviceKind::Light, "Ping", "Hall"), (DeviceKind::Light, "Pong", "Hall")]).await;
+    let owner = home.accounts[0].access_token.clone();
+    let (ping, pong) = (home.devices[0].id, home.devices[1].id);
+    let running = CancellationToken::new();
+    for i in 0..2 {
+        tokio::spawn(sim::run(spec(&home, i, None), stack.env.target(), None, running.clone()));
+    }
+    let base = format!("/v1/households/{}/automations", home.household_id);
+    let bounce = |from: Uuid, to: Uuid| {
+        json!({
+            "triggers": [{"type": "state", "deviceId": from, "capability": "on", "to": true}],
+            "actions": [{"type": "command", "deviceId": from, "set": {"on": false}}, {"type": "command", "deviceId": to, "set": {"on": true}}],
+            "mode": "parallel"
+        })
+    };
+    let (s1, a) = stack.call(Some(&owner), Method::POST, &base, Some(json!({"name": "Ping", "definition": bounce(ping, pong)}))).await;
+    let (s2, b) = stack.call(Some(&owner), Method::POST, &base, Some(json!({"name": "Pong", "definition": bounce(pong, ping)}))).await;
+    assert_eq!((s1, s2), (201, 201), "{a} {b}");
+    let q = "query($h: ID!) { household(id: $h) { devices { nodes { shadow { online } } } } }";
+    eventually(Duration::from_secs(30), "both lights online", || async {
+        let r = stack.gql(&owner, q, json!({"h": home.household_id})).await;
+        let nodes = r["data"]["household"]["devices"]["nodes"].as_array()?.clone();
+        nodes.iter().all(|n| n["shadow"]["online"] == true).then_some(())
+    })
+    .await;
+    stack.start_automation().await;
+    let r = stack.command(&home, ping).json(&json!({"set": {"on": true}})).send().await.expect("command");
+    assert_eq!(r.status().as_u16(), 202);
+    let stopped = eventually(Duration::from_secs(90), "a run stopped by the loop guard", || async {
+        let all = [runs(&stack, &owner, &a["automationId"]).await, runs(&stack, &owner, &b["automationId"]).await].concat();
+        all.into_iter().find(|r| r["outcome"] == "stopped")
+    })
+    .await;
+    assert!(stopped["reason"].as_str().is_some_and(|r| r.starts_with("loop")), "{stopped}");
+    // And it stays stopped: no run after it.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let count = || async { runs(&stack, &owner, &a["automationId"]).await.len() + runs(&stack, &owner, &b["automationId"]).await.len() };
+    let n = count().await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(count().await, n, "the loop ended");
+    assert!(n <= 8, "bounded: {n} runs");
+    running.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_demoted_creators_automation_can_no_longer_unlock() {
+    let stack = Stack::start().await;
+    let home = stack.household_with(&["adult"], &[(DeviceKind::Lock, "Door", "Hall"), (DeviceKind::Sensor, "Doorbell", "Hall")]).await;
+    let (owner, adult) = (home.accounts[0].clone(), home.accounts[1].clone());
+    let (lock, bell) = (home.devices[0].id, home.devices[1].id);
+    let running = CancellationToken::new();
+    tokio::spawn(sim::run(spec(&home, 0, None), stack.env.target(), None, running.clone()));
+    let definition = json!({
+        "triggers": [{"type": "state", "deviceId": bell, "capability": "contact", "to": false}],
+        "actions": [{"type": "command", "deviceId": lock, "set": {"locked": false}}]
+    });
+    let base = format!("/v1/households/{}", home.household_id);
+    let (status, body) = stack
+        .call(
+            Some(&adult.access_token),
+            Method::POST,
+            &format!("{base}/automations"),
+            Some(json!({"name": "Let in", "definition": definition})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["automationId"].clone();
+    let (status, _) = stack
+        .call(Some(&owner.access_token), Method::PUT, &format!("{base}/members/{}/role", adult.user_id), Some(json!({"role": "child"})))
+        .await;
+    assert_eq!(status, 200);
+    stack.start_automation().await;
+    let topic = format!("home/{}/device/{bell}/state", home.household_id);
+    publish_as(&stack, &spec(&home, 1, None), topic.clone(), contact(1, true)).await;
+    publish_as(&stack, &spec(&home, 1, None), topic, contact(2, false)).await;
+    eventually(Duration::from_secs(30), "the doorbell's report projected", || async {
+        let c: Option<Value> = sqlx::query_scalar("SELECT reported->'contact' FROM device_shadows WHERE device_id = $1")
+            .bind(bell)
+            .fetch_one(&stack.pool)
+            .await
+            .ok()?;
+        (c == Some(json!(false))).then_some(())
+    })
+    .await;
+    let run = eventually(Duration::from_secs(60), "the run done", || async {
+        runs(&stack, &owner.access_token, &id).await.first().filter(|r| r["outcome"] == "done").cloned()
+    })
+    .await;
+    assert_eq!(run["steps"][0]["outcome"], "refused", "{run}");
+    assert!(run["steps"][0]["detail"].as_str().is_some_and(|d| d.contains("child")), "{run}");
+    let sent: i64 = sqlx::query_scalar("SELECT count(*) FROM device_commands WHERE device_id = $1 AND caused_by IS NOT NULL")
+        .bind(lock)
+        .fetch_one(&stack.pool)
+        .await
+        .expect("count");
+    assert_eq!(sent, 0, "nothing went to the lock");
+    let aq = "query($h: ID!) { auditLog(householdId: $h, first: 20, filter: {action: \"automation.action\"}) { edges { node { actorId outcome detail } } } }";
+    let audit = eventually(Duration::from_secs(30), "the refusal audited", || async {
+        let a = stack.gql(&owner.access_token, aq, json!({"h": home.household_id})).await;
+        a["data"]["auditLog"]["edges"].as_array().filter(|e| !e.is_empty()).cloned()
+    })
+    .await;
+    assert_eq!(audit[0]["node"]["actorId"], adult.user_id.to_string(), "{audit:?}");
+    assert_eq!(audit[0]["node"]["outcome"], "denied");
+    running.cancel();
+}
