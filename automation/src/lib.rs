@@ -6,11 +6,11 @@
 //! are rows written with the positions it decided up to, so a restart
 //! neither resets nor skips nor repeats one.
 //!
-//! Layout: [`decide`] is pure (which triggers a fact fires, whether a trigger
+//! Layout: [`decide`] (`events::engine`) is pure (which triggers a fact fires, whether a trigger
 //! still holds, derived ids); [`engine`] holds the state and the effects;
 //! this file is the configuration and the wiring.
 
-pub mod decide;
+pub use homelink_events::engine as decide;
 pub mod engine;
 
 use homelink_events::Topics;

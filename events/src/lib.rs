@@ -3,6 +3,10 @@
 //! Layout:
 //! - [`automation`]: automations' definitions, their validation, conditions
 //!   judged against a snapshot, schedules that daylight saving does not break.
+//! - [`engine`]: the automation engine's decisions (which triggers a fact
+//!   fires, whether a held trigger still holds, derived ids), shared by the
+//!   engine and the dry run; [`dry_run`]: an unsaved automation simulated
+//!   over recorded events, sending nothing.
 //! - [`envelope`]: the stored event envelope (`Envelope`) and its JSON encoding;
 //!   every record on a HomeLink Kafka topic is one envelope.
 //! - [`event`]: the typed events (`Event`) and the one place that maps a stored
@@ -26,6 +30,8 @@
 pub mod automation;
 pub mod command;
 pub mod device;
+pub mod dry_run;
+pub mod engine;
 pub mod envelope;
 pub mod event;
 pub mod household;

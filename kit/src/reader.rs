@@ -340,3 +340,94 @@ pub async fn partitions(bootstrap: &str, topics: &[String]) -> Result<Vec<Tp>, c
     .await
     .map_err(|e| crate::Error::Other(e.to_string()))?
 }
+
+/// Records of one key read from a time window of a topic.
+#[derive(Debug, Default)]
+pub struct Window {
+    /// The key's records, in log order.
+    pub events: Vec<Envelope>,
+    /// Records read to find them (every key of the partitions).
+    pub scanned: usize,
+    /// The scan stopped at its limit before the window's end.
+    pub exceeded: bool,
+}
+
+/// Every record of `topic` under `key` written from `from_ms` (from the
+/// start when `None`) to `until_ms` (ms since the epoch, record time), in
+/// log order, reading at most `limit` records in all. A one-off reader with
+/// no group and no commits: what analysts and the dry run read the history
+/// with. Every partition is scanned (the key's partition depends on the
+/// producer's partitioner, which a deployment may set).
+pub async fn read_window(
+    bootstrap: &str,
+    topic: &str,
+    key: &str,
+    from_ms: Option<i64>,
+    until_ms: i64,
+    limit: usize,
+) -> Result<Window, crate::Error> {
+    let wait = Duration::from_secs(10);
+    let consumer: StreamConsumer = crate::kafka::client_config(bootstrap)
+        .set("group.id", "homelink-window")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("fetch.wait.max.ms", "100")
+        .create()?;
+    let topic_owned = topic.to_owned();
+    let (consumer, mut ends) = tokio::task::spawn_blocking(move || -> Result<_, crate::Error> {
+        let topic = topic_owned.as_str();
+        let mut ends: HashMap<i32, i64> = HashMap::new();
+        let mut assign = TopicPartitionList::new();
+        let mut starts = TopicPartitionList::new();
+        for p in crate::kafka::partitions_of(&consumer, topic, wait)? {
+            starts.add_partition_offset(topic, p, Offset::Offset(from_ms.unwrap_or(0)))?;
+        }
+        let starts = if from_ms.is_some() { consumer.offsets_for_times(starts, wait)? } else { starts };
+        for e in starts.elements() {
+            let (low, high) = consumer.fetch_watermarks(topic, e.partition(), wait)?;
+            let start = match (from_ms, e.offset()) {
+                (None, _) => low,
+                (Some(_), Offset::Offset(o)) => o.max(low),
+                // No record at or after the time: nothing to read there.
+                _ => continue,
+            };
+            if start < high {
+                ends.insert(e.partition(), high);
+                assign.add_partition_offset(topic, e.partition(), Offset::Offset(start))?;
+            }
+        }
+        consumer.assign(&assign)?;
+        Ok((consumer, ends))
+    })
+    .await
+    .map_err(|e| crate::Error::Other(e.to_string()))??;
+    let mut out = Window::default();
+    while !ends.is_empty() {
+        let m = match tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await {
+            Err(_) => return Err(crate::Error::Other(format!("reading {topic}: no record within 30 s"))),
+            Ok(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                ends.remove(&p);
+                continue;
+            }
+            Ok(Err(e)) => return Err(e.into()),
+            Ok(Ok(m)) => m,
+        };
+        let (p, offset) = (m.partition(), m.offset());
+        let Some(&end) = ends.get(&p) else { continue };
+        out.scanned += 1;
+        if out.scanned > limit {
+            out.exceeded = true;
+            break;
+        }
+        if m.timestamp().to_millis().is_some_and(|ts| ts > until_ms) || offset + 1 >= end {
+            ends.remove(&p);
+        }
+        if offset >= end || m.timestamp().to_millis().is_some_and(|ts| ts > until_ms) || m.key() != Some(key.as_bytes()) {
+            continue;
+        }
+        if let Ok(envelope) = Envelope::from_json(m.payload().unwrap_or_default()) {
+            out.events.push(envelope);
+        }
+    }
+    Ok(out)
+}

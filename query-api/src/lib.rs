@@ -8,7 +8,8 @@
 //!   too; [`errors`]: every error code in one place. [`hub`]: the fan-out of
 //!   the projector's committed-change notifications to subscriptions;
 //!   [`audit`]: the audit-log connection; [`automations`]: automations and
-//!   the time zone; [`scenes`]: scenes and their
+//!   the time zone; [`dry_run`]: an unsaved automation played over the
+//!   log (the one read of the log here); [`scenes`]: scenes and their
 //!   activations' progress; [`reads`]: the rows one request may
 //!   read and the batching of nested lookups. Imports go one way: schema →
 //!   hub, audit, reads → types, errors.
@@ -18,6 +19,7 @@
 pub mod audit;
 pub mod automations;
 pub mod consistency;
+pub mod dry_run;
 pub mod errors;
 pub mod hub;
 pub mod limits;
@@ -57,6 +59,8 @@ pub struct Config {
     pub subscriptions: hub::SubscriptionLimits,
     /// Rows one GraphQL request may read ([`reads::RowBudget`]).
     pub max_rows: i64,
+    /// The log (Kafka bootstrap and topic names), which the dry run reads.
+    pub log: dry_run::Log,
 }
 
 impl Config {
@@ -69,6 +73,7 @@ impl Config {
             jwks_refresh: Duration::from_secs(10),
             subscriptions: hub::SubscriptionLimits::default(),
             max_rows: reads::DEFAULT_MAX_ROWS,
+            log: dry_run::Log { bootstrap: "127.0.0.1:9092".into(), topics: homelink_events::Topics::new("homelink.") },
         }
     }
 }
@@ -109,7 +114,7 @@ impl Application {
         let pool = homelink_kit::db::connect_with_retry(&cfg.database_url, 16, Duration::from_secs(30)).await?;
         let hub = Arc::new(Hub::new(cfg.subscriptions, &metrics));
         let limits = Limits { introspection: cfg.introspection, rows: cfg.max_rows, ..Limits::default() };
-        let schema = schema::build(pool.clone(), hub.clone(), &limits);
+        let schema = schema::build(pool.clone(), hub.clone(), cfg.log.clone(), &limits);
         let listening = Arc::new(AtomicBool::new(false));
         let verifier = Verifier::default();
         let (l, pg, v) = (listening.clone(), homelink_kit::ops::postgres_ready(pool.clone()), verifier.clone());

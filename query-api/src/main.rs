@@ -6,8 +6,8 @@ use homelink_query_api::{Application, Config};
 #[derive(Parser)]
 #[command(version, about = "HomeLink query API (GraphQL)")]
 struct Args {
-    #[arg(long, env = "HOMELINK_DATABASE_URL")]
-    database_url: String,
+    #[command(flatten)]
+    common: homelink_kit::config::CommonArgs,
     /// command-api's JWKS document, which verifies access tokens.
     #[arg(long, env = "HOMELINK_JWKS_URL", default_value = "http://127.0.0.1:8080/.well-known/jwks.json")]
     jwks_url: String,
@@ -33,7 +33,8 @@ fn main() -> anyhow::Result<()> {
 async fn run() -> anyhow::Result<()> {
     homelink_kit::telemetry::init("info");
     let a = Args::parse();
-    let mut cfg = Config::new(a.database_url, a.jwks_url);
+    let mut cfg = Config::new(&a.common.database_url, a.jwks_url);
+    cfg.log = homelink_query_api::dry_run::Log { bootstrap: a.common.kafka_bootstrap.clone(), topics: a.common.topics() };
     cfg.listen = a.listen;
     cfg.introspection = a.introspection;
     cfg.max_rows = a.max_rows;

@@ -78,18 +78,20 @@ fn page_cost(first: i32, max: i32, child: usize) -> usize {
     list_cost(first.clamp(0, max), child)
 }
 
-pub fn build(pool: PgPool, hub: Arc<Hub>, limits: &Limits) -> HomeLinkSchema {
-    builder(pool, hub, limits).finish()
+pub fn build(pool: PgPool, hub: Arc<Hub>, log: crate::dry_run::Log, limits: &Limits) -> HomeLinkSchema {
+    builder(pool, hub, log, limits).finish()
 }
 
 fn builder(
     pool: PgPool,
     hub: Arc<Hub>,
+    log: crate::dry_run::Log,
     limits: &Limits,
 ) -> async_graphql::SchemaBuilder<Query, async_graphql::EmptyMutation, SubscriptionRoot> {
     let mut b = Schema::build(Query, async_graphql::EmptyMutation, SubscriptionRoot)
         .data(pool)
         .data(hub)
+        .data(log)
         .extension(crate::limits::AliasLimit(limits.aliases))
         .extension(crate::reads::ReadLimit::<Loaders>::new(limits.rows))
         .limit_depth(limits.depth)
@@ -213,6 +215,29 @@ impl Query {
             return Ok(None);
         };
         crate::automations::one(ctx.data::<PgPool>()?, budget(ctx)?, id, user).await
+    }
+
+    /// An automation that is not saved yet, played over the household's
+    /// recorded history from the log between `since` and `until` (at most 7
+    /// days): when it would have fired and what each run would have done.
+    /// Sends nothing. Owners and adults.
+    async fn automation_dry_run(
+        &self,
+        ctx: &Context<'_>,
+        household_id: ID,
+        definition: Json<Value>,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<crate::dry_run::DryRun> {
+        let user = viewer(ctx)?;
+        let pool = ctx.data::<PgPool>()?;
+        let h = parse_id(&household_id).ok_or_else(not_found)?;
+        match budget(ctx)?.read_one(|| role_in(pool, h, user)).await? {
+            None => return Err(not_found()),
+            Some(r) if !r.allows(&Action::ManageDevices) => return Err(error(codes::FORBIDDEN, "only owners and adults try automations")),
+            Some(_) => {}
+        }
+        crate::dry_run::run(ctx.data::<crate::dry_run::Log>()?, user, h, definition.0, since, until).await
     }
 
     /// A scene activation of a household the viewer belongs to, with its
@@ -1022,7 +1047,8 @@ mod tests {
     async fn complexity(query: &str, variables: Value) -> Option<usize> {
         let pool = sqlx::postgres::PgPoolOptions::new().connect_lazy("postgres://nobody@127.0.0.1:1/none").expect("lazy pool");
         let hub = Arc::new(Hub::new(Default::default(), &homelink_kit::metrics::ServiceMetrics::new("test")));
-        let schema = builder(pool, hub, &Limits::default()).extension(async_graphql::extensions::Analyzer).finish();
+        let log = crate::dry_run::Log { bootstrap: "127.0.0.1:1".into(), topics: homelink_events::Topics::new("test.") };
+        let schema = builder(pool, hub, log, &Limits::default()).extension(async_graphql::extensions::Analyzer).finish();
         let request = async_graphql::Request::new(query).variables(async_graphql::Variables::from_json(variables));
         let r = serde_json::to_value(schema.execute(request).await).expect("json");
         if r["errors"].as_array().into_iter().flatten().any(|e| e["message"].as_str().is_some_and(|m| m.contains("too complex"))) {

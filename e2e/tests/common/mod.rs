@@ -330,6 +330,7 @@ impl Stack {
 
         let mut qc = homelink_query_api::Config::new(&db_url, format!("http://127.0.0.1:{command_port}/.well-known/jwks.json"));
         qc.jwks_refresh = Duration::from_millis(200);
+        qc.log = homelink_query_api::dry_run::Log { bootstrap: env.kafka.clone(), topics: topics.clone() };
         if let Some(n) = env.hub_buffer {
             qc.subscriptions.buffer = n;
         }

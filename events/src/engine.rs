@@ -3,9 +3,9 @@
 //! outputs get (derived, so a decision repeated after a crash appends the
 //! same events and commands again, which every consumer ignores).
 
+use crate::automation::{compares, Movement, Trigger, Who};
+use crate::household::{Household, Presence};
 use chrono::{DateTime, Utc};
-use homelink_events::automation::{compares, Movement, Trigger, Who};
-use homelink_events::household::{Household, Presence};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 use uuid::Uuid;
@@ -58,7 +58,7 @@ pub fn fires(trigger: &Trigger, fact: &Fact<'_>) -> Option<(String, u32, Option<
                 .then(|| (if *now { "came online" } else { "went offline" }.to_owned(), for_secs.unwrap_or(0), None))
         }
         (Trigger::Presence { who, movement, user_id, debounce_secs }, Fact::Presence { user, now, was, home_before, home_after }) => {
-            let hold = debounce_secs.unwrap_or(homelink_events::automation::DEFAULT_DEBOUNCE_SECS);
+            let hold = debounce_secs.unwrap_or(crate::automation::DEFAULT_DEBOUNCE_SECS);
             let target = match movement {
                 Movement::Arrive => Presence::Home,
                 Movement::Leave => Presence::Away,
@@ -137,7 +137,7 @@ pub fn due(at: DateTime<Utc>, secs: u32) -> DateTime<Utc> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use homelink_events::household::HouseholdEvent;
+    use crate::household::HouseholdEvent;
     use serde_json::json;
 
     const SENSOR: Uuid = Uuid::from_u128(5);
