@@ -447,8 +447,11 @@ pub(crate) async fn flush_open(s: Arc<Shared>, household: Uuid, device: Uuid) {
 /// from the read model, not from memory: a bridge restarted after a crash
 /// expires what came due meanwhile. Bridges take turns through an advisory
 /// lock; an expiry recorded twice is harmless (the status only moves forward).
-pub(crate) async fn expiry_timer(s: Arc<Shared>, every: Duration, cancel: CancellationToken) {
+/// The same timer resends what scenes and automations sent and nobody
+/// answered ([`resend_unanswered`]).
+pub(crate) async fn expiry_timer(s: Arc<Shared>, every: Duration, resend_after: Duration, cancel: CancellationToken) {
     let mut recent: HashMap<Uuid, std::time::Instant> = HashMap::new();
+    let mut resent: HashMap<Uuid, std::time::Instant> = HashMap::new();
     loop {
         tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(every) => {} }
         recent.retain(|_, at| at.elapsed() < Duration::from_secs(30));
@@ -469,7 +472,57 @@ pub(crate) async fn expiry_timer(s: Arc<Shared>, every: Duration, cancel: Cancel
                 s.metrics.errors.with_label_values(&["expiry_timer"]).inc();
             }
         }
+        if let Err(e) = resend_unanswered(&s, resend_after, &mut resent).await {
+            tracing::warn!(error = %e, "reading unanswered commands failed");
+            s.metrics.errors.with_label_values(&["resend_timer"]).inc();
+        }
     }
+}
+
+/// A scene's or an automation's command (one with a cause) that reached
+/// its device (`delivered`) and got no answer within `after` is published
+/// again with the same `commandId` while it lives, at most every `after`:
+/// a scene never leaves a device behind because one message was lost
+/// (devices ignore a `commandId` they handled, so the effect is once). What
+/// still gets no answer expires and is named in the activation's progress.
+/// A member's own tap is not resent (they see it pending and can tap again).
+async fn resend_unanswered(s: &Arc<Shared>, after: Duration, resent: &mut HashMap<Uuid, std::time::Instant>) -> Result<(), sqlx::Error> {
+    resent.retain(|_, at| at.elapsed() < after);
+    let skip: Vec<Uuid> = resent.keys().copied().collect();
+    let mut tx = s.pool.begin().await?;
+    let mine: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)").bind(Lock::ResendSweep.key()).fetch_one(&mut *tx).await?;
+    if !mine {
+        return Ok(());
+    }
+    // The rank in the statement, not bound: the partial index of open commands needs it.
+    let rows = sqlx::query(&format!(
+        "SELECT command_id, household_id, device_id, set_values, expires_at, requested_at, actor FROM device_commands
+          WHERE status_rank = {delivered} AND caused_by IS NOT NULL AND set_values IS NOT NULL
+            AND expires_at > now() + interval '1 second' AND delivered_at < now() - make_interval(secs => $1)
+            AND command_id <> ALL($2)
+          ORDER BY delivered_at LIMIT 200",
+        delivered = Rank::Delivered.value()
+    ))
+    .bind(after.as_secs_f64())
+    .bind(&skip)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    for r in rows {
+        let (command_id, household, device_id): (Uuid, Uuid, Uuid) = (r.get(0), r.get(1), r.get(2));
+        let serde_json::Value::Object(set) = r.get::<serde_json::Value, _>(3) else { continue };
+        let Some(actor) = r.get::<Option<serde_json::Value>, _>(6).and_then(|a| serde_json::from_value::<Actor>(a).ok()) else { continue };
+        resent.insert(command_id, std::time::Instant::now());
+        let ev = Event::DeviceCommandRequested(DeviceCommandRequested { command_id, device_id, set, expires_at: r.get(4), queued: false });
+        let at: Option<chrono::DateTime<Utc>> = r.get(5);
+        let envelope = Envelope::new(household, actor, &ev, at.unwrap_or_else(Utc::now));
+        tracing::info!(command = %command_id, device = %device_id, "a scene's or automation's command got no answer: published again");
+        s.deliverer.forget(command_id);
+        if deliver_counted(s, &envelope, "command_resent").await.is_some() {
+            s.metrics.messages_out.with_label_values(&["command_resent"]).inc();
+        }
+    }
+    Ok(())
 }
 
 /// Open commands past their expiry, if this bridge holds the timer's lock;

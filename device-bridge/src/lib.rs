@@ -82,6 +82,10 @@ pub struct Config {
     pub produce_linger: Duration,
     /// How often the expiry timer looks for commands past their expiry.
     pub expiry_every: Duration,
+    /// A scene's or an automation's command delivered this long ago and not
+    /// answered is published again (same `commandId`) while it lives, at
+    /// most this often.
+    pub resend_after: Duration,
     /// Requests each MQTT client queues while its broker is away; a command
     /// that finds the queue full is not published now (the catch-up path
     /// tries again) — no household waits behind another's.
@@ -114,6 +118,7 @@ impl Config {
             command_fetch_wait: Duration::from_millis(500),
             produce_linger: Duration::from_millis(5),
             expiry_every: Duration::from_secs(1),
+            resend_after: Duration::from_secs(5),
             mqtt_queue: 8192,
             device_rate: (50, 500),
         }
@@ -274,7 +279,7 @@ impl Application {
         let ingest = tokio::spawn(ingest::run(self.shared.clone(), clients.clone(), rx, cancel.clone()));
         let commands = tokio::spawn(deliver::consume_commands(self.shared.clone(), self.commands, cancel.clone()));
         let households = tokio::spawn(registry::follow(self.shared.clone(), self.households, cancel.clone()));
-        let timer = tokio::spawn(deliver::expiry_timer(self.shared.clone(), self.cfg.expiry_every, cancel.clone()));
+        let timer = tokio::spawn(deliver::expiry_timer(self.shared.clone(), self.cfg.expiry_every, self.cfg.resend_after, cancel.clone()));
         // Devices whose buckets are full again are forgotten: bounded memory.
         let (s, c) = (self.shared.clone(), cancel.clone());
         tokio::spawn(async move {

@@ -136,21 +136,26 @@ const ACTIVATION: &str = "query($id: ID!) { sceneActivation(id: $id) { sceneId a
 async fn an_activation_sends_one_command_per_device_and_names_the_device_that_never_answered() {
     use reqwest::Method;
     let stack = Stack::start().await;
-    let home = stack.household_with(&["child"], &devices()).await;
+    let mut all = devices();
+    all.push((DeviceKind::Light, "Desk", "Study"));
+    let home = stack.household_with(&["child"], &all).await;
     let (owner, child) = (&home.accounts[0], &home.accounts[1]);
-    let (lamp, lock, porch) = (home.devices[0].id, home.devices[1].id, home.devices[2].id);
+    let (lamp, lock, porch, desk) = (home.devices[0].id, home.devices[1].id, home.devices[2].id, home.devices[3].id);
     let base = format!("/v1/households/{}/scenes", home.household_id);
     let body = json!({"name": "Away", "devices": [
-        {"deviceId": lamp, "set": {"on": false}}, {"deviceId": lock, "set": {"locked": true}}, {"deviceId": porch, "set": {"on": false}}]});
+        {"deviceId": lamp, "set": {"on": false}}, {"deviceId": lock, "set": {"locked": true}}, {"deviceId": porch, "set": {"on": false}},
+        {"deviceId": desk, "set": {"on": false}}]});
     let (status, created) = stack.call(Some(&owner.access_token), Method::POST, &base, Some(body)).await;
     assert_eq!(status, 201, "{created}");
     let activate = format!("{base}/{}/activate", created["sceneId"].as_str().unwrap_or_default());
 
-    // The lamp and the lock are connected and answer; the porch light never connects.
+    // The lamp and the lock are connected and answer; the porch light never
+    // connects; the desk light is connected, takes its commands and never answers.
     let running = CancellationToken::new();
     for i in 0..2 {
         tokio::spawn(sim::run(spec(&home, i, None), stack.env.target(), None, running.clone()));
     }
+    let desk_got = silent_device(&stack, &spec(&home, 3, None)).await;
     let q = "query($h: ID!) { household(id: $h) { devices { nodes { id shadow { online } } } } }";
     eventually(Duration::from_secs(30), "lamp and lock online", || async {
         let r = stack.gql(&owner.access_token, q, json!({"h": home.household_id})).await;
@@ -177,7 +182,7 @@ async fn an_activation_sends_one_command_per_device_and_names_the_device_that_ne
     let activation = accepted["activationId"].as_str().expect("activation id").to_owned();
     let commands = accepted["commands"].as_array().cloned().unwrap_or_default();
     let status_of = |d: Uuid| commands.iter().find(|c| c["deviceId"] == d.to_string()).map(|c| c["status"].clone());
-    assert_eq!(commands.len(), 3, "{accepted}");
+    assert_eq!(commands.len(), 4, "{accepted}");
     assert_eq!(status_of(lamp), Some(json!("requested")));
     assert_eq!(status_of(porch), Some(json!("queued")), "offline: queued like a single command");
 
@@ -189,7 +194,9 @@ async fn an_activation_sends_one_command_per_device_and_names_the_device_that_ne
     .await;
     assert_eq!(acked["householdChanges"]["causedBy"], activation.as_str(), "{acked}");
 
-    // Progress: two acked at once; the porch light expires within its 30 s life and is named.
+    // Progress: two acked at once; the porch light and the silent desk light
+    // expire within their 30 s life and are named; the desk light's command
+    // was published to it again (same id) while it lived.
     let vars = json!({"id": activation});
     let progress = eventually(Duration::from_secs(90), "the activation done", || async {
         let r = stack.gql(&owner.access_token, ACTIVATION, vars.clone()).await;
@@ -198,11 +205,20 @@ async fn an_activation_sends_one_command_per_device_and_names_the_device_that_ne
     .await;
     assert_eq!(
         (progress["total"].as_i64(), progress["acked"].as_i64(), progress["expired"].as_i64()),
-        (Some(3), Some(2), Some(1)),
+        (Some(4), Some(2), Some(2)),
         "{progress}"
     );
-    let porch_part = progress["devices"].as_array().and_then(|d| d.iter().find(|d| d["deviceId"] == porch.to_string()).cloned());
-    assert_eq!(porch_part.map(|p| p["status"].clone()), Some(json!("expired")), "{progress}");
+    let part = |d: Uuid| progress["devices"].as_array().and_then(|p| p.iter().find(|p| p["deviceId"] == d.to_string()).cloned());
+    let porch_part = part(porch).unwrap_or_default();
+    assert_eq!(porch_part["status"], "expired", "{progress}");
+    assert!(porch_part["reason"].as_str().is_some_and(|r| r.contains("offline")), "{progress}");
+    let desk_part = part(desk).unwrap_or_default();
+    assert_eq!(desk_part["status"], "expired", "{progress}");
+    assert!(desk_part["reason"].as_str().is_some_and(|r| r.contains("never answered")), "{progress}");
+    let desk_command = desk_part["commandId"].as_str().unwrap_or_default().to_owned();
+    let got = desk_got.lock().map(|g| g.clone()).unwrap_or_default();
+    assert!(got.len() >= 3, "published to the silent device again while it lived: {got:?}");
+    assert!(got.iter().all(|c| *c == desk_command), "always the same command id: {got:?} vs {desk_command}");
     assert_eq!(progress["actorId"], owner.user_id.to_string());
 
     // A command names its cause.
@@ -211,13 +227,15 @@ async fn an_activation_sends_one_command_per_device_and_names_the_device_that_ne
     assert_eq!(c["data"]["command"]["causedBy"], activation.as_str(), "{c}");
 
     // A device removed since the scene was made is named as skipped.
-    let r =
-        stack.call(Some(&owner.access_token), Method::DELETE, &format!("/v1/households/{}/devices/{porch}", home.household_id), None).await;
-    assert_eq!(r.0, 204, "{}", r.1);
+    for d in [porch, desk] {
+        let r =
+            stack.call(Some(&owner.access_token), Method::DELETE, &format!("/v1/households/{}/devices/{d}", home.household_id), None).await;
+        assert_eq!(r.0, 204, "{}", r.1);
+    }
     let (status, again) = stack.call(Some(&owner.access_token), Method::POST, &activate, None).await;
     assert_eq!(status, 202, "{again}");
     assert_eq!(again["commands"].as_array().map(Vec::len), Some(2));
-    assert_eq!(again["skipped"][0]["deviceId"], porch.to_string(), "{again}");
+    assert_eq!(again["skipped"].as_array().map(Vec::len), Some(2), "{again}");
     let id = again["activationId"].clone();
     let progress = eventually(Duration::from_secs(60), "the second activation done", || async {
         let r = stack.gql(&owner.access_token, ACTIVATION, json!({"id": id})).await;
@@ -226,7 +244,7 @@ async fn an_activation_sends_one_command_per_device_and_names_the_device_that_ne
     .await;
     assert_eq!(
         (progress["acked"].as_i64(), progress["skipped"].as_i64(), progress["total"].as_i64()),
-        (Some(2), Some(1), Some(3)),
+        (Some(2), Some(2), Some(4)),
         "{progress}"
     );
 
@@ -234,4 +252,35 @@ async fn an_activation_sends_one_command_per_device_and_names_the_device_that_ne
     let r = stack.gql(&stranger.access_token, ACTIVATION, json!({"id": activation})).await;
     assert!(r["data"]["sceneActivation"].is_null(), "{r}");
     running.cancel();
+}
+
+/// A device that is connected and subscribed to its commands but never
+/// answers one: the command ids it received, in order.
+async fn silent_device(stack: &Stack, spec: &sim::DeviceSpec) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{AsyncClient, Event};
+    let (client, mut ev) = AsyncClient::new(sim::mqtt_options(spec, &stack.env.target()), 10);
+    let topic = format!("home/{}/device/{}/cmd", spec.household_id, spec.device_id);
+    client.subscribe(topic, QoS::AtLeastOnce).await.expect("subscribe");
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (g, subscribed) = (got.clone(), std::sync::Arc::new(tokio::sync::Notify::new()));
+    let s = subscribed.clone();
+    tokio::spawn(async move {
+        let _client = client;
+        while let Ok(e) = ev.poll().await {
+            match e {
+                Event::Incoming(Packet::SubAck(_)) => s.notify_one(),
+                Event::Incoming(Packet::Publish(p)) => {
+                    let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap_or_default();
+                    if let (Some(id), Ok(mut g)) = (v["commandId"].as_str(), g.lock()) {
+                        g.push(id.to_owned());
+                    }
+                }
+                _ => {}
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(20), subscribed.notified()).await.expect("the silent device subscribed");
+    got
 }

@@ -38,7 +38,8 @@ pub struct ActivationDevice {
     pub command_id: Option<ID>,
     /// The command's status (`requested`, `queued`, `delivered`, `ok`,
     /// `confirmed`, `rejected`, `failed`, `expired`, `superseded`), or
-    /// `skipped`.
+    /// `skipped`, or `unconfirmed` (acked `ok`, but its reports never
+    /// showed the values while the command lived; counted as failed).
     pub status: String,
     /// Why it failed, was rejected or skipped.
     pub reason: Option<String>,
@@ -56,8 +57,8 @@ pub struct SceneActivation {
     pub total: i32,
     /// Devices that answered `ok` (or reported the values).
     pub acked: i32,
-    /// Devices that answered `rejected` or `failed`, or whose command was
-    /// revoked.
+    /// Devices that answered `rejected` or `failed`, whose command was
+    /// revoked, or that acked but never reported the values (`unconfirmed`).
     pub failed: i32,
     /// Devices that never answered within the command's life.
     pub expired: i32,
@@ -142,12 +143,15 @@ pub async fn activation(pool: &PgPool, budget: &RowBudget, id: Uuid, viewer: Uui
     let Some(a) = row else {
         return Ok(None);
     };
-    let statuses: Vec<(Uuid, String, Option<String>)> = budget
+    let statuses: Vec<(Uuid, String, Option<String>, bool, bool)> = budget
         .read(None, |limit| {
-            sqlx::query_as("SELECT command_id, status, reason FROM device_commands WHERE caused_by = $1 LIMIT $2")
-                .bind(id)
-                .bind(limit)
-                .fetch_all(pool)
+            sqlx::query_as(
+                "SELECT command_id, status, reason, delivered_at IS NOT NULL, expired_at IS NOT NULL FROM device_commands
+                  WHERE caused_by = $1 LIMIT $2",
+            )
+            .bind(id)
+            .bind(limit)
+            .fetch_all(pool)
         })
         .await?;
     let mut out = SceneActivation {
@@ -169,11 +173,26 @@ pub async fn activation(pool: &PgPool, budget: &RowBudget, id: Uuid, viewer: Uui
         let command = c["commandId"].as_str().and_then(|s| Uuid::parse_str(s).ok());
         let found = statuses.iter().find(|(cid, ..)| Some(*cid) == command);
         // Not projected yet: the command is on its way.
-        let (status, reason) = found.map(|(_, s, r)| (s.clone(), r.clone())).unwrap_or(("requested".into(), None));
+        let (mut status, mut reason, delivered, expired) =
+            found.map(|(_, s, r, d, e)| (s.clone(), r.clone(), *d, *e)).unwrap_or(("requested".into(), None, false, false));
         match status.as_str() {
+            // Acked, but its reports never showed the values within the
+            // command's life (or contradicted them): it did not take its part.
+            "ok" if expired => {
+                out.failed += 1;
+                status = "unconfirmed".into();
+                reason = Some("acknowledged, but its reports never showed the values within the command's life".into());
+            }
             "ok" | "confirmed" => out.acked += 1,
             "rejected" | "failed" => out.failed += 1,
-            "expired" => out.expired += 1,
+            "expired" => {
+                out.expired += 1;
+                reason = Some(if delivered {
+                    "delivered and published again while it lived, never answered".into()
+                } else {
+                    "never delivered: the device stayed offline".into()
+                });
+            }
             // Replaced by a newer command to the device: this scene's part is over.
             "superseded" => {}
             _ => out.pending += 1,

@@ -25,6 +25,8 @@ pub enum Lock {
     SigningKeys,
     /// The bridges' command expiry sweep.
     ExpirySweep,
+    /// The bridges' resending of scene and automation commands left unanswered.
+    ResendSweep,
 }
 
 impl Lock {
@@ -38,6 +40,7 @@ impl Lock {
             Lock::DeviceDesired(d) => second_half(d) ^ 0x4465_7369_7265_6421,
             Lock::SigningKeys => 7_410_001,
             Lock::ExpirySweep => 7_311_001,
+            Lock::ResendSweep => 7_311_002,
         }
     }
 }
@@ -71,7 +74,13 @@ mod tests {
     fn purposes_do_not_share_keys() {
         for n in 0..10_000u128 {
             let id = Uuid::from_u128(n.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835));
-            let keys = [Lock::Household(id).key(), Lock::DeviceDesired(id).key(), Lock::SigningKeys.key(), Lock::ExpirySweep.key()];
+            let keys = [
+                Lock::Household(id).key(),
+                Lock::DeviceDesired(id).key(),
+                Lock::SigningKeys.key(),
+                Lock::ExpirySweep.key(),
+                Lock::ResendSweep.key(),
+            ];
             for (i, a) in keys.iter().enumerate() {
                 assert!(keys[i + 1..].iter().all(|b| a != b), "{id}: {keys:?}");
             }
