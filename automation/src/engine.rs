@@ -14,7 +14,8 @@ use chrono::{DateTime, Utc};
 use homelink_events::automation::{conditions_hold, next_time, parse_clock, Mode, Snapshot, Step, Trigger};
 use homelink_events::command::{decide as decide_command, COMMAND_LIFE};
 use homelink_events::event::{
-    ActivatedCommand, AutomationRunFinished, AutomationRunStepped, AutomationTriggered, CommandDenied, SceneActivated,
+    ActivatedCommand, AutomationPaused, AutomationResumed, AutomationRunFinished, AutomationRunStepped, AutomationTriggered, CommandDenied,
+    SceneActivated,
 };
 use homelink_events::household::{Action, Household};
 use homelink_events::{Actor, Envelope, Event, RequestMeta, Topics};
@@ -37,8 +38,10 @@ pub struct House {
     loaded: bool,
 }
 
-/// Runs of one automation allowed in a minute before it is stopped (the breaker).
+/// Runs of one automation allowed in [`BREAKER_WINDOW`] before it is
+/// paused (the breaker), by default.
 pub const BREAKER_RUNS: usize = 30;
+pub const BREAKER_WINDOW: Duration = Duration::from_secs(60);
 
 pub struct Engine {
     pub pool: PgPool,
@@ -51,10 +54,15 @@ pub struct Engine {
     pub houses: HashMap<Uuid, House>,
     /// Positions up to which decisions were made; records below only fold.
     pub decided: HashMap<(String, i32), i64>,
-    /// The engine's last command to a device: when, at which causation depth.
-    sent: HashMap<Uuid, (DateTime<Utc>, u32)>,
+    /// The engine's last command to a device: when, at which causation
+    /// depth, from which automation.
+    sent: HashMap<Uuid, (DateTime<Utc>, u32, Uuid)>,
     /// Recent run starts per automation (the breaker).
     starts: HashMap<Uuid, VecDeque<DateTime<Utc>>>,
+    /// Runs an automation may start in a window before it is paused.
+    pub breaker: (usize, Duration),
+    /// Automations the breaker paused (rows of `engine_paused`) until they are saved again.
+    paused: HashSet<Uuid>,
     /// Households with a run waiting for a trigger.
     waiting: HashSet<Uuid>,
     /// Household-stream partitions not yet folded up to where decisions
@@ -96,6 +104,8 @@ impl Engine {
             decided: HashMap::new(),
             sent: HashMap::new(),
             starts: HashMap::new(),
+            breaker: (BREAKER_RUNS, BREAKER_WINDOW),
+            paused: HashSet::new(),
             waiting: HashSet::new(),
             replaying: HashSet::new(),
         }
@@ -106,6 +116,8 @@ impl Engine {
         let hs: Vec<Uuid> =
             sqlx::query_scalar("SELECT DISTINCT household_id FROM engine_timers WHERE kind = 'wait'").fetch_all(&self.pool).await?;
         self.waiting = hs.into_iter().collect();
+        let paused: Vec<Uuid> = sqlx::query_scalar("SELECT automation_id FROM engine_paused").fetch_all(&self.pool).await?;
+        self.paused = paused.into_iter().collect();
         Ok(())
     }
 
@@ -134,6 +146,14 @@ impl Engine {
                     }
                 }
                 match &before.1 {
+                    Event::AutomationChanged(a) if decide && self.paused.contains(&a.automation_id) => {
+                        self.resume(&mut tx, &mut out, h, a.automation_id, now).await?;
+                        changed_automations.insert(h);
+                    }
+                    Event::AutomationDeleted(a) if decide && self.paused.remove(&a.automation_id) => {
+                        sqlx::query("DELETE FROM engine_paused WHERE automation_id = $1").bind(a.automation_id).execute(&mut *tx).await?;
+                        changed_automations.insert(h);
+                    }
                     Event::AutomationCreated(_)
                     | Event::AutomationChanged(_)
                     | Event::AutomationDeleted(_)
@@ -143,7 +163,7 @@ impl Engine {
                     Event::PresenceChanged(p) if decide => {
                         let home_after = house.agg.members_home();
                         let fact = Fact::Presence { user: p.user_id, now: p.presence, was, home_before: before.0, home_after };
-                        self.on_fact(&mut tx, &mut out, h, &l.envelope, &fact, 0, now).await?;
+                        self.on_fact(&mut tx, &mut out, h, &l.envelope, &fact, (0, None), now).await?;
                     }
                     _ => {}
                 }
@@ -161,14 +181,14 @@ impl Engine {
                             after.insert(k.clone(), v.clone());
                         }
                         house.devices.state.insert(r.device_id, after.clone());
-                        let depth = self.depth_of(r.device_id, l.envelope.occurred_at);
+                        let cause = self.caused_by(r.device_id, l.envelope.occurred_at);
                         let fact = Fact::Reported { device: r.device_id, before: before.as_ref(), after: &after };
-                        self.on_fact(&mut tx, &mut out, h, &l.envelope, &fact, depth, now).await?;
+                        self.on_fact(&mut tx, &mut out, h, &l.envelope, &fact, cause, now).await?;
                     }
                     Event::DeviceStatusChanged(s) => {
                         let was = house.devices.online.insert(s.device_id, s.online);
                         let fact = Fact::Status { device: s.device_id, online: s.online, was };
-                        self.on_fact(&mut tx, &mut out, h, &l.envelope, &fact, 0, now).await?;
+                        self.on_fact(&mut tx, &mut out, h, &l.envelope, &fact, (0, None), now).await?;
                     }
                     _ => {}
                 }
@@ -257,11 +277,12 @@ impl Engine {
     }
 
     /// A report right after the engine's own command to the device is that
-    /// command's effect: one step deeper in the causation chain.
-    fn depth_of(&self, device: Uuid, at: DateTime<Utc>) -> u32 {
+    /// command's effect: one step deeper in the causation chain, and the
+    /// automation whose command it was.
+    fn caused_by(&self, device: Uuid, at: DateTime<Utc>) -> (u32, Option<Uuid>) {
         match self.sent.get(&device) {
-            Some((sent, d)) if at >= *sent && at - *sent < chrono::Duration::seconds(30) => d + 1,
-            _ => 0,
+            Some((sent, d, aid)) if at >= *sent && at - *sent < chrono::Duration::seconds(30) => (d + 1, Some(*aid)),
+            _ => (0, None),
         }
     }
 
@@ -273,13 +294,16 @@ impl Engine {
         h: Uuid,
         env: &Envelope,
         fact: &Fact<'_>,
-        depth: u32,
+        (depth, own): (u32, Option<Uuid>),
         now: DateTime<Utc>,
     ) -> Result<(), sqlx::Error> {
         let Some(house) = self.houses.get(&h) else { return Ok(()) };
         tracing::debug!(household = %h, event = %env.event_id, ?fact, automations = house.agg.automations.len(), "fact");
         let mut fired = Vec::new();
-        for (aid, a) in house.agg.automations.iter().filter(|(_, a)| a.enabled) {
+        // An automation does not act on its own commands' effects unless asked.
+        let listens =
+            |aid: &Uuid, a: &homelink_events::household::Automation| a.enabled && (own != Some(*aid) || a.definition.react_to_own);
+        for (aid, a) in house.agg.automations.iter().filter(|(aid, a)| listens(aid, a)) {
             for (i, t) in a.definition.triggers.iter().enumerate() {
                 if let Some((what, hold, user)) = decide::fires(t, fact) {
                     fired.push((*aid, i, what, hold, user));
@@ -393,9 +417,15 @@ impl Engine {
     ) -> Result<(), sqlx::Error> {
         let Some(house) = self.houses.get(&h) else { return Ok(()) };
         let Some(a) = house.agg.automations.get(&aid).cloned() else { return Ok(()) };
+        if self.paused.contains(&aid) {
+            self.metrics.messages_in.with_label_values(&["trigger_paused"]).inc();
+            return Ok(());
+        }
         let run = decide::run_id(aid, trigger, cause_key);
+        let (limit, window) = self.breaker;
+        let window = chrono::Duration::from_std(window).unwrap_or_default();
         let starts = self.starts.entry(aid).or_default();
-        while starts.front().is_some_and(|t| now - *t > chrono::Duration::seconds(60)) {
+        while starts.front().is_some_and(|t| now - *t > window) {
             starts.pop_front();
         }
         let mut verdict: Option<(&str, String)> = None;
@@ -404,8 +434,10 @@ impl Engine {
                 "stopped",
                 format!("loop: causation depth {depth} over {MAX_DEPTH} (its own or another automation's commands trigger it)"),
             ));
-        } else if starts.len() >= BREAKER_RUNS {
-            verdict = Some(("stopped", format!("breaker: more than {BREAKER_RUNS} runs in a minute")));
+        } else if starts.len() >= limit {
+            let reason = format!("breaker: more than {limit} runs in {} s; paused until it is saved again", window.num_seconds());
+            self.pause_automation(tx, out, h, aid, &reason, now).await?;
+            verdict = Some(("stopped", reason));
         }
         let mut conditions = Vec::new();
         if verdict.is_none() {
@@ -516,7 +548,7 @@ impl Engine {
                     }) {
                         Ok(mut c) => {
                             c.queued = !house.devices.online.get(device_id).copied().unwrap_or(false);
-                            self.sent.insert(*device_id, (now, depth));
+                            self.sent.insert(*device_id, (now, depth, aid));
                             let env = out.push(
                                 h,
                                 actor.clone(),
@@ -570,7 +602,7 @@ impl Engine {
                             let env = out.push(h, actor.clone(), ev, decide::derived(activation_id, "activated"), Some(run), now);
                             env.meta = Some(meta.clone());
                             for c in act.commands {
-                                self.sent.insert(c.device_id, (now, depth));
+                                self.sent.insert(c.device_id, (now, depth, aid));
                                 let id = c.command_id;
                                 let env = out.push(
                                     h,
@@ -811,6 +843,63 @@ impl Engine {
         self.append(&out).await;
         tx.commit().await?;
         Ok(n)
+    }
+
+    /// The breaker tripped: the automation starts nothing until it is saved
+    /// again; its waiting holds and queued runs go. Recorded on the log
+    /// (`AutomationPaused`, which the owner sees on the automation) and in
+    /// `engine_paused`, with the positions.
+    async fn pause_automation(
+        &mut self,
+        tx: &mut Transaction<'_, Postgres>,
+        out: &mut Out,
+        h: Uuid,
+        aid: Uuid,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), sqlx::Error> {
+        let at: Option<DateTime<Utc>> = sqlx::query_scalar(
+            "INSERT INTO engine_paused (automation_id, household_id, paused_at, reason) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (automation_id) DO UPDATE SET automation_id = EXCLUDED.automation_id RETURNING paused_at",
+        )
+        .bind(aid)
+        .bind(h)
+        .bind(now)
+        .bind(reason)
+        .fetch_optional(&mut **tx)
+        .await?;
+        sqlx::query("DELETE FROM engine_timers WHERE automation_id = $1 AND kind IN ('hold', 'queued')")
+            .bind(aid)
+            .execute(&mut **tx)
+            .await?;
+        self.paused.insert(aid);
+        self.metrics.errors.with_label_values(&["automation_paused"]).inc();
+        tracing::warn!(automation = %aid, household = %h, %reason, "automation paused");
+        let id = decide::derived(aid, &format!("paused/{}", at.unwrap_or(now).timestamp_millis()));
+        let ev = Event::AutomationPaused(AutomationPaused { automation_id: aid, reason: reason.to_owned() });
+        out.push(h, engine(), ev, id, None, now);
+        Ok(())
+    }
+
+    /// A paused automation was saved again: it runs again.
+    async fn resume(
+        &mut self,
+        tx: &mut Transaction<'_, Postgres>,
+        out: &mut Out,
+        h: Uuid,
+        aid: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<(), sqlx::Error> {
+        let at: Option<DateTime<Utc>> = sqlx::query_scalar("DELETE FROM engine_paused WHERE automation_id = $1 RETURNING paused_at")
+            .bind(aid)
+            .fetch_optional(&mut **tx)
+            .await?;
+        self.paused.remove(&aid);
+        self.starts.remove(&aid);
+        let id = decide::derived(aid, &format!("resumed/{}", at.unwrap_or(now).timestamp_millis()));
+        let ev = Event::AutomationResumed(AutomationResumed { automation_id: aid, reason: "saved again".into() });
+        out.push(h, engine(), ev, id, None, now);
+        Ok(())
     }
 
     /// Schedules the household's time triggers after `after`.

@@ -48,6 +48,9 @@ pub struct Config {
     pub grace: Duration,
     /// How often due timers are looked for.
     pub tick: Duration,
+    /// The breaker: an automation that starts more runs than this in the
+    /// window is paused until it is saved again.
+    pub breaker: (usize, Duration),
 }
 
 impl Config {
@@ -59,6 +62,7 @@ impl Config {
             listen: "127.0.0.1:0".into(),
             grace: Duration::from_secs(600),
             tick: Duration::from_millis(250),
+            breaker: (engine::BREAKER_RUNS, engine::BREAKER_WINDOW),
         }
     }
 }
@@ -94,6 +98,7 @@ impl Application {
             .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect();
         let mut engine = engine::Engine::new(pool.clone(), appender.clone(), cfg.topics.clone(), metrics.clone(), cfg.grace);
+        engine.breaker = cfg.breaker;
         engine.load_waiting().await?;
         // The household stream is folded from its start at every start
         // (decisions only past the stored positions); telemetry is read from

@@ -14,6 +14,13 @@ struct Args {
     /// A wait due longer ago than this when the engine gets to it is recorded as missed, in seconds.
     #[arg(long, env = "HOMELINK_AUTOMATION_GRACE_SECS", default_value_t = 600)]
     grace_secs: u64,
+    /// The breaker: an automation that starts more runs than this within
+    /// `--breaker-window-secs` is paused until it is saved again.
+    #[arg(long, env = "HOMELINK_AUTOMATION_BREAKER_RUNS", default_value_t = homelink_automation::engine::BREAKER_RUNS as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    breaker_runs: u64,
+    #[arg(long, env = "HOMELINK_AUTOMATION_BREAKER_WINDOW_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    breaker_window_secs: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -27,6 +34,7 @@ async fn run() -> anyhow::Result<()> {
     let mut cfg = Config::new(&a.common.database_url, &a.common.kafka_bootstrap, a.common.topics());
     cfg.listen = a.listen;
     cfg.grace = Duration::from_secs(a.grace_secs);
+    cfg.breaker = (usize::try_from(a.breaker_runs).unwrap_or(usize::MAX), Duration::from_secs(a.breaker_window_secs));
     let app = Application::build(cfg).await?;
     tracing::info!(port = app.port(), "automation engine listening");
     Ok(app.run_until_stopped(homelink_kit::shutdown::on_signal()).await?)

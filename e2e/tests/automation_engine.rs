@@ -1,6 +1,8 @@
 //! The automation engine's guarantees through the running services (issue
 //! 17): waits that span a `kill -9` of the engine fire exactly once, a loop
-//! of automations that trigger each other is stopped and recorded, and an
+//! of automations that trigger each other is stopped and recorded, one that
+//! fires too often is paused (the owner sees it) until it is saved again, an
+//! automation does not act on its own commands' effects unless asked, and an
 //! automation acts with its creator's rights at the moment it runs.
 
 mod common;
@@ -27,6 +29,11 @@ fn contact(seq: u64, closed: bool) -> Vec<u8> {
 
 /// The engine as its own process, on the stack's database and topics.
 fn engine_process(stack: &Stack) -> (BridgeProcess, u16) {
+    engine_process_with(stack, &[])
+}
+
+/// The engine as its own process, with extra arguments.
+fn engine_process_with(stack: &Stack, extra: &[(&str, &str)]) -> (BridgeProcess, u16) {
     let port = common::free_port();
     let args = [
         ("--database-url", stack.db_url.clone()),
@@ -34,9 +41,10 @@ fn engine_process(stack: &Stack) -> (BridgeProcess, u16) {
         ("--topic-prefix", stack.topics.prefix().to_owned()),
         ("--listen", format!("127.0.0.1:{port}")),
     ];
+    let extra = extra.iter().map(|(k, v)| (*k, (*v).to_owned()));
     let mut p = BridgeProcess::new(
         stack.env.bin_dir.join("homelink-automation"),
-        args.into_iter().flat_map(|(k, v)| [k.to_owned(), v]).collect(),
+        args.into_iter().chain(extra).flat_map(|(k, v)| [k.to_owned(), v]).collect(),
         vec![],
     );
     p.restart();
@@ -233,5 +241,118 @@ async fn a_demoted_creators_automation_can_no_longer_unlock() {
     .await;
     assert_eq!(audit[0]["node"]["actorId"], adult.user_id.to_string(), "{audit:?}");
     assert_eq!(audit[0]["node"]["outcome"], "denied");
+    running.cancel();
+}
+
+const AUTOMATION: &str = "query($id: ID!) { automation(id: $id) { pausedAt pausedReason runs(first: 50) { id outcome reason } } }";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_automation_that_fires_too_often_is_paused_until_it_is_saved_again() {
+    let stack = Stack::start().await;
+    let home = stack.seed(&[(DeviceKind::Light, "Porch", "Garden"), (DeviceKind::Sensor, "Gate", "Garden")]).await;
+    let owner = home.accounts[0].access_token.clone();
+    let (light, gate) = (home.devices[0].id, home.devices[1].id);
+    let running = CancellationToken::new();
+    tokio::spawn(sim::run(spec(&home, 0, None), stack.env.target(), None, running.clone()));
+    let saved = json!({"name": "Gate light", "definition": {
+        "triggers": [{"type": "state", "deviceId": gate, "capability": "contact"}],
+        "actions": [{"type": "command", "deviceId": light, "set": {"on": true}}],
+        "mode": "parallel"
+    }});
+    let base = format!("/v1/households/{}/automations", home.household_id);
+    let (status, body) = stack.call(Some(&owner), Method::POST, &base, Some(saved.clone())).await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["automationId"].clone();
+    let (_engine, port) = engine_process_with(&stack, &[("--breaker-runs", "3"), ("--breaker-window-secs", "60")]);
+    ready(&stack, port).await;
+    let gate_spec = spec(&home, 1, None);
+    let topic = format!("home/{}/device/{gate}/state", home.household_id);
+    let automation = || async { stack.gql(&owner, AUTOMATION, json!({"id": id})).await["data"]["automation"].clone() };
+
+    // Six changes in a few seconds: three runs, the fourth trips the breaker.
+    for seq in 1..=6 {
+        publish_as(&stack, &gate_spec, topic.clone(), contact(seq, seq % 2 == 0)).await;
+    }
+    let paused = eventually(Duration::from_secs(60), "the automation paused", || async {
+        let a = automation().await;
+        (!a["pausedAt"].is_null()).then_some(a)
+    })
+    .await;
+    assert!(paused["pausedReason"].as_str().is_some_and(|r| r.starts_with("breaker")), "{paused}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let runs_of = |a: &Value| a["runs"].as_array().cloned().unwrap_or_default();
+    let before = runs_of(&automation().await);
+    let outcomes: Vec<&str> = before.iter().filter_map(|r| r["outcome"].as_str()).collect();
+    assert_eq!(outcomes.iter().filter(|o| **o == "done").count(), 3, "{outcomes:?}");
+    assert_eq!(outcomes.iter().filter(|o| **o == "stopped").count(), 1, "one run recorded as stopped, then nothing: {outcomes:?}");
+    let stopped = before.iter().find(|r| r["outcome"] == "stopped").cloned().unwrap_or_default();
+    assert!(stopped["reason"].as_str().is_some_and(|r| r.contains("paused")), "{stopped}");
+
+    // Paused: a change starts nothing.
+    publish_as(&stack, &gate_spec, topic.clone(), contact(7, false)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(runs_of(&automation().await).len(), before.len(), "nothing starts while paused");
+
+    // Saved again by its owner: it runs again.
+    let (status, body) = stack.call(Some(&owner), Method::PUT, &format!("{base}/{}", id.as_str().unwrap_or_default()), Some(saved)).await;
+    assert_eq!(status, 200, "{body}");
+    eventually(Duration::from_secs(30), "the pause lifted", || async { automation().await["pausedAt"].is_null().then_some(()) }).await;
+    publish_as(&stack, &gate_spec, topic, contact(8, true)).await;
+    eventually(Duration::from_secs(30), "a run after the pause", || async {
+        (runs_of(&automation().await).len() == before.len() + 1).then_some(())
+    })
+    .await;
+    running.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_automation_does_not_act_on_its_own_commands_effects_unless_asked() {
+    let stack = Stack::start().await;
+    let home = stack.seed(&[(DeviceKind::Light, "Desk", "Study"), (DeviceKind::Light, "Shelf", "Study")]).await;
+    let owner = home.accounts[0].access_token.clone();
+    let running = CancellationToken::new();
+    for i in 0..2 {
+        tokio::spawn(sim::run(spec(&home, i, None), stack.env.target(), None, running.clone()));
+    }
+    let q = "query($h: ID!) { household(id: $h) { devices { nodes { shadow { online } } } } }";
+    eventually(Duration::from_secs(30), "both lights online", || async {
+        let r = stack.gql(&owner, q, json!({"h": home.household_id})).await;
+        let nodes = r["data"]["household"]["devices"]["nodes"].as_array()?.clone();
+        nodes.iter().all(|n| n["shadow"]["online"] == true).then_some(())
+    })
+    .await;
+    // "Whenever its brightness changes, set it to 40": its own command
+    // changes the brightness too.
+    let base = format!("/v1/households/{}/automations", home.household_id);
+    let mut ids = Vec::new();
+    for (i, react) in [false, true].into_iter().enumerate() {
+        let device = home.devices[i].id;
+        let definition = json!({
+            "triggers": [{"type": "state", "deviceId": device, "capability": "brightness"}],
+            "actions": [{"type": "command", "deviceId": device, "set": {"brightness": 40}}],
+            "mode": "parallel", "reactToOwn": react
+        });
+        let (status, body) =
+            stack.call(Some(&owner), Method::POST, &base, Some(json!({"name": format!("Dim {i}"), "definition": definition}))).await;
+        assert_eq!(status, 201, "{body}");
+        assert_eq!(body["definition"].get("reactToOwn").is_some(), react, "{body}");
+        ids.push(body["automationId"].clone());
+    }
+    stack.start_automation().await;
+    for d in &home.devices {
+        let r = stack.command(&home, d.id).json(&json!({"set": {"brightness": 90}})).send().await.expect("command");
+        assert_eq!(r.status().as_u16(), 202);
+    }
+    let count = |id: Value| {
+        let stack = &stack;
+        let owner = owner.clone();
+        async move { runs(stack, &owner, &id).await.iter().filter(|r| r["outcome"] == "done").count() }
+    };
+    // The one that was asked to reacts to its own command's report (90 → 40) once more.
+    eventually(Duration::from_secs(60), "the reacting automation ran twice", || async { (count(ids[1].clone()).await == 2).then_some(()) })
+        .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(count(ids[0].clone()).await, 1, "the other ran once: its own command's report did not trigger it");
+    assert_eq!(count(ids[1].clone()).await, 2, "and no more: 40 again changes nothing");
     running.cancel();
 }

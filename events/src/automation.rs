@@ -240,6 +240,11 @@ pub struct Definition {
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "whole::opt")]
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 10))]
     pub max: Option<u32>,
+    /// Whether a device's report that this automation's own command caused
+    /// (within 30 s of it) may trigger it (default: no — an automation never
+    /// acts on its own commands' effects unless asked).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub react_to_own: bool,
 }
 
 /// Whole numbers as JSON Schema counts them (`90` or `90.0`) into a `u32`.

@@ -378,6 +378,23 @@ pub struct AutomationRunFinished {
     pub reason: Option<String>,
 }
 
+/// The engine paused an automation: its breaker tripped (it fired more
+/// often than its limit). Nothing starts until it is saved again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AutomationPaused {
+    pub automation_id: Uuid,
+    pub reason: String,
+}
+
+/// A paused automation runs again (it was saved again).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AutomationResumed {
+    pub automation_id: Uuid,
+    pub reason: String,
+}
+
 macro_rules! events {
     ($($name:ident = $v:literal),* $(,)?) => {
         /// Every event HomeLink stores.
@@ -453,6 +470,8 @@ events! {
     AutomationTriggered = 1,
     AutomationRunStepped = 1,
     AutomationRunFinished = 1,
+    AutomationPaused = 1,
+    AutomationResumed = 1,
 }
 
 impl Event {
@@ -479,7 +498,9 @@ impl Event {
             | Event::HouseholdTimeZoneSet(_)
             | Event::AutomationTriggered(_)
             | Event::AutomationRunStepped(_)
-            | Event::AutomationRunFinished(_) => None,
+            | Event::AutomationRunFinished(_)
+            | Event::AutomationPaused(_)
+            | Event::AutomationResumed(_) => None,
             Event::DeviceRegistered(e) => Some(e.device_id),
             Event::DeviceRemoved(e) => Some(e.device_id),
             Event::DeviceRenamed(e) => Some(e.device_id),
@@ -504,6 +525,8 @@ impl Event {
             (Event::AutomationTriggered(a), _) => format!("automation/{}", a.automation_id),
             (Event::AutomationRunStepped(a), _) => format!("automation/{}", a.automation_id),
             (Event::AutomationRunFinished(a), _) => format!("automation/{}", a.automation_id),
+            (Event::AutomationPaused(a), _) => format!("automation/{}", a.automation_id),
+            (Event::AutomationResumed(a), _) => format!("automation/{}", a.automation_id),
             _ if self.household_event().is_some() => "household".to_owned(),
             (_, Some(d)) => format!("device/{d}"),
             (_, None) => "household".to_owned(),
@@ -647,6 +670,8 @@ mod tests {
             ),
             ("AutomationRunStepped", json!({"automationId": d, "runId": d, "step": 0, "outcome": "sent", "commands": [d]})),
             ("AutomationRunFinished", json!({"automationId": d, "runId": d, "outcome": "done"})),
+            ("AutomationPaused", json!({"automationId": d, "reason": "breaker: more than 30 runs in 60 s"})),
+            ("AutomationResumed", json!({"automationId": d, "reason": "saved again"})),
             (
                 "SceneActivated",
                 json!({"activationId": d, "sceneId": d, "commands": [{"deviceId": d, "commandId": d}],

@@ -54,6 +54,10 @@ pub struct Config {
     /// How long a household change stays available to subscribers resuming
     /// `after` it (`household_changes`; older: `RESUME_TOO_OLD`).
     pub change_retention: Duration,
+    /// How long an automation run's trace is kept after it finished, and
+    /// (longer) a run that failed, was stopped or had a step refused: a
+    /// chatty schedule never pushes out the traces worth reading.
+    pub run_retention: (Duration, Duration),
     /// How often rows past their retention are deleted.
     pub retention_every: Duration,
     /// How often the stale sweep announces devices that went quiet.
@@ -72,6 +76,7 @@ impl Config {
             gather: Duration::ZERO,
             command_retention: Duration::from_secs(30 * 24 * 3600),
             change_retention: Duration::from_secs(24 * 3600),
+            run_retention: (Duration::from_secs(7 * 24 * 3600), Duration::from_secs(90 * 24 * 3600)),
             retention_every: Duration::from_secs(600),
             stale_every: Duration::from_secs(5),
         }
@@ -86,7 +91,7 @@ pub struct Application {
     metrics: ServiceMetrics,
     applier: Applier,
     consumer: consume::Input,
-    retention: (Duration, Duration, Duration),
+    retention: Retention,
     stale_every: Duration,
 }
 
@@ -122,7 +127,12 @@ impl Application {
         let consumer = consume::Input::assign(&cfg, &applier, metrics.clone()).await?;
         let router = homelink_kit::ops::router(metrics.clone(), homelink_kit::ops::postgres_ready(pool.clone()));
         let listener = homelink_kit::ops::bind(&cfg.listen).await?;
-        let retention = (cfg.command_retention, cfg.change_retention, cfg.retention_every);
+        let retention = Retention {
+            commands: cfg.command_retention,
+            changes: cfg.change_retention,
+            runs: cfg.run_retention,
+            every: cfg.retention_every,
+        };
         Ok(Self { listener, router, pool, metrics, applier, consumer, retention, stale_every: cfg.stale_every })
     }
 
@@ -151,16 +161,23 @@ impl Application {
 }
 
 /// Deletes `device_commands` rows requested longer than the command
-/// retention ago and `household_changes` older than the change retention,
+/// retention ago, `household_changes` older than the change retention and
+/// automation runs past theirs,
 /// every `every`, until cancelled: the tables would otherwise grow with every
 /// tap and report forever. A rebuild from the log recreates old rows until
 /// the next sweep.
-async fn expire_rows(
-    pool: PgPool,
-    (commands, changes, every): (Duration, Duration, Duration),
-    metrics: ServiceMetrics,
-    cancel: CancellationToken,
-) {
+/// How long rows that grow with traffic are kept.
+#[derive(Debug, Clone, Copy)]
+struct Retention {
+    commands: Duration,
+    changes: Duration,
+    /// Ordinary runs, and those worth keeping longer.
+    runs: (Duration, Duration),
+    every: Duration,
+}
+
+async fn expire_rows(pool: PgPool, r: Retention, metrics: ServiceMetrics, cancel: CancellationToken) {
+    let Retention { commands, changes, runs: (runs, kept_runs), every } = r;
     loop {
         for (sql, keep, what) in [
             (
@@ -169,6 +186,13 @@ async fn expire_rows(
                 "commands_expired",
             ),
             ("DELETE FROM household_changes WHERE at < now() - make_interval(secs => $1)", changes, "changes_expired"),
+            (
+                "DELETE FROM automation_runs WHERE finished_at < now() - make_interval(secs => $1)
+                   AND outcome NOT IN ('failed', 'stopped') AND NOT steps @> '[{\"outcome\": \"refused\"}]'",
+                runs,
+                "runs_expired",
+            ),
+            ("DELETE FROM automation_runs WHERE finished_at < now() - make_interval(secs => $1)", kept_runs, "kept_runs_expired"),
         ] {
             match sqlx::query(sql).bind(keep.as_secs_f64()).execute(&pool).await {
                 Ok(done) => metrics.messages_out.with_label_values(&[what]).inc_by(done.rows_affected()),

@@ -23,6 +23,10 @@ pub struct Automation {
     pub definition: Json<Value>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// When the engine's breaker paused it (it fired too often); nothing
+    /// starts until it is saved again. `null` when it is not paused.
+    pub paused_at: Option<DateTime<Utc>>,
+    pub paused_reason: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -34,6 +38,8 @@ struct AutomationRow {
     definition: Value,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
+    paused_at: Option<DateTime<Utc>>,
+    paused_reason: Option<String>,
 }
 
 impl From<AutomationRow> for Automation {
@@ -47,6 +53,8 @@ impl From<AutomationRow> for Automation {
             definition: Json(r.definition),
             created_at: r.created_at,
             updated_at: r.updated_at,
+            paused_at: r.paused_at,
+            paused_reason: r.paused_reason,
         }
     }
 }
@@ -56,7 +64,7 @@ pub async fn of_household(pool: &PgPool, budget: &RowBudget, household: Uuid) ->
     let rows = budget
         .read(None, |limit| {
             sqlx::query_as::<_, AutomationRow>(
-                "SELECT automation_id, name, enabled, created_by, definition, created_at, updated_at FROM automations
+                "SELECT automation_id, name, enabled, created_by, definition, created_at, updated_at, paused_at, paused_reason FROM automations
                   WHERE household_id = $1 ORDER BY lower(name), automation_id LIMIT $2",
             )
             .bind(household)
@@ -73,7 +81,8 @@ pub async fn one(pool: &PgPool, budget: &RowBudget, id: Uuid, viewer: Uuid) -> a
     let row = budget
         .read_one(|| {
             sqlx::query_as::<_, AutomationRow>(
-                "SELECT a.automation_id, a.name, a.enabled, a.created_by, a.definition, a.created_at, a.updated_at FROM automations a
+                "SELECT a.automation_id, a.name, a.enabled, a.created_by, a.definition, a.created_at, a.updated_at, a.paused_at,
+                        a.paused_reason FROM automations a
                    JOIN household_members m ON m.household_id = a.household_id AND m.user_id = $2
                   WHERE a.automation_id = $1",
             )
@@ -135,19 +144,35 @@ pub const MAX_RUNS: i32 = 100;
 
 #[ComplexObject]
 impl Automation {
-    /// Its runs, newest first.
-    async fn runs(&self, ctx: &Context<'_>, #[graphql(default = 20)] first: i32) -> async_graphql::Result<Vec<AutomationRun>> {
+    /// Its runs, newest first; `after` (a run's id from the previous page)
+    /// continues after that run.
+    async fn runs(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 20)] first: i32,
+        after: Option<ID>,
+    ) -> async_graphql::Result<Vec<AutomationRun>> {
         let (pool, budget) = (ctx.data::<PgPool>()?, crate::reads::budget(ctx)?);
         let first = i64::from(first.clamp(0, MAX_RUNS));
+        let after = match after {
+            None => None,
+            Some(a) => {
+                Some(Uuid::parse_str(&a).map_err(|_| crate::errors::error(crate::errors::codes::BAD_USER_INPUT, "after: not a run id"))?)
+            }
+        };
         let rows = budget
             .read(None, |limit| {
                 sqlx::query_as::<_, RunRow>(
-                    "SELECT run_id, started_at, trigger, what, cause, conditions, outcome, reason, steps, finished_at FROM automation_runs
-                      WHERE automation_id = $1 ORDER BY started_at DESC, run_id DESC LIMIT LEAST($2, $3)",
+                    "SELECT run_id, started_at, trigger, what, cause, conditions, outcome, reason, steps, finished_at FROM automation_runs r
+                      WHERE automation_id = $1
+                        AND ($4::uuid IS NULL OR (started_at, run_id) <
+                             (SELECT started_at, run_id FROM automation_runs WHERE run_id = $4 AND automation_id = $1))
+                      ORDER BY started_at DESC, run_id DESC LIMIT LEAST($2, $3)",
                 )
                 .bind(self.uuid)
                 .bind(first)
                 .bind(limit)
+                .bind(after)
                 .fetch_all(pool)
             })
             .await?;

@@ -9,7 +9,7 @@
 //! | [`shadows`] | `device_shadows` (and `device_commands`: confirmations) | `DeviceStateReported`, `DeviceStatusChanged`, `DeviceCommandRequested`, `DeviceCommandExpired` |
 //! | [`changes`] | `household_change_seqs`, `household_changes` | every shadow, registry and command change: its `changeSeq` |
 //! | [`audit`] | `audit_log` | household commands, device commands, `CommandDenied` |
-//! | [`runs`] | `automation_runs` | `AutomationTriggered`, `AutomationRunStepped`, `AutomationRunFinished` |
+//! | [`runs`] | `automation_runs`, `automations.paused_*` | `AutomationTriggered`, `AutomationRunStepped`, `AutomationRunFinished`, `AutomationPaused`, `AutomationResumed` |
 //! | [`counts`] | `household_event_counts` | every event |
 //!
 //! Each returns the notifications to send on commit, if any. The counts are

@@ -1,5 +1,6 @@
 //! Automation runs' traces: the engine's decisions folded into
-//! `automation_runs`, one row per run, idempotent (a repeated event changes
+//! `automation_runs`, one row per run (and its breaker's pauses into
+//! `automations.paused_at`), idempotent (a repeated event changes
 //! nothing: a step is added once, by its number).
 
 use homelink_events::Event;
@@ -55,6 +56,21 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
                 .bind(env.occurred_at)
                 .execute(&mut **tx)
                 .await?;
+            }
+            Event::AutomationPaused(p) => {
+                sqlx::query("UPDATE automations SET paused_at = $2, paused_reason = $3 WHERE automation_id = $1")
+                    .bind(p.automation_id)
+                    .bind(env.occurred_at)
+                    .bind(&p.reason)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+            Event::AutomationResumed(r) => {
+                sqlx::query("UPDATE automations SET paused_at = NULL, paused_reason = NULL WHERE automation_id = $1 AND paused_at <= $2")
+                    .bind(r.automation_id)
+                    .bind(env.occurred_at)
+                    .execute(&mut **tx)
+                    .await?;
             }
             _ => {}
         }
