@@ -51,53 +51,15 @@ pub async fn run(endpoints: &Endpoints, count: usize, progress: bool) -> crate::
         return Err(crate::Error::Protocol("count must be positive".into()));
     }
     let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
-    let user = crate::api::sign_up(
-        &http,
-        &endpoints.command_api,
-        &format!("bench-{}@homelink.dev", uuid::Uuid::new_v4().simple()),
-        &crate::api::dev_password(),
-        "Benchmark",
-    )
-    .await?;
+    let (user, home) = household(&http, endpoints, &[(DeviceKind::Light, "Bench light", "Lab")]).await?;
     let token = user.access_token.clone();
-    let home =
-        seed::household(&http, &endpoints.command_api, &user, "Benchmark home", &[(DeviceKind::Light, "Bench light", "Lab")]).await?;
     let device = home.devices[0].clone();
-
-    // Wait until the registry knows the device (the projector applied the registration).
-    let q = "query($id: ID!) { device(id: $id) { id } }";
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while crate::gql::query(&http, &endpoints.graphql, &token, q, json!({"id": device.id})).await?["data"]["device"].is_null() {
-        if Instant::now() >= deadline {
-            return Err(crate::Error::Protocol("the benchmark device was not registered within 30 s".into()));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 
     let cancel = CancellationToken::new();
     let (obs_tx, mut obs) = mpsc::unbounded_channel();
-    let target = Target {
-        host: endpoints.mqtt_device.host.clone(),
-        port: endpoints.mqtt_device.port,
-        ca_pem: std::fs::read_to_string(&endpoints.mqtt_device.ca_cert)?,
-    };
-    let spec = DeviceSpec {
-        household_id: home.household_id,
-        device_id: device.id,
-        kind: DeviceKind::Light,
-        cert_pem: device.cert_pem.clone(),
-        key_pem: device.key_pem.clone(),
-        interval: None,
-        port: device.mqtt_port,
-    };
-    tokio::spawn(sim::run(spec, target, Some(obs_tx), cancel.clone()));
-    loop {
-        match tokio::time::timeout(Duration::from_secs(20), obs.recv()).await {
-            Ok(Some(Observed::Connected { .. })) => break,
-            Ok(Some(_)) => {}
-            _ => return Err(crate::Error::Protocol("the benchmark device did not connect within 20 s".into())),
-        }
-    }
+    let target = target(endpoints)?;
+    tokio::spawn(sim::run(spec(&home, 0), target, Some(obs_tx), cancel.clone()));
+    connected(&mut obs).await?;
     let mut sub = Subscription::start(
         &endpoints.graphql_ws,
         &token,
@@ -162,6 +124,170 @@ pub async fn run(endpoints: &Endpoints, count: usize, progress: bool) -> crate::
         device_received: Percentiles::of(&mut received),
         state_on_subscription: Percentiles::of(&mut visible),
     })
+}
+
+/// A benchmark's own household (so it never disturbs the demo devices),
+/// owned by a new account, once the read models know its devices.
+async fn household(
+    http: &reqwest::Client,
+    endpoints: &Endpoints,
+    devices: &[(DeviceKind, &str, &str)],
+) -> crate::Result<(crate::api::Account, seed::SeededHousehold)> {
+    let user = crate::api::sign_up(
+        http,
+        &endpoints.command_api,
+        &format!("bench-{}@homelink.dev", uuid::Uuid::new_v4().simple()),
+        &crate::api::dev_password(),
+        "Benchmark",
+    )
+    .await?;
+    let home = seed::household(http, &endpoints.command_api, &user, "Benchmark home", devices).await?;
+    let q = "query($id: ID!) { device(id: $id) { id } }";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for d in &home.devices {
+        while crate::gql::query(http, &endpoints.graphql, &user.access_token, q, json!({"id": d.id})).await?["data"]["device"].is_null() {
+            if Instant::now() >= deadline {
+                return Err(crate::Error::Protocol("the benchmark devices were not registered within 30 s".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok((user, home))
+}
+
+fn target(endpoints: &Endpoints) -> crate::Result<Target> {
+    Ok(Target {
+        host: endpoints.mqtt_device.host.clone(),
+        port: endpoints.mqtt_device.port,
+        ca_pem: std::fs::read_to_string(&endpoints.mqtt_device.ca_cert)?,
+    })
+}
+
+fn spec(home: &seed::SeededHousehold, i: usize) -> DeviceSpec {
+    let d = &home.devices[i];
+    DeviceSpec {
+        household_id: home.household_id,
+        device_id: d.id,
+        kind: d.kind,
+        cert_pem: d.cert_pem.clone(),
+        key_pem: d.key_pem.clone(),
+        interval: None,
+        port: d.mqtt_port,
+    }
+}
+
+async fn connected(obs: &mut mpsc::UnboundedReceiver<Observed>) -> crate::Result<()> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), obs.recv()).await {
+            Ok(Some(Observed::Connected { .. })) => return Ok(()),
+            Ok(Some(_)) => {}
+            _ => return Err(crate::Error::Protocol("the benchmark device did not connect within 20 s".into())),
+        }
+    }
+}
+
+/// What the automation benchmark measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct AutomationSummary {
+    pub triggers: usize,
+    /// Report published by the trigger device → the automation's command
+    /// received by the other device (log → engine → log → bridge → MQTT).
+    pub trigger_to_command: Percentiles,
+}
+
+/// Triggers that share one automation: each automation starts at most this
+/// many runs in a benchmark, under the engine's breaker (30 a minute).
+const RUNS_PER_AUTOMATION: usize = 25;
+
+/// The automation round trip: a sensor publishes a report, an automation
+/// ("when the contact changes, turn the light on") sends a command, the
+/// light receives it; `count` times, one after the other. The triggers are
+/// spread over several sensors and automations so no breaker trips.
+pub async fn automation(endpoints: &Endpoints, count: usize, progress: bool) -> crate::Result<AutomationSummary> {
+    if count == 0 {
+        return Err(crate::Error::Protocol("count must be positive".into()));
+    }
+    let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
+    let sensors = count.div_ceil(RUNS_PER_AUTOMATION);
+    let names: Vec<String> = (0..sensors).map(|i| format!("Bench sensor {i}")).collect();
+    let mut devices = vec![(DeviceKind::Light, "Bench light", "Lab")];
+    devices.extend(names.iter().map(|n| (DeviceKind::Sensor, n.as_str(), "Lab")));
+    let (user, home) = household(&http, endpoints, &devices).await?;
+    let light = home.devices[0].id;
+    for (i, sensor) in home.devices[1..].iter().enumerate() {
+        let definition = json!({
+            "triggers": [{"type": "state", "deviceId": sensor.id, "capability": "contact"}],
+            "actions": [{"type": "command", "deviceId": light, "set": {"on": true}}],
+            "mode": "parallel"
+        });
+        crate::api::create_automation(&http, &endpoints.command_api, &user, home.household_id, &format!("Bench {i}"), definition).await?;
+    }
+    let cancel = CancellationToken::new();
+    let (obs_tx, mut obs) = mpsc::unbounded_channel();
+    let target = target(endpoints)?;
+    tokio::spawn(sim::run(spec(&home, 0), target.clone(), Some(obs_tx), cancel.clone()));
+    connected(&mut obs).await?;
+    // The sensors: plain connections that publish what the benchmark says.
+    let mut clients = Vec::new();
+    for i in 1..home.devices.len() {
+        let (client, mut ev) = rumqttc::v5::AsyncClient::new(sim::mqtt_options(&spec(&home, i), &target), 64);
+        let (up_tx, up) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let mut up_tx = Some(up_tx);
+            while let Ok(e) = ev.poll().await {
+                if let rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::ConnAck(_)) = e {
+                    if let Some(t) = up_tx.take() {
+                        let _ = t.send(());
+                    }
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(20), up)
+            .await
+            .map_err(|_| crate::Error::Protocol("a benchmark sensor did not connect within 20 s".into()))?
+            .map_err(|_| crate::Error::Protocol("a benchmark sensor's connection ended".into()))?;
+        clients.push(client);
+    }
+    // The engine decides from the log's end when it first sees a household:
+    // let the automations and the connections settle.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut samples = Vec::with_capacity(count);
+    for i in 0..count {
+        let sensor = i % clients.len();
+        let seq = (i / clients.len()) as u64 + 1;
+        let topic = format!("home/{}/device/{}/state", home.household_id, home.devices[sensor + 1].id);
+        let body = serde_json::to_vec(&json!({"v": 1, "seq": seq, "state": {"contact": seq % 2 == 0}}))?;
+        while obs.try_recv().is_ok() {}
+        let t0 = Instant::now();
+        clients[sensor]
+            .publish(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, body)
+            .await
+            .map_err(|e| crate::Error::Protocol(format!("publishing a trigger: {e}")))?;
+        let got = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(o) = obs.recv().await {
+                if let Observed::Command { at, .. } = o {
+                    return Some(at);
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| crate::Error::Protocol(format!("trigger {i}: no command reached the light within 10 s")))?;
+        samples.push(got.duration_since(t0));
+        // Let the light's report of the command go by before the next trigger.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if progress && (i + 1) % 25 == 0 {
+            eprint!("\r{}/{count} triggers", i + 1);
+            let _ = std::io::stderr().flush();
+        }
+    }
+    if progress {
+        eprintln!();
+    }
+    cancel.cancel();
+    Ok(AutomationSummary { triggers: count, trigger_to_command: Percentiles::of(&mut samples) })
 }
 
 #[cfg(test)]

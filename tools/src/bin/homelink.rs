@@ -91,6 +91,17 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Measure the automation round trip against a running stack: a sensor's
+    /// report → the automation's command received by a light.
+    BenchAutomation {
+        #[arg(long)]
+        endpoints: PathBuf,
+        #[arg(long, default_value_t = 300)]
+        count: usize,
+        /// Print only the machine-readable summary.
+        #[arg(long)]
+        json: bool,
+    },
     /// Load a running stack with real mTLS devices: provision (cached), connect, publish reports at a rate, measure.
     Load(LoadArgs),
     /// Part of `homelink load` (started by it): connects one range of a
@@ -363,6 +374,20 @@ async fn main() -> anyhow::Result<()> {
             eprintln!("simulating {} devices of household {}", tasks.len(), home.household_id);
             for t in tasks {
                 let _ = t.await;
+            }
+        }
+        Cmd::BenchAutomation { endpoints, count, json } => {
+            let e = Endpoints::load(&endpoints)?;
+            let s = homelink_tools::bench::automation(&e, count, !json).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                let p = &s.trigger_to_command;
+                println!("triggers: {}", s.triggers);
+                println!(
+                    "report published → automation's command received: p50 {:.2} ms  p95 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+                    p.p50_ms, p.p95_ms, p.p99_ms, p.max_ms
+                );
             }
         }
         Cmd::Bench { endpoints, count, json } => {
