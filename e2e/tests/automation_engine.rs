@@ -155,13 +155,7 @@ async fn a_loop_of_two_automations_is_stopped_and_recorded() {
     let (s1, a) = stack.call(Some(&owner), Method::POST, &base, Some(json!({"name": "Ping", "definition": bounce(ping, pong)}))).await;
     let (s2, b) = stack.call(Some(&owner), Method::POST, &base, Some(json!({"name": "Pong", "definition": bounce(pong, ping)}))).await;
     assert_eq!((s1, s2), (201, 201), "{a} {b}");
-    let q = "query($h: ID!) { household(id: $h) { devices { nodes { shadow { online } } } } }";
-    eventually(Duration::from_secs(30), "both lights online", || async {
-        let r = stack.gql(&owner, q, json!({"h": home.household_id})).await;
-        let nodes = r["data"]["household"]["devices"]["nodes"].as_array()?.clone();
-        nodes.iter().all(|n| n["shadow"]["online"] == true).then_some(())
-    })
-    .await;
+    common::all_online(&stack, &owner, home.household_id).await;
     stack.start_automation().await;
     let r = stack.command(&home, ping).json(&json!({"set": {"on": true}})).send().await.expect("command");
     assert_eq!(r.status().as_u16(), 202);
@@ -212,15 +206,7 @@ async fn a_demoted_creators_automation_can_no_longer_unlock() {
     let topic = format!("home/{}/device/{bell}/state", home.household_id);
     publish_as(&stack, &spec(&home, 1, None), topic.clone(), contact(1, true)).await;
     publish_as(&stack, &spec(&home, 1, None), topic, contact(2, false)).await;
-    eventually(Duration::from_secs(30), "the doorbell's report projected", || async {
-        let c: Option<Value> = sqlx::query_scalar("SELECT reported->'contact' FROM device_shadows WHERE device_id = $1")
-            .bind(bell)
-            .fetch_one(&stack.pool)
-            .await
-            .ok()?;
-        (c == Some(json!(false))).then_some(())
-    })
-    .await;
+    common::reported(&stack, bell, "contact", json!(false)).await;
     let run = eventually(Duration::from_secs(60), "the run done", || async {
         runs(&stack, &owner.access_token, &id).await.first().filter(|r| r["outcome"] == "done").cloned()
     })
@@ -314,13 +300,7 @@ async fn an_automation_does_not_act_on_its_own_commands_effects_unless_asked() {
     for i in 0..2 {
         tokio::spawn(sim::run(spec(&home, i, None), stack.env.target(), None, running.clone()));
     }
-    let q = "query($h: ID!) { household(id: $h) { devices { nodes { shadow { online } } } } }";
-    eventually(Duration::from_secs(30), "both lights online", || async {
-        let r = stack.gql(&owner, q, json!({"h": home.household_id})).await;
-        let nodes = r["data"]["household"]["devices"]["nodes"].as_array()?.clone();
-        nodes.iter().all(|n| n["shadow"]["online"] == true).then_some(())
-    })
-    .await;
+    common::all_online(&stack, &owner, home.household_id).await;
     // "Whenever its brightness changes, set it to 40": its own command
     // changes the brightness too.
     let base = format!("/v1/households/{}/automations", home.household_id);

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{eventually, publish_as, spec, Stack};
+use common::{publish_as, spec, Stack};
 use homelink_events::DeviceKind;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -39,15 +39,7 @@ async fn a_dry_run_over_the_recorded_history_lists_its_firings_and_sends_nothing
         publish_as(&stack, &gate_spec, topic.clone(), contact(seq, closed)).await;
         tokio::time::sleep(Duration::from_millis(1100)).await;
     }
-    eventually(Duration::from_secs(30), "the last report projected", || async {
-        let c: Option<Value> = sqlx::query_scalar("SELECT reported->'contact' FROM device_shadows WHERE device_id = $1")
-            .bind(gate)
-            .fetch_one(&stack.pool)
-            .await
-            .ok()?;
-        (c == Some(json!(true))).then_some(())
-    })
-    .await;
+    common::reported(&stack, gate, "contact", json!(true)).await;
     let until = chrono::Utc::now();
 
     // The gate left open for 1 s: the porch light on, 2 s later off.

@@ -524,6 +524,35 @@ mod tests {
     }
 
     #[test]
+    fn given_a_berlin_household_then_a_0230_schedule_fires_once_on_each_day_of_both_dst_changes() {
+        let owner = Uuid::from_u128(9);
+        let at = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().to_utc();
+        let created = Event::HouseholdCreated(crate::event::HouseholdCreated { name: "H".into(), created_by: Some(owner) });
+        let berlin = Event::HouseholdTimeZoneSet(crate::event::HouseholdTimeZoneSet { time_zone: "Europe/Berlin".into() });
+        let mut log = vec![Envelope::new(H, Actor::User(owner.to_string()), &created, at("2027-01-01T00:00:00Z"))];
+        let mut tz = Envelope::new(H, Actor::User(owner.to_string()), &berlin, at("2027-01-02T00:00:00Z"));
+        tz.seq = Some(2);
+        log[0].seq = Some(1);
+        log.push(tz);
+        let d = def(
+            json!({"triggers": [{"type": "time", "at": "02:30"}], "actions": [{"type": "command", "deviceId": LIGHT, "set": {"on": true}}]}),
+        );
+        let fired = |since: &str, until: &str| -> Vec<String> {
+            simulate(&d, &log, &[], at(since), at(until)).firings.iter().map(|f| f.at.to_rfc3339()).collect()
+        };
+        // Spring forward (28 March 2027: 02:00 → 03:00): 02:30 does not exist; once, at 03:00 CEST.
+        assert_eq!(
+            fired("2027-03-27T00:00:00Z", "2027-03-29T12:00:00Z"),
+            vec!["2027-03-27T01:30:00+00:00", "2027-03-28T01:00:00+00:00", "2027-03-29T00:30:00+00:00"]
+        );
+        // Fall back (31 October 2027: 03:00 → 02:00): 02:30 happens twice; once, the first.
+        assert_eq!(
+            fired("2027-10-30T00:00:00Z", "2027-11-01T12:00:00Z"),
+            vec!["2027-10-30T00:30:00+00:00", "2027-10-31T00:30:00+00:00", "2027-11-01T01:30:00+00:00"]
+        );
+    }
+
+    #[test]
     fn given_a_presence_flap_shorter_than_the_debounce_then_nothing_fires() {
         let user = Uuid::from_u128(9);
         let presence = |at: i64, p: Presence| {

@@ -6,7 +6,7 @@
 use crate::endpoints::Endpoints;
 use crate::gql::Subscription;
 use crate::seed;
-use crate::sim::{self, DeviceSpec, Observed, Target};
+use crate::sim::{self, Observed, Target};
 use homelink_events::DeviceKind;
 use homelink_kit::shutdown::CancellationToken;
 use serde::Serialize;
@@ -58,7 +58,7 @@ pub async fn run(endpoints: &Endpoints, count: usize, progress: bool) -> crate::
     let cancel = CancellationToken::new();
     let (obs_tx, mut obs) = mpsc::unbounded_channel();
     let target = target(endpoints)?;
-    tokio::spawn(sim::run(spec(&home, 0), target, Some(obs_tx), cancel.clone()));
+    tokio::spawn(sim::run(home.spec(0, None), target, Some(obs_tx), cancel.clone()));
     connected(&mut obs).await?;
     let mut sub = Subscription::start(
         &endpoints.graphql_ws,
@@ -163,19 +163,6 @@ fn target(endpoints: &Endpoints) -> crate::Result<Target> {
     })
 }
 
-fn spec(home: &seed::SeededHousehold, i: usize) -> DeviceSpec {
-    let d = &home.devices[i];
-    DeviceSpec {
-        household_id: home.household_id,
-        device_id: d.id,
-        kind: d.kind,
-        cert_pem: d.cert_pem.clone(),
-        key_pem: d.key_pem.clone(),
-        interval: None,
-        port: d.mqtt_port,
-    }
-}
-
 async fn connected(obs: &mut mpsc::UnboundedReceiver<Observed>) -> crate::Result<()> {
     loop {
         match tokio::time::timeout(Duration::from_secs(20), obs.recv()).await {
@@ -225,12 +212,12 @@ pub async fn automation(endpoints: &Endpoints, count: usize, progress: bool) -> 
     let cancel = CancellationToken::new();
     let (obs_tx, mut obs) = mpsc::unbounded_channel();
     let target = target(endpoints)?;
-    tokio::spawn(sim::run(spec(&home, 0), target.clone(), Some(obs_tx), cancel.clone()));
+    tokio::spawn(sim::run(home.spec(0, None), target.clone(), Some(obs_tx), cancel.clone()));
     connected(&mut obs).await?;
     // The sensors: plain connections that publish what the benchmark says.
     let mut clients = Vec::new();
     for i in 1..home.devices.len() {
-        let (client, mut ev) = rumqttc::v5::AsyncClient::new(sim::mqtt_options(&spec(&home, i), &target), 64);
+        let (client, mut ev) = rumqttc::v5::AsyncClient::new(sim::mqtt_options(&home.spec(i, None), &target), 64);
         let (up_tx, up) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             let mut up_tx = Some(up_tx);
@@ -256,7 +243,7 @@ pub async fn automation(endpoints: &Endpoints, count: usize, progress: bool) -> 
         let sensor = i % clients.len();
         let seq = (i / clients.len()) as u64 + 1;
         let topic = format!("home/{}/device/{}/state", home.household_id, home.devices[sensor + 1].id);
-        let body = serde_json::to_vec(&json!({"v": 1, "seq": seq, "state": {"contact": seq % 2 == 0}}))?;
+        let body = serde_json::to_vec(&json!({"v": 1, "seq": seq, "state": {"contact": seq.is_multiple_of(2)}}))?;
         while obs.try_recv().is_ok() {}
         let t0 = Instant::now();
         clients[sensor]

@@ -35,6 +35,22 @@ pub struct SeededHousehold {
     pub accounts: Vec<crate::api::Account>,
 }
 
+impl SeededHousehold {
+    /// The simulator's description of device `index` (reports every `interval`, or only on change).
+    pub fn spec(&self, index: usize, interval: Option<std::time::Duration>) -> crate::sim::DeviceSpec {
+        let d = &self.devices[index];
+        crate::sim::DeviceSpec {
+            household_id: self.household_id,
+            device_id: d.id,
+            kind: d.kind,
+            cert_pem: d.cert_pem.clone(),
+            key_pem: d.key_pem.clone(),
+            interval,
+            port: d.mqtt_port,
+        }
+    }
+}
+
 /// The demo household: one device of every kind (two sensors).
 pub fn demo_devices() -> Vec<(DeviceKind, &'static str, &'static str)> {
     vec![

@@ -545,16 +545,32 @@ impl Drop for Stack {
 }
 
 pub fn spec(home: &SeededHousehold, index: usize, interval: Option<Duration>) -> DeviceSpec {
-    let d = &home.devices[index];
-    DeviceSpec {
-        household_id: home.household_id,
-        device_id: d.id,
-        kind: d.kind,
-        cert_pem: d.cert_pem.clone(),
-        key_pem: d.key_pem.clone(),
-        interval,
-        port: d.mqtt_port,
-    }
+    home.spec(index, interval)
+}
+
+/// Waits until every device of the household shows online.
+pub async fn all_online(stack: &Stack, token: &str, household: Uuid) {
+    let q = "query($h: ID!) { household(id: $h) { devices { nodes { shadow { online } } } } }";
+    eventually(Duration::from_secs(30), "every device online", || async {
+        let r = stack.gql(token, q, serde_json::json!({"h": household})).await;
+        let nodes = r["data"]["household"]["devices"]["nodes"].as_array()?.clone();
+        nodes.iter().all(|n| n["shadow"]["online"] == true).then_some(())
+    })
+    .await;
+}
+
+/// Waits until the device's shadow reports `value` for `capability`.
+pub async fn reported(stack: &Stack, device: Uuid, capability: &str, value: Value) {
+    eventually(Duration::from_secs(30), &format!("{capability} = {value} projected"), || async {
+        let c: Option<Value> = sqlx::query_scalar("SELECT reported->$2 FROM device_shadows WHERE device_id = $1")
+            .bind(device)
+            .bind(capability)
+            .fetch_one(&stack.pool)
+            .await
+            .ok()?;
+        (c.as_ref() == Some(&value)).then_some(())
+    })
+    .await;
 }
 
 /// Polls `f` until it yields a value or `timeout` passes (then fails the test
