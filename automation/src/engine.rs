@@ -68,6 +68,12 @@ pub struct Engine {
     /// Household-stream partitions not yet folded up to where decisions
     /// start: timers wait until every household they name is known again.
     pub replaying: HashSet<(String, i32)>,
+    /// Positions read past in batches that changed nothing durable (only
+    /// reports of households without automations), not stored yet: written
+    /// with the next transaction, or by the tick within a second. A crash
+    /// before that reads those reports again, which decides nothing.
+    pending: HashMap<(String, i32), i64>,
+    pending_since: Option<std::time::Instant>,
 }
 
 /// What one decision round appends, in order.
@@ -108,6 +114,8 @@ impl Engine {
             paused: HashSet::new(),
             waiting: HashSet::new(),
             replaying: HashSet::new(),
+            pending: HashMap::new(),
+            pending_since: None,
         }
     }
 
@@ -125,6 +133,20 @@ impl Engine {
     /// timers and positions committed.
     pub async fn handle(&mut self, events: &[Located], next_offsets: &[(String, i32, i64)]) -> Result<(), sqlx::Error> {
         let now = Utc::now();
+        // Most of the fleet has no automation: a batch of only their reports
+        // costs no transaction (its positions are stored later).
+        let telemetry = self.topics.telemetry();
+        let quiet = events
+            .iter()
+            .all(|l| l.topic == telemetry && self.houses.get(&l.envelope.household_id).is_none_or(|x| x.agg.automations.is_empty()));
+        if quiet {
+            for (topic, partition, next) in next_offsets {
+                self.pending.insert((topic.clone(), *partition), *next);
+                self.note_decided(topic, *partition, *next);
+            }
+            self.pending_since.get_or_insert_with(std::time::Instant::now);
+            return Ok(());
+        }
         let mut tx = self.pool.begin().await?;
         let mut out = Out::default();
         let mut changed_automations: HashSet<Uuid> = HashSet::new();
@@ -197,7 +219,33 @@ impl Engine {
         for h in changed_automations {
             self.sync_schedules(&mut tx, h, now).await?;
         }
+        let mut positions = std::mem::take(&mut self.pending);
+        self.pending_since = None;
         for (topic, partition, next) in next_offsets {
+            let p = positions.entry((topic.clone(), *partition)).or_insert(*next);
+            *p = (*p).max(*next);
+            self.note_decided(topic, *partition, *next);
+        }
+        Self::store_positions(&mut tx, &positions).await?;
+        if !out.envelopes.is_empty() {
+            self.metrics.latency.with_label_values(&["decide"]).observe((Utc::now() - now).to_std().unwrap_or_default().as_secs_f64());
+        }
+        self.append(&out).await;
+        tx.commit().await
+    }
+
+    /// Records that decisions are made up to `next` in a partition.
+    fn note_decided(&mut self, topic: &str, partition: i32, next: i64) {
+        let d = self.decided.entry((topic.to_owned(), partition)).or_insert(0);
+        if next >= *d {
+            self.replaying.remove(&(topic.to_owned(), partition));
+        }
+        *d = (*d).max(next);
+    }
+
+    /// Writes the positions decided up to (never backwards).
+    async fn store_positions(tx: &mut Transaction<'_, Postgres>, positions: &HashMap<(String, i32), i64>) -> Result<(), sqlx::Error> {
+        for ((topic, partition), next) in positions {
             sqlx::query(
                 r#"INSERT INTO engine_offsets (topic, "partition", next_offset) VALUES ($1, $2, $3)
                    ON CONFLICT (topic, "partition") DO UPDATE SET next_offset = GREATEST(engine_offsets.next_offset, EXCLUDED.next_offset)"#,
@@ -205,15 +253,21 @@ impl Engine {
             .bind(topic)
             .bind(partition)
             .bind(next)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
-            let d = self.decided.entry((topic.clone(), *partition)).or_insert(0);
-            if *next >= *d {
-                self.replaying.remove(&(topic.clone(), *partition));
-            }
-            *d = (*d).max(*next);
         }
-        self.append(&out).await;
+        Ok(())
+    }
+
+    /// Stores the positions of quiet batches once they are a second old.
+    async fn flush_positions(&mut self) -> Result<(), sqlx::Error> {
+        if self.pending_since.is_none_or(|t| t.elapsed() < Duration::from_secs(1)) {
+            return Ok(());
+        }
+        let positions = std::mem::take(&mut self.pending);
+        self.pending_since = None;
+        let mut tx = self.pool.begin().await?;
+        Self::store_positions(&mut tx, &positions).await?;
         tx.commit().await
     }
 
@@ -224,6 +278,7 @@ impl Engine {
             return;
         }
         let topic = self.topics.commands();
+        let started = std::time::Instant::now();
         let mut pause = Duration::from_millis(100);
         loop {
             let mut acks = Vec::new();
@@ -242,6 +297,7 @@ impl Engine {
                 ok &= a.await.is_ok();
             }
             if ok {
+                self.metrics.latency.with_label_values(&["append_effects"]).observe(started.elapsed().as_secs_f64());
                 self.metrics.messages_out.with_label_values(&["automation_effects"]).inc_by(out.envelopes.len() as u64);
                 return;
             }
@@ -328,6 +384,9 @@ impl Engine {
                 .execute(&mut **tx)
                 .await?;
             } else {
+                // How long the fact took from its recording to this decision (the log, the read).
+                let waited = (Utc::now() - env.occurred_at).to_std().unwrap_or_default();
+                self.metrics.latency.with_label_values(&["fact_to_decision"]).observe(waited.as_secs_f64());
                 self.start_run(tx, out, h, aid, i, &env.event_id.to_string(), Some(env.event_id), what, depth, now).await?;
             }
         }
@@ -744,6 +803,7 @@ impl Engine {
     /// Fires the timers that are due (a bounded number per round). Returns
     /// how many it took.
     pub async fn tick(&mut self) -> Result<usize, sqlx::Error> {
+        self.flush_positions().await?;
         if !self.replaying.is_empty() {
             return Ok(0);
         }

@@ -21,21 +21,8 @@ use homelink_kit::shutdown::CancellationToken;
 use sqlx::{PgPool, Row};
 use std::time::Duration;
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    ReadModel(#[from] homelink_read_model::Error),
-    #[error("postgres: {0}")]
-    Db(#[from] sqlx::Error),
-    #[error("migrations: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error(transparent)]
-    Kit(#[from] homelink_kit::Error),
-    #[error("listener: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("replaying: {0}")]
-    Replay(String),
-}
+/// Why the engine could not start, or stopped (the services' shared error).
+pub use homelink_kit::service::ServiceError as Error;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -133,7 +120,7 @@ impl Application {
             while !engine.replaying.is_empty() {
                 let Some(read) = tokio::time::timeout(Duration::from_secs(60), reader.next(&never))
                     .await
-                    .map_err(|_| Error::Replay("the household stream did not arrive within 60 s".into()))?
+                    .map_err(|_| Error::Service("replaying: the household stream did not arrive within 60 s".into()))?
                 else {
                     break;
                 };
@@ -158,8 +145,14 @@ impl Application {
     /// is rebuilt from the log and its tables when it starts again).
     pub async fn run_until_stopped(self, cancel: CancellationToken) -> Result<(), Error> {
         let Self { listener, router, metrics, mut engine, reader, tick } = self;
-        let ops = tokio::spawn(homelink_kit::ops::serve(listener, router, cancel.clone()));
-        let lag = reader.report_lag(Duration::from_secs(5), cancel.clone());
+        let mut tasks = homelink_kit::service::Tasks::new(cancel.child_token());
+        let ops = tasks.token();
+        tasks.spawn("ops", async move {
+            if let Err(e) = homelink_kit::ops::serve(listener, router, ops).await {
+                tracing::error!(error = %e, "the ops listener failed");
+            }
+        });
+        let lag = reader.report_lag(Duration::from_secs(5), tasks.token());
         let mut timer = tokio::time::interval(tick);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
@@ -186,8 +179,7 @@ impl Application {
             }
         };
         lag.abort();
-        cancel.cancel();
-        let _ = ops.await;
+        tasks.shutdown().await;
         result
     }
 }

@@ -24,12 +24,10 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    homelink_kit::config::load_file()?;
-    tokio::runtime::Runtime::new()?.block_on(run())
+    homelink_kit::service::main(run)
 }
 
-async fn run() -> anyhow::Result<()> {
-    homelink_kit::telemetry::init("info");
+async fn run(cancel: homelink_kit::shutdown::CancellationToken) -> Result<(), homelink_automation::Error> {
     let a = Args::parse();
     let mut cfg = Config::new(&a.common.database_url, &a.common.kafka_bootstrap, a.common.topics());
     cfg.listen = a.listen;
@@ -37,5 +35,5 @@ async fn run() -> anyhow::Result<()> {
     cfg.breaker = (usize::try_from(a.breaker_runs).unwrap_or(usize::MAX), Duration::from_secs(a.breaker_window_secs));
     let app = Application::build(cfg).await?;
     tracing::info!(port = app.port(), "automation engine listening");
-    Ok(app.run_until_stopped(homelink_kit::shutdown::on_signal()).await?)
+    app.run_until_stopped(cancel).await
 }

@@ -56,14 +56,10 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    // The configuration file layer goes beneath the environment before any
-    // thread starts (kit::config).
-    homelink_kit::config::load_file()?;
-    tokio::runtime::Runtime::new()?.block_on(run())
+    homelink_kit::service::main(run)
 }
 
-async fn run() -> anyhow::Result<()> {
-    homelink_kit::telemetry::init("info");
+async fn run(cancel: homelink_kit::shutdown::CancellationToken) -> anyhow::Result<()> {
     let a = Args::parse();
     if a.rotate_signing_key {
         let pool = homelink_kit::db::connect(&a.common.database_url, 2).await?;
@@ -101,7 +97,7 @@ async fn run() -> anyhow::Result<()> {
     cfg.listen = a.listen;
     let app = Application::build(cfg).await?;
     tracing::info!(port = app.port(), "command API listening");
-    Ok(app.run_until_stopped(homelink_kit::shutdown::on_signal()).await?)
+    Ok(app.run_until_stopped(cancel).await?)
 }
 
 #[cfg(test)]

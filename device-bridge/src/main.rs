@@ -49,14 +49,10 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    // The configuration file layer goes beneath the environment before any
-    // thread starts (kit::config).
-    homelink_kit::config::load_file()?;
-    tokio::runtime::Runtime::new()?.block_on(run())
+    homelink_kit::service::main(run)
 }
 
-async fn run() -> anyhow::Result<()> {
-    homelink_kit::telemetry::init("info");
+async fn run(cancel: homelink_kit::shutdown::CancellationToken) -> anyhow::Result<()> {
     let a = Args::parse();
     let mut cfg = Config::new(&a.common.database_url, &a.common.kafka_bootstrap, a.common.topics(), a.mqtt_host, 0);
     cfg.mqtt_ports = a.mqtt_port;
@@ -71,5 +67,5 @@ async fn run() -> anyhow::Result<()> {
     cfg.mqtt_queue = a.mqtt_queue;
     let app = Application::build(cfg).await?;
     tracing::info!(port = app.port(), "device bridge listening");
-    Ok(app.run_until_stopped(homelink_kit::shutdown::on_signal()).await?)
+    Ok(app.run_until_stopped(cancel).await?)
 }

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod ops;
 pub mod pki;
 pub mod reader;
+pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 

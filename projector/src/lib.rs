@@ -101,21 +101,7 @@ pub async fn migrate(pool: &PgPool) -> Result<(), Error> {
 }
 
 /// Why the projector could not start, or stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    ReadModel(#[from] homelink_read_model::Error),
-    #[error("postgres: {0}")]
-    Db(#[from] sqlx::Error),
-    #[error(transparent)]
-    Kit(#[from] homelink_kit::Error),
-    #[error("kafka: {0}")]
-    Kafka(#[from] rdkafka::error::KafkaError),
-    #[error("listener: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("task: {0}")]
-    Task(#[from] tokio::task::JoinError),
-}
+pub use homelink_kit::service::ServiceError as Error;
 
 impl Application {
     /// Connects to Postgres (applying migrations) and Kafka and binds the listener.
@@ -152,11 +138,13 @@ impl Application {
     /// Runs until `cancel` fires; an in-flight batch is committed or rolled back, never half-applied.
     pub async fn run_until_stopped(self, cancel: CancellationToken) -> Result<(), Error> {
         let input = tokio::spawn(self.consumer.run(self.applier, self.metrics.clone(), cancel.clone()));
-        tokio::spawn(expire_rows(self.pool.clone(), self.retention, self.metrics.clone(), cancel.clone()));
-        tokio::spawn(stale::run(self.pool.clone(), self.stale_every, self.metrics.clone(), cancel.clone()));
-        homelink_kit::ops::serve(self.listener, self.router, cancel.clone()).await?;
+        let mut tasks = homelink_kit::service::Tasks::new(cancel.child_token());
+        tasks.spawn("retention", expire_rows(self.pool.clone(), self.retention, self.metrics.clone(), tasks.token()));
+        tasks.spawn("stale", stale::run(self.pool.clone(), self.stale_every, self.metrics.clone(), tasks.token()));
+        let served = homelink_kit::ops::serve(self.listener, self.router, cancel.clone()).await;
         let _ = input.await;
-        Ok(())
+        tasks.shutdown().await;
+        Ok(served?)
     }
 }
 

@@ -27,14 +27,10 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    // The configuration file layer goes beneath the environment before any
-    // thread starts (kit::config).
-    homelink_kit::config::load_file()?;
-    tokio::runtime::Runtime::new()?.block_on(run())
+    homelink_kit::service::main(run)
 }
 
-async fn run() -> anyhow::Result<()> {
-    homelink_kit::telemetry::init("info");
+async fn run(cancel: homelink_kit::shutdown::CancellationToken) -> Result<(), homelink_projector::Error> {
     let a = Args::parse();
     let mut cfg = Config::new(&a.common.database_url, &a.common.kafka_bootstrap, a.common.topics());
     cfg.listen = a.listen;
@@ -44,5 +40,5 @@ async fn run() -> anyhow::Result<()> {
     cfg.change_retention = Duration::from_secs(a.change_retention_secs.max(1));
     let app = Application::build(cfg).await?;
     tracing::info!(port = app.port(), "projector listening");
-    Ok(app.run_until_stopped(homelink_kit::shutdown::on_signal()).await?)
+    app.run_until_stopped(cancel).await
 }

@@ -24,14 +24,10 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    // The configuration file layer goes beneath the environment before any
-    // thread starts (kit::config).
-    homelink_kit::config::load_file()?;
-    tokio::runtime::Runtime::new()?.block_on(run())
+    homelink_kit::service::main(run)
 }
 
-async fn run() -> anyhow::Result<()> {
-    homelink_kit::telemetry::init("info");
+async fn run(cancel: homelink_kit::shutdown::CancellationToken) -> anyhow::Result<()> {
     let a = Args::parse();
     let mut cfg = Config::new(&a.common.database_url, a.jwks_url);
     cfg.log = homelink_query_api::dry_run::Log { bootstrap: a.common.kafka_bootstrap.clone(), topics: a.common.topics() };
@@ -40,5 +36,5 @@ async fn run() -> anyhow::Result<()> {
     cfg.max_rows = a.max_rows;
     let app = Application::build(cfg).await?;
     tracing::info!(port = app.port(), "query API listening");
-    Ok(app.run_until_stopped(homelink_kit::shutdown::on_signal()).await?)
+    Ok(app.run_until_stopped(cancel).await?)
 }

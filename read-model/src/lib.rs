@@ -29,6 +29,15 @@ pub enum Error {
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
 
+impl From<Error> for homelink_kit::service::ServiceError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Db(e) => Self::Db(e),
+            Error::Migrate(e) => Self::Migrate(e),
+        }
+    }
+}
+
 /// Applies the read-model migrations. Services keep their own tables in the
 /// same database with their own migrations, so versions not found here are
 /// not an error.
