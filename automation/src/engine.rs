@@ -380,7 +380,7 @@ impl Engine {
                 .bind(i as i32)
                 .bind(depth as i32)
                 .bind(due)
-                .bind(json!({"cause": env.event_id, "what": what, "user": user}))
+                .bind(json!({"cause": env.event_id, "what": what, "user": user, "secs": hold}))
                 .execute(&mut **tx)
                 .await?;
             } else {
@@ -844,7 +844,7 @@ impl Engine {
                         let what = format!(
                             "{} (held {} s)",
                             payload["what"].as_str().unwrap_or("a trigger"),
-                            (due - now).num_seconds().abs().max(0)
+                            payload["secs"].as_u64().unwrap_or_default()
                         );
                         let key = format!("{}/{}", payload["cause"].as_str().unwrap_or(""), due.timestamp_millis());
                         self.start_run(&mut tx, &mut out, h, aid, i as usize, &key, cause, what, depth as u32, now).await?;

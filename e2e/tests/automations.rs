@@ -250,7 +250,7 @@ async fn the_last_member_leaving_turns_every_light_off_and_locks_the_door() {
         runs.first().filter(|run| run["outcome"] == "done").cloned()
     })
     .await;
-    assert_eq!(run["what"].as_str().map(|w| w.starts_with("the last member left")), Some(true), "{run}");
+    assert_eq!(run["what"], "the last member left (held 3 s)", "{run}");
     assert_eq!(run["steps"][0]["outcome"], "sent", "{run}");
     let commands: Vec<String> =
         run["steps"][0]["commands"].as_array().into_iter().flatten().filter_map(|c| c.as_str().map(str::to_owned)).collect();
