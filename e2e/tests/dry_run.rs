@@ -116,4 +116,8 @@ async fn a_dry_run_over_the_recorded_history_lists_its_firings_and_sends_nothing
     let upside = json!({"h": h, "d": definition, "since": until.to_rfc3339(), "until": since.to_rfc3339()});
     let r = stack.gql(&owner.access_token, DRY_RUN, upside).await;
     assert_eq!(code(&r).as_deref(), Some("BAD_USER_INPUT"), "{r}");
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    let future = json!({"h": h, "d": definition, "since": later.to_rfc3339(), "until": (later + chrono::Duration::hours(1)).to_rfc3339()});
+    let r = stack.gql(&owner.access_token, DRY_RUN, future).await;
+    assert_eq!(code(&r).as_deref(), Some("BAD_USER_INPUT"), "nothing is recorded in the future: {r}");
 }

@@ -120,6 +120,12 @@ pub async fn run(
     if until <= since {
         return Err(error(codes::BAD_USER_INPUT, "until must be after since"));
     }
+    // Nothing is recorded after now: the window is played up to now.
+    let now = Utc::now();
+    let until = until.min(now);
+    if until <= since {
+        return Err(error(codes::BAD_USER_INPUT, "the window is in the future: nothing is recorded there yet"));
+    }
     if until - since > chrono::Duration::days(MAX_WINDOW_DAYS) {
         return Err(error(codes::BAD_USER_INPUT, format!("a dry run plays at most {MAX_WINDOW_DAYS} days")));
     }
@@ -127,23 +133,23 @@ pub async fn run(
         .map_err(|e| error(codes::BAD_USER_INPUT, format!("definition: {e}")).extend_with(|_, x| x.set("path", "/definition")))?;
     let key = household_key(household);
     let stream =
-        homelink_kit::reader::read_window(&log.bootstrap, &log.topics.households(), &key, None, until.timestamp_millis(), MAX_SCANNED)
+        homelink_kit::reader::read_window(&log.bootstrap, &log.topics.households(), &key, None, now.timestamp_millis(), MAX_SCANNED)
             .await
             .map_err(log_unavailable)?;
-    // The household as it is at the window's end decides who may ask and
-    // what the definition may name (devices, scenes, members).
-    let mut now = Household::default();
+    // The household as it is now decides who may ask and what the
+    // definition may name (devices, scenes, members), as when it is saved.
+    let mut current = Household::default();
     for env in &stream.events {
         if let Some(he) = env.event().ok().as_ref().and_then(|e| e.household_event()) {
-            let _ = now.apply(&he, env.seq, env.occurred_at);
+            let _ = current.apply(&he, env.seq, env.occurred_at);
         }
     }
-    match now.role_of(viewer) {
+    match current.role_of(viewer) {
         None => return Err(not_found()),
         Some(r) if !r.allows(&Action::ManageDevices) => return Err(error(codes::FORBIDDEN, "only owners and adults try automations")),
         Some(_) => {}
     }
-    let definition = validate(&now, definition).map_err(|f| {
+    let definition = validate(&current, definition).map_err(|f| {
         let path = format!("/definition{}", f.path);
         error(codes::BAD_USER_INPUT, format!("{path}: {}", f.reason)).extend_with(move |_, x| x.set("path", path.clone()))
     })?;
