@@ -22,11 +22,8 @@ use homelink_events::protocol::{device_topic, Channel, CmdMsg, PROTOCOL_VERSION}
 use homelink_events::{Actor, Envelope, Event};
 use homelink_kit::reader::{LogBatch, LogReader};
 use homelink_kit::shutdown::CancellationToken;
-use homelink_read_model::lifecycle::Rank;
-use homelink_read_model::locks::Lock;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::AsyncClient;
-use sqlx::Row;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -204,13 +201,7 @@ pub(crate) async fn knows_command(s: &Shared, command: Uuid, device: Uuid) -> bo
     if s.deliverer.seen.lock().unwrap_or_else(|e| e.into_inner()).0.contains_key(&command) {
         return true;
     }
-    let known: Result<Option<i32>, _> =
-        sqlx::query_scalar("SELECT 1 FROM device_commands WHERE command_id = $1 AND device_id = $2 AND set_values IS NOT NULL")
-            .bind(command)
-            .bind(device)
-            .fetch_optional(&s.pool)
-            .await;
-    !matches!(known, Ok(None))
+    !matches!(homelink_read_model::commands::is_known(&s.pool, command, device).await, Ok(false))
 }
 
 /// Delivers one envelope and counts the outcome under `path`; returns the
@@ -396,20 +387,7 @@ pub(crate) fn request_flush(s: Arc<Shared>, household: Uuid, device: Uuid) {
 /// it (requested or queued, not superseded, not expired; the newest
 /// [`FLUSH_LIMIT`]) go out now, oldest first, on its broker.
 pub(crate) async fn flush_open(s: Arc<Shared>, household: Uuid, device: Uuid) {
-    // The rank is written into the statement, not bound: a partial index
-    // (`status_rank < 2`) serves it only when the planner sees the number.
-    let rows = sqlx::query(&format!(
-        "SELECT * FROM (SELECT command_id, set_values, expires_at, requested_at, actor FROM device_commands
-          WHERE device_id = $1 AND household_id = $2 AND status_rank < {open} AND expires_at > now() AND set_values IS NOT NULL
-          ORDER BY requested_at DESC LIMIT $3) newest ORDER BY requested_at",
-        open = Rank::Delivered.value()
-    ))
-    .bind(device)
-    .bind(household)
-    .bind(FLUSH_LIMIT)
-    .fetch_all(&s.pool)
-    .await;
-    let rows = match rows {
+    let rows = match homelink_read_model::commands::open_for_device(&s.pool, household, device, FLUSH_LIMIT).await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, %device, "reading a device's open commands failed");
@@ -417,25 +395,9 @@ pub(crate) async fn flush_open(s: Arc<Shared>, household: Uuid, device: Uuid) {
             return;
         }
     };
-    for r in rows {
-        let set = match r.get::<serde_json::Value, _>(1) {
-            serde_json::Value::Object(m) => m,
-            _ => continue,
-        };
-        let ev = Event::DeviceCommandRequested(DeviceCommandRequested {
-            command_id: r.get(0),
-            device_id: device,
-            set,
-            expires_at: r.get(2),
-            queued: true,
-        });
-        let at: Option<chrono::DateTime<Utc>> = r.get(3);
+    for c in rows {
         // The sender's identity goes with it: it is authorized again before it is sent.
-        let actor = r.get::<Option<serde_json::Value>, _>(4).and_then(|a| serde_json::from_value::<Actor>(a).ok());
-        let Some(actor) = actor else {
-            continue;
-        };
-        let envelope = Envelope::new(household, actor, &ev, at.unwrap_or_else(Utc::now));
+        let Some(envelope) = request_again(c, true) else { continue };
         deliver_counted(&s, &envelope, "command_queued").await;
     }
 }
@@ -489,33 +451,11 @@ pub(crate) async fn expiry_timer(s: Arc<Shared>, every: Duration, resend_after: 
 async fn resend_unanswered(s: &Arc<Shared>, after: Duration, resent: &mut HashMap<Uuid, std::time::Instant>) -> Result<(), sqlx::Error> {
     resent.retain(|_, at| at.elapsed() < after);
     let skip: Vec<Uuid> = resent.keys().copied().collect();
-    let mut tx = s.pool.begin().await?;
-    let mine: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)").bind(Lock::ResendSweep.key()).fetch_one(&mut *tx).await?;
-    if !mine {
-        return Ok(());
-    }
-    // The rank in the statement, not bound: the partial index of open commands needs it.
-    let rows = sqlx::query(&format!(
-        "SELECT command_id, household_id, device_id, set_values, expires_at, requested_at, actor FROM device_commands
-          WHERE status_rank = {delivered} AND caused_by IS NOT NULL AND set_values IS NOT NULL
-            AND expires_at > now() + interval '1 second' AND delivered_at < now() - make_interval(secs => $1)
-            AND command_id <> ALL($2)
-          ORDER BY delivered_at LIMIT 200",
-        delivered = Rank::Delivered.value()
-    ))
-    .bind(after.as_secs_f64())
-    .bind(&skip)
-    .fetch_all(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    for r in rows {
-        let (command_id, household, device_id): (Uuid, Uuid, Uuid) = (r.get(0), r.get(1), r.get(2));
-        let serde_json::Value::Object(set) = r.get::<serde_json::Value, _>(3) else { continue };
-        let Some(actor) = r.get::<Option<serde_json::Value>, _>(6).and_then(|a| serde_json::from_value::<Actor>(a).ok()) else { continue };
+    let Some(rows) = homelink_read_model::commands::unanswered(&s.pool, after, &skip).await? else { return Ok(()) };
+    for c in rows {
+        let (command_id, device_id) = (c.command_id, c.device_id);
+        let Some(envelope) = request_again(c, false) else { continue };
         resent.insert(command_id, std::time::Instant::now());
-        let ev = Event::DeviceCommandRequested(DeviceCommandRequested { command_id, device_id, set, expires_at: r.get(4), queued: false });
-        let at: Option<chrono::DateTime<Utc>> = r.get(5);
-        let envelope = Envelope::new(household, actor, &ev, at.unwrap_or_else(Utc::now));
         tracing::info!(command = %command_id, device = %device_id, "a scene's or automation's command got no answer: published again");
         s.deliverer.forget(command_id);
         if deliver_counted(s, &envelope, "command_resent").await.is_some() {
@@ -529,23 +469,21 @@ async fn resend_unanswered(s: &Arc<Shared>, after: Duration, resent: &mut HashMa
 /// not those in `skip` (expired a moment ago, not applied yet), so a lagging
 /// projector never starves the rest.
 async fn due(s: &Shared, skip: &[Uuid]) -> Result<Vec<(Uuid, Uuid, Uuid, chrono::DateTime<Utc>)>, sqlx::Error> {
-    let mut tx = s.pool.begin().await?;
-    let mine: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)").bind(Lock::ExpirySweep.key()).fetch_one(&mut *tx).await?;
-    if !mine {
-        return Ok(Vec::new());
-    }
-    // The rank in the statement, not bound: the partial index of due commands needs it.
-    let rows = sqlx::query(&format!(
-        "SELECT command_id, household_id, device_id, expires_at FROM device_commands
-          WHERE expired_at IS NULL AND (status_rank < {ended} OR status = 'ok') AND expires_at <= now() AND command_id <> ALL($1)
-          ORDER BY expires_at LIMIT 1000",
-        ended = Rank::Ended.value()
-    ))
-    .bind(skip)
-    .fetch_all(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect())
+    Ok(homelink_read_model::commands::due_for_expiry(&s.pool, skip).await?.unwrap_or_default())
+}
+
+/// A stored command's request again, as its sender sent it (`None`: its
+/// sender is not known, so it cannot be authorized again).
+fn request_again(c: homelink_read_model::commands::StoredCommand, queued: bool) -> Option<Envelope> {
+    let actor = c.actor.and_then(|a| serde_json::from_value::<Actor>(a).ok())?;
+    let ev = Event::DeviceCommandRequested(DeviceCommandRequested {
+        command_id: c.command_id,
+        device_id: c.device_id,
+        set: c.set,
+        expires_at: c.expires_at,
+        queued,
+    });
+    Some(Envelope::new(c.household_id, actor, &ev, c.requested_at.unwrap_or_else(Utc::now)))
 }
 
 /// The commands of `events` that need not go out any more: the read model
@@ -564,13 +502,7 @@ async fn closed(s: &Shared, events: &[&Envelope]) -> HashSet<Uuid> {
     if ids.is_empty() {
         return HashSet::new();
     }
-    let rows: Result<Vec<Uuid>, _> =
-        sqlx::query_scalar("SELECT command_id FROM device_commands WHERE command_id = ANY($1) AND status_rank >= $2")
-            .bind(&ids)
-            .bind(Rank::Delivered.value())
-            .fetch_all(&s.pool)
-            .await;
-    match rows {
+    match homelink_read_model::commands::delivered_or_ended(&s.pool, &ids).await {
         Ok(r) => r.into_iter().collect(),
         Err(e) => {
             tracing::warn!(error = %e, "reading commands' status failed; sending them");

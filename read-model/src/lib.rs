@@ -5,11 +5,14 @@
 //!
 //! - [`household`]: the household aggregate as the read models hold it
 //!   (command-api decides household commands against it).
+//! - [`commands`]: device commands as the bridge reads them back (known,
+//!   a device's open ones, the sweeps' picks).
 //! - [`locks`]: every advisory lock the services take, with its key.
 //! - [`lifecycle`]: a device command's rank (`device_commands.status_rank`).
 //! - this file: small lookups — a member's role, a device's owner and kind,
 //!   a household's version, how far the projection has applied a partition.
 
+pub mod commands;
 pub mod household;
 pub mod lifecycle;
 pub mod locks;
