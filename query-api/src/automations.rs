@@ -4,6 +4,7 @@
 use crate::reads::RowBudget;
 use async_graphql::{ComplexObject, Context, Json, SimpleObject, ID};
 use chrono::{DateTime, Utc};
+use homelink_read_model::routines::{self, AutomationRow};
 use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -29,19 +30,6 @@ pub struct Automation {
     pub paused_reason: Option<String>,
 }
 
-#[derive(sqlx::FromRow)]
-struct AutomationRow {
-    automation_id: Uuid,
-    name: String,
-    enabled: bool,
-    created_by: Uuid,
-    definition: Value,
-    created_at: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
-    paused_at: Option<DateTime<Utc>>,
-    paused_reason: Option<String>,
-}
-
 impl From<AutomationRow> for Automation {
     fn from(r: AutomationRow) -> Self {
         Self {
@@ -61,44 +49,20 @@ impl From<AutomationRow> for Automation {
 
 /// The household's automations, by name.
 pub async fn of_household(pool: &PgPool, budget: &RowBudget, household: Uuid) -> async_graphql::Result<Vec<Automation>> {
-    let rows = budget
-        .read(None, |limit| {
-            sqlx::query_as::<_, AutomationRow>(
-                "SELECT automation_id, name, enabled, created_by, definition, created_at, updated_at, paused_at, paused_reason FROM automations
-                  WHERE household_id = $1 ORDER BY lower(name), automation_id LIMIT $2",
-            )
-            .bind(household)
-            .bind(limit)
-            .fetch_all(pool)
-        })
-        .await?;
+    let rows = budget.read(None, |limit| routines::automations(pool, household, limit)).await?;
     Ok(rows.into_iter().map(Automation::from).collect())
 }
 
 /// An automation of a household the viewer belongs to (`None` otherwise,
 /// exactly as for an id that does not exist).
 pub async fn one(pool: &PgPool, budget: &RowBudget, id: Uuid, viewer: Uuid) -> async_graphql::Result<Option<Automation>> {
-    let row = budget
-        .read_one(|| {
-            sqlx::query_as::<_, AutomationRow>(
-                "SELECT a.automation_id, a.name, a.enabled, a.created_by, a.definition, a.created_at, a.updated_at, a.paused_at,
-                        a.paused_reason FROM automations a
-                   JOIN household_members m ON m.household_id = a.household_id AND m.user_id = $2
-                  WHERE a.automation_id = $1",
-            )
-            .bind(id)
-            .bind(viewer)
-            .fetch_optional(pool)
-        })
-        .await?;
+    let row = budget.read_one(|| routines::automation(pool, id, viewer)).await?;
     Ok(row.map(Automation::from))
 }
 
 /// The household's time zone (`UTC` until one is set).
 pub async fn time_zone(pool: &PgPool, budget: &RowBudget, household: Uuid) -> async_graphql::Result<String> {
-    let tz: Option<Option<String>> = budget
-        .read_one(|| sqlx::query_scalar("SELECT time_zone FROM households WHERE household_id = $1").bind(household).fetch_optional(pool))
-        .await?;
+    let tz: Option<Option<String>> = budget.read_one(|| routines::time_zone(pool, household)).await?;
     Ok(tz.flatten().unwrap_or_else(|| "UTC".into()))
 }
 
@@ -125,20 +89,6 @@ pub struct AutomationRun {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
-#[derive(sqlx::FromRow)]
-struct RunRow {
-    run_id: Uuid,
-    started_at: DateTime<Utc>,
-    trigger: i32,
-    what: String,
-    cause: Option<Uuid>,
-    conditions: Value,
-    outcome: String,
-    reason: Option<String>,
-    steps: Value,
-    finished_at: Option<DateTime<Utc>>,
-}
-
 /// Most runs one page holds.
 pub const MAX_RUNS: i32 = 100;
 
@@ -160,22 +110,7 @@ impl Automation {
                 Some(Uuid::parse_str(&a).map_err(|_| crate::errors::error(crate::errors::codes::BAD_USER_INPUT, "after: not a run id"))?)
             }
         };
-        let rows = budget
-            .read(None, |limit| {
-                sqlx::query_as::<_, RunRow>(
-                    "SELECT run_id, started_at, trigger, what, cause, conditions, outcome, reason, steps, finished_at FROM automation_runs r
-                      WHERE automation_id = $1
-                        AND ($4::uuid IS NULL OR (started_at, run_id) <
-                             (SELECT started_at, run_id FROM automation_runs WHERE run_id = $4 AND automation_id = $1))
-                      ORDER BY started_at DESC, run_id DESC LIMIT LEAST($2, $3)",
-                )
-                .bind(self.uuid)
-                .bind(first)
-                .bind(limit)
-                .bind(after)
-                .fetch_all(pool)
-            })
-            .await?;
+        let rows = budget.read(Some(first), |limit| routines::runs(pool, self.uuid, after, limit)).await?;
         Ok(rows
             .into_iter()
             .map(|r| AutomationRun {

@@ -8,6 +8,7 @@ use crate::reads::RowBudget;
 use async_graphql::{Json, SimpleObject, ID};
 use chrono::{DateTime, Utc};
 use homelink_events::Role;
+use homelink_read_model::routines;
 use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -73,29 +74,9 @@ pub struct SceneActivation {
     pub devices: Vec<ActivationDevice>,
 }
 
-#[derive(sqlx::FromRow)]
-struct SceneRow {
-    scene_id: Uuid,
-    name: String,
-    devices: Value,
-    child_allowed: bool,
-    updated_at: DateTime<Utc>,
-}
-
 /// The household's scenes the viewer may see, by name.
 pub async fn of_household(pool: &PgPool, budget: &RowBudget, household: Uuid, role: Role) -> async_graphql::Result<Vec<Scene>> {
-    let rows = budget
-        .read(None, |limit| {
-            sqlx::query_as::<_, SceneRow>(
-                "SELECT scene_id, name, devices, child_allowed, updated_at FROM scenes
-                  WHERE household_id = $1 AND (child_allowed OR $2) ORDER BY lower(name), scene_id LIMIT $3",
-            )
-            .bind(household)
-            .bind(role != Role::Child)
-            .bind(limit)
-            .fetch_all(pool)
-        })
-        .await?;
+    let rows = budget.read(None, |limit| routines::scenes(pool, household, role != Role::Child, limit)).await?;
     Ok(rows
         .into_iter()
         .map(|r| {
@@ -116,44 +97,14 @@ pub async fn of_household(pool: &PgPool, budget: &RowBudget, household: Uuid, ro
         .collect())
 }
 
-#[derive(sqlx::FromRow)]
-struct ActivationRow {
-    scene_id: Uuid,
-    actor: Value,
-    at: DateTime<Utc>,
-    commands: Value,
-    skipped: Value,
-}
-
 /// An activation of a household the viewer belongs to (`None` otherwise,
 /// exactly as for an id that does not exist).
 pub async fn activation(pool: &PgPool, budget: &RowBudget, id: Uuid, viewer: Uuid) -> async_graphql::Result<Option<SceneActivation>> {
-    let row = budget
-        .read_one(|| {
-            sqlx::query_as::<_, ActivationRow>(
-                "SELECT a.scene_id, a.actor, a.at, a.commands, a.skipped FROM scene_activations a
-                   JOIN household_members m ON m.household_id = a.household_id AND m.user_id = $2
-                  WHERE a.activation_id = $1",
-            )
-            .bind(id)
-            .bind(viewer)
-            .fetch_optional(pool)
-        })
-        .await?;
+    let row = budget.read_one(|| routines::activation(pool, id, viewer)).await?;
     let Some(a) = row else {
         return Ok(None);
     };
-    let statuses: Vec<(Uuid, String, Option<String>, bool, bool)> = budget
-        .read(None, |limit| {
-            sqlx::query_as(
-                "SELECT command_id, status, reason, delivered_at IS NOT NULL, expired_at IS NOT NULL FROM device_commands
-                  WHERE caused_by = $1 LIMIT $2",
-            )
-            .bind(id)
-            .bind(limit)
-            .fetch_all(pool)
-        })
-        .await?;
+    let statuses = budget.read(None, |limit| routines::caused_commands(pool, id, limit)).await?;
     let mut out = SceneActivation {
         id: ID(id.to_string()),
         scene_id: ID(a.scene_id.to_string()),
@@ -171,10 +122,10 @@ pub async fn activation(pool: &PgPool, budget: &RowBudget, id: Uuid, viewer: Uui
     };
     for c in a.commands.as_array().into_iter().flatten() {
         let command = c["commandId"].as_str().and_then(|s| Uuid::parse_str(s).ok());
-        let found = statuses.iter().find(|(cid, ..)| Some(*cid) == command);
+        let found = statuses.iter().find(|c| Some(c.command_id) == command);
         // Not projected yet: the command is on its way.
         let (mut status, mut reason, delivered, expired) =
-            found.map(|(_, s, r, d, e)| (s.clone(), r.clone(), *d, *e)).unwrap_or(("requested".into(), None, false, false));
+            found.map(|c| (c.status.clone(), c.reason.clone(), c.delivered, c.expired)).unwrap_or(("requested".into(), None, false, false));
         match status.as_str() {
             // Acked, but its reports never showed the values within the
             // command's life (or contradicted them): it did not take its part.

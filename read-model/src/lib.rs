@@ -7,6 +7,8 @@
 //!   (command-api decides household commands against it).
 //! - [`commands`]: device commands as the bridge reads them back (known,
 //!   a device's open ones, the sweeps' picks).
+//! - [`routines`]: scenes, activations, automations and their runs as the
+//!   query API reads them.
 //! - [`locks`]: every advisory lock the services take, with its key.
 //! - [`lifecycle`]: a device command's rank (`device_commands.status_rank`).
 //! - this file: small lookups — a member's role, a device's owner and kind,
@@ -16,6 +18,7 @@ pub mod commands;
 pub mod household;
 pub mod lifecycle;
 pub mod locks;
+pub mod routines;
 
 use homelink_events::{DeviceKind, Role};
 use sqlx::{PgConnection, PgPool, Row};
