@@ -49,23 +49,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Why the command API could not start, or stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    ReadModel(#[from] homelink_read_model::Error),
-    #[error("postgres: {0}")]
-    Db(#[from] sqlx::Error),
-    #[error("migrations: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error(transparent)]
-    Kit(#[from] homelink_kit::Error),
-    #[error("device CA: {0}")]
-    Pki(#[from] homelink_kit::pki::PkiError),
-    #[error("signing keys: {0}")]
-    Keys(String),
-    #[error("listener: {0}")]
-    Io(#[from] std::io::Error),
-}
+pub use homelink_kit::service::ServiceError as Error;
 
 /// Largest request body accepted; larger ones get 413 before any parsing.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -190,7 +174,7 @@ impl Application {
         // even a replacement producer's appends never completed
         // (tests/faults.rs).
         migrate(&pool).await?;
-        auth::ensure_key(&pool).await.map_err(|e| Error::Keys(e.to_string()))?;
+        auth::ensure_key(&pool).await.map_err(|e| Error::Service(format!("signing keys: {e}")))?;
         let keys = auth::Keys::new();
         keys.reload(&pool, cfg.tokens.access_ttl).await?;
         let device_ca = match &cfg.devices {

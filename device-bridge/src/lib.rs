@@ -34,25 +34,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// Why the device bridge could not start, or stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    ReadModel(#[from] homelink_read_model::Error),
-    #[error("postgres: {0}")]
-    Db(#[from] sqlx::Error),
-    #[error(transparent)]
-    Kit(#[from] homelink_kit::Error),
-    #[error("kafka: {0}")]
-    Kafka(#[from] rdkafka::error::KafkaError),
-    #[error("listener: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("task: {0}")]
-    Task(#[from] tokio::task::JoinError),
-    #[error("schemas: {0}")]
-    Schema(String),
-    #[error("mqtt: {0}")]
-    Mqtt(String),
-}
+pub use homelink_kit::service::ServiceError as Error;
 
 /// Bridge settings.
 #[derive(Debug, Clone)]
@@ -170,7 +152,7 @@ impl Application {
         let appender = Appender::new(&producer)?;
 
         if cfg.mqtt_ports.is_empty() {
-            return Err(Error::Mqtt("no MQTT broker configured".into()));
+            return Err(Error::Service("mqtt: no MQTT broker configured".into()));
         }
         // The same client id on every broker: each keeps this bridge's session.
         let connections: Vec<(AsyncClient, EventLoop)> = cfg

@@ -20,7 +20,7 @@ impl Schemas {
             let v = jsonschema::options()
                 .should_validate_formats(true)
                 .build(&s.schema)
-                .map_err(|e| crate::Error::Schema(format!("schema {}: {e}", s.name)))?;
+                .map_err(|e| crate::Error::Service(format!("schemas: schema {}: {e}", s.name)))?;
             validators.insert(s.name, v);
         }
         Ok(Self { validators })

@@ -28,6 +28,8 @@ pub enum ServiceError {
     Io(#[from] std::io::Error),
     #[error("task: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error("device CA: {0}")]
+    Pki(#[from] crate::pki::PkiError),
     /// A service's own reason (a read model, a replay, a broker).
     #[error("{0}")]
     Service(String),

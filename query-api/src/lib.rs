@@ -78,14 +78,8 @@ impl Config {
     }
 }
 
-/// Why the query API could not start, or stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    Kit(#[from] homelink_kit::Error),
-    #[error("listener: {0}")]
-    Io(#[from] std::io::Error),
-}
+/// Why the query API could not start, or stopped (the services' shared error).
+pub use homelink_kit::service::ServiceError as Error;
 
 /// Largest GraphQL request body.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
