@@ -22,6 +22,7 @@ use homelink_events::{Actor, Envelope, Event, RequestMeta, Topics};
 use homelink_kit::kafka::Appender;
 use homelink_kit::metrics::ServiceMetrics;
 use homelink_kit::reader::Located;
+use homelink_kit::shutdown::CancellationToken;
 use serde_json::{json, Value};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -74,6 +75,8 @@ pub struct Engine {
     /// before that reads those reports again, which decides nothing.
     pending: HashMap<(String, i32), i64>,
     pending_since: Option<std::time::Instant>,
+    /// The service's shutdown: an append still retrying then gives up.
+    pub cancel: CancellationToken,
 }
 
 /// What one decision round appends, in order.
@@ -116,6 +119,7 @@ impl Engine {
             replaying: HashSet::new(),
             pending: HashMap::new(),
             pending_since: None,
+            cancel: CancellationToken::new(),
         }
     }
 
@@ -230,7 +234,9 @@ impl Engine {
         if !out.envelopes.is_empty() {
             self.metrics.latency.with_label_values(&["decide"]).observe((Utc::now() - now).to_std().unwrap_or_default().as_secs_f64());
         }
-        self.append(&out).await;
+        if !self.append(&out).await {
+            return Ok(());
+        }
         tx.commit().await
     }
 
@@ -272,40 +278,27 @@ impl Engine {
     }
 
     /// Appends a round's effects in order, retrying until the log takes them
-    /// (their ids are derived: a repeat is ignored downstream).
-    async fn append(&self, out: &Out) {
+    /// (their ids are derived: a repeat is ignored downstream). `false` when
+    /// the engine is stopping first: the round is then not committed, and is
+    /// decided again after the restart.
+    async fn append(&self, out: &Out) -> bool {
         if out.envelopes.is_empty() {
-            return;
+            return true;
         }
-        let topic = self.topics.commands();
         let started = std::time::Instant::now();
-        let mut pause = Duration::from_millis(100);
-        loop {
-            let mut acks = Vec::new();
-            let mut queued = true;
-            for env in &out.envelopes {
-                match self.appender.enqueue(&topic, env) {
-                    Ok(a) => acks.push(a),
-                    Err(_) => {
-                        queued = false;
-                        break;
-                    }
-                }
-            }
-            let mut ok = queued;
-            for a in acks {
-                ok &= a.await.is_ok();
-            }
-            if ok {
-                self.metrics.latency.with_label_values(&["append_effects"]).observe(started.elapsed().as_secs_f64());
-                self.metrics.messages_out.with_label_values(&["automation_effects"]).inc_by(out.envelopes.len() as u64);
-                return;
-            }
-            self.metrics.errors.with_label_values(&["kafka_produce"]).inc();
-            tracing::warn!("appending the engine's decisions failed; retrying");
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(5));
+        let landed = self
+            .appender
+            .append_all_landed(&self.topics.commands(), &out.envelopes, &self.cancel, |e| {
+                self.metrics.errors.with_label_values(&["kafka_produce"]).inc();
+                tracing::warn!(error = %e, "appending the engine's decisions failed; retrying");
+            })
+            .await;
+        if landed.is_none() {
+            return false;
         }
+        self.metrics.latency.with_label_values(&["append_effects"]).observe(started.elapsed().as_secs_f64());
+        self.metrics.messages_out.with_label_values(&["automation_effects"]).inc_by(out.envelopes.len() as u64);
+        true
     }
 
     /// The devices' last state, from the read model, the first time a
@@ -900,7 +893,9 @@ impl Engine {
                 _ => {}
             }
         }
-        self.append(&out).await;
+        if !self.append(&out).await {
+            return Ok(n);
+        }
         tx.commit().await?;
         Ok(n)
     }

@@ -145,6 +145,7 @@ impl Application {
     /// is rebuilt from the log and its tables when it starts again).
     pub async fn run_until_stopped(self, cancel: CancellationToken) -> Result<(), Error> {
         let Self { listener, router, metrics, mut engine, reader, tick } = self;
+        engine.cancel = cancel.clone();
         let mut tasks = homelink_kit::service::Tasks::new(cancel.child_token());
         let ops = tasks.token();
         tasks.spawn("ops", async move {

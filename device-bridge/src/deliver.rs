@@ -309,20 +309,15 @@ async fn record_delivery(s: Arc<Shared>, household: Uuid, command_id: Uuid, devi
     }
 }
 
-/// Appends a bridge event to `topic`, retried a few times.
+/// Appends a bridge event to `topic` with the one retry policy
+/// ([`homelink_kit::kafka::Backoff`]), until it lands or the bridge stops.
 async fn append_to(s: &Shared, topic: String, envelope: Envelope) {
-    let mut backoff = Duration::from_millis(100);
-    for _ in 0..8 {
-        match s.appender.append(&topic, &envelope).await {
-            Ok(_) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, event = %envelope.event_type, "append failed, retrying");
-                s.metrics.errors.with_label_values(&["kafka_produce"]).inc();
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
+    s.appender
+        .append_all_landed(&topic, std::slice::from_ref(&envelope), &s.stopping, |e| {
+            tracing::warn!(error = %e, event = %envelope.event_type, "append failed, retrying");
+            s.metrics.errors.with_label_values(&["kafka_produce"]).inc();
+        })
+        .await;
 }
 
 /// Longest a device's offline queue waits to be flushed again after a flush:

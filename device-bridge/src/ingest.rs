@@ -12,6 +12,7 @@ use homelink_events::protocol::{
     decode_device_message, decode_device_value, parse_device_topic, Channel, DeviceMessage, Presence, MAX_PAYLOAD_BYTES,
 };
 use homelink_events::{Actor, Envelope, Event};
+use homelink_kit::kafka::Backoff;
 use homelink_kit::shutdown::CancellationToken;
 use rumqttc::v5::mqttbytes::v5::Publish;
 use rumqttc::v5::AsyncClient;
@@ -274,7 +275,7 @@ async fn append_in_turn(
     mut turn: Option<TurnDone>,
     hold: bool,
 ) -> Option<homelink_kit::kafka::Position> {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::default();
     loop {
         let outcome = match s.appender.enqueue(topic, envelope) {
             Ok(delivery) => {
@@ -291,10 +292,9 @@ async fn append_in_turn(
                 tracing::warn!(error = %e, "append failed, retrying");
                 s.metrics.errors.with_label_values(&["kafka_produce"]).inc();
                 s.appends_failing.now();
-                if sleep_or_cancel(cancel, backoff).await {
+                if !backoff.pause(cancel).await {
                     return None;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }
@@ -313,7 +313,7 @@ async fn dead_letter(s: &Shared, topic: &str, kind: &str, reason: &str, payload:
         "payload": shown,
     });
     let body = serde_json::to_vec(&record).unwrap_or_default();
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::default();
     loop {
         match s.appender.append_raw(&s.topics.dead_letter(), "mqtt", &body).await {
             Ok(_) => {
@@ -322,10 +322,9 @@ async fn dead_letter(s: &Shared, topic: &str, kind: &str, reason: &str, payload:
             }
             Err(e) => {
                 tracing::warn!(error = %e, "dead-letter append failed, retrying");
-                if sleep_or_cancel(cancel, backoff).await {
+                if !backoff.pause(cancel).await {
                     return Fate::Dropped;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }

@@ -129,6 +129,8 @@ pub struct Shared {
     pub pool: sqlx::PgPool,
     /// This `Shared` itself, for tasks spawned from a borrowed one.
     pub me: std::sync::Weak<Shared>,
+    /// Cancelled when the bridge stops: appends still retrying give up.
+    pub stopping: CancellationToken,
 }
 
 pub struct Application {
@@ -224,6 +226,7 @@ impl Application {
                     .allow_burst(std::num::NonZeroU32::new(cfg.device_rate.1.max(1)).unwrap_or(std::num::NonZeroU32::MIN)),
             ),
             subscribed: connections.iter().map(|_| AtomicBool::new(false)).collect(),
+            stopping: CancellationToken::new(),
         });
         let s = shared.clone();
         let ready: homelink_kit::ops::ReadyCheck = Arc::new(move || {
@@ -257,6 +260,11 @@ impl Application {
         // full request queue in the client: each waiting on the other). The
         // broker bounds what is unacknowledged (receive maximum).
         let (tx, rx) = mpsc::unbounded_channel();
+        let stopping = (cancel.clone(), self.shared.stopping.clone());
+        tokio::spawn(async move {
+            stopping.0.cancelled().await;
+            stopping.1.cancel();
+        });
         let clients: Vec<AsyncClient> = self.connections.iter().map(|(c, _)| c.clone()).collect();
         let ingest = tokio::spawn(ingest::run(self.shared.clone(), clients.clone(), rx, cancel.clone()));
         let commands = tokio::spawn(deliver::consume_commands(self.shared.clone(), self.commands, cancel.clone()));

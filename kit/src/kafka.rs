@@ -38,6 +38,37 @@ impl ProducerConfig {
     }
 }
 
+/// The one retry policy of appends that must land (the bridge's facts, the
+/// engine's decisions, dead letters): pauses of 100 ms doubling up to 5 s,
+/// for as long as it takes, until the service stops. The command API does not
+/// retry: it answers "in doubt" and the client retries with its
+/// `Idempotency-Key` (quality.md).
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self { next: Self::FIRST }
+    }
+}
+
+impl Backoff {
+    pub const FIRST: Duration = Duration::from_millis(100);
+    pub const MAX: Duration = Duration::from_secs(5);
+
+    /// Sleeps the next pause; `false` when `cancel` fired first.
+    pub async fn pause(&mut self, cancel: &crate::shutdown::CancellationToken) -> bool {
+        let d = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        tokio::select! {
+            _ = cancel.cancelled() => false,
+            _ = tokio::time::sleep(d) => true,
+        }
+    }
+}
+
 /// Appends envelopes to topics, keyed by household.
 ///
 /// When librdkafka declares the idempotent producer fatally failed, it is
@@ -143,6 +174,35 @@ impl Appender {
                 Err(_) => Err(crate::Error::Other("the producer dropped the record".into())),
             }
         })
+    }
+
+    /// Appends `envelopes` to `topic` in this order and waits for every
+    /// acknowledgement, retrying them all with [`Backoff`] until the log takes
+    /// them (their ids make a repeat harmless: consumers deduplicate).
+    /// `failed` sees each failure (for logs and metrics). `None` when `cancel`
+    /// fired first: then some may be in the log and some not.
+    pub async fn append_all_landed(
+        &self,
+        topic: &str,
+        envelopes: &[Envelope],
+        cancel: &crate::shutdown::CancellationToken,
+        mut failed: impl FnMut(&crate::Error),
+    ) -> Option<Vec<Position>> {
+        let mut backoff = Backoff::default();
+        loop {
+            let queued: Result<Vec<_>, _> = envelopes.iter().map(|e| self.enqueue(topic, e)).collect();
+            let landed = match queued {
+                Ok(acks) => futures::future::join_all(acks).await.into_iter().collect::<Result<Vec<_>, _>>(),
+                Err(e) => Err(e),
+            };
+            match landed {
+                Ok(positions) => return Some(positions),
+                Err(e) => failed(&e),
+            }
+            if !backoff.pause(cancel).await {
+                return None;
+            }
+        }
     }
 
     /// Appends raw bytes under `key` (dead-letter records).
