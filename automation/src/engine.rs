@@ -58,6 +58,8 @@ pub struct Engine {
     /// The engine's last command to a device: when, at which causation
     /// depth, from which automation.
     sent: HashMap<Uuid, (DateTime<Utc>, u32, Uuid)>,
+    /// Devices whose entry of `sent` changed since it was last stored.
+    sent_changed: HashSet<Uuid>,
     /// Recent run starts per automation (the breaker).
     starts: HashMap<Uuid, VecDeque<DateTime<Utc>>>,
     /// Runs an automation may start in a window before it is paused.
@@ -112,6 +114,7 @@ impl Engine {
             houses: HashMap::new(),
             decided: HashMap::new(),
             sent: HashMap::new(),
+            sent_changed: HashSet::new(),
             starts: HashMap::new(),
             breaker: (BREAKER_RUNS, BREAKER_WINDOW),
             paused: HashSet::new(),
@@ -130,6 +133,13 @@ impl Engine {
         self.waiting = hs.into_iter().collect();
         let paused: Vec<Uuid> = sqlx::query_scalar("SELECT automation_id FROM engine_paused").fetch_all(&self.pool).await?;
         self.paused = paused.into_iter().collect();
+        let sent: Vec<(Uuid, DateTime<Utc>, i32, Uuid)> = sqlx::query_as(
+            "SELECT device_id, sent_at, depth, automation_id FROM engine_sent WHERE sent_at > now() - interval '30 seconds'",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        self.sent = sent.into_iter().map(|(d, at, depth, a)| (d, (at, depth.max(0) as u32, a))).collect();
+        sqlx::query("DELETE FROM engine_sent WHERE sent_at <= now() - interval '30 seconds'").execute(&self.pool).await?;
         Ok(())
     }
 
@@ -231,6 +241,7 @@ impl Engine {
             self.note_decided(topic, *partition, *next);
         }
         Self::store_positions(&mut tx, &positions).await?;
+        self.store_sent(&mut tx).await?;
         if !out.envelopes.is_empty() {
             self.metrics.latency.with_label_values(&["decide"]).observe((Utc::now() - now).to_std().unwrap_or_default().as_secs_f64());
         }
@@ -328,6 +339,36 @@ impl Engine {
     /// A report right after the engine's own command to the device is that
     /// command's effect: one step deeper in the causation chain, and the
     /// automation whose command it was.
+    /// Stores the engine's last commands to devices that changed (with the
+    /// round's positions), so a restart keeps the own-commands rule and the
+    /// loop guard's depth for their 30 s.
+    async fn store_sent(&mut self, tx: &mut Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
+        if self.sent_changed.is_empty() {
+            return Ok(());
+        }
+        let (mut devices, mut ats, mut depths, mut automations) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for d in self.sent_changed.drain() {
+            if let Some((at, depth, aid)) = self.sent.get(&d) {
+                devices.push(d);
+                ats.push(*at);
+                depths.push(i32::try_from(*depth).unwrap_or(i32::MAX));
+                automations.push(*aid);
+            }
+        }
+        sqlx::query(
+            "INSERT INTO engine_sent (device_id, sent_at, depth, automation_id)
+             SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::int[], $4::uuid[])
+             ON CONFLICT (device_id) DO UPDATE SET sent_at = EXCLUDED.sent_at, depth = EXCLUDED.depth, automation_id = EXCLUDED.automation_id",
+        )
+        .bind(&devices)
+        .bind(&ats)
+        .bind(&depths)
+        .bind(&automations)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
     fn caused_by(&self, device: Uuid, at: DateTime<Utc>) -> (u32, Option<Uuid>) {
         match self.sent.get(&device) {
             Some((sent, d, aid)) if at >= *sent && at - *sent < chrono::Duration::seconds(30) => (d + 1, Some(*aid)),
@@ -601,6 +642,7 @@ impl Engine {
                         Ok(mut c) => {
                             c.queued = !house.devices.online.get(device_id).copied().unwrap_or(false);
                             self.sent.insert(*device_id, (now, depth, aid));
+                            self.sent_changed.insert(*device_id);
                             let env = out.push(
                                 h,
                                 actor.clone(),
@@ -655,6 +697,7 @@ impl Engine {
                             env.meta = Some(meta.clone());
                             for c in act.commands {
                                 self.sent.insert(c.device_id, (now, depth, aid));
+                                self.sent_changed.insert(c.device_id);
                                 let id = c.command_id;
                                 let env = out.push(
                                     h,
@@ -893,6 +936,7 @@ impl Engine {
                 _ => {}
             }
         }
+        self.store_sent(&mut tx).await?;
         if !self.append(&out).await {
             return Ok(n);
         }

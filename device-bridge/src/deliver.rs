@@ -409,6 +409,7 @@ pub(crate) async fn flush_open(s: Arc<Shared>, household: Uuid, device: Uuid) {
 pub(crate) async fn expiry_timer(s: Arc<Shared>, every: Duration, resend_after: Duration, cancel: CancellationToken) {
     let mut recent: HashMap<Uuid, std::time::Instant> = HashMap::new();
     let mut resent: HashMap<Uuid, std::time::Instant> = HashMap::new();
+    let mut retried: HashMap<Uuid, std::time::Instant> = HashMap::new();
     loop {
         tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(every) => {} }
         recent.retain(|_, at| at.elapsed() < Duration::from_secs(30));
@@ -431,6 +432,10 @@ pub(crate) async fn expiry_timer(s: Arc<Shared>, every: Duration, resend_after: 
         }
         if let Err(e) = resend_unanswered(&s, resend_after, &mut resent).await {
             tracing::warn!(error = %e, "reading unanswered commands failed");
+            s.metrics.errors.with_label_values(&["resend_timer"]).inc();
+        }
+        if let Err(e) = retry_unconfirmed(&s, resend_after, &mut retried).await {
+            tracing::warn!(error = %e, "reading unconfirmed commands failed");
             s.metrics.errors.with_label_values(&["resend_timer"]).inc();
         }
     }
@@ -456,6 +461,47 @@ async fn resend_unanswered(s: &Arc<Shared>, after: Duration, resent: &mut HashMa
         if deliver_counted(s, &envelope, "command_resent").await.is_some() {
             s.metrics.messages_out.with_label_values(&["command_resent"]).inc();
         }
+    }
+    Ok(())
+}
+
+/// A scene's or an automation's command that its device acked `ok` but
+/// whose reports did not show the values within `after` (it reported
+/// something else, or nothing) is sent again as a new command
+/// ([`homelink_events::command::retry_id`]: the same values, expiry, sender
+/// and cause), since a device ignores a `commandId` it handled. It goes out
+/// like every command (authorized again at the bridge) and supersedes the
+/// old one; it is retried the same way while the command lives, and a device
+/// that still does not take its part is named in the activation's progress.
+async fn retry_unconfirmed(s: &Arc<Shared>, after: Duration, retried: &mut HashMap<Uuid, std::time::Instant>) -> Result<(), sqlx::Error> {
+    retried.retain(|_, at| at.elapsed() < Duration::from_secs(60));
+    let skip: Vec<Uuid> = retried.keys().copied().collect();
+    let Some(rows) = homelink_read_model::commands::unconfirmed(&s.pool, after, &skip).await? else { return Ok(()) };
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = rows.iter().map(|c| homelink_events::command::retry_id(c.command_id)).collect();
+    // Appended already, not applied yet (the old one is not superseded yet).
+    let known: HashSet<Uuid> = homelink_read_model::commands::known(&s.pool, &ids).await?.into_iter().collect();
+    for c in rows {
+        retried.insert(c.command_id, std::time::Instant::now());
+        let id = homelink_events::command::retry_id(c.command_id);
+        let (Some(cause), Some(actor)) = (c.caused_by, c.actor.and_then(|a| serde_json::from_value::<Actor>(a).ok())) else { continue };
+        if known.contains(&id) {
+            continue;
+        }
+        tracing::info!(command = %c.command_id, retry = %id, device = %c.device_id, "a scene's or automation's command was acked but not confirmed: sent again as a new command");
+        let ev = Event::DeviceCommandRequested(DeviceCommandRequested {
+            command_id: id,
+            device_id: c.device_id,
+            set: c.set,
+            expires_at: c.expires_at,
+            queued: false,
+        });
+        let mut envelope = Envelope::new(c.household_id, actor, &ev, Utc::now()).with_causation(cause);
+        envelope.event_id = Uuid::new_v5(&id, b"homelink:requested");
+        append_to(s, s.topics.commands(), envelope).await;
+        s.metrics.messages_out.with_label_values(&["command_retried"]).inc();
     }
     Ok(())
 }

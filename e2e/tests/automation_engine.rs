@@ -2,7 +2,8 @@
 //! 17): waits that span a `kill -9` of the engine fire exactly once, a loop
 //! of automations that trigger each other is stopped and recorded, one that
 //! fires too often is paused (the owner sees it) until it is saved again, an
-//! automation does not act on its own commands' effects unless asked, and an
+//! automation does not act on its own commands' effects unless asked (also
+//! right after a `kill -9` of the engine), and an
 //! automation acts with its creator's rights at the moment it runs.
 
 mod common;
@@ -335,4 +336,55 @@ async fn an_automation_does_not_act_on_its_own_commands_effects_unless_asked() {
     assert_eq!(count(ids[0].clone()).await, 1, "the other ran once: its own command's report did not trigger it");
     assert_eq!(count(ids[1].clone()).await, 2, "and no more: 40 again changes nothing");
     running.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_own_commands_rule_holds_across_a_kill_of_the_engine() {
+    let stack = Stack::start().await;
+    let home = stack.seed(&[(DeviceKind::Light, "Desk", "Study")]).await;
+    let owner = home.accounts[0].access_token.clone();
+    let desk = home.devices[0].id;
+    let definition = json!({
+        "triggers": [{"type": "state", "deviceId": desk, "capability": "brightness"}],
+        "actions": [{"type": "command", "deviceId": desk, "set": {"brightness": 40}}]
+    });
+    let (status, body) = stack
+        .call(
+            Some(&owner),
+            Method::POST,
+            &format!("/v1/households/{}/automations", home.household_id),
+            Some(json!({"name": "Dim", "definition": definition})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["automationId"].clone();
+    let (mut engine, port) = engine_process(&stack);
+    ready(&stack, port).await;
+
+    // A report of the device's own: the automation runs and commands it.
+    let desk_spec = spec(&home, 0, None);
+    let topic = format!("home/{}/device/{desk}/state", home.household_id);
+    let brightness = |seq: u64, b: i64| serde_json::to_vec(&json!({"v": 1, "seq": seq, "state": {"brightness": b}})).expect("json");
+    publish_as(&stack, &desk_spec, topic.clone(), brightness(1, 90)).await;
+    eventually(Duration::from_secs(30), "the first run done", || async {
+        runs(&stack, &owner, &id).await.first().filter(|r| r["outcome"] == "done").map(|_| ())
+    })
+    .await;
+    // Killed and back before the device reports the command's effect: the
+    // restarted engine still knows that report is its own doing.
+    engine.kill();
+    engine.restart();
+    ready(&stack, port).await;
+    publish_as(&stack, &desk_spec, topic, brightness(2, 40)).await;
+    eventually(Duration::from_secs(30), "the report applied", || async {
+        let b: Option<Value> = sqlx::query_scalar("SELECT reported->'brightness' FROM device_shadows WHERE device_id = $1")
+            .bind(desk)
+            .fetch_one(&stack.pool)
+            .await
+            .ok()?;
+        (b == Some(json!(40))).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(runs(&stack, &owner, &id).await.len(), 1, "its own command's effect did not run it again");
 }

@@ -2,7 +2,8 @@
 //! and the roles table for them, bad definitions answered with the path of
 //! the fault, and an activation that sends one command per device through
 //! the ordinary command path, counts the devices' answers and names the
-//! device that never took its part.
+//! device that never took its part, or sends a device that acked but
+//! reported other values the values again as a new command.
 
 mod common;
 
@@ -252,6 +253,116 @@ async fn an_activation_sends_one_command_per_device_and_names_the_device_that_ne
     let r = stack.gql(&stranger.access_token, ACTIVATION, json!({"id": activation})).await;
     assert!(r["data"]["sceneActivation"].is_null(), "{r}");
     running.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_device_that_acks_but_reports_other_values_is_sent_them_again_as_a_new_command() {
+    use reqwest::Method;
+    let stack = Stack::start().await;
+    let home = stack.household_with(&[], &[(DeviceKind::Light, "Lamp", "Hall")]).await;
+    let owner = &home.accounts[0];
+    let lamp = home.devices[0].id;
+    let base = format!("/v1/households/{}/scenes", home.household_id);
+    let body = json!({"name": "Bright", "devices": [{"deviceId": lamp, "set": {"on": true}}]});
+    let (status, created) = stack.call(Some(&owner.access_token), Method::POST, &base, Some(body)).await;
+    assert_eq!(status, 201, "{created}");
+    let activate = format!("{base}/{}/activate", created["sceneId"].as_str().unwrap_or_default());
+
+    // The lamp acks every command `ok`, but after the first it reports
+    // itself still off; after the next it does as asked.
+    let got = contrary_light(&stack, &spec(&home, 0, None)).await;
+    let q = "query($h: ID!) { household(id: $h) { devices { nodes { shadow { online } } } } }";
+    eventually(Duration::from_secs(30), "lamp online", || async {
+        let r = stack.gql(&owner.access_token, q, json!({"h": home.household_id})).await;
+        (r["data"]["household"]["devices"]["nodes"][0]["shadow"]["online"] == true).then_some(())
+    })
+    .await;
+
+    let (status, accepted) = stack.call(Some(&owner.access_token), Method::POST, &activate, None).await;
+    assert_eq!(status, 202, "{accepted}");
+    let activation = accepted["activationId"].as_str().expect("activation id").to_owned();
+    let first: Uuid = accepted["commands"][0]["commandId"].as_str().and_then(|c| c.parse().ok()).expect("command id");
+    let retry = homelink_events::command::retry_id(first);
+
+    let part = eventually(Duration::from_secs(60), "the lamp confirmed on the retry", || async {
+        let r = stack.gql(&owner.access_token, ACTIVATION, json!({"id": activation})).await;
+        let part = r["data"]["sceneActivation"]["devices"][0].clone();
+        (part["status"] == "confirmed").then_some(part)
+    })
+    .await;
+    assert_eq!(part["commandId"], retry.to_string(), "the part names the command that took: {part}");
+    assert!(part["reason"].as_str().is_some_and(|r| r.contains("sent again")), "{part}");
+    let received = got.lock().map(|g| g.clone()).unwrap_or_default();
+    assert_eq!(received, vec![first.to_string(), retry.to_string()], "the values again, under a new id, once");
+
+    // The new command names the activation as its cause; the first was
+    // acked and stays unconfirmed, replaced by the new one.
+    let c = stack.gql(&owner.access_token, "query($id: ID!) { command(id: $id) { status causedBy } }", json!({"id": retry})).await;
+    assert_eq!(c["data"]["command"]["causedBy"], activation.as_str(), "{c}");
+    let shadow = "query($id: ID!) { device(id: $id) { shadow { reported } } }";
+    let r = stack.gql(&owner.access_token, shadow, json!({"id": lamp})).await;
+    assert_eq!(r["data"]["device"]["shadow"]["reported"]["on"], true, "{r}");
+    let r = stack.gql(&owner.access_token, ACTIVATION, json!({"id": activation})).await;
+    let a = &r["data"]["sceneActivation"];
+    assert_eq!((a["acked"].as_i64(), a["failed"].as_i64(), a["total"].as_i64()), (Some(1), Some(0), Some(1)), "{r}");
+}
+
+/// A light that acks every command `ok` but, after the first, reports the
+/// opposite of the `on` it was asked for (later ones it takes as asked):
+/// the command ids it received, in order.
+async fn contrary_light(stack: &Stack, spec: &sim::DeviceSpec) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use homelink_events::protocol::{device_topic, AckMsg, AckStatus, Channel, CmdMsg, Presence, StateMsg, StatusMsg, PROTOCOL_VERSION};
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{AsyncClient, Event};
+    let (client, mut ev) = AsyncClient::new(sim::mqtt_options(spec, &stack.env.target()), 10);
+    let (h, d) = (spec.household_id, spec.device_id);
+    client.subscribe(device_topic(h, d, Channel::Cmd), QoS::AtLeastOnce).await.expect("subscribe");
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (g, subscribed) = (got.clone(), std::sync::Arc::new(tokio::sync::Notify::new()));
+    let s = subscribed.clone();
+    tokio::spawn(async move {
+        let mut state = sim::initial_state(DeviceKind::Light);
+        let mut seq = 0;
+        let mut report = |client: &AsyncClient, state: &serde_json::Map<String, serde_json::Value>| {
+            seq += 1;
+            let msg = StateMsg { v: PROTOCOL_VERSION, seq, ts: Some(chrono::Utc::now()), state: state.clone(), battery: None };
+            let (client, body) = (client.clone(), serde_json::to_vec(&msg).unwrap_or_default());
+            async move { client.publish(device_topic(h, d, Channel::State), QoS::AtLeastOnce, false, body).await }
+        };
+        while let Ok(e) = ev.poll().await {
+            match e {
+                Event::Incoming(Packet::SubAck(_)) => {
+                    let online = serde_json::to_vec(&StatusMsg { v: PROTOCOL_VERSION, status: Presence::Online }).unwrap_or_default();
+                    let _ = client.publish(device_topic(h, d, Channel::Status), QoS::AtLeastOnce, true, online).await;
+                    let _ = report(&client, &state).await;
+                    s.notify_one();
+                }
+                Event::Incoming(Packet::Publish(p)) => {
+                    let Ok(cmd) = serde_json::from_slice::<CmdMsg>(&p.payload) else { continue };
+                    let first = g.lock().map(|mut g| {
+                        g.push(cmd.command_id.to_string());
+                        g.len() == 1
+                    });
+                    let ack = AckMsg { v: PROTOCOL_VERSION, command_id: cmd.command_id, status: AckStatus::Ok, reason: None };
+                    let _ = client
+                        .publish(device_topic(h, d, Channel::Ack), QoS::AtLeastOnce, false, serde_json::to_vec(&ack).unwrap_or_default())
+                        .await;
+                    for (k, v) in cmd.set {
+                        let v = match (first, v) {
+                            (Ok(true), serde_json::Value::Bool(b)) => serde_json::Value::Bool(!b),
+                            (_, v) => v,
+                        };
+                        state.insert(k, v);
+                    }
+                    let _ = report(&client, &state).await;
+                }
+                _ => {}
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(20), subscribed.notified()).await.expect("the contrary device subscribed");
+    got
 }
 
 /// A device that is connected and subscribed to its commands but never

@@ -22,6 +22,13 @@ pub const COMMAND_LIFE: Life = Life { default_secs: 10, max_secs: 300 };
 /// Desired state (`PUT …/desired`): an hour unless asked, at most a week.
 pub const DESIRED_LIFE: Life = Life { default_secs: 3600, max_secs: 7 * 24 * 3600 };
 
+/// The id of the command that takes `command`'s place when it is sent
+/// again as a new command (a scene's device acked but reported something
+/// else): derived, so every bridge and every retry of the append agree.
+pub fn retry_id(command: Uuid) -> Uuid {
+    Uuid::new_v5(&command, b"homelink:retry")
+}
+
 /// Why a command is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refused {

@@ -25,7 +25,10 @@ pub struct Position {
 #[derive(Debug, Clone)]
 pub struct ProducerConfig {
     pub bootstrap: String,
-    /// How long records wait to be batched; small, since taps are latency-bound.
+    /// How long records wait to be batched (librdkafka `linger.ms`). None by
+    /// default: taps and the engine's decisions are latency-bound, and what
+    /// queues while a request is in flight is batched anyway. The bridge's
+    /// reports linger (`--produce-linger-ms`).
     pub linger: Duration,
     /// How long an append may take before the caller gets an error
     /// (APIs answer 503 instead of hanging when the broker is down).
@@ -34,7 +37,7 @@ pub struct ProducerConfig {
 
 impl ProducerConfig {
     pub fn new(bootstrap: impl Into<String>) -> Self {
-        Self { bootstrap: bootstrap.into(), linger: Duration::from_millis(1), delivery_timeout: Duration::from_secs(30) }
+        Self { bootstrap: bootstrap.into(), linger: Duration::ZERO, delivery_timeout: Duration::from_secs(30) }
     }
 }
 

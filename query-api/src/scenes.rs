@@ -7,11 +7,16 @@
 use crate::reads::RowBudget;
 use async_graphql::{Json, SimpleObject, ID};
 use chrono::{DateTime, Utc};
+use homelink_events::command::retry_id;
 use homelink_events::Role;
 use homelink_read_model::routines;
 use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
+
+/// Most retries of one device's command followed (a command lives at most
+/// 5 minutes and is retried at most every few seconds).
+const MAX_RETRIES_SHOWN: usize = 100;
 
 #[derive(SimpleObject)]
 pub struct SceneDevice {
@@ -34,15 +39,18 @@ pub struct Scene {
 #[derive(SimpleObject)]
 pub struct ActivationDevice {
     pub device_id: ID,
-    /// Its command (read its whole lifecycle with `command(id)`); `null`
-    /// when the device got none (see `reason`).
+    /// Its command (read its whole lifecycle with `command(id)`): the last
+    /// one sent for its part — a device that acked `ok` but reported other
+    /// values is sent the values again as a new command, which names the
+    /// activation as its cause too. `null` when the device got none (see
+    /// `reason`).
     pub command_id: Option<ID>,
     /// The command's status (`requested`, `queued`, `delivered`, `ok`,
     /// `confirmed`, `rejected`, `failed`, `expired`, `superseded`), or
     /// `skipped`, or `unconfirmed` (acked `ok`, but its reports never
     /// showed the values while the command lived; counted as failed).
     pub status: String,
-    /// Why it failed, was rejected or skipped.
+    /// Why it failed, was rejected or skipped, or that it was sent again.
     pub reason: Option<String>,
 }
 
@@ -121,7 +129,17 @@ pub async fn activation(pool: &PgPool, budget: &RowBudget, id: Uuid, viewer: Uui
         devices: Vec::new(),
     };
     for c in a.commands.as_array().into_iter().flatten() {
-        let command = c["commandId"].as_str().and_then(|s| Uuid::parse_str(s).ok());
+        let mut command = c["commandId"].as_str().and_then(|s| Uuid::parse_str(s).ok());
+        // Acked but not confirmed, and sent again as a new command: the last
+        // of those tells how the device's part went.
+        let mut retries = 0;
+        while let Some(next) = command.map(retry_id).filter(|r| statuses.iter().any(|c| c.command_id == *r)) {
+            command = Some(next);
+            retries += 1;
+            if retries > MAX_RETRIES_SHOWN {
+                break;
+            }
+        }
         let found = statuses.iter().find(|c| Some(c.command_id) == command);
         // Not projected yet: the command is on its way.
         let (mut status, mut reason, delivered, expired) =
@@ -132,9 +150,19 @@ pub async fn activation(pool: &PgPool, budget: &RowBudget, id: Uuid, viewer: Uui
             "ok" if expired => {
                 out.failed += 1;
                 status = "unconfirmed".into();
-                reason = Some("acknowledged, but its reports never showed the values within the command's life".into());
+                reason = Some(if retries > 0 {
+                    format!("acknowledged, but its reports never showed the values within the command's life, though sent again {retries} time(s)")
+                } else {
+                    "acknowledged, but its reports never showed the values within the command's life".into()
+                });
             }
-            "ok" | "confirmed" => out.acked += 1,
+            "ok" | "confirmed" => {
+                out.acked += 1;
+                if retries > 0 {
+                    reason =
+                        Some(format!("acknowledged but not confirmed by its reports at first; taken when sent again ({retries} time(s))"));
+                }
+            }
             "rejected" | "failed" => out.failed += 1,
             "expired" => {
                 out.expired += 1;

@@ -1,7 +1,7 @@
 //! Device commands as the device bridge reads them back from
 //! `device_commands`: whether one is known, a device's open ones (the
 //! offline queue), what the sweeps take (expiry; a scene's or automation's
-//! command left unanswered), and which of a batch need not go out again.
+//! command left unanswered or unconfirmed), and which of a batch need not go out again.
 //!
 //! A rank is written into a statement, not bound, where a partial index of
 //! `device_commands` (`status_rank < 2`, `< 3`) must serve it: the planner
@@ -26,6 +26,8 @@ pub struct StoredCommand {
     pub requested_at: Option<DateTime<Utc>>,
     /// Who sent it (an `events::Actor` as JSON), authorized again before it goes out.
     pub actor: Option<Value>,
+    /// What it was sent for (a scene's activation, an automation's run), when read.
+    pub caused_by: Option<Uuid>,
 }
 
 fn stored(r: &sqlx::postgres::PgRow) -> Option<StoredCommand> {
@@ -38,6 +40,7 @@ fn stored(r: &sqlx::postgres::PgRow) -> Option<StoredCommand> {
         expires_at: r.get("expires_at"),
         requested_at: r.get("requested_at"),
         actor: r.get("actor"),
+        caused_by: r.try_get("caused_by").ok().flatten(),
     })
 }
 
@@ -113,6 +116,28 @@ pub async fn unanswered(pool: &PgPool, after: Duration, skip: &[Uuid]) -> Result
     );
     let rows = under_lock(pool, Lock::ResendSweep, sqlx::query(&sql).bind(after.as_secs_f64()).bind(skip)).await?;
     Ok(rows.map(|rows| rows.iter().filter_map(stored).collect()))
+}
+
+/// For the resend sweep, under its lock: commands with a cause acked `ok`
+/// more than `after` ago whose reports have not shown their values (the
+/// device reported something else, or nothing), not superseded, alive for a
+/// second more, not in `skip`, at most 200.
+pub async fn unconfirmed(pool: &PgPool, after: Duration, skip: &[Uuid]) -> Result<Option<Vec<StoredCommand>>, sqlx::Error> {
+    let sql = "SELECT command_id, household_id, device_id, set_values, expires_at, requested_at, actor, caused_by FROM device_commands
+          WHERE caused_by IS NOT NULL AND ack_status = 'ok' AND confirmed_at IS NULL AND expired_at IS NULL AND superseded_at IS NULL
+            AND set_values IS NOT NULL AND acked_at < now() - make_interval(secs => $1)
+            AND expires_at > now() + interval '1 second' AND command_id <> ALL($2)
+          ORDER BY acked_at LIMIT 200";
+    let rows = under_lock(pool, Lock::ResendSweep, sqlx::query(sql).bind(after.as_secs_f64()).bind(skip)).await?;
+    Ok(rows.map(|rows| rows.iter().filter_map(stored).collect()))
+}
+
+/// Which of `ids` the read model knows as commands.
+pub async fn known(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar("SELECT command_id FROM device_commands WHERE command_id = ANY($1) AND set_values IS NOT NULL")
+        .bind(ids)
+        .fetch_all(pool)
+        .await
 }
 
 /// Which of `ids` were delivered or ended (superseded, expired, answered):
