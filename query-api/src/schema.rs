@@ -16,6 +16,7 @@ use base64::Engine;
 use chrono::{DateTime, Utc};
 use homelink_events::household::Action;
 use homelink_events::{DeviceKind, Role};
+use homelink_read_model::graph::{self, CommandRow, DeviceRow, HouseholdRow, MemberRow, Ranked, RoomRow};
 use serde_json::Value;
 use sqlx::PgPool;
 use std::collections::HashMap;
@@ -127,20 +128,10 @@ impl Query {
     async fn me(&self, ctx: &Context<'_>) -> Result<Me> {
         let user = viewer(ctx)?;
         let pool = ctx.data::<PgPool>()?;
-        let rows = budget(ctx)?
-            .read(None, |limit| {
-                sqlx::query_as::<_, HouseholdRow>(
-                    "SELECT h.household_id, h.name, m.role FROM household_members m JOIN households h ON h.household_id = m.household_id
-                     WHERE m.user_id = $1 ORDER BY h.name, h.household_id LIMIT $2",
-                )
-                .bind(user)
-                .bind(limit)
-                .fetch_all(pool)
-            })
-            .await?;
+        let rows = budget(ctx)?.read(None, |limit| graph::memberships(pool, user, limit)).await?;
         let memberships = rows
             .into_iter()
-            .filter_map(HouseholdRow::household)
+            .filter_map(household_of)
             .map(|household| Membership { role: household.role.as_str().to_owned(), household })
             .collect();
         Ok(Me { user_id: ID(user.to_string()), memberships })
@@ -153,18 +144,8 @@ impl Query {
             return Ok(None);
         };
         let pool = ctx.data::<PgPool>()?;
-        let row = budget(ctx)?
-            .read_one(|| {
-                sqlx::query_as::<_, HouseholdRow>(
-                    "SELECT h.household_id, h.name, m.role FROM households h JOIN household_members m ON m.household_id = h.household_id AND m.user_id = $2
-                     WHERE h.household_id = $1",
-                )
-                .bind(id)
-                .bind(user)
-                .fetch_optional(pool)
-            })
-            .await?;
-        Ok(row.and_then(HouseholdRow::household))
+        let row = budget(ctx)?.read_one(|| graph::household(pool, id, user)).await?;
+        Ok(row.and_then(household_of))
     }
 
     /// One device with its shadow, if the viewer may see it.
@@ -174,10 +155,7 @@ impl Query {
             return Ok(None);
         };
         let pool = ctx.data::<PgPool>()?;
-        let sql = format!(
-            "{DEVICE_SELECT} JOIN household_members m ON m.household_id = d.household_id AND m.user_id = $2 WHERE d.device_id = $1"
-        );
-        let row = budget(ctx)?.read_one(|| sqlx::query_as::<_, DeviceRow>(&sql).bind(id).bind(user).fetch_optional(pool)).await?;
+        let row = budget(ctx)?.read_one(|| graph::device(pool, id, user)).await?;
         Ok(row.map(Device::from).filter(|d| d.visible_to(d.viewer_role)))
     }
 
@@ -188,12 +166,7 @@ impl Query {
             return Ok(None);
         };
         let pool = ctx.data::<PgPool>()?;
-        let sql = format!(
-            "{COMMAND_SELECT} JOIN devices d ON d.device_id = c.device_id AND d.household_id = c.household_id
-             JOIN household_members m ON m.household_id = c.household_id AND m.user_id = $2
-             WHERE c.command_id = $1"
-        );
-        let row = budget(ctx)?.read_one(|| sqlx::query_as::<_, CommandRow>(&sql).bind(id).bind(user).fetch_optional(pool)).await?;
+        let row = budget(ctx)?.read_one(|| graph::command(pool, id, user)).await?;
         let Some(r) = row else {
             return Ok(None);
         };
@@ -287,19 +260,8 @@ pub struct Membership {
     pub household: Household,
 }
 
-/// Filters of the audit log; all optional, combined with AND.
-/// Devices with their rooms, shadows and the viewer's role (`m.role`, joined by the caller).
-const DEVICE_SELECT: &str =
-    "SELECT d.device_id, d.household_id, d.kind, d.name, d.room_id, rm.name AS room_name, d.serial, d.registered_at,
-       d.removed_at, s.reported, s.seq, s.version, s.battery, s.online, s.last_seen, s.desired, s.metadata,
-       d.report_interval_secs, m.role
-     FROM devices d LEFT JOIN device_shadows s ON s.device_id = d.device_id LEFT JOIN rooms rm ON rm.room_id = d.room_id";
-
 /// Most devices per page.
 const MAX_DEVICE_PAGE: i32 = 200;
-
-/// Most devices of one room in `Room.devices`.
-const MAX_ROOM_DEVICES: i64 = 1000;
 
 /// Filters of a household's devices; all optional, combined with AND.
 #[derive(InputObject, Default)]
@@ -392,46 +354,23 @@ impl Household {
         let args = DevicePage {
             role: self.role,
             first,
-            after,
-            room,
-            unassigned: f.unassigned.unwrap_or(false),
-            kind: f.kind,
-            online: f.online,
-            include_removed: f.include_removed.unwrap_or(false),
+            filter: graph::DeviceFilter {
+                room,
+                unassigned: f.unassigned.unwrap_or(false),
+                kind: f.kind,
+                online: f.online,
+                include_removed: f.include_removed.unwrap_or(false),
+                after,
+            },
         };
         let rows = loaders(ctx)?
             .device_pages
             .load(args, self.uuid, |g, households| async move {
                 let per_household = i64::from(g.first) + 1;
-                let sql = format!(
-                    "SELECT x.* FROM unnest($1::uuid[]) AS k(household_id) CROSS JOIN LATERAL (
-                       {} JOIN household_members m ON m.household_id = d.household_id AND m.user_id = $2
-                       WHERE d.household_id = k.household_id AND d.kind = ANY($3)
-                         AND ($4::uuid IS NULL OR d.room_id = $4) AND (NOT $5 OR d.room_id IS NULL)
-                         AND ($6::text IS NULL OR d.kind = $6) AND ($7::bool IS NULL OR COALESCE(s.online, false) = $7)
-                         AND ($8 OR d.removed_at IS NULL)
-                         AND ($9::text IS NULL OR (d.name, d.device_id) > ($9, $10))
-                       ORDER BY d.name, d.device_id LIMIT $11) x LIMIT $12",
-                    ranked(DEVICE_SELECT, "d.name, d.device_id")
-                );
+                let kinds = visible_kinds(g.role);
                 let want = per_household * households.len() as i64;
                 let rows = budget
-                    .read(Some(want), |limit| {
-                        sqlx::query_as::<_, Ranked<DeviceRow>>(&sql)
-                            .bind(&households)
-                            .bind(user)
-                            .bind(visible_kinds(g.role))
-                            .bind(g.room)
-                            .bind(g.unassigned)
-                            .bind(&g.kind)
-                            .bind(g.online)
-                            .bind(g.include_removed)
-                            .bind(g.after.as_ref().map(|a| a.0.clone()))
-                            .bind(g.after.as_ref().map(|a| a.1))
-                            .bind(per_household)
-                            .bind(limit)
-                            .fetch_all(pool)
-                    })
+                    .read(Some(want), |limit| graph::device_pages(pool, &households, user, &kinds, &g.filter, per_household, limit))
                     .await?;
                 Ok(by_parent(rows, |r| r.household_id))
             })
@@ -450,18 +389,7 @@ impl Household {
         let rows = loaders(ctx)?
             .rooms
             .load((), self.uuid, |(), households| async move {
-                let rows = budget
-                    .read(None, |limit| {
-                        sqlx::query_as::<_, Ranked<RoomRow>>(
-                            "SELECT x.* FROM unnest($1::uuid[]) AS k(household_id) CROSS JOIN LATERAL (
-                               SELECT row_number() OVER (ORDER BY name, room_id) AS rn, household_id, room_id, name
-                               FROM rooms WHERE household_id = k.household_id ORDER BY name, room_id) x LIMIT $2",
-                        )
-                        .bind(&households)
-                        .bind(limit)
-                        .fetch_all(pool)
-                    })
-                    .await?;
+                let rows = budget.read(None, |limit| graph::rooms(pool, &households, limit)).await?;
                 Ok(by_parent(rows, |r| r.household_id))
             })
             .await?
@@ -479,19 +407,7 @@ impl Household {
         let rows = loaders(ctx)?
             .members
             .load((), self.uuid, |(), households| async move {
-                let rows = budget
-                    .read(None, |limit| {
-                        sqlx::query_as::<_, Ranked<MemberRow>>(
-                            "SELECT x.* FROM unnest($1::uuid[]) AS k(household_id) CROSS JOIN LATERAL (
-                               SELECT row_number() OVER (ORDER BY joined_at, user_id) AS rn, household_id, user_id, role, joined_at,
-                                      presence, presence_since
-                               FROM household_members WHERE household_id = k.household_id ORDER BY joined_at, user_id) x LIMIT $2",
-                        )
-                        .bind(&households)
-                        .bind(limit)
-                        .fetch_all(pool)
-                    })
-                    .await?;
+                let rows = budget.read(None, |limit| graph::members(pool, &households, limit)).await?;
                 Ok(by_parent(rows, |r| r.household_id))
             })
             .await?
@@ -529,24 +445,9 @@ impl Room {
         let rows = loaders(ctx)?
             .room_devices
             .load(self.role, self.uuid, |role, rooms| async move {
-                let sql = format!(
-                    "SELECT x.* FROM unnest($1::uuid[]) AS k(room_id) CROSS JOIN LATERAL (
-                       {} JOIN household_members m ON m.household_id = d.household_id AND m.user_id = $2
-                       WHERE d.room_id = k.room_id AND d.kind = ANY($3) AND d.removed_at IS NULL
-                       ORDER BY d.name, d.device_id LIMIT {MAX_ROOM_DEVICES}) x LIMIT $4",
-                    ranked(DEVICE_SELECT, "d.name, d.device_id")
-                );
-                let want = MAX_ROOM_DEVICES * rooms.len() as i64;
-                let rows = budget
-                    .read(Some(want), |limit| {
-                        sqlx::query_as::<_, Ranked<DeviceRow>>(&sql)
-                            .bind(&rooms)
-                            .bind(user)
-                            .bind(visible_kinds(role))
-                            .bind(limit)
-                            .fetch_all(pool)
-                    })
-                    .await?;
+                let kinds = visible_kinds(role);
+                let want = graph::MAX_ROOM_DEVICES * rooms.len() as i64;
+                let rows = budget.read(Some(want), |limit| graph::room_devices(pool, &rooms, user, &kinds, limit)).await?;
                 Ok(by_parent(rows, |r| r.room_id.unwrap_or_default()))
             })
             .await?
@@ -602,51 +503,11 @@ pub struct Device {
     pub viewer_role: Role,
 }
 
-/// A household with the viewer's role in it.
-#[derive(sqlx::FromRow)]
-struct HouseholdRow {
-    household_id: Uuid,
-    name: String,
-    role: String,
-}
-
-impl HouseholdRow {
-    /// `None` for a role this build does not know.
-    fn household(self) -> Option<Household> {
-        let role: Role = self.role.parse().ok()?;
-        Some(Household { id: ID(self.household_id.to_string()), name: self.name, uuid: self.household_id, role })
-    }
-}
-
-/// A command's columns, with its device's kind and the viewer's role
-/// (`d.kind`, `m.role`: joined by the caller).
-const COMMAND_SELECT: &str = "SELECT c.command_id, c.device_id, c.status, c.ack_status, c.reason, c.set_values, c.queued,
-       c.requested_at, c.expires_at, c.delivered_at, c.acked_at, c.confirmed_at, c.expired_at, c.superseded_at, c.superseded_by,
-       c.revoked_at, c.caused_by, d.kind, m.role
-     FROM device_commands c";
-
-/// One row of [`COMMAND_SELECT`].
-#[derive(sqlx::FromRow, Clone)]
-struct CommandRow {
-    command_id: Uuid,
-    device_id: Uuid,
-    status: String,
-    ack_status: Option<String>,
-    reason: Option<String>,
-    set_values: Option<Value>,
-    queued: bool,
-    requested_at: Option<DateTime<Utc>>,
-    expires_at: Option<DateTime<Utc>>,
-    delivered_at: Option<DateTime<Utc>>,
-    acked_at: Option<DateTime<Utc>>,
-    confirmed_at: Option<DateTime<Utc>>,
-    expired_at: Option<DateTime<Utc>>,
-    superseded_at: Option<DateTime<Utc>>,
-    superseded_by: Option<Uuid>,
-    revoked_at: Option<DateTime<Utc>>,
-    caused_by: Option<Uuid>,
-    kind: String,
-    role: String,
+/// The household of a row with the viewer's role; `None` for a role this
+/// build does not know.
+fn household_of(r: HouseholdRow) -> Option<Household> {
+    let role: Role = r.role.parse().ok()?;
+    Some(Household { id: ID(r.household_id.to_string()), name: r.name, uuid: r.household_id, role })
 }
 
 impl From<CommandRow> for Command {
@@ -671,30 +532,6 @@ impl From<CommandRow> for Command {
             caused_by: r.caused_by.map(|c| ID(c.to_string())),
         }
     }
-}
-
-/// One row of [`DEVICE_SELECT`].
-#[derive(sqlx::FromRow, Clone)]
-struct DeviceRow {
-    device_id: Uuid,
-    household_id: Uuid,
-    kind: String,
-    name: String,
-    room_id: Option<Uuid>,
-    room_name: Option<String>,
-    serial: Option<String>,
-    registered_at: DateTime<Utc>,
-    removed_at: Option<DateTime<Utc>>,
-    reported: Option<Value>,
-    seq: Option<i64>,
-    version: Option<i64>,
-    battery: Option<i16>,
-    online: Option<bool>,
-    last_seen: Option<DateTime<Utc>>,
-    desired: Option<Value>,
-    metadata: Option<Value>,
-    report_interval_secs: i32,
-    role: String,
 }
 
 impl From<DeviceRow> for Device {
@@ -840,28 +677,8 @@ impl Device {
             .commands
             .load(CommandPage { first, after }, self.uuid, |g, devices| async move {
                 let per_device = i64::from(g.first) + 1;
-                let sql = format!(
-                    "SELECT x.* FROM unnest($1::uuid[]) AS k(device_id) CROSS JOIN LATERAL (
-                       {} JOIN devices d ON d.device_id = c.device_id AND d.household_id = c.household_id
-                       JOIN household_members m ON m.household_id = c.household_id AND m.user_id = $2
-                       WHERE c.device_id = k.device_id AND c.requested_at IS NOT NULL
-                         AND ($3::timestamptz IS NULL OR (c.requested_at, c.command_id) < ($3, $4))
-                       ORDER BY c.requested_at DESC, c.command_id DESC LIMIT $5) x LIMIT $6",
-                    ranked(COMMAND_SELECT, "c.requested_at DESC, c.command_id DESC")
-                );
                 let want = per_device * devices.len() as i64;
-                let rows = budget
-                    .read(Some(want), |limit| {
-                        sqlx::query_as::<_, Ranked<CommandRow>>(&sql)
-                            .bind(&devices)
-                            .bind(user)
-                            .bind(g.after.map(|a| a.0))
-                            .bind(g.after.map(|a| a.1))
-                            .bind(per_device)
-                            .bind(limit)
-                            .fetch_all(pool)
-                    })
-                    .await?;
+                let rows = budget.read(Some(want), |limit| graph::command_pages(pool, &devices, user, g.after, per_device, limit)).await?;
                 Ok(by_parent(rows, |r| r.device_id))
             })
             .await?
@@ -900,12 +717,7 @@ fn loaders<'a>(ctx: &Context<'a>) -> Result<&'a Loaders> {
 struct DevicePage {
     role: Role,
     first: i32,
-    after: Option<(String, Uuid)>,
-    room: Option<Uuid>,
-    unassigned: bool,
-    kind: Option<String>,
-    online: Option<bool>,
-    include_removed: bool,
+    filter: graph::DeviceFilter,
 }
 
 /// The arguments of a `Device.commands` page.
@@ -913,37 +725,6 @@ struct DevicePage {
 struct CommandPage {
     first: i32,
     after: Option<(DateTime<Utc>, Uuid)>,
-}
-
-#[derive(sqlx::FromRow, Clone)]
-struct RoomRow {
-    household_id: Uuid,
-    room_id: Uuid,
-    name: String,
-}
-
-#[derive(sqlx::FromRow, Clone)]
-struct MemberRow {
-    household_id: Uuid,
-    user_id: Uuid,
-    role: String,
-    joined_at: DateTime<Utc>,
-    presence: Option<String>,
-    presence_since: Option<DateTime<Utc>>,
-}
-
-/// A row of a batch query with its rank among its parent's rows (`rn`).
-#[derive(sqlx::FromRow)]
-struct Ranked<T> {
-    #[sqlx(flatten)]
-    row: T,
-    rn: i64,
-}
-
-/// `select` (a `SELECT …` of one parent's rows) with each row's rank in
-/// `order` as `rn`: a batch's rows come back in any order.
-fn ranked(select: &str, order: &str) -> String {
-    select.replacen("SELECT ", &format!("SELECT row_number() OVER (ORDER BY {order}) AS rn, "), 1)
 }
 
 /// The rows of a batch query by parent, each parent's in rank order.

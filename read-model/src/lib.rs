@@ -9,12 +9,16 @@
 //!   a device's open ones, the sweeps' picks).
 //! - [`routines`]: scenes, activations, automations and their runs as the
 //!   query API reads them.
+//! - [`graph`]: households, memberships, devices with their shadows,
+//!   commands, rooms and members as the query API's GraphQL schema reads
+//!   them (one query per batch of parents).
 //! - [`locks`]: every advisory lock the services take, with its key.
 //! - [`lifecycle`]: a device command's rank (`device_commands.status_rank`).
 //! - this file: small lookups — a member's role, a device's owner and kind,
 //!   a household's version, how far the projection has applied a partition.
 
 pub mod commands;
+pub mod graph;
 pub mod household;
 pub mod lifecycle;
 pub mod locks;
