@@ -217,19 +217,7 @@ pub async fn request_command(
 /// every command again at the moment it sends it, so one missed here is
 /// revoked there.
 pub async fn revoke_lost_rights(s: &AppState, household_id: Uuid, user: Uuid) {
-    /// `(command, device, set, device kind, sender's role now)`.
-    type OpenCommand = (Uuid, Uuid, Option<Value>, String, Option<String>);
-    // The rank in the statement, not bound: the planner sees it (partial indexes).
-    let sql = format!(
-        "SELECT c.command_id, c.device_id, c.set_values, d.kind, m.role FROM device_commands c
-           JOIN devices d ON d.device_id = c.device_id
-           LEFT JOIN household_members m ON m.household_id = c.household_id AND m.user_id = $2
-         WHERE c.household_id = $1 AND c.status_rank < {open} AND c.expires_at > now()
-           AND c.actor->>'kind' = 'user' AND c.actor->>'id' = $2::text",
-        open = homelink_read_model::lifecycle::Rank::Delivered.value()
-    );
-    let rows: Result<Vec<OpenCommand>, _> = sqlx::query_as(&sql).bind(household_id).bind(user).fetch_all(&s.pool).await;
-    let rows = match rows {
+    let rows = match homelink_read_model::commands::open_of_sender(&s.pool, household_id, user).await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, %household_id, "reading a member's open commands failed; the bridge re-checks them");
@@ -238,7 +226,7 @@ pub async fn revoke_lost_rights(s: &AppState, household_id: Uuid, user: Uuid) {
         }
     };
     let topic = s.topics.commands();
-    for (command_id, device_id, set, kind, role) in rows {
+    for homelink_read_model::commands::SentCommand { command_id, device_id, set_values: set, kind, role } in rows {
         let (Some(Value::Object(set)), Ok(kind)) = (set, kind.parse::<DeviceKind>()) else { continue };
         let role = role.and_then(|r| r.parse().ok());
         let Some(reason) = homelink_events::household::revocation_reason(role, kind, &set) else { continue };
@@ -303,11 +291,7 @@ async fn version_guard(s: &AppState, device: Uuid, expected: u64) -> Result<Vers
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
     }
-    let version: i64 = sqlx::query_scalar("SELECT COALESCE((SELECT version FROM device_shadows WHERE device_id = $1), 0)")
-        .bind(device)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(ApiError::db)?;
+    let version = homelink_read_model::shadow_version(&mut tx, device).await.map_err(ApiError::db)?;
     if i64::try_from(expected).ok() != Some(version) {
         return Err(ApiError::Conflict(
             "version-conflict",

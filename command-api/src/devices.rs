@@ -276,14 +276,8 @@ pub async fn remove(
     Path((household, device)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let (h, d) = (path_id(&household)?, path_id(&device)?);
-    let row: Option<(Option<String>, Option<String>)> =
-        sqlx::query_as("SELECT cert_serial, serial FROM devices WHERE device_id = $1 AND household_id = $2")
-            .bind(d)
-            .bind(h)
-            .fetch_optional(&s.pool)
-            .await
-            .map_err(ApiError::db)?;
-    let (cert_serial, serial) = row.unwrap_or_default();
+    let homelink_read_model::registry::Serials { cert_serial, serial } =
+        homelink_read_model::registry::serials(&s.pool, h, d).await.map_err(ApiError::db)?.unwrap_or_default();
     let ev = Event::DeviceRemoved(DeviceRemoved { device_id: d, cert_serial, serial: serial.clone() });
     s.write_household(&who, registry_cmd(h, "device.remove", format!("device/{d}"), Action::RemoveDevices), |_, _| Ok(ev)).await?;
     if let Some(sn) = serial {

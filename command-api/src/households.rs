@@ -14,7 +14,6 @@ use homelink_events::event::{HouseholdCreated, MemberInvited, MemberJoined, Memb
 use homelink_events::household::{Action, Presence};
 use homelink_events::{Envelope, Event, Role};
 use serde::{Deserialize, Serialize};
-use sqlx::Row;
 use std::sync::Arc;
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -148,14 +147,9 @@ pub struct Membership {
         (status = 409, description = "used, expired, or already a member", body = Problem, content_type = "application/problem+json")))]
 pub async fn accept(State(s): State<Arc<AppState>>, Caller(who): Caller, body: Body<Accept>) -> Result<Json<Membership>, ApiError> {
     let hash = sha256_hex(body.0.code.as_bytes());
-    let row = sqlx::query("SELECT household_id, invitation_id, role FROM household_invitations WHERE code_hash = $1")
-        .bind(&hash)
-        .fetch_optional(&s.pool)
-        .await
-        .map_err(ApiError::db)?
-        .ok_or(ApiError::NotFound)?;
-    let (h, inv): (Uuid, Uuid) = (row.get(0), row.get(1));
-    let role: Role = row.get::<String, _>(2).parse().map_err(ApiError::Internal)?;
+    let row = homelink_read_model::registry::invitation_by_code(&s.pool, &hash).await.map_err(ApiError::db)?.ok_or(ApiError::NotFound)?;
+    let (h, inv) = (row.household_id, row.invitation_id);
+    let role: Role = row.role.parse().map_err(ApiError::Internal)?;
     let cmd = HouseholdCommand {
         household: h,
         action: "invitation.accept",

@@ -84,14 +84,8 @@ impl Revoker {
         // kicked only once the list that refuses its certificate is in force
         // (reading the kicks later could find a removal the list lacks, and
         // the kicked device would reconnect).
-        let removed: Vec<(Uuid, Option<String>, bool)> = sqlx::query_as(
-            "SELECT d.device_id, d.cert_serial, EXISTS (SELECT 1 FROM device_kicks_confirmed k WHERE k.device_id = d.device_id)
-             FROM devices d WHERE d.removed_at IS NOT NULL",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| format!("registry: {e}"))?;
-        let mut revoked: Vec<String> = removed.iter().filter_map(|(_, serial, _)| serial.clone()).collect();
+        let removed = homelink_read_model::registry::removed_devices(&self.pool).await.map_err(|e| format!("registry: {e}"))?;
+        let mut revoked: Vec<String> = removed.iter().filter_map(|r| r.cert_serial.clone()).collect();
         revoked.sort();
         // Brokers not to kick on this round (their list is not in force), with why.
         let mut unavailable: Vec<Option<String>> = vec![None; self.cfg.admins.len()];
@@ -128,7 +122,7 @@ impl Revoker {
             return if errors.is_empty() { Ok(()) } else { Err(errors.join("; ")) };
         }
         // Removed devices not confirmed closed, and those the caller names (if the snapshot has them).
-        let pending: Vec<Uuid> = removed.iter().filter(|(d, _, confirmed)| !confirmed || kick.contains(d)).map(|(d, _, _)| *d).collect();
+        let pending: Vec<Uuid> = removed.iter().filter(|r| !r.kick_confirmed || kick.contains(&r.device_id)).map(|r| r.device_id).collect();
         let admins = &self.cfg.admins;
         let kicks = kick_everywhere(unavailable, &pending, |b, d| kick_client(&admins[b], d)).await;
         for d in &kicks.closed {

@@ -9,6 +9,7 @@ use async_graphql::{Result, ID};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use chrono::{DateTime, Utc};
+use homelink_read_model::audit;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -40,28 +41,8 @@ pub async fn page(
         Some(c) => Some(parse_cursor(&c).ok_or_else(|| error(codes::BAD_USER_INPUT, "invalid cursor"))?),
         None => None,
     };
-    let rows = budget
-        .read(Some(i64::from(first) + 1), |limit| {
-            sqlx::query_as::<_, AuditRow>(
-                "SELECT event_id, at, actor_kind, actor_id, role, client, action, target, outcome, status, detail FROM audit_log
-                 WHERE household_id = $1
-                   AND ($2::text IS NULL OR actor_id = $2) AND ($3::text IS NULL OR action = $3) AND ($4::text IS NULL OR outcome = $4)
-                   AND ($5::timestamptz IS NULL OR at >= $5) AND ($6::timestamptz IS NULL OR at < $6)
-                   AND ($7::timestamptz IS NULL OR (at, event_id) < ($7, $8))
-                 ORDER BY at DESC, event_id DESC LIMIT $9",
-            )
-            .bind(household)
-            .bind(f.actor_id)
-            .bind(f.action)
-            .bind(f.outcome)
-            .bind(f.since)
-            .bind(f.until)
-            .bind(after.map(|a| a.0))
-            .bind(after.map(|a| a.1))
-            .bind(limit)
-            .fetch_all(pool)
-        })
-        .await?;
+    let filter = audit::AuditFilter { actor_id: f.actor_id, action: f.action, outcome: f.outcome, since: f.since, until: f.until, after };
+    let rows = budget.read(Some(i64::from(first) + 1), |limit| audit::page(pool, household, &filter, limit)).await?;
     let has_next = rows.len() > first as usize;
     let mut conn = Connection::new(after.is_some(), has_next);
     for r in rows.into_iter().take(first as usize) {
@@ -83,22 +64,6 @@ pub async fn page(
         ));
     }
     Ok(conn)
-}
-
-/// One row of `audit_log`.
-#[derive(sqlx::FromRow)]
-struct AuditRow {
-    event_id: Uuid,
-    at: DateTime<Utc>,
-    actor_kind: String,
-    actor_id: String,
-    role: Option<String>,
-    client: Option<String>,
-    action: String,
-    target: Option<String>,
-    outcome: String,
-    status: i32,
-    detail: Option<String>,
 }
 
 #[cfg(test)]

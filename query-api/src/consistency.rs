@@ -138,17 +138,9 @@ impl Consistency {
     /// Whether the read models show the token's write: the household at its
     /// version, every command requested.
     async fn shown(&self, c: &homelink_kit::consistency::Claims) -> Result<bool, NotConsistent> {
-        sqlx::query_scalar(
-            "SELECT COALESCE((SELECT version FROM households WHERE household_id = $1), 0) >= COALESCE($2, 0)
-                AND (SELECT count(*) FROM device_commands WHERE command_id = ANY($3) AND household_id = $1 AND set_values IS NOT NULL)
-                    = cardinality($3)",
-        )
-        .bind(c.h)
-        .bind(c.v.map(|v| i64::try_from(v).unwrap_or(i64::MAX)))
-        .bind(&c.c)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(|_| NotConsistent::Unavailable)
+        homelink_read_model::write_shown(&self.pool, c.h, c.v.map(|v| i64::try_from(v).unwrap_or(i64::MAX)), &c.c)
+            .await
+            .map_err(|_| NotConsistent::Unavailable)
     }
 }
 

@@ -25,7 +25,7 @@ use homelink_events::topics::{
 use homelink_events::{DeviceKind, Role};
 use homelink_kit::metrics::ServiceMetrics;
 use homelink_kit::shutdown::CancellationToken;
-use homelink_read_model::role_in;
+use homelink_read_model::{changes, registry, role_in};
 use prometheus::IntGauge;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
@@ -425,29 +425,14 @@ impl Watch {
             Some(a) if a > last => return Err(ResumeError::InTheFuture),
             Some(a) if a == last => a,
             Some(a) => {
-                let first: Option<i64> =
-                    sqlx::query_scalar("SELECT min(change_seq) FROM household_changes WHERE household_id = $1 AND change_seq > $2")
-                        .bind(household)
-                        .bind(a as i64)
-                        .fetch_one(&pool)
-                        .await
-                        .map_err(ResumeError::Unavailable)?;
+                let first = changes::first_after(&pool, household, a as i64).await.map_err(ResumeError::Unavailable)?;
                 if first != Some(a as i64 + 1) {
                     return Err(ResumeError::TooOld);
                 }
                 // Nothing from before the viewer joined: a new member resumes
                 // from a refetch, not from the household's history.
-                let before_joining: bool = sqlx::query_scalar(
-                    "SELECT COALESCE((SELECT c.at < m.joined_at FROM household_changes c
-                                        JOIN household_members m ON m.household_id = c.household_id AND m.user_id = $3
-                                       WHERE c.household_id = $1 AND c.change_seq = $2), true)",
-                )
-                .bind(household)
-                .bind(a as i64 + 1)
-                .bind(user)
-                .fetch_one(&pool)
-                .await
-                .map_err(ResumeError::Unavailable)?;
+                let before_joining =
+                    changes::before_joining(&pool, household, a as i64 + 1, user).await.map_err(ResumeError::Unavailable)?;
                 if before_joining {
                     return Err(ResumeError::TooOld);
                 }
@@ -540,14 +525,7 @@ impl Watch {
         if let Some(k) = self.kinds.get(&device) {
             return Some(*k);
         }
-        let k: Option<String> = sqlx::query_scalar("SELECT kind FROM devices WHERE device_id = $1 AND household_id = $2")
-            .bind(device)
-            .bind(self.household)
-            .fetch_optional(&self.pool)
-            .await
-            .ok()
-            .flatten();
-        let k: Option<DeviceKind> = k.and_then(|k| k.parse().ok());
+        let k: Option<DeviceKind> = registry::device_kind(&self.pool, self.household, device).await.ok().flatten();
         if let Some(k) = k {
             self.kinds.insert(device, k);
         }
@@ -645,26 +623,16 @@ fn change_seq(ev: &HubEvent) -> u64 {
 
 /// The number of the household's last committed change (0: none yet).
 async fn last_change(pool: &PgPool, household: Uuid) -> Result<u64, sqlx::Error> {
-    let last: Option<i64> = sqlx::query_scalar("SELECT last_seq FROM household_change_seqs WHERE household_id = $1")
-        .bind(household)
-        .fetch_optional(pool)
-        .await?;
+    let last = changes::last_seq(pool, household).await?;
     Ok(last.unwrap_or(0).max(0) as u64)
 }
 
 /// The retained changes of `household` numbered `after + 1 ..= upto`, in order.
 async fn read_changes(pool: &PgPool, household: Uuid, after: u64, upto: u64) -> Result<Vec<HubEvent>, sqlx::Error> {
-    let rows: Vec<(String, serde_json::Value)> = sqlx::query_as(
-        "SELECT kind, change FROM household_changes WHERE household_id = $1 AND change_seq > $2 AND change_seq <= $3 ORDER BY change_seq",
-    )
-    .bind(household)
-    .bind(after as i64)
-    .bind(upto as i64)
-    .fetch_all(pool)
-    .await?;
+    let rows = changes::between(pool, household, after as i64, upto as i64).await?;
     Ok(rows
         .into_iter()
-        .filter_map(|(kind, change)| match kind.as_str() {
+        .filter_map(|changes::ChangeRow { kind, change }| match kind.as_str() {
             "shadow" => serde_json::from_value::<ShadowChanged>(change).ok().map(|c| HubEvent::Shadow(Arc::new(c))),
             "registry" => serde_json::from_value::<RegistryChanged>(change).ok().map(|r| HubEvent::Registry(Arc::new(r))),
             "command" => serde_json::from_value::<CommandChanged>(change).ok().map(|c| HubEvent::Command(Arc::new(c))),

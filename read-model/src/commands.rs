@@ -1,7 +1,9 @@
 //! Device commands as the device bridge reads them back from
 //! `device_commands`: whether one is known, a device's open ones (the
 //! offline queue), what the sweeps take (expiry; a scene's or automation's
-//! command left unanswered or unconfirmed), and which of a batch need not go out again.
+//! command left unanswered or unconfirmed), and which of a batch need not
+//! go out again; and, for command-api, a sender's open ones (revoked when
+//! their role no longer allows them).
 //!
 //! A rank is written into a statement, not bound, where a partial index of
 //! `device_commands` (`status_rank < 2`, `< 3`) must serve it: the planner
@@ -148,4 +150,32 @@ pub async fn delivered_or_ended(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<Uuid>
         .bind(Rank::Delivered.value())
         .fetch_all(pool)
         .await
+}
+
+/// An open command of a sender, with what decides whether they may still
+/// send it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct SentCommand {
+    pub command_id: Uuid,
+    pub device_id: Uuid,
+    pub set_values: Option<Value>,
+    /// The device's kind.
+    pub kind: String,
+    /// The sender's role in the household now (`None`: no longer a member).
+    pub role: Option<String>,
+}
+
+/// For command-api, after a membership change of `user` in `household`:
+/// the open commands `user` sent there (not delivered yet, not expired).
+pub async fn open_of_sender(pool: &PgPool, household: Uuid, user: Uuid) -> Result<Vec<SentCommand>, sqlx::Error> {
+    // The rank in the statement, not bound: the planner sees it (partial indexes).
+    let sql = format!(
+        "SELECT c.command_id, c.device_id, c.set_values, d.kind, m.role FROM device_commands c
+           JOIN devices d ON d.device_id = c.device_id
+           LEFT JOIN household_members m ON m.household_id = c.household_id AND m.user_id = $2
+         WHERE c.household_id = $1 AND c.status_rank < {open} AND c.expires_at > now()
+           AND c.actor->>'kind' = 'user' AND c.actor->>'id' = $2::text",
+        open = Rank::Delivered.value()
+    );
+    sqlx::query_as(&sql).bind(household).bind(user).fetch_all(pool).await
 }

@@ -6,22 +6,33 @@
 //! - [`household`]: the household aggregate as the read models hold it
 //!   (command-api decides household commands against it).
 //! - [`commands`]: device commands as the bridge reads them back (known,
-//!   a device's open ones, the sweeps' picks).
+//!   a device's open ones, the sweeps' picks), and a sender's open ones for
+//!   command-api.
 //! - [`routines`]: scenes, activations, automations and their runs as the
 //!   query API reads them.
 //! - [`graph`]: households, memberships, devices with their shadows,
 //!   commands, rooms and members as the query API's GraphQL schema reads
 //!   them (one query per batch of parents).
+//! - [`changes`]: the household change feed as the query API's
+//!   subscriptions read it back (resume checks, replays).
+//! - [`audit`]: the audit log, a page at a time, for the query API.
+//! - [`registry`]: small lookups of devices and invitations (a device's
+//!   kind and serials, the removed devices the revoker shuts out, an
+//!   invitation by its code).
 //! - [`locks`]: every advisory lock the services take, with its key.
 //! - [`lifecycle`]: a device command's rank (`device_commands.status_rank`).
 //! - this file: small lookups — a member's role, a device's owner and kind,
-//!   a household's version, how far the projection has applied a partition.
+//!   a household's version, a shadow's version, how far the projection has
+//!   applied a partition, whether it shows a consistency token's write.
 
+pub mod audit;
+pub mod changes;
 pub mod commands;
 pub mod graph;
 pub mod household;
 pub mod lifecycle;
 pub mod locks;
+pub mod registry;
 pub mod routines;
 
 use homelink_events::{DeviceKind, Role};
@@ -174,6 +185,12 @@ pub async fn household_version(db: &mut PgConnection, household: Uuid) -> Result
     sqlx::query_scalar("SELECT version FROM households WHERE household_id = $1").bind(household).fetch_optional(db).await
 }
 
+/// The version of the device's shadow as projected (0 before it has one).
+/// Read on `db`: command-api checks it under the device's lock.
+pub async fn shadow_version(db: &mut PgConnection, device: Uuid) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT COALESCE((SELECT version FROM device_shadows WHERE device_id = $1), 0)").bind(device).fetch_one(db).await
+}
+
 /// The households-topic partition of a household, once projected.
 pub async fn household_partition(db: &mut PgConnection, household: Uuid) -> Result<Option<i32>, sqlx::Error> {
     Ok(sqlx::query_scalar("SELECT log_partition FROM households WHERE household_id = $1")
@@ -209,6 +226,22 @@ pub async fn positions_pending(pool: &PgPool, positions: &[(String, i32, i64)]) 
     .bind(&topics)
     .bind(&partitions)
     .bind(&offsets)
+    .fetch_one(pool)
+    .await
+}
+
+/// Whether the read models show a write of `household` (read your writes: a
+/// consistency token's claims): the household at `version` or later (`None`:
+/// any), and every one of `commands` requested there.
+pub async fn write_shown(pool: &PgPool, household: Uuid, version: Option<i64>, commands: &[Uuid]) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT COALESCE((SELECT version FROM households WHERE household_id = $1), 0) >= COALESCE($2, 0)
+                AND (SELECT count(*) FROM device_commands WHERE command_id = ANY($3) AND household_id = $1 AND set_values IS NOT NULL)
+                    = cardinality($3)",
+    )
+    .bind(household)
+    .bind(version)
+    .bind(commands)
     .fetch_one(pool)
     .await
 }
