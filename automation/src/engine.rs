@@ -318,19 +318,13 @@ impl Engine {
         if self.houses.get(&h).is_some_and(|x| x.loaded) {
             return Ok(());
         }
-        let rows = sqlx::query(
-            "SELECT s.device_id, s.reported, s.online FROM device_shadows s JOIN devices d ON d.device_id = s.device_id WHERE d.household_id = $1",
-        )
-        .bind(h)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = homelink_read_model::registry::device_states(&self.pool, h).await?;
         let house = self.houses.entry(h).or_default();
         for r in rows {
-            let id: Uuid = r.get(0);
-            if let Some(Value::Object(m)) = r.get::<Option<Value>, _>(1) {
-                house.devices.state.entry(id).or_insert(m);
+            if let Some(Value::Object(m)) = r.reported {
+                house.devices.state.entry(r.device_id).or_insert(m);
             }
-            house.devices.online.entry(id).or_insert(r.get(2));
+            house.devices.online.entry(r.device_id).or_insert(r.online);
         }
         house.loaded = true;
         Ok(())

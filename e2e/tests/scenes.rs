@@ -340,17 +340,18 @@ async fn contrary_light(stack: &Stack, spec: &sim::DeviceSpec) -> std::sync::Arc
                 }
                 Event::Incoming(Packet::Publish(p)) => {
                     let Ok(cmd) = serde_json::from_slice::<CmdMsg>(&p.payload) else { continue };
-                    let first = g.lock().map(|mut g| {
+                    let first = {
+                        let mut g = g.lock().unwrap_or_else(|e| e.into_inner());
                         g.push(cmd.command_id.to_string());
                         g.len() == 1
-                    });
+                    };
                     let ack = AckMsg { v: PROTOCOL_VERSION, command_id: cmd.command_id, status: AckStatus::Ok, reason: None };
                     let _ = client
                         .publish(device_topic(h, d, Channel::Ack), QoS::AtLeastOnce, false, serde_json::to_vec(&ack).unwrap_or_default())
                         .await;
                     for (k, v) in cmd.set {
                         let v = match (first, v) {
-                            (Ok(true), serde_json::Value::Bool(b)) => serde_json::Value::Bool(!b),
+                            (true, serde_json::Value::Bool(b)) => serde_json::Value::Bool(!b),
                             (_, v) => v,
                         };
                         state.insert(k, v);

@@ -1,6 +1,7 @@
 //! Small lookups of the device registry and of invitations, for command-api
 //! (a removal's serials, the revoker's removed devices, an invitation by its
-//! code) and the query API's subscriptions (a device's kind). The projector
+//! code), the query API's subscriptions (a device's kind) and the automation
+//! engine (a household's shadows). The projector
 //! writes `devices` and `household_invitations`.
 
 use homelink_events::DeviceKind;
@@ -74,4 +75,23 @@ pub async fn invitation_by_code(pool: &PgPool, code_hash: &str) -> Result<Option
         .bind(code_hash)
         .fetch_optional(pool)
         .await
+}
+
+/// A device's last reported state and whether it is online.
+#[derive(Debug, sqlx::FromRow)]
+pub struct DeviceState {
+    pub device_id: Uuid,
+    pub reported: Option<serde_json::Value>,
+    pub online: bool,
+}
+
+/// The shadows of a household's devices (the automation engine's start
+/// for a household it has not seen since it started).
+pub async fn device_states(pool: &PgPool, household: Uuid) -> Result<Vec<DeviceState>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT s.device_id, s.reported, s.online FROM device_shadows s JOIN devices d ON d.device_id = s.device_id WHERE d.household_id = $1",
+    )
+    .bind(household)
+    .fetch_all(pool)
+    .await
 }
