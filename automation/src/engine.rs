@@ -853,6 +853,11 @@ impl Engine {
         let mut rows: Vec<_> = rows.into_iter().collect();
         rows.sort_by_key(|r| r.get::<DateTime<Utc>, _>(8));
         let n = rows.len();
+        self.metrics.messages_in.with_label_values(&["timer_fired"]).inc_by(n as u64);
+        for r in &rows {
+            let late = (now - r.get::<DateTime<Utc>, _>(8)).to_std().unwrap_or_default();
+            self.metrics.latency.with_label_values(&["timer_lateness"]).observe(late.as_secs_f64());
+        }
         let mut out = Out::default();
         for r in rows {
             let (h, aid, kind): (Uuid, Uuid, String) = (r.get(1), r.get(2), r.get(3));

@@ -75,6 +75,13 @@ pub struct Application {
 impl Application {
     pub async fn build(cfg: Config) -> Result<Self, Error> {
         let metrics = ServiceMetrics::new("automation");
+        // The series the dashboards and alert rules read, at 0 from the start (kit::metrics).
+        metrics.touch(
+            &["trigger_run", "trigger_queued", "trigger_skipped", "trigger_conditions", "trigger_stopped", "trigger_paused", "timer_fired"],
+            &["automation_effects"],
+            &["kafka_produce", "automation_paused"],
+            &["fact_to_decision", "decide", "append_effects", "apply_batch", "timer_lateness"],
+        );
         let pool = homelink_kit::db::connect_with_retry(&cfg.database_url, 8, Duration::from_secs(30)).await?;
         migrate(&pool).await?;
         let appender = Appender::new(&ProducerConfig::new(&cfg.kafka_bootstrap))?;
@@ -147,9 +154,9 @@ impl Application {
         let Self { listener, router, metrics, mut engine, reader, tick } = self;
         engine.cancel = cancel.clone();
         let mut tasks = homelink_kit::service::Tasks::new(cancel.child_token());
-        let ops = tasks.token();
+        let (ops, served) = (tasks.token(), metrics.clone());
         tasks.spawn("ops", async move {
-            if let Err(e) = homelink_kit::ops::serve(listener, router, ops).await {
+            if let Err(e) = homelink_kit::ops::serve(listener, router, &served, ops).await {
                 tracing::error!(error = %e, "the ops listener failed");
             }
         });

@@ -164,6 +164,13 @@ pub async fn migrate(pool: &PgPool) -> Result<(), Error> {
 impl Application {
     pub async fn build(cfg: Config) -> Result<Self, Error> {
         let metrics = ServiceMetrics::new("command_api");
+        // The series the dashboards and alert rules read, at 0 from the start (kit::metrics).
+        metrics.touch(
+            &["command"],
+            &["command", "scene_activated"],
+            &["kafka_produce", "rate_limited", "sign_in_throttled", "command_denied", "read_model_behind"],
+            &["command_accepted"],
+        );
         let pool = homelink_kit::db::connect_with_retry(&cfg.database_url, 16, Duration::from_secs(30)).await?;
         // The HTTP answer is bounded by `answer_within`: then 503, whose body
         // says the outcome is unknown and to retry with the same
@@ -246,7 +253,7 @@ impl Application {
         if let Some(r) = &s.revoker {
             tokio::spawn(r.clone().run(cancel.clone()));
         }
-        homelink_kit::ops::serve(self.listener, self.router, cancel).await?;
+        homelink_kit::ops::serve(self.listener, self.router, &self.metrics, cancel).await?;
         Ok(())
     }
 }

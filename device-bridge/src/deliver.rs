@@ -232,6 +232,12 @@ pub(crate) async fn deliver_counted(s: &Shared, envelope: &Envelope, path: &str)
         Ok(Delivery::Published(acked)) => {
             s.metrics.messages_out.with_label_values(&["cmd"]).inc();
             s.metrics.latency.with_label_values(&["command_publish"]).observe(started.elapsed().as_secs_f64());
+            // Tap → device (the SLO): from the command's recording to its
+            // publish to the device's broker, first deliveries only.
+            if path == "command_log" {
+                let age = (chrono::Utc::now() - envelope.occurred_at).to_std().unwrap_or_default();
+                s.metrics.latency.with_label_values(&["tap_to_device"]).observe(age.as_secs_f64());
+            }
             if let (Some(s), Ok(Event::DeviceCommandRequested(c))) = (s.me.upgrade(), envelope.event()) {
                 tokio::spawn(record_delivery(s, envelope.household_id, c.command_id, c.device_id, acked.clone()));
             }

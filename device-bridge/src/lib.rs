@@ -125,6 +125,9 @@ pub struct Shared {
     pub schemas: schema::Schemas,
     /// Per broker: whether its subscription is granted.
     subscribed: Vec<AtomicBool>,
+    /// Per broker: the clients it says are connected (its `$SYS` figure,
+    /// devices plus the bridges' own connections).
+    broker_clients: Vec<prometheus::IntGauge>,
     /// The read models (open commands, the expiry timer).
     pub pool: sqlx::PgPool,
     /// This `Shared` itself, for tasks spawned from a borrowed one.
@@ -148,6 +151,30 @@ pub struct Application {
 impl Application {
     pub async fn build(cfg: Config) -> Result<Self, Error> {
         let metrics = ServiceMetrics::new("bridge");
+        // The series the dashboards and alert rules read, at 0 from the start (kit::metrics).
+        metrics.touch(
+            &["state", "ack", "status", "command_log", "command_resent", "command_queued"],
+            &["telemetry", "cmd", "dead_letter", "command_expired", "command_resent", "command_retried", "command_revoked"],
+            &[
+                "kafka_produce",
+                "dead_letter",
+                "device_rate_limited",
+                "rate_limited",
+                "mqtt_connection",
+                "command_publish",
+                "unknown_device",
+            ],
+            &["report_appended", "command_publish", "tap_to_device"],
+        );
+        let broker_clients = {
+            let gauge = prometheus::IntGaugeVec::new(
+                prometheus::Opts::new("homelink_bridge_broker_clients_connected", "Clients an MQTT broker says are connected ($SYS)"),
+                &["broker"],
+            )
+            .map_err(|e| Error::Service(format!("metrics: {e}")))?;
+            metrics.registry.register(Box::new(gauge.clone())).map_err(|e| Error::Service(format!("metrics: {e}")))?;
+            cfg.mqtt_ports.iter().map(|p| gauge.with_label_values(&[&format!("{}:{p}", cfg.mqtt_host)])).collect::<Vec<_>>()
+        };
         let pool = homelink_kit::db::connect_with_retry(&cfg.database_url, 8, Duration::from_secs(30)).await?;
         let mut producer = ProducerConfig::new(&cfg.kafka_bootstrap);
         producer.linger = cfg.produce_linger;
@@ -226,6 +253,7 @@ impl Application {
                     .allow_burst(std::num::NonZeroU32::new(cfg.device_rate.1.max(1)).unwrap_or(std::num::NonZeroU32::MIN)),
             ),
             subscribed: connections.iter().map(|_| AtomicBool::new(false)).collect(),
+            broker_clients,
             stopping: CancellationToken::new(),
         });
         let s = shared.clone();
@@ -290,7 +318,7 @@ impl Application {
             })
             .collect();
         drop(tx);
-        homelink_kit::ops::serve(self.listener, self.router, cancel.clone()).await?;
+        homelink_kit::ops::serve(self.listener, self.router, &self.shared.metrics, cancel.clone()).await?;
         let _ = ingest.await;
         let _ = commands.await;
         let _ = households.await;
@@ -307,6 +335,9 @@ impl Application {
 /// Drives the connection to broker `broker`: reconnects, (re)subscribes on
 /// every CONNACK, and forwards incoming publishes, tagged with the broker
 /// that must get their PUBACK, to the ingest pipeline.
+/// The broker's count of connected clients (Mosquitto `$SYS`).
+const SYS_CLIENTS: &str = "$SYS/broker/clients/connected";
+
 async fn poll_mqtt(
     broker: usize,
     mut eventloop: EventLoop,
@@ -322,6 +353,12 @@ async fn poll_mqtt(
             ev = eventloop.poll() => ev,
         };
         match ev {
+            Ok(Event::Incoming(Packet::Publish(p))) if p.topic.starts_with(b"$SYS/") => {
+                // QoS 0: nothing to acknowledge.
+                if let Some(n) = std::str::from_utf8(&p.payload).ok().and_then(|t| t.trim().parse::<i64>().ok()) {
+                    s.broker_clients[broker].set(n);
+                }
+            }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 if tx.send((broker, p)).is_err() {
                     return;
@@ -336,12 +373,24 @@ async fn poll_mqtt(
                     if let Err(e) = client.subscribe_many(filters.into_iter().map(|f| Filter::new(f, QoS::AtLeastOnce))).await {
                         tracing::warn!(error = %e, "subscribe failed");
                     }
+                    // The broker's connected-clients figure for the dashboards
+                    // (every `sys_interval`); its own SUBACK has one code (below).
+                    if let Err(e) = client.subscribe(SYS_CLIENTS, QoS::AtMostOnce).await {
+                        tracing::warn!(error = %e, "subscribe to $SYS failed");
+                    }
                 });
             }
             // The broker's acknowledgements of command publishes (deliver.rs).
             Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => s.deliverer.acks[broker].sent(pkid),
             Ok(Event::Incoming(Packet::PubAck(ack))) => {
                 s.deliverer.acks[broker].acked(ack.pkid, ack.reason == rumqttc::v5::mqttbytes::v5::PubAckReason::Success)
+            }
+            // The $SYS subscription (one filter): a refusal costs the
+            // connections panel, not the bridge's readiness.
+            Ok(Event::Incoming(Packet::SubAck(ack))) if ack.return_codes.len() == 1 => {
+                if !matches!(ack.return_codes[0], SubscribeReasonCode::Success(_)) {
+                    tracing::warn!(broker, codes = ?ack.return_codes, "the broker refused {SYS_CLIENTS}");
+                }
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
                 let granted = ack.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_)));

@@ -4,7 +4,9 @@
 //! Each service owns a [`Registry`] (not the global one) so that several
 //! services can run in one test process.
 
-use prometheus::{Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 /// The metrics every service has.
 #[derive(Clone)]
@@ -25,7 +27,17 @@ pub struct ServiceMetrics {
     pub consumer_lag_seconds: GaugeVec,
     /// Records per batch read from the log.
     pub consumer_batch_records: Histogram,
+    /// HTTP requests answered, by matched `route`, `method` and status `code`.
+    pub http_requests: IntCounterVec,
+    /// HTTP request latency (to the response head), by matched `route`.
+    pub http_latency: HistogramVec,
+    /// HTTP requests being answered now (saturation).
+    pub http_in_flight: IntGauge,
 }
+
+/// Latency buckets in seconds, shared by every latency histogram so that
+/// SLO thresholds (1 s) and dashboard quantiles line up across services.
+pub const LATENCY_BUCKETS: [f64; 13] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
 
 impl ServiceMetrics {
     pub fn new(component: &str) -> Self {
@@ -35,8 +47,7 @@ impl ServiceMetrics {
         let messages_out = IntCounterVec::new(Opts::new(name("messages_out_total"), "Messages sent"), &["kind"]).expect("valid metric");
         let errors = IntCounterVec::new(Opts::new(name("errors_total"), "Errors and refused inputs"), &["kind"]).expect("valid metric");
         let latency = HistogramVec::new(
-            HistogramOpts::new(name("processing_seconds"), "Processing latency")
-                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+            HistogramOpts::new(name("processing_seconds"), "Processing latency").buckets(LATENCY_BUCKETS.to_vec()),
             &["stage"],
         )
         .expect("valid metric");
@@ -59,7 +70,56 @@ impl ServiceMetrics {
         }
         registry.register(Box::new(latency.clone())).expect("unique metric");
         registry.register(Box::new(consumer_lag.clone())).expect("unique metric");
-        Self { registry, messages_in, messages_out, errors, latency, consumer_lag, consumer_lag_seconds, consumer_batch_records }
+        let http_requests =
+            IntCounterVec::new(Opts::new(name("http_requests_total"), "HTTP requests answered"), &["route", "method", "code"])
+                .expect("valid metric");
+        let http_latency = HistogramVec::new(
+            HistogramOpts::new(name("http_request_seconds"), "HTTP request latency to the response head").buckets(LATENCY_BUCKETS.to_vec()),
+            &["route"],
+        )
+        .expect("valid metric");
+        let http_in_flight = IntGauge::new(name("http_requests_in_flight"), "HTTP requests being answered").expect("valid metric");
+        registry.register(Box::new(http_requests.clone())).expect("unique metric");
+        registry.register(Box::new(http_latency.clone())).expect("unique metric");
+        registry.register(Box::new(http_in_flight.clone())).expect("unique metric");
+        // CPU seconds, resident memory, open files of this process (Linux):
+        // the saturation panels. Several services in one test process each
+        // export the same figures, which is harmless.
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self())).expect("unique metric");
+        Self {
+            registry,
+            messages_in,
+            messages_out,
+            errors,
+            latency,
+            consumer_lag,
+            consumer_lag_seconds,
+            consumer_batch_records,
+            http_requests,
+            http_latency,
+            http_in_flight,
+        }
+    }
+
+    /// Creates the series a service's dashboards and alerts read, at zero,
+    /// before anything happened: a counter that first appears at 1 has no
+    /// `rate()` or `increase()` for its first event, so an alert on "any
+    /// dead letter" would miss the first one, and a panel would say "no
+    /// data" instead of 0.
+    pub fn touch(&self, messages_in: &[&str], messages_out: &[&str], errors: &[&str], stages: &[&str]) {
+        for k in messages_in {
+            self.messages_in.with_label_values(&[k]);
+        }
+        for k in messages_out {
+            self.messages_out.with_label_values(&[k]);
+        }
+        for k in errors {
+            self.errors.with_label_values(&[k]);
+        }
+        for k in stages {
+            self.latency.with_label_values(&[k]);
+        }
     }
 
     /// The Prometheus text exposition of this registry.

@@ -107,6 +107,8 @@ impl Application {
     /// Connects to Postgres (applying migrations) and Kafka and binds the listener.
     pub async fn build(cfg: Config) -> Result<Self, Error> {
         let metrics = ServiceMetrics::new("projector");
+        // The series the dashboards and alert rules read, at 0 from the start (kit::metrics).
+        metrics.touch(&[], &["applied"], &["apply", "dead_letter", "undecodable_event", "undecodable_record"], &["apply_batch"]);
         let pool = homelink_kit::db::connect_with_retry(&cfg.database_url, 8, Duration::from_secs(30)).await?;
         migrate(&pool).await?;
         let applier = Applier::load(pool.clone(), metrics.clone()).await?;
@@ -141,7 +143,7 @@ impl Application {
         let mut tasks = homelink_kit::service::Tasks::new(cancel.child_token());
         tasks.spawn("retention", expire_rows(self.pool.clone(), self.retention, self.metrics.clone(), tasks.token()));
         tasks.spawn("stale", stale::run(self.pool.clone(), self.stale_every, self.metrics.clone(), tasks.token()));
-        let served = homelink_kit::ops::serve(self.listener, self.router, cancel.clone()).await;
+        let served = homelink_kit::ops::serve(self.listener, self.router, &self.metrics, cancel.clone()).await;
         let _ = input.await;
         tasks.shutdown().await;
         Ok(served?)

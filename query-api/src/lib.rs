@@ -105,6 +105,8 @@ pub struct Application {
 impl Application {
     pub async fn build(cfg: Config) -> Result<Self, Error> {
         let metrics = ServiceMetrics::new("query_api");
+        // The series the dashboards and alert rules read, at 0 from the start (kit::metrics).
+        metrics.touch(&["shadow_changed", "command_changed"], &[], &["listen", "undecodable_notification"], &["report_to_fanout"]);
         let pool = homelink_kit::db::connect_with_retry(&cfg.database_url, 16, Duration::from_secs(30)).await?;
         let hub = Arc::new(Hub::new(cfg.subscriptions, &metrics));
         let limits = Limits { introspection: cfg.introspection, rows: cfg.max_rows, ..Limits::default() };
@@ -150,7 +152,7 @@ impl Application {
         let hub = tokio::spawn(self.hub.clone().run(self.pool.clone(), self.metrics.clone(), self.listening.clone(), cancel.clone()));
         let (url, every) = self.jwks.clone();
         tokio::spawn(self.verifier.clone().refresh_from(reqwest::Client::new(), url, every, cancel.clone()));
-        homelink_kit::ops::serve(self.listener, self.router, cancel).await?;
+        homelink_kit::ops::serve(self.listener, self.router, &self.metrics, cancel).await?;
         hub.abort();
         Ok(())
     }
