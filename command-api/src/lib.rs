@@ -26,6 +26,7 @@ pub mod automations;
 pub mod caller;
 pub mod commands;
 pub mod devices;
+pub mod history;
 pub mod households;
 pub mod idempotency;
 pub mod limits;
@@ -107,6 +108,8 @@ pub struct AppState {
     pub pool: PgPool,
     pub appender: Appender,
     pub topics: Topics,
+    /// Where the log is: the history endpoint reads it.
+    pub kafka_bootstrap: String,
     pub metrics: ServiceMetrics,
     pub append_timeout: Duration,
     pub answer_within: Duration,
@@ -208,6 +211,7 @@ impl Application {
             household_stripes: (0..write_path::HOUSEHOLD_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             appender: Appender::new(&pc)?,
             topics: cfg.topics.clone(),
+            kafka_bootstrap: cfg.kafka_bootstrap.clone(),
             metrics: metrics.clone(),
             operations: openapi::operations(),
             append_timeout: cfg.append_timeout,

@@ -2,7 +2,7 @@
 //! documentation (`utoipa-axum`), so a route cannot exist undocumented; a test
 //! compares the served document with the committed `openapi.json`.
 
-use crate::{auth, automations, commands, devices, households, scenes, schemas, AppState};
+use crate::{auth, automations, commands, devices, history, households, scenes, schemas, AppState};
 use std::sync::Arc;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -44,6 +44,7 @@ pub fn routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(households::remove))
         .routes(routes!(households::leave))
         .routes(routes!(households::report_presence))
+        .routes(routes!(history::export))
         .routes(routes!(scenes::create))
         .routes(routes!(scenes::change, scenes::delete))
         .routes(routes!(scenes::activate))
@@ -176,7 +177,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(operations, 31);
+        assert_eq!(operations, 32);
     }
 
     /// The patterns the document publishes are the ones the handlers check

@@ -76,6 +76,24 @@ pub struct CommandDenied {
     pub reason: String,
 }
 
+/// A household's history was read out of the log (`GET …/history` or
+/// `homelink history export`): who (the envelope's actor), which window,
+/// how many records. Recorded for the audit log; changes no other state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryExported {
+    #[serde(default)]
+    pub since: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub until: Option<DateTime<Utc>>,
+    /// The device filter, if any.
+    #[serde(default)]
+    pub device: Option<Uuid>,
+    /// `api` (the owner, one page) or `operator` (read from the log).
+    pub via: String,
+    pub records: u64,
+}
+
 /// A device joined the household's registry with its own certificate.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -472,6 +490,7 @@ events! {
     AutomationRunFinished = 1,
     AutomationPaused = 1,
     AutomationResumed = 1,
+    HistoryExported = 1,
 }
 
 impl Event {
@@ -484,6 +503,7 @@ impl Event {
             | Event::MemberRoleChanged(_)
             | Event::MemberRemoved(_)
             | Event::CommandDenied(_)
+            | Event::HistoryExported(_)
             | Event::RoomCreated(_)
             | Event::RoomRenamed(_)
             | Event::RoomDeleted(_)
@@ -520,7 +540,7 @@ impl Event {
     /// (its reports and commands), or the audit trail.
     pub fn stream(&self) -> String {
         match (self, self.device_id()) {
-            (Event::CommandDenied(_), _) => "audit".to_owned(),
+            (Event::CommandDenied(_) | Event::HistoryExported(_), _) => "audit".to_owned(),
             (Event::SceneActivated(a), _) => format!("scene/{}", a.scene_id),
             (Event::AutomationTriggered(a), _) => format!("automation/{}", a.automation_id),
             (Event::AutomationRunStepped(a), _) => format!("automation/{}", a.automation_id),
@@ -631,6 +651,7 @@ mod tests {
             ("MemberRoleChanged", json!({"userId": d, "role": "owner"})),
             ("MemberRemoved", json!({"userId": d, "left": true})),
             ("CommandDenied", json!({"action": "device.command", "target": null, "status": 403, "reason": "role"})),
+            ("HistoryExported", json!({"since": "2026-11-25T12:00:05Z", "until": null, "device": d, "via": "api", "records": 12})),
             (
                 "DeviceRegistered",
                 json!({"deviceId": d, "kind": "lock", "name": "Door", "room": null, "roomId": d, "serial": "SN-1", "certSerial": "0a"}),

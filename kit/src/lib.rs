@@ -13,6 +13,7 @@ pub mod auth;
 pub mod config;
 pub mod consistency;
 pub mod db;
+pub mod history;
 pub mod kafka;
 pub mod metrics;
 pub mod ops;

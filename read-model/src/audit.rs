@@ -58,3 +58,18 @@ pub async fn page(pool: &PgPool, household: Uuid, filter: &AuditFilter, limit: i
     .fetch_all(pool)
     .await
 }
+
+/// Whether `user` was a member of `household` and is no longer one (their
+/// removal or departure is in the audit log): such a caller knows the
+/// household exists, so a refusal may say 403 instead of 404.
+pub async fn is_former_member(pool: &PgPool, household: Uuid, user: Uuid) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM audit_log WHERE household_id = $1 AND action IN ('member.remove', 'member.leave')
+                          AND target = 'user/' || $2::text AND outcome = 'accepted')
+            AND NOT EXISTS (SELECT 1 FROM household_members WHERE household_id = $1 AND user_id = $2)",
+    )
+    .bind(household)
+    .bind(user)
+    .fetch_one(pool)
+    .await
+}

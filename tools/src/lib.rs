@@ -14,6 +14,7 @@ pub mod api;
 pub mod bench;
 pub mod endpoints;
 pub mod gql;
+pub mod history;
 pub mod load;
 pub mod pki;
 pub mod seed;

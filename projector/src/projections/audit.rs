@@ -74,6 +74,18 @@ pub async fn apply(tx: &mut Transaction<'_, Postgres>, work: &[(&Located, Event)
                 403,
                 Some(format!("command {} of user {}: {}", r.command_id, r.sender, r.reason)),
             ),
+            Event::HistoryExported(x) => (
+                "history.export",
+                x.device.map(|d| format!("device/{d}")),
+                200,
+                Some(format!(
+                    "{} records via {}, from {} to {}",
+                    x.records,
+                    x.via,
+                    x.since.map_or("the start".to_owned(), |t| t.to_rfc3339()),
+                    x.until.map_or("now".to_owned(), |t| t.to_rfc3339())
+                )),
+            ),
             Event::CommandDenied(CommandDenied { action, target, status, reason }) => {
                 (action.as_str(), target.clone(), i32::from(*status), Some(reason.clone()))
             }

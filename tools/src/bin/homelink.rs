@@ -17,6 +17,12 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum HistoryCmd {
+    /// Every event of a household from the log, in order, as JSON lines, CSV or Parquet (audited).
+    Export(homelink_tools::history::ExportArgs),
+}
+
+#[derive(Subcommand)]
 enum Cmd {
     /// Create the development device CA and the broker's server certificate (once).
     PkiInit {
@@ -104,6 +110,11 @@ enum Cmd {
     },
     /// Load a running stack with real mTLS devices: provision (cached), connect, publish reports at a rate, measure.
     Load(LoadArgs),
+    /// A household's history from the log (analysts).
+    History {
+        #[command(subcommand)]
+        cmd: HistoryCmd,
+    },
     /// Part of `homelink load` (started by it): connects one range of a
     /// fleet's households and publishes their share of the rate.
     #[command(hide = true)]
@@ -411,6 +422,21 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Load(a) => load(a).await?,
+        Cmd::History { cmd: HistoryCmd::Export(a) } => {
+            let started = std::time::Instant::now();
+            let done = homelink_tools::history::export(a).await?;
+            let secs = started.elapsed().as_secs_f64();
+            eprintln!(
+                "exported {} events in {secs:.2} s ({:.0} events/s){}",
+                done.records,
+                done.records as f64 / secs.max(1e-9),
+                if done.undecodable > 0 {
+                    format!("; {} undecodable records of the household left out", done.undecodable)
+                } else {
+                    String::new()
+                }
+            );
+        }
         Cmd::LoadShard { fleet, from, to, host, port, ca_file, rate, ramp_secs, duration_secs, connect_concurrency } => {
             let args = homelink_tools::load::shard::ShardArgs {
                 fleet,
