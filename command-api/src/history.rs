@@ -152,7 +152,7 @@ pub async fn export(
 
     let scan = Scan { bootstrap: s.kafka_bootstrap.clone(), topics, household: h, since, until, device, after };
     let mut records = Vec::new();
-    let done = history::scan(&scan, limit, |e| {
+    let done = history::scan(&scan, limit, |e, _| {
         records.push(HistoryRecord::from(Record::from(e)));
         true
     })

@@ -366,3 +366,165 @@ async fn a_households_history_exports_from_the_log_in_every_format_owner_only_an
         let _ = std::fs::remove_file(p);
     }
 }
+
+const NOW: &str = "query($h: ID!) { household(id: $h) { name members { userId role } rooms { id name }
+    devices { nodes { id name kind shadow { reported desired online } } } } }";
+const AT: &str = "query($h: ID!, $at: DateTime!) { householdAt(id: $h, at: $at) { name version eventsFolded members { userId role }
+    rooms { id name } devices { id name kind removed reported desired online lastSeen } } }";
+
+/// What the app shows now, per device: name, reported, desired, online.
+async fn shown(stack: &Stack, token: &str, h: Uuid) -> (Vec<(String, String)>, Vec<(String, String, Value, Value, bool)>) {
+    let r = stack.gql(token, NOW, json!({"h": h})).await;
+    let hh = &r["data"]["household"];
+    let mut members: Vec<(String, String)> = hh["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .map(|m| (m["userId"].as_str().unwrap_or("").to_owned(), m["role"].as_str().unwrap_or("").to_lowercase()))
+        .collect();
+    members.sort();
+    let mut devices: Vec<(String, String, Value, Value, bool)> = hh["devices"]["nodes"]
+        .as_array()
+        .expect("devices")
+        .iter()
+        .map(|d| {
+            let s = &d["shadow"];
+            let obj = |v: &Value| if v.is_object() { v.clone() } else { json!({}) };
+            (
+                d["id"].as_str().unwrap_or("").to_owned(),
+                d["name"].as_str().unwrap_or("").to_owned(),
+                obj(&s["reported"]),
+                obj(&s["desired"]),
+                s["online"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect();
+    devices.sort_by(|a, b| a.0.cmp(&b.0));
+    (members, devices)
+}
+
+async fn past(
+    stack: &Stack,
+    token: &str,
+    h: Uuid,
+    at: chrono::DateTime<chrono::Utc>,
+) -> (Vec<(String, String)>, Vec<(String, String, Value, Value, bool)>) {
+    let r = stack.gql(token, AT, json!({"h": h, "at": at.to_rfc3339()})).await;
+    let hh = &r["data"]["householdAt"];
+    assert!(hh.is_object(), "{r}");
+    let mut members: Vec<(String, String)> = hh["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .map(|m| (m["userId"].as_str().unwrap_or("").to_owned(), m["role"].as_str().unwrap_or("").to_lowercase()))
+        .collect();
+    members.sort();
+    let mut devices: Vec<(String, String, Value, Value, bool)> = hh["devices"]
+        .as_array()
+        .expect("devices")
+        .iter()
+        .filter(|d| d["removed"] == false)
+        .map(|d| {
+            (
+                d["id"].as_str().unwrap_or("").to_owned(),
+                d["name"].as_str().unwrap_or("").to_owned(),
+                d["reported"].clone(),
+                d["desired"].clone(),
+                d["online"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect();
+    devices.sort_by(|a, b| a.0.cmp(&b.0));
+    (members, devices)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_whole_house_at_three_past_instants_is_what_it_showed_then_and_a_devices_timeline_lists_every_step() {
+    let stack = Stack::start().await;
+    let home = stack.seed(&[(DeviceKind::Light, "Lamp", "Hall"), (DeviceKind::Lock, "Door", "Hall")]).await;
+    let h = home.household_id;
+    let owner = home.accounts[0].access_token.clone();
+    let (lamp_id, door_id) = (home.devices[0].id, home.devices[1].id);
+    let lamp = RawDevice::connect(&stack, home.spec(0, None), Duration::from_secs(10)).await;
+    lamp.send("state", json!({"v": 1, "seq": 1, "state": {"on": true, "brightness": 10}})).await;
+    common::reported(&stack, lamp_id, "brightness", json!(10)).await;
+    let settle = || tokio::time::sleep(Duration::from_millis(300));
+    settle().await;
+    let t1 = chrono::Utc::now();
+    let at_t1 = shown(&stack, &owner, h).await;
+    settle().await;
+
+    // Then: the lamp renamed and brighter, a command waiting for the offline door, an adult joins.
+    let (s, _) = stack
+        .call(
+            Some(&owner),
+            reqwest::Method::PUT,
+            &format!("/v1/households/{h}/devices/{lamp_id}/name"),
+            Some(json!({"name": "Reading lamp"})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    lamp.send("state", json!({"v": 1, "seq": 2, "state": {"brightness": 40}})).await;
+    common::reported(&stack, lamp_id, "brightness", json!(40)).await;
+    let r = stack.command(&home, door_id).json(&json!({"set": {"locked": true}, "ttlSeconds": 300})).send().await.expect("command");
+    assert_eq!(r.status(), 202);
+    let mut adult = stack.account("adult").await;
+    homelink_tools::api::add_member(&stack.http, &stack.api(), &home.accounts[0], h, &adult, "adult").await.expect("adult");
+    adult.role = Some("adult".into());
+    eventually(Duration::from_secs(30), "the door's desired state and the adult shown", || async {
+        let (m, d) = shown(&stack, &owner, h).await;
+        (m.len() == 2 && d.iter().any(|x| x.0 == door_id.to_string() && x.3 == json!({"locked": true}))).then_some(())
+    })
+    .await;
+    settle().await;
+    let t2 = chrono::Utc::now();
+    let at_t2 = shown(&stack, &owner, h).await;
+    settle().await;
+
+    // Then: the lamp reports once more and says it goes offline.
+    lamp.send("state", json!({"v": 1, "seq": 3, "state": {"on": false}})).await;
+    lamp.send("status", json!({"v": 1, "status": "offline"})).await;
+    eventually(Duration::from_secs(30), "the lamp offline and off", || async {
+        let (_, d) = shown(&stack, &owner, h).await;
+        d.iter().any(|x| x.0 == lamp_id.to_string() && !x.4 && x.2["on"] == false).then_some(())
+    })
+    .await;
+    settle().await;
+    let t3 = chrono::Utc::now();
+    let at_t3 = shown(&stack, &owner, h).await;
+
+    assert_ne!(at_t1, at_t2);
+    assert_ne!(at_t2, at_t3);
+    for (t, then) in [(t1, &at_t1), (t2, &at_t2), (t3, &at_t3)] {
+        assert_eq!(&past(&stack, &owner, h, t).await, then, "the house at {t} is what the app showed then");
+    }
+    // The adult sees it too; a stranger gets null; the future is refused.
+    let r = stack.gql(&adult.access_token, AT, json!({"h": h, "at": t2.to_rfc3339()})).await;
+    assert!(r["data"]["householdAt"]["devices"].as_array().is_some_and(|d| d.len() == 2), "{r}");
+    let stranger = stack.account("stranger").await;
+    let r = stack.gql(&stranger.access_token, AT, json!({"h": h, "at": t2.to_rfc3339()})).await;
+    assert!(r["data"]["householdAt"].is_null(), "{r}");
+    let r = stack.gql(&owner, AT, json!({"h": h, "at": (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339()})).await;
+    assert_eq!(r["errors"][0]["extensions"]["code"], "BAD_USER_INPUT", "{r}");
+
+    // The lamp's timeline, a page of 2 at a time, every step in order.
+    let q = "query($d: ID!, $after: String) { device(id: $d) { history(first: 2, after: $after) {
+        edges { cursor node { type at position commandId payload } } pageInfo { hasNextPage } } } }";
+    let mut types = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let r = stack.gql(&owner, q, json!({"d": lamp_id, "after": after})).await;
+        let hist = &r["data"]["device"]["history"];
+        let edges = hist["edges"].as_array().unwrap_or_else(|| panic!("{r}"));
+        assert!(edges.len() <= 2);
+        types.extend(edges.iter().map(|e| e["node"]["type"].as_str().unwrap_or("").to_owned()));
+        if hist["pageInfo"]["hasNextPage"] != true {
+            break;
+        }
+        after = edges.last().and_then(|e| e["cursor"].as_str()).map(str::to_owned);
+    }
+    let reports = types.iter().filter(|t| *t == "DeviceStateReported").count();
+    assert_eq!(types.first().map(String::as_str), Some("DeviceRegistered"), "{types:?}");
+    assert_eq!(reports, 3, "every report, not merged: {types:?}");
+    assert!(types.contains(&"DeviceRenamed".to_owned()) && types.contains(&"DeviceStatusChanged".to_owned()), "{types:?}");
+}

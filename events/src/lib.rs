@@ -35,6 +35,7 @@ pub mod engine;
 pub mod envelope;
 pub mod event;
 pub mod household;
+pub mod past;
 pub mod protocol;
 pub mod scene;
 pub mod schemas;

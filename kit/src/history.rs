@@ -164,10 +164,11 @@ struct Lane {
     next: i64,
 }
 
-/// Reads the history, calling `emit` for each record in order until `limit`
-/// records were emitted (or `emit` returns `false`). An empty window
-/// (`until` before `since`, or before anything was recorded) reads nothing.
-pub async fn scan(s: &Scan, limit: usize, mut emit: impl FnMut(Entry) -> bool) -> Result<Scanned, crate::Error> {
+/// Reads the history, calling `emit` for each record in order, with the
+/// cursor that resumes right after it, until `limit` records were emitted
+/// (or `emit` returns `false`). An empty window (`until` before `since`, or
+/// before anything was recorded) reads nothing.
+pub async fn scan(s: &Scan, limit: usize, mut emit: impl FnMut(Entry, Cursor) -> bool) -> Result<Scanned, crate::Error> {
     if s.since.zip(s.until).is_some_and(|(a, b)| b < a) || s.until.is_some_and(|u| u.timestamp_millis() < 0) {
         return Ok(Scanned::default());
     }
@@ -236,7 +237,8 @@ pub async fn scan(s: &Scan, limit: usize, mut emit: impl FnMut(Entry) -> bool) -
         let e = lanes[i].head.take().expect("the earliest head");
         lanes[i].next = e.offset + 1;
         emitted += 1;
-        if !emit(e) {
+        let after = Cursor(lanes.iter().map(|l| l.head.as_ref().map_or(l.next, |e| e.offset)).collect());
+        if !emit(e, after) {
             out.next = Some(Cursor(lanes.iter().map(|l| l.head.as_ref().map_or(l.next, |e| e.offset)).collect()));
             break;
         }

@@ -23,6 +23,7 @@ pub mod dry_run;
 pub mod errors;
 pub mod hub;
 pub mod limits;
+pub mod past;
 pub mod reads;
 pub mod scenes;
 pub mod schema;

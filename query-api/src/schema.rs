@@ -159,6 +159,22 @@ impl Query {
         Ok(row.map(Device::from).filter(|d| d.visible_to(d.viewer_role)))
     }
 
+    /// The whole household as it was at `at` — members and roles, rooms,
+    /// devices (those the viewer's role may see) with every twin (reported,
+    /// desired, online) — folded from the log up to that instant. Members
+    /// only (their role now); `null` otherwise.
+    async fn household_at(&self, ctx: &Context<'_>, id: ID, at: DateTime<Utc>) -> Result<Option<crate::past::PastHousehold>> {
+        let user = viewer(ctx)?;
+        let Some(h) = parse_id(&id) else {
+            return Ok(None);
+        };
+        let pool = ctx.data::<PgPool>()?;
+        let Some(role) = budget(ctx)?.read_one(|| role_in(pool, h, user)).await? else {
+            return Ok(None);
+        };
+        crate::past::household_at(ctx.data::<crate::dry_run::Log>()?, role, h, at).await.map(Some)
+    }
+
     /// A command's lifecycle, if the viewer may see its device.
     async fn command(&self, ctx: &Context<'_>, id: ID) -> Result<Option<Command>> {
         let user = viewer(ctx)?;
@@ -657,6 +673,22 @@ fn parse_command_cursor(c: &str) -> Option<(DateTime<Utc>, Uuid)> {
 
 #[ComplexObject]
 impl Device {
+    /// The device's timeline from the log, oldest first: every report,
+    /// command step (requested, delivered, acked, expired, revoked), status
+    /// change and registry change, as recorded — not merged.
+    #[graphql(complexity = "page_cost(first, crate::past::MAX_TIMELINE_PAGE, child_complexity)")]
+    async fn history(
+        &self,
+        ctx: &Context<'_>,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+        #[graphql(default = 50)] first: i32,
+        after: Option<String>,
+    ) -> Result<Connection<String, crate::past::TimelineEntry>> {
+        let h = parse_id(&self.household_id).ok_or_else(not_found)?;
+        crate::past::timeline(ctx.data::<crate::dry_run::Log>()?, (h, self.uuid), since, until, first, after).await
+    }
+
     /// The device's commands, newest first, a page at a time.
     #[graphql(complexity = "page_cost(first, MAX_COMMAND_PAGE, child_complexity)")]
     async fn commands(

@@ -166,7 +166,7 @@ async fn from_log(
     };
     let mut failed: Option<anyhow::Error> = None;
     let mut n = 0u64;
-    let scanned = history::scan(&scan, usize::MAX, |e| match sink.write(&Record::from(e)) {
+    let scanned = history::scan(&scan, usize::MAX, |e, _| match sink.write(&Record::from(e)) {
         Ok(()) => {
             n += 1;
             bar.inc(1);
