@@ -20,7 +20,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 /// Most records in one page.
-pub const MAX_PAGE: usize = 1000;
+pub const MAX_PAGE: usize = 5000;
 const DEFAULT_PAGE: usize = 200;
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -39,8 +39,8 @@ pub struct HistoryQuery {
     /// The `next` of the previous page.
     #[param(pattern = r"^[0-9]{1,18}(\.[0-9]{1,18}){3}$", example = "0.12.340.2")]
     pub after: Option<String>,
-    /// Records per page, 1 to 1000 (default 200).
-    #[param(minimum = 1, maximum = 1000)]
+    /// Records per page, 1 to 5000 (default 200).
+    #[param(minimum = 1, maximum = 5000)]
     pub limit: Option<i64>,
 }
 

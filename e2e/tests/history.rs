@@ -332,7 +332,7 @@ async fn a_households_history_exports_from_the_log_in_every_format_owner_only_an
     for (bad, path) in [
         ("since=yesterday", "/since"),
         ("limit=0", "/limit"),
-        ("limit=1001", "/limit"),
+        ("limit=5001", "/limit"),
         ("after=1.2", "/after"),
         ("device=lamp", "/device"),
     ] {

@@ -175,33 +175,33 @@ pub async fn scan(s: &Scan, limit: usize, mut emit: impl FnMut(Entry, Cursor) ->
     let key = household_key(s.household).into_bytes();
     let read = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut lanes = Vec::new();
-    for (i, topic) in s.topics.iter().enumerate() {
-        let (tx, rx) = mpsc::channel(1024);
-        let start = s.after.as_ref().map(|c| c.0[i]);
-        let reader = PartitionRead {
+    let readers: Vec<PartitionRead> = s
+        .topics
+        .iter()
+        .enumerate()
+        .map(|(i, topic)| PartitionRead {
             bootstrap: s.bootstrap.clone(),
             topic: topic.clone(),
             key: key.clone(),
-            start,
+            start: s.after.as_ref().map(|c| c.0[i]),
             since: s.since,
             until: s.until,
             device: s.device,
             read: read.clone(),
-        };
-        let first = reader.open().await?;
-        let next = first.as_ref().map_or_else(|| start.unwrap_or(0), |(_, _, o, _)| *o);
+        })
+        .collect();
+    // The topics' partitions are opened together (metadata, watermarks,
+    // the start by time): one round of broker latency, not one per topic.
+    let opened = futures::future::try_join_all(readers.iter().map(PartitionRead::open)).await?;
+    for (reader, (first, high)) in readers.into_iter().zip(opened) {
+        let (tx, rx) = mpsc::channel(1024);
         match first {
-            Some((consumer, partition, from, end)) => {
-                tokio::spawn(reader.run(consumer, partition, from, end, tx));
-                lanes.push(Lane { rx, head: None, closed: false, next });
+            Some((consumer, partition, from)) => {
+                tokio::spawn(reader.run(consumer, partition, from, high, tx));
+                lanes.push(Lane { rx, head: None, closed: false, next: from });
             }
-            None => {
-                let next = match reader.empty_next().await {
-                    Ok(n) => n,
-                    Err(_) => next,
-                };
-                lanes.push(Lane { rx, head: None, closed: true, next });
-            }
+            // Nothing to read: a later page starts at the partition's end now.
+            None => lanes.push(Lane { rx, head: None, closed: true, next: high }),
         }
     }
     let mut out = Scanned::default();
@@ -270,10 +270,10 @@ impl PartitionRead {
             .create()?)
     }
 
-    /// The consumer on the household's partition from the window's start,
-    /// with the partition, the start and the end (the high watermark now);
-    /// `None` when there is nothing to read.
-    async fn open(&self) -> Result<Option<(StreamConsumer, i32, i64, i64)>, crate::Error> {
+    /// The consumer on the household's partition from the window's start
+    /// (with the partition and the start; `None` when there is nothing to
+    /// read) and the partition's end now (its high watermark).
+    async fn open(&self) -> Result<(Option<(StreamConsumer, i32, i64)>, i64), crate::Error> {
         let consumer = self.consumer()?;
         let (topic, key, start, since) = (self.topic.clone(), self.key.clone(), self.start, self.since);
         tokio::task::spawn_blocking(move || -> Result<_, crate::Error> {
@@ -297,25 +297,12 @@ impl PartitionRead {
                 }
             };
             if from >= high {
-                return Ok(None);
+                return Ok((None, high));
             }
             let mut assign = TopicPartitionList::new();
             assign.add_partition_offset(&topic, partition, Offset::Offset(from))?;
             consumer.assign(&assign)?;
-            Ok(Some((consumer, partition, from, high)))
-        })
-        .await
-        .map_err(|e| crate::Error::Other(e.to_string()))?
-    }
-
-    /// Where a lane with nothing to read resumes: the partition's end now.
-    async fn empty_next(&self) -> Result<i64, crate::Error> {
-        let consumer = self.consumer()?;
-        let (topic, key) = (self.topic.clone(), self.key.clone());
-        tokio::task::spawn_blocking(move || -> Result<i64, crate::Error> {
-            let wait = Duration::from_secs(10);
-            let parts = crate::kafka::partitions_of(&consumer, &topic, wait)?;
-            Ok(consumer.fetch_watermarks(&topic, partition_of(&key, parts.len() as i32), wait)?.1)
+            Ok((Some((consumer, partition, from)), high))
         })
         .await
         .map_err(|e| crate::Error::Other(e.to_string()))?

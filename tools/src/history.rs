@@ -143,8 +143,9 @@ async fn from_api(api: &str, token: &str, a: &ExportArgs, sink: &mut Sink, bar: 
     }
 }
 
+/// Records asked for per page (the API's most).
 fn history_page() -> usize {
-    1000
+    5000
 }
 
 async fn from_log(
