@@ -438,6 +438,12 @@ async fn past(
     (members, devices)
 }
 
+/// Now, to the microsecond (what Postgres and `householdAt` keep).
+fn now_us() -> chrono::DateTime<chrono::Utc> {
+    let now = chrono::Utc::now();
+    chrono::DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_whole_house_at_three_past_instants_is_what_it_showed_then_and_a_devices_timeline_lists_every_step() {
     let stack = Stack::start().await;
@@ -450,7 +456,7 @@ async fn the_whole_house_at_three_past_instants_is_what_it_showed_then_and_a_dev
     common::reported(&stack, lamp_id, "brightness", json!(10)).await;
     let settle = || tokio::time::sleep(Duration::from_millis(300));
     settle().await;
-    let t1 = chrono::Utc::now();
+    let t1 = now_us();
     let at_t1 = shown(&stack, &owner, h).await;
     settle().await;
 
@@ -477,7 +483,7 @@ async fn the_whole_house_at_three_past_instants_is_what_it_showed_then_and_a_dev
     })
     .await;
     settle().await;
-    let t2 = chrono::Utc::now();
+    let t2 = now_us();
     let at_t2 = shown(&stack, &owner, h).await;
     settle().await;
 
@@ -490,13 +496,32 @@ async fn the_whole_house_at_three_past_instants_is_what_it_showed_then_and_a_dev
     })
     .await;
     settle().await;
-    let t3 = chrono::Utc::now();
+    let t3 = now_us();
     let at_t3 = shown(&stack, &owner, h).await;
 
     assert_ne!(at_t1, at_t2);
     assert_ne!(at_t2, at_t3);
+    // In time order: each fold starts from the snapshot the previous one
+    // stored (the test stack stores every fold), and answers the same.
+    let snap = "query($h: ID!, $at: DateTime!) { householdAt(id: $h, at: $at) { fromSnapshot eventsFolded } }";
+    let from = |at: chrono::DateTime<chrono::Utc>| {
+        let (stack, owner) = (&stack, &owner);
+        async move {
+            let r = stack.gql(owner, snap, json!({"h": h, "at": at.to_rfc3339()})).await;
+            r["data"]["householdAt"]["fromSnapshot"].as_str().map(|t| t.parse::<chrono::DateTime<chrono::Utc>>().expect("time"))
+        }
+    };
     for (t, then) in [(t1, &at_t1), (t2, &at_t2), (t3, &at_t3)] {
         assert_eq!(&past(&stack, &owner, h, t).await, then, "the house at {t} is what the app showed then");
+    }
+    assert_eq!(from(t1).await, Some(t1), "the fold at t1 was stored");
+    assert_eq!(from(t3).await, Some(t3), "the fold at t3 was stored");
+    let between = t2 + (t3 - t2) / 2;
+    assert_eq!(from(between).await, Some(t2), "an instant between starts from the snapshot before it");
+    // Snapshots are derived: without them the answers are the same.
+    sqlx::query("DELETE FROM household_snapshots WHERE household_id = $1").bind(h).execute(&stack.pool).await.expect("delete");
+    for (t, then) in [(t3, &at_t3), (t1, &at_t1), (t2, &at_t2)] {
+        assert_eq!(&past(&stack, &owner, h, t).await, then, "the house at {t} again, without snapshots");
     }
     // The adult sees it too; a stranger gets null; the future is refused.
     let r = stack.gql(&adult.access_token, AT, json!({"h": h, "at": t2.to_rfc3339()})).await;

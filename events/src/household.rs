@@ -142,7 +142,7 @@ pub fn revocation_reason(role: Option<Role>, kind: DeviceKind, set: &Map<String,
 }
 
 /// An invitation as the aggregate knows it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Invitation {
     pub role: Role,
     pub code_hash: String,
@@ -151,7 +151,7 @@ pub struct Invitation {
 }
 
 /// A device as the aggregate knows it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RegisteredDevice {
     pub kind: DeviceKind,
     pub room_id: Option<Uuid>,
@@ -159,7 +159,8 @@ pub struct RegisteredDevice {
 }
 
 /// The household aggregate: what the write side decides against.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// Serializable for the snapshots of past households (`past.rs`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Household {
     pub exists: bool,
     /// Events applied on the household stream; the next event carries `version + 1`.
@@ -179,7 +180,7 @@ pub struct Household {
 }
 
 /// An automation as the household aggregate holds it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Automation {
     pub name: String,
     pub enabled: bool,

@@ -44,7 +44,7 @@ pub struct Pending {
 }
 
 /// The fold. Serializable, so it can be stored as a snapshot and resumed.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Past {
     pub name: Option<String>,
     pub household: Household,
@@ -252,5 +252,13 @@ mod tests {
         assert_eq!(p.devices[&d].last_seen, Some(at(13)));
         assert_eq!(p.events, 10);
         assert!(p.household.devices.contains_key(&d));
+        // A snapshot is the fold as JSON: it reads back equal and folds on the same.
+        let stored = serde_json::to_value(&p).expect("serializes");
+        let mut back: Past = serde_json::from_value(stored).expect("deserializes");
+        assert_eq!(back, p);
+        let more = env(Event::DeviceStatusChanged(DeviceStatusChanged { device_id: d, online: true }), 14);
+        back.apply(&more);
+        p.apply(&more);
+        assert_eq!(back, p);
     }
 }

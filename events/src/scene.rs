@@ -32,7 +32,7 @@ pub struct SceneTarget {
 }
 
 /// A scene as the household aggregate holds it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Scene {
     pub name: String,
     pub targets: Vec<SceneTarget>,

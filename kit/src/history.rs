@@ -146,6 +146,10 @@ pub struct Scanned {
     pub read: u64,
     /// Records of the household that could not be decoded (left out, counted).
     pub undecodable: u64,
+    /// When the scan read to the window's end: the position right after it
+    /// (every record before it was emitted or is not the household's in the
+    /// window), where a fold stored as a snapshot resumes.
+    pub end: Option<Cursor>,
 }
 
 enum Msg {
@@ -229,7 +233,10 @@ pub async fn scan(s: &Scan, limit: usize, mut emit: impl FnMut(Entry, Cursor) ->
         }
         let earliest =
             lanes.iter().enumerate().filter_map(|(i, l)| l.head.as_ref().map(|e| (e.envelope.occurred_at, i))).min().map(|(_, i)| i);
-        let Some(i) = earliest else { break };
+        let Some(i) = earliest else {
+            out.end = Some(Cursor(lanes.iter().map(|l| l.next).collect()));
+            break;
+        };
         if emitted == limit {
             out.next = Some(Cursor(lanes.iter().map(|l| l.head.as_ref().map_or(l.next, |e| e.offset)).collect()));
             break;
@@ -339,8 +346,12 @@ impl PartitionRead {
             } else {
                 match Envelope::from_json(m.payload().unwrap_or_default()) {
                     Err(_) => Some(Msg::Undecodable(offset)),
+                    // The household's first record past the window ends
+                    // the topic: a cursor never passes a record of it that
+                    // was not emitted (a snapshot resumes there).
+                    Ok(env) if self.until.is_some_and(|u| env.occurred_at > u) => break,
                     Ok(env) => {
-                        let inside = self.since.is_none_or(|s| env.occurred_at >= s) && self.until.is_none_or(|u| env.occurred_at <= u);
+                        let inside = self.since.is_none_or(|s| env.occurred_at >= s);
                         let about = self.device.is_none_or(|d| env.event().ok().and_then(|e| e.device_id()) == Some(d));
                         (inside && about)
                             .then(|| Msg::Entry(Box::new(Entry { topic: self.topic.clone(), partition, offset, envelope: env })))

@@ -14,12 +14,18 @@ use homelink_events::Topics;
 use serde_json::Value;
 use uuid::Uuid;
 
-/// Where the log is: the dry run reads it.
+/// Where the log is: the dry run and the history fields read it.
 #[derive(Debug, Clone)]
 pub struct Log {
     pub bootstrap: String,
     pub topics: Topics,
+    /// `householdAt` stores its fold as a snapshot when it folded more than
+    /// this many events past the snapshot it started from.
+    pub snapshot_every: u64,
 }
+
+/// The default of [`Log::snapshot_every`].
+pub const SNAPSHOT_EVERY: u64 = 10_000;
 
 /// Longest window one dry run plays.
 pub const MAX_WINDOW_DAYS: i64 = 7;

@@ -74,7 +74,11 @@ impl Config {
             jwks_refresh: Duration::from_secs(10),
             subscriptions: hub::SubscriptionLimits::default(),
             max_rows: reads::DEFAULT_MAX_ROWS,
-            log: dry_run::Log { bootstrap: "127.0.0.1:9092".into(), topics: homelink_events::Topics::new("homelink.") },
+            log: dry_run::Log {
+                bootstrap: "127.0.0.1:9092".into(),
+                topics: homelink_events::Topics::new("homelink."),
+                snapshot_every: dry_run::SNAPSHOT_EVERY,
+            },
         }
     }
 }

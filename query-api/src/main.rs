@@ -30,7 +30,11 @@ fn main() -> anyhow::Result<()> {
 async fn run(cancel: homelink_kit::shutdown::CancellationToken) -> anyhow::Result<()> {
     let a = Args::parse();
     let mut cfg = Config::new(&a.common.database_url, a.jwks_url);
-    cfg.log = homelink_query_api::dry_run::Log { bootstrap: a.common.kafka_bootstrap.clone(), topics: a.common.topics() };
+    cfg.log = homelink_query_api::dry_run::Log {
+        bootstrap: a.common.kafka_bootstrap.clone(),
+        topics: a.common.topics(),
+        snapshot_every: homelink_query_api::dry_run::SNAPSHOT_EVERY,
+    };
     cfg.listen = a.listen;
     cfg.introspection = a.introspection;
     cfg.max_rows = a.max_rows;

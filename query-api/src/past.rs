@@ -30,8 +30,10 @@ pub struct PastHousehold {
     pub time_zone: Option<String>,
     /// Events on the household stream up to the instant.
     pub version: i64,
-    /// Recorded events folded to answer.
+    /// Recorded events up to the instant (from a snapshot and the log).
     pub events_folded: i64,
+    /// The instant of the snapshot the fold started from, if one was used.
+    pub from_snapshot: Option<DateTime<Utc>>,
     pub members: Vec<PastMember>,
     pub rooms: Vec<PastRoom>,
     /// The devices the viewer's role may see, removed ones included (marked).
@@ -89,27 +91,56 @@ fn log_unavailable(e: homelink_kit::Error) -> async_graphql::Error {
     error(codes::UNAVAILABLE, "the log is unavailable")
 }
 
-/// The household at `at`, as the viewer's role (now) may see it.
-pub async fn household_at(log: &Log, role: Role, household: Uuid, at: DateTime<Utc>) -> async_graphql::Result<PastHousehold> {
+/// The household at `at`, as the viewer's role (now) may see it: the
+/// latest snapshot at or before `at` (if any) and the log after it, folded.
+/// A fold that went more than `snapshot_every` events past its start is
+/// stored as a snapshot at `at` (derived; safe to delete).
+pub async fn household_at(
+    pool: &sqlx::PgPool,
+    log: &Log,
+    role: Role,
+    household: Uuid,
+    at: DateTime<Utc>,
+) -> async_graphql::Result<PastHousehold> {
     if at > Utc::now() {
         return Err(error(codes::BAD_USER_INPUT, "at is in the future: nothing is recorded there yet"));
     }
-    let scan = Scan {
-        bootstrap: log.bootstrap.clone(),
-        topics: vec![log.topics.households(), log.topics.commands(), log.topics.telemetry()],
-        household,
-        since: None,
-        until: Some(at),
-        device: None,
-        after: None,
+    // To the microsecond, as Postgres stores a snapshot's instant: a snapshot
+    // holds exactly the events up to the instant it is stored under.
+    let at = DateTime::from_timestamp_micros(at.timestamp_micros()).unwrap_or(at);
+    let topics = vec![log.topics.households(), log.topics.commands(), log.topics.telemetry()];
+    let base = homelink_read_model::snapshots::latest_at_or_before(pool, household, at).await.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "reading snapshots failed; folding from the start");
+        None
+    });
+    let resumed = base.and_then(|s| {
+        let cursor = Cursor::decode(&s.cursor, topics.len())?;
+        let past: Past = serde_json::from_value(s.state).ok()?;
+        Some((s.at, cursor, past))
+    });
+    let (from_snapshot, after, mut past) = match resumed {
+        Some((when, cursor, past)) => (Some(when), Some(cursor), past),
+        None => (None, None, Past::default()),
     };
-    let mut past = Past::default();
-    history::scan(&scan, usize::MAX, |e, _| {
+    let before = past.events;
+    let scan = Scan { bootstrap: log.bootstrap.clone(), topics, household, since: None, until: Some(at), device: None, after };
+    let done = history::scan(&scan, usize::MAX, |e, _| {
         past.apply(&e.envelope);
         true
     })
     .await
     .map_err(log_unavailable)?;
+    if let Some(end) = done.end.filter(|_| past.events - before > log.snapshot_every) {
+        let snapshot = homelink_read_model::snapshots::Snapshot {
+            at,
+            cursor: end.encode(),
+            events: i64::try_from(past.events).unwrap_or(i64::MAX),
+            state: serde_json::to_value(&past).unwrap_or_default(),
+        };
+        if let Err(e) = homelink_read_model::snapshots::store(pool, household, &snapshot).await {
+            tracing::warn!(error = %e, "storing a snapshot failed");
+        }
+    }
     let h = &past.household;
     let id = |u: &Uuid| ID(u.to_string());
     let devices = h
@@ -138,6 +169,7 @@ pub async fn household_at(log: &Log, role: Role, household: Uuid, at: DateTime<U
         time_zone: h.time_zone.clone(),
         version: i64::try_from(h.version).unwrap_or(i64::MAX),
         events_folded: i64::try_from(past.events).unwrap_or(i64::MAX),
+        from_snapshot,
         members: h
             .members
             .iter()

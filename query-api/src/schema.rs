@@ -172,7 +172,7 @@ impl Query {
         let Some(role) = budget(ctx)?.read_one(|| role_in(pool, h, user)).await? else {
             return Ok(None);
         };
-        crate::past::household_at(ctx.data::<crate::dry_run::Log>()?, role, h, at).await.map(Some)
+        crate::past::household_at(pool, ctx.data::<crate::dry_run::Log>()?, role, h, at).await.map(Some)
     }
 
     /// A command's lifecycle, if the viewer may see its device.
@@ -860,7 +860,11 @@ mod tests {
     async fn complexity(query: &str, variables: Value) -> Option<usize> {
         let pool = sqlx::postgres::PgPoolOptions::new().connect_lazy("postgres://nobody@127.0.0.1:1/none").expect("lazy pool");
         let hub = Arc::new(Hub::new(Default::default(), &homelink_kit::metrics::ServiceMetrics::new("test")));
-        let log = crate::dry_run::Log { bootstrap: "127.0.0.1:1".into(), topics: homelink_events::Topics::new("test.") };
+        let log = crate::dry_run::Log {
+            bootstrap: "127.0.0.1:1".into(),
+            topics: homelink_events::Topics::new("test."),
+            snapshot_every: crate::dry_run::SNAPSHOT_EVERY,
+        };
         let schema = builder(pool, hub, log, &Limits::default()).extension(async_graphql::extensions::Analyzer).finish();
         let request = async_graphql::Request::new(query).variables(async_graphql::Variables::from_json(variables));
         let r = serde_json::to_value(schema.execute(request).await).expect("json");

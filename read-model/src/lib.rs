@@ -34,6 +34,7 @@ pub mod lifecycle;
 pub mod locks;
 pub mod registry;
 pub mod routines;
+pub mod snapshots;
 
 use homelink_events::{DeviceKind, Role};
 use sqlx::{PgConnection, PgPool, Row};

@@ -330,7 +330,8 @@ impl Stack {
 
         let mut qc = homelink_query_api::Config::new(&db_url, format!("http://127.0.0.1:{command_port}/.well-known/jwks.json"));
         qc.jwks_refresh = Duration::from_millis(200);
-        qc.log = homelink_query_api::dry_run::Log { bootstrap: env.kafka.clone(), topics: topics.clone() };
+        // Every past household folded is stored as a snapshot, so tests use them.
+        qc.log = homelink_query_api::dry_run::Log { bootstrap: env.kafka.clone(), topics: topics.clone(), snapshot_every: 0 };
         if let Some(n) = env.hub_buffer {
             qc.subscriptions.buffer = n;
         }
