@@ -290,7 +290,7 @@ async fn device_commands_past_their_retention_are_deleted() {
     }
     let mut cfg = homelink_projector::Config::new(&db_url, &env.kafka, topics.clone());
     cfg.fetch_wait = Duration::from_millis(100);
-    cfg.retention_every = Duration::from_millis(200);
+    cfg.retention.every = Duration::from_millis(200);
     let app = homelink_projector::Application::build(cfg).await.expect("projector");
     let pool = app.pool();
     let cancel = homelink_kit::shutdown::CancellationToken::new();

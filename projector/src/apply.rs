@@ -144,15 +144,47 @@ pub struct Applier {
     stale: bool,
     /// The committed shadows of recently seen devices (emptied with `stale`).
     shadows: ShadowCache,
+    /// Serving the live read models, or rebuilding them elsewhere.
+    mode: Mode,
+}
+
+/// What an applier's transactions do besides writing the read models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The live projector: every transaction first takes the [`GATE`] shared
+    /// (a replay switching over holds it exclusively), feeds the change feed
+    /// and notifies the services on commit.
+    Live,
+    /// A replay into a schema of its own (`crate::replay`): no gate, no
+    /// change feed (the live one is kept at a switch-over), no notifications
+    /// (nobody reads this schema yet).
+    Rebuild,
+}
+
+/// The advisory lock key of the projector's gate: every live write to the
+/// read models holds it shared for its transaction; a replay takes it
+/// exclusively to freeze them while it compares and switches schemas.
+pub const GATE: i64 = 0x486f_6d65_4c69_6e6b; // "HomeLink"
+
+/// Takes the gate shared for the rest of the transaction (waits while a replay switches over).
+pub async fn enter_gate(tx: &mut Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock_shared($1)").bind(GATE).execute(&mut **tx).await?;
+    Ok(())
 }
 
 type Key = (String, i32, i64);
 
 impl Applier {
+    /// The live projector's applier.
     pub async fn load(pool: PgPool, metrics: ServiceMetrics) -> Result<Self, sqlx::Error> {
+        Self::load_as(pool, metrics, Mode::Live).await
+    }
+
+    /// An applier in `mode`, at the positions committed in `pool`'s `projector_offsets`.
+    pub async fn load_as(pool: PgPool, metrics: ServiceMetrics, mode: Mode) -> Result<Self, sqlx::Error> {
         let rows = sqlx::query("SELECT topic, partition, next_offset FROM projector_offsets").fetch_all(&pool).await?;
         let next_offsets = rows.into_iter().map(|r| ((r.get::<String, _>(0), r.get::<i32, _>(1)), r.get::<i64, _>(2))).collect();
-        Ok(Self { pool, metrics, next_offsets, stale: false, shadows: ShadowCache::new(SHADOW_CACHE_MAX) })
+        Ok(Self { pool, metrics, next_offsets, stale: false, shadows: ShadowCache::new(SHADOW_CACHE_MAX), mode })
     }
 
     /// Every partition's committed next offset (as of the last commit).
@@ -237,6 +269,9 @@ impl Applier {
     async fn dead_letter(&mut self, d: &DeadRecord) -> Result<(), sqlx::Error> {
         tracing::error!(topic = %d.topic, partition = d.partition, offset = d.offset, reason = %d.reason, "record dead-lettered");
         let mut tx = self.pool.begin().await?;
+        if self.mode == Mode::Live {
+            enter_gate(&mut tx).await?;
+        }
         let recorded = insert_dead(&mut tx, std::slice::from_ref(d)).await?;
         sqlx::query(
             r#"INSERT INTO projector_offsets (topic, partition, next_offset) VALUES ($1, $2, $3)
@@ -269,6 +304,9 @@ impl Applier {
 
     async fn apply_tx(&mut self, batches: &[&Batch]) -> Result<Outcome, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
+        if self.mode == Mode::Live {
+            enter_gate(&mut tx).await?;
+        }
         if self.stale {
             // The last COMMIT may have reached disk although we saw an error:
             // what is committed is the truth, not the mirror.
@@ -315,11 +353,14 @@ impl Applier {
         let recorded = insert_dead(&mut tx, &dead).await?;
 
         let crate::projections::Applied { mut notifications, shadows, diverged, counts } =
-            crate::projections::apply(&mut tx, &work, &self.shadows).await?;
+            crate::projections::apply(&mut tx, &work, &self.shadows, self.mode == Mode::Live).await?;
         self.metrics.errors.with_label_values(&["shadow_cache_diverged"]).inc_by(diverged);
         // Reads waiting for a consistency token look again after this batch.
         if !work.is_empty() || !new_offsets.is_empty() {
             notifications.push((homelink_events::topics::APPLIED_CHANNEL, String::new()));
+        }
+        if self.mode == Mode::Rebuild {
+            notifications.clear();
         }
 
         // The batch's closing statement: its event counts, its positions and

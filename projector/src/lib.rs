@@ -23,6 +23,7 @@
 pub mod apply;
 pub mod consume;
 pub mod projections;
+pub mod replay;
 pub mod stale;
 
 use apply::Applier;
@@ -48,18 +49,8 @@ pub struct Config {
     /// How long a batch keeps taking records after its first one: fewer,
     /// larger transactions for that much latency.
     pub gather: Duration,
-    /// How long a device command's row is kept after it was requested (its
-    /// events stay in the log; the audit log keeps who did what).
-    pub command_retention: Duration,
-    /// How long a household change stays available to subscribers resuming
-    /// `after` it (`household_changes`; older: `RESUME_TOO_OLD`).
-    pub change_retention: Duration,
-    /// How long an automation run's trace is kept after it finished, and
-    /// (longer) a run that failed, was stopped or had a step refused: a
-    /// chatty schedule never pushes out the traces worth reading.
-    pub run_retention: (Duration, Duration),
-    /// How often rows past their retention are deleted.
-    pub retention_every: Duration,
+    /// How long the rows that grow with traffic are kept.
+    pub retention: Retention,
     /// How often the stale sweep announces devices that went quiet.
     pub stale_every: Duration,
 }
@@ -74,10 +65,7 @@ impl Config {
             fetch_wait: Duration::from_millis(500),
             batch_max: 5_000,
             gather: Duration::ZERO,
-            command_retention: Duration::from_secs(30 * 24 * 3600),
-            change_retention: Duration::from_secs(24 * 3600),
-            run_retention: (Duration::from_secs(7 * 24 * 3600), Duration::from_secs(90 * 24 * 3600)),
-            retention_every: Duration::from_secs(600),
+            retention: Retention::default(),
             stale_every: Duration::from_secs(5),
         }
     }
@@ -115,12 +103,7 @@ impl Application {
         let consumer = consume::Input::assign(&cfg, &applier, metrics.clone()).await?;
         let router = homelink_kit::ops::router(metrics.clone(), homelink_kit::ops::postgres_ready(pool.clone()));
         let listener = homelink_kit::ops::bind(&cfg.listen).await?;
-        let retention = Retention {
-            commands: cfg.command_retention,
-            changes: cfg.change_retention,
-            runs: cfg.run_retention,
-            every: cfg.retention_every,
-        };
+        let retention = cfg.retention;
         Ok(Self { listener, router, pool, metrics, applier, consumer, retention, stale_every: cfg.stale_every })
     }
 
@@ -150,48 +133,157 @@ impl Application {
     }
 }
 
-/// Deletes `device_commands` rows requested longer than the command
-/// retention ago, `household_changes` older than the change retention and
-/// automation runs past theirs,
-/// every `every`, until cancelled: the tables would otherwise grow with every
-/// tap and report forever. A rebuild from the log recreates old rows until
-/// the next sweep.
-/// How long rows that grow with traffic are kept.
+/// How long the rows that grow with traffic are kept (ARCHITECTURE.md,
+/// "Retention"): the tables would otherwise grow with every tap and report
+/// forever. Everything deleted here stays in the log (`homelink history
+/// export` reads it), and a rebuild from the log recreates old rows until the
+/// next sweep.
 #[derive(Debug, Clone, Copy)]
-struct Retention {
-    commands: Duration,
-    changes: Duration,
-    /// Ordinary runs, and those worth keeping longer.
-    runs: (Duration, Duration),
-    every: Duration,
+pub struct Retention {
+    /// `device_commands` and `scene_activations` rows, after their request.
+    pub commands: Duration,
+    /// `household_changes` (subscribers resuming further back get `RESUME_TOO_OLD`).
+    pub changes: Duration,
+    /// Automation runs: ordinary ones, and those worth keeping longer
+    /// (failed, stopped, a step refused).
+    pub runs: (Duration, Duration),
+    /// `audit_log` rows and refused household commands, after they happened.
+    pub audit: Duration,
+    /// `household_snapshots`, after they were taken (derived: `householdAt`
+    /// takes them again when it folds far).
+    pub snapshots: Duration,
+    /// `projector_dead_letters`, after they were recorded; used invitations
+    /// and expired ones, after their expiry.
+    pub leftovers: Duration,
+    /// How often the live projector deletes what is past its retention.
+    pub every: Duration,
 }
 
-async fn expire_rows(pool: PgPool, r: Retention, metrics: ServiceMetrics, cancel: CancellationToken) {
-    let Retention { commands, changes, runs: (runs, kept_runs), every } = r;
-    loop {
-        for (sql, keep, what) in [
+impl Default for Retention {
+    fn default() -> Self {
+        const DAY: u64 = 24 * 3600;
+        Self {
+            commands: Duration::from_secs(30 * DAY),
+            changes: Duration::from_secs(DAY),
+            runs: (Duration::from_secs(7 * DAY), Duration::from_secs(90 * DAY)),
+            audit: Duration::from_secs(400 * DAY),
+            snapshots: Duration::from_secs(30 * DAY),
+            leftovers: Duration::from_secs(90 * DAY),
+            every: Duration::from_secs(600),
+        }
+    }
+}
+
+/// The retention settings on the command line (projector and `homelink replay`: a replay compares with the same retention).
+#[derive(Debug, Clone, clap::Args)]
+pub struct RetentionArgs {
+    /// How long device commands and scene activations are kept, in days.
+    #[arg(long, env = "HOMELINK_COMMAND_RETENTION_DAYS", default_value_t = 30)]
+    pub command_retention_days: u64,
+    /// How long household changes stay available to subscriptions resuming `after` them, in seconds.
+    #[arg(long, env = "HOMELINK_CHANGE_RETENTION_SECS", default_value_t = 24 * 3600)]
+    pub change_retention_secs: u64,
+    /// How long automation runs are kept, in days (failed, stopped or refused ones: `--kept-run-retention-days`).
+    #[arg(long, env = "HOMELINK_RUN_RETENTION_DAYS", default_value_t = 7)]
+    pub run_retention_days: u64,
+    #[arg(long, env = "HOMELINK_KEPT_RUN_RETENTION_DAYS", default_value_t = 90)]
+    pub kept_run_retention_days: u64,
+    /// How long the audit log is kept, in days (the audit topic keeps it for ever).
+    #[arg(long, env = "HOMELINK_AUDIT_RETENTION_DAYS", default_value_t = 400)]
+    pub audit_retention_days: u64,
+    /// How long householdAt snapshots are kept, in days.
+    #[arg(long, env = "HOMELINK_SNAPSHOT_RETENTION_DAYS", default_value_t = 30)]
+    pub snapshot_retention_days: u64,
+    /// How long dead letters and expired invitations are kept, in days.
+    #[arg(long, env = "HOMELINK_LEFTOVER_RETENTION_DAYS", default_value_t = 90)]
+    pub leftover_retention_days: u64,
+    /// How often rows past their retention are deleted, in seconds.
+    #[arg(long, env = "HOMELINK_RETENTION_EVERY_SECS", default_value_t = 600)]
+    pub retention_every_secs: u64,
+}
+
+impl From<&RetentionArgs> for Retention {
+    fn from(a: &RetentionArgs) -> Self {
+        let days = |d: u64| Duration::from_secs(d.max(1) * 24 * 3600);
+        Self {
+            commands: days(a.command_retention_days),
+            changes: Duration::from_secs(a.change_retention_secs.max(1)),
+            runs: (days(a.run_retention_days), days(a.kept_run_retention_days)),
+            audit: days(a.audit_retention_days),
+            snapshots: days(a.snapshot_retention_days),
+            leftovers: days(a.leftover_retention_days),
+            every: Duration::from_secs(a.retention_every_secs.max(1)),
+        }
+    }
+}
+
+/// Rows deleted per transaction: a sweep never holds locks for long.
+const EXPIRE_BATCH: i64 = 10_000;
+
+impl Retention {
+    /// The tables this retention trims, each with the predicate that picks
+    /// its rows past retention (`$1`: seconds kept) and that retention.
+    fn rules(&self) -> [(&'static str, &'static str, &'static str, Duration); 9] {
+        [
+            ("commands_expired", "device_commands", "COALESCE(requested_at, acked_at) < now() - make_interval(secs => $1)", self.commands),
+            ("activations_expired", "scene_activations", "at < now() - make_interval(secs => $1)", self.commands),
+            ("changes_expired", "household_changes", "at < now() - make_interval(secs => $1)", self.changes),
             (
-                "DELETE FROM device_commands WHERE COALESCE(requested_at, acked_at) < now() - make_interval(secs => $1)",
-                commands,
-                "commands_expired",
-            ),
-            ("DELETE FROM household_changes WHERE at < now() - make_interval(secs => $1)", changes, "changes_expired"),
-            (
-                "DELETE FROM automation_runs WHERE finished_at < now() - make_interval(secs => $1)
-                   AND outcome NOT IN ('failed', 'stopped') AND NOT steps @> '[{\"outcome\": \"refused\"}]'",
-                runs,
                 "runs_expired",
+                "automation_runs",
+                "finished_at < now() - make_interval(secs => $1) AND outcome NOT IN ('failed', 'stopped') AND NOT steps @> '[{\"outcome\": \"refused\"}]'",
+                self.runs.0,
             ),
-            ("DELETE FROM automation_runs WHERE finished_at < now() - make_interval(secs => $1)", kept_runs, "kept_runs_expired"),
-        ] {
-            match sqlx::query(sql).bind(keep.as_secs_f64()).execute(&pool).await {
-                Ok(done) => metrics.messages_out.with_label_values(&[what]).inc_by(done.rows_affected()),
-                Err(e) => {
-                    tracing::warn!(error = %e, what, "deleting rows past their retention failed");
-                    metrics.errors.with_label_values(&["retention"]).inc();
+            ("kept_runs_expired", "automation_runs", "finished_at < now() - make_interval(secs => $1)", self.runs.1),
+            ("audit_expired", "audit_log", "at < now() - make_interval(secs => $1)", self.audit),
+            ("refused_expired", "household_refused_events", "occurred_at < now() - make_interval(secs => $1)", self.audit),
+            ("snapshots_expired", "household_snapshots", "taken_at < now() - make_interval(secs => $1)", self.snapshots),
+            ("dead_letters_expired", "projector_dead_letters", "recorded_at < now() - make_interval(secs => $1)", self.leftovers),
+        ]
+    }
+
+    /// Deletes what is past its retention, in transactions of at most
+    /// [`EXPIRE_BATCH`] rows (each taking the projector's gate when `gate`);
+    /// returns the rows deleted per kind.
+    pub async fn expire(&self, pool: &PgPool, gate: bool) -> Result<Vec<(&'static str, u64)>, sqlx::Error> {
+        let mut done = Vec::new();
+        let invitations =
+            ("invitations_expired", "household_invitations", "expires_at < now() - make_interval(secs => $1)", self.leftovers);
+        for (what, table, predicate, keep) in self.rules().into_iter().chain([invitations]) {
+            let sql = format!("DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {table} WHERE {predicate} LIMIT $2))");
+            let mut total = 0;
+            loop {
+                let mut tx = pool.begin().await?;
+                if gate {
+                    apply::enter_gate(&mut tx).await?;
+                }
+                let n = sqlx::query(&sql).bind(keep.as_secs_f64()).bind(EXPIRE_BATCH).execute(&mut *tx).await?.rows_affected();
+                tx.commit().await?;
+                total += n;
+                if n < EXPIRE_BATCH as u64 {
+                    break;
                 }
             }
+            done.push((what, total));
         }
-        tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(every) => {} }
+        Ok(done)
+    }
+}
+
+/// Deletes rows past their retention every `r.every` until cancelled.
+async fn expire_rows(pool: PgPool, r: Retention, metrics: ServiceMetrics, cancel: CancellationToken) {
+    loop {
+        match r.expire(&pool, true).await {
+            Ok(done) => {
+                for (what, n) in done {
+                    metrics.messages_out.with_label_values(&[what]).inc_by(n);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "deleting rows past their retention failed");
+                metrics.errors.with_label_values(&["retention"]).inc();
+            }
+        }
+        tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(r.every) => {} }
     }
 }

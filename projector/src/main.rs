@@ -21,9 +21,8 @@ struct Args {
     /// milliseconds: fewer, larger transactions for that much latency.
     #[arg(long, env = "HOMELINK_PROJECTOR_GATHER_MS", default_value_t = 0)]
     gather_ms: u64,
-    /// How long household changes stay available to subscriptions resuming `after` them, in seconds.
-    #[arg(long, env = "HOMELINK_CHANGE_RETENTION_SECS", default_value_t = 24 * 3600)]
-    change_retention_secs: u64,
+    #[command(flatten)]
+    retention: homelink_projector::RetentionArgs,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,7 +36,7 @@ async fn run(cancel: homelink_kit::shutdown::CancellationToken) -> Result<(), ho
     cfg.fetch_wait = Duration::from_millis(a.fetch_wait_ms);
     cfg.batch_max = a.batch_max.max(1);
     cfg.gather = Duration::from_millis(a.gather_ms.min(1_000));
-    cfg.change_retention = Duration::from_secs(a.change_retention_secs.max(1));
+    cfg.retention = (&a.retention).into();
     let app = Application::build(cfg).await?;
     tracing::info!(port = app.port(), "projector listening");
     app.run_until_stopped(cancel).await

@@ -40,6 +40,7 @@ pub async fn run(pool: PgPool, every: Duration, metrics: ServiceMetrics, cancel:
 /// One sweep; returns how many devices it announced.
 pub async fn sweep(pool: &PgPool) -> Result<usize, sqlx::Error> {
     let mut tx = pool.begin().await?;
+    crate::apply::enter_gate(&mut tx).await?;
     // The shortest interval is 5 s: nothing seen in the last 10 s is stale,
     // which lets the partial index bound the scan.
     let rows = sqlx::query(

@@ -17,6 +17,7 @@ pub mod gql;
 pub mod history;
 pub mod load;
 pub mod pki;
+pub mod replay;
 pub mod seed;
 pub mod sim;
 

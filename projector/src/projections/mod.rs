@@ -44,11 +44,13 @@ pub struct Applied {
     pub counts: counts::Counts,
 }
 
-/// Applies decoded events in log order.
+/// Applies decoded events in log order; `feed`: number the changes into the
+/// change feed (`household_changes`), which a rebuild leaves alone.
 pub async fn apply(
     tx: &mut Transaction<'_, Postgres>,
     work: &[(&Located, Event)],
     cache: &shadows::ShadowCache,
+    feed: bool,
 ) -> Result<Applied, sqlx::Error> {
     let mut folded = households::fold(tx, work).await?;
     // Commands first: a report in this batch may confirm one requested in it.
@@ -61,7 +63,9 @@ pub async fn apply(
     let mut command_changes = commands::changed(tx, &touched).await?;
     let mut shadow_changes = shadows.notes;
     let mut registry = std::mem::take(&mut folded.registry);
-    changes::sequence(tx, &mut shadow_changes, &mut registry, &mut command_changes).await?;
+    if feed {
+        changes::sequence(tx, &mut shadow_changes, &mut registry, &mut command_changes).await?;
+    }
     let shadow_notes: Vec<String> = shadow_changes.iter().map(notification_line).collect();
     audit::apply(tx, work, &folded.refused).await?;
     runs::apply(tx, work).await?;

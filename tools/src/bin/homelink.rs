@@ -110,6 +110,9 @@ enum Cmd {
     },
     /// Load a running stack with real mTLS devices: provision (cached), connect, publish reports at a rate, measure.
     Load(LoadArgs),
+    /// Rebuild every read model from the log into a schema of its own while
+    /// the live one serves, compare them table by table, switch over when equal.
+    Replay(homelink_tools::replay::ReplayArgs),
     /// A household's history from the log (analysts).
     History {
         #[command(subcommand)]
@@ -422,6 +425,9 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Load(a) => load(a).await?,
+        Cmd::Replay(a) => {
+            homelink_tools::replay::run(a).await?;
+        }
         Cmd::History { cmd: HistoryCmd::Export(a) } => {
             let started = std::time::Instant::now();
             let done = homelink_tools::history::export(a).await?;
