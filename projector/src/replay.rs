@@ -41,6 +41,28 @@ use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
+/// The read models the projector derives from the log: what a replay
+/// rebuilds, compares and switches (the read-model schema's tables but
+/// [`KEPT`]; a test holds the two lists to the schema).
+pub const READ_MODELS: [&str; 16] = [
+    "audit_log",
+    "automation_runs",
+    "automations",
+    "device_commands",
+    "device_shadows",
+    "devices",
+    "household_event_counts",
+    "household_invitations",
+    "household_members",
+    "household_refused_events",
+    "households",
+    "projector_dead_letters",
+    "projector_offsets",
+    "rooms",
+    "scene_activations",
+    "scenes",
+];
+
 /// Tables of the read-model schema a replay leaves to the live side.
 pub const KEPT: [&str; 3] = ["household_changes", "household_change_seqs", "household_snapshots"];
 
@@ -162,6 +184,8 @@ pub enum ReplayError {
     Kafka(#[from] homelink_kit::Error),
     #[error("the live read models have no table {0} (are the live services migrated?)")]
     Missing(String),
+    #[error("the read-model schema has a table {0} that replay::READ_MODELS and replay::KEPT do not list")]
+    Unlisted(String),
     #[error("cancelled")]
     Cancelled,
 }
@@ -222,6 +246,31 @@ pub async fn run(cfg: &ReplayConfig, mut progress: impl FnMut(&Progress), cancel
         sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(&mut admin).await?;
     }
     Ok(Report { applied: meter.applied, elapsed: started.elapsed(), gated, tables, replaced })
+}
+
+/// Applies the log onto the read models in `pool`'s schema from their
+/// committed positions up to `targets` (the log's end when called, for
+/// `None`), time-ordered as a replay does: a restore rebuilds this way
+/// before the services start. Returns the events applied.
+pub async fn rebuild_to(
+    pool: PgPool,
+    kafka_bootstrap: &str,
+    topics: &Topics,
+    targets: Option<HashMap<Tp, i64>>,
+    progress: impl FnMut(&Progress),
+    cancel: &CancellationToken,
+) -> Result<u64, ReplayError> {
+    let mut progress = progress;
+    let cfg = ReplayConfig::new("", kafka_bootstrap, topics.clone());
+    let mut applier = Applier::load_as(pool, ServiceMetrics::new("rebuild"), Mode::Rebuild).await?;
+    let parts = homelink_kit::reader::partitions(kafka_bootstrap, &topics.projected()).await?;
+    let targets = match targets {
+        Some(t) => parts.into_iter().map(|tp| (tp.clone(), t.get(&tp).copied().unwrap_or(0))).collect(),
+        None => log_ends(kafka_bootstrap, parts).await?,
+    };
+    let mut meter = Meter::new(Instant::now());
+    catch_up(&cfg, &mut applier, &targets, Phase::Rebuilding, &mut meter, &mut progress, cancel).await?;
+    Ok(meter.applied)
 }
 
 /// Creates the replay schema, or drops and recreates it when asked to or
@@ -543,16 +592,26 @@ async fn apply_retrying(applier: &mut Applier, batch: &Batch, cancel: &Cancellat
 
 /// The first offset still in the log of each partition.
 async fn log_starts(bootstrap: &str, parts: Vec<Tp>) -> Result<HashMap<Tp, i64>, ReplayError> {
-    let consumer: BaseConsumer = homelink_kit::kafka::client_config(bootstrap).create().map_err(homelink_kit::Error::from)?;
-    let starts = tokio::task::spawn_blocking(move || {
+    Ok(watermarks(bootstrap, parts).await?.into_iter().map(|(tp, (low, _))| (tp, low)).collect())
+}
+
+/// The end (next offset) of each partition's log.
+async fn log_ends(bootstrap: &str, parts: Vec<Tp>) -> Result<HashMap<Tp, i64>, ReplayError> {
+    Ok(watermarks(bootstrap, parts).await?.into_iter().map(|(tp, (_, high))| (tp, high)).collect())
+}
+
+/// Each partition's first offset and end; fails when one does not answer.
+pub async fn watermarks(bootstrap: &str, parts: Vec<Tp>) -> Result<HashMap<Tp, (i64, i64)>, homelink_kit::Error> {
+    let consumer: BaseConsumer = homelink_kit::kafka::client_config(bootstrap).create()?;
+    tokio::task::spawn_blocking(move || {
         parts
             .into_iter()
-            .filter_map(|tp| consumer.fetch_watermarks(&tp.0, tp.1, Duration::from_secs(5)).ok().map(|(low, _)| (tp, low)))
-            .collect::<HashMap<_, _>>()
+            .map(|tp| consumer.fetch_watermarks(&tp.0, tp.1, Duration::from_secs(10)).map(|w| (tp, w)))
+            .collect::<Result<HashMap<_, _>, _>>()
     })
     .await
-    .unwrap_or_default();
-    Ok(starts)
+    .map_err(|e| homelink_kit::Error::Other(e.to_string()))?
+    .map_err(Into::into)
 }
 
 /// With the gate closed: the last records, the carried columns, retention on
@@ -600,29 +659,62 @@ async fn gated_compare(
 
 /// Every rebuilt table's count and digest beside the live one's.
 async fn compare(admin: &mut PgConnection, schema: &str) -> Result<Vec<TableReport>, ReplayError> {
-    let rows = sqlx::query(
-        "SELECT c.table_name::text, c.column_name::text FROM information_schema.columns c
-           JOIN information_schema.tables t ON t.table_schema = c.table_schema AND t.table_name = c.table_name
-          WHERE c.table_schema = $1 AND t.table_type = 'BASE TABLE' AND c.table_name <> '_sqlx_migrations'
-          ORDER BY c.table_name, c.ordinal_position",
+    let all: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables WHERE table_schema = $1 AND table_type = 'BASE TABLE' AND table_name <> '_sqlx_migrations'",
     )
     .bind(schema)
     .fetch_all(&mut *admin)
     .await?;
-    let mut columns: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for r in rows {
-        columns.entry(r.get(0)).or_default().push(r.get(1));
+    if let Some(t) = all.into_iter().find(|t| !READ_MODELS.contains(&t.as_str()) && !KEPT.contains(&t.as_str())) {
+        return Err(ReplayError::Unlisted(t));
     }
+    let rebuilt = digests(admin, schema).await?;
     let mut out = Vec::new();
-    for (table, cols) in columns.into_iter().filter(|(t, _)| !KEPT.contains(&t.as_str())) {
+    for (table, rebuilt) in rebuilt {
         let present: bool =
             sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL").bind(format!("public.{table}")).fetch_one(&mut *admin).await?;
         if !present {
             return Err(ReplayError::Missing(table));
         }
+        let cols = compared_columns(admin, schema, &table).await?;
         let live = digest(admin, "public", &table, &cols).await?;
-        let rebuilt = digest(admin, schema, &table, &cols).await?;
         out.push(TableReport { table, live, rebuilt });
+    }
+    Ok(out)
+}
+
+/// The columns of `schema.table` a digest covers: all but those that record
+/// when the projector ran ([`CARRIED`]).
+async fn compared_columns(admin: &mut PgConnection, schema: &str, table: &str) -> Result<Vec<String>, sqlx::Error> {
+    let skip: &[&str] = CARRIED.iter().find(|(t, _, _)| *t == table).map_or(&[], |(_, _, c)| *c);
+    let cols: Vec<String> = sqlx::query_scalar(
+        "SELECT column_name::text FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2 ORDER BY ordinal_position",
+    )
+    .bind(schema)
+    .bind(table)
+    .fetch_all(&mut *admin)
+    .await?;
+    Ok(cols.into_iter().filter(|c| !skip.contains(&c.as_str())).collect())
+}
+
+/// The row count and content digest of every read model in `schema` (the
+/// change feed and snapshots left out, and the columns that record when the
+/// projector ran): what a replay compares, and what a backup records for
+/// its restore to be checked against.
+pub async fn digests(admin: &mut PgConnection, schema: &str) -> Result<Vec<(String, Digest)>, sqlx::Error> {
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables
+          WHERE table_schema = $1 AND table_type = 'BASE TABLE' AND table_name <> '_sqlx_migrations' AND table_name = ANY($2)
+          ORDER BY table_name",
+    )
+    .bind(schema)
+    .bind(READ_MODELS.iter().map(|t| t.to_string()).collect::<Vec<_>>())
+    .fetch_all(&mut *admin)
+    .await?;
+    let mut out = Vec::new();
+    for table in tables {
+        let cols = compared_columns(admin, schema, &table).await?;
+        out.push((table.clone(), digest(admin, schema, &table, &cols).await?));
     }
     Ok(out)
 }

@@ -11,6 +11,7 @@
 //! - [`endpoints`]: the `endpoints.json` a running stack publishes.
 
 pub mod api;
+pub mod backup;
 pub mod bench;
 pub mod endpoints;
 pub mod gql;

@@ -271,6 +271,22 @@ impl Stack {
         identity: Option<homelink_command_api::auth::IdentityLimits>,
     ) -> Self {
         let (env, topics, db_url) = isolated_on(env).await;
+        Self::start_services(env, topics, db_url, revocation, identity).await
+    }
+
+    /// Every service on a database and topic prefix that exist already (a
+    /// restored stack).
+    pub async fn start_existing(env: Env, topics: Topics, db_url: String) -> Self {
+        Self::start_services(env, topics, db_url, None, None).await
+    }
+
+    async fn start_services(
+        env: Env,
+        topics: Topics,
+        db_url: String,
+        revocation: Option<homelink_command_api::revocation::RevocationConfig>,
+        identity: Option<homelink_command_api::auth::IdentityLimits>,
+    ) -> Self {
         let cancel = CancellationToken::new();
 
         let pc = homelink_projector::Config::new(&db_url, &env.kafka, topics.clone());
