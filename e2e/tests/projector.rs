@@ -270,8 +270,10 @@ async fn duplicate_records_and_a_restart_give_the_read_models_of_a_single_readin
     assert!(seqs.iter().all(|s| *s == REPORTS as i64));
 }
 
+/// Every table that grows with traffic is trimmed to its retention (the
+/// projector's defaults), in batches: old rows go, fresh ones stay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn device_commands_past_their_retention_are_deleted() {
+async fn rows_past_their_retention_are_deleted_from_every_growing_table() {
     use homelink_events::event::DeviceCommandRequested;
     let (env, topics, db_url) = isolated().await;
     let appender = Appender::new(&ProducerConfig::new(&env.kafka)).expect("producer");
@@ -288,19 +290,85 @@ async fn device_commands_past_their_retention_are_deleted() {
         });
         appender.append(&topics.commands(), &Envelope::new(h, Actor::System("test".into()), &ev, at)).await.expect("append");
     }
+    // The rows the other growing tables hold, each past its retention
+    // (`old`) or within it (`fresh`); the audit log with more than one
+    // deleting batch of old rows.
+    homelink_projector::migrate(&PgPool::connect(&db_url).await.expect("pool")).await.expect("migrate");
+    let pool = PgPool::connect(&db_url).await.expect("pool");
+    let ago = |days: i64| Utc::now() - chrono::Duration::days(days);
+    const OLD_AUDIT: i64 = 25_000;
+    sqlx::query(
+        "INSERT INTO audit_log (event_id, household_id, at, actor_kind, actor_id, action, outcome, status)
+         SELECT gen_random_uuid(), $1, $2, 'user', 'u', 'device.command', 'accepted', 202 FROM generate_series(1, $3)",
+    )
+    .bind(h)
+    .bind(ago(100))
+    .bind(OLD_AUDIT)
+    .execute(&pool)
+    .await
+    .expect("old audit rows");
+    for (age, tag) in [(100, "old"), (10, "fresh")] {
+        let at = ago(age);
+        sqlx::query("INSERT INTO audit_log (event_id, household_id, at, actor_kind, actor_id, action, outcome, status, detail) VALUES (gen_random_uuid(), $1, $2, 'user', 'u', 'device.command', 'accepted', 202, $3)")
+            .bind(h).bind(at).bind(tag).execute(&pool).await.expect("audit");
+        sqlx::query("INSERT INTO household_refused_events (event_id, household_id, event_type, reason, occurred_at) VALUES (gen_random_uuid(), $1, 'MemberRemoved', $2, $3)")
+            .bind(h).bind(tag).bind(at).execute(&pool).await.expect("refused");
+        sqlx::query("INSERT INTO projector_dead_letters (topic, partition, \"offset\", source, reason, payload, recorded_at) VALUES ($1, 0, $2, 'log', $3, '', $4)")
+            .bind(topics.telemetry()).bind(age).bind(tag).bind(at).execute(&pool).await.expect("dead letter");
+        sqlx::query("INSERT INTO household_invitations (invitation_id, household_id, role, code_hash, expires_at, created_at) VALUES (gen_random_uuid(), $1, $2, $3, $4, $4)")
+            .bind(h).bind(tag).bind(format!("hash-{tag}")).bind(at).execute(&pool).await.expect("invitation");
+    }
+    for (age, tag) in [(40, "old"), (5, "fresh")] {
+        let at = ago(age);
+        sqlx::query(
+            "INSERT INTO household_snapshots (household_id, at, \"cursor\", events, state, taken_at) VALUES ($1, $2, $3, 0, '{}', $2)",
+        )
+        .bind(h)
+        .bind(at)
+        .bind(tag)
+        .execute(&pool)
+        .await
+        .expect("snapshot");
+        sqlx::query("INSERT INTO scene_activations (activation_id, household_id, scene_id, actor, at, commands) VALUES (gen_random_uuid(), $1, $1, '{}', $2, $3)")
+            .bind(h).bind(if age == 40 { ago(20) } else { at }).bind(json!([tag])).execute(&pool).await.expect("activation");
+    }
+    for (age, outcome, tag) in [(10, "done", "old"), (3, "done", "fresh"), (100, "failed", "old"), (30, "failed", "fresh")] {
+        sqlx::query("INSERT INTO automation_runs (run_id, automation_id, household_id, started_at, trigger, what, outcome, finished_at, reason) VALUES (gen_random_uuid(), $1, $1, $2, 0, 'test', $3, $2, $4)")
+            .bind(h).bind(ago(age)).bind(outcome).bind(tag).execute(&pool).await.expect("run");
+    }
+
     let mut cfg = homelink_projector::Config::new(&db_url, &env.kafka, topics.clone());
     cfg.fetch_wait = Duration::from_millis(100);
     cfg.retention.every = Duration::from_millis(200);
     let app = homelink_projector::Application::build(cfg).await.expect("projector");
-    let pool = app.pool();
     let cancel = homelink_kit::shutdown::CancellationToken::new();
     tokio::spawn(app.run_until_stopped(cancel.clone()));
-    eventually(Duration::from_secs(60), "both applied, the old one expired", || async {
+    eventually(Duration::from_secs(60), "both commands applied, the old one expired", || async {
         let applied = applied(&pool).await;
         let ids: Vec<Uuid> = sqlx::query_scalar("SELECT command_id FROM device_commands").fetch_all(&pool).await.ok()?;
         (applied == 2 && ids == vec![fresh]).then_some(())
     })
     .await;
+    let kept = |sql: &'static str| {
+        let pool = pool.clone();
+        async move { sqlx::query_scalar::<_, String>(sql).fetch_all(&pool).await.expect(sql) }
+    };
+    eventually(Duration::from_secs(60), "every old audit row deleted", || async {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE at < now() - interval '90 days'").fetch_one(&pool).await.ok()?;
+        (n == 0).then_some(())
+    })
+    .await;
+    // (The commands' own audit rows, 40 days and 1 day old, stay.)
+    assert_eq!(kept("SELECT detail FROM audit_log WHERE detail IN ('old', 'fresh')").await, ["fresh"]);
+    assert_eq!(kept("SELECT reason FROM household_refused_events").await, ["fresh"]);
+    assert_eq!(kept("SELECT reason FROM projector_dead_letters").await, ["fresh"]);
+    assert_eq!(kept("SELECT role FROM household_invitations").await, ["fresh"]);
+    assert_eq!(kept("SELECT \"cursor\" FROM household_snapshots").await, ["fresh"]);
+    assert_eq!(kept("SELECT commands->>0 FROM scene_activations").await, ["fresh"]);
+    let mut runs = kept("SELECT reason FROM automation_runs").await;
+    runs.sort();
+    assert_eq!(runs, ["fresh", "fresh"], "an ordinary run kept 7 days, a failed one 90");
     cancel.cancel();
 }
 

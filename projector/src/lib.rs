@@ -163,13 +163,13 @@ impl Default for Retention {
     fn default() -> Self {
         const DAY: u64 = 24 * 3600;
         Self {
-            commands: Duration::from_secs(30 * DAY),
-            changes: Duration::from_secs(DAY),
+            commands: Duration::from_secs(14 * DAY),
+            changes: Duration::from_secs(15 * 60),
             runs: (Duration::from_secs(7 * DAY), Duration::from_secs(90 * DAY)),
-            audit: Duration::from_secs(400 * DAY),
+            audit: Duration::from_secs(90 * DAY),
             snapshots: Duration::from_secs(30 * DAY),
             leftovers: Duration::from_secs(90 * DAY),
-            every: Duration::from_secs(600),
+            every: Duration::from_secs(60),
         }
     }
 }
@@ -178,10 +178,10 @@ impl Default for Retention {
 #[derive(Debug, Clone, clap::Args)]
 pub struct RetentionArgs {
     /// How long device commands and scene activations are kept, in days.
-    #[arg(long, env = "HOMELINK_COMMAND_RETENTION_DAYS", default_value_t = 30)]
+    #[arg(long, env = "HOMELINK_COMMAND_RETENTION_DAYS", default_value_t = 14)]
     pub command_retention_days: u64,
     /// How long household changes stay available to subscriptions resuming `after` them, in seconds.
-    #[arg(long, env = "HOMELINK_CHANGE_RETENTION_SECS", default_value_t = 24 * 3600)]
+    #[arg(long, env = "HOMELINK_CHANGE_RETENTION_SECS", default_value_t = 15 * 60)]
     pub change_retention_secs: u64,
     /// How long automation runs are kept, in days (failed, stopped or refused ones: `--kept-run-retention-days`).
     #[arg(long, env = "HOMELINK_RUN_RETENTION_DAYS", default_value_t = 7)]
@@ -189,7 +189,7 @@ pub struct RetentionArgs {
     #[arg(long, env = "HOMELINK_KEPT_RUN_RETENTION_DAYS", default_value_t = 90)]
     pub kept_run_retention_days: u64,
     /// How long the audit log is kept, in days (the audit topic keeps it for ever).
-    #[arg(long, env = "HOMELINK_AUDIT_RETENTION_DAYS", default_value_t = 400)]
+    #[arg(long, env = "HOMELINK_AUDIT_RETENTION_DAYS", default_value_t = 90)]
     pub audit_retention_days: u64,
     /// How long householdAt snapshots are kept, in days.
     #[arg(long, env = "HOMELINK_SNAPSHOT_RETENTION_DAYS", default_value_t = 30)]
@@ -198,7 +198,7 @@ pub struct RetentionArgs {
     #[arg(long, env = "HOMELINK_LEFTOVER_RETENTION_DAYS", default_value_t = 90)]
     pub leftover_retention_days: u64,
     /// How often rows past their retention are deleted, in seconds.
-    #[arg(long, env = "HOMELINK_RETENTION_EVERY_SECS", default_value_t = 600)]
+    #[arg(long, env = "HOMELINK_RETENTION_EVERY_SECS", default_value_t = 60)]
     pub retention_every_secs: u64,
 }
 
