@@ -332,12 +332,30 @@ impl Applier {
         }
         let total: usize = batches.iter().map(|b| b.events.len()).sum();
 
+        // The live projector applies a batch in log position order; a
+        // rebuild's batch is a time-ordered slice of every partition
+        // (`replay::Merge`) and is applied in that order, each position once.
+        let ordered: Vec<&Located> = match self.mode {
+            Mode::Live => by_pos.values().copied().collect(),
+            Mode::Rebuild => {
+                let mut once = std::collections::HashSet::new();
+                batches
+                    .iter()
+                    .flat_map(|b| b.events.iter())
+                    .filter(|e| {
+                        let k = (e.topic.clone(), e.partition, e.offset);
+                        by_pos.contains_key(&k) && once.insert(k)
+                    })
+                    .collect()
+            }
+        };
         let mut work = Vec::new();
         let mut dead: Vec<DeadRecord> = batches.iter().flat_map(|b| b.dead.iter().cloned()).collect();
-        for (k, located) in &by_pos {
+        for located in ordered {
+            let k = (&located.topic, located.partition, located.offset);
             match located.envelope.event() {
                 Ok(ev) => match unstorable(&located.envelope, &ev) {
-                    None => work.push((*located, ev)),
+                    None => work.push((located, ev)),
                     Some(why) => {
                         tracing::warn!(topic = %k.0, offset = k.2, %why, "unstorable event dead-lettered");
                         dead.push(DeadRecord::of(located, &why));

@@ -67,9 +67,12 @@ pub const READ_MODELS: [&str; 16] = [
 pub const KEPT: [&str; 3] = ["household_changes", "household_change_seqs", "household_snapshots"];
 
 /// Columns that record when the projector (or its sweeps) ran, not what the
-/// log says: carried over from the live rows before comparing.
+/// log says: carried over from the live rows before comparing, and left
+/// out of digests. `status_offset` is the position of the latest presence
+/// evidence *written*: a status that changes nothing shown is not written,
+/// so where it ends depends on how the log was cut into batches.
 const CARRIED: [(&str, &str, &[&str]); 2] = [
-    ("device_shadows", "device_id", &["updated_at", "stale_announced"]),
+    ("device_shadows", "device_id", &["updated_at", "stale_announced", "status_offset"]),
     ("projector_dead_letters", "topic, partition, \"offset\"", &["recorded_at"]),
 ];
 
@@ -433,8 +436,9 @@ impl Item {
 /// merge keeps every partition's records in offset order and releases a
 /// record only when no partition still being read can bring an earlier one:
 /// its time (`occurredAt`, set by the platform's services) is at most the
-/// newest time read from every such partition. Records at or past the
-/// targets are dropped.
+/// newest time read from every such partition. A rebuilding applier applies
+/// each slice in this order ([`crate::apply::Mode::Rebuild`]), not topic by
+/// topic. Records at or past the targets are dropped.
 struct Merge {
     targets: HashMap<Tp, i64>,
     queues: BTreeMap<Tp, std::collections::VecDeque<(i64, Item)>>,
@@ -524,27 +528,9 @@ impl Merge {
     fn ready(&mut self) -> Option<Batch> {
         let horizon = self.horizon()?;
         let (mut events, mut dead) = (Vec::new(), Vec::new());
-        // The applier applies a batch in position order, topic by topic; per
-        // household, the topics a slice holds must come in that order in time.
-        let mut last_topic: HashMap<uuid::Uuid, String> = HashMap::new();
         while events.len() + dead.len() < self.batch_max {
-            let next = self
-                .queues
-                .iter()
-                .filter_map(|(tp, q)| q.front().map(|(ts, i)| (*ts, tp, i)))
-                .filter(|(ts, _, _)| *ts <= horizon)
-                .min_by_key(|(ts, tp, _)| (*ts, *tp));
-            let Some((_, tp, item)) = next else { break };
-            if let Item::Event(e) = item {
-                match last_topic.get_mut(&e.envelope.household_id) {
-                    Some(seen) if seen.as_str() > tp.0.as_str() => break,
-                    Some(seen) if seen.as_str() < tp.0.as_str() => tp.0.clone_into(seen),
-                    Some(_) => {}
-                    None => {
-                        last_topic.insert(e.envelope.household_id, tp.0.clone());
-                    }
-                }
-            }
+            let next = self.queues.iter().filter_map(|(tp, q)| q.front().map(|(ts, _)| (*ts, tp))).filter(|(ts, _)| *ts <= horizon).min();
+            let Some((_, tp)) = next else { break };
             let tp = tp.clone();
             let Some((_, item)) = self.queues.get_mut(&tp).and_then(|q| q.pop_front()) else { break };
             self.buffered -= 1;
